@@ -1,0 +1,255 @@
+"""Argument checking and output-size arithmetic shared by every tier.
+
+`reference.py` and `functional.py` both call these helpers, so the two tiers agree on what is valid input, on the
+error messages, and on output sizes: the arithmetic lives here once (as Chainer's `get_conv_outsize`), never
+re-derived per op.
+"""
+import math
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Kernels index with Py_ssize_t; anything bigger than this is refused before allocation.
+MAX_ELEMENTS = np.iinfo(np.intp).max // 16
+
+
+def check_array(a, name, ndim=None, dtype=None):
+    """Return `a` if it is a float32/float64 ndarray of rank `ndim` (and of `dtype` when given), else raise."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{name} has dtype {a.dtype} but x has dtype {dtype}; all arrays must share one dtype")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    return a
+
+
+def check_int(value, name, minimum):
+    """An integer (not bool) >= minimum."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def pair(value, name, minimum):
+    """An int or an (h, w) pair of ints, each >= minimum, as a tuple of two ints."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        return (check_int(value[0], name, minimum), check_int(value[1], name, minimum))
+    v = check_int(value, name, minimum)
+    return (v, v)
+
+
+def check_size(shape, name):
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if n > MAX_ELEMENTS:
+        raise ValueError(f"{name} of shape {tuple(shape)} has {n} elements, more than this build can index")
+
+
+def conv_output_size(size, kernel, stride, pad_before, pad_after, dilation=1, ceil_mode=False):
+    """Output length along one axis: floor((size + pads - dilation*(kernel-1) - 1) / stride) + 1.
+
+    With ceil_mode (pooling) the division rounds up, but, as in PyTorch, the last window must start inside the
+    input or the left padding.
+    """
+    span = size + pad_before + pad_after - dilation * (kernel - 1) - 1
+    if span < 0:
+        return 0
+    if ceil_mode:
+        out = -(-span // stride) + 1
+        if (out - 1) * stride >= size + pad_before:
+            out -= 1
+        return out
+    return span // stride + 1
+
+
+def same_padding(size, kernel, stride, dilation):
+    """'same' padding along one axis: (before, after) so that output = ceil(size / stride).
+
+    For stride 1 this is PyTorch's rule; for stride > 1, TensorFlow's. The odd extra pixel goes after.
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + dilation * (kernel - 1) + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class ConvGeometry(NamedTuple):
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel_h: int
+    kernel_w: int
+    stride_h: int
+    stride_w: int
+    pad_top: int
+    pad_left: int
+    pad_bottom: int
+    pad_right: int
+    dilation_h: int
+    dilation_w: int
+    groups: int
+    out_h: int
+    out_w: int
+
+    @property
+    def out_shape(self):
+        return (self.batch, self.out_channels, self.out_h, self.out_w)
+
+    @property
+    def in_shape(self):
+        return (self.batch, self.in_channels, self.height, self.width)
+
+    @property
+    def weight_shape(self):
+        return (self.out_channels, self.in_channels // self.groups, self.kernel_h, self.kernel_w)
+
+
+def conv2d_geometry(x_shape, w_shape, stride, padding, dilation, groups):
+    """Validate conv2d hyper-parameters against the input and weight shapes; return a ConvGeometry."""
+    B, C, H, W = x_shape
+    K, Cg, KH, KW = w_shape
+    sh, sw = pair(stride, "stride", 1)
+    dh, dw = pair(dilation, "dilation", 1)
+    groups = check_int(groups, "groups", 1)
+    if C % groups or K % groups:
+        raise ValueError(f"groups={groups} must divide in_channels (x shape {tuple(x_shape)}) and out_channels "
+                         f"(weight shape {tuple(w_shape)})")
+    if Cg * groups != C:
+        raise ValueError(f"weight shape {tuple(w_shape)} expects {Cg * groups} input channels with groups={groups}, "
+                         f"but x shape {tuple(x_shape)} has {C}")
+    if KH < 1 or KW < 1 or K < 1:
+        raise ValueError(f"weight shape {tuple(w_shape)} must have non-zero out_channels and kernel size")
+    if isinstance(padding, str):
+        if padding == "valid":
+            pt = pb = pl = pr = 0
+        elif padding == "same":
+            pt, pb = same_padding(H, KH, sh, dh)
+            pl, pr = same_padding(W, KW, sw, dw)
+        else:
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    else:
+        pt, pl = pair(padding, "padding", 0)
+        pb, pr = pt, pl
+    OH = conv_output_size(H, KH, sh, pt, pb, dh)
+    OW = conv_output_size(W, KW, sw, pl, pr, dw)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"conv2d output would be empty: x shape {tuple(x_shape)}, weight shape {tuple(w_shape)}, "
+                         f"stride {(sh, sw)}, padding {(pt, pl, pb, pr)}, dilation {(dh, dw)}")
+    check_size((B, K, OH, OW), "conv2d output")
+    return ConvGeometry(B, C, H, W, K, KH, KW, sh, sw, pt, pl, pb, pr, dh, dw, groups, OH, OW)
+
+
+def conv2d_args(x, weight, bias, stride, padding, dilation, groups):
+    """Check the arrays of a conv2d call and return its ConvGeometry."""
+    check_array(x, "x", 4)
+    check_array(weight, "weight", 4, x.dtype)
+    if bias is not None:
+        check_array(bias, "bias", 1, x.dtype)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias shape {bias.shape} does not match weight shape {weight.shape} (out_channels)")
+    return conv2d_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+
+
+def conv2d_backward_args(grad_out, x, weight, stride, padding, dilation, groups):
+    geom = conv2d_args(x, weight, None, stride, padding, dilation, groups)
+    check_array(grad_out, "grad_out", 4, x.dtype)
+    if grad_out.shape != geom.out_shape:
+        raise ValueError(f"grad_out shape {grad_out.shape} does not match the conv2d output shape {geom.out_shape} "
+                         f"for x shape {x.shape} and weight shape {weight.shape}")
+    return geom
+
+
+class PoolGeometry(NamedTuple):
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kernel_h: int
+    kernel_w: int
+    stride_h: int
+    stride_w: int
+    pad_h: int
+    pad_w: int
+    out_h: int
+    out_w: int
+
+    @property
+    def out_shape(self):
+        return (self.batch, self.channels, self.out_h, self.out_w)
+
+
+def pool2d_geometry(x_shape, kernel_size, stride, padding, ceil_mode, name="pool2d"):
+    """Validate pooling hyper-parameters for an input of shape x_shape; return a PoolGeometry."""
+    if len(x_shape) != 4:
+        raise ValueError(f"input_shape must be (N, C, H, W), got {tuple(x_shape)}")
+    B, C, H, W = (check_int(s, "input_shape", 0) for s in x_shape)
+    kh, kw = pair(kernel_size, "kernel_size", 1)
+    sh, sw = (kh, kw) if stride is None else pair(stride, "stride", 1)
+    ph, pw = pair(padding, "padding", 0)
+    if 2 * ph > kh or 2 * pw > kw:
+        raise ValueError(f"padding {(ph, pw)} must be at most half of kernel_size {(kh, kw)}")
+    if not isinstance(ceil_mode, (bool, np.bool_)):
+        raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
+    OH = conv_output_size(H, kh, sh, ph, ph, 1, bool(ceil_mode))
+    OW = conv_output_size(W, kw, sw, pw, pw, 1, bool(ceil_mode))
+    if OH < 1 or OW < 1:
+        raise ValueError(f"{name} output would be empty: input shape {tuple(x_shape)}, kernel_size {(kh, kw)}, "
+                         f"stride {(sh, sw)}, padding {(ph, pw)}")
+    check_size((B, C, OH, OW), f"{name} output")
+    return PoolGeometry(B, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW)
+
+
+def pool_window(o, stride, pad, kernel, size):
+    """The clipped input range [start, end) of output position o along one axis, and the unclipped window length
+    counted against the padded input (what count_include_pad divides by)."""
+    start = o * stride - pad
+    end = min(start + kernel, size + pad)
+    padded_len = end - start
+    return max(start, 0), min(end, size), padded_len
+
+
+def input_shape_arg(input_shape):
+    if isinstance(input_shape, np.ndarray) or not isinstance(input_shape, (tuple, list)):
+        raise TypeError(f"input_shape must be a tuple (N, C, H, W), got {input_shape!r}")
+    return tuple(check_int(s, "input_shape", 0) for s in input_shape)
+
+
+def linear_args(x, weight, bias):
+    check_array(x, "x", 2)
+    check_array(weight, "weight", 2, x.dtype)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight shape {weight.shape} expects {weight.shape[1]} input features, "
+                         f"but x shape {x.shape} has {x.shape[1]}")
+    if bias is not None:
+        check_array(bias, "bias", 1, x.dtype)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias shape {bias.shape} does not match weight shape {weight.shape} (out_features)")
+
+
+def linear_backward_args(grad_out, x, weight):
+    linear_args(x, weight, None)
+    check_array(grad_out, "grad_out", 2, x.dtype)
+    if grad_out.shape != (x.shape[0], weight.shape[0]):
+        raise ValueError(f"grad_out shape {grad_out.shape} does not match the linear output shape "
+                         f"{(x.shape[0], weight.shape[0])}")
+
+
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+def flops_conv2d(geom):
+    """Multiply-adds x 2 of one conv2d forward."""
+    return 2 * math.prod(geom.out_shape) * (geom.in_channels // geom.groups) * geom.kernel_h * geom.kernel_w

@@ -1,0 +1,73 @@
+"""The engine's thread count: one process-wide setting that every kernel call reads and passes on as n_threads."""
+import os
+import threading
+
+_lock = threading.Lock()
+_num_threads = None
+
+
+def _usable_cores():
+    """Cores this process may run on: CPU affinity, capped by a cgroup v2/v1 CPU quota when one is set."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        n = min(n, quota)
+    return max(1, n)
+
+
+def _cgroup_quota():
+    """ceil(quota / period) from cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`, or None when unlimited."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            return max(1, -(-int(quota) // int(period)))
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period = int(f.read())
+        if quota > 0 and period > 0:
+            return max(1, -(-quota // period))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _default_threads():
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env:
+        try:
+            n = int(env)
+            if n >= 1:
+                return n
+        except ValueError:
+            pass
+    return _usable_cores()
+
+
+def set_num_threads(n):
+    """Set how many OpenMP threads the kernels use (n >= 1). Results do not depend on it, only speed does."""
+    global _num_threads
+    if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
+        raise TypeError(f"n must be an int, got {n!r}")
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    with _lock:
+        _num_threads = n
+
+
+def get_num_threads():
+    """The thread count the kernels use: set_num_threads(), else OMP_NUM_THREADS, else the usable cores."""
+    global _num_threads
+    with _lock:
+        if _num_threads is None:
+            _num_threads = _default_threads()
+        return _num_threads
