@@ -253,3 +253,21 @@ def ceil_div(a, b):
 def flops_conv2d(geom):
     """Multiply-adds x 2 of one conv2d forward."""
     return 2 * math.prod(geom.out_shape) * (geom.in_channels // geom.groups) * geom.kernel_h * geom.kernel_w
+
+
+def check_max_pool_backward(grad_out, indices, input_shape):
+    """Check max_pool2d_backward's indices and input_shape against grad_out; return input_shape as a tuple.
+    (Index values are range-checked where they are used.)"""
+    input_shape = input_shape_arg(input_shape)
+    if len(input_shape) != 4:
+        raise ValueError(f"input_shape must be (N, C, H, W), got {input_shape}")
+    if not isinstance(indices, np.ndarray):
+        raise TypeError(f"indices must be a numpy.ndarray, got {type(indices).__name__}")
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise TypeError(f"indices must have an integer dtype, got {indices.dtype}")
+    if indices.shape != grad_out.shape:
+        raise ValueError(f"indices shape {indices.shape} does not match grad_out shape {grad_out.shape}")
+    if tuple(grad_out.shape[:2]) != input_shape[:2]:
+        raise ValueError(f"grad_out shape {grad_out.shape} does not match input_shape {input_shape} in (N, C)")
+    check_size(input_shape, "input_shape")
+    return input_shape

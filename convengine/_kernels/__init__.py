@@ -1,0 +1,56 @@
+"""Private compiled kernels. `functional.py` is the face; this module only picks the build for this CPU.
+
+The kernels exist once per ISA level (`_engine_baseline`, `_engine_avx2`, `_engine_avx512`, see setup.py). The
+best level that is both built and supported by the CPU is loaded; CONVENGINE_ISA=baseline|avx2|avx512 forces a
+level (an error if the CPU lacks it), which the tests use to check every path.
+"""
+import importlib
+import importlib.util
+import os
+
+from . import _cpu
+
+_ORDER = ("baseline", "avx2", "avx512")
+
+
+def _available():
+    """ISA levels that are built here and that this CPU runs."""
+    return [isa for isa in _cpu.cpu_supports() if importlib.util.find_spec(f"{__name__}._engine_{isa}") is not None]
+
+
+def _select():
+    available = _available()
+    wanted = os.environ.get("CONVENGINE_ISA", "").strip().lower()
+    if wanted:
+        if wanted not in _ORDER:
+            raise ImportError(f"CONVENGINE_ISA={wanted!r} is not one of {', '.join(_ORDER)}")
+        if wanted not in available:
+            raise ImportError(f"CONVENGINE_ISA={wanted!r} is not available here (built and supported: "
+                              f"{', '.join(available)})")
+        return wanted
+    return max(available, key=_ORDER.index)
+
+
+ISA = _select()
+engine = importlib.import_module(f"{__name__}._engine_{ISA}")
+
+
+def available_isas():
+    return _available()
+
+
+def build_info():
+    """How the kernels were built and what runs now: compiler, flags, OpenMP, the ISA level in use."""
+    from .._threads import get_num_threads
+    omp_on, omp_version = _cpu.openmp()
+    return {
+        "version": __import__("convengine").__version__,
+        "compiler": _cpu.compiler(),
+        "cflags": engine.CFLAGS,
+        "openmp": omp_on,
+        "openmp_version": omp_version,
+        "simd": ISA,
+        "simd_available": _available(),
+        "tile": engine.tile_info(),
+        "num_threads": get_num_threads(),
+    }

@@ -1,0 +1,6 @@
+# The compute kernels of one ISA level: GEMM, convolution, pooling and elementwise ops. Included by each
+# _engine_<isa>.pyx so that the same source is compiled once per ISA (see setup.py).
+include "gemm.pxi"
+include "conv.pxi"
+include "pool.pxi"
+include "eltwise.pxi"

@@ -1,0 +1,227 @@
+# Packed, register-blocked GEMM (BLIS style): the micro-kernel, the macro-kernel over packed panels, and a
+# strided GEMM for dense layers. Convolution builds on the same pieces with its own packers (conv.pxi).
+#
+# Packed layouts (zero-padded to whole tiles, so the micro-kernel never sees a partial tile):
+#   A block (m x k):  panels of MR rows;    panel ip holds a[ip*MR + i, p] at  [ip*MR*kc + p*MR + i]
+#   B block (k x n):  panels of NR columns; panel jp holds b[p, jp*NR + j] at [jp*NR*kc + p*NR + j]
+
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from cython.parallel cimport prange, parallel
+from cython cimport floating
+
+cdef extern from "simd.h":
+    enum: CE_MR
+    enum: CE_NV
+    enum: CE_VBYTES
+    ctypedef float vfloat "ce_vf"
+    ctypedef double vdouble "ce_vd"
+    vfloat ce_vf_zero() nogil
+    vdouble ce_vd_zero() nogil
+
+cdef extern from *:
+    """
+    #ifndef CE_BUILD_CFLAGS
+    #define CE_BUILD_CFLAGS ""
+    #endif
+    """
+    const char* CE_BUILD_CFLAGS
+
+CFLAGS = CE_BUILD_CFLAGS.decode()
+
+
+cdef inline Py_ssize_t vlen(floating dummy) noexcept nogil:
+    return CE_VBYTES // sizeof(floating)
+
+
+cdef inline Py_ssize_t tile_n(floating dummy) noexcept nogil:
+    """NR: columns of the register tile."""
+    return CE_NV * (CE_VBYTES // sizeof(floating))
+
+
+cdef inline Py_ssize_t block_k(floating dummy) noexcept nogil:
+    """KC: depth of a packed block; a kc x NR micro-panel of B then stays in L1 (32 KiB of it)."""
+    return 256 if floating is float else 128
+
+
+cdef inline Py_ssize_t round_up(Py_ssize_t n, Py_ssize_t m) noexcept nogil:
+    return (n + m - 1) // m * m
+
+
+def tile_info():
+    """The register tile (MR, NR) per dtype of this build."""
+    return {"MR": CE_MR, "NR_float32": CE_NV * CE_VBYTES // 4, "NR_float64": CE_NV * CE_VBYTES // 8,
+            "vector_bytes": CE_VBYTES}
+
+
+cdef void ukernel_f(Py_ssize_t kc, const float* a, const float* b, float* c, Py_ssize_t ldc,
+                    bint accumulate) noexcept nogil:
+    """c[MR, NR] (+)= a-panel x b-panel over kc steps, accumulators held in vector registers."""
+    cdef vfloat acc[CE_MR][CE_NV]
+    cdef vfloat bv[CE_NV]
+    cdef Py_ssize_t i, j, p
+    cdef Py_ssize_t VL = CE_VBYTES // sizeof(float)
+    for i in range(CE_MR):
+        for j in range(CE_NV):
+            acc[i][j] = ce_vf_zero()
+    for p in range(kc):
+        for j in range(CE_NV):
+            bv[j] = (<const vfloat*>(b + j * VL))[0]
+        for i in range(CE_MR):
+            for j in range(CE_NV):
+                acc[i][j] += a[i] * bv[j]
+        a += CE_MR
+        b += CE_NV * VL
+    if accumulate:
+        for i in range(CE_MR):
+            for j in range(CE_NV):
+                (<vfloat*>(c + i * ldc + j * VL))[0] += acc[i][j]
+    else:
+        for i in range(CE_MR):
+            for j in range(CE_NV):
+                (<vfloat*>(c + i * ldc + j * VL))[0] = acc[i][j]
+
+
+cdef void ukernel_d(Py_ssize_t kc, const double* a, const double* b, double* c, Py_ssize_t ldc,
+                    bint accumulate) noexcept nogil:
+    """The float64 twin of ukernel_f (vector extensions need one concrete type per function)."""
+    cdef vdouble acc[CE_MR][CE_NV]
+    cdef vdouble bv[CE_NV]
+    cdef Py_ssize_t i, j, p
+    cdef Py_ssize_t VL = CE_VBYTES // sizeof(double)
+    for i in range(CE_MR):
+        for j in range(CE_NV):
+            acc[i][j] = ce_vd_zero()
+    for p in range(kc):
+        for j in range(CE_NV):
+            bv[j] = (<const vdouble*>(b + j * VL))[0]
+        for i in range(CE_MR):
+            for j in range(CE_NV):
+                acc[i][j] += a[i] * bv[j]
+        a += CE_MR
+        b += CE_NV * VL
+    if accumulate:
+        for i in range(CE_MR):
+            for j in range(CE_NV):
+                (<vdouble*>(c + i * ldc + j * VL))[0] += acc[i][j]
+    else:
+        for i in range(CE_MR):
+            for j in range(CE_NV):
+                (<vdouble*>(c + i * ldc + j * VL))[0] = acc[i][j]
+
+
+cdef inline void macro_kernel(Py_ssize_t mpanels, Py_ssize_t npanels, Py_ssize_t kc, const floating* apack,
+                              const floating* bpack, floating* c, Py_ssize_t ldc, bint accumulate) noexcept nogil:
+    """C tile block (mpanels*MR x npanels*NR, row stride ldc) (+)= packed A block x packed B block.
+
+    B micro-panel outer, A panels inner: the kc x NR B panel stays in L1 while the A block streams from L2.
+    """
+    cdef Py_ssize_t ip, jp
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    for jp in range(npanels):
+        for ip in range(mpanels):
+            if floating is float:
+                ukernel_f(kc, apack + ip * CE_MR * kc, bpack + jp * NR * kc, c + ip * CE_MR * ldc + jp * NR, ldc,
+                          accumulate)
+            else:
+                ukernel_d(kc, apack + ip * CE_MR * kc, bpack + jp * NR * kc, c + ip * CE_MR * ldc + jp * NR, ldc,
+                          accumulate)
+
+
+cdef void pack_a_strided(const floating* a, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t m, Py_ssize_t kc,
+                         floating* out) noexcept nogil:
+    """Pack a[i, p] = a[i*rs + p*cs] (i < m, p < kc) into MR-row panels, rows past m zero."""
+    cdef Py_ssize_t ip, i, p, row
+    for ip in range((m + CE_MR - 1) // CE_MR):
+        for p in range(kc):
+            for i in range(CE_MR):
+                row = ip * CE_MR + i
+                out[i] = a[row * rs + p * cs] if row < m else 0
+            out += CE_MR
+
+
+cdef void pack_b_strided(const floating* b, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t kc, Py_ssize_t n,
+                         floating* out) noexcept nogil:
+    """Pack b[p, j] = b[p*rs + j*cs] (p < kc, j < n) into NR-column panels, columns past n zero."""
+    cdef Py_ssize_t jp, j, p, col
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    for jp in range((n + NR - 1) // NR):
+        for p in range(kc):
+            for j in range(NR):
+                col = jp * NR + j
+                out[j] = b[p * rs + col * cs] if col < n else 0
+            out += NR
+
+
+cdef int gemm_strided(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                       const floating* a, Py_ssize_t a_rs, Py_ssize_t a_cs,   # IN  (M x K)
+                       const floating* b, Py_ssize_t b_rs, Py_ssize_t b_cs,   # IN  (K x N)
+                       floating* c, Py_ssize_t ldc,                           # OUT (M x N), overwritten
+                       int n_threads) noexcept nogil:
+    """C = A B for strided A, B; returns -1 if scratch could not be allocated, else 0.
+
+    Work splits over (row block, column block) tiles of C and each tile reduces over all of K in the same order,
+    so the result does not depend on the thread count."""
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    cdef Py_ssize_t KC = block_k(<floating>0)
+    cdef Py_ssize_t MC = 12 * CE_MR
+    cdef Py_ssize_t NC = 8 * NR
+    cdef Py_ssize_t mblocks = (M + MC - 1) // MC
+    cdef Py_ssize_t nblocks = (N + NC - 1) // NC
+    cdef Py_ssize_t task, mb, nb, m0, n0, mc, nc, k0, kc, i, j, mpanels, npanels
+    cdef floating* apack
+    cdef floating* bpack
+    cdef floating* cbuf
+    cdef int failed = 0
+    if M <= 0 or N <= 0:
+        return 0
+    if K <= 0:
+        for i in range(M):
+            for j in range(N):
+                c[i * ldc + j] = 0
+        return 0
+    with parallel(num_threads=n_threads):
+        apack = <floating*>malloc(MC * KC * sizeof(floating))
+        bpack = <floating*>malloc(NC * KC * sizeof(floating))
+        cbuf = <floating*>malloc(MC * NC * sizeof(floating))
+        for task in prange(mblocks * nblocks, schedule='static'):
+            if apack == NULL or bpack == NULL or cbuf == NULL:
+                (&failed)[0] = 1
+                continue
+            mb = task // nblocks
+            nb = task - mb * nblocks
+            m0 = mb * MC
+            n0 = nb * NC
+            mc = min(MC, M - m0)
+            nc = min(NC, N - n0)
+            mpanels = (mc + CE_MR - 1) // CE_MR
+            npanels = (nc + NR - 1) // NR
+            k0 = 0
+            while k0 < K:
+                kc = min(KC, K - k0)
+                pack_a_strided(a + m0 * a_rs + k0 * a_cs, a_rs, a_cs, mc, kc, apack)
+                pack_b_strided(b + k0 * b_rs + n0 * b_cs, b_rs, b_cs, kc, nc, bpack)
+                macro_kernel(mpanels, npanels, kc, apack, bpack, cbuf, NC, k0 > 0)
+                k0 = k0 + kc
+            for i in range(mc):
+                for j in range(nc):
+                    c[(m0 + i) * ldc + n0 + j] = cbuf[i * NC + j]
+        free(apack)
+        free(bpack)
+        free(cbuf)
+    return -failed
+
+
+def matmul(const floating[:, :] a, const floating[:, :] b, floating[:, ::1] out, int n_threads):
+    """out = a @ b for 2-D arrays of any strides (a: M x K, b: K x N, out: M x N C-contiguous)."""
+    cdef Py_ssize_t isz = sizeof(floating)
+    cdef int rc
+    with nogil:
+        rc = gemm_strided(a.shape[0], b.shape[1], a.shape[1],
+                     &a[0, 0] if a.shape[0] > 0 and a.shape[1] > 0 else NULL,
+                     a.strides[0] // isz, a.strides[1] // isz,
+                     &b[0, 0] if b.shape[0] > 0 and b.shape[1] > 0 else NULL,
+                     b.strides[0] // isz, b.strides[1] // isz,
+                     &out[0, 0] if out.shape[0] > 0 and out.shape[1] > 0 else NULL, out.shape[1], n_threads)
+    if rc:
+        raise MemoryError("matmul: could not allocate packing buffers")

@@ -1,0 +1,216 @@
+# max_pool2d and avg_pool2d, forward and backward. Work splits over (image, channel) planes; a backward scatter
+# stays inside its plane, so every gradient element is summed in one fixed order whatever the thread count.
+#
+# Windows follow PyTorch: start = o*stride - pad, clipped to the image; with ceil_mode the last window may hang
+# over the bottom/right edge. max: ties go to the first maximum in window order, a NaN wins over any number and
+# a later NaN over an earlier one (PyTorch's `val > max || isnan(val)`). avg: divisor is the window clipped to the
+# padded input (count_include_pad) or the number of real pixels.
+
+from libc.math cimport isnan, INFINITY
+
+cdef struct PoolGeom:
+    Py_ssize_t planes, H, W, KH, KW, sh, sw, ph, pw, OH, OW
+
+
+cdef inline void fill_pool_geom(PoolGeom* g, Py_ssize_t planes, Py_ssize_t H, Py_ssize_t W, tuple params):
+    g.planes = planes
+    g.H = H
+    g.W = W
+    g.KH, g.KW, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW = params
+
+
+cdef void max_pool_plane(const floating* x, floating* y, long long* idx, const PoolGeom* g) noexcept nogil:
+    cdef Py_ssize_t oh, ow, ih, iw, h0, h1, w0, w1, best
+    cdef floating m, v
+    for oh in range(g.OH):
+        h0 = oh * g.sh - g.ph
+        h1 = min(h0 + g.KH, g.H)
+        h0 = max(h0, 0)
+        for ow in range(g.OW):
+            w0 = ow * g.sw - g.pw
+            w1 = min(w0 + g.KW, g.W)
+            w0 = max(w0, 0)
+            m = -INFINITY
+            best = h0 * g.W + w0
+            for ih in range(h0, h1):
+                for iw in range(w0, w1):
+                    v = x[ih * g.W + iw]
+                    if v > m or isnan(v):
+                        m = v
+                        best = ih * g.W + iw
+            y[oh * g.OW + ow] = m
+            if idx != NULL:
+                idx[oh * g.OW + ow] = best
+
+
+cdef void max_pool_plane_2x2(const floating* x, floating* y, long long* idx, const PoolGeom* g) noexcept nogil:
+    """The common 2x2 stride-2 unpadded case whose windows lie inside the image: branch-light for speed."""
+    cdef Py_ssize_t oh, ow, i0
+    cdef floating a, b, c, d, m
+    cdef long long best
+    for oh in range(g.OH):
+        for ow in range(g.OW):
+            i0 = 2 * oh * g.W + 2 * ow
+            a = x[i0]
+            b = x[i0 + 1]
+            c = x[i0 + g.W]
+            d = x[i0 + g.W + 1]
+            m = a
+            best = i0
+            if b > m or isnan(b):
+                m = b
+                best = i0 + 1
+            if c > m or isnan(c):
+                m = c
+                best = i0 + g.W
+            if d > m or isnan(d):
+                m = d
+                best = i0 + g.W + 1
+            y[oh * g.OW + ow] = m
+            if idx != NULL:
+                idx[oh * g.OW + ow] = best
+
+
+def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
+                       floating[:, :, :, ::1] out,       # OUT (B, C, OH, OW)
+                       indices,                          # OUT int64 (B, C, OH, OW) or None
+                       tuple params, int n_threads):
+    """params = (KH, KW, sh, sw, ph, pw, OH, OW)."""
+    cdef PoolGeom g
+    cdef long long[:, :, :, ::1] idx_v
+    cdef long long* idx = NULL
+    cdef Py_ssize_t pl, HW, OHW
+    cdef bint fast
+    cdef const floating* xbase
+    cdef floating* ybase
+    fill_pool_geom(&g, x.shape[0] * x.shape[1], x.shape[2], x.shape[3], params)
+    if g.planes == 0:
+        return
+    if indices is not None:
+        idx_v = indices
+        idx = &idx_v[0, 0, 0, 0]
+    xbase = &x[0, 0, 0, 0]
+    ybase = &out[0, 0, 0, 0]
+    HW = g.H * g.W
+    OHW = g.OH * g.OW
+    fast = (g.KH == 2 and g.KW == 2 and g.sh == 2 and g.sw == 2 and g.ph == 0 and g.pw == 0
+            and 2 * g.OH <= g.H and 2 * g.OW <= g.W)
+    for pl in prange(g.planes, nogil=True, schedule='static', num_threads=n_threads):
+        if fast:
+            max_pool_plane_2x2(xbase + pl * HW, ybase + pl * OHW,
+                               idx + pl * OHW if idx != NULL else NULL, &g)
+        else:
+            max_pool_plane(xbase + pl * HW, ybase + pl * OHW,
+                           idx + pl * OHW if idx != NULL else NULL, &g)
+
+
+def max_pool2d_backward(const floating[::1] grad_out,   # IN  (planes * OH * OW)
+                        const long long[::1] indices,   # IN  same size
+                        floating[::1] grad_x,           # OUT (planes * H * W), overwritten
+                        Py_ssize_t planes, Py_ssize_t HW, int n_threads):
+    """Scatter-add grad_out to the argmax positions. Returns the number of out-of-range indices (then the
+    caller raises; such entries are skipped, never written)."""
+    cdef Py_ssize_t OHW = grad_out.shape[0] // planes if planes > 0 else 0
+    cdef Py_ssize_t pl, i, j
+    cdef long long k
+    cdef Py_ssize_t bad = 0
+    cdef Py_ssize_t* bad_per_plane
+    if planes == 0:
+        return 0
+    bad_per_plane = <Py_ssize_t*>malloc(planes * sizeof(Py_ssize_t))
+    if bad_per_plane == NULL:
+        raise MemoryError()
+    for pl in prange(planes, nogil=True, schedule='static', num_threads=n_threads):
+        bad_per_plane[pl] = 0
+        for i in range(HW):
+            grad_x[pl * HW + i] = 0
+        for j in range(OHW):
+            k = indices[pl * OHW + j]
+            if k < 0 or k >= HW:
+                bad_per_plane[pl] = bad_per_plane[pl] + 1
+            else:
+                grad_x[pl * HW + k] = grad_x[pl * HW + k] + grad_out[pl * OHW + j]
+    for pl in range(planes):
+        bad += bad_per_plane[pl]
+    free(bad_per_plane)
+    return bad
+
+
+cdef inline Py_ssize_t avg_divisor(Py_ssize_t oh, Py_ssize_t ow, const PoolGeom* g, bint count_include_pad,
+                                 Py_ssize_t* h0, Py_ssize_t* h1, Py_ssize_t* w0, Py_ssize_t* w1) noexcept nogil:
+    """Clip the window of output (oh, ow) into [h0, h1) x [w0, w1) and return its divisor (0: empty window)."""
+    cdef Py_ssize_t hs = oh * g.sh - g.ph
+    cdef Py_ssize_t ws = ow * g.sw - g.pw
+    cdef Py_ssize_t he = min(hs + g.KH, g.H + g.ph)
+    cdef Py_ssize_t we = min(ws + g.KW, g.W + g.pw)
+    cdef Py_ssize_t pool_size = (he - hs) * (we - ws)
+    h0[0] = max(hs, 0)
+    w0[0] = max(ws, 0)
+    h1[0] = min(he, g.H)
+    w1[0] = min(we, g.W)
+    if h0[0] >= h1[0] or w0[0] >= w1[0]:
+        return 0
+    if count_include_pad:
+        return pool_size
+    return (h1[0] - h0[0]) * (w1[0] - w0[0])
+
+
+def avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
+                       floating[:, :, :, ::1] out,       # OUT (B, C, OH, OW)
+                       tuple params, bint count_include_pad, int n_threads):
+    cdef PoolGeom g
+    cdef Py_ssize_t pl, oh, ow, ih, iw, h0, h1, w0, w1, HW, OHW
+    cdef floating s
+    cdef Py_ssize_t div
+    cdef const floating* xp
+    cdef const floating* xbase
+    cdef floating* ybase
+    fill_pool_geom(&g, x.shape[0] * x.shape[1], x.shape[2], x.shape[3], params)
+    if g.planes == 0:
+        return
+    HW = g.H * g.W
+    OHW = g.OH * g.OW
+    xbase = &x[0, 0, 0, 0]
+    ybase = &out[0, 0, 0, 0]
+    for pl in prange(g.planes, nogil=True, schedule='static', num_threads=n_threads):
+        xp = xbase + pl * HW
+        for oh in range(g.OH):
+            for ow in range(g.OW):
+                div = avg_divisor(oh, ow, &g, count_include_pad, &h0, &h1, &w0, &w1)
+                s = 0
+                for ih in range(h0, h1):
+                    for iw in range(w0, w1):
+                        s = s + xp[ih * g.W + iw]
+                ybase[pl * OHW + oh * g.OW + ow] = s / <floating>div if div != 0 else 0
+
+
+def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, OH, OW)
+                        floating[:, :, :, ::1] grad_x,          # OUT (B, C, H, W), overwritten
+                        tuple params, bint count_include_pad, int n_threads):
+    cdef PoolGeom g
+    cdef Py_ssize_t pl, oh, ow, ih, iw, h0, h1, w0, w1, HW, OHW, i
+    cdef floating gv
+    cdef Py_ssize_t div
+    cdef floating* dxp
+    cdef const floating* gbase
+    cdef floating* dxbase
+    fill_pool_geom(&g, grad_x.shape[0] * grad_x.shape[1], grad_x.shape[2], grad_x.shape[3], params)
+    if g.planes == 0:
+        return
+    HW = g.H * g.W
+    OHW = g.OH * g.OW
+    gbase = &grad_out[0, 0, 0, 0]
+    dxbase = &grad_x[0, 0, 0, 0]
+    for pl in prange(g.planes, nogil=True, schedule='static', num_threads=n_threads):
+        dxp = dxbase + pl * HW
+        for i in range(HW):
+            dxp[i] = 0
+        for oh in range(g.OH):
+            for ow in range(g.OW):
+                div = avg_divisor(oh, ow, &g, count_include_pad, &h0, &h1, &w0, &w1)
+                if div == 0:
+                    continue
+                gv = gbase[pl * OHW + oh * g.OW + ow] / <floating>div
+                for ih in range(h0, h1):
+                    for iw in range(w0, w1):
+                        dxp[ih * g.W + iw] = dxp[ih * g.W + iw] + gv

@@ -1,0 +1,31 @@
+/* Register tile and vector types of the GEMM micro-kernel, chosen by the ISA the module is compiled for.
+ *
+ * GCC/Clang vector extensions (not intrinsics) keep the micro-kernel written in Cython yet put the MR x NV
+ * accumulators in vector registers: plain scalar loops over `acc[MR][NR]` were vectorised unreliably by gcc 12
+ * (from 5 to 250 GFLOP/s depending on MR, NR and dtype). MR x NV accumulators + NV loads + 1 broadcast must fit the
+ * register file: 32 zmm on AVX-512, 16 ymm/xmm otherwise.
+ */
+#ifndef CE_SIMD_H
+#define CE_SIMD_H
+
+#if defined(__AVX512F__)
+#define CE_VBYTES 64
+#define CE_MR 8
+#define CE_NV 3
+#elif defined(__AVX__)
+#define CE_VBYTES 32
+#define CE_MR 6
+#define CE_NV 2
+#else
+#define CE_VBYTES 16
+#define CE_MR 6
+#define CE_NV 2
+#endif
+
+typedef float ce_vf __attribute__((vector_size(CE_VBYTES), aligned(4)));
+typedef double ce_vd __attribute__((vector_size(CE_VBYTES), aligned(8)));
+
+static inline ce_vf ce_vf_zero(void) { ce_vf z = {0}; return z; }
+static inline ce_vd ce_vd_zero(void) { ce_vd z = {0}; return z; }
+
+#endif

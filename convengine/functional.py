@@ -1,0 +1,144 @@
+"""The public ops, on the compiled kernels.
+
+Each function validates and normalises its arguments (shared with `reference.py` through `_args.py`), allocates
+the outputs, makes the inputs C-contiguous (a copy only when they are not already), and calls one kernel of the
+ISA level picked at import. No loops over data live here. Signatures and semantics: DESIGN.md; the plain-NumPy
+twin of every function is in `convengine.reference`.
+"""
+import numpy as np
+
+from . import _args
+from ._kernels import engine as _engine
+from ._threads import get_num_threads
+
+__all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+           "relu", "relu_backward", "linear", "linear_backward"]
+
+
+def _contiguous(a):
+    return np.ascontiguousarray(a)
+
+
+def _conv_params(g):
+    return (g.stride_h, g.stride_w, g.pad_top, g.pad_left, g.dilation_h, g.dilation_w, g.groups, g.out_h, g.out_w)
+
+
+def _pool_params(g):
+    return (g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.out_h, g.out_w)
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation, as in PyTorch) of x (N, C, H, W) with weight (K, C/groups, KH, KW)."""
+    geom = _args.conv2d_args(x, weight, bias, stride, padding, dilation, groups)
+    out = np.empty(geom.out_shape, dtype=x.dtype)
+    if geom.batch == 0:
+        return out
+    _engine.conv2d_forward(_contiguous(x), _contiguous(weight), None if bias is None else _contiguous(bias), out,
+                           _conv_params(geom), get_num_threads())
+    return out
+
+
+def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups=1, need_input_grad=True):
+    """Gradients of conv2d: (grad_x or None when need_input_grad is False, grad_weight, grad_bias)."""
+    geom = _args.conv2d_backward_args(grad_out, x, weight, stride, padding, dilation, groups)
+    grad_out = _contiguous(grad_out)
+    params = _conv_params(geom)
+    n_threads = get_num_threads()
+    grad_w = np.empty(weight.shape, dtype=x.dtype)
+    grad_b = np.empty(weight.shape[0], dtype=x.dtype)
+    _engine.conv2d_grad_weight(grad_out, _contiguous(x), grad_w, grad_b, params, n_threads)
+    grad_x = None
+    if need_input_grad:
+        grad_x = np.empty(x.shape, dtype=x.dtype)
+        _engine.conv2d_grad_input(grad_out, _contiguous(weight), grad_x, params, n_threads)
+    return grad_x, grad_w, grad_b
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, return_indices=False):
+    """Max pooling over (N, C, H, W); with return_indices also the int64 flat H*W position of each maximum."""
+    _args.check_array(x, "x", 4)
+    geom = _args.pool2d_geometry(x.shape, kernel_size, stride, padding, ceil_mode, "max_pool2d")
+    out = np.empty(geom.out_shape, dtype=x.dtype)
+    indices = np.empty(geom.out_shape, dtype=np.int64) if return_indices else None
+    _engine.max_pool2d_forward(_contiguous(x), out, indices, _pool_params(geom), get_num_threads())
+    return (out, indices) if return_indices else out
+
+
+def max_pool2d_backward(grad_out, indices, input_shape):
+    """Gradient of max_pool2d: grad_out scattered to the positions in indices, for an input of input_shape."""
+    _args.check_array(grad_out, "grad_out", 4)
+    input_shape = _args.check_max_pool_backward(grad_out, indices, input_shape)
+    grad_x = np.empty(input_shape, dtype=grad_out.dtype)
+    planes = input_shape[0] * input_shape[1]
+    hw = input_shape[2] * input_shape[3]
+    bad = _engine.max_pool2d_backward(_contiguous(grad_out).reshape(-1),
+                                      _contiguous(indices.astype(np.int64, copy=False)).reshape(-1),
+                                      grad_x.reshape(-1), planes, hw, get_num_threads())
+    if bad:
+        raise ValueError(f"indices has {bad} values outside [0, {hw}) for input_shape {input_shape}")
+    return grad_x
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """Average pooling over (N, C, H, W)."""
+    _args.check_array(x, "x", 4)
+    geom = _args.pool2d_geometry(x.shape, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
+    out = np.empty(geom.out_shape, dtype=x.dtype)
+    _engine.avg_pool2d_forward(_contiguous(x), out, _pool_params(geom), bool(count_include_pad), get_num_threads())
+    return out
+
+
+def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding=0, ceil_mode=False,
+                        count_include_pad=True):
+    """Gradient of avg_pool2d for an input of input_shape."""
+    _args.check_array(grad_out, "grad_out", 4)
+    input_shape = _args.input_shape_arg(input_shape)
+    geom = _args.pool2d_geometry(input_shape, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
+    if grad_out.shape != geom.out_shape:
+        raise ValueError(f"grad_out shape {grad_out.shape} does not match the avg_pool2d output shape "
+                         f"{geom.out_shape} for input_shape {input_shape}")
+    grad_x = np.empty(input_shape, dtype=grad_out.dtype)
+    _engine.avg_pool2d_backward(_contiguous(grad_out), grad_x, _pool_params(geom), bool(count_include_pad),
+                                get_num_threads())
+    return grad_x
+
+
+def relu(x):
+    """max(x, 0) elementwise; NaN stays NaN."""
+    _args.check_array(x, "x")
+    out = np.empty(x.shape, dtype=x.dtype)
+    _engine.relu_forward(_contiguous(x).reshape(-1), out.reshape(-1), get_num_threads())
+    return out
+
+
+def relu_backward(grad_out, x):
+    """grad_out where x > 0 (or x is NaN), else 0."""
+    _args.check_array(x, "x")
+    _args.check_array(grad_out, "grad_out", x.ndim, x.dtype)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out shape {grad_out.shape} does not match x shape {x.shape}")
+    out = np.empty(x.shape, dtype=x.dtype)
+    _engine.relu_backward(_contiguous(grad_out).reshape(-1), _contiguous(x).reshape(-1), out.reshape(-1),
+                          get_num_threads())
+    return out
+
+
+def linear(x, weight, bias=None):
+    """x (N, in) @ weight.T (weight: (out, in)) + bias."""
+    _args.linear_args(x, weight, bias)
+    out = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
+    _engine.matmul(x, weight.T, out, get_num_threads())
+    if bias is not None:
+        out += bias
+    return out
+
+
+def linear_backward(grad_out, x, weight):
+    """Gradients of linear: (grad_x, grad_weight, grad_bias)."""
+    _args.linear_backward_args(grad_out, x, weight)
+    n_threads = get_num_threads()
+    grad_x = np.empty(x.shape, dtype=x.dtype)
+    grad_w = np.empty(weight.shape, dtype=x.dtype)
+    _engine.matmul(grad_out, weight, grad_x, n_threads)
+    _engine.matmul(grad_out.T, x, grad_w, n_threads)
+    return grad_x, grad_w, grad_out.sum(axis=0)
