@@ -1,0 +1,109 @@
+"""The engine's results are bitwise identical whatever the thread count, forward and backward (DESIGN.md).
+
+Shapes are big enough that 2 and 3 threads really split the work (over the batch, the channels and the output
+rows), and odd enough (3 threads over 8 images, 13 channels) that the chunks are uneven.
+"""
+import numpy as np
+import pytest
+
+import convengine
+from convengine import functional as F
+
+from conftest import DTYPE_IDS, DTYPES, assert_bitwise_equal, randn
+
+THREADS = [1, 2, 3]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = convengine.get_num_threads()
+    yield
+    convengine.set_num_threads(before)
+
+
+def results_per_thread_count(compute):
+    """compute() under each thread count; the arrays it returns, flattened into one list, per count."""
+    results = []
+    for n in THREADS:
+        convengine.set_num_threads(n)
+        assert convengine.get_num_threads() == n
+        out = compute()
+        results.append([a for a in (out if isinstance(out, tuple) else (out,)) if a is not None])
+    return results
+
+
+def assert_same_for_all_thread_counts(compute, what):
+    results = results_per_thread_count(compute)
+    for n, arrays in zip(THREADS[1:], results[1:]):
+        assert len(arrays) == len(results[0])
+        for k, (a, b) in enumerate(zip(arrays, results[0])):
+            assert_bitwise_equal(a, b, f"{what}, output {k}: {n} threads vs 1")
+
+
+CONV_CASES = [
+    # (x shape, weight shape, params)
+    ((8, 16, 20, 20), (32, 16, 3, 3), dict(padding=1)),
+    ((8, 16, 15, 15), (16, 4, 3, 3), dict(padding=1, groups=4)),
+    ((6, 13, 21, 19), (13, 1, 3, 3), dict(padding=1, groups=13)),
+    ((8, 12, 23, 22), (24, 12, 3, 3), dict(stride=2, padding="same", dilation=2)),
+    ((16, 1, 28, 28), (32, 1, 5, 5), dict(padding=2)),
+    ((5, 3, 32, 32), (16, 3, 7, 7), dict(stride=3, padding=3)),
+    ((4, 64, 9, 9), (96, 64, 1, 1), dict()),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("x_shape,w_shape,params", CONV_CASES, ids=[f"{x}-{w}-{p}" for x, w, p in CONV_CASES])
+def test_conv2d_thread_count_invariant(rng, x_shape, w_shape, params, dtype):
+    x = randn(rng, x_shape, dtype)
+    w = randn(rng, w_shape, dtype)
+    b = randn(rng, w_shape[0], dtype)
+    y = F.conv2d(x, w, b, **params)
+    go = randn(rng, y.shape, dtype)
+    assert_same_for_all_thread_counts(lambda: F.conv2d(x, w, b, **params), "conv2d")
+    assert_same_for_all_thread_counts(lambda: F.conv2d_backward(go, x, w, **params), "conv2d_backward")
+    assert_same_for_all_thread_counts(lambda: F.conv2d_backward(go, x, w, need_input_grad=False, **params),
+                                      "conv2d_backward without grad_x")
+
+
+POOL_CASES = [
+    ((8, 16, 20, 20), dict(kernel_size=2)),
+    ((6, 13, 21, 19), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ((8, 16, 20, 20), dict(kernel_size=3, stride=1, padding=1)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("x_shape,params", POOL_CASES, ids=[f"{x}-{p}" for x, p in POOL_CASES])
+def test_pools_thread_count_invariant(rng, x_shape, params, dtype):
+    x = randn(rng, x_shape, dtype)
+    y, idx = F.max_pool2d(x, return_indices=True, **params)
+    go = randn(rng, y.shape, dtype)
+    assert_same_for_all_thread_counts(lambda: F.max_pool2d(x, return_indices=True, **params), "max_pool2d")
+    # Overlapping windows (stride < kernel) send several gradients to one pixel: the order they add up in counts.
+    assert_same_for_all_thread_counts(lambda: F.max_pool2d_backward(go, idx, x.shape), "max_pool2d_backward")
+    for cip in (True, False):
+        assert_same_for_all_thread_counts(lambda: F.avg_pool2d(x, count_include_pad=cip, **params), "avg_pool2d")
+        assert_same_for_all_thread_counts(
+            lambda: F.avg_pool2d_backward(go, x.shape, count_include_pad=cip, **params), "avg_pool2d_backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_relu_linear_thread_count_invariant(rng, dtype):
+    x = randn(rng, (8, 16, 20, 20), dtype)
+    go = randn(rng, x.shape, dtype)
+    assert_same_for_all_thread_counts(lambda: F.relu(x), "relu")
+    assert_same_for_all_thread_counts(lambda: F.relu_backward(go, x), "relu_backward")
+    a = randn(rng, (64, 300), dtype)
+    w = randn(rng, (10, 300), dtype)
+    b = randn(rng, 10, dtype)
+    g = randn(rng, (64, 10), dtype)
+    assert_same_for_all_thread_counts(lambda: F.linear(a, w, b), "linear")
+    assert_same_for_all_thread_counts(lambda: F.linear_backward(g, a, w), "linear_backward")
+
+
+def test_thread_count_is_restored_and_validated():
+    before = convengine.get_num_threads()
+    with pytest.raises(ValueError, match="n"):
+        convengine.set_num_threads(0)
+    assert convengine.get_num_threads() == before

@@ -1,0 +1,415 @@
+"""The compiled engine (`convengine.functional`) against the NumPy reference.
+
+Grids walk the hyper-parameters (stride, padding, dilation, groups, bias, dtype, memory layout, odd and tiny sizes,
+channel counts that do not fill a GEMM tile); hypothesis draws further shapes and parameters; float64 finite
+differences check every backward of the engine on its own. Max pooling must agree bit for bit, indices included.
+"""
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from convengine import functional as F
+from convengine import reference as R
+
+from conftest import (CONV_GRAD_CASES, DTYPE_IDS, DTYPES, LAYOUTS, POOL_GRAD_CASES, as_layout, assert_close, case_id,
+                      check_avg_pool2d_gradients, check_conv2d_gradients, check_linear_gradients,
+                      check_max_pool2d_gradients, check_relu_gradients, randn)
+
+
+def check_conv2d(x, w, b, go=None, need_input_grad=True, **params):
+    """Engine vs reference for conv2d forward and, with go, backward. Returns nothing; asserts."""
+    label = f"x{x.shape} w{w.shape} bias={b is not None} {params}"
+    assert_close(F.conv2d(x, w, b, **params), R.conv2d(x, w, b, **params), f"conv2d y, {label}")
+    if go is None:
+        return
+    got = F.conv2d_backward(go, x, w, need_input_grad=need_input_grad, **params)
+    want = R.conv2d_backward(go, x, w, need_input_grad=need_input_grad, **params)
+    assert isinstance(got, tuple) and len(got) == 3
+    if need_input_grad:
+        assert_close(got[0], want[0], f"conv2d grad_x, {label}")
+    else:
+        assert got[0] is None
+    assert_close(got[1], want[1], f"conv2d grad_weight, {label}")
+    assert_close(got[2], want[2], f"conv2d grad_bias, {label}")
+
+
+def check_max_pool2d(x, go_seed=0, **params):
+    label = f"x{x.shape} {params}"
+    y, idx = F.max_pool2d(x, return_indices=True, **params)
+    y_ref, idx_ref = R.max_pool2d(x, return_indices=True, **params)
+    # Max pooling picks an element: nothing to round, so the engine must agree exactly, indices included.
+    assert y.dtype == y_ref.dtype and idx.dtype == np.int64, label
+    np.testing.assert_array_equal(y, y_ref, err_msg=f"max_pool2d y, {label}")
+    np.testing.assert_array_equal(idx, idx_ref, err_msg=f"max_pool2d indices, {label}")
+    np.testing.assert_array_equal(F.max_pool2d(x, **params), y_ref, err_msg=f"max_pool2d y w/o indices, {label}")
+    go = randn(np.random.default_rng(go_seed), y.shape, x.dtype)
+    assert_close(F.max_pool2d_backward(go, idx, x.shape), R.max_pool2d_backward(go, idx_ref, x.shape),
+                 f"max_pool2d grad_x, {label}")
+
+
+def check_avg_pool2d(x, go_seed=0, **params):
+    label = f"x{x.shape} {params}"
+    y = R.avg_pool2d(x, **params)
+    assert_close(F.avg_pool2d(x, **params), y, f"avg_pool2d y, {label}")
+    go = randn(np.random.default_rng(go_seed), y.shape, x.dtype)
+    assert_close(F.avg_pool2d_backward(go, x.shape, **params), R.avg_pool2d_backward(go, x.shape, **params),
+                 f"avg_pool2d grad_x, {label}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conv2d grids
+# ---------------------------------------------------------------------------------------------------------------
+
+CONV_GRID = list(itertools.product(
+    [1, 2, 3],                               # stride
+    [0, 1, 3, (2, 0), "valid", "same"],      # padding; 3 is more than half of the 3x3 kernel
+    [1, 2],                                  # dilation
+    ["1", "2", "depthwise"],                 # groups
+))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("stride,padding,dilation,groups", CONV_GRID)
+def test_conv2d_grid(rng, stride, padding, dilation, groups, bias, dtype):
+    C = 6
+    G = {"1": 1, "2": 2, "depthwise": C}[groups]
+    K = 8 if G != C else 2 * C
+    x = randn(rng, (2, C, 11, 10), dtype)
+    w = randn(rng, (K, C // G, 3, 3), dtype)
+    b = randn(rng, K, dtype) if bias else None
+    y = R.conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=G)
+    check_conv2d(x, w, b, randn(rng, y.shape, dtype), stride=stride, padding=padding, dilation=dilation, groups=G)
+
+
+# Channel counts and sizes around the edges of register tiles and packing panels, big and 1x1 / 7x7 kernels,
+# 1-pixel images and outputs, and the shapes of the issue's benchmarks.
+CONV_SHAPES = [
+    # (x shape, weight shape, params)
+    ((3, 1, 28, 28), (32, 1, 5, 5), dict(padding=2)),
+    ((2, 3, 13, 11), (7, 3, 7, 7), dict(padding=3, stride=2)),
+    ((2, 3, 7, 7), (5, 3, 7, 7), dict()),
+    ((2, 17, 9, 10), (33, 17, 3, 3), dict(padding=1)),
+    ((2, 16, 5, 5), (16, 16, 1, 1), dict()),
+    ((2, 5, 1, 1), (1, 5, 1, 1), dict()),
+    ((3, 2, 1, 1), (3, 2, 3, 3), dict(padding=1)),
+    ((2, 3, 1, 9), (4, 3, 1, 7), dict(padding="same")),
+    ((2, 3, 9, 1), (4, 3, 7, 1), dict(padding="same", stride=2)),
+    ((2, 8, 16, 16), (64, 8, 3, 3), dict(padding=1)),
+    ((2, 32, 8, 8), (8, 32, 3, 3), dict(padding=1, stride=2)),
+    ((2, 4, 12, 7), (6, 4, 5, 3), dict(padding="same", stride=3)),
+    ((1, 64, 6, 6), (64, 64, 3, 3), dict(padding=1)),
+    ((4, 32, 16, 16), (64, 32, 3, 3), dict(padding=1)),
+    ((2, 3, 20, 21), (13, 3, 2, 2), dict(stride=2)),
+    ((1, 2, 5, 5), (3, 2, 1, 1), dict(stride=3, padding=2)),
+    ((2, 12, 9, 9), (12, 1, 3, 3), dict(padding=1, groups=12)),
+    ((2, 12, 9, 9), (24, 1, 5, 5), dict(padding=2, groups=12, stride=2)),
+    ((2, 9, 8, 8), (6, 3, 3, 3), dict(padding=2, dilation=2, groups=3)),
+    ((1, 5, 14, 9), (7, 5, 3, 3), dict(padding=(4, 0), dilation=(3, 1), stride=(1, 2))),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("x_shape,w_shape,params", CONV_SHAPES, ids=[f"{x}-{w}-{p}" for x, w, p in CONV_SHAPES])
+def test_conv2d_shapes(rng, x_shape, w_shape, params, dtype):
+    x = randn(rng, x_shape, dtype)
+    w = randn(rng, w_shape, dtype)
+    b = randn(rng, w_shape[0], dtype)
+    y = R.conv2d(x, w, b, **params)
+    check_conv2d(x, w, b, randn(rng, y.shape, dtype), **params)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_conv2d_layouts(rng, layout, dtype):
+    x = randn(rng, (3, 6, 9, 8), dtype)
+    w = randn(rng, (4, 3, 3, 2), dtype)
+    b = randn(rng, 4, dtype)
+    params = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
+    y = R.conv2d(x, w, b, **params)
+    go = randn(rng, y.shape, dtype)
+    check_conv2d(as_layout(x, layout), as_layout(w, layout), as_layout(b, layout), as_layout(go, layout), **params)
+    # The layout must not change the answer: compare with the contiguous reference too.
+    assert_close(F.conv2d(as_layout(x, layout), as_layout(w, layout), as_layout(b, layout), **params), y, "y")
+
+
+def test_conv2d_does_not_modify_inputs(rng):
+    x, w, b = randn(rng, (2, 4, 7, 7)), randn(rng, (6, 2, 3, 3)), randn(rng, 6)
+    go = randn(rng, (2, 6, 4, 4))
+    copies = [a.copy() for a in (x, w, b, go)]
+    F.conv2d(x, w, b, stride=2, padding=1, groups=2)
+    F.conv2d_backward(go, x, w, stride=2, padding=1, groups=2)
+    for a, c in zip((x, w, b, go), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_conv2d_empty_batch(rng, dtype):
+    x = np.zeros((0, 4, 6, 5), dtype)
+    w = randn(rng, (6, 2, 3, 3), dtype)
+    b = randn(rng, 6, dtype)
+    y = F.conv2d(x, w, b, padding=1, groups=2)
+    assert_close(y, R.conv2d(x, w, b, padding=1, groups=2), "y")
+    assert y.shape == (0, 6, 6, 5)
+    gx, gw, gb = F.conv2d_backward(y, x, w, padding=1, groups=2)
+    assert_close(gx, np.zeros_like(x), "grad_x")
+    assert_close(gw, np.zeros_like(w), "grad_weight")
+    assert_close(gb, np.zeros_like(b), "grad_bias")
+
+
+@pytest.mark.parametrize("groups", [1, 3], ids=["dense", "grouped"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_conv2d_need_input_grad_false(rng, groups, dtype):
+    x = randn(rng, (3, 6, 8, 8), dtype)
+    w = randn(rng, (9, 6 // groups, 3, 3), dtype)
+    y = R.conv2d(x, w, padding=1, groups=groups)
+    check_conv2d(x, w, None, randn(rng, y.shape, dtype), need_input_grad=False, padding=1, groups=groups)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pooling grids
+# ---------------------------------------------------------------------------------------------------------------
+
+POOL_GRID = [(k, s, p, c) for k, s, p, c in itertools.product(
+    [1, 2, 3, (3, 2), (2, 4)],      # kernel_size
+    [None, 1, 2, 3, (2, 1)],        # stride
+    [0, 1, 2],                      # padding
+    [False, True],                  # ceil_mode
+) if 2 * p <= min(k if isinstance(k, tuple) else (k, k))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kernel_size,stride,padding,ceil_mode", POOL_GRID)
+def test_max_pool2d_grid(rng, kernel_size, stride, padding, ceil_mode, dtype):
+    x = randn(rng, (2, 3, 9, 8), dtype)
+    check_max_pool2d(x, kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("count_include_pad", [True, False], ids=["incpad", "nopad"])
+@pytest.mark.parametrize("kernel_size,stride,padding,ceil_mode", POOL_GRID)
+def test_avg_pool2d_grid(rng, kernel_size, stride, padding, ceil_mode, count_include_pad, dtype):
+    x = randn(rng, (2, 3, 9, 8), dtype)
+    check_avg_pool2d(x, kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode,
+                     count_include_pad=count_include_pad)
+
+
+POOL_SHAPES = [
+    ((2, 3, 1, 1), dict(kernel_size=1)),
+    ((2, 3, 1, 1), dict(kernel_size=2, stride=1, padding=1)),
+    ((1, 2, 1, 7), dict(kernel_size=(1, 3), stride=2, ceil_mode=True)),
+    ((2, 64, 16, 16), dict(kernel_size=2)),
+    ((3, 17, 13, 11), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ((1, 1, 28, 28), dict(kernel_size=7, stride=7)),
+    ((2, 5, 6, 6), dict(kernel_size=6)),
+    ((1, 3, 5, 5), dict(kernel_size=2, stride=3, padding=1, ceil_mode=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("x_shape,params", POOL_SHAPES, ids=[f"{x}-{p}" for x, p in POOL_SHAPES])
+def test_pools_shapes(rng, x_shape, params, dtype):
+    x = randn(rng, x_shape, dtype)
+    check_max_pool2d(x, **params)
+    for cip in (True, False):
+        check_avg_pool2d(x, count_include_pad=cip, **params)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pools_layouts(rng, layout, dtype):
+    x = randn(rng, (2, 3, 7, 6), dtype)
+    params = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+    y, idx = R.max_pool2d(x, return_indices=True, **params)
+    got_y, got_idx = F.max_pool2d(as_layout(x, layout), return_indices=True, **params)
+    np.testing.assert_array_equal(got_y, y)
+    np.testing.assert_array_equal(got_idx, idx)
+    go = randn(rng, y.shape, dtype)
+    assert_close(F.max_pool2d_backward(as_layout(go, layout), as_layout(idx, layout), x.shape),
+                 R.max_pool2d_backward(go, idx, x.shape), "max grad_x")
+    assert_close(F.avg_pool2d(as_layout(x, layout), **params), R.avg_pool2d(x, **params), "avg y")
+    assert_close(F.avg_pool2d_backward(as_layout(go, layout), x.shape, **params),
+                 R.avg_pool2d_backward(go, x.shape, **params), "avg grad_x")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pools_empty_batch(dtype):
+    x = np.zeros((0, 3, 5, 5), dtype)
+    y, idx = F.max_pool2d(x, 2, return_indices=True)
+    assert y.shape == idx.shape == (0, 3, 2, 2) and y.dtype == dtype and idx.dtype == np.int64
+    gx = F.max_pool2d_backward(y, idx, x.shape)
+    assert gx.shape == x.shape and gx.dtype == dtype
+    assert_close(F.avg_pool2d(x, 2), R.avg_pool2d(x, 2), "avg y")
+    assert_close(F.avg_pool2d_backward(y, x.shape, 2), R.avg_pool2d_backward(y, x.shape, 2), "avg grad_x")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kernel_size,stride,padding", [(2, None, 0), (3, 1, 1), (3, 2, 1), ((2, 3), 1, 0)])
+def test_max_pool2d_ties(rng, kernel_size, stride, padding, dtype):
+    """Values drawn from {0, 1, 2}: nearly every window has tied maxima; the first in window order wins."""
+    x = rng.integers(0, 3, (3, 4, 9, 8)).astype(dtype)
+    check_max_pool2d(x, kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=True)
+
+
+def test_max_pool2d_ties_first_in_window_order():
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, 1, 0] = x[0, 0, 0, 1] = 5.0
+    y, idx = F.max_pool2d(x, 2, return_indices=True)
+    assert y[0, 0, 0, 0] == 5.0 and idx[0, 0, 0, 0] == 1
+    assert idx[0, 0, 1, 1] == 2 * 4 + 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kernel_size,stride,padding,ceil_mode", [(2, None, 0, False), (3, 1, 1, True),
+                                                                  (3, 2, 1, True)])
+def test_max_pool2d_nan_and_inf(rng, kernel_size, stride, padding, ceil_mode, dtype):
+    x = randn(rng, (2, 3, 8, 7), dtype)
+    x[0, 0, 0, 0] = np.nan                      # a single NaN
+    x[0, 1, 2:4, 2:4] = np.nan                  # several NaN in one window: PyTorch keeps the last
+    x[1, 0, 1, 1] = np.nan
+    x[1, 0, 2, 2] = np.nan                      # NaN shared by overlapping windows
+    x[1, 2] = -np.inf                           # a plane of -inf: indices still point at real pixels
+    x[1, 1, 4:6, 4:6] = np.inf
+    check_max_pool2d(x, kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
+    assert np.isnan(F.max_pool2d(x, kernel_size, stride, padding, ceil_mode)[0, 0, 0, 0])
+
+
+def test_avg_pool2d_nan_propagates():
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    y = F.avg_pool2d(x, 2)
+    assert np.isnan(y[0, 0, 0, 0]) and not np.isnan(y[0, 0, 1, 1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# relu and linear
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (7, 11), (0, 3, 2, 2), (1,)])
+def test_relu(rng, shape, dtype, layout):
+    x = randn(rng, shape, dtype)
+    if x.size > 2:
+        x.reshape(-1)[0] = np.nan
+        x.reshape(-1)[1] = 0.0
+    go = randn(rng, shape, dtype)
+    assert_close(F.relu(as_layout(x, layout)), R.relu(x), "relu y")
+    assert_close(F.relu_backward(as_layout(go, layout), as_layout(x, layout)), R.relu_backward(go, x), "relu grad_x")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("n,fin,fout", [(4, 7, 3), (1, 1, 1), (0, 5, 2), (33, 65, 10)])
+def test_linear(rng, n, fin, fout, bias, dtype, layout):
+    x = randn(rng, (n, fin), dtype)
+    w = randn(rng, (fout, fin), dtype)
+    b = randn(rng, fout, dtype) if bias else None
+    go = randn(rng, (n, fout), dtype)
+    lb = as_layout(b, layout) if bias else None
+    assert_close(F.linear(as_layout(x, layout), as_layout(w, layout), lb), R.linear(x, w, b), "linear y")
+    got = F.linear_backward(as_layout(go, layout), as_layout(x, layout), as_layout(w, layout))
+    for name, a, e in zip(["grad_x", "grad_weight", "grad_bias"], got, R.linear_backward(go, x, w)):
+        assert_close(a, e, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hypothesis: drawn shapes and parameters
+# ---------------------------------------------------------------------------------------------------------------
+
+def pairs(lo, hi):
+    return st.one_of(st.integers(lo, hi), st.tuples(st.integers(lo, hi), st.integers(lo, hi)))
+
+
+def as_pair(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+@st.composite
+def conv_configs(draw):
+    groups = draw(st.integers(1, 3))
+    C, K = groups * draw(st.integers(1, 4)), groups * draw(st.integers(1, 5))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride, dilation = draw(pairs(1, 3)), draw(pairs(1, 3))
+    padding = draw(st.one_of(pairs(0, 4), st.sampled_from(["valid", "same"])))
+    pads = (0, 0) if isinstance(padding, str) else as_pair(padding)
+    dh, dw = as_pair(dilation)
+    # Heights and widths from the smallest that gives a non-empty output, so that no draw is wasted.
+    min_h = 1 if padding == "same" else max(1, dh * (kh - 1) + 1 - 2 * pads[0])
+    min_w = 1 if padding == "same" else max(1, dw * (kw - 1) + 1 - 2 * pads[1])
+    x_shape = (draw(st.integers(0, 3)), C, draw(st.integers(min_h, min_h + 11)), draw(st.integers(min_w, min_w + 11)))
+    params = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return x_shape, (K, C // groups, kh, kw), params
+
+
+@given(config=conv_configs(), bias=st.booleans(), need_input_grad=st.booleans(), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_conv2d_hypothesis(config, bias, need_input_grad, dtype, seed):
+    x_shape, w_shape, params = config
+    rng = np.random.default_rng(seed)
+    x, w = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype)
+    b = randn(rng, w_shape[0], dtype) if bias else None
+    y = R.conv2d(x, w, b, **params)
+    check_conv2d(x, w, b, randn(rng, y.shape, dtype), need_input_grad=need_input_grad, **params)
+
+
+@st.composite
+def pool_configs(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = draw(st.one_of(st.none(), pairs(1, 3)))
+    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+    min_h, min_w = max(1, kh - 2 * ph), max(1, kw - 2 * pw)
+    x_shape = (draw(st.integers(0, 2)), draw(st.integers(1, 4)), draw(st.integers(min_h, min_h + 10)),
+               draw(st.integers(min_w, min_w + 10)))
+    params = dict(kernel_size=draw(st.sampled_from([(kh, kw), kh])) if kh == kw else (kh, kw), stride=stride,
+                  padding=(ph, pw) if ph != pw else ph, ceil_mode=draw(st.booleans()))
+    return x_shape, params
+
+
+@given(config=pool_configs(), ties=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2 ** 32 - 1))
+def test_max_pool2d_hypothesis(config, ties, dtype, seed):
+    x_shape, params = config
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 3, x_shape).astype(dtype) if ties else randn(rng, x_shape, dtype)
+    check_max_pool2d(x, go_seed=seed, **params)
+
+
+@given(config=pool_configs(), count_include_pad=st.booleans(), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_avg_pool2d_hypothesis(config, count_include_pad, dtype, seed):
+    x_shape, params = config
+    x = randn(np.random.default_rng(seed), x_shape, dtype)
+    check_avg_pool2d(x, go_seed=seed, count_include_pad=count_include_pad, **params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finite differences of the engine's own backward (float64)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=case_id)
+def test_conv2d_backward_finite_differences(rng, case):
+    check_conv2d_gradients(F, case, rng)
+
+
+@pytest.mark.parametrize("case", POOL_GRAD_CASES, ids=case_id)
+def test_max_pool2d_backward_finite_differences(rng, case):
+    check_max_pool2d_gradients(F, case, rng)
+
+
+@pytest.mark.parametrize("count_include_pad", [True, False], ids=["incpad", "nopad"])
+@pytest.mark.parametrize("case", POOL_GRAD_CASES, ids=case_id)
+def test_avg_pool2d_backward_finite_differences(rng, case, count_include_pad):
+    check_avg_pool2d_gradients(F, case, rng, count_include_pad)
+
+
+def test_relu_backward_finite_differences(rng):
+    check_relu_gradients(F, rng)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_linear_backward_finite_differences(rng, bias):
+    check_linear_gradients(F, rng, bias)
