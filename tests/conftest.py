@@ -66,16 +66,6 @@ def impl(request):
     return load_impl(request.param)
 
 
-@pytest.fixture(scope="session")
-def ref():
-    return load_impl("reference")
-
-
-@pytest.fixture(scope="session")
-def fn():
-    return load_impl("functional")
-
-
 @pytest.fixture
 def rng(request):
     """A generator seeded from the test's id, so each test sees fixed data and a failure reproduces."""
@@ -117,15 +107,6 @@ def conv_params_ok(x_shape, w_shape, stride, padding, dilation, groups):
     from convengine._args import conv2d_geometry
     try:
         conv2d_geometry(x_shape, w_shape, stride, padding, dilation, groups)
-    except ValueError:
-        return False
-    return True
-
-
-def pool_params_ok(x_shape, kernel_size, stride, padding, ceil_mode):
-    from convengine._args import pool2d_geometry
-    try:
-        pool2d_geometry(x_shape, kernel_size, stride, padding, ceil_mode)
     except ValueError:
         return False
     return True

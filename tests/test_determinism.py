@@ -3,7 +3,6 @@
 Shapes are big enough that 2 and 3 threads really split the work (over the batch, the channels and the output
 rows), and odd enough (3 threads over 8 images, 13 channels) that the chunks are uneven.
 """
-import numpy as np
 import pytest
 
 import convengine

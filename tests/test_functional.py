@@ -277,6 +277,16 @@ def test_max_pool2d_nan_and_inf(rng, kernel_size, stride, padding, ceil_mode, dt
     assert np.isnan(F.max_pool2d(x, kernel_size, stride, padding, ceil_mode)[0, 0, 0, 0])
 
 
+@pytest.mark.parametrize("index_dtype", [np.int32, np.uint64])
+def test_max_pool2d_backward_other_integer_indices(rng, index_dtype):
+    """Indices of another integer dtype (e.g. from a file) mean the same positions."""
+    x = randn(rng, (2, 3, 7, 6))
+    y, idx = R.max_pool2d(x, 3, 2, 1, return_indices=True)
+    go = randn(rng, y.shape)
+    assert_close(F.max_pool2d_backward(go, idx.astype(index_dtype), x.shape), R.max_pool2d_backward(go, idx, x.shape),
+                 "grad_x")
+
+
 def test_avg_pool2d_nan_propagates():
     x = np.zeros((1, 1, 4, 4), np.float32)
     x[0, 0, 0, 0] = np.nan
