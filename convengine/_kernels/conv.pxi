@@ -38,15 +38,18 @@ cdef inline void im2col_row(const floating* x, const ConvGeom* p, Py_ssize_t g, 
             src = x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W
             iw0 = ow * p.sw - p.pl + kw * p.dw
             # ow + u is inside the image for lo <= u < hi
-            lo = 0 if iw0 >= 0 else (-iw0 + p.sw - 1) // p.sw
-            hi = 0 if iw0 >= p.W else (p.W - iw0 + p.sw - 1) // p.sw
+            if p.sw == 1:
+                lo = 0 if iw0 >= 0 else -iw0
+                hi = p.W - iw0
+            else:
+                lo = 0 if iw0 >= 0 else (-iw0 + p.sw - 1) // p.sw
+                hi = 0 if iw0 >= p.W else (p.W - iw0 + p.sw - 1) // p.sw
             lo = min(lo, seg)
             hi = max(lo, min(hi, seg))
             for u in range(lo):
                 dst[(t + u) * stride] = 0
             if p.sw == 1 and stride == 1:
-                for u in range(lo, hi):
-                    dst[t + u] = src[iw0 + u]
+                memcpy(dst + t + lo, src + iw0 + lo, (hi - lo) * sizeof(floating))
             else:
                 for u in range(lo, hi):
                     dst[(t + u) * stride] = src[iw0 + u * p.sw]
@@ -60,33 +63,14 @@ cdef inline void im2col_row(const floating* x, const ConvGeom* p, Py_ssize_t g, 
             b += 1
 
 
-cdef void pack_b_im2col(const floating* x, const ConvGeom* p, Py_ssize_t g, Py_ssize_t r0, Py_ssize_t kc,
-                        Py_ssize_t q0, Py_ssize_t nc, floating* out) noexcept nogil:
-    """Pack col[r0:r0+kc, q0:q0+nc] as a GEMM B block (NR-column panels, zero past nc)."""
-    cdef Py_ssize_t NR = tile_n(<floating>0)
-    cdef Py_ssize_t jp, rr, j, ncols
-    for jp in range((nc + NR - 1) // NR):
-        ncols = min(NR, nc - jp * NR)
-        for rr in range(kc):
-            im2col_row(x, p, g, r0 + rr, q0 + jp * NR, ncols, out + rr * NR, 1)
-            for j in range(ncols, NR):
-                out[rr * NR + j] = 0
-        out += kc * NR
-
-
-cdef void pack_a_im2col(const floating* x, const ConvGeom* p, Py_ssize_t g, Py_ssize_t Kd, Py_ssize_t q0,
-                        Py_ssize_t kc, floating* out) noexcept nogil:
-    """Pack col[0:Kd, q0:q0+kc] as a GEMM A block (MR-row panels, rows past Kd zero)."""
-    cdef Py_ssize_t ip, i, r, t
-    for ip in range((Kd + CE_MR - 1) // CE_MR):
-        for i in range(CE_MR):
-            r = ip * CE_MR + i
-            if r < Kd:
-                im2col_row(x, p, g, r, q0, kc, out + i, CE_MR)
-            else:
-                for t in range(kc):
-                    out[t * CE_MR + i] = 0
-        out += kc * CE_MR
+cdef void im2col_block(const floating* x, const ConvGeom* p, Py_ssize_t g, Py_ssize_t r0, Py_ssize_t nrows,
+                       Py_ssize_t q0, Py_ssize_t n, Py_ssize_t npad, floating* out, Py_ssize_t ldo) noexcept nogil:
+    """out[rr, t] = col[r0 + rr, q0 + t] row-major (row stride ldo), columns n <= t < npad zero."""
+    cdef Py_ssize_t rr, t
+    for rr in range(nrows):
+        im2col_row(x, p, g, r0 + rr, q0, n, out + rr * ldo, 1)
+        for t in range(n, npad):
+            out[rr * ldo + t] = 0
 
 
 cdef void pack_b_grad_out_t(const floating* dy, const ConvGeom* p, Py_ssize_t g, Py_ssize_t q0, Py_ssize_t kc,
@@ -154,87 +138,223 @@ cdef void col2im_add(const floating* dcol, Py_ssize_t ldd, const ConvGeom* p, Py
             oh += 1
 
 
-cdef int conv2d_forward_core(const floating* x, const floating* w, const floating* bias, floating* y,
-                             const ConvGeom* p, int n_threads) noexcept nogil:
-    """y = conv2d(x, w) + bias, all C-contiguous NCHW / KCRS; bias may be NULL. Returns -1 on allocation failure."""
-    cdef Py_ssize_t NR = tile_n(<floating>0)
-    cdef Py_ssize_t KC = block_k(<floating>0)
-    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
-    cdef Py_ssize_t Kd = Cg * p.KH * p.KW
-    cdef Py_ssize_t P = p.OH * p.OW
-    cdef Py_ssize_t Q = p.B * P
+cdef int pack_weights(const floating* w, const ConvGeom* p, Py_ssize_t KC, floating** out) noexcept nogil:
+    """Pack W[g] (Kg x Kd, all groups) into MR-row panels, in k-blocks of KC: block (g, k0) at g*Mpad*Kd + k0*Mpad."""
+    cdef Py_ssize_t Kg = p.K // p.G
+    cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
     cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
-    cdef Py_ssize_t NC = 8 * NR
-    cdef Py_ssize_t nblocks = (Q + NC - 1) // NC
-    cdef Py_ssize_t g, k0, kc, task, nb, q0, nc, i, j, seg, b, pix, u
-    cdef floating* apack
-    cdef floating* bpack
-    cdef floating* cbuf
-    cdef floating* dst
-    cdef const floating* src
-    cdef floating bval
-    cdef int failed = 0
-    apack = <floating*>malloc(p.G * Mpad * Kd * sizeof(floating))
-    if apack == NULL:
+    cdef Py_ssize_t g, k0, kc
+    out[0] = <floating*>malloc(p.G * Mpad * Kd * sizeof(floating))
+    if out[0] == NULL:
         return -1
     for g in range(p.G):
         k0 = 0
         while k0 < Kd:
             kc = min(KC, Kd - k0)
-            pack_a_strided(w + g * Kg * Kd + k0, Kd, 1, Kg, kc, apack + g * Mpad * Kd + k0 * Mpad)
+            pack_a_strided(w + g * Kg * Kd + k0, Kd, 1, Kg, kc, out[0] + g * Mpad * Kd + k0 * Mpad)
             k0 += kc
+    return 0
+
+
+cdef inline void store_rows(const floating* cbuf, Py_ssize_t ldc, Py_ssize_t rows, Py_ssize_t n,
+                            const floating* bias, floating* y, Py_ssize_t ldy) noexcept nogil:
+    """y[i*ldy + t] = cbuf[i*ldc + t] + bias[i] for i < rows, t < n (bias may be NULL)."""
+    cdef Py_ssize_t i, t
+    cdef floating bval
+    for i in range(rows):
+        bval = bias[i] if bias != NULL else 0
+        for t in range(n):
+            y[i * ldy + t] = cbuf[i * ldc + t] + bval
+
+
+cdef inline Py_ssize_t direct_rows(const ConvGeom* p, Py_ssize_t NC) noexcept nogil:
+    """Output rows per block of the direct path: about NC columns of padded width, balanced over OH."""
+    cdef Py_ssize_t Wp = p.W + p.pl + max(0, (p.OW - 1) + (p.KW - 1) * p.dw + 1 - p.W - p.pl)
+    cdef Py_ssize_t R = max(1, min(p.OH, NC // Wp))
+    return balanced_block(p.OH, R)
+
+
+cdef inline Py_ssize_t padded_width(const ConvGeom* p) noexcept nogil:
+    """Width of the zero-padded rows the direct path reads: every tap of every output column lies inside."""
+    return (p.OW - 1) + (p.KW - 1) * p.dw + 1
+
+
+cdef bint use_direct(const ConvGeom* p, Py_ssize_t NR, Py_ssize_t NC) noexcept nogil:
+    """Whether the direct path (stride 1: B rows read straight from a zero-padded copy of a few input rows) beats
+    implicit im2col. It computes padded_width - OW wasted columns per output row and pads the block to whole NR
+    panels; im2col wastes nothing but copies Kd values per output pixel. Measured: im2col costs about a third of
+    the GEMM time, so direct wins while at least ~75% of its columns are useful."""
+    cdef Py_ssize_t Wp, R, ncols
+    if p.sh != 1 or p.sw != 1:
+        return False
+    Wp = padded_width(p)
+    R = direct_rows(p, NC)
+    ncols = R * Wp
+    return 4 * R * p.OW >= 3 * round_up(ncols, NR)
+
+
+cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssize_t KC, const floating* bias,
+                               floating* y, const ConvGeom* p, int n_threads) noexcept nogil:
+    """Stride-1 forward without im2col. A task (image, group, block of R output rows) copies the R + (KH-1)*dh
+    input rows it needs into a zero-padded buffer of width Wp; B row r = (c, kh, kw) is then that buffer at offset
+    c*rows_in*Wp + kh*dh*Wp + kw*dw, and output pixel (oh, ow) of the block is column (oh - oh0)*Wp + ow."""
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    cdef Py_ssize_t NC = 8 * NR
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t Kd = Cg * p.KH * p.KW
+    cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
+    cdef Py_ssize_t Wp = padded_width(p)
+    cdef Py_ssize_t R = direct_rows(p, NC)
+    cdef Py_ssize_t rows_in = R + (p.KH - 1) * p.dh
+    cdef Py_ssize_t nrb = (p.OH + R - 1) // R
+    cdef Py_ssize_t ncmax = round_up(R * Wp, NR)
+    # panels read up to ncmax - 1 columns past a row's start: slack after the last channel keeps them in bounds
+    cdef Py_ssize_t xlen = Cg * rows_in * Wp + ncmax + (p.KW - 1) * p.dw
+    cdef Py_ssize_t task, b, g, rb, oh0, nrows, ncpad, k0, kc, c, ri, ih, r, kh, kw, i, t, iw_hi
+    cdef floating* xblk
+    cdef floating* cbuf
+    cdef floating* dst
+    cdef const floating* src
+    cdef const floating** brow
+    cdef int failed = 0
     with parallel(num_threads=n_threads):
-        bpack = <floating*>malloc(KC * NC * sizeof(floating))
-        cbuf = <floating*>malloc(Mpad * NC * sizeof(floating))
-        for task in prange(p.G * nblocks, schedule='static'):
-            if bpack == NULL or cbuf == NULL:
+        xblk = <floating*>calloc(xlen, sizeof(floating))
+        cbuf = <floating*>malloc(Mpad * ncmax * sizeof(floating))
+        brow = <const floating**>malloc(Kd * sizeof(floating*))
+        for task in prange(p.B * p.G * nrb, schedule='static'):
+            if xblk == NULL or cbuf == NULL or brow == NULL:
                 (&failed)[0] = 1
                 continue
+            b = task // (p.G * nrb)
+            g = (task // nrb) % p.G
+            rb = task % nrb
+            oh0 = rb * R
+            nrows = min(R, p.OH - oh0)
+            ncpad = round_up(nrows * Wp, NR)
+            # zero-padded input rows oh0 - pt ... for the group's channels
+            iw_hi = min(p.W, Wp - p.pl)
+            for c in range(Cg):
+                for ri in range(nrows + (p.KH - 1) * p.dh):
+                    dst = xblk + (c * rows_in + ri) * Wp
+                    ih = oh0 + ri - p.pt
+                    if ih < 0 or ih >= p.H:
+                        memset(dst, 0, Wp * sizeof(floating))
+                    else:
+                        src = x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W
+                        memset(dst, 0, p.pl * sizeof(floating))
+                        memcpy(dst + p.pl, src, iw_hi * sizeof(floating))
+                        memset(dst + p.pl + iw_hi, 0, (Wp - p.pl - iw_hi) * sizeof(floating))
+            for r in range(Kd):
+                c = r // (p.KH * p.KW)
+                kh = (r // p.KW) % p.KH
+                kw = r % p.KW
+                brow[r] = xblk + (c * rows_in + kh * p.dh) * Wp + kw * p.dw
+            k0 = 0
+            while k0 < Kd:
+                kc = min(KC, Kd - k0)
+                macro_kernel(Mpad // CE_MR, ncpad // NR, kc, apack + g * Mpad * Kd + k0 * Mpad, 1, CE_MR,
+                             CE_MR * kc, brow + k0, NR, cbuf, ncmax, k0 > 0)
+                k0 = k0 + kc
+            for ri in range(nrows):
+                store_rows(cbuf + ri * Wp, ncmax, Kg, p.OW, bias + g * Kg if bias != NULL else NULL,
+                           y + ((b * p.K + g * Kg) * p.OH + oh0 + ri) * p.OW, p.OH * p.OW)
+        free(xblk)
+        free(cbuf)
+        free(brow)
+    return -failed
+
+
+cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssize_t KC, const floating* bias,
+                               floating* y, const ConvGeom* p, int n_threads) noexcept nogil:
+    """Forward for any stride: column blocks of the Q = B*OH*OW pixels (across images), im2col rows built into a
+    row-major B block."""
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    cdef Py_ssize_t NC = 8 * NR
+    # row stride of the B block: one vector past NC so that its rows do not all map to the same L1 sets
+    cdef Py_ssize_t LDB = NC + vlen(<floating>0)
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t Kd = Cg * p.KH * p.KW
+    cdef Py_ssize_t P = p.OH * p.OW
+    cdef Py_ssize_t Q = p.B * P
+    cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
+    cdef Py_ssize_t nblocks = (Q + NC - 1) // NC
+    cdef Py_ssize_t g, k0, kc, task, nb, q0, nc, ncpad, j, seg, b, pix
+    cdef floating* bblk
+    cdef floating* cbuf
+    cdef const floating** brow
+    cdef int failed = 0
+    with parallel(num_threads=n_threads):
+        bblk = <floating*>malloc(KC * LDB * sizeof(floating))
+        cbuf = <floating*>malloc(Mpad * NC * sizeof(floating))
+        brow = <const floating**>malloc(KC * sizeof(floating*))
+        for task in prange(p.G * nblocks, schedule='static'):
+            if bblk == NULL or cbuf == NULL or brow == NULL:
+                (&failed)[0] = 1
+                continue
+            row_table(brow, bblk, KC, LDB)
             g = task // nblocks
             nb = task - g * nblocks
             q0 = nb * NC
             nc = min(NC, Q - q0)
+            ncpad = round_up(nc, NR)
             k0 = 0
             while k0 < Kd:
                 kc = min(KC, Kd - k0)
-                pack_b_im2col(x, p, g, k0, kc, q0, nc, bpack)
-                macro_kernel(Mpad // CE_MR, (nc + NR - 1) // NR, kc, apack + g * Mpad * Kd + k0 * Mpad, bpack,
-                             cbuf, NC, k0 > 0)
+                im2col_block(x, p, g, k0, kc, q0, nc, ncpad, bblk, LDB)
+                macro_kernel(Mpad // CE_MR, ncpad // NR, kc, apack + g * Mpad * Kd + k0 * Mpad, 1, CE_MR,
+                             CE_MR * kc, brow, NR, cbuf, NC, k0 > 0)
                 k0 = k0 + kc
-            # scatter the Kg x nc block to y[b, g*Kg + i, pix], one output row segment per image
+            # the block's columns, image by image, to y[b, g*Kg + i, pix]
             j = 0
             while j < nc:
                 b = (q0 + j) // P
                 pix = q0 + j - b * P
                 seg = min(nc - j, P - pix)
-                for i in range(Kg):
-                    dst = y + (b * p.K + g * Kg + i) * P + pix
-                    src = cbuf + i * NC + j
-                    bval = bias[g * Kg + i] if bias != NULL else 0
-                    for u in range(seg):
-                        dst[u] = src[u] + bval
+                store_rows(cbuf + j, NC, Kg, seg, bias + g * Kg if bias != NULL else NULL,
+                           y + (b * p.K + g * Kg) * P + pix, P)
                 j = j + seg
-        free(bpack)
+        free(bblk)
         free(cbuf)
-    free(apack)
+        free(brow)
     return -failed
+
+
+cdef int conv2d_forward_core(const floating* x, const floating* w, const floating* bias, floating* y,
+                             const ConvGeom* p, int n_threads) noexcept nogil:
+    """y = conv2d(x, w) + bias, all C-contiguous NCHW / KCRS; bias may be NULL. Returns -1 on allocation failure."""
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
+    cdef Py_ssize_t KC = balanced_block(Kd, block_k(<floating>0))
+    cdef floating* apack = NULL
+    cdef int rc
+    if pack_weights(w, p, KC, &apack):
+        return -1
+    if use_direct(p, NR, 8 * NR):
+        rc = conv2d_forward_direct(x, apack, KC, bias, y, p, n_threads)
+    else:
+        rc = conv2d_forward_im2col(x, apack, KC, bias, y, p, n_threads)
+    free(apack)
+    return rc
 
 
 cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
                                 int n_threads) noexcept nogil:
     """dx = conv2d's input gradient (overwritten). Split over (image, group): each task owns its dx planes."""
     cdef Py_ssize_t NR = tile_n(<floating>0)
-    cdef Py_ssize_t KC = block_k(<floating>0)
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t Kd = Cg * p.KH * p.KW
+    cdef Py_ssize_t KC = balanced_block(Kg, block_k(<floating>0))
     cdef Py_ssize_t P = p.OH * p.OW
     cdef Py_ssize_t Mpad = round_up(Kd, CE_MR)
     cdef Py_ssize_t NC = 8 * NR
-    cdef Py_ssize_t g, b, k0, kc, task, p0, nc, i
+    cdef Py_ssize_t LDB = NC + vlen(<floating>0)
+    cdef Py_ssize_t g, b, k0, kc, task, p0, nc, ncpad, i, j
     cdef floating* apack
-    cdef floating* bpack
+    cdef floating* bblk
     cdef floating* cbuf
     cdef floating* dxg
+    cdef const floating* src
+    cdef const floating** brow
     cdef int failed = 0
     apack = <floating*>malloc(p.G * Mpad * Kg * sizeof(floating))
     if apack == NULL:
@@ -247,31 +367,38 @@ cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating*
             pack_a_strided(w + (g * Kg + k0) * Kd, 1, Kd, Kd, kc, apack + g * Mpad * Kg + k0 * Mpad)
             k0 += kc
     with parallel(num_threads=n_threads):
-        bpack = <floating*>malloc(KC * NC * sizeof(floating))
+        bblk = <floating*>malloc(KC * LDB * sizeof(floating))
         cbuf = <floating*>malloc(Mpad * NC * sizeof(floating))
+        brow = <const floating**>malloc(KC * sizeof(floating*))
         for task in prange(p.B * p.G, schedule='static'):
-            if bpack == NULL or cbuf == NULL:
+            if bblk == NULL or cbuf == NULL or brow == NULL:
                 (&failed)[0] = 1
                 continue
+            row_table(brow, bblk, KC, LDB)
             b = task // p.G
             g = task - b * p.G
             dxg = dx + (b * p.C + g * Cg) * p.H * p.W
-            for i in range(Cg * p.H * p.W):
-                dxg[i] = 0
+            memset(dxg, 0, Cg * p.H * p.W * sizeof(floating))
             p0 = 0
             while p0 < P:
                 nc = min(NC, P - p0)
+                ncpad = round_up(nc, NR)
                 k0 = 0
                 while k0 < Kg:
                     kc = min(KC, Kg - k0)
-                    pack_b_strided(dy + (b * p.K + g * Kg + k0) * P + p0, P, 1, kc, nc, bpack)
-                    macro_kernel(Mpad // CE_MR, (nc + NR - 1) // NR, kc, apack + g * Mpad * Kg + k0 * Mpad,
-                                 bpack, cbuf, NC, k0 > 0)
+                    for i in range(kc):
+                        src = dy + (b * p.K + g * Kg + k0 + i) * P + p0
+                        memcpy(bblk + i * LDB, src, nc * sizeof(floating))
+                        for j in range(nc, ncpad):
+                            bblk[i * LDB + j] = 0
+                    macro_kernel(Mpad // CE_MR, ncpad // NR, kc, apack + g * Mpad * Kg + k0 * Mpad, 1, CE_MR,
+                                 CE_MR * kc, brow, NR, cbuf, NC, k0 > 0)
                     k0 = k0 + kc
                 col2im_add(cbuf, NC, p, Kd, p0, nc, dxg)
                 p0 = p0 + nc
-        free(bpack)
+        free(bblk)
         free(cbuf)
+        free(brow)
     free(apack)
     return -failed
 
@@ -287,6 +414,7 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
     """dw (K, Cg, KH, KW) and db (K,) or NULL, overwritten."""
     cdef Py_ssize_t NR = tile_n(<floating>0)
     cdef Py_ssize_t KC = block_k(<floating>0)
+    cdef Py_ssize_t LDA = KC + vlen(<floating>0)
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t Kd = Cg * p.KH * p.KW
     cdef Py_ssize_t P = p.OH * p.OW
@@ -296,45 +424,50 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
     cdef Py_ssize_t nchunks = grad_weight_chunks(Q)
     cdef Py_ssize_t chunk = (Q + nchunks - 1) // nchunks
     cdef Py_ssize_t task, g, ch, q0, q1, k0, kc, i, j, k, r, b
-    cdef floating* apack
+    cdef floating* ablk
     cdef floating* bpack
     cdef floating* cbuf
     cdef floating* partial
     cdef floating acc
     cdef const floating* src
+    cdef const floating** brow
     cdef int failed = 0
     partial = <floating*>malloc(p.G * nchunks * Kd * Kg * sizeof(floating))
     if partial == NULL:
         return -1
     with parallel(num_threads=n_threads):
-        apack = <floating*>malloc(Mpad * KC * sizeof(floating))
+        # rows past Kd of ablk stay zero from calloc
+        ablk = <floating*>calloc(Mpad * LDA, sizeof(floating))
         bpack = <floating*>malloc(KC * Npad * sizeof(floating))
         cbuf = <floating*>malloc(Mpad * Npad * sizeof(floating))
+        brow = <const floating**>malloc(KC * sizeof(floating*))
         for task in prange(p.G * nchunks, schedule='static'):
-            if apack == NULL or bpack == NULL or cbuf == NULL:
+            if ablk == NULL or bpack == NULL or cbuf == NULL or brow == NULL:
                 (&failed)[0] = 1
                 continue
+            row_table(brow, bpack, KC, NR)
             g = task // nchunks
             ch = task - g * nchunks
             q0 = ch * chunk
             q1 = min(Q, q0 + chunk)
             if q1 <= q0:
-                for i in range(Kd * Kg):
-                    partial[task * Kd * Kg + i] = 0
+                memset(partial + task * Kd * Kg, 0, Kd * Kg * sizeof(floating))
                 continue
             k0 = q0
             while k0 < q1:
                 kc = min(KC, q1 - k0)
-                pack_a_im2col(x, p, g, Kd, k0, kc, apack)
+                im2col_block(x, p, g, 0, Kd, k0, kc, kc, ablk, LDA)
                 pack_b_grad_out_t(dy, p, g, k0, kc, bpack)
-                macro_kernel(Mpad // CE_MR, Npad // NR, kc, apack, bpack, cbuf, Npad, k0 > q0)
+                macro_kernel(Mpad // CE_MR, Npad // NR, kc, ablk, LDA, 1, CE_MR * LDA, brow, NR * kc,
+                             cbuf, Npad, k0 > q0)
                 k0 = k0 + kc
             for i in range(Kd):
                 for j in range(Kg):
                     partial[task * Kd * Kg + i * Kg + j] = cbuf[i * Npad + j]
-        free(apack)
+        free(ablk)
         free(bpack)
         free(cbuf)
+        free(brow)
     if not failed:
         # dw[g*Kg + k, r] = sum over chunks, in chunk order, of partial[g, ch][r, k]
         for task in prange(p.K, schedule='static', num_threads=n_threads):
