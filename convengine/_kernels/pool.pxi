@@ -155,62 +155,63 @@ cdef inline Py_ssize_t avg_divisor(Py_ssize_t oh, Py_ssize_t ow, const PoolGeom*
     return (h1[0] - h0[0]) * (w1[0] - w0[0])
 
 
+cdef void avg_pool_plane(const floating* x, floating* y, const PoolGeom* g,
+                         bint count_include_pad) noexcept nogil:
+    cdef Py_ssize_t oh, ow, ih, iw, h0, h1, w0, w1, div
+    cdef floating s
+    for oh in range(g.OH):
+        for ow in range(g.OW):
+            div = avg_divisor(oh, ow, g, count_include_pad, &h0, &h1, &w0, &w1)
+            s = 0
+            for ih in range(h0, h1):
+                for iw in range(w0, w1):
+                    s += x[ih * g.W + iw]
+            y[oh * g.OW + ow] = s / <floating>div if div != 0 else 0
+
+
+cdef void avg_pool_plane_backward(const floating* dy, floating* dx, const PoolGeom* g,
+                                  bint count_include_pad) noexcept nogil:
+    cdef Py_ssize_t oh, ow, ih, iw, h0, h1, w0, w1, div
+    cdef floating gv
+    memset(dx, 0, g.H * g.W * sizeof(floating))
+    for oh in range(g.OH):
+        for ow in range(g.OW):
+            div = avg_divisor(oh, ow, g, count_include_pad, &h0, &h1, &w0, &w1)
+            if div == 0:
+                continue
+            gv = dy[oh * g.OW + ow] / <floating>div
+            for ih in range(h0, h1):
+                for iw in range(w0, w1):
+                    dx[ih * g.W + iw] += gv
+
+
 def avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
                        floating[:, :, :, ::1] out,       # OUT (B, C, OH, OW)
                        tuple params, bint count_include_pad, int n_threads):
     cdef PoolGeom g
-    cdef Py_ssize_t pl, oh, ow, ih, iw, h0, h1, w0, w1, HW, OHW
-    cdef floating s
-    cdef Py_ssize_t div
-    cdef const floating* xp
+    cdef Py_ssize_t pl
     cdef const floating* xbase
     cdef floating* ybase
     fill_pool_geom(&g, x.shape[0] * x.shape[1], x.shape[2], x.shape[3], params)
     if g.planes == 0:
         return
-    HW = g.H * g.W
-    OHW = g.OH * g.OW
     xbase = &x[0, 0, 0, 0]
     ybase = &out[0, 0, 0, 0]
     for pl in prange(g.planes, nogil=True, schedule='static', num_threads=n_threads):
-        xp = xbase + pl * HW
-        for oh in range(g.OH):
-            for ow in range(g.OW):
-                div = avg_divisor(oh, ow, &g, count_include_pad, &h0, &h1, &w0, &w1)
-                s = 0
-                for ih in range(h0, h1):
-                    for iw in range(w0, w1):
-                        s = s + xp[ih * g.W + iw]
-                ybase[pl * OHW + oh * g.OW + ow] = s / <floating>div if div != 0 else 0
+        avg_pool_plane(xbase + pl * g.H * g.W, ybase + pl * g.OH * g.OW, &g, count_include_pad)
 
 
 def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, OH, OW)
                         floating[:, :, :, ::1] grad_x,          # OUT (B, C, H, W), overwritten
                         tuple params, bint count_include_pad, int n_threads):
     cdef PoolGeom g
-    cdef Py_ssize_t pl, oh, ow, ih, iw, h0, h1, w0, w1, HW, OHW, i
-    cdef floating gv
-    cdef Py_ssize_t div
-    cdef floating* dxp
+    cdef Py_ssize_t pl
     cdef const floating* gbase
     cdef floating* dxbase
     fill_pool_geom(&g, grad_x.shape[0] * grad_x.shape[1], grad_x.shape[2], grad_x.shape[3], params)
     if g.planes == 0:
         return
-    HW = g.H * g.W
-    OHW = g.OH * g.OW
     gbase = &grad_out[0, 0, 0, 0]
     dxbase = &grad_x[0, 0, 0, 0]
     for pl in prange(g.planes, nogil=True, schedule='static', num_threads=n_threads):
-        dxp = dxbase + pl * HW
-        for i in range(HW):
-            dxp[i] = 0
-        for oh in range(g.OH):
-            for ow in range(g.OW):
-                div = avg_divisor(oh, ow, &g, count_include_pad, &h0, &h1, &w0, &w1)
-                if div == 0:
-                    continue
-                gv = gbase[pl * OHW + oh * g.OW + ow] / <floating>div
-                for ih in range(h0, h1):
-                    for iw in range(w0, w1):
-                        dxp[ih * g.W + iw] = dxp[ih * g.W + iw] + gv
+        avg_pool_plane_backward(gbase + pl * g.OH * g.OW, dxbase + pl * g.H * g.W, &g, count_include_pad)
