@@ -1,13 +1,408 @@
-"""Sequential models: a stack of layers trained as one, saved to and loaded from a single .npz file."""
+"""Sequential models: a stack of layers trained as one, saved to and loaded from a single .npz file.
+
+File format (version 1): an uncompressed .npz whose member `__convengine__` is a uint8 array holding UTF-8 JSON
+(format name, version, dtype, input shape, metadata, and per layer its type and constructor arguments), next to
+`param/<i>.<name>` (trained arrays), `buffer/<i>.<name>` (running statistics) and, in a training checkpoint,
+`state/...` (optimizer slots). It is read with allow_pickle=False and layer types are looked up in a fixed table,
+so opening a file never runs code; anything that does not fit the description is a ValueError naming the file.
+"""
+import contextlib
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+
+import numpy as np
+
+from . import _args, _random
+from .layers import LAYER_TYPES, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU
+
+__all__ = ["Sequential", "load", "lenet", "FORMAT", "VERSION"]
+
+FORMAT = "convengine-model"
+VERSION = 1
+_JSON_KEY = "__convengine__"
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
 
 
 class Sequential:
-    """A stack of layers applied in order."""
+    """Layers applied in order. The first layer skips the gradient with respect to the model input unless
+    `need_input_grad` is set (e.g. for saliency maps)."""
 
-    def __init__(self, layers):
-        self.layers = list(layers)
+    def __init__(self, layers, input_shape=None):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layer {i} must be a convengine.layers.Layer, got {type(layer).__name__}")
+        if len({id(layer) for layer in layers}) != len(layers):
+            raise ValueError("a layer instance appears twice; create one instance per position")
+        dtypes = {p.data.dtype for layer in layers for p in layer.parameters()}
+        if len(dtypes) > 1:
+            raise ValueError(f"all layers must share one dtype, got {sorted(d.name for d in dtypes)}")
+        self.layers = layers
+        self.input_shape = None if input_shape is None else self._shape(input_shape)
+        self.metadata = {}
+        for i, layer in enumerate(layers):
+            for local, p in layer.named_parameters():
+                p.name = f"{i}.{local}"
+        self.need_input_grad = False
+
+    @staticmethod
+    def _shape(shape):
+        if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+            raise TypeError(f"input_shape must be a tuple of ints (one sample, no batch axis), got {shape!r}")
+        return tuple(_args.check_int(s, "input_shape", 1) for s in shape)
+
+    @property
+    def need_input_grad(self):
+        return self.layers[0].need_input_grad
+
+    @need_input_grad.setter
+    def need_input_grad(self, value):
+        self.layers[0].need_input_grad = bool(value)
+
+    @property
+    def dtype(self):
+        """The dtype of the parameters (float32 for a model without any)."""
+        for p in self.parameters():
+            return p.data.dtype
+        return np.dtype(np.float32)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __repr__(self):
+        inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential({inner}\n)"
+
+    def _input(self, x):
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
+        if x.ndim < 2:
+            raise ValueError(f"x must have a batch axis and at least one more, got shape {x.shape}")
+        if x.dtype != self.dtype:
+            if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+                raise TypeError(f"x must hold numbers, got dtype {x.dtype}")
+            x = x.astype(self.dtype)
+        return x
+
+    def forward(self, x, training=False):
+        """The model output for a batch. training=True keeps what backward needs and updates BatchNorm's running
+        statistics; inference (training=False) keeps nothing."""
+        x = self._input(x)
+        if self.input_shape is None:
+            self.input_shape = x.shape[1:]
+        for layer in self.layers:
+            x = layer.forward(x, training)
+        return x
+
+    __call__ = forward
+
+    def backward(self, grad):
+        """Back-propagate d loss / d output, accumulating every parameter's .grad. Returns d loss / d input, or
+        None when the first layer skipped it (need_input_grad False)."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            if i == 0 and not layer.need_input_grad and not layer.parameters():
+                return None
+            grad = layer.backward(grad)
+        return grad
+
+    def parameters(self):
+        return [p for layer in self.layers for p in layer.parameters()]
+
+    def buffers(self):
+        """Non-trained state arrays (BatchNorm running statistics) by qualified name."""
+        return {f"{i}.{name}": a for i, layer in enumerate(self.layers) for name, a in layer.buffers().items()}
+
+    def predict(self, x, batch_size=256):
+        """Model outputs for x, computed batch by batch in inference mode, so memory stays bounded by one batch's
+        activations. For a classifier, outputs.argmax(axis=1) are the predicted classes."""
+        batch_size = _args.check_int(batch_size, "batch_size", 1)
+        x = self._input(x)
+        n = x.shape[0]
+        if n == 0:
+            return np.empty((0,) + self.output_shape(x.shape[1:]), self.dtype)
+        out = None
+        for start in range(0, n, batch_size):
+            y = self.forward(x[start:start + batch_size], training=False)
+            if out is None:
+                out = np.empty((n,) + y.shape[1:], y.dtype)
+            out[start:start + y.shape[0]] = y
+        return out
+
+    def output_shape(self, input_shape=None):
+        """The output shape of one sample (no batch axis) for one sample's input shape."""
+        shape = self._known_input_shape(input_shape)
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+        return tuple(shape)
+
+    def _known_input_shape(self, input_shape):
+        if input_shape is not None:
+            return self._shape(input_shape)
+        if self.input_shape is None:
+            raise ValueError("the input shape is unknown: pass input_shape, or run one forward first")
+        return self.input_shape
+
+    def summary(self, input_shape=None):
+        """A table of the layers with each one's output shape, parameter count and inference FLOPs per image."""
+        shape = self._known_input_shape(input_shape)
+        rows = [("#", "layer", "output shape", "params", "FLOPs")]
+        total_params = total_flops = 0
+        for i, layer in enumerate(self.layers):
+            flops = layer.flops(shape)
+            shape = layer.output_shape(shape)
+            n_params = sum(p.data.size for p in layer.parameters())
+            total_params += n_params
+            total_flops += flops
+            rows.append((str(i), type(layer).__name__, str(tuple(shape)), f"{n_params:,}", f"{flops:,}"))
+        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+        lines = []
+        for j, r in enumerate(rows):
+            lines.append("  ".join(cell.ljust(w) if c < 3 else cell.rjust(w)
+                                   for c, (cell, w) in enumerate(zip(r, widths))))
+            if j == 0:
+                lines.append("-" * len(lines[0]))
+        lines.append("-" * len(lines[0]))
+        lines.append(f"input {self._known_input_shape(input_shape)}, {self.dtype.name}: {total_params:,} parameters, "
+                     f"{total_flops:,} FLOPs per image")
+        return "\n".join(lines)
+
+    def astype(self, dtype):
+        """Convert parameters and buffers to dtype (float32 or float64), in place; returns the model. Create the
+        optimizer afterwards: its slots keep the old dtype."""
+        dtype = np.dtype(dtype)
+        if dtype not in _args.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        for layer in self.layers:
+            for p in layer.parameters():
+                p.data = p.data.astype(dtype)
+                p.grad = np.zeros_like(p.data)
+            if isinstance(layer, BatchNorm2d):
+                layer.running_mean = layer.running_mean.astype(dtype)
+                layer.running_var = layer.running_var.astype(dtype)
+            if hasattr(layer, "dtype"):
+                layer.dtype = dtype
+        return self
+
+    def save(self, path):
+        """Write the model to path (an .npz). The file is written beside path and renamed over it, so an
+        interrupted save leaves any previous file whole."""
+        _save(self, path)
+
+    def description(self):
+        """The JSON-serialisable part of a saved model."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": self.dtype.name,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "metadata": self.metadata,
+            "layers": [{"type": type(layer).__name__, "config": layer.config()} for layer in self.layers],
+        }
+
+
+def _save(model, path, training=None, state_arrays=None):
+    """Write model (and, for a training checkpoint, the trainer's JSON state and its arrays) atomically."""
+    desc = model.description()
+    if training is not None:
+        desc["training"] = training
+    try:
+        text = json.dumps(desc, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model metadata must be JSON-serialisable: {e}") from None
+    arrays = {_JSON_KEY: np.frombuffer(text.encode("utf-8"), dtype=np.uint8)}
+    for i, layer in enumerate(model.layers):
+        for local, p in layer.named_parameters():
+            arrays[f"param/{i}.{local}"] = p.data
+        for local, a in layer.buffers().items():
+            arrays[f"buffer/{i}.{local}"] = a
+    for key, a in (state_arrays or {}).items():
+        arrays[f"state/{key}"] = a
+    _atomic_savez(path, arrays)
+
+
+def _atomic_savez(path, arrays):
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    mode = _FILE_MODE
+    with contextlib.suppress(OSError):
+        mode = os.stat(path).st_mode & 0o777
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class _Reader:
+    """Checks one file against the format; every complaint is a ValueError that names the file."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def fail(self, message):
+        raise ValueError(f"{self.path}: {message}")
+
+    def read_arrays(self):
+        try:
+            npz = np.load(self.path, allow_pickle=False)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            self.fail(f"not a convengine model file (.npz expected; pickled data is refused): {e}")
+        if not hasattr(npz, "files"):
+            self.fail("not a convengine model file: it holds a single .npy array, not an .npz archive")
+        try:
+            with npz:
+                return {name: npz[name] for name in npz.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+            self.fail(f"corrupt or truncated model file (object arrays and pickles are refused): {e}")
+
+    def description(self, arrays):
+        raw = arrays.pop(_JSON_KEY, None)
+        if raw is None:
+            self.fail(f"not a convengine model file: no {_JSON_KEY!r} description inside")
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            self.fail(f"the description must be a 1-D uint8 array, got {raw.dtype} of shape {raw.shape}")
+        try:
+            desc = json.loads(raw.tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            self.fail(f"the description is not valid JSON: {e}")
+        if not isinstance(desc, dict):
+            self.fail(f"the description must be a JSON object, got {type(desc).__name__}")
+        if desc.get("format") != FORMAT:
+            self.fail(f"format is {desc.get('format')!r}, expected {FORMAT!r}")
+        version = desc.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            self.fail(f"version must be an integer, got {version!r}")
+        if version != VERSION:
+            self.fail(f"format version {version} is not supported (this convengine reads version {VERSION})")
+        return desc
+
+    def layers(self, desc):
+        specs = desc.get("layers")
+        if not isinstance(specs, list) or not specs:
+            self.fail(f"'layers' must be a non-empty list, got {type(specs).__name__}")
+        layers = []
+        # Building layers draws initial weights that the file then replaces: keep the caller's random stream.
+        with _random.preserved():
+            for i, spec in enumerate(specs):
+                if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+                    self.fail(f"layer {i} must be an object with a 'type' string, got {spec!r}")
+                cls = LAYER_TYPES.get(spec["type"])
+                if cls is None:
+                    self.fail(f"layer {i} has unknown type {spec['type']!r} (known: {', '.join(LAYER_TYPES)})")
+                config = spec.get("config", {})
+                if not isinstance(config, dict):
+                    self.fail(f"layer {i} config must be an object, got {type(config).__name__}")
+                try:
+                    layers.append(cls(**config))
+                except (TypeError, ValueError) as e:
+                    self.fail(f"layer {i} ({spec['type']}) has a bad config {config!r}: {e}")
+        return layers
+
+    def model(self, desc, arrays):
+        layers = self.layers(desc)
+        input_shape = desc.get("input_shape")
+        try:
+            model = Sequential(layers, input_shape=input_shape)
+        except (TypeError, ValueError) as e:
+            self.fail(f"bad model description: {e}")
+        if desc.get("dtype") != model.dtype.name:
+            self.fail(f"dtype {desc.get('dtype')!r} does not match the layers' dtype {model.dtype.name}")
+        metadata = desc.get("metadata", {})
+        if not isinstance(metadata, dict):
+            self.fail(f"metadata must be an object, got {type(metadata).__name__}")
+        model.metadata = metadata
+        for i, layer in enumerate(layers):
+            for local, p in layer.named_parameters():
+                p.data = self.array(arrays, f"param/{i}.{local}", p.data)
+            if isinstance(layer, BatchNorm2d):
+                layer.running_mean = self.array(arrays, f"buffer/{i}.running_mean", layer.running_mean)
+                layer.running_var = self.array(arrays, f"buffer/{i}.running_var", layer.running_var)
+        unexpected = [k for k in arrays if not k.startswith("state/")]
+        if unexpected:
+            self.fail(f"unexpected arrays {unexpected} for this architecture")
+        return model
+
+    def array(self, arrays, key, like):
+        a = arrays.pop(key, None)
+        if a is None:
+            self.fail(f"array {key!r} is missing")
+        if a.shape != like.shape or a.dtype != like.dtype:
+            self.fail(f"array {key!r} has shape {a.shape} and dtype {a.dtype}, the architecture needs shape "
+                      f"{like.shape} and dtype {like.dtype}")
+        return np.ascontiguousarray(a)
+
+
+def _read(path):
+    """(model, training description or None, {key: array} of the checkpoint's state arrays)."""
+    reader = _Reader(path)
+    arrays = reader.read_arrays()
+    desc = reader.description(arrays)
+    model = reader.model(desc, arrays)
+    training = desc.get("training")
+    if training is not None and not isinstance(training, dict):
+        reader.fail(f"'training' must be an object, got {type(training).__name__}")
+    state = {k[len("state/"):]: a for k, a in arrays.items()}
+    return model, training, state
 
 
 def load(path):
-    """Load a model saved by Sequential.save."""
-    raise NotImplementedError("load lands with the model module (issue 3)")
+    """Load a model written by Sequential.save (or a training checkpoint, whose optimizer state is ignored).
+    Raises ValueError for a file that is corrupt, truncated, of another format version, or holds pickled data."""
+    return _read(path)[0]
+
+
+def lenet(input_shape=(1, 8, 8), num_classes=10):
+    """A LeNet-style classifier (LeCun et al., 1998) sized for the input: two conv -> ReLU -> pool stages, then
+    fully connected layers.
+
+    Below 16x16 (the 8x8 digits) the convolutions are 3x3 with 'same' padding, 32 and 64 maps with batch norm,
+    so that two 2x2 pools still leave 2x2 maps, then 128 hidden units with dropout 0.25. From 16x16 up it is
+    LeNet-5's layout: 5x5 convolutions with 6 and 16 maps (the first padded by 2 below 32x32, as MNIST's 28x28 is
+    LeNet-5's 32x32 without its border), 120 and 84 hidden units."""
+    c, h, w = Sequential._shape(input_shape)
+    num_classes = _args.check_int(num_classes, "num_classes", 1)
+    if min(h, w) < 16:
+        if min(h, w) < 4:
+            raise ValueError(f"lenet needs images of at least 4x4, got input_shape {(c, h, w)}")
+        layers = [Conv2d(c, 32, 3, padding=1), BatchNorm2d(32), ReLU(), MaxPool2d(2),
+                  Conv2d(32, 64, 3, padding=1), BatchNorm2d(64), ReLU(), MaxPool2d(2),
+                  Flatten(), Linear(64 * (h // 4) * (w // 4), 128), ReLU(), Dropout(0.25),
+                  Linear(128, num_classes, init="glorot")]
+    else:
+        pad = 2 if min(h, w) < 32 else 0
+        h2, w2 = (h + 2 * pad - 4) // 2, (w + 2 * pad - 4) // 2
+        h3, w3 = (h2 - 4) // 2, (w2 - 4) // 2
+        layers = [Conv2d(c, 6, 5, padding=pad), ReLU(), MaxPool2d(2),
+                  Conv2d(6, 16, 5), ReLU(), MaxPool2d(2),
+                  Flatten(), Linear(16 * h3 * w3, 120), ReLU(), Linear(120, 84), ReLU(),
+                  Linear(84, num_classes, init="glorot")]
+    return Sequential(layers, input_shape=(c, h, w))

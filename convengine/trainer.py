@@ -1,10 +1,443 @@
-"""The training loop: fit, evaluate and predict a Sequential model."""
+"""The training loop: fit a Sequential classifier with a loss and an optimizer, evaluate it, predict with it.
+
+fit() shuffles each epoch, runs forward -> loss -> backward -> optimizer step per mini-batch, and records the
+epoch's loss, accuracy, time and images/s in a History. Callbacks (EarlyStopping, ModelCheckpoint,
+LearningRateScheduler) hook into the epochs. Ctrl-C during fit finishes the current batch, stops, and returns the
+History marked interrupted, with the model consistent and usable.
+
+Reproducibility: with fit(seed=s) the order of epoch e is drawn from a generator seeded with (s, e), so a run
+resumed from a checkpoint sees the same orders as an uninterrupted one; dropout draws from convengine's generator
+(manual_seed), whose state a checkpoint stores. Every kernel is bitwise deterministic at any thread count, so the
+same seeds give the same weights.
+"""
+import math
+import signal
+import threading
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from . import _args, _random
+from . import model as _model
+from .data import check_labels
+from .layers import BatchNorm2d
+from .losses import Loss
+from .optim import Optimizer
+
+__all__ = ["Trainer", "History", "Callback", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler"]
+
+
+class History:
+    """Per-epoch records of one fit(): `history[key]` lists 'loss', 'accuracy' (training, measured during the
+    epoch), 'time' (seconds of training, without validation), 'images_per_second', 'lr', and with validation data
+    'val_loss' and 'val_accuracy'. `epoch` holds the epoch numbers (1-based, continuing across fits).
+
+    `interrupted` is True when Ctrl-C stopped the run; `partial_epoch` then holds the metrics of the batches of the
+    unfinished epoch. `stopped_early` is True when a callback stopped it."""
+
+    def __init__(self):
+        self.epoch = []
+        self.history = {}
+        self.interrupted = False
+        self.stopped_early = False
+        self.partial_epoch = None
+
+    def _append(self, epoch_number, logs):
+        self.epoch.append(epoch_number)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+
+    def __getitem__(self, key):
+        return self.history[key]
+
+    def __contains__(self, key):
+        return key in self.history
+
+    def __len__(self):
+        return len(self.epoch)
+
+    def __repr__(self):
+        state = " interrupted" if self.interrupted else " stopped early" if self.stopped_early else ""
+        return f"<History: {len(self.epoch)} epochs{state}, keys {sorted(self.history)}>"
+
+
+class Callback:
+    """Hooks called by Trainer.fit. `epoch` is the 0-based index of the epoch (continuing across fits); set
+    trainer.stop_training = True to end the run after the current epoch."""
+
+    def on_train_begin(self, trainer):
+        pass
+
+    def on_epoch_begin(self, trainer, epoch):
+        pass
+
+    def on_batch_end(self, trainer, batch, logs):
+        pass
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        pass
+
+    def on_train_end(self, trainer, history):
+        pass
+
+
+class _Monitor:
+    def __init__(self, monitor, mode, min_delta):
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor must be a str, got {monitor!r}")
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        if mode == "auto":
+            mode = "max" if "acc" in monitor else "min"
+        self.monitor = monitor
+        self.mode = mode
+        self.min_delta = abs(float(min_delta))
+        self.best = None
+
+    def value(self, logs, who):
+        if self.monitor not in logs:
+            hint = " (pass validation_data to fit to get val_* values)" if self.monitor.startswith("val_") else ""
+            raise ValueError(f"{who} monitors {self.monitor!r} but the epoch logs hold {sorted(logs)}{hint}")
+        return float(logs[self.monitor])
+
+    def improved(self, value):
+        if self.best is None or math.isnan(self.best):
+            return not math.isnan(value)
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+
+class EarlyStopping(Callback):
+    """Stop when `monitor` has not improved by more than min_delta for `patience` epochs. With
+    restore_best_weights the model ends with the weights of its best epoch."""
+
+    def __init__(self, monitor="val_loss", patience=0, min_delta=0.0, mode="auto", restore_best_weights=False):
+        self._monitor = _Monitor(monitor, mode, min_delta)
+        self.patience = _args.check_int(patience, "patience", 0)
+        self.restore_best_weights = bool(restore_best_weights)
+        self.stopped_epoch = None
+
+    def on_train_begin(self, trainer):
+        self._monitor.best = None
+        self.wait = 0
+        self.stopped_epoch = None
+        self._best_state = None
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        value = self._monitor.value(logs, "EarlyStopping")
+        if self._monitor.improved(value):
+            self._monitor.best = value
+            self.wait = 0
+            if self.restore_best_weights:
+                self._best_state = _snapshot(trainer.model)
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            trainer.stop_training = True
+            self.stopped_epoch = epoch
+            if self._best_state is not None:
+                _restore(trainer.model, self._best_state)
+
+    @property
+    def best(self):
+        return self._monitor.best
+
+
+def _snapshot(model):
+    return [p.data.copy() for p in model.parameters()], {k: a.copy() for k, a in model.buffers().items()}
+
+
+def _restore(model, state):
+    params, buffers = state
+    for p, a in zip(model.parameters(), params):
+        np.copyto(p.data, a)
+    current = model.buffers()
+    for k, a in buffers.items():
+        np.copyto(current[k], a)
+
+
+class ModelCheckpoint(Callback):
+    """Save a training checkpoint (model, optimizer state, epoch count, random state) at the end of each epoch,
+    or only when `monitor` improves with save_best_only. `path` may hold format fields: {epoch} (1-based) and any
+    log key, e.g. "ckpt-{epoch:02d}-{val_accuracy:.3f}.npz". Trainer.load_checkpoint resumes from the file;
+    convengine.load reads the model alone."""
+
+    def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto"):
+        self.path = str(path)
+        self.save_best_only = bool(save_best_only)
+        self._monitor = _Monitor(monitor, mode, 0.0)
+        self.last_path = None
+
+    def on_train_begin(self, trainer):
+        self._monitor.best = None
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if self.save_best_only:
+            value = self._monitor.value(logs, "ModelCheckpoint")
+            if not self._monitor.improved(value):
+                return
+            self._monitor.best = value
+        try:
+            path = self.path.format(epoch=epoch + 1, **logs) if "{" in self.path else self.path
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"ModelCheckpoint path {self.path!r} cannot be formatted with epoch and "
+                             f"{sorted(logs)}: {e}") from None
+        trainer.save_checkpoint(path)
+        self.last_path = path
+
+
+class LearningRateScheduler(Callback):
+    """Set the optimizer's lr to schedule(epoch, lr) at the start of each epoch (epoch is 0-based)."""
+
+    def __init__(self, schedule):
+        if not callable(schedule):
+            raise TypeError(f"schedule must be callable as schedule(epoch, lr), got {schedule!r}")
+        self.schedule = schedule
+
+    def on_epoch_begin(self, trainer, epoch):
+        lr = self.schedule(epoch, trainer.optimizer.lr)
+        try:
+            trainer.optimizer.lr = lr
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the learning-rate schedule returned {lr!r} for epoch {epoch}: {e}") from None
+
+
+class _InterruptGuard:
+    """Turn the first Ctrl-C into a request that the loop honours after the current batch, so an optimizer step
+    is never cut in half. A second Ctrl-C raises KeyboardInterrupt at once. Off the main thread no handler can
+    be installed; a KeyboardInterrupt raised there is still caught by fit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._previous = signal.signal(signal.SIGINT, self._handler)
+                self._installed = True
+            except (ValueError, OSError):
+                self._installed = False
+        return self
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 class Trainer:
-    """Fit a model with a loss and an optimizer."""
+    """Fit `model` (a Sequential classifier) by minimising `loss` with `optimizer`.
+
+    `epoch` counts the epochs completed by this trainer (or restored from a checkpoint); fit(epochs=n) runs n more.
+    """
 
     def __init__(self, model, loss, optimizer):
+        if not isinstance(model, _model.Sequential):
+            raise TypeError(f"model must be a convengine Sequential, got {type(model).__name__}")
+        if not isinstance(loss, Loss):
+            raise TypeError(f"loss must be a convengine.losses loss, got {type(loss).__name__}")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a convengine.optim optimizer, got {type(optimizer).__name__}")
+        model_params = {id(p) for p in model.parameters()}
+        if not {id(p) for p in optimizer.params} <= model_params:
+            raise ValueError("the optimizer holds parameters that are not the model's; build it from "
+                             "model.parameters()")
         self.model = model
         self.loss = loss
         self.optimizer = optimizer
+        self.epoch = 0
+        self.stop_training = False
+
+    def _data(self, x, y, name="x"):
+        x = self.model._input(x)
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} holds no samples")
+        try:
+            out_shape = self.model.output_shape(x.shape[1:])
+        except ValueError as e:
+            raise ValueError(f"{name} of shape {x.shape} does not fit the model: {e}") from None
+        if len(out_shape) != 1:
+            raise ValueError(f"the model must output (N, classes) scores, but it gives per-sample shape {out_shape}")
+        labels = check_labels(y, x.shape[0], out_shape[0], name="y" if name == "x" else f"labels of {name}")
+        return x, labels
+
+    def _order(self, n, shuffle, seed, epoch):
+        if not shuffle:
+            return np.arange(n)
+        rng = _random.generator() if seed is None else np.random.default_rng([seed, epoch])
+        return rng.permutation(n)
+
+    def fit(self, x, y, epochs, batch_size, validation_data=None, shuffle=True, seed=None, callbacks=None,
+            verbose=1):
+        """Train for `epochs` more epochs of mini-batches of `batch_size`; y holds integer class labels.
+        validation_data=(x_val, y_val) adds 'val_loss' and 'val_accuracy' per epoch. Returns a History."""
+        epochs = _args.check_int(epochs, "epochs", 0)
+        batch_size = _args.check_int(batch_size, "batch_size", 1)
+        if seed is not None:
+            seed = _args.check_int(seed, "seed", 0)
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"verbose must be 0 (silent), 1 (progress bar) or 2 (one line per epoch), got {verbose!r}")
+        x, y = self._data(x, y)
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise TypeError("validation_data must be a pair (x_val, y_val)")
+            validation_data = self._data(*validation_data, name="validation_data")
+        callbacks = list(callbacks or [])
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be convengine.trainer.Callback instances, got {type(cb).__name__}")
+
+        history = History()
+        self.stop_training = False
+        last_epoch = self.epoch + epochs
+        for cb in callbacks:
+            cb.on_train_begin(self)
+        with _InterruptGuard() as guard:
+            try:
+                for _ in range(epochs):
+                    epoch = self.epoch
+                    for cb in callbacks:
+                        cb.on_epoch_begin(self, epoch)
+                    order = self._order(x.shape[0], shuffle, seed, epoch)
+                    logs, complete = self._run_epoch(x, y, order, batch_size, epoch, last_epoch, guard, callbacks,
+                                                     verbose, validation_data)
+                    if not complete:
+                        history.interrupted = True
+                        history.partial_epoch = logs
+                        break
+                    self.epoch += 1
+                    history._append(self.epoch, logs)
+                    for cb in callbacks:
+                        cb.on_epoch_end(self, epoch, logs)
+                    if guard.requested:
+                        history.interrupted = True
+                        break
+                    if self.stop_training:
+                        history.stopped_early = True
+                        break
+            except KeyboardInterrupt:
+                history.interrupted = True
+        if history.interrupted and verbose:
+            print("training interrupted: the model keeps the weights of the last finished batch", flush=True)
+        for cb in callbacks:
+            cb.on_train_end(self, history)
+        return history
+
+    def _run_epoch(self, x, y, order, batch_size, epoch, last_epoch, guard, callbacks, verbose, validation_data):
+        n = order.shape[0]
+        n_batches = -(-n // batch_size)
+        lr = self.optimizer.lr
+        per_sample = self.loss.reduction == "mean"
+        loss_sum = 0.0
+        correct = seen = 0
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{last_epoch}", unit="batch", leave=True,
+                   disable=verbose != 1, dynamic_ncols=True)
+        start = time.perf_counter()
+        complete = True
+        try:
+            for b in range(n_batches):
+                idx = order[b * batch_size:(b + 1) * batch_size]
+                xb, yb = x[idx], y[idx]
+                out = self.model.forward(xb, training=True)
+                value = self.loss(out, yb)
+                grad = self.loss.backward()
+                self.optimizer.zero_grad()
+                self.model.backward(grad)
+                self.optimizer.step()
+                loss_sum += value * len(idx) if per_sample else value
+                correct += int(np.count_nonzero(out.argmax(axis=1) == yb))
+                seen += len(idx)
+                if not bar.disable:
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix_str(f"loss={loss_sum / seen:.4f} acc={correct / seen:.4f} "
+                                        f"{seen / max(elapsed, 1e-9):,.0f} img/s", refresh=False)
+                    bar.update(1)
+                for cb in callbacks:
+                    cb.on_batch_end(self, b, {"loss": value, "size": len(idx)})
+                if guard.requested and b + 1 < n_batches:
+                    complete = False
+                    n_batches = b + 1
+                    break
+            elapsed = time.perf_counter() - start
+            logs = {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "time": elapsed,
+                    "images_per_second": seen / max(elapsed, 1e-9), "lr": lr}
+            if not complete:
+                logs["batches"] = n_batches
+                return logs, False
+            if validation_data is not None:
+                val = self.evaluate(*validation_data, batch_size=max(batch_size, 256))
+                logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
+            if not bar.disable:
+                bar.set_postfix_str(self._line(logs), refresh=True)
+        finally:
+            bar.close()
+        if verbose == 2:
+            print(f"epoch {epoch + 1}/{last_epoch}: {self._line(logs)}", flush=True)
+        return logs, True
+
+    @staticmethod
+    def _line(logs):
+        text = f"loss={logs['loss']:.4f} acc={logs['accuracy']:.4f}"
+        if "val_loss" in logs:
+            text += f" val_loss={logs['val_loss']:.4f} val_acc={logs['val_accuracy']:.4f}"
+        return text + f" {logs['images_per_second']:,.0f} img/s {logs['time']:.2f}s"
+
+    def evaluate(self, x, y, batch_size=256):
+        """{'loss': mean loss per sample, 'accuracy': fraction of argmax predictions equal to y} in inference
+        mode."""
+        x, y = self._data(x, y)
+        outputs = self.model.predict(x, batch_size)
+        value = self.loss(outputs, y)
+        if self.loss.reduction == "sum":
+            value /= x.shape[0]
+        return {"loss": float(value), "accuracy": float(np.mean(outputs.argmax(axis=1) == y))}
+
+    def predict(self, x, batch_size=256):
+        """Model outputs (scores) for x, batch by batch in inference mode; argmax(axis=1) gives classes."""
+        return self.model.predict(x, batch_size)
+
+    def save_checkpoint(self, path):
+        """Save the model with everything needed to resume training exactly: optimizer slots and hyper-parameters,
+        the epoch count and convengine's random state (dropout)."""
+        opt_desc, opt_arrays = self.optimizer.state_dict()
+        training = {"epoch": self.epoch, "optimizer": opt_desc, "random_state": _random.get_state()}
+        _model._save(self.model, path, training=training,
+                     state_arrays={f"optimizer/{k}": a for k, a in opt_arrays.items()})
+
+    def load_checkpoint(self, path):
+        """Restore a checkpoint written by save_checkpoint (ModelCheckpoint) into this trainer's model and
+        optimizer, which must have the same architecture and optimizer type. Nothing changes if it fails."""
+        saved, training, state = _model._read(path)
+        if training is None:
+            raise ValueError(f"{path}: a model file without training state; use convengine.load for it")
+        if saved.description()["layers"] != self.model.description()["layers"]:
+            raise ValueError(f"{path}: the checkpoint's architecture differs from this trainer's model")
+        epoch = training.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"{path}: epoch must be an int >= 0, got {epoch!r}")
+        old_random = _random.get_state()
+        try:
+            _random.set_state(training.get("random_state"))
+            self.optimizer.load_state_dict(
+                training.get("optimizer"),
+                {k[len("optimizer/"):]: a for k, a in state.items() if k.startswith("optimizer/")})
+        except ValueError as e:
+            _random.set_state(old_random)
+            raise ValueError(f"{path}: {e}") from None
+        for p, q in zip(self.model.parameters(), saved.parameters()):
+            np.copyto(p.data, q.data)
+        for layer, saved_layer in zip(self.model.layers, saved.layers):
+            if isinstance(layer, BatchNorm2d):
+                np.copyto(layer.running_mean, saved_layer.running_mean)
+                np.copyto(layer.running_var, saved_layer.running_var)
+        self.model.metadata = saved.metadata
+        self.epoch = epoch

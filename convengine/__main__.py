@@ -1,0 +1,293 @@
+"""Command line: `python -m convengine {train,evaluate,info,bench}` (also installed as the `convengine` script).
+
+`train` with no options trains the LeNet-style digits net on the embedded 8x8 digits with a fixed seed and prints
+per-epoch progress and the held-out test accuracy.
+"""
+import argparse
+import json
+import math
+import platform
+import sys
+
+import numpy as np
+
+from . import __version__, data
+from ._random import manual_seed
+from ._threads import get_num_threads, set_num_threads
+
+TRAIN_DEFAULTS = dict(dataset="digits", epochs=15, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                      optimizer="sgd", schedule="cosine", seed=0)
+
+
+class CommandError(Exception):
+    """A problem with the command's input, reported as one line and exit status 1."""
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="convengine",
+        description="convengine: a compiled convolution engine for CPUs. Train and evaluate small CNNs, inspect "
+                    "the build, time the kernels.",
+        epilog="Run 'convengine COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"convengine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    train = sub.add_parser(
+        "train", formatter_class=fmt, help="train a LeNet-style CNN and report its test accuracy",
+        description="Train a LeNet-style CNN (sized for the images) with SGD and a cosine learning-rate schedule, "
+                    "printing per-epoch loss and accuracy (training, and on the held-out test split) and the "
+                    "final test accuracy. The defaults train on the embedded 8x8 digits with a fixed seed.")
+    train.add_argument("--dataset", choices=data.DATASETS, default=TRAIN_DEFAULTS["dataset"],
+                       help="data set: the embedded digits, or mnist / fashion-mnist (IDX files) / cifar10 "
+                            "(python batches) from --data")
+    train.add_argument("--data", metavar="PATH",
+                       help="directory holding the files of mnist, fashion-mnist (train-images-idx3-ubyte[.gz] "
+                            "etc.) or cifar10 (data_batch_1..5, test_batch); CIFAR-10's pickles are read with a "
+                            "restricted unpickler")
+    train.add_argument("--epochs", type=_non_negative_int, default=TRAIN_DEFAULTS["epochs"], help="training epochs")
+    train.add_argument("--batch-size", type=_positive_int, default=TRAIN_DEFAULTS["batch_size"],
+                       help="images per mini-batch")
+    train.add_argument("--lr", type=_non_negative_float, default=None,
+                       help="peak learning rate (default: 0.05 for sgd, 0.001 for adam)")
+    train.add_argument("--optimizer", choices=("sgd", "adam"), default=TRAIN_DEFAULTS["optimizer"], help="optimizer")
+    train.add_argument("--momentum", type=_non_negative_float, default=TRAIN_DEFAULTS["momentum"],
+                       help="SGD momentum")
+    train.add_argument("--weight-decay", type=_non_negative_float, default=TRAIN_DEFAULTS["weight_decay"],
+                       help="L2 weight decay")
+    train.add_argument("--schedule", choices=("cosine", "constant"), default=TRAIN_DEFAULTS["schedule"],
+                       help="learning rate over the epochs: cosine decay from --lr to 0, or constant")
+    train.add_argument("--threads", type=_positive_int, default=None,
+                       help="kernel threads (default: OMP_NUM_THREADS, else the usable cores)")
+    train.add_argument("--seed", type=_non_negative_int, default=TRAIN_DEFAULTS["seed"],
+                       help="seed of initialisation, dropout and shuffling: one seed gives one model")
+    train.add_argument("--save", metavar="PATH", help="write the trained model here (.npz)")
+    train.add_argument("--plot", metavar="PATH", help="write loss and accuracy curves as a PNG (needs matplotlib)")
+    train.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
+                       help="0: final result only, 1: a progress bar per epoch, 2: one line per epoch "
+                            "(default: 1 on a terminal, else 2)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser(
+        "evaluate", formatter_class=fmt, help="accuracy and confusion matrix of a saved model on a test split",
+        description="Load a model saved by 'train --save' and print its accuracy and confusion matrix on the test "
+                    "split of a data set (by default the one it was trained on).")
+    evaluate.add_argument("model", metavar="MODEL", help="model file written by 'convengine train --save'")
+    evaluate.add_argument("--dataset", choices=data.DATASETS, default=None,
+                          help="data set (default: the one recorded in the model, else digits)")
+    evaluate.add_argument("--data", metavar="PATH", help="directory of the data set's files (see train --help)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="images per inference batch")
+    evaluate.add_argument("--threads", type=_positive_int, default=None, help="kernel threads")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    info = sub.add_parser("info", formatter_class=fmt, help="build information and thread count",
+                          description="Print how the kernels were built (compiler, flags, OpenMP, SIMD level in "
+                                      "use) and the thread count.")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(func=cmd_info)
+
+    # `bench` hands every argument after it to convengine._bench (its own --help lists them), so argparse only
+    # names it here; main() dispatches it before parsing.
+    sub.add_parser("bench", add_help=False,
+                   help="speed report: conv2d and pooling vs the NumPy reference and PyTorch "
+                        "(options: convengine bench --help)")
+    return parser
+
+
+def main(argv=None):
+    """Entry point of `python -m convengine` and the `convengine` script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        from . import _bench
+        status = _bench.main(argv[1:])
+        return 0 if status is None else status
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CommandError, ValueError, TypeError, OSError) as e:
+        print(f"convengine {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _load_data(name, path):
+    if name != "digits" and path is None:
+        raise CommandError(f"--dataset {name} needs --data PATH, the directory holding its files")
+    if name == "digits" and path is not None:
+        raise CommandError("the digits are embedded; --data is for mnist, fashion-mnist and cifar10")
+    return data.load_dataset(name, path)
+
+
+def _check_plot(path):
+    if path is None:
+        return None
+    try:
+        import matplotlib
+    except ImportError:
+        raise CommandError("--plot needs matplotlib, which is not installed: pip install 'convengine[plot]'") \
+            from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _plot(plt, history, path, title):
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = history.epoch
+    ax_loss.plot(epochs, history["loss"], marker="o", label="train")
+    ax_acc.plot(epochs, history["accuracy"], marker="o", label="train")
+    if "val_loss" in history:
+        ax_loss.plot(epochs, history["val_loss"], marker="o", label="test")
+        ax_acc.plot(epochs, history["val_accuracy"], marker="o", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_train(args):
+    from .losses import CrossEntropyLoss
+    from .model import lenet
+    from .optim import SGD, Adam
+    from .trainer import LearningRateScheduler, Trainer
+
+    plt = _check_plot(args.plot)
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    verbose = args.verbose if args.verbose is not None else (1 if sys.stderr.isatty() else 2)
+    (x_train, y_train), (x_test, y_test) = _load_data(args.dataset, args.data)
+    num_classes = len(data.CLASS_NAMES[args.dataset])
+
+    manual_seed(args.seed)
+    model = lenet(x_train.shape[1:], num_classes)
+    model.metadata = {"dataset": args.dataset, "classes": data.CLASS_NAMES[args.dataset], "seed": args.seed}
+    if args.optimizer == "sgd":
+        lr = 0.05 if args.lr is None else args.lr
+        optimizer = SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        lr = 1e-3 if args.lr is None else args.lr
+        optimizer = Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    callbacks = []
+    if args.schedule == "cosine" and args.epochs > 0:
+        epochs = args.epochs
+        callbacks.append(LearningRateScheduler(lambda e, _: lr * 0.5 * (1.0 + math.cos(math.pi * e / epochs))))
+    trainer = Trainer(model, CrossEntropyLoss(), optimizer)
+
+    n_params = sum(p.data.size for p in model.parameters())
+    print(f"{args.dataset}: {len(x_train)} training and {len(x_test)} test images of shape {x_train.shape[1:]}; "
+          f"lenet with {n_params:,} parameters; {args.optimizer} lr {lr:g}, {args.schedule} schedule, "
+          f"batch {args.batch_size}, seed {args.seed}, {get_num_threads()} threads", flush=True)
+    history = trainer.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
+                          validation_data=(x_test, y_test), seed=args.seed, callbacks=callbacks, verbose=verbose)
+    result = trainer.evaluate(x_test, y_test)
+    correct = int(round(result["accuracy"] * len(x_test)))
+    seconds = sum(history["time"]) if len(history) else 0.0
+    print(f"test accuracy: {100 * result['accuracy']:.2f}% ({correct}/{len(x_test)}), test loss "
+          f"{result['loss']:.4f}, after {len(history)} epochs ({seconds:.1f} s of training)", flush=True)
+    if args.save:
+        model.save(args.save)
+        print(f"saved the model to {args.save}")
+    if plt is not None and len(history):
+        _plot(plt, history, args.plot, f"lenet on {args.dataset}")
+        print(f"wrote the curves to {args.plot}")
+    if history.interrupted:
+        print("stopped by Ctrl-C", file=sys.stderr)
+        return 130
+    return 0
+
+
+def confusion_matrix(labels, predictions, num_classes):
+    """counts[i, j]: images of class i predicted as class j."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (labels, predictions), 1)
+    return counts
+
+
+def format_confusion(counts, names):
+    width = max(5, len(str(int(counts.max(initial=0)))) + 1)
+    short = [n[:width - 1] for n in names]
+    label_w = max(len(n) for n in names)
+    lines = ["rows: true class, columns: predicted class",
+             " " * (label_w + 1) + "".join(s.rjust(width) for s in short)]
+    for name, row in zip(names, counts):
+        lines.append(name.rjust(label_w) + " " + "".join(str(int(v)).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args):
+    from .model import load
+
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    model = load(args.model)
+    name = args.dataset or model.metadata.get("dataset") or "digits"
+    if name not in data.DATASETS:
+        raise CommandError(f"the model names data set {name!r}; pass --dataset")
+    _, (x_test, y_test) = _load_data(name, args.data)
+    try:
+        out_shape = model.output_shape(x_test.shape[1:])
+    except ValueError as e:
+        raise CommandError(f"{args.model} does not fit {name} images of shape {x_test.shape[1:]}: {e}") from None
+    names = data.CLASS_NAMES[name]
+    if out_shape != (len(names),):
+        raise CommandError(f"{args.model} outputs shape {out_shape}, but {name} has {len(names)} classes")
+    predictions = model.predict(x_test, args.batch_size).argmax(axis=1)
+    accuracy = float(np.mean(predictions == y_test))
+    print(f"{args.model} on the {name} test split: accuracy {100 * accuracy:.2f}% "
+          f"({int(np.sum(predictions == y_test))}/{len(y_test)})")
+    print(format_confusion(confusion_matrix(y_test, predictions, len(names)), names))
+    return 0
+
+
+def cmd_info(args):
+    from . import build_info
+
+    info = {"convengine": __version__, "build": build_info(), "threads": get_num_threads(),
+            "python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"convengine {info['convengine']} (python {info['python']}, numpy {info['numpy']}, {info['platform']})")
+    print(f"threads: {info['threads']}")
+    for key, value in info["build"].items():
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

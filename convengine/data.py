@@ -1,0 +1,275 @@
+"""Data sets as NumPy arrays: the embedded 8x8 digits, MNIST / Fashion-MNIST IDX files, CIFAR-10 python batches,
+and a download helper that verifies a SHA-256.
+
+Every loader returns ((x_train, y_train), (x_test, y_test)) with x float32 of shape (N, C, H, W) scaled to [0, 1]
+and y int64 class labels, and checks that the labels fit the images.
+"""
+import contextlib
+import gzip
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+import urllib.parse
+import urllib.request
+
+import numpy as np
+
+from . import datasets
+
+__all__ = ["check_labels", "load_digits", "load_idx", "load_mnist", "load_fashion_mnist", "load_cifar10",
+           "load_dataset", "download", "DATASETS"]
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+CLASS_NAMES = {
+    "digits": [str(i) for i in range(10)],
+    "mnist": [str(i) for i in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
+
+def check_labels(labels, n=None, num_classes=None, name="labels"):
+    """Return labels as an intp array after checking: 1-D integers, n of them, each in [0, num_classes)."""
+    if not isinstance(labels, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of integer class labels, got {type(labels).__name__}")
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D class labels, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"{name} must be integer class labels, got dtype {labels.dtype}")
+    if n is not None and labels.shape[0] != n:
+        raise ValueError(f"{name} has {labels.shape[0]} entries but there are {n} samples")
+    if labels.size:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+            raise ValueError(f"{name} must be in {bound}, found values from {low} to {high}")
+    return labels.astype(np.intp, copy=False)
+
+
+def _split_stratified(labels, test_fraction, seed):
+    """Indices (train, test): test_fraction of each class, chosen by a seeded generator, so the split is fixed."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_digits(test_fraction=0.2, seed=0):
+    """The embedded 1,797 8x8 handwritten digits (see convengine.datasets), split per class into train and test
+    with a fixed seed: 1,438 training and 359 test images for the defaults. x is (N, 1, 8, 8) in [0, 1]."""
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    with np.load(datasets.path("digits.npz"), allow_pickle=False) as f:
+        images, labels = f["images"], f["labels"]
+    x = (images.astype(np.float32) / np.float32(16.0))[:, None, :, :]
+    y = check_labels(labels.astype(np.int64), len(x), 10).astype(np.int64)
+    train, test = _split_stratified(y, float(test_fraction), seed)
+    return (x[train], y[train]), (x[test], y[test])
+
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): all multi-byte values are big-endian.
+_IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def _read_bytes(path):
+    """The file's bytes, gunzipped when it starts with the gzip magic (whatever its name)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+        f.seek(0)
+        if head == b"\x1f\x8b":
+            try:
+                with gzip.GzipFile(fileobj=f) as g:
+                    return g.read()
+            except (OSError, EOFError, ValueError) as e:
+                raise ValueError(f"{path}: corrupt or truncated gzip data: {e}") from None
+        return f.read()
+
+
+def load_idx(path):
+    """Parse one IDX file (raw or gzipped) into an array of its declared type and shape."""
+    data = _read_bytes(path)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (it must start with two zero bytes, a type code and a rank)")
+    code, ndim = data[2], data[3]
+    if code not in _IDX_TYPES:
+        raise ValueError(f"{path}: unknown IDX type code 0x{code:02x}")
+    if ndim == 0 or len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header (rank {ndim})")
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    dtype = _IDX_TYPES[code]
+    expected = 4 + 4 * ndim + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        kind = "truncated" if len(data) < expected else "has trailing bytes"
+        raise ValueError(f"{path}: IDX file {kind}: shape {shape} of {dtype} needs {expected} bytes, "
+                         f"the file has {len(data)}")
+    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _find(directory, stems):
+    """The first existing file among stem, stem.gz for each candidate stem."""
+    for stem in stems:
+        for name in (stem, stem + ".gz"):
+            p = os.path.join(directory, name)
+            if os.path.isfile(p):
+                return p
+    raise FileNotFoundError(f"none of {', '.join(s + '[.gz]' for s in stems)} in {directory}")
+
+
+def _idx_images_labels(directory, prefix, num_classes=10):
+    images_path = _find(directory, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"])
+    labels_path = _find(directory, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"])
+    images = load_idx(images_path)
+    labels = load_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{images_path}: expected uint8 images of shape (N, H, W), got {images.dtype} "
+                         f"{images.shape}")
+    if labels.ndim != 1:
+        raise ValueError(f"{labels_path}: expected 1-D labels, got shape {labels.shape}")
+    labels = check_labels(labels.astype(np.int64), len(images), num_classes, name=f"labels in {labels_path}")
+    x = (images.astype(np.float32) / np.float32(255.0))[:, None, :, :]
+    return x, labels.astype(np.int64)
+
+
+def load_mnist(directory):
+    """MNIST from the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
+    t10k-labels-idx1-ubyte, each raw or .gz) in directory. x is (N, 1, 28, 28) in [0, 1]."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} is not a directory holding the MNIST IDX files")
+    return _idx_images_labels(directory, "train"), _idx_images_labels(directory, "t10k")
+
+
+def load_fashion_mnist(directory):
+    """Fashion-MNIST: the same file names and layout as MNIST (see load_mnist)."""
+    return load_mnist(directory)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles of a dict holding a NumPy uint8 array and lists. A pickle can name any
+    callable, so only what those files need is allowed: NumPy's array reconstruction (which builds plain arrays
+    and, for object arrays, unpickles their items through this same restricted loader) and the bytes codec."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch")
+
+
+def _load_cifar_batch(path):
+    with open(path, "rb") as f:
+        try:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                KeyError, ImportError, MemoryError, OverflowError) as e:
+            raise ValueError(f"{path}: not a CIFAR-10 python batch: {e}") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (a dict was expected, got {type(batch).__name__})")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {desc}")
+    if not isinstance(labels, (list, np.ndarray)):
+        raise ValueError(f"{path}: 'labels' must be a list of ints, got {type(labels).__name__}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{path}: 'labels' must be a list of ints: {e}") from None
+    labels = check_labels(labels.reshape(-1) if labels.ndim == 1 else labels, len(data), 10,
+                          name=f"labels in {path}")
+    x = (data.reshape(-1, 3, 32, 32).astype(np.float32) / np.float32(255.0))
+    return x, labels.astype(np.int64)
+
+
+def load_cifar10(directory):
+    """CIFAR-10 from its python batches (data_batch_1..5 and test_batch) in directory, or in its
+    cifar-10-batches-py subdirectory. These files are pickles: they are parsed with a restricted unpickler that
+    refuses every callable other than NumPy's array reconstruction, and only ever from a path the caller gives.
+    x is (N, 3, 32, 32) in [0, 1]."""
+    if os.path.isdir(os.path.join(directory, "cifar-10-batches-py")):
+        directory = os.path.join(directory, "cifar-10-batches-py")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} is not a directory holding the CIFAR-10 python batches")
+    train_paths = sorted((p for p in os.listdir(directory) if re.fullmatch(r"data_batch_\d+", p)),
+                         key=lambda p: int(p.rsplit("_", 1)[1]))
+    if not train_paths:
+        raise FileNotFoundError(f"no data_batch_<n> files in {directory}")
+    test_path = os.path.join(directory, "test_batch")
+    if not os.path.isfile(test_path):
+        raise FileNotFoundError(f"no test_batch file in {directory}")
+    parts = [_load_cifar_batch(os.path.join(directory, p)) for p in train_paths]
+    x_train = np.concatenate([p[0] for p in parts])
+    y_train = np.concatenate([p[1] for p in parts])
+    return (x_train, y_train), _load_cifar_batch(test_path)
+
+
+def load_dataset(name, path=None):
+    """((x_train, y_train), (x_test, y_test)) for one of DATASETS; all but the embedded digits need path."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "digits":
+        if path is not None:
+            raise ValueError("the digits are embedded; a data path is only for mnist, fashion-mnist and cifar10")
+        return load_digits()
+    if path is None:
+        raise ValueError(f"{name} needs the path of a directory holding its files")
+    return {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}[name](path)
+
+
+def _check_sha256(sha256):
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
+    return sha256.lower()
+
+
+def _file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, sha256, timeout=60.0):
+    """Fetch url (http or https) to path unless path already holds a file with this SHA-256. The data go to a
+    temporary file beside path, renamed over it only once the digest matches; a mismatch is a ValueError and leaves
+    no file behind. Returns path."""
+    sha256 = _check_sha256(sha256)
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"url must be http or https, got {url!r}")
+    path = os.fspath(path)
+    if os.path.isfile(path) and _file_sha256(path) == sha256:
+        return path
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=directory)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                h.update(chunk)
+                out.write(chunk)
+        digest = h.hexdigest()
+        if digest != sha256:
+            raise ValueError(f"SHA-256 mismatch for {url}: expected {sha256}, got {digest}; the file was discarded")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+

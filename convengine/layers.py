@@ -1,0 +1,513 @@
+"""Layers: the building blocks of a Sequential model, each with forward(x, training) and backward(grad).
+
+Convolution, pooling, ReLU and the fully connected layer call `convengine.functional`, so their loops run in the
+compiled kernels; BatchNorm2d, Dropout, Flatten and GlobalAvgPool2d are a few vectorised NumPy expressions.
+A layer keeps what its backward needs only after a training forward; inference keeps nothing.
+
+Gradients accumulate into `Parameter.grad` (as in PyTorch) until the optimizer's zero_grad() clears them, which
+lets a caller sum gradients over several batches.
+"""
+import math
+
+import numpy as np
+
+from . import _args
+from . import functional as F
+from ._random import generator
+
+__all__ = ["Parameter", "Layer", "Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "ReLU", "Flatten",
+           "Linear", "Dropout", "BatchNorm2d", "LAYER_TYPES"]
+
+_INITS = ("he", "glorot")
+
+
+class Parameter:
+    """A trainable array and the gradient accumulated for it. `name` is set by the model ("0.weight")."""
+
+    __slots__ = ("name", "data", "grad")
+
+    def __init__(self, name, data):
+        self.name = name
+        self.data = data
+        self.grad = np.zeros_like(data)
+
+    def __repr__(self):
+        return f"Parameter({self.name!r}, shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+def _dtype(dtype):
+    dt = np.dtype(dtype)
+    if dt not in _args.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _init_weight(shape, fan_in, fan_out, init, dtype):
+    """He (normal, std sqrt(2 / fan_in)) suits layers followed by ReLU; Glorot (uniform, limit
+    sqrt(6 / (fan_in + fan_out))) suits the rest. Drawn in float64 and rounded, so both dtypes get the same values."""
+    if init == "he":
+        w = generator().normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
+    else:
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        w = generator().uniform(-limit, limit, size=shape)
+    return w.astype(dtype)
+
+
+def _check_init(init):
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    return init
+
+
+def _check_bool(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _check_float(value, name, low, high, high_open=False):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not (low <= value <= high) or (high_open and value == high):
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+    return value
+
+
+class Layer:
+    """Base class. Subclasses set `_params` (local name -> Parameter) and implement forward and backward.
+
+    need_input_grad: when False (the model sets it on its first layer) backward may skip the gradient with
+    respect to the input, which nobody reads there, and return None.
+    """
+
+    need_input_grad = True
+
+    def __init__(self):
+        self._params = {}
+
+    def forward(self, x, training=False):
+        raise NotImplementedError
+
+    def backward(self, grad):
+        raise NotImplementedError
+
+    def __call__(self, x, training=False):
+        return self.forward(x, training)
+
+    def parameters(self):
+        return list(self._params.values())
+
+    def named_parameters(self):
+        """(local name, Parameter) pairs: 'weight', 'bias'."""
+        return list(self._params.items())
+
+    def buffers(self):
+        """Arrays that are state but not trained (BatchNorm's running statistics), by local name."""
+        return {}
+
+    def config(self):
+        """The constructor arguments, JSON-serialisable: a saved model is rebuilt from them."""
+        return {}
+
+    def output_shape(self, input_shape):
+        """Shape of one sample's output for one sample's input shape (no batch axis)."""
+        return tuple(input_shape)
+
+    def flops(self, input_shape):
+        """Floating-point operations of an inference forward for one sample (a multiply-add counts 2)."""
+        return 0
+
+    def _needs_cache(self, cache, what="forward(x, training=True)"):
+        if cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() needs a {what} first")
+        return cache
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Conv2d(Layer):
+    """2-D convolution over NCHW input, weight (out_channels, in_channels // groups, kh, kw)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, init="he", dtype="float32"):
+        super().__init__()
+        self.in_channels = _args.check_int(in_channels, "in_channels", 1)
+        self.out_channels = _args.check_int(out_channels, "out_channels", 1)
+        self.kernel_size = _args.pair(kernel_size, "kernel_size", 1)
+        self.stride = _args.pair(stride, "stride", 1)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+            self.padding = padding
+        else:
+            self.padding = _args.pair(padding, "padding", 0)
+        self.dilation = _args.pair(dilation, "dilation", 1)
+        self.groups = _args.check_int(groups, "groups", 1)
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups={self.groups} must divide in_channels={self.in_channels} and "
+                             f"out_channels={self.out_channels}")
+        self.init = _check_init(init)
+        self.dtype = _dtype(dtype)
+        has_bias = _check_bool(bias, "bias")
+        kh, kw = self.kernel_size
+        cin_g = self.in_channels // self.groups
+        w = _init_weight((self.out_channels, cin_g, kh, kw), cin_g * kh * kw,
+                         self.out_channels // self.groups * kh * kw, self.init, self.dtype)
+        self._params["weight"] = Parameter("weight", w)
+        if has_bias:
+            self._params["bias"] = Parameter("bias", np.zeros(self.out_channels, self.dtype))
+        self._x = None
+
+    @property
+    def weight(self):
+        return self._params["weight"]
+
+    @property
+    def bias(self):
+        return self._params.get("bias")
+
+    def _hyper(self):
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+    def forward(self, x, training=False):
+        bias = self.bias.data if self.bias is not None else None
+        y = F.conv2d(x, self.weight.data, bias, **self._hyper())
+        self._x = x if training else None
+        return y
+
+    def backward(self, grad):
+        x = self._needs_cache(self._x)
+        gx, gw, gb = F.conv2d_backward(grad, x, self.weight.data, need_input_grad=self.need_input_grad,
+                                       **self._hyper())
+        self.weight.grad += gw
+        if self.bias is not None:
+            self.bias.grad += gb
+        return gx if self.need_input_grad else None
+
+    def _geometry(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"Conv2d needs (C, H, W) input, got {tuple(input_shape)}")
+        return _args.conv2d_geometry((1,) + tuple(input_shape), self.weight.data.shape, **self._hyper())
+
+    def output_shape(self, input_shape):
+        return self._geometry(input_shape).out_shape[1:]
+
+    def flops(self, input_shape):
+        geom = self._geometry(input_shape)
+        bias = math.prod(geom.out_shape) if self.bias is not None else 0
+        return _args.flops_conv2d(geom) + bias
+
+    def config(self):
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=list(self.kernel_size),
+                    stride=list(self.stride),
+                    padding=self.padding if isinstance(self.padding, str) else list(self.padding),
+                    dilation=list(self.dilation), groups=self.groups, bias=self.bias is not None, init=self.init,
+                    dtype=self.dtype.name)
+
+
+class _Pool(Layer):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
+        super().__init__()
+        self.kernel_size = _args.pair(kernel_size, "kernel_size", 1)
+        self.stride = self.kernel_size if stride is None else _args.pair(stride, "stride", 1)
+        self.padding = _args.pair(padding, "padding", 0)
+        if 2 * self.padding[0] > self.kernel_size[0] or 2 * self.padding[1] > self.kernel_size[1]:
+            raise ValueError(f"padding {self.padding} must be at most half of kernel_size {self.kernel_size}")
+        self.ceil_mode = _check_bool(ceil_mode, "ceil_mode")
+        self._shape = None
+
+    def _hyper(self):
+        return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, ceil_mode=self.ceil_mode)
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"{type(self).__name__} needs (C, H, W) input, got {tuple(input_shape)}")
+        geom = _args.pool2d_geometry((1,) + tuple(input_shape), name=type(self).__name__, **self._hyper())
+        return geom.out_shape[1:]
+
+    def flops(self, input_shape):
+        kh, kw = self.kernel_size
+        return math.prod(self.output_shape(input_shape)) * kh * kw
+
+    def config(self):
+        return dict(kernel_size=list(self.kernel_size), stride=list(self.stride), padding=list(self.padding),
+                    ceil_mode=self.ceil_mode)
+
+
+class MaxPool2d(_Pool):
+    """Maximum over each window; backward routes the gradient to the (first) maximum, as PyTorch does."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
+        super().__init__(kernel_size, stride, padding, ceil_mode)
+        self._indices = None
+
+    def forward(self, x, training=False):
+        if not training:
+            self._indices = self._shape = None
+            return F.max_pool2d(x, **self._hyper())
+        y, self._indices = F.max_pool2d(x, return_indices=True, **self._hyper())
+        self._shape = x.shape
+        return y
+
+    def backward(self, grad):
+        indices = self._needs_cache(self._indices)
+        return F.max_pool2d_backward(grad, indices, self._shape)
+
+
+class AvgPool2d(_Pool):
+    """Mean over each window; count_include_pad as in PyTorch."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+        super().__init__(kernel_size, stride, padding, ceil_mode)
+        self.count_include_pad = _check_bool(count_include_pad, "count_include_pad")
+
+    def forward(self, x, training=False):
+        self._shape = x.shape if training else None
+        return F.avg_pool2d(x, count_include_pad=self.count_include_pad, **self._hyper())
+
+    def backward(self, grad):
+        shape = self._needs_cache(self._shape)
+        return F.avg_pool2d_backward(grad, shape, count_include_pad=self.count_include_pad, **self._hyper())
+
+    def config(self):
+        return dict(super().config(), count_include_pad=self.count_include_pad)
+
+
+def _check_4d(x, layer):
+    _args.check_array(x, "x", None)
+    if x.ndim != 4:
+        raise ValueError(f"{layer} needs x of shape (N, C, H, W), got shape {x.shape}")
+
+
+class GlobalAvgPool2d(Layer):
+    """Mean over each whole feature map: (N, C, H, W) -> (N, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self._shape = None
+
+    def forward(self, x, training=False):
+        _check_4d(x, "GlobalAvgPool2d")
+        if x.shape[2] * x.shape[3] == 0:
+            raise ValueError(f"GlobalAvgPool2d needs non-empty feature maps, got x shape {x.shape}")
+        self._shape = x.shape if training else None
+        return x.mean(axis=(2, 3), dtype=x.dtype)
+
+    def backward(self, grad):
+        shape = self._needs_cache(self._shape)
+        scale = grad.dtype.type(1.0 / (shape[2] * shape[3]))
+        return np.broadcast_to((grad * scale)[:, :, None, None], shape).copy()
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"GlobalAvgPool2d needs (C, H, W) input, got {tuple(input_shape)}")
+        return (input_shape[0],)
+
+    def flops(self, input_shape):
+        return math.prod(input_shape)
+
+
+class ReLU(Layer):
+    """max(x, 0); the gradient passes where x > 0."""
+
+    def __init__(self):
+        super().__init__()
+        self._x = None
+
+    def forward(self, x, training=False):
+        self._x = x if training else None
+        return F.relu(x)
+
+    def backward(self, grad):
+        return F.relu_backward(grad, self._needs_cache(self._x))
+
+    def flops(self, input_shape):
+        return math.prod(input_shape)
+
+
+class Flatten(Layer):
+    """(N, ...) -> (N, features), the bridge from feature maps to a fully connected layer."""
+
+    def __init__(self):
+        super().__init__()
+        self._shape = None
+
+    def forward(self, x, training=False):
+        _args.check_array(x, "x", None)
+        if x.ndim < 2:
+            raise ValueError(f"Flatten needs x with a batch axis and at least one more, got shape {x.shape}")
+        self._shape = x.shape if training else None
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad):
+        return grad.reshape(self._needs_cache(self._shape))
+
+    def output_shape(self, input_shape):
+        return (math.prod(input_shape),)
+
+
+class Linear(Layer):
+    """Fully connected: y = x @ weight.T + bias, weight (out_features, in_features)."""
+
+    def __init__(self, in_features, out_features, bias=True, init="he", dtype="float32"):
+        super().__init__()
+        self.in_features = _args.check_int(in_features, "in_features", 1)
+        self.out_features = _args.check_int(out_features, "out_features", 1)
+        self.init = _check_init(init)
+        self.dtype = _dtype(dtype)
+        has_bias = _check_bool(bias, "bias")
+        w = _init_weight((self.out_features, self.in_features), self.in_features, self.out_features, self.init,
+                         self.dtype)
+        self._params["weight"] = Parameter("weight", w)
+        if has_bias:
+            self._params["bias"] = Parameter("bias", np.zeros(self.out_features, self.dtype))
+        self._x = None
+
+    @property
+    def weight(self):
+        return self._params["weight"]
+
+    @property
+    def bias(self):
+        return self._params.get("bias")
+
+    def forward(self, x, training=False):
+        bias = self.bias.data if self.bias is not None else None
+        y = F.linear(x, self.weight.data, bias)
+        self._x = x if training else None
+        return y
+
+    def backward(self, grad):
+        x = self._needs_cache(self._x)
+        gx, gw, gb = F.linear_backward(grad, x, self.weight.data)
+        self.weight.grad += gw
+        if self.bias is not None:
+            self.bias.grad += gb
+        return gx if self.need_input_grad else None
+
+    def output_shape(self, input_shape):
+        if tuple(input_shape) != (self.in_features,):
+            raise ValueError(f"Linear({self.in_features}, {self.out_features}) needs input of shape "
+                             f"({self.in_features},), got {tuple(input_shape)}")
+        return (self.out_features,)
+
+    def flops(self, input_shape):
+        return 2 * self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
+    def config(self):
+        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
+                    init=self.init, dtype=self.dtype.name)
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training, zero each element with probability p and scale the rest by 1 / (1 - p), so
+    inference is the identity. The mask comes from the generator seeded by convengine.manual_seed."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.p = _check_float(p, "p", 0.0, 1.0, high_open=True)
+        self._mask = None
+
+    def forward(self, x, training=False):
+        _args.check_array(x, "x", None)
+        if not training or self.p == 0.0:
+            self._mask = None if not training else np.ones((), x.dtype)
+            return x
+        keep = generator().random(x.shape, dtype=x.dtype) >= x.dtype.type(self.p)
+        self._mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
+        return x * self._mask
+
+    def backward(self, grad):
+        return grad * self._needs_cache(self._mask)
+
+    def config(self):
+        return dict(p=self.p)
+
+
+class BatchNorm2d(Layer):
+    """Per-channel normalisation of NCHW input (Ioffe & Szegedy, 2015), with PyTorch's conventions: training
+    normalises with the batch's biased variance and updates running statistics with the unbiased one
+    (running = (1 - momentum) * running + momentum * batch); inference uses the running statistics."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype="float32"):
+        super().__init__()
+        self.num_features = _args.check_int(num_features, "num_features", 1)
+        self.eps = _check_float(eps, "eps", 0.0, math.inf)
+        if self.eps == 0.0:
+            raise ValueError("eps must be > 0")
+        self.momentum = _check_float(momentum, "momentum", 0.0, 1.0)
+        self.dtype = _dtype(dtype)
+        self._params["weight"] = Parameter("weight", np.ones(self.num_features, self.dtype))
+        self._params["bias"] = Parameter("bias", np.zeros(self.num_features, self.dtype))
+        self.running_mean = np.zeros(self.num_features, self.dtype)
+        self.running_var = np.ones(self.num_features, self.dtype)
+        self._cache = None
+
+    def _check(self, x):
+        _check_4d(x, "BatchNorm2d")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"BatchNorm2d({self.num_features}) got x of shape {x.shape} "
+                             f"with {x.shape[1]} channels")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but BatchNorm2d has dtype {self.dtype}")
+
+    def forward(self, x, training=False):
+        self._check(x)
+        gamma = self._params["weight"].data
+        beta = self._params["bias"].data
+        if not training:
+            self._cache = None
+            scale = gamma / np.sqrt(self.running_var + self.dtype.type(self.eps))
+            shift = beta - self.running_mean * scale
+            return x * scale[:, None, None] + shift[:, None, None]
+        m = x.shape[0] * x.shape[2] * x.shape[3]
+        if m < 2:
+            raise ValueError(f"BatchNorm2d needs more than one value per channel in training, got x shape {x.shape}")
+        mean = x.mean(axis=(0, 2, 3))
+        xc = x - mean[:, None, None]
+        var = np.mean(xc * xc, axis=(0, 2, 3))
+        inv_std = 1.0 / np.sqrt(var + self.dtype.type(self.eps))
+        xhat = xc * inv_std[:, None, None]
+        mom = self.dtype.type(self.momentum)
+        self.running_mean *= 1 - mom
+        self.running_mean += mom * mean
+        self.running_var *= 1 - mom
+        self.running_var += mom * var * self.dtype.type(m / (m - 1))
+        self._cache = (xhat, inv_std)
+        return xhat * gamma[:, None, None] + beta[:, None, None]
+
+    def backward(self, grad):
+        xhat, inv_std = self._needs_cache(self._cache)
+        gamma = self._params["weight"]
+        beta = self._params["bias"]
+        beta.grad += grad.sum(axis=(0, 2, 3))
+        gamma.grad += (grad * xhat).sum(axis=(0, 2, 3))
+        # d loss / d x of y = gamma * (x - mean) / std, with mean and std functions of the whole batch.
+        g = grad * gamma.data[:, None, None]
+        mean_g = g.mean(axis=(0, 2, 3))
+        mean_gx = (g * xhat).mean(axis=(0, 2, 3))
+        return (g - mean_g[:, None, None] - xhat * mean_gx[:, None, None]) * inv_std[:, None, None]
+
+    def buffers(self):
+        return {"running_mean": self.running_mean, "running_var": self.running_var}
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 3 or input_shape[0] != self.num_features:
+            raise ValueError(f"BatchNorm2d({self.num_features}) needs ({self.num_features}, H, W) input, "
+                             f"got {tuple(input_shape)}")
+        return tuple(input_shape)
+
+    def flops(self, input_shape):
+        return 2 * math.prod(input_shape)
+
+    def config(self):
+        return dict(num_features=self.num_features, eps=self.eps, momentum=self.momentum, dtype=self.dtype.name)
+
+
+# The only classes a saved model may name: loading never looks a class up by an arbitrary name.
+LAYER_TYPES = {cls.__name__: cls for cls in (Conv2d, MaxPool2d, AvgPool2d, GlobalAvgPool2d, ReLU, Flatten, Linear,
+                                             Dropout, BatchNorm2d)}
