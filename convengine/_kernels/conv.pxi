@@ -74,9 +74,9 @@ cdef void im2col_block(const floating* x, const ConvGeom* p, Py_ssize_t g, Py_ss
 
 
 cdef void pack_b_grad_out_t(const floating* dy, const ConvGeom* p, Py_ssize_t g, Py_ssize_t q0, Py_ssize_t kc,
-                            floating* out) noexcept nogil:
-    """Pack dY[g]^T[q0:q0+kc, 0:Kg] (q = (b, oh, ow), columns are the group's output channels) as a B block."""
-    cdef Py_ssize_t NR = tile_n(<floating>0)
+                            Py_ssize_t NR, floating* out) noexcept nogil:
+    """Pack dY[g]^T[q0:q0+kc, 0:Kg] (q = (b, oh, ow), columns are the group's output channels) as a B block of
+    NR-column panels."""
     cdef Py_ssize_t Kg = p.K // p.G
     cdef Py_ssize_t P = p.OH * p.OW
     cdef Py_ssize_t jp, j, k, t, seg, b, pix, u
@@ -167,62 +167,93 @@ cdef inline void store_rows(const floating* cbuf, Py_ssize_t ldc, Py_ssize_t row
             y[i * ldy + t] = cbuf[i * ldc + t] + bval
 
 
-cdef inline Py_ssize_t direct_rows(const ConvGeom* p, Py_ssize_t NC) noexcept nogil:
-    """Output rows per block of the direct path: about NC columns of padded width, balanced over OH."""
-    cdef Py_ssize_t Wp = p.W + p.pl + max(0, (p.OW - 1) + (p.KW - 1) * p.dw + 1 - p.W - p.pl)
-    cdef Py_ssize_t R = max(1, min(p.OH, NC // Wp))
-    return balanced_block(p.OH, R)
-
-
 cdef inline Py_ssize_t padded_width(const ConvGeom* p) noexcept nogil:
     """Width of the zero-padded rows the direct path reads: every tap of every output column lies inside."""
     return (p.OW - 1) + (p.KW - 1) * p.dw + 1
 
 
+cdef inline Py_ssize_t direct_rows(const ConvGeom* p, Py_ssize_t NC) noexcept nogil:
+    """Output rows per block of the direct path: about NC columns of padded width, balanced over OH."""
+    return balanced_block(p.OH, max(1, min(p.OH, NC // padded_width(p))))
+
+
 cdef bint use_direct(const ConvGeom* p, Py_ssize_t NR, Py_ssize_t NC) noexcept nogil:
-    """Whether the direct path (stride 1: B rows read straight from a zero-padded copy of a few input rows) beats
-    implicit im2col. It computes padded_width - OW wasted columns per output row and pads the block to whole NR
-    panels; im2col wastes nothing but copies Kd values per output pixel. Measured: im2col costs about a third of
-    the GEMM time, so direct wins while at least ~75% of its columns are useful."""
-    cdef Py_ssize_t Wp, R, ncols
+    """Whether the direct path (stride 1: operand rows read straight from a zero-padded copy of a few input rows)
+    beats implicit im2col. It computes padded_width - OW wasted columns per output row and pads a block to whole
+    NR panels; im2col wastes nothing but copies Kd values per output pixel, measured at about a third of the GEMM
+    time. So direct while at least ~75% of its columns are useful."""
+    cdef Py_ssize_t R
     if p.sh != 1 or p.sw != 1:
         return False
-    Wp = padded_width(p)
     R = direct_rows(p, NC)
-    ncols = R * Wp
-    return 4 * R * p.OW >= 3 * round_up(ncols, NR)
+    return 4 * R * p.OW >= 3 * round_up(R * padded_width(p), NR)
+
+
+cdef void fill_padded_rows(const floating* x, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t oh0,
+                           Py_ssize_t nrows_in, Py_ssize_t rows_in, floating* xblk) noexcept nogil:
+    """xblk[c, ri, :] = row oh0 + ri - pt of input channel g*Cg + c, zero-padded to padded_width (zero rows
+    above/below the image). Channel blocks are rows_in rows apart; nrows_in <= rows_in of them are filled."""
+    cdef Py_ssize_t Cg = p.C // p.G
+    cdef Py_ssize_t Wp = padded_width(p)
+    cdef Py_ssize_t iw_n = max(0, min(p.W, Wp - p.pl))
+    cdef Py_ssize_t c, ri, ih
+    cdef floating* dst
+    for c in range(Cg):
+        for ri in range(nrows_in):
+            dst = xblk + (c * rows_in + ri) * Wp
+            ih = oh0 + ri - p.pt
+            if ih < 0 or ih >= p.H:
+                memset(dst, 0, Wp * sizeof(floating))
+            else:
+                memset(dst, 0, p.pl * sizeof(floating))
+                memcpy(dst + p.pl, x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W, iw_n * sizeof(floating))
+                memset(dst + p.pl + iw_n, 0, (Wp - p.pl - iw_n) * sizeof(floating))
+
+
+cdef inline void tap_rows(const ConvGeom* p, const floating* xblk, Py_ssize_t rows_in,
+                          const floating** table) noexcept nogil:
+    """table[r] = start of tap r = (c, kh, kw) in a padded row block: xblk + (c*rows_in + kh*dh)*Wp + kw*dw."""
+    cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
+    cdef Py_ssize_t Wp = padded_width(p)
+    cdef Py_ssize_t r, c, kh, kw
+    for r in range(Kd):
+        c = r // (p.KH * p.KW)
+        kh = (r // p.KW) % p.KH
+        kw = r % p.KW
+        table[r] = xblk + (c * rows_in + kh * p.dh) * Wp + kw * p.dw
 
 
 cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssize_t KC, const floating* bias,
                                floating* y, const ConvGeom* p, int n_threads) noexcept nogil:
     """Stride-1 forward without im2col. A task (image, group, block of R output rows) copies the R + (KH-1)*dh
-    input rows it needs into a zero-padded buffer of width Wp; B row r = (c, kh, kw) is then that buffer at offset
-    c*rows_in*Wp + kh*dh*Wp + kw*dw, and output pixel (oh, ow) of the block is column (oh - oh0)*Wp + ow."""
+    input rows it needs into a zero-padded buffer of width Wp; B row r = (c, kh, kw) is that buffer at the tap's
+    offset, and output pixel (oh, ow) of the block is column (oh - oh0)*Wp + ow (columns ow >= OW are computed
+    and dropped)."""
+    cdef int nv = CE_NV
     cdef Py_ssize_t NR = tile_n(<floating>0)
-    cdef Py_ssize_t NC = 8 * NR
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t Kd = Cg * p.KH * p.KW
     cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
     cdef Py_ssize_t Wp = padded_width(p)
-    cdef Py_ssize_t R = direct_rows(p, NC)
+    cdef Py_ssize_t R = direct_rows(p, 8 * NR)
     cdef Py_ssize_t rows_in = R + (p.KH - 1) * p.dh
     cdef Py_ssize_t nrb = (p.OH + R - 1) // R
     cdef Py_ssize_t ncmax = round_up(R * Wp, NR)
-    # panels read up to ncmax - 1 columns past a row's start: slack after the last channel keeps them in bounds
+    # panels read up to ncmax columns from a tap's start: slack after the last channel keeps them in bounds
     cdef Py_ssize_t xlen = Cg * rows_in * Wp + ncmax + (p.KW - 1) * p.dw
-    cdef Py_ssize_t task, b, g, rb, oh0, nrows, ncpad, k0, kc, c, ri, ih, r, kh, kw, i, t, iw_hi
+    cdef Py_ssize_t task, b, g, rb, oh0, nrows, ncpad, k0, kc, ri
     cdef floating* xblk
     cdef floating* cbuf
-    cdef floating* dst
-    cdef const floating* src
     cdef const floating** brow
+    cdef const floating** arow
     cdef int failed = 0
     with parallel(num_threads=n_threads):
         xblk = <floating*>calloc(xlen, sizeof(floating))
         cbuf = <floating*>malloc(Mpad * ncmax * sizeof(floating))
         brow = <const floating**>malloc(Kd * sizeof(floating*))
+        arow = <const floating**>malloc(Mpad * sizeof(floating*))
         for task in prange(p.B * p.G * nrb, schedule='static'):
-            if xblk == NULL or cbuf == NULL or brow == NULL:
+            if xblk == NULL or cbuf == NULL or brow == NULL or arow == NULL:
                 (&failed)[0] = 1
                 continue
             b = task // (p.G * nrb)
@@ -231,29 +262,13 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
             oh0 = rb * R
             nrows = min(R, p.OH - oh0)
             ncpad = round_up(nrows * Wp, NR)
-            # zero-padded input rows oh0 - pt ... for the group's channels
-            iw_hi = min(p.W, Wp - p.pl)
-            for c in range(Cg):
-                for ri in range(nrows + (p.KH - 1) * p.dh):
-                    dst = xblk + (c * rows_in + ri) * Wp
-                    ih = oh0 + ri - p.pt
-                    if ih < 0 or ih >= p.H:
-                        memset(dst, 0, Wp * sizeof(floating))
-                    else:
-                        src = x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W
-                        memset(dst, 0, p.pl * sizeof(floating))
-                        memcpy(dst + p.pl, src, iw_hi * sizeof(floating))
-                        memset(dst + p.pl + iw_hi, 0, (Wp - p.pl - iw_hi) * sizeof(floating))
-            for r in range(Kd):
-                c = r // (p.KH * p.KW)
-                kh = (r // p.KW) % p.KH
-                kw = r % p.KW
-                brow[r] = xblk + (c * rows_in + kh * p.dh) * Wp + kw * p.dw
+            fill_padded_rows(x, p, b, g, oh0, nrows + (p.KH - 1) * p.dh, rows_in, xblk)
+            tap_rows(p, xblk, rows_in, brow)
             k0 = 0
             while k0 < Kd:
                 kc = min(KC, Kd - k0)
-                macro_kernel(Mpad // CE_MR, ncpad // NR, kc, apack + g * Mpad * Kd + k0 * Mpad, 1, CE_MR,
-                             CE_MR * kc, brow + k0, NR, cbuf, ncmax, k0 > 0)
+                packed_a_table(arow, apack + g * Mpad * Kd + k0 * Mpad, Mpad // CE_MR, kc)
+                macro_kernel(Mpad // CE_MR, ncpad // NR, kc, arow, CE_MR, brow + k0, NR, cbuf, ncmax, k0 > 0, nv)
                 k0 = k0 + kc
             for ri in range(nrows):
                 store_rows(cbuf + ri * Wp, ncmax, Kg, p.OW, bias + g * Kg if bias != NULL else NULL,
@@ -261,6 +276,7 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
         free(xblk)
         free(cbuf)
         free(brow)
+        free(arow)
     return -failed
 
 
@@ -268,6 +284,7 @@ cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssiz
                                floating* y, const ConvGeom* p, int n_threads) noexcept nogil:
     """Forward for any stride: column blocks of the Q = B*OH*OW pixels (across images), im2col rows built into a
     row-major B block."""
+    cdef int nv = CE_NV
     cdef Py_ssize_t NR = tile_n(<floating>0)
     cdef Py_ssize_t NC = 8 * NR
     # row stride of the B block: one vector past NC so that its rows do not all map to the same L1 sets
@@ -282,13 +299,15 @@ cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssiz
     cdef floating* bblk
     cdef floating* cbuf
     cdef const floating** brow
+    cdef const floating** arow
     cdef int failed = 0
     with parallel(num_threads=n_threads):
         bblk = <floating*>malloc(KC * LDB * sizeof(floating))
         cbuf = <floating*>malloc(Mpad * NC * sizeof(floating))
         brow = <const floating**>malloc(KC * sizeof(floating*))
+        arow = <const floating**>malloc(Mpad * sizeof(floating*))
         for task in prange(p.G * nblocks, schedule='static'):
-            if bblk == NULL or cbuf == NULL or brow == NULL:
+            if bblk == NULL or cbuf == NULL or brow == NULL or arow == NULL:
                 (&failed)[0] = 1
                 continue
             row_table(brow, bblk, KC, LDB)
@@ -301,8 +320,8 @@ cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssiz
             while k0 < Kd:
                 kc = min(KC, Kd - k0)
                 im2col_block(x, p, g, k0, kc, q0, nc, ncpad, bblk, LDB)
-                macro_kernel(Mpad // CE_MR, ncpad // NR, kc, apack + g * Mpad * Kd + k0 * Mpad, 1, CE_MR,
-                             CE_MR * kc, brow, NR, cbuf, NC, k0 > 0)
+                packed_a_table(arow, apack + g * Mpad * Kd + k0 * Mpad, Mpad // CE_MR, kc)
+                macro_kernel(Mpad // CE_MR, ncpad // NR, kc, arow, CE_MR, brow, NR, cbuf, NC, k0 > 0, nv)
                 k0 = k0 + kc
             # the block's columns, image by image, to y[b, g*Kg + i, pix]
             j = 0
@@ -316,6 +335,7 @@ cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssiz
         free(bblk)
         free(cbuf)
         free(brow)
+        free(arow)
     return -failed
 
 
@@ -339,7 +359,9 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const floatin
 
 cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
                                 int n_threads) noexcept nogil:
-    """dx = conv2d's input gradient (overwritten). Split over (image, group): each task owns its dx planes."""
+    """dx = conv2d's input gradient (overwritten): dcol = W[g]^T dY[b, g] then col2im. Split over (image, group):
+    each task owns its dx planes and adds into them in one fixed order."""
+    cdef int nv = CE_NV
     cdef Py_ssize_t NR = tile_n(<floating>0)
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t Kd = Cg * p.KH * p.KW
@@ -353,8 +375,8 @@ cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating*
     cdef floating* bblk
     cdef floating* cbuf
     cdef floating* dxg
-    cdef const floating* src
     cdef const floating** brow
+    cdef const floating** arow
     cdef int failed = 0
     apack = <floating*>malloc(p.G * Mpad * Kg * sizeof(floating))
     if apack == NULL:
@@ -370,8 +392,9 @@ cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating*
         bblk = <floating*>malloc(KC * LDB * sizeof(floating))
         cbuf = <floating*>malloc(Mpad * NC * sizeof(floating))
         brow = <const floating**>malloc(KC * sizeof(floating*))
+        arow = <const floating**>malloc(Mpad * sizeof(floating*))
         for task in prange(p.B * p.G, schedule='static'):
-            if bblk == NULL or cbuf == NULL or brow == NULL:
+            if bblk == NULL or cbuf == NULL or brow == NULL or arow == NULL:
                 (&failed)[0] = 1
                 continue
             row_table(brow, bblk, KC, LDB)
@@ -387,64 +410,228 @@ cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating*
                 while k0 < Kg:
                     kc = min(KC, Kg - k0)
                     for i in range(kc):
-                        src = dy + (b * p.K + g * Kg + k0 + i) * P + p0
-                        memcpy(bblk + i * LDB, src, nc * sizeof(floating))
+                        memcpy(bblk + i * LDB, dy + (b * p.K + g * Kg + k0 + i) * P + p0, nc * sizeof(floating))
                         for j in range(nc, ncpad):
                             bblk[i * LDB + j] = 0
-                    macro_kernel(Mpad // CE_MR, ncpad // NR, kc, apack + g * Mpad * Kg + k0 * Mpad, 1, CE_MR,
-                                 CE_MR * kc, brow, NR, cbuf, NC, k0 > 0)
+                    packed_a_table(arow, apack + g * Mpad * Kg + k0 * Mpad, Mpad // CE_MR, kc)
+                    macro_kernel(Mpad // CE_MR, ncpad // NR, kc, arow, CE_MR, brow, NR, cbuf, NC, k0 > 0, nv)
                     k0 = k0 + kc
                 col2im_add(cbuf, NC, p, Kd, p0, nc, dxg)
                 p0 = p0 + nc
         free(bblk)
         free(cbuf)
         free(brow)
+        free(arow)
     free(apack)
     return -failed
 
 
-cdef inline Py_ssize_t grad_weight_chunks(Py_ssize_t Q) noexcept nogil:
-    """How many fixed slices of the Q = B*OH*OW pixels grad_weight reduces separately (then sums in order).
-    A function of the shape only, never of the thread count."""
-    return max(1, min(16, Q // 2048))
+cdef inline Py_ssize_t grad_weight_chunks(Py_ssize_t units, Py_ssize_t unit_pixels) noexcept nogil:
+    """How many fixed slices of the pixels grad_weight reduces separately (then sums in order): about 2048+
+    pixels each, at most 16. A function of the shape only, never of the thread count."""
+    return max(1, min(16, min(units, units * unit_pixels // 2048)))
 
 
-cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating* dw, floating* db,
-                                 const ConvGeom* p, int n_threads) noexcept nogil:
-    """dw (K, Cg, KH, KW) and db (K,) or NULL, overwritten."""
-    cdef Py_ssize_t NR = tile_n(<floating>0)
-    cdef Py_ssize_t KC = block_k(<floating>0)
-    cdef Py_ssize_t LDA = KC + vlen(<floating>0)
+cdef bint all_finite(const floating* x, Py_ssize_t n) noexcept nogil:
+    """No inf or NaN in x: no value has an all-ones exponent. Integer tests vectorise; a float sum would be a
+    serial dependency chain (4 ms on a 4M-element input)."""
+    cdef Py_ssize_t i
+    cdef const uint32_t* u
+    cdef const uint64_t* v
+    cdef uint32_t bad32 = 0
+    cdef uint64_t bad64 = 0
+    if floating is float:
+        u = <const uint32_t*>x
+        for i in range(n):
+            bad32 |= (u[i] & 0x7f800000u) == 0x7f800000u
+        return bad32 == 0
+    else:
+        v = <const uint64_t*>x
+        for i in range(n):
+            bad64 |= (v[i] & 0x7ff0000000000000u) == 0x7ff0000000000000u
+        return bad64 == 0
+
+
+cdef void sum_partials(const floating* partial, Py_ssize_t nchunks, const ConvGeom* p, floating* dw,
+                       int n_threads) noexcept nogil:
+    """dw[g*Kg + k, r] = sum over chunks, in chunk order, of partial[g, ch][r, k]."""
+    cdef Py_ssize_t Kg = p.K // p.G
+    cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
+    cdef Py_ssize_t task, g, k, r, ch
+    cdef floating acc
+    for task in prange(p.K, schedule='static', num_threads=n_threads):
+        g = task // Kg
+        k = task - g * Kg
+        for r in range(Kd):
+            acc = 0
+            for ch in range(nchunks):
+                acc = acc + partial[((g * nchunks + ch) * Kd + r) * Kg + k]
+            dw[task * Kd + r] = acc
+
+
+cdef floating channel_sum(const floating* dy, Py_ssize_t B, Py_ssize_t stride, Py_ssize_t P) noexcept nogil:
+    """Sum of B planes of P values (stride apart) in 16 interleaved lanes, then the lanes in order: a fixed
+    order that vectorises (one running sum is a serial chain of adds)."""
+    cdef floating lanes[16]
+    cdef floating acc = 0
+    cdef Py_ssize_t b, i, j, n16
+    cdef const floating* src
+    for j in range(16):
+        lanes[j] = 0
+    n16 = P // 16 * 16
+    for b in range(B):
+        src = dy + b * stride
+        for i in range(0, n16, 16):
+            for j in range(16):
+                lanes[j] += src[i + j]
+        for i in range(n16, P):
+            lanes[i - n16] += src[i]
+    for j in range(16):
+        acc += lanes[j]
+    return acc
+
+
+cdef void grad_bias(const floating* dy, const ConvGeom* p, floating* db, int n_threads) noexcept nogil:
+    """db[k] = sum of dY[:, k] over images and pixels, each channel in one fixed order."""
+    cdef Py_ssize_t k
+    for k in prange(p.K, schedule='static', num_threads=n_threads):
+        db[k] = channel_sum(dy + k * p.OH * p.OW, p.B, p.K * p.OH * p.OW, p.OH * p.OW)
+
+
+cdef void pack_grad_out_rows_t(const floating* dy, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t oh0,
+                               Py_ssize_t nrows, Py_ssize_t Wp, Py_ssize_t NR, Py_ssize_t Npad,
+                               floating* out) noexcept nogil:
+    """out = dY[b, g, :, oh0:oh0+nrows]^T as NR-column panels of depth nrows*Wp: row t = oh*Wp + ow holds the
+    group's Kg output channels at (oh0 + oh, ow), and zeros where ow >= OW or past Kg."""
+    cdef Py_ssize_t Kg = p.K // p.G
+    cdef Py_ssize_t ncols = nrows * Wp
+    cdef Py_ssize_t OHW = p.OH * p.OW
+    cdef Py_ssize_t k, oh, ow, jp, t
+    cdef floating* dst
+    cdef const floating* src
+    memset(out, 0, Npad * ncols * sizeof(floating))
+    # pixel outer, channel inner: the stores run along a panel row, the loads along Kg image rows at once
+    for oh in range(nrows):
+        for ow in range(p.OW):
+            t = oh * Wp + ow
+            src = dy + (b * p.K + g * Kg) * OHW + (oh0 + oh) * p.OW + ow
+            for jp in range(Npad // NR):
+                dst = out + (jp * ncols + t) * NR
+                for k in range(min(NR, Kg - jp * NR)):
+                    dst[k] = src[(jp * NR + k) * OHW]
+
+
+cdef int conv2d_grad_weight_direct(const floating* dy, const floating* x, floating* partial, Py_ssize_t nchunks,
+                                   const ConvGeom* p, int n_threads) noexcept nogil:
+    """Stride-1 grad_weight without im2col: dW[g]^T (Kd x Kg) = sum over row blocks of taps(xblk) . dY^T, the A
+    rows read from the zero-padded input rows as in the forward, the B rows dY^T packed with zeros in the dropped
+    columns ow >= OW (so those columns add nothing; the caller sends non-finite inputs, where 0 * inf would not
+    be nothing, to the exact im2col path). Units (image, row block) go to nchunks fixed chunks."""
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t Kd = Cg * p.KH * p.KW
+    cdef int nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
+    cdef Py_ssize_t NR = nv * vlen(<floating>0)
+    cdef Py_ssize_t KC = block_k(<floating>0)
+    cdef Py_ssize_t Mpad = round_up(Kd, CE_MR)
+    cdef Py_ssize_t Npad = round_up(Kg, NR)
+    cdef Py_ssize_t Wp = padded_width(p)
+    cdef Py_ssize_t R = direct_rows(p, 2 * KC)
+    cdef Py_ssize_t rows_in = R + (p.KH - 1) * p.dh
+    cdef Py_ssize_t nrb = (p.OH + R - 1) // R
+    cdef Py_ssize_t units = p.B * nrb
+    cdef Py_ssize_t per_chunk = (units + nchunks - 1) // nchunks
+    cdef Py_ssize_t ncmax = R * Wp
+    cdef Py_ssize_t xlen = Cg * rows_in * Wp + ncmax + (p.KW - 1) * p.dw
+    cdef Py_ssize_t task, g, ch, u, b, oh0, nrows, ncols, t0, kc, i, j
+    cdef bint started
+    cdef floating* xblk
+    cdef floating* bpack
+    cdef floating* cbuf
+    cdef floating* zeros
+    cdef const floating** taps
+    cdef const floating** arow
+    cdef const floating** brow
+    cdef int failed = 0
+    with parallel(num_threads=n_threads):
+        xblk = <floating*>calloc(xlen, sizeof(floating))
+        bpack = <floating*>malloc(ncmax * Npad * sizeof(floating))
+        cbuf = <floating*>malloc(Mpad * Npad * sizeof(floating))
+        zeros = <floating*>calloc(ncmax, sizeof(floating))
+        taps = <const floating**>malloc(Kd * sizeof(floating*))
+        arow = <const floating**>malloc(Mpad * sizeof(floating*))
+        brow = <const floating**>malloc(ncmax * sizeof(floating*))
+        for task in prange(p.G * nchunks, schedule='static'):
+            if (xblk == NULL or bpack == NULL or cbuf == NULL or zeros == NULL or taps == NULL or arow == NULL
+                    or brow == NULL):
+                (&failed)[0] = 1
+                continue
+            g = task // nchunks
+            ch = task - g * nchunks
+            started = False
+            for u in range(ch * per_chunk, min(units, (ch + 1) * per_chunk)):
+                b = u // nrb
+                oh0 = (u % nrb) * R
+                nrows = min(R, p.OH - oh0)
+                ncols = nrows * Wp
+                fill_padded_rows(x, p, b, g, oh0, nrows + (p.KH - 1) * p.dh, rows_in, xblk)
+                tap_rows(p, xblk, rows_in, taps)
+                pack_grad_out_rows_t(dy, p, b, g, oh0, nrows, Wp, NR, Npad, bpack)
+                row_table(brow, bpack, ncols, NR)
+                t0 = 0
+                while t0 < ncols:
+                    kc = min(KC, ncols - t0)
+                    for i in range(Mpad):
+                        arow[i] = taps[i] + t0 if i < Kd else zeros
+                    macro_kernel(Mpad // CE_MR, Npad // NR, kc, arow, 1, brow + t0, NR * ncols, cbuf, Npad,
+                                 started, nv)
+                    started = True
+                    t0 = t0 + kc
+            for i in range(Kd):
+                for j in range(Kg):
+                    partial[task * Kd * Kg + i * Kg + j] = cbuf[i * Npad + j] if started else 0
+        free(xblk)
+        free(bpack)
+        free(cbuf)
+        free(zeros)
+        free(taps)
+        free(arow)
+        free(brow)
+    return -failed
+
+
+cdef int conv2d_grad_weight_im2col(const floating* dy, const floating* x, floating* partial, Py_ssize_t nchunks,
+                                   const ConvGeom* p, int n_threads) noexcept nogil:
+    """grad_weight for any stride: dW[g]^T (Kd x Kg) = sum over fixed chunks of the Q pixels of col . dY^T."""
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t Kd = Cg * p.KH * p.KW
+    cdef int nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
+    cdef Py_ssize_t NR = nv * vlen(<floating>0)
+    cdef Py_ssize_t KC = block_k(<floating>0)
+    cdef Py_ssize_t LDA = KC + vlen(<floating>0)
     cdef Py_ssize_t P = p.OH * p.OW
     cdef Py_ssize_t Q = p.B * P
     cdef Py_ssize_t Mpad = round_up(Kd, CE_MR)
     cdef Py_ssize_t Npad = round_up(Kg, NR)
-    cdef Py_ssize_t nchunks = grad_weight_chunks(Q)
     cdef Py_ssize_t chunk = (Q + nchunks - 1) // nchunks
-    cdef Py_ssize_t task, g, ch, q0, q1, k0, kc, i, j, k, r, b
+    cdef Py_ssize_t task, g, ch, q0, q1, k0, kc, i, j
     cdef floating* ablk
     cdef floating* bpack
     cdef floating* cbuf
-    cdef floating* partial
-    cdef floating acc
-    cdef const floating* src
+    cdef const floating** arow
     cdef const floating** brow
     cdef int failed = 0
-    partial = <floating*>malloc(p.G * nchunks * Kd * Kg * sizeof(floating))
-    if partial == NULL:
-        return -1
     with parallel(num_threads=n_threads):
         # rows past Kd of ablk stay zero from calloc
         ablk = <floating*>calloc(Mpad * LDA, sizeof(floating))
         bpack = <floating*>malloc(KC * Npad * sizeof(floating))
         cbuf = <floating*>malloc(Mpad * Npad * sizeof(floating))
+        arow = <const floating**>malloc(Mpad * sizeof(floating*))
         brow = <const floating**>malloc(KC * sizeof(floating*))
         for task in prange(p.G * nchunks, schedule='static'):
-            if ablk == NULL or bpack == NULL or cbuf == NULL or brow == NULL:
+            if ablk == NULL or bpack == NULL or cbuf == NULL or arow == NULL or brow == NULL:
                 (&failed)[0] = 1
                 continue
+            row_table(arow, ablk, Mpad, LDA)
             row_table(brow, bpack, KC, NR)
             g = task // nchunks
             ch = task - g * nchunks
@@ -457,9 +644,8 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
             while k0 < q1:
                 kc = min(KC, q1 - k0)
                 im2col_block(x, p, g, 0, Kd, k0, kc, kc, ablk, LDA)
-                pack_b_grad_out_t(dy, p, g, k0, kc, bpack)
-                macro_kernel(Mpad // CE_MR, Npad // NR, kc, ablk, LDA, 1, CE_MR * LDA, brow, NR * kc,
-                             cbuf, Npad, k0 > q0)
+                pack_b_grad_out_t(dy, p, g, k0, kc, NR, bpack)
+                macro_kernel(Mpad // CE_MR, Npad // NR, kc, arow, 1, brow, NR * kc, cbuf, Npad, k0 > q0, nv)
                 k0 = k0 + kc
             for i in range(Kd):
                 for j in range(Kg):
@@ -467,26 +653,39 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
         free(ablk)
         free(bpack)
         free(cbuf)
+        free(arow)
         free(brow)
-    if not failed:
-        # dw[g*Kg + k, r] = sum over chunks, in chunk order, of partial[g, ch][r, k]
-        for task in prange(p.K, schedule='static', num_threads=n_threads):
-            g = task // Kg
-            k = task - g * Kg
-            for r in range(Kd):
-                acc = 0
-                for ch in range(nchunks):
-                    acc = acc + partial[((g * nchunks + ch) * Kd + r) * Kg + k]
-                dw[task * Kd + r] = acc
-            if db != NULL:
-                acc = 0
-                for b in range(p.B):
-                    src = dy + (b * p.K + task) * P
-                    for i in range(P):
-                        acc = acc + src[i]
-                db[task] = acc
-    free(partial)
     return -failed
+
+
+cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating* dw, floating* db,
+                                 const ConvGeom* p, int n_threads) noexcept nogil:
+    """dw (K, Cg, KH, KW) and db (K,) or NULL, overwritten."""
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    cdef Py_ssize_t Kg = p.K // p.G
+    cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
+    cdef Py_ssize_t R, nchunks
+    cdef floating* partial
+    cdef bint direct = use_direct(p, NR, 2 * block_k(<floating>0)) and all_finite(x, p.B * p.C * p.H * p.W)
+    cdef int rc
+    if direct:
+        R = direct_rows(p, 2 * block_k(<floating>0))
+        nchunks = grad_weight_chunks(p.B * ((p.OH + R - 1) // R), R * p.OW)
+    else:
+        nchunks = grad_weight_chunks(p.B * p.OH * p.OW, 1)
+    partial = <floating*>malloc(p.G * nchunks * Kd * Kg * sizeof(floating))
+    if partial == NULL:
+        return -1
+    if direct:
+        rc = conv2d_grad_weight_direct(dy, x, partial, nchunks, p, n_threads)
+    else:
+        rc = conv2d_grad_weight_im2col(dy, x, partial, nchunks, p, n_threads)
+    if rc == 0:
+        sum_partials(partial, nchunks, p, dw, n_threads)
+        if db != NULL:
+            grad_bias(dy, p, db, n_threads)
+    free(partial)
+    return rc
 
 
 cdef inline void fill_geom(ConvGeom* p, tuple shape_x, Py_ssize_t K, Py_ssize_t KH, Py_ssize_t KW, tuple params):

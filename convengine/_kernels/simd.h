@@ -3,7 +3,8 @@
  * GCC/Clang vector extensions (not intrinsics) keep the micro-kernel written in Cython yet put the MR x NV
  * accumulators in vector registers: plain scalar loops over `acc[MR][NR]` were vectorised unreliably by gcc 12
  * (from 5 to 250 GFLOP/s depending on MR, NR and dtype). MR x NV accumulators + NV loads + 1 broadcast must fit the
- * register file: 32 zmm on AVX-512, 16 ymm/xmm otherwise.
+ * register file: 32 zmm on AVX-512, 16 ymm/xmm otherwise. CE_NV_ALT is a narrower tile for GEMMs whose column
+ * count the wide one would pad badly (64 output channels on a 48-wide tile).
  */
 #ifndef CE_SIMD_H
 #define CE_SIMD_H
@@ -12,14 +13,17 @@
 #define CE_VBYTES 64
 #define CE_MR 8
 #define CE_NV 3
+#define CE_NV_ALT 2
 #elif defined(__AVX__)
 #define CE_VBYTES 32
 #define CE_MR 6
 #define CE_NV 2
+#define CE_NV_ALT 1
 #else
 #define CE_VBYTES 16
 #define CE_MR 6
 #define CE_NV 2
+#define CE_NV_ALT 1
 #endif
 
 typedef float ce_vf __attribute__((vector_size(CE_VBYTES), aligned(4)));
