@@ -304,12 +304,19 @@ def median_ms(seconds):
     return 1e3 * statistics.median(seconds) if seconds else None
 
 
-def matmul_gflops(n_threads, size=MATMUL_SIZE, repeat=5):
-    """The machine's float32 matmul rate (numpy's BLAS, limited to n_threads by the caller): GFLOP/s of the median."""
+def matmul_gflops(size=MATMUL_SIZE, repeat=5, use_torch=True):
+    """The machine's float32 matmul rate at the thread count in force (see SameThreads): GFLOP/s of the median
+    size x size product through numpy's BLAS and, when installed, PyTorch's. The faster is the peak yardstick: a
+    BLAS built without kernels for the CPU's widest vectors would otherwise flatter the engine."""
     rng = np.random.default_rng(0)
     a, b = _random(rng, (size, size)), _random(rng, (size, size))
-    ms = median_ms(time_interleaved({"matmul": lambda: a @ b}, {"matmul": repeat}, warmup=2)["matmul"])
-    return 2 * size ** 3 / (ms * 1e6)
+    calls = {"numpy": lambda: a @ b}
+    torch = torch_module() if use_torch else None
+    if torch is not None:
+        at, bt = torch.from_numpy(a), torch.from_numpy(b)
+        calls["torch"] = lambda: torch.mm(at, bt)
+    times = time_interleaved(calls, {name: repeat for name in calls}, warmup=2)
+    return {name: 2 * size ** 3 / (median_ms(t) * 1e6) for name, t in times.items()}
 
 
 def geomean(values):
@@ -440,16 +447,29 @@ def measure_scaling(cases, n_threads, opts):
     return out
 
 
+TRAIN_BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                               "bench_train.py")
+
+
 def measure_training(n_threads):
-    """Seconds per epoch of the default digits net, engine vs PyTorch, when the training benchmark offers it."""
+    """Seconds per epoch of the default digits net, engine vs PyTorch, from `epoch_seconds` in
+    benchmarks/bench_train.py (a source checkout has it beside the package; an installed package does not).
+    Returns its dict, or {"skipped": why}."""
+    if not os.path.exists(TRAIN_BENCHMARK):
+        return {"skipped": f"{TRAIN_BENCHMARK} not found (it ships with the source, not the package)"}
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("convengine_bench_train", TRAIN_BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
     try:
-        from benchmarks import bench_train
-    except ImportError:
-        return None
-    fn = getattr(bench_train, "epoch_seconds", None)
-    if not callable(fn):
-        return None
-    return fn(n_threads)
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        return {"skipped": f"bench_train.py needs {e.name or e}"}
+    if not callable(getattr(module, "epoch_seconds", None)):
+        return {"skipped": "bench_train.py has no epoch_seconds(n_threads)"}
+    try:
+        return module.epoch_seconds(n_threads)
+    except Exception as e:  # a broken training benchmark must not throw away the conv and pool tables
+        return {"skipped": f"epoch_seconds failed: {type(e).__name__}: {e}"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -490,7 +510,7 @@ def summarise(rows, scaling, training):
         "compute_bound_min_pct_peak": min(compute_pct) if compute_pct else None,
         "pool_forward_vs_torch": s["pool"]["forward"]["vs_torch"],
         "pool_backward_vs_torch": s["pool"]["backward"]["vs_torch"],
-        "train_vs_torch": training.get("speedup") if training else None,
+        "train_vs_torch": (training or {}).get("speedup"),
         "thread_scaling": geomean(r["speedup"] for r in scaling) if scaling else None,
     }
     return s
@@ -667,9 +687,11 @@ def run(opts, out=None):
         if not threads.blas_limited:
             say("threadpoolctl is not installed: numpy's BLAS (reference, matmul yardstick) runs at its own "
                 "thread count")
-        peak = matmul_gflops(n_threads, repeat=3 if opts.quick else 7)
-        say(f"float32 matmul {MATMUL_SIZE}x{MATMUL_SIZE} (numpy BLAS, {n_threads} threads): {peak:.1f} GFLOP/s "
-            f"(the peak yardstick)")
+        matmul = matmul_gflops(repeat=3 if opts.quick else 7, use_torch="torch" in impls)
+        peak = max(matmul.values())
+        say(f"float32 matmul {MATMUL_SIZE}x{MATMUL_SIZE} at {n_threads} threads: "
+            + ", ".join(f"{name} {v:.1f}" for name, v in matmul.items())
+            + f" GFLOP/s; peak yardstick {peak:.1f} GFLOP/s")
         say(f"median of {opts.repeat} calls (reference: {opts.reference_repeat}"
             f"{', none on the biggest shapes' if opts.quick else ''}); grad_input = backward - grad_weight; "
             f"x_ref, x_torch: engine speedup; %peak: engine GFLOP/s / matmul")
@@ -689,10 +711,11 @@ def run(opts, out=None):
         scaling = []
         if n_threads > 1 and not opts.quick:
             scaling = measure_scaling(conv_cases, n_threads, opts)
-        training = None if opts.quick else measure_training(n_threads)
+        training = None if opts.quick or opts.shapes == "tiny" else measure_training(n_threads)
     summary = summarise(rows, scaling, training)
     report = {"machine": info, "threads": n_threads, "quick": opts.quick, "repeat": opts.repeat,
-              "reference_repeat": opts.reference_repeat, "matmul_gflops": peak, "matmul_size": MATMUL_SIZE,
+              "reference_repeat": opts.reference_repeat, "matmul_gflops": peak, "matmul_by_library": matmul,
+              "matmul_size": MATMUL_SIZE,
               "impls": impls, "rows": rows, "summary": summary, "scaling": scaling, "training": training,
               "scratch_reported": scratch is not None, "seconds": time.perf_counter() - started}
     report["load_average_end"] = _load_average()
@@ -728,11 +751,14 @@ def _print_summary(report, say):
         say(f"thread scaling, engine forward+backward, compute-bound shapes (1 vs {report['threads']} threads)")
         for r in report["scaling"]:
             say(f"  {r['shape']:<32} {_num(r['ms_1'])} ms -> {_num(r['ms_n'])} ms  x{_num(r['speedup'], '{:.3g}')}")
-    if report["training"]:
-        t = report["training"]
+    t = report["training"]
+    if t:
         say("")
-        say(f"training, default digits net: engine {_num(t.get('engine_s'))} s/epoch, "
-            f"PyTorch {_num(t.get('torch_s'))} s/epoch, x{_num(t.get('speedup'), '{:.3g}')}")
+        if "skipped" in t:
+            say(f"training, default digits net: skipped, {t['skipped']}")
+        else:
+            say(f"training, default digits net, median s/epoch: engine {_num(t.get('engine_s'))}, "
+                f"PyTorch {_num(t.get('torch_s'))}, x_torch {_num(t.get('speedup'), '{:.3g}')}")
     say("")
     say("issue 4 targets")
     for label, key, threshold in TARGETS:

@@ -42,7 +42,8 @@ def test_report_rows_finite_positive_and_complete(quick_report):
     rep = quick_report["json"]
     assert quick_report["status"] == 0
     assert rep["threads"] == 1
-    assert _positive(rep["matmul_gflops"])
+    assert all(_positive(v) for v in rep["matmul_by_library"].values())
+    assert rep["matmul_gflops"] == max(rep["matmul_by_library"].values())
     rows = rep["rows"]
     conv = [r for r in rows if r["op"] == "conv2d"]
     pools = [r for r in rows if r["op"] != "conv2d"]
@@ -136,7 +137,7 @@ def test_printed_table_matches_report(quick_report):
             assert x_ref == pytest.approx(ref_ms / eng_ms, rel=1e-2)
         if x_torch is not None:
             assert x_torch == pytest.approx(torch_ms / eng_ms, rel=1e-2)
-    assert re.search(r"float32 matmul .*: [0-9.]+ GFLOP/s", quick_report["printed"])
+    assert re.search(r"float32 matmul .*peak yardstick [0-9.]+ GFLOP/s", quick_report["printed"])
     assert "issue 4 targets" in quick_report["printed"]
 
 
