@@ -153,10 +153,12 @@ def load_fashion_mnist(directory):
 
 class _CifarUnpickler(pickle.Unpickler):
     """CIFAR-10's python batches are pickles of a dict holding a NumPy uint8 array and lists. A pickle can name any
-    callable, so only what those files need is allowed: NumPy's array reconstruction (which builds plain arrays
-    and, for object arrays, unpickles their items through this same restricted loader) and the bytes codec."""
+    callable, so only what those files need is allowed: NumPy's array reconstruction (protocol 2, as shipped, and
+    protocol 5's from-buffer form, for re-saved copies), which builds plain arrays and, for object arrays,
+    unpickles their items through this same restricted loader, and the bytes codec of protocol 2."""
 
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):

@@ -447,6 +447,14 @@ class BatchNorm2d(Layer):
         self.running_var = np.ones(self.num_features, self.dtype)
         self._cache = None
 
+    @property
+    def weight(self):
+        return self._params["weight"]
+
+    @property
+    def bias(self):
+        return self._params["bias"]
+
     def _check(self, x):
         _check_4d(x, "BatchNorm2d")
         if x.shape[1] != self.num_features:
@@ -459,38 +467,47 @@ class BatchNorm2d(Layer):
         self._check(x)
         gamma = self._params["weight"].data
         beta = self._params["bias"].data
+        eps = self.dtype.type(self.eps)
         if not training:
             self._cache = None
-            scale = gamma / np.sqrt(self.running_var + self.dtype.type(self.eps))
-            shift = beta - self.running_mean * scale
-            return x * scale[:, None, None] + shift[:, None, None]
+            scale = gamma / np.sqrt(self.running_var + eps)
+            y = x * scale[:, None, None]
+            y += (beta - self.running_mean * scale)[:, None, None]
+            return y
         m = x.shape[0] * x.shape[2] * x.shape[3]
         if m < 2:
             raise ValueError(f"BatchNorm2d needs more than one value per channel in training, got x shape {x.shape}")
-        mean = x.mean(axis=(0, 2, 3))
+        # einsum sums over N, H and W in one pass, several times faster than ndarray.sum over axes (0, 2, 3).
+        mean = np.einsum("nchw->c", x) / self.dtype.type(m)
         xc = x - mean[:, None, None]
-        var = np.mean(xc * xc, axis=(0, 2, 3))
-        inv_std = 1.0 / np.sqrt(var + self.dtype.type(self.eps))
-        xhat = xc * inv_std[:, None, None]
+        var = np.einsum("nchw,nchw->c", xc, xc) / self.dtype.type(m)
+        inv_std = 1.0 / np.sqrt(var + eps)
         mom = self.dtype.type(self.momentum)
         self.running_mean *= 1 - mom
         self.running_mean += mom * mean
         self.running_var *= 1 - mom
         self.running_var += mom * var * self.dtype.type(m / (m - 1))
-        self._cache = (xhat, inv_std)
-        return xhat * gamma[:, None, None] + beta[:, None, None]
+        self._cache = (xc, inv_std)
+        y = xc * (gamma * inv_std)[:, None, None]
+        y += beta[:, None, None]
+        return y
 
     def backward(self, grad):
-        xhat, inv_std = self._needs_cache(self._cache)
+        xc, inv_std = self._needs_cache(self._cache)
         gamma = self._params["weight"]
         beta = self._params["bias"]
-        beta.grad += grad.sum(axis=(0, 2, 3))
-        gamma.grad += (grad * xhat).sum(axis=(0, 2, 3))
-        # d loss / d x of y = gamma * (x - mean) / std, with mean and std functions of the whole batch.
-        g = grad * gamma.data[:, None, None]
-        mean_g = g.mean(axis=(0, 2, 3))
-        mean_gx = (g * xhat).mean(axis=(0, 2, 3))
-        return (g - mean_g[:, None, None] - xhat * mean_gx[:, None, None]) * inv_std[:, None, None]
+        m = self.dtype.type(xc.shape[0] * xc.shape[2] * xc.shape[3])
+        sum_g = np.einsum("nchw->c", grad)
+        sum_g_xc = np.einsum("nchw,nchw->c", grad, xc)
+        beta.grad += sum_g
+        gamma.grad += sum_g_xc * inv_std
+        # d loss / d x of y = gamma * (x - mean) * inv_std, with mean and inv_std functions of the whole batch:
+        # gamma * inv_std * (g - mean(g) - xhat * mean(g * xhat)), xhat = (x - mean) * inv_std.
+        k = gamma.data * inv_std
+        out = xc * (-k * inv_std * inv_std * sum_g_xc / m)[:, None, None]
+        out -= (k * sum_g / m)[:, None, None]
+        out += grad * k[:, None, None]
+        return out
 
     def buffers(self):
         return {"running_mean": self.running_mean, "running_var": self.running_var}
