@@ -590,6 +590,7 @@ def plot(report, path):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print(f"--plot {path}: matplotlib is not installed (pip install 'convengine[plot]'); no chart written",
               file=sys.stderr)
@@ -605,10 +606,11 @@ def plot(report, path):
         axes[0].bar(xs, [sel[s]["engine_rate"] or 0 for s in shapes], width, label=direction)
         axes[1].bar(xs, [sel[s]["vs_torch"] or 0 for s in shapes], width, label=direction)
     axes[0].axhline(report["matmul_gflops"], color="k", ls="--", lw=1,
-                    label=f"numpy float32 matmul ({report['matmul_gflops']:.0f})")
+                    label=f"float32 matmul, peak yardstick ({report['matmul_gflops']:.0f})")
     axes[0].set_ylabel("engine GFLOP/s")
     axes[1].axhline(1.0, color="k", lw=1)
     axes[1].set_ylabel("engine speedup over PyTorch")
+    axes[1].set_yscale("log")
     for ax in axes[:2]:
         ax.set_xticks(range(len(shapes)), shapes, rotation=20, ha="right", fontsize=8)
         ax.legend(fontsize=8)
@@ -622,6 +624,9 @@ def plot(report, path):
     axes[2].set_ylabel("engine speedup")
     axes[2].set_xticks(xs, labels, rotation=20, ha="right", fontsize=8)
     axes[2].legend(fontsize=8)
+    for ax in axes[1:]:
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.suptitle(f"convengine {report['machine']['convengine']['version']}, {report['threads']} threads, "
                  f"{report['machine']['processor']}")
     fig.tight_layout()
