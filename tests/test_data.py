@@ -43,7 +43,8 @@ def test_digits_match_scikit_learn():
 
 def idx_bytes(a, code=0x08):
     a = np.asarray(a)
-    return bytes([0, 0, code, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.astype(a.dtype.newbyteorder(">")).tobytes()
+    header = bytes([0, 0, code, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
+    return header + a.astype(a.dtype.newbyteorder(">")).tobytes()
 
 
 def write_mnist(directory, n_train=5, n_test=3, gz=False, names="lecun", labels=None, rng=None):

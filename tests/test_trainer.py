@@ -89,6 +89,34 @@ def test_same_seed_gives_bitwise_identical_weights_at_one_and_two_threads(digits
     assert any(u.tobytes() != v.tobytes() for u, v in zip(one, other))
 
 
+def test_seeded_shuffle_differs_per_epoch_and_repeats_per_run(rng):
+    x, y = stripes(rng, 48)
+    x[:, 0, 0, 0] = np.arange(48)  # a pixel that names the sample
+
+    class Recording(L.Flatten):
+        def forward(self, x, training=False):
+            if training:
+                seen.append(tuple(x[:, 0, 0, 0].astype(int)))
+            return super().forward(x, training)
+
+    def orders(seed):
+        seen.clear()
+        model = Sequential([Recording(), L.Linear(36, 2)])
+        make_trainer(model).fit(x, y, epochs=3, batch_size=48, seed=seed, verbose=0)
+        return list(seen)
+
+    seen = []
+    first = orders(7)
+    assert len(first) == 3 and len(set(first)) == 3
+    assert all(sorted(o) == list(range(48)) for o in first)
+    assert orders(7) == first
+    assert orders(8) != first
+    model = Sequential([Recording(), L.Linear(36, 2)])
+    seen.clear()
+    make_trainer(model).fit(x, y, epochs=1, batch_size=48, shuffle=False, verbose=0)
+    assert seen == [tuple(range(48))]
+
+
 @pytest.mark.parametrize("seed", [0, None], ids=["seeded", "unseeded-shuffle"])
 def test_resume_from_checkpoint_continues_identically(seed, digits, tmp_path):
     x, y, xt, yt = digits
