@@ -347,6 +347,8 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const floatin
     cdef Py_ssize_t KC = balanced_block(Kd, block_k(<floating>0))
     cdef floating* apack = NULL
     cdef int rc
+    if is_depthwise(p):
+        return depthwise_forward(x, w, bias, y, p, n_threads)
     if pack_weights(w, p, KC, &apack):
         return -1
     if use_direct(p, NR, 8 * NR):
@@ -357,8 +359,69 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const floatin
     return rc
 
 
+cdef bint transposed_geometry(const ConvGeom* p, ConvGeom* q) noexcept nogil:
+    """For stride 1, grad_input is a forward conv of dY with the kernel flipped and in/out channels swapped, padded
+    by (K-1)*d - pad. Fill q with that geometry; False where it does not apply (stride > 1, or padding beyond the
+    kernel's reach)."""
+    if p.sh != 1 or p.sw != 1 or p.pt > (p.KH - 1) * p.dh or p.pl > (p.KW - 1) * p.dw:
+        return False
+    q.B = p.B
+    q.C = p.K
+    q.H = p.OH
+    q.W = p.OW
+    q.K = p.C
+    q.KH = p.KH
+    q.KW = p.KW
+    q.sh = 1
+    q.sw = 1
+    q.pt = (p.KH - 1) * p.dh - p.pt
+    q.pl = (p.KW - 1) * p.dw - p.pl
+    q.dh = p.dh
+    q.dw = p.dw
+    q.G = p.G
+    q.OH = p.H
+    q.OW = p.W
+    return True
+
+
+cdef int conv2d_grad_input_direct(const floating* dy, const floating* w, floating* dx, const ConvGeom* q,
+                                  int n_threads) noexcept nogil:
+    """grad_input as the forward conv of geometry q (see transposed_geometry), on flipped, transposed weights:
+    wf[g*Cg + c, k, kh, kw] = w[g*Kg + k, c, KH-1-kh, KW-1-kw]. No col2im scatter."""
+    cdef Py_ssize_t Kg = q.C // q.G, Cg = q.K // q.G
+    cdef Py_ssize_t KHW = q.KH * q.KW
+    cdef Py_ssize_t g, c, k, t
+    cdef floating* wf = <floating*>malloc(q.K * Kg * KHW * sizeof(floating))
+    cdef int rc
+    if wf == NULL:
+        return -1
+    for g in range(q.G):
+        for c in range(Cg):
+            for k in range(Kg):
+                for t in range(KHW):
+                    wf[((g * Cg + c) * Kg + k) * KHW + KHW - 1 - t] = w[((g * Kg + k) * Cg + c) * KHW + t]
+    rc = conv2d_forward_core(dy, wf, NULL, dx, q, n_threads)
+    free(wf)
+    return rc
+
+
 cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
                                 int n_threads) noexcept nogil:
+    """dx = conv2d's input gradient (overwritten)."""
+    cdef ConvGeom q
+    cdef Py_ssize_t Cg = p.C // p.G
+    if is_depthwise(p):
+        return depthwise_grad_input(dy, w, dx, p, n_threads)
+    # the transposed conv's rows are the Cg input channels: with few (an RGB or grey input layer) they would
+    # fill a fraction of the MR-row tile, and W^T dY + col2im wastes nothing
+    if (4 * Cg >= 3 * round_up(Cg, CE_MR) and transposed_geometry(p, &q)
+            and use_direct(&q, tile_n(<floating>0), 8 * tile_n(<floating>0))):
+        return conv2d_grad_input_direct(dy, w, dx, &q, n_threads)
+    return conv2d_grad_input_col2im(dy, w, dx, p, n_threads)
+
+
+cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
+                                  int n_threads) noexcept nogil:
     """dx = conv2d's input gradient (overwritten): dcol = W[g]^T dY[b, g] then col2im. Split over (image, group):
     each task owns its dx planes and adds into them in one fixed order."""
     cdef int nv = CE_NV
@@ -666,8 +729,11 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
     cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
     cdef Py_ssize_t R, nchunks
     cdef floating* partial
-    cdef bint direct = use_direct(p, NR, 2 * block_k(<floating>0)) and all_finite(x, p.B * p.C * p.H * p.W)
+    cdef bint direct
     cdef int rc
+    if is_depthwise(p):
+        return depthwise_grad_weight(dy, x, dw, db, p, n_threads)
+    direct = use_direct(p, NR, 2 * block_k(<floating>0)) and all_finite(x, p.B * p.C * p.H * p.W)
     if direct:
         R = direct_rows(p, 2 * block_k(<floating>0))
         nchunks = grad_weight_chunks(p.B * ((p.OH + R - 1) // R), R * p.OW)

@@ -2,5 +2,6 @@
 # _engine_<isa>.pyx so that the same source is compiled once per ISA (see setup.py).
 include "gemm.pxi"
 include "conv.pxi"
+include "depthwise.pxi"
 include "pool.pxi"
 include "eltwise.pxi"

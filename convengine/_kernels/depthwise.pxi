@@ -1,0 +1,255 @@
+# Depthwise conv2d (groups == in_channels == out_channels): one KH x KW filter per plane. As a GEMM it would be
+# a 1-row matrix in an MR-row tile; here each (image, channel) plane is one task that slides its filter over a
+# zero-padded copy of the plane, vectorised along output rows. grad_weight sums a channel over all images in a
+# fixed order (16 interleaved lanes), so results do not depend on the thread count.
+
+cdef inline bint is_depthwise(const ConvGeom* p) noexcept nogil:
+    return p.G == p.C and p.G == p.K and p.G > 1
+
+
+cdef inline Py_ssize_t dw_padded_h(const ConvGeom* p) noexcept nogil:
+    """Rows of the padded plane: every tap of every output row lies inside."""
+    return max(p.pt + p.H, (p.OH - 1) * p.sh + (p.KH - 1) * p.dh + 1)
+
+
+cdef inline Py_ssize_t dw_padded_w(const ConvGeom* p) noexcept nogil:
+    return max(p.pl + p.W, (p.OW - 1) * p.sw + (p.KW - 1) * p.dw + 1)
+
+
+cdef void pad_plane(const floating* x, const ConvGeom* p, floating* out) noexcept nogil:
+    """out (Hp x Wp) = the H x W plane x at offset (pt, pl), zeros elsewhere."""
+    cdef Py_ssize_t Hp = dw_padded_h(p), Wp = dw_padded_w(p)
+    cdef Py_ssize_t ih
+    memset(out, 0, Hp * Wp * sizeof(floating))
+    for ih in range(p.H):
+        memcpy(out + (ih + p.pt) * Wp + p.pl, x + ih * p.W, p.W * sizeof(floating))
+
+
+cdef inline Py_ssize_t dw_slack(const ConvGeom* p) noexcept nogil:
+    """Elements past the padded plane that stride-1 taps may read when whole rows of width Wp are swept."""
+    return (p.KW - 1) * p.dw + 1
+
+
+cdef void depthwise_plane_forward(const floating* xpad, const floating* w, floating bias, floating* y,
+                                  floating* ypad, const ConvGeom* p) noexcept nogil:
+    cdef Py_ssize_t Wp = dw_padded_w(p)
+    cdef Py_ssize_t oh, ow, kh, kw, t, n
+    cdef floating wv
+    cdef floating* yrow
+    cdef const floating* src
+    if p.sh == 1 and p.sw == 1:
+        # stride 1: sweep each tap over all OH rows of padded width at once (one long vector loop instead of
+        # short rows with scalar tails), then crop the OW valid columns
+        n = p.OH * Wp
+        for t in range(n):
+            ypad[t] = bias
+        for kh in range(p.KH):
+            for kw in range(p.KW):
+                wv = w[kh * p.KW + kw]
+                src = xpad + kh * p.dh * Wp + kw * p.dw
+                for t in range(n):
+                    ypad[t] += wv * src[t]
+        for oh in range(p.OH):
+            memcpy(y + oh * p.OW, ypad + oh * Wp, p.OW * sizeof(floating))
+        return
+    for oh in range(p.OH):
+        yrow = y + oh * p.OW
+        for ow in range(p.OW):
+            yrow[ow] = bias
+        for kh in range(p.KH):
+            for kw in range(p.KW):
+                wv = w[kh * p.KW + kw]
+                src = xpad + (oh * p.sh + kh * p.dh) * Wp + kw * p.dw
+                if p.sw == 1:
+                    for ow in range(p.OW):
+                        yrow[ow] += wv * src[ow]
+                else:
+                    for ow in range(p.OW):
+                        yrow[ow] += wv * src[ow * p.sw]
+
+
+cdef int depthwise_forward(const floating* x, const floating* w, const floating* bias, floating* y,
+                           const ConvGeom* p, int n_threads) noexcept nogil:
+    cdef Py_ssize_t HW = p.H * p.W, OHW = p.OH * p.OW, KHW = p.KH * p.KW
+    cdef Py_ssize_t plen = dw_padded_h(p) * dw_padded_w(p)
+    cdef Py_ssize_t task, c
+    cdef floating* xpad
+    cdef floating* ypad
+    cdef int failed = 0
+    with parallel(num_threads=n_threads):
+        xpad = <floating*>calloc(plen + dw_slack(p), sizeof(floating))
+        ypad = <floating*>malloc(p.OH * dw_padded_w(p) * sizeof(floating))
+        for task in prange(p.B * p.C, schedule='static'):
+            if xpad == NULL or ypad == NULL:
+                (&failed)[0] = 1
+                continue
+            c = task % p.C
+            pad_plane(x + task * HW, p, xpad)
+            depthwise_plane_forward(xpad, w + c * KHW, bias[c] if bias != NULL else 0, y + task * OHW, ypad, p)
+        free(xpad)
+        free(ypad)
+    return -failed
+
+
+cdef void depthwise_plane_grad_input(const floating* dy, const floating* w, floating* dxpad, floating* dyw,
+                                     floating* dx, const ConvGeom* p) noexcept nogil:
+    """dx = the plane's input gradient: each tap scatters w * dY into a padded buffer, then the crop."""
+    cdef Py_ssize_t Hp = dw_padded_h(p), Wp = dw_padded_w(p)
+    cdef Py_ssize_t oh, ow, kh, kw, ih, t, n
+    cdef floating wv
+    cdef floating* dst
+    cdef const floating* src
+    memset(dxpad, 0, (Hp * Wp + dw_slack(p)) * sizeof(floating))
+    if p.sh == 1 and p.sw == 1:
+        # stride 1: dY laid out at padded width with zero columns, then one long loop per tap
+        n = p.OH * Wp
+        for oh in range(p.OH):
+            memcpy(dyw + oh * Wp, dy + oh * p.OW, p.OW * sizeof(floating))
+            memset(dyw + oh * Wp + p.OW, 0, (Wp - p.OW) * sizeof(floating))
+        for kh in range(p.KH):
+            for kw in range(p.KW):
+                wv = w[kh * p.KW + kw]
+                dst = dxpad + kh * p.dh * Wp + kw * p.dw
+                for t in range(n):
+                    dst[t] += wv * dyw[t]
+        for ih in range(p.H):
+            memcpy(dx + ih * p.W, dxpad + (ih + p.pt) * Wp + p.pl, p.W * sizeof(floating))
+        return
+    for oh in range(p.OH):
+        src = dy + oh * p.OW
+        for kh in range(p.KH):
+            for kw in range(p.KW):
+                wv = w[kh * p.KW + kw]
+                dst = dxpad + (oh * p.sh + kh * p.dh) * Wp + kw * p.dw
+                if p.sw == 1:
+                    for ow in range(p.OW):
+                        dst[ow] += wv * src[ow]
+                else:
+                    for ow in range(p.OW):
+                        dst[ow * p.sw] += wv * src[ow]
+    for ih in range(p.H):
+        memcpy(dx + ih * p.W, dxpad + (ih + p.pt) * Wp + p.pl, p.W * sizeof(floating))
+
+
+cdef int depthwise_grad_input(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
+                              int n_threads) noexcept nogil:
+    cdef Py_ssize_t HW = p.H * p.W, OHW = p.OH * p.OW, KHW = p.KH * p.KW
+    cdef Py_ssize_t plen = dw_padded_h(p) * dw_padded_w(p)
+    cdef Py_ssize_t task
+    cdef floating* buf
+    cdef floating* dyw
+    cdef int failed = 0
+    with parallel(num_threads=n_threads):
+        buf = <floating*>malloc((plen + dw_slack(p)) * sizeof(floating))
+        dyw = <floating*>malloc(p.OH * dw_padded_w(p) * sizeof(floating))
+        for task in prange(p.B * p.C, schedule='static'):
+            if buf == NULL or dyw == NULL:
+                (&failed)[0] = 1
+                continue
+            depthwise_plane_grad_input(dy + task * OHW, w + (task % p.C) * KHW, buf, dyw, dx + task * HW, p)
+        free(buf)
+        free(dyw)
+    return -failed
+
+
+cdef floating lane_dot(const floating* a, const floating* b, Py_ssize_t n) noexcept nogil:
+    """sum(a[t] * b[t]) in 16 interleaved lanes, then the lanes in order: a fixed order that vectorises."""
+    cdef floating lanes[16]
+    cdef floating acc = 0
+    cdef Py_ssize_t t, j, n16 = n // 16 * 16
+    for j in range(16):
+        lanes[j] = 0
+    for t in range(0, n16, 16):
+        for j in range(16):
+            lanes[j] += a[t + j] * b[t + j]
+    for t in range(n16, n):
+        lanes[t - n16] += a[t] * b[t]
+    for j in range(16):
+        acc += lanes[j]
+    return acc
+
+
+cdef void depthwise_channel_grad_weight_s1(const floating* dy, const floating* x, Py_ssize_t c, floating* xpad,
+                                           floating* dyw, floating* dw, const ConvGeom* p) noexcept nogil:
+    """Stride-1 depthwise grad_weight of channel c: dY laid out at padded width with zero columns, each tap one
+    long dot product with the padded plane. The zero columns meet finite inputs only (the caller checks)."""
+    cdef Py_ssize_t Wp = dw_padded_w(p)
+    cdef Py_ssize_t n = p.OH * Wp
+    cdef Py_ssize_t b, kh, kw, oh
+    cdef const floating* g
+    for kh in range(p.KH * p.KW):
+        dw[kh] = 0
+    for b in range(p.B):
+        pad_plane(x + (b * p.C + c) * p.H * p.W, p, xpad)
+        g = dy + (b * p.C + c) * p.OH * p.OW
+        for oh in range(p.OH):
+            memcpy(dyw + oh * Wp, g + oh * p.OW, p.OW * sizeof(floating))
+            memset(dyw + oh * Wp + p.OW, 0, (Wp - p.OW) * sizeof(floating))
+        for kh in range(p.KH):
+            for kw in range(p.KW):
+                dw[kh * p.KW + kw] += lane_dot(dyw, xpad + kh * p.dh * Wp + kw * p.dw, n)
+
+
+cdef void depthwise_channel_grad_weight(const floating* dy, const floating* x, Py_ssize_t c, floating* xpad,
+                                        floating* dw, const ConvGeom* p) noexcept nogil:
+    """dw[kh, kw] = sum over images and output pixels of dY * the tap's input, for channel c."""
+    cdef Py_ssize_t Wp = dw_padded_w(p)
+    cdef Py_ssize_t KHW = p.KH * p.KW
+    cdef Py_ssize_t b, t, kh, kw, oh, ow, j, n16
+    cdef floating lanes[16]
+    cdef floating acc
+    cdef const floating* g
+    cdef const floating* src
+    # per tap and image: 16 interleaved lanes over the pixels, summed in order, added to dw[t] image by image
+    for t in range(KHW):
+        dw[t] = 0
+    n16 = p.OW // 16 * 16
+    for b in range(p.B):
+        pad_plane(x + (b * p.C + c) * p.H * p.W, p, xpad)
+        g = dy + (b * p.C + c) * p.OH * p.OW
+        for kh in range(p.KH):
+            for kw in range(p.KW):
+                for j in range(16):
+                    lanes[j] = 0
+                for oh in range(p.OH):
+                    src = xpad + (oh * p.sh + kh * p.dh) * Wp + kw * p.dw
+                    if p.sw == 1:
+                        for ow in range(0, n16, 16):
+                            for j in range(16):
+                                lanes[j] += g[oh * p.OW + ow + j] * src[ow + j]
+                    else:
+                        for ow in range(0, n16, 16):
+                            for j in range(16):
+                                lanes[j] += g[oh * p.OW + ow + j] * src[(ow + j) * p.sw]
+                    for ow in range(n16, p.OW):
+                        lanes[ow - n16] += g[oh * p.OW + ow] * src[ow * p.sw]
+                acc = 0
+                for j in range(16):
+                    acc += lanes[j]
+                dw[kh * p.KW + kw] += acc
+
+
+cdef int depthwise_grad_weight(const floating* dy, const floating* x, floating* dw, floating* db,
+                               const ConvGeom* p, int n_threads) noexcept nogil:
+    cdef Py_ssize_t plen = dw_padded_h(p) * dw_padded_w(p)
+    cdef Py_ssize_t c
+    cdef floating* xpad
+    cdef floating* dyw
+    cdef bint s1 = p.sh == 1 and p.sw == 1 and all_finite(x, p.B * p.C * p.H * p.W)
+    cdef int failed = 0
+    with parallel(num_threads=n_threads):
+        xpad = <floating*>calloc(plen + dw_slack(p), sizeof(floating))
+        dyw = <floating*>malloc(p.OH * dw_padded_w(p) * sizeof(floating))
+        for c in prange(p.C, schedule='static'):
+            if xpad == NULL or dyw == NULL:
+                (&failed)[0] = 1
+                continue
+            if s1:
+                depthwise_channel_grad_weight_s1(dy, x, c, xpad, dyw, dw + c * p.KH * p.KW, p)
+            else:
+                depthwise_channel_grad_weight(dy, x, c, xpad, dw + c * p.KH * p.KW, p)
+        free(xpad)
+        free(dyw)
+    if failed == 0 and db != NULL:
+        grad_bias(dy, p, db, n_threads)
+    return -failed
