@@ -15,7 +15,7 @@ from . import __version__, data
 from ._random import manual_seed
 from ._threads import get_num_threads, set_num_threads
 
-TRAIN_DEFAULTS = dict(dataset="digits", epochs=15, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4,
+TRAIN_DEFAULTS = dict(dataset="digits", epochs=20, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4,
                       optimizer="sgd", schedule="cosine", seed=0)
 
 

@@ -48,7 +48,7 @@ def test_train_save_then_evaluate(tmp_path):
 def test_default_training_reaches_97_percent(tmp_path):
     r = run_cli("train", cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "epoch 15/15" in r.stdout
+    assert "epoch 20/20" in r.stdout
     assert accuracy_in(r.stdout, "test accuracy") >= 97.0
 
 
