@@ -34,7 +34,7 @@ import numpy as np
 
 from . import _args, functional, reference
 from ._kernels import build_info
-from ._threads import get_num_threads, set_num_threads
+from ._threads import _usable_cores, get_num_threads, set_num_threads
 
 IMPLS = ("reference", "engine", "torch")
 CONV_TIMED = ("forward", "grad_weight", "backward")
@@ -584,6 +584,57 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+def _lscpu():
+    """`lscpu` lines that describe the processor, where the command exists."""
+    import subprocess
+    keep = ("Model name", "Architecture", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Socket(s)",
+            "L1d cache", "L2 cache", "L3 cache", "Hypervisor vendor")
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in text.splitlines() if line.split(":")[0].strip() in keep]
+
+
+def markdown(report, text, argv):
+    """The report as printed, under a description of the machine and the command that made it."""
+    m = report["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Made by `python -m convengine bench {' '.join(argv)}`"
+        f" on {time.strftime('%Y-%m-%d %H:%M %Z')}; rerun that command to refresh this file.",
+        "Columns, directions and conventions: `benchmarks/README.md`. Times are medians; ratios are engine",
+        "speedups (above 1: the engine is faster).",
+        "",
+        "## Machine",
+        "",
+        "```",
+        *(_lscpu() or [f"Model name: {m['processor']}", f"CPU(s): {m['cpus']}"]),
+        f"usable cores (affinity, quota): {_usable_cores()}",
+        f"platform: {m['platform']}",
+        f"python {m['python']}, numpy {m['numpy']}, torch {m['torch'] or 'not installed'}",
+        f"threads: {report['threads']}",
+        f"load average (1 min) at the start: {_num(m['load_average'], '{:.2f}')}, "
+        f"at the end: {_num(report['load_average_end'], '{:.2f}')}",
+        "```",
+        "",
+        "`convengine.build_info()`:",
+        "",
+        "```",
+        json.dumps(m["convengine"], indent=1),
+        "```",
+        "",
+        "## Report",
+        "",
+        "```",
+        text,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def plot(report, path):
     """A PNG: engine vs reference and vs PyTorch speedup per shape and direction, and conv GFLOP/s with the peak."""
     try:
@@ -653,10 +704,14 @@ def parse_args(argv):
                         "(default 9, --quick 3; the reference gets at most 3)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    p.add_argument("--markdown", metavar="PATH",
+                   help="write the printed report with a description of the machine as Markdown "
+                        "(benchmarks/RESULTS.md is written this way)")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even when installed")
     # For tests and smoke runs: tiny shapes, finishing in seconds.
     p.add_argument("--shapes", choices=("issue", "tiny"), default="issue", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
+    opts.argv = list(sys.argv[1:] if argv is None else argv)
     if opts.threads is not None and opts.threads < 1:
         p.error(f"--threads must be >= 1, got {opts.threads}")
     if opts.repeat is None:
@@ -670,9 +725,11 @@ def parse_args(argv):
 def run(opts, out=None):
     """Measure and print (to `out`, default sys.stdout); return the report as a dict (what --json writes)."""
     out = out or sys.stdout
+    text = []
 
     def say(*a):
         print(*a, file=out, flush=True)
+        text.append(" ".join(str(x) for x in a))
 
     n_threads = opts.threads or get_num_threads()
     impls = [i for i in IMPLS if i != "torch" or (torch_module() is not None and not opts.no_torch)]
@@ -725,6 +782,10 @@ def run(opts, out=None):
               "scratch_reported": scratch is not None, "seconds": time.perf_counter() - started}
     report["load_average_end"] = _load_average()
     _print_summary(report, say)
+    if opts.markdown:
+        with open(opts.markdown, "w") as f:
+            f.write(markdown(report, "\n".join(text), opts.argv))
+        say(f"wrote {opts.markdown}")
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -24,14 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def quick_report(tmp_path_factory):
     """One quick report on the tiny shapes, shared by the tests below (module scope: capsys is not available,
     and the report prints to sys.stdout as it is at call time)."""
-    path = tmp_path_factory.mktemp("bench") / "report.json"
+    folder = tmp_path_factory.mktemp("bench")
+    path, md = folder / "report.json", folder / "report.md"
     threads_before = convengine.get_num_threads()
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         status = _bench.main(["--quick", "--shapes", "tiny", "--repeat", "3", "--threads", "1",
-                              "--json", str(path)])
+                              "--json", str(path), "--markdown", str(md)])
     return {"status": status, "json": json.loads(path.read_text()), "printed": buf.getvalue(),
-            "threads_before": threads_before}
+            "markdown": md.read_text(), "threads_before": threads_before}
 
 
 def _positive(v):
@@ -139,6 +140,14 @@ def test_printed_table_matches_report(quick_report):
             assert x_torch == pytest.approx(torch_ms / eng_ms, rel=1e-2)
     assert re.search(r"float32 matmul .*peak yardstick [0-9.]+ GFLOP/s", quick_report["printed"])
     assert "issue 4 targets" in quick_report["printed"]
+
+
+def test_markdown_holds_machine_and_table(quick_report):
+    md = quick_report["markdown"]
+    assert "## Machine" in md and '"simd"' in md
+    assert "python -m convengine bench --quick --shapes tiny" in md
+    table = [line for line in quick_report["printed"].splitlines() if line.startswith("conv2d ")]
+    assert table and all(line in md.splitlines() for line in table)
 
 
 def test_report_restores_thread_count(quick_report):
