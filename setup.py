@@ -46,7 +46,9 @@ def openmp_flags():
 
 OMP = openmp_flags()
 BASE_CFLAGS = ["-O1", "-g"] if DEBUG or SANITIZE else ["-O3"]
-BASE_CFLAGS += ["-fno-strict-aliasing"]
+# -fno-trapping-math: no code here reads FP exception flags, and without it gcc may not turn float compares into
+# selects (max pooling stayed branchy: 5x slower on real data)
+BASE_CFLAGS += ["-fno-strict-aliasing", "-fno-trapping-math"]
 LDFLAGS = list(OMP)
 if SANITIZE:
     BASE_CFLAGS += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
