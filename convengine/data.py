@@ -7,6 +7,7 @@ and y int64 class labels, and checks that the labels fit the images.
 import contextlib
 import gzip
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -105,7 +106,7 @@ def load_idx(path):
         raise ValueError(f"{path}: truncated IDX header (rank {ndim})")
     shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
     dtype = _IDX_TYPES[code]
-    expected = 4 + 4 * ndim + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = 4 + 4 * ndim + math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         kind = "truncated" if len(data) < expected else "has trailing bytes"
         raise ValueError(f"{path}: IDX file {kind}: shape {shape} of {dtype} needs {expected} bytes, "
