@@ -13,6 +13,9 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Kernels index with Py_ssize_t; anything bigger than this is refused before allocation.
 MAX_ELEMENTS = np.iinfo(np.intp).max // 16
+# Largest spatial extent (padded input side, dilated kernel side, stride, padding). Products of two such values
+# fit in 64 bits, so the kernels' index arithmetic cannot wrap; no real image comes near it.
+MAX_EXTENT = 2 ** 31 - 1
 
 
 def check_array(a, name, ndim=None, dtype=None):
@@ -38,14 +41,24 @@ def check_int(value, name, minimum):
     return value
 
 
-def pair(value, name, minimum):
-    """An int or an (h, w) pair of ints, each >= minimum, as a tuple of two ints."""
+def pair(value, name, minimum, maximum=MAX_EXTENT):
+    """An int or an (h, w) pair of ints, each in [minimum, maximum], as a tuple of two ints."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-        return (check_int(value[0], name, minimum), check_int(value[1], name, minimum))
-    v = check_int(value, name, minimum)
-    return (v, v)
+        out = (check_int(value[0], name, minimum), check_int(value[1], name, minimum))
+    else:
+        v = check_int(value, name, minimum)
+        out = (v, v)
+    if max(out) > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value!r}: more than this build can index")
+    return out
+
+
+def check_extent(name, *extents):
+    """Refuse a padded input or dilated kernel side past MAX_EXTENT (see there)."""
+    if max(extents) > MAX_EXTENT:
+        raise ValueError(f"{name} {extents} exceeds {MAX_EXTENT}: more than this build can index")
 
 
 def check_size(shape, name):
@@ -142,6 +155,8 @@ def conv2d_geometry(x_shape, w_shape, stride, padding, dilation, groups):
     else:
         pt, pl = pair(padding, "padding", 0)
         pb, pr = pt, pl
+    check_extent("padded input size", H + pt + pb, W + pl + pr)
+    check_extent("dilated kernel size", dh * (KH - 1) + 1, dw * (KW - 1) + 1)
     OH = conv_output_size(H, KH, sh, pt, pb, dh)
     OW = conv_output_size(W, KW, sw, pl, pr, dw)
     if OH < 1 or OW < 1:
@@ -200,6 +215,7 @@ def pool2d_geometry(x_shape, kernel_size, stride, padding, ceil_mode, name="pool
     ph, pw = pair(padding, "padding", 0)
     if 2 * ph > kh or 2 * pw > kw:
         raise ValueError(f"padding {(ph, pw)} must be at most half of kernel_size {(kh, kw)}")
+    check_extent("padded input size", H + 2 * ph, W + 2 * pw)
     if not isinstance(ceil_mode, (bool, np.bool_)):
         raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
     OH = conv_output_size(H, kh, sh, ph, ph, 1, bool(ceil_mode))

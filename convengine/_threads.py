@@ -4,6 +4,9 @@ import threading
 
 _lock = threading.Lock()
 _num_threads = None
+# Above this an OpenMP runtime may fail to start the team (and abort the process); no machine this engine targets
+# has more cores than this.
+MAX_THREADS = 1024
 
 
 def _usable_cores():
@@ -46,20 +49,23 @@ def _default_threads():
         try:
             n = int(env)
             if n >= 1:
-                return n
+                return min(n, MAX_THREADS)
         except ValueError:
             pass
     return _usable_cores()
 
 
 def set_num_threads(n):
-    """Set how many OpenMP threads the kernels use (n >= 1). Results do not depend on it, only speed does."""
+    """Set how many OpenMP threads the kernels use (1 <= n <= MAX_THREADS). Results do not depend on it, only
+    speed does."""
     global _num_threads
     if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
         raise TypeError(f"n must be an int, got {n!r}")
     n = int(n)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if n > MAX_THREADS:
+        raise ValueError(f"n must be <= {MAX_THREADS}, got {n}")
     with _lock:
         _num_threads = n
 

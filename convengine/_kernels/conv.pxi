@@ -12,6 +12,9 @@
 cdef struct ConvGeom:
     Py_ssize_t B, C, H, W, K, KH, KW, sh, sw, pt, pl, dh, dw, G, OH, OW
 
+# Most elements of per-thread padded input the direct paths may ask for; larger goes the im2col / GEMM way.
+cdef Py_ssize_t MAX_DIRECT_SCRATCH = 1 << 24
+
 
 cdef inline void im2col_row(const floating* x, const ConvGeom* p, Py_ssize_t g, Py_ssize_t r, Py_ssize_t q0,
                             Py_ssize_t n, floating* dst, Py_ssize_t stride) noexcept nogil:
@@ -186,6 +189,10 @@ cdef bint use_direct(const ConvGeom* p, Py_ssize_t NR, Py_ssize_t NC) noexcept n
     if p.sh != 1 or p.sw != 1:
         return False
     R = direct_rows(p, NC)
+    # per-thread padded rows stay small (a huge dilation over a tiny image would ask for gigabytes: im2col's
+    # buffers do not grow with it)
+    if (p.C // p.G) * (R + (p.KH - 1) * p.dh) > MAX_DIRECT_SCRATCH // padded_width(p):
+        return False
     return 4 * R * p.OW >= 3 * round_up(R * padded_width(p), NR)
 
 

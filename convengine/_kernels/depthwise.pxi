@@ -4,7 +4,9 @@
 # fixed order (16 interleaved lanes), so results do not depend on the thread count.
 
 cdef inline bint is_depthwise(const ConvGeom* p) noexcept nogil:
-    return p.G == p.C and p.G == p.K and p.G > 1
+    """Depthwise, with a padded plane of sane size (else the GEMM path, whose buffers do not grow with dilation)."""
+    return (p.G == p.C and p.G == p.K and p.G > 1
+            and dw_padded_h(p) <= MAX_DIRECT_SCRATCH // dw_padded_w(p))
 
 
 cdef inline Py_ssize_t dw_padded_h(const ConvGeom* p) noexcept nogil:
