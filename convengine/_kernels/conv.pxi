@@ -823,3 +823,71 @@ def conv2d_grad_weight(const floating[:, :, :, ::1] grad_out,  # IN  (B, K, OH, 
                                      n_threads)
     if rc:
         raise MemoryError("conv2d_backward: could not allocate packing buffers")
+
+
+cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
+    """Bytes each conv2d direction allocates per call with T threads, following the same path choices as the
+    kernels (packed weights, per-thread panels and padded rows, grad_weight's per-chunk partial sums). Never the
+    im2col matrix of the batch: everything per thread is bounded by the blocking constants and one block of
+    padded input rows."""
+    cdef Py_ssize_t isz = sizeof(floating), ptr = sizeof(void*)
+    cdef Py_ssize_t NR = tile_n(<floating>0), NC = 8 * NR, LD = NC + vlen(<floating>0)
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G, Kd = Cg * p.KH * p.KW
+    cdef Py_ssize_t KCmax = block_k(<floating>0), KC, Mpad, R, rows_in, ncmax, Wp, nchunks, Npad, nv
+    cdef ConvGeom q
+    cdef dict out = {}
+    if is_depthwise(p):
+        out["forward"] = out["grad_input"] = out["grad_weight"] = T * (
+            dw_padded_h(p) * dw_padded_w(p) + dw_slack(p) + p.OH * dw_padded_w(p)) * isz
+        return out
+    # forward (also grad_input's direct path, on the transposed geometry)
+    for name in ("forward", "grad_input"):
+        if name == "forward":
+            q = p[0]
+        elif 4 * Cg >= 3 * round_up(Cg, CE_MR) and transposed_geometry(p, &q) and use_direct(&q, NR, NC):
+            pass
+        else:
+            Mpad = round_up(Kd, CE_MR)
+            KC = balanced_block(Kg, KCmax)
+            out[name] = (p.G * Mpad * Kg + T * (KC * LD + Mpad * NC)) * isz + T * (KC + Mpad) * ptr
+            continue
+        Kd = (q.C // q.G) * q.KH * q.KW
+        Mpad = round_up(q.K // q.G, CE_MR)
+        KC = balanced_block(Kd, KCmax)
+        out[name] = q.G * Mpad * Kd * isz + (q.K * (q.C // q.G) * q.KH * q.KW * isz if name == "grad_input" else 0)
+        if use_direct(&q, NR, NC):
+            Wp = padded_width(&q)
+            R = direct_rows(&q, NC)
+            rows_in = R + (q.KH - 1) * q.dh
+            ncmax = round_up(R * Wp, NR)
+            out[name] += T * ((q.C // q.G) * rows_in * Wp + ncmax + (q.KW - 1) * q.dw + Mpad * ncmax) * isz
+            out[name] += T * (Kd + Mpad) * ptr
+        else:
+            out[name] += T * (KC * LD + Mpad * NC) * isz + T * (KC + Mpad) * ptr
+    Kd = Cg * p.KH * p.KW
+    Mpad = round_up(Kd, CE_MR)
+    nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
+    Npad = round_up(Kg, nv * vlen(<floating>0))
+    if use_direct(p, NR, 2 * KCmax):
+        Wp = padded_width(p)
+        R = direct_rows(p, 2 * KCmax)
+        rows_in = R + (p.KH - 1) * p.dh
+        ncmax = R * Wp
+        nchunks = grad_weight_chunks(p.B * ((p.OH + R - 1) // R), R * p.OW)
+        out["grad_weight"] = (p.G * nchunks * Kd * Kg + T * (
+            Cg * rows_in * Wp + ncmax + (p.KW - 1) * p.dw + ncmax * Npad + Mpad * Npad + ncmax)) * isz
+        out["grad_weight"] += T * (Kd + Mpad + ncmax) * ptr
+    else:
+        nchunks = grad_weight_chunks(p.B * p.OH * p.OW, 1)
+        out["grad_weight"] = (p.G * nchunks * Kd * Kg + T * (
+            Mpad * (KCmax + vlen(<floating>0)) + KCmax * Npad + Mpad * Npad)) * isz + T * (Mpad + KCmax) * ptr
+    return out
+
+
+def conv2d_scratch_bytes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize, Py_ssize_t n_threads):
+    """Extra bytes per call of each conv2d direction (see scratch_bytes); params as for conv2d_forward."""
+    cdef ConvGeom p
+    fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
+    if itemsize == 4:
+        return scratch_bytes(&p, <float>0, n_threads)
+    return scratch_bytes(&p, <double>0, n_threads)
