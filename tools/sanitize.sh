@@ -34,9 +34,16 @@ cleanup() {
 trap cleanup EXIT
 
 echo "sanitize: copying the working tree of $src to $work"
-git -C "$src" ls-files -z --cached --others --exclude-standard \
-    | (cd "$src" && xargs -0 -r sh -c 'for f; do [ -f "$f" ] && printf "%s\0" "$f"; done' sh) \
-    | (cd "$src" && tar --null -T - -cf -) | tar -C "$work" -xf -
+if git -C "$src" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git -C "$src" ls-files -z --cached --others --exclude-standard \
+        | (cd "$src" && xargs -0 -r sh -c 'for f; do [ -f "$f" ] && printf "%s\0" "$f"; done' sh) \
+        | (cd "$src" && tar --null -T - -cf -) | tar -C "$work" -xf -
+else
+    # Not a git checkout (an unpacked sdist): everything but build outputs and caches.
+    (cd "$src" && tar --exclude=./build --exclude='*.so' --exclude='./convengine/_kernels/*.c' \
+        --exclude=__pycache__ --exclude=.hypothesis --exclude=.pytest_cache --exclude=.git -cf - .) \
+        | tar -C "$work" -xf -
+fi
 
 if ! "$python" -c 'import Cython, setuptools, sys; sys.exit(int(Cython.__version__.split(".")[0]) < 3)' 2>/dev/null; then
     echo "sanitize: installing Cython and setuptools to build"
