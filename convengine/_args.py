@@ -31,6 +31,19 @@ def check_array(a, name, ndim=None, dtype=None):
     return a
 
 
+def check_bool(value, name):
+    """A bool (or NumPy bool): a flag given as 1 or "False" is refused, never taken for its truthiness."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def check_pixels(shape, name):
+    """Refuse an image with no rows or no columns (as PyTorch does): padding alone would make every window empty."""
+    if shape[2] == 0 or shape[3] == 0:
+        raise ValueError(f"{name} shape {tuple(shape)} has no pixels (H or W is 0)")
+
+
 def check_int(value, name, minimum):
     """An integer (not bool) >= minimum."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
@@ -133,6 +146,7 @@ def conv2d_geometry(x_shape, w_shape, stride, padding, dilation, groups):
     """Validate conv2d hyper-parameters against the input and weight shapes; return a ConvGeometry."""
     B, C, H, W = x_shape
     K, Cg, KH, KW = w_shape
+    check_pixels(x_shape, "x")
     sh, sw = pair(stride, "stride", 1)
     dh, dw = pair(dilation, "dilation", 1)
     groups = check_int(groups, "groups", 1)
@@ -210,16 +224,16 @@ def pool2d_geometry(x_shape, kernel_size, stride, padding, ceil_mode, name="pool
     if len(x_shape) != 4:
         raise ValueError(f"input_shape must be (N, C, H, W), got {tuple(x_shape)}")
     B, C, H, W = (check_int(s, "input_shape", 0) for s in x_shape)
+    check_pixels(x_shape, "input")
     kh, kw = pair(kernel_size, "kernel_size", 1)
     sh, sw = (kh, kw) if stride is None else pair(stride, "stride", 1)
     ph, pw = pair(padding, "padding", 0)
     if 2 * ph > kh or 2 * pw > kw:
         raise ValueError(f"padding {(ph, pw)} must be at most half of kernel_size {(kh, kw)}")
     check_extent("padded input size", H + 2 * ph, W + 2 * pw)
-    if not isinstance(ceil_mode, (bool, np.bool_)):
-        raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
-    OH = conv_output_size(H, kh, sh, ph, ph, 1, bool(ceil_mode))
-    OW = conv_output_size(W, kw, sw, pw, pw, 1, bool(ceil_mode))
+    ceil_mode = check_bool(ceil_mode, "ceil_mode")
+    OH = conv_output_size(H, kh, sh, ph, ph, 1, ceil_mode)
+    OW = conv_output_size(W, kw, sw, pw, pw, 1, ceil_mode)
     if OH < 1 or OW < 1:
         raise ValueError(f"{name} output would be empty: input shape {tuple(x_shape)}, kernel_size {(kh, kw)}, "
                          f"stride {(sh, sw)}, padding {(ph, pw)}")

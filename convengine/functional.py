@@ -16,7 +16,14 @@ __all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "av
 
 
 def _contiguous(a):
-    return np.ascontiguousarray(a)
+    """a as a C-contiguous, aligned array: a copy only when it is not one already. (An array viewed from a byte
+    buffer can be C-contiguous yet misaligned, and its strides then not multiples of the item size.)"""
+    return np.require(a, requirements=["C", "A"])
+
+
+def _aligned(a):
+    """a with aligned data and strides (whole items), any layout: what the strided GEMM reads."""
+    return np.require(a, requirements=["A"])
 
 
 def _conv_params(g):
@@ -41,6 +48,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups=1, need_input_grad=True):
     """Gradients of conv2d: (grad_x or None when need_input_grad is False, grad_weight, grad_bias)."""
     geom = _args.conv2d_backward_args(grad_out, x, weight, stride, padding, dilation, groups)
+    need_input_grad = _args.check_bool(need_input_grad, "need_input_grad")
     grad_out = _contiguous(grad_out)
     params = _conv_params(geom)
     n_threads = get_num_threads()
@@ -58,6 +66,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, return_i
     """Max pooling over (N, C, H, W); with return_indices also the int64 flat H*W position of each maximum."""
     _args.check_array(x, "x", 4)
     geom = _args.pool2d_geometry(x.shape, kernel_size, stride, padding, ceil_mode, "max_pool2d")
+    return_indices = _args.check_bool(return_indices, "return_indices")
     out = np.empty(geom.out_shape, dtype=x.dtype)
     indices = np.empty(geom.out_shape, dtype=np.int64) if return_indices else None
     _engine.max_pool2d_forward(_contiguous(x), out, indices, _pool_params(geom), get_num_threads())
@@ -83,8 +92,9 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     """Average pooling over (N, C, H, W)."""
     _args.check_array(x, "x", 4)
     geom = _args.pool2d_geometry(x.shape, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
+    count_include_pad = _args.check_bool(count_include_pad, "count_include_pad")
     out = np.empty(geom.out_shape, dtype=x.dtype)
-    _engine.avg_pool2d_forward(_contiguous(x), out, _pool_params(geom), bool(count_include_pad), get_num_threads())
+    _engine.avg_pool2d_forward(_contiguous(x), out, _pool_params(geom), count_include_pad, get_num_threads())
     return out
 
 
@@ -94,11 +104,12 @@ def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding
     _args.check_array(grad_out, "grad_out", 4)
     input_shape = _args.input_shape_arg(input_shape)
     geom = _args.pool2d_geometry(input_shape, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
+    count_include_pad = _args.check_bool(count_include_pad, "count_include_pad")
     if grad_out.shape != geom.out_shape:
         raise ValueError(f"grad_out shape {grad_out.shape} does not match the avg_pool2d output shape "
                          f"{geom.out_shape} for input_shape {input_shape}")
     grad_x = np.empty(input_shape, dtype=grad_out.dtype)
-    _engine.avg_pool2d_backward(_contiguous(grad_out), grad_x, _pool_params(geom), bool(count_include_pad),
+    _engine.avg_pool2d_backward(_contiguous(grad_out), grad_x, _pool_params(geom), count_include_pad,
                                 get_num_threads())
     return grad_x
 
@@ -127,7 +138,7 @@ def linear(x, weight, bias=None):
     """x (N, in) @ weight.T (weight: (out, in)) + bias."""
     _args.linear_args(x, weight, bias)
     out = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
-    _engine.matmul(x, weight.T, out, get_num_threads())
+    _engine.matmul(_aligned(x), _aligned(weight).T, out, get_num_threads())
     if bias is not None:
         out += bias
     return out
@@ -139,6 +150,7 @@ def linear_backward(grad_out, x, weight):
     n_threads = get_num_threads()
     grad_x = np.empty(x.shape, dtype=x.dtype)
     grad_w = np.empty(weight.shape, dtype=x.dtype)
-    _engine.matmul(grad_out, weight, grad_x, n_threads)
-    _engine.matmul(grad_out.T, x, grad_w, n_threads)
+    grad_out = _aligned(grad_out)
+    _engine.matmul(grad_out, _aligned(weight), grad_x, n_threads)
+    _engine.matmul(grad_out.T, _aligned(x), grad_w, n_threads)
     return grad_x, grad_w, grad_out.sum(axis=0)

@@ -10,7 +10,7 @@ Arrays are NCHW: N images, C channels, H rows, W columns.
 """
 import numpy as np
 
-from ._args import (check_array, conv2d_args, conv2d_backward_args, input_shape_arg, linear_args,
+from ._args import (check_array, check_bool, conv2d_args, conv2d_backward_args, input_shape_arg, linear_args,
                     linear_backward_args, pool2d_geometry, pool_window)
 
 __all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
@@ -70,6 +70,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     the input pixel through the weight: the forward pass read backwards, one filter tap at a time.
     """
     g = conv2d_backward_args(grad_out, x, weight, stride, padding, dilation, groups)
+    need_input_grad = check_bool(need_input_grad, "need_input_grad")
     G = g.groups
     xp = _pad_input(x, g)
     padded_shape = xp.shape
@@ -126,6 +127,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, return_i
     """
     check_array(x, "x", 4)
     g = pool2d_geometry(x.shape, kernel_size, stride, padding, ceil_mode, "max_pool2d")
+    return_indices = check_bool(return_indices, "return_indices")
     pad_h, pad_w = _pool_padding(g)
     xp = np.pad(x, ((0, 0), (0, 0), pad_h, pad_w), constant_values=-np.inf)
     # Where each padded pixel came from in the original plane (-1 for padding, which can never be picked).
@@ -202,6 +204,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     """
     check_array(x, "x", 4)
     g = pool2d_geometry(x.shape, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
+    count_include_pad = check_bool(count_include_pad, "count_include_pad")
     pad_h, pad_w = _pool_padding(g)
     xp = np.pad(x, ((0, 0), (0, 0), pad_h, pad_w))
 
@@ -219,6 +222,7 @@ def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding
     """Gradient of avg_pool2d: each window's gradient, divided by its divisor, is shared by all its pixels."""
     input_shape = input_shape_arg(input_shape)
     g = pool2d_geometry(input_shape, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
+    count_include_pad = check_bool(count_include_pad, "count_include_pad")
     check_array(grad_out, "grad_out", 4)
     if grad_out.shape != g.out_shape:
         raise ValueError(f"grad_out shape {grad_out.shape} does not match the avg_pool2d output shape "
