@@ -4,6 +4,10 @@ import threading
 
 _lock = threading.Lock()
 _num_threads = None
+# GNU OpenMP cannot start a thread team in a process forked from one whose team already ran: the child hangs
+# (GCC bug 52303). A forked child therefore runs the kernels on one thread, as PyTorch does; results are the same
+# for any thread count. Use the 'spawn' start method for workers that should compute in parallel.
+_forked_child = False
 # Above this an OpenMP runtime may fail to start the team (and abort the process); no machine this engine targets
 # has more cores than this.
 MAX_THREADS = 1024
@@ -55,9 +59,20 @@ def _default_threads():
     return _usable_cores()
 
 
+def _after_fork_in_child():
+    global _lock, _num_threads, _forked_child
+    _lock = threading.Lock()  # the parent's may have been held by another thread at the fork
+    _forked_child = True
+    _num_threads = 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def set_num_threads(n):
     """Set how many OpenMP threads the kernels use (1 <= n <= MAX_THREADS). Results do not depend on it, only
-    speed does."""
+    speed does. In a forked child process it stays 1 (see _forked_child)."""
     global _num_threads
     if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
         raise TypeError(f"n must be an int, got {n!r}")
@@ -67,7 +82,7 @@ def set_num_threads(n):
     if n > MAX_THREADS:
         raise ValueError(f"n must be <= {MAX_THREADS}, got {n}")
     with _lock:
-        _num_threads = n
+        _num_threads = 1 if _forked_child else n
 
 
 def get_num_threads():
