@@ -1,6 +1,4 @@
 """The generator behind parameter initialisation and dropout, so that one seed gives one model."""
-import contextlib
-
 import numpy as np
 
 _generator = np.random.default_rng()
@@ -43,16 +41,3 @@ def set_state(state):
         raise ValueError(f"invalid {name} random state: {e}") from None
     _generator = np.random.Generator(bit_generator)
 
-
-@contextlib.contextmanager
-def preserved():
-    """Leave the generator as it was on entry: loading a saved model builds layers, which would otherwise draw
-    initial weights and shift every later draw."""
-    global _generator
-    saved = _generator
-    _generator = np.random.Generator(type(saved.bit_generator)())
-    _generator.bit_generator.state = saved.bit_generator.state
-    try:
-        yield
-    finally:
-        _generator = saved

@@ -7,7 +7,9 @@ A layer keeps what its backward needs only after a training forward; inference k
 Gradients accumulate into `Parameter.grad` (as in PyTorch) until the optimizer's zero_grad() clears them, which
 lets a caller sum gradients over several batches.
 """
+import contextlib
 import math
+import threading
 
 import numpy as np
 
@@ -19,6 +21,27 @@ __all__ = ["Parameter", "Layer", "Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgP
            "Linear", "Dropout", "BatchNorm2d", "LAYER_TYPES"]
 
 _INITS = ("he", "glorot")
+_mode = threading.local()
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Layers built inside hold read-only placeholders of the right shapes and dtypes (no memory, no random draws)
+    instead of initial values. The model loader builds a file's layers this way, so that a description declaring
+    huge layers is checked against the arrays the file really holds before anything is allocated; every placeholder
+    is then replaced by the file's array."""
+    previous = getattr(_mode, "shapes_only", False)
+    _mode.shapes_only = True
+    try:
+        yield
+    finally:
+        _mode.shapes_only = previous
+
+
+def _filled(shape, dtype, value):
+    if getattr(_mode, "shapes_only", False):
+        return np.broadcast_to(np.array(value, dtype), shape)
+    return np.full(shape, value, dtype)
 
 
 class Parameter:
@@ -29,7 +52,7 @@ class Parameter:
     def __init__(self, name, data):
         self.name = name
         self.data = data
-        self.grad = np.zeros_like(data)
+        self.grad = data if getattr(_mode, "shapes_only", False) else np.zeros_like(data)
 
     def __repr__(self):
         return f"Parameter({self.name!r}, shape={self.data.shape}, dtype={self.data.dtype})"
@@ -45,6 +68,8 @@ def _dtype(dtype):
 def _init_weight(shape, fan_in, fan_out, init, dtype):
     """He (normal, std sqrt(2 / fan_in)) suits layers followed by ReLU; Glorot (uniform, limit
     sqrt(6 / (fan_in + fan_out))) suits the rest. Drawn in float64 and rounded, so both dtypes get the same values."""
+    if getattr(_mode, "shapes_only", False):
+        return _filled(shape, dtype, 0)
     if init == "he":
         w = generator().normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
     else:
@@ -107,6 +132,9 @@ class Layer:
         """Arrays that are state but not trained (BatchNorm's running statistics), by local name."""
         return {}
 
+    def set_buffer(self, name, value):
+        raise KeyError(f"{type(self).__name__} has no buffer {name!r}")
+
     def config(self):
         """The constructor arguments, JSON-serialisable: a saved model is rebuilt from them."""
         return {}
@@ -159,7 +187,7 @@ class Conv2d(Layer):
                          self.out_channels // self.groups * kh * kw, self.init, self.dtype)
         self._params["weight"] = Parameter("weight", w)
         if has_bias:
-            self._params["bias"] = Parameter("bias", np.zeros(self.out_channels, self.dtype))
+            self._params["bias"] = Parameter("bias", _filled(self.out_channels, self.dtype, 0))
         self._x = None
 
     @property
@@ -364,7 +392,7 @@ class Linear(Layer):
                          self.dtype)
         self._params["weight"] = Parameter("weight", w)
         if has_bias:
-            self._params["bias"] = Parameter("bias", np.zeros(self.out_features, self.dtype))
+            self._params["bias"] = Parameter("bias", _filled(self.out_features, self.dtype, 0))
         self._x = None
 
     @property
@@ -441,10 +469,10 @@ class BatchNorm2d(Layer):
             raise ValueError("eps must be > 0")
         self.momentum = _check_float(momentum, "momentum", 0.0, 1.0)
         self.dtype = _dtype(dtype)
-        self._params["weight"] = Parameter("weight", np.ones(self.num_features, self.dtype))
-        self._params["bias"] = Parameter("bias", np.zeros(self.num_features, self.dtype))
-        self.running_mean = np.zeros(self.num_features, self.dtype)
-        self.running_var = np.ones(self.num_features, self.dtype)
+        self._params["weight"] = Parameter("weight", _filled(self.num_features, self.dtype, 1))
+        self._params["bias"] = Parameter("bias", _filled(self.num_features, self.dtype, 0))
+        self.running_mean = _filled(self.num_features, self.dtype, 0)
+        self.running_var = _filled(self.num_features, self.dtype, 1)
         self._cache = None
 
     @property
@@ -511,6 +539,12 @@ class BatchNorm2d(Layer):
 
     def buffers(self):
         return {"running_mean": self.running_mean, "running_var": self.running_var}
+
+    def set_buffer(self, name, value):
+        """Replace a buffer by an array of the same shape and dtype (loading a model or a checkpoint)."""
+        if name not in ("running_mean", "running_var"):
+            raise KeyError(name)
+        setattr(self, name, value)
 
     def output_shape(self, input_shape):
         if len(input_shape) != 3 or input_shape[0] != self.num_features:

@@ -9,14 +9,15 @@ so opening a file never runs code; anything that does not fit the description is
 import contextlib
 import json
 import os
+import math
 import tempfile
 import zipfile
-import zlib
 
 import numpy as np
 
-from . import _args, _random
-from .layers import LAYER_TYPES, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU
+from . import _args
+from .layers import (LAYER_TYPES, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU,
+                     shapes_only)
 
 __all__ = ["Sequential", "load", "lenet", "FORMAT", "VERSION"]
 
@@ -196,9 +197,8 @@ class Sequential:
             for p in layer.parameters():
                 p.data = p.data.astype(dtype)
                 p.grad = np.zeros_like(p.data)
-            if isinstance(layer, BatchNorm2d):
-                layer.running_mean = layer.running_mean.astype(dtype)
-                layer.running_var = layer.running_var.astype(dtype)
+            for name, a in layer.buffers().items():
+                layer.set_buffer(name, a.astype(dtype))
             if hasattr(layer, "dtype"):
                 layer.dtype = dtype
         return self
@@ -260,36 +260,101 @@ def _atomic_savez(path, arrays):
         raise
 
 
+class _FileError(ValueError):
+    """A complaint about a model file, already naming it."""
+
+
+# Python objects in a description this large are no model; the bound keeps a hostile file from claiming gigabytes.
+_MAX_DESCRIPTION_BYTES = 16 << 20
+
+
 class _Reader:
-    """Checks one file against the format; every complaint is a ValueError that names the file."""
+    """Reads one file against the format, member by member through zipfile and numpy's .npy header parser, so that
+    every declared size is checked against the architecture before any data is read or allocated. Every complaint
+    is a ValueError that names the file."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        self.zip = None
+        self.members = {}
 
     def fail(self, message):
-        raise ValueError(f"{self.path}: {message}")
+        raise _FileError(f"{self.path}: {message}")
 
-    def read_arrays(self):
+    @contextlib.contextmanager
+    def damage(self, what):
+        # zipfile and the .npy parser report a damaged file with many exception types (BadZipFile, NotImplementedError
+        # for an unknown compression method, RuntimeError for encryption, struct.error, zlib.error, EOFError,
+        # OverflowError, ...). At this boundary each of them means one thing: the file is damaged.
         try:
-            npz = np.load(self.path, allow_pickle=False)
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            yield
+        except (_FileError, MemoryError):
             raise
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            self.fail(f"not a convengine model file (.npz expected; pickled data is refused): {e}")
-        if not hasattr(npz, "files"):
-            self.fail("not a convengine model file: it holds a single .npy array, not an .npz archive")
-        try:
-            with npz:
-                return {name: npz[name] for name in npz.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-            self.fail(f"corrupt or truncated model file (object arrays and pickles are refused): {e}")
+        except Exception as e:
+            self.fail(f"{what}: damaged or truncated file ({type(e).__name__}: {e})")
 
-    def description(self, arrays):
-        raw = arrays.pop(_JSON_KEY, None)
-        if raw is None:
-            self.fail(f"not a convengine model file: no {_JSON_KEY!r} description inside")
-        if raw.dtype != np.uint8 or raw.ndim != 1:
-            self.fail(f"the description must be a 1-D uint8 array, got {raw.dtype} of shape {raw.shape}")
+    def open(self):
+        try:
+            self.zip = zipfile.ZipFile(self.path)
+        except (FileNotFoundError, IsADirectoryError, PermissionError, MemoryError):
+            raise
+        except Exception as e:
+            self.fail(f"not a convengine model file (an .npz archive is expected; pickles are refused): {e}")
+        with self.damage("reading the archive's directory"):
+            infos = self.zip.infolist()
+        for info in infos:
+            name = info.filename
+            if not name.endswith(".npy"):
+                self.fail(f"unexpected member {name!r}: a model file holds only .npy arrays")
+            key = name[:-len(".npy")]
+            if key in self.members:
+                self.fail(f"member {name!r} appears twice")
+            self.members[key] = info
+
+    def close(self):
+        if self.zip is not None:
+            self.zip.close()
+
+    def array(self, key, shape, dtype, max_elements=None, read=True):
+        """The member `key` as a C-contiguous array, after checking its .npy header declares `shape` (None: any
+        1-D shape of at most max_elements) and `dtype`; the data is read only if the header fits, and only with
+        read (else None: the header alone is checked)."""
+        info = self.members.get(key)
+        if info is None:
+            self.fail(f"array {key!r} is missing")
+        with self.damage(f"array {key!r}"), self.zip.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                self.fail(f"array {key!r} has .npy format version {version}, expected 1.0 or 2.0")
+            if got_dtype.hasobject:
+                self.fail(f"array {key!r} holds Python objects (a pickle), which are refused")
+            if shape is None:
+                ok_shape = len(got_shape) == 1 and got_shape[0] <= max_elements
+            else:
+                ok_shape = tuple(got_shape) == tuple(shape)
+            if not ok_shape or got_dtype != dtype:
+                need = f"shape {tuple(shape)}" if shape is not None else f"1-D, at most {max_elements} elements"
+                self.fail(f"array {key!r} has shape {got_shape} and dtype {got_dtype}, the architecture needs "
+                          f"{need} and dtype {np.dtype(dtype)}")
+            nbytes = math.prod(got_shape) * got_dtype.itemsize
+            if info.file_size != f.tell() + nbytes:
+                self.fail(f"array {key!r}: its size in the archive ({info.file_size} bytes) does not match its "
+                          f".npy header ({f.tell() + nbytes} bytes)")
+            if not read:
+                return None
+            data = f.read(nbytes)
+            # Reading to the end makes zipfile check the member's CRC.
+            if len(data) != nbytes or f.read(1):
+                self.fail(f"array {key!r} is truncated or has trailing bytes")
+        a = np.frombuffer(data, dtype=got_dtype).reshape(got_shape, order="F" if fortran else "C")
+        return np.array(a, order="C")
+
+    def description(self):
+        raw = self.array(_JSON_KEY, None, np.dtype(np.uint8), _MAX_DESCRIPTION_BYTES)
         try:
             desc = json.loads(raw.tobytes().decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -310,8 +375,9 @@ class _Reader:
         if not isinstance(specs, list) or not specs:
             self.fail(f"'layers' must be a non-empty list, got {type(specs).__name__}")
         layers = []
-        # Building layers draws initial weights that the file then replaces: keep the caller's random stream.
-        with _random.preserved():
+        # Placeholders only: a description may declare layers of any size, and the file's arrays, checked against
+        # these shapes next, decide whether it is honest before anything is allocated.
+        with shapes_only():
             for i, spec in enumerate(specs):
                 if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
                     self.fail(f"layer {i} must be an object with a 'type' string, got {spec!r}")
@@ -323,15 +389,14 @@ class _Reader:
                     self.fail(f"layer {i} config must be an object, got {type(config).__name__}")
                 try:
                     layers.append(cls(**config))
-                except (TypeError, ValueError) as e:
+                except (TypeError, ValueError, OverflowError) as e:
                     self.fail(f"layer {i} ({spec['type']}) has a bad config {config!r}: {e}")
         return layers
 
-    def model(self, desc, arrays):
+    def model(self, desc):
         layers = self.layers(desc)
-        input_shape = desc.get("input_shape")
         try:
-            model = Sequential(layers, input_shape=input_shape)
+            model = Sequential(layers, input_shape=desc.get("input_shape"))
         except (TypeError, ValueError) as e:
             self.fail(f"bad model description: {e}")
         if desc.get("dtype") != model.dtype.name:
@@ -340,43 +405,61 @@ class _Reader:
         if not isinstance(metadata, dict):
             self.fail(f"metadata must be an object, got {type(metadata).__name__}")
         model.metadata = metadata
+        expected = {}
         for i, layer in enumerate(layers):
             for local, p in layer.named_parameters():
-                p.data = self.array(arrays, f"param/{i}.{local}", p.data)
-            if isinstance(layer, BatchNorm2d):
-                layer.running_mean = self.array(arrays, f"buffer/{i}.running_mean", layer.running_mean)
-                layer.running_var = self.array(arrays, f"buffer/{i}.running_var", layer.running_var)
-        unexpected = [k for k in arrays if not k.startswith("state/")]
+                expected[f"param/{i}.{local}"] = p.data
+            for local, a in layer.buffers().items():
+                expected[f"buffer/{i}.{local}"] = a
+        unexpected = sorted(k for k in self.members if k not in expected and k != _JSON_KEY
+                            and not k.startswith("state/"))
         if unexpected:
             self.fail(f"unexpected arrays {unexpected} for this architecture")
+        missing = sorted(k for k in expected if k not in self.members)
+        if missing:
+            self.fail(f"arrays {missing} are missing")
+        for i, layer in enumerate(layers):
+            for local, p in layer.named_parameters():
+                p.data = self.array(f"param/{i}.{local}", p.data.shape, p.data.dtype)
+                p.grad = np.zeros_like(p.data)
+            for local, a in layer.buffers().items():
+                layer.set_buffer(local, self.array(f"buffer/{i}.{local}", a.shape, a.dtype))
         return model
 
-    def array(self, arrays, key, like):
-        a = arrays.pop(key, None)
-        if a is None:
-            self.fail(f"array {key!r} is missing")
-        if a.shape != like.shape or a.dtype != like.dtype:
-            self.fail(f"array {key!r} has shape {a.shape} and dtype {a.dtype}, the architecture needs shape "
-                      f"{like.shape} and dtype {like.dtype}")
-        return np.ascontiguousarray(a)
+    def state(self, model, read):
+        """A checkpoint's optimizer slots: each `state/optimizer/<slot>/<i>` shaped like parameter i. Names and
+        headers are always checked, the data read only with read."""
+        params = model.parameters()
+        state = {}
+        for key in sorted(k for k in self.members if k.startswith("state/")):
+            parts = key.split("/")
+            if len(parts) != 4 or parts[1] != "optimizer" or not parts[3].isdigit() or int(parts[3]) >= len(params):
+                self.fail(f"unexpected checkpoint array {key!r}")
+            p = params[int(parts[3])]
+            state[key[len("state/"):]] = self.array(key, p.data.shape, p.data.dtype, read=read)
+        return state if read else {}
 
 
-def _read(path):
-    """(model, training description or None, {key: array} of the checkpoint's state arrays)."""
+def _read(path, with_state=False):
+    """(model, training description or None, {key: array} of a checkpoint's state arrays, read only with_state)."""
     reader = _Reader(path)
-    arrays = reader.read_arrays()
-    desc = reader.description(arrays)
-    model = reader.model(desc, arrays)
-    training = desc.get("training")
-    if training is not None and not isinstance(training, dict):
-        reader.fail(f"'training' must be an object, got {type(training).__name__}")
-    state = {k[len("state/"):]: a for k, a in arrays.items()}
+    try:
+        reader.open()
+        desc = reader.description()
+        model = reader.model(desc)
+        training = desc.get("training")
+        if training is not None and not isinstance(training, dict):
+            reader.fail(f"'training' must be an object, got {type(training).__name__}")
+        state = reader.state(model, read=with_state)
+    finally:
+        reader.close()
     return model, training, state
 
 
 def load(path):
     """Load a model written by Sequential.save (or a training checkpoint, whose optimizer state is ignored).
-    Raises ValueError for a file that is corrupt, truncated, of another format version, or holds pickled data."""
+    Raises ValueError, naming the file, for a file that is corrupt, truncated, of another format version, holds
+    pickled data, or declares arrays that do not fit its architecture."""
     return _read(path)[0]
 
 

@@ -3,7 +3,8 @@
 fit() shuffles each epoch, runs forward -> loss -> backward -> optimizer step per mini-batch, and records the
 epoch's loss, accuracy, time and images/s in a History. Callbacks (EarlyStopping, ModelCheckpoint,
 LearningRateScheduler) hook into the epochs. Ctrl-C during fit finishes the current batch, stops, and returns the
-History marked interrupted, with the model consistent and usable.
+History marked interrupted, with the model exactly as after that batch and usable; a KeyboardInterrupt raised
+inside a batch (a second Ctrl-C) undoes that batch instead.
 
 Reproducibility: with fit(seed=s) the order of epoch e is drawn from a generator seeded with (s, e), so a run
 resumed from a checkpoint sees the same orders as an uninterrupted one; dropout draws from convengine's generator
@@ -21,7 +22,6 @@ from tqdm import tqdm
 from . import _args, _random
 from . import model as _model
 from .data import check_labels
-from .layers import BatchNorm2d
 from .losses import Loss
 from .optim import Optimizer
 
@@ -33,8 +33,9 @@ class History:
     epoch), 'time' (seconds of training, without validation), 'images_per_second', 'lr', and with validation data
     'val_loss' and 'val_accuracy'. `epoch` holds the epoch numbers (1-based, continuing across fits).
 
-    `interrupted` is True when Ctrl-C stopped the run; `partial_epoch` then holds the metrics of the batches of the
-    unfinished epoch. `stopped_early` is True when a callback stopped it."""
+    `interrupted` is True when Ctrl-C stopped the run; `partial_epoch` then holds the metrics of the unfinished
+    epoch, with 'batches' the number of its batches that completed. `stopped_early` is True when a callback stopped
+    it."""
 
     def __init__(self):
         self.epoch = []
@@ -205,17 +206,20 @@ class LearningRateScheduler(Callback):
 
 
 class _InterruptGuard:
-    """Turn the first Ctrl-C into a request that the loop honours after the current batch, so an optimizer step
-    is never cut in half. A second Ctrl-C raises KeyboardInterrupt at once. Off the main thread no handler can
-    be installed; a KeyboardInterrupt raised there is still caught by fit."""
+    """Turn the first Ctrl-C into a request that the loop honours after the current batch. A second Ctrl-C raises
+    KeyboardInterrupt at once, except inside a critical section (the optimizer step, which updates the parameters
+    one by one, and the batch's snapshot and rollback), which it lets finish: the loop stops right after it anyway.
+    Off the main thread no handler can be installed (and no signal arrives); a KeyboardInterrupt raised there by
+    code is still caught by fit."""
 
     def __init__(self):
         self.requested = False
+        self.critical = False
         self._previous = None
         self._installed = False
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.requested and not self.critical:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -347,12 +351,27 @@ class Trainer:
             for b in range(n_batches):
                 idx = order[b * batch_size:(b + 1) * batch_size]
                 xb, yb = x[idx], y[idx]
-                out = self.model.forward(xb, training=True)
-                value = self.loss(out, yb)
-                grad = self.loss.backward()
-                self.optimizer.zero_grad()
-                self.model.backward(grad)
+                # A KeyboardInterrupt inside the batch (a second Ctrl-C, or one raised by code off the main thread)
+                # undoes what forward changed, so that the batch counts for nothing: the model and the dropout
+                # stream are exactly as after the previous batch.
+                guard.critical = True
+                saved = self._batch_state()
+                guard.critical = False
+                try:
+                    out = self.model.forward(xb, training=True)
+                    value = self.loss(out, yb)
+                    grad = self.loss.backward()
+                    self.optimizer.zero_grad()
+                    self.model.backward(grad)
+                except KeyboardInterrupt:
+                    guard.critical = True
+                    self._restore_batch_state(saved)
+                    complete = False
+                    n_batches = b
+                    break
+                guard.critical = True
                 self.optimizer.step()
+                guard.critical = False
                 loss_sum += value * len(idx) if per_sample else value
                 correct += int(np.count_nonzero(out.argmax(axis=1) == yb))
                 seen += len(idx)
@@ -367,9 +386,10 @@ class Trainer:
                     complete = False
                     n_batches = b + 1
                     break
+            guard.critical = False
             elapsed = time.perf_counter() - start
-            logs = {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "time": elapsed,
-                    "images_per_second": seen / max(elapsed, 1e-9), "lr": lr}
+            logs = {"loss": loss_sum / seen if seen else math.nan, "accuracy": correct / seen if seen else math.nan,
+                    "time": elapsed, "images_per_second": seen / max(elapsed, 1e-9), "lr": lr}
             if not complete:
                 logs["batches"] = n_batches
                 return logs, False
@@ -383,6 +403,15 @@ class Trainer:
         if verbose == 2:
             print(f"epoch {epoch + 1}/{last_epoch}: {self._line(logs)}", flush=True)
         return logs, True
+
+    def _batch_state(self):
+        return [a.copy() for a in self.model.buffers().values()], _random.get_state()
+
+    def _restore_batch_state(self, saved):
+        buffers, random_state = saved
+        for live, a in zip(self.model.buffers().values(), buffers):
+            np.copyto(live, a)
+        _random.set_state(random_state)
 
     @staticmethod
     def _line(logs):
@@ -416,7 +445,7 @@ class Trainer:
     def load_checkpoint(self, path):
         """Restore a checkpoint written by save_checkpoint (ModelCheckpoint) into this trainer's model and
         optimizer, which must have the same architecture and optimizer type. Nothing changes if it fails."""
-        saved, training, state = _model._read(path)
+        saved, training, state = _model._read(path, with_state=True)
         if training is None:
             raise ValueError(f"{path}: a model file without training state; use convengine.load for it")
         if saved.description()["layers"] != self.model.description()["layers"]:
@@ -436,8 +465,7 @@ class Trainer:
         for p, q in zip(self.model.parameters(), saved.parameters()):
             np.copyto(p.data, q.data)
         for layer, saved_layer in zip(self.model.layers, saved.layers):
-            if isinstance(layer, BatchNorm2d):
-                np.copyto(layer.running_mean, saved_layer.running_mean)
-                np.copyto(layer.running_var, saved_layer.running_var)
+            for name, a in saved_layer.buffers().items():
+                np.copyto(layer.buffers()[name], a)
         self.model.metadata = saved.metadata
         self.epoch = epoch
