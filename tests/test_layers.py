@@ -225,3 +225,18 @@ def test_flops_count_multiply_adds_twice():
     assert conv.flops((3, 10, 10)) == 2 * 8 * 10 * 10 * 3 * 9
     assert L.Linear(4, 5, bias=False).flops((4,)) == 2 * 20
     assert L.MaxPool2d(2).flops((3, 4, 4)) == 3 * 2 * 2 * 4
+
+
+def test_shapes_only_layers_allocate_nothing_and_draw_nothing():
+    convengine.manual_seed(2)
+    expected = convengine._random.generator().random()
+    convengine.manual_seed(2)
+    with L.shapes_only():
+        big = L.Linear(10 ** 6, 10 ** 6, dtype="float64")  # 8 TB if it were allocated
+        bn = L.BatchNorm2d(10 ** 9)
+    assert convengine._random.generator().random() == expected
+    assert big.weight.data.shape == (10 ** 6, 10 ** 6) and big.weight.data.dtype == np.float64
+    assert not big.weight.data.flags.writeable and big.weight.data.strides == (0, 0)
+    assert bn.running_var.shape == (10 ** 9,) and bn.running_var[123] == 1.0
+    # Outside the context, layers are real again.
+    assert L.Linear(2, 2).weight.data.flags.writeable
