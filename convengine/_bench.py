@@ -596,6 +596,16 @@ def _lscpu():
     return [line.strip() for line in text.splitlines() if line.split(":")[0].strip() in keep]
 
 
+def _load_warning(report):
+    """A caveat for the top of the file when other work shared the machine during the run."""
+    loads = [v for v in (report["machine"]["load_average"], report["load_average_end"]) if v is not None]
+    if not loads or max(loads) < 0.5 * _usable_cores():
+        return []
+    return [f"**Measured under load** (1-minute load average up to {max(loads):.1f} on {_usable_cores()} usable "
+            "cores): other work shared the machine, so the times are noisy and the thread figures pessimistic. "
+            "Rerun on a quiet machine before drawing conclusions.", ""]
+
+
 def markdown(report, text, argv):
     """The report as printed, under a description of the machine and the command that made it."""
     m = report["machine"]
@@ -607,6 +617,7 @@ def markdown(report, text, argv):
         "Columns, directions and conventions: `benchmarks/README.md`. Times are medians; ratios are engine",
         "speedups (above 1: the engine is faster).",
         "",
+        *_load_warning(report),
         "## Machine",
         "",
         "```",
