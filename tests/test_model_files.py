@@ -359,24 +359,40 @@ def test_members_inflating_to_hundreds_of_megabytes(saved, tmp_path, name):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Hostile hyper-parameters: they load (they are valid layers), and predict must refuse or compute, never crash
+# Hostile hyper-parameters: a file may describe layers no constructor call would build; load refuses them, or
+# predict refuses or computes, never crashes
 # ---------------------------------------------------------------------------------------------------------------
 
 HOSTILE_CONFIGS = {
-    "dilation-2^61": {"in_channels": 1, "out_channels": 1, "kernel_size": 3, "dilation": 2 ** 61,
-                      "padding": 2 ** 61},
-    "padding-2^62": {"in_channels": 1, "out_channels": 1, "kernel_size": 3, "padding": 2 ** 62},
-    "stride-2^63": {"in_channels": 1, "out_channels": 1, "kernel_size": 1, "stride": 2 ** 63},
+    "dilation-2^61": {"dilation": [2 ** 61, 2 ** 61], "padding": [2 ** 61, 2 ** 61]},
+    "padding-2^62": {"padding": [2 ** 62, 0]},
+    "stride-2^63": {"stride": [2 ** 63, 1], "kernel_size": [1, 1]},
+    "dilation-2^31": {"dilation": [2 ** 31, 1], "padding": [2 ** 31, 1]},
+    "negative-padding": {"padding": [-5, 0]},
+    "zero-stride": {"stride": [0, 1]},
+    "padding-string": {"padding": "full"},
 }
 
 
 @pytest.mark.parametrize("config", list(HOSTILE_CONFIGS))
-def test_hostile_hyper_parameters_never_crash_predict(tmp_path, config):
-    model = convengine.Sequential([Conv2d(**HOSTILE_CONFIGS[config]), Flatten()])
+def test_hostile_hyper_parameters_never_crash(tmp_path, config):
+    convengine.manual_seed(0)
     path = tmp_path / "hostile.npz"
-    model.save(path)
+    convengine.Sequential([Conv2d(1, 1, 3), Flatten()], input_shape=(1, 4, 4)).save(path)
+    data = path.read_bytes()
+    desc = description(data)
+    desc["layers"][0]["config"].update(HOSTILE_CONFIGS[config])
+    if "kernel_size" in HOSTILE_CONFIGS[config]:
+        entries = members(data)
+        entries["param/0.weight.npy"] = npy(np.ones((1, 1, 1, 1), np.float32))
+        data = build_zip(entries)
+    path.write_bytes(build_zip(dict(members(data), **{"__convengine__.npy": description_member(desc)})))
     rc, out = run_limited(f"""
-        model = convengine.load({str(path)!r})
+        try:
+            model = convengine.load({str(path)!r})
+        except ValueError as e:
+            print("OUTCOME refused at load", e)
+            raise SystemExit(0)
         try:
             y = model.predict(np.ones((2, 1, 4, 4), np.float32))
             print("OUTCOME computed", y.shape)
@@ -385,9 +401,9 @@ def test_hostile_hyper_parameters_never_crash_predict(tmp_path, config):
         except BaseException as e:
             print("OUTCOME", type(e).__name__, e)
     """, 1 << 30)
-    assert rc == 0, f"predict on a loaded model crashed the process (exit code {rc}):\n{out[-3000:]}"
+    assert rc == 0, f"loading or predicting crashed the process (exit code {rc}):\n{out[-3000:]}"
     outcome = [line for line in out.splitlines() if line.startswith("OUTCOME")][-1]
-    assert outcome.startswith(("OUTCOME computed", "OUTCOME ValueError")), outcome
+    assert outcome.startswith(("OUTCOME computed", "OUTCOME ValueError", "OUTCOME refused at load")), outcome
 
 
 # ---------------------------------------------------------------------------------------------------------------
