@@ -4,19 +4,36 @@
 cdef Py_ssize_t ELTWISE_CHUNK = 1 << 16
 
 
+cdef void relu_span(const floating* x, floating* out, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating v
+    for i in range(n):
+        v = x[i]
+        out[i] = 0 if v <= 0 else v
+
+
 def relu_forward(const floating[::1] x,   # IN
                  floating[::1] out,       # OUT
                  int n_threads):
     cdef Py_ssize_t n = x.shape[0]
     cdef Py_ssize_t nchunks = (n + ELTWISE_CHUNK - 1) // ELTWISE_CHUNK
-    cdef Py_ssize_t ch, i, i0, i1
-    cdef floating v
+    cdef Py_ssize_t ch, i0
+    if n == 0:
+        return
     for ch in prange(nchunks, nogil=True, schedule='static', num_threads=n_threads):
         i0 = ch * ELTWISE_CHUNK
-        i1 = min(n, i0 + ELTWISE_CHUNK)
-        for i in range(i0, i1):
-            v = x[i]
-            out[i] = 0 if v <= 0 else v
+        relu_span(&x[0] + i0, &out[0] + i0, min(n, i0 + ELTWISE_CHUNK) - i0)
+
+
+cdef void relu_backward_span(const floating* g, const floating* x, floating* out, Py_ssize_t n) noexcept nogil:
+    # both operands loaded unconditionally, on raw pointers: the choice is then a vector blend, not a branch that
+    # random signs mispredict half the time (12x slower)
+    cdef Py_ssize_t i
+    cdef floating gv, xv
+    for i in range(n):
+        gv = g[i]
+        xv = x[i]
+        out[i] = 0 if xv <= 0 else gv
 
 
 def relu_backward(const floating[::1] grad_out,  # IN
@@ -25,9 +42,9 @@ def relu_backward(const floating[::1] grad_out,  # IN
                   int n_threads):
     cdef Py_ssize_t n = x.shape[0]
     cdef Py_ssize_t nchunks = (n + ELTWISE_CHUNK - 1) // ELTWISE_CHUNK
-    cdef Py_ssize_t ch, i, i0, i1
+    cdef Py_ssize_t ch, i0
+    if n == 0:
+        return
     for ch in prange(nchunks, nogil=True, schedule='static', num_threads=n_threads):
         i0 = ch * ELTWISE_CHUNK
-        i1 = min(n, i0 + ELTWISE_CHUNK)
-        for i in range(i0, i1):
-            out[i] = 0 if x[i] <= 0 else grad_out[i]
+        relu_backward_span(&grad_out[0] + i0, &x[0] + i0, &out[0] + i0, min(n, i0 + ELTWISE_CHUNK) - i0)
