@@ -156,8 +156,9 @@ def conv2d_geometry(x_shape, w_shape, stride, padding, dilation, groups):
     if Cg * groups != C:
         raise ValueError(f"weight shape {tuple(w_shape)} expects {Cg * groups} input channels with groups={groups}, "
                          f"but x shape {tuple(x_shape)} has {C}")
-    if KH < 1 or KW < 1 or K < 1:
-        raise ValueError(f"weight shape {tuple(w_shape)} must have non-zero out_channels and kernel size")
+    if KH < 1 or KW < 1 or K < 1 or Cg < 1:
+        raise ValueError(f"weight shape {tuple(w_shape)} must have non-zero out_channels, in_channels and kernel "
+                         f"size")
     if isinstance(padding, str):
         if padding == "valid":
             pt = pb = pl = pr = 0
