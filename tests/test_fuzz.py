@@ -410,6 +410,29 @@ def test_pools_arbitrary_shapes_agree_or_refuse(x_shape, kernel_size, stride, pa
         assert type(got) is type(want) and str(got) == str(want)
 
 
+# Zero input channels: hypothesis found the engine answering with uninitialised memory, and the bounds-checked
+# build refusing with an IndexError where it took the address of x's first element. Either both tiers refuse it
+# (ValueError) or each output is its bias.
+@pytest.mark.parametrize("params", [dict(), dict(padding=1, stride=2), dict(groups=2)], ids=["plain", "pad-stride",
+                                                                                            "groups"])
+def test_conv2d_without_input_channels(params):
+    x = np.ones((2, 0, 3, 3), np.float32)
+    w = np.ones((4, 0, 3, 3), np.float32)
+    b = np.arange(4, dtype=np.float32)
+    kind, want = outcome(lambda: R.conv2d(x, w, b, **params))
+    got_kind, y = outcome(lambda: F.conv2d(x, w, b, **params))
+    assert got_kind == kind, f"reference: {want!r}, engine: {y!r}"
+    if kind == "error":
+        assert isinstance(y, ValueError) and str(y) == str(want) and "weight" in str(y)
+        return
+    assert_exact(y, want, "conv2d y")
+    assert np.all(y == b[None, :, None, None])
+    go = np.ones(y.shape, np.float32)
+    for got, want, name in zip(F.conv2d_backward(go, x, w, **params), R.conv2d_backward(go, x, w, **params),
+                               ("grad_x", "grad_weight", "grad_bias")):
+        assert_exact(got, want, f"conv2d {name}")
+
+
 # Images with no pixels (H or W = 0) but enough padding for a window: PyTorch refuses them. The engine may refuse
 # them too (ValueError from both tiers) or compute them, but then consistently: both tiers agree and max_pool2d's
 # backward accepts the indices its forward returned.
