@@ -10,8 +10,8 @@ Arrays are NCHW: N images, C channels, H rows, W columns.
 """
 import numpy as np
 
-from ._args import (check_array, check_bool, conv2d_args, conv2d_backward_args, input_shape_arg, linear_args,
-                    linear_backward_args, pool2d_geometry, pool_window)
+from ._args import (check_array, check_bool, check_max_pool_backward, conv2d_args, conv2d_backward_args,
+                    input_shape_arg, linear_args, linear_backward_args, pool2d_geometry, pool_window)
 
 __all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
            "relu", "relu_backward", "linear", "linear_backward"]
@@ -157,19 +157,8 @@ def max_pool2d_backward(grad_out, indices, input_shape):
 
     `indices` is what max_pool2d(..., return_indices=True) returned; input_shape is x.shape.
     """
-    input_shape = input_shape_arg(input_shape)
     check_array(grad_out, "grad_out", 4)
-    if len(input_shape) != 4:
-        raise ValueError(f"input_shape must be (N, C, H, W), got {input_shape}")
-    N, C, H, W = input_shape
-    if grad_out.shape[:2] != (N, C):
-        raise ValueError(f"grad_out shape {grad_out.shape} does not match input_shape {input_shape} in (N, C)")
-    if not isinstance(indices, np.ndarray):
-        raise TypeError(f"indices must be a numpy.ndarray, got {type(indices).__name__}")
-    if not np.issubdtype(indices.dtype, np.integer):
-        raise TypeError(f"indices must have an integer dtype, got {indices.dtype}")
-    if indices.shape != grad_out.shape:
-        raise ValueError(f"indices shape {indices.shape} does not match grad_out shape {grad_out.shape}")
+    N, C, H, W = input_shape = check_max_pool_backward(grad_out, indices, input_shape)
     if indices.size and (indices.min() < 0 or indices.max() >= H * W):
         raise ValueError(f"indices must lie in [0, {H * W}) for input_shape {input_shape}, got values in "
                          f"[{indices.min()}, {indices.max()}]")
