@@ -429,8 +429,10 @@ cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating*
 
 cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
                                   int n_threads) noexcept nogil:
-    """dx = conv2d's input gradient (overwritten): dcol = W[g]^T dY[b, g] then col2im. Split over (image, group):
-    each task owns its dx planes and adds into them in one fixed order."""
+    """dx = conv2d's input gradient (overwritten): dcol = W[g]^T dY[g] then col2im. Split over (group, run of
+    whole images): each task owns its images' dx planes and adds into them in one fixed order. Small images are
+    taken several to a task so that a block still has about NC columns (one 4x4 image alone would fill a third
+    of a 48-wide tile)."""
     cdef int nv = CE_NV
     cdef Py_ssize_t NR = tile_n(<floating>0)
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
@@ -440,11 +442,12 @@ cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floatin
     cdef Py_ssize_t Mpad = round_up(Kd, CE_MR)
     cdef Py_ssize_t NC = 8 * NR
     cdef Py_ssize_t LDB = NC + vlen(<floating>0)
-    cdef Py_ssize_t g, b, k0, kc, task, p0, nc, ncpad, i, j
+    cdef Py_ssize_t per_task = max(1, min(p.B, NC // P))
+    cdef Py_ssize_t runs = (p.B + per_task - 1) // per_task
+    cdef Py_ssize_t g, b, b0, b1, k0, kc, task, q, q1, nc, ncpad, i, j, seg, pix
     cdef floating* apack
     cdef floating* bblk
     cdef floating* cbuf
-    cdef floating* dxg
     cdef const floating** brow
     cdef const floating** arow
     cdef int failed = 0
@@ -463,31 +466,47 @@ cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floatin
         cbuf = <floating*>malloc(Mpad * NC * sizeof(floating))
         brow = <const floating**>malloc(KC * sizeof(floating*))
         arow = <const floating**>malloc(Mpad * sizeof(floating*))
-        for task in prange(p.B * p.G, schedule='static'):
+        for task in prange(runs * p.G, schedule='static'):
             if bblk == NULL or cbuf == NULL or brow == NULL or arow == NULL:
                 (&failed)[0] = 1
                 continue
             row_table(brow, bblk, KC, LDB)
-            b = task // p.G
-            g = task - b * p.G
-            dxg = dx + (b * p.C + g * Cg) * p.H * p.W
-            memset(dxg, 0, Cg * p.H * p.W * sizeof(floating))
-            p0 = 0
-            while p0 < P:
-                nc = min(NC, P - p0)
+            g = task % p.G
+            b0 = (task // p.G) * per_task
+            b1 = min(p.B, b0 + per_task)
+            for b in range(b0, b1):
+                memset(dx + (b * p.C + g * Cg) * p.H * p.W, 0, Cg * p.H * p.W * sizeof(floating))
+            # the pixels q = (b, oh, ow) of images b0..b1, NC at a time
+            q = b0 * P
+            q1 = b1 * P
+            while q < q1:
+                nc = min(NC, q1 - q)
                 ncpad = round_up(nc, NR)
                 k0 = 0
                 while k0 < Kg:
                     kc = min(KC, Kg - k0)
                     for i in range(kc):
-                        memcpy(bblk + i * LDB, dy + (b * p.K + g * Kg + k0 + i) * P + p0, nc * sizeof(floating))
+                        j = 0
+                        while j < nc:
+                            b = (q + j) // P
+                            pix = q + j - b * P
+                            seg = min(nc - j, P - pix)
+                            memcpy(bblk + i * LDB + j, dy + (b * p.K + g * Kg + k0 + i) * P + pix,
+                                   seg * sizeof(floating))
+                            j = j + seg
                         for j in range(nc, ncpad):
                             bblk[i * LDB + j] = 0
                     packed_a_table(arow, apack + g * Mpad * Kg + k0 * Mpad, Mpad // CE_MR, kc)
                     macro_kernel(Mpad // CE_MR, ncpad // NR, kc, arow, CE_MR, brow, NR, cbuf, NC, k0 > 0, nv)
                     k0 = k0 + kc
-                col2im_add(cbuf, NC, p, Kd, p0, nc, dxg)
-                p0 = p0 + nc
+                j = 0
+                while j < nc:
+                    b = (q + j) // P
+                    pix = q + j - b * P
+                    seg = min(nc - j, P - pix)
+                    col2im_add(cbuf + j, NC, p, Kd, pix, seg, dx + (b * p.C + g * Cg) * p.H * p.W)
+                    j = j + seg
+                q = q + nc
         free(bblk)
         free(cbuf)
         free(brow)
