@@ -77,8 +77,11 @@ fi
 export PYTHONDONTWRITEBYTECODE=1
 export PYTHONMALLOC=malloc  # Python objects in malloc'd blocks, where ASan sees them
 
-available="$(cd "$work" && LD_PRELOAD="$libasan" "$python" -c \
-    'from convengine._kernels import ISA, available_isas; print(ISA, *[i for i in available_isas() if i != ISA])')"
+if ! available="$(cd "$work" && LD_PRELOAD="$libasan" "$python" -c \
+    'from convengine._kernels import ISA, available_isas; print(ISA, *[i for i in available_isas() if i != ISA])')"; then
+    echo "sanitize: FAILED: the sanitizer build does not import (see above; are convengine's dependencies installed?)"
+    exit 1
+fi
 read -r -a available_list <<<"$available"
 case "${SANITIZE_ISAS:-default}" in
     default) isas=("${available_list[0]}"); [[ "${available_list[0]}" != baseline ]] && isas+=(baseline) ;;
