@@ -246,7 +246,8 @@ def test_pooling_an_image_past_2_31_elements():
     H, W = 2 ** 16, 2 ** 15 + 64  # 2^31 + 2^22 float32 elements in one plane
     x = np.zeros((1, 1, H, W), f32)
     # Marks past element 2^31 of the plane, where a 32-bit index would have wrapped.
-    marks = [(H - 1, W - 1, 5.0), (H - 300, 100, 7.0), (2 ** 16 - 2 ** 10, 2 ** 15, 3.0)]
+    # (Rows from 65409 on start past 2^31; windows of 1024 cover columns below 32768, in distinct windows here.)
+    marks = [(H - 1, 2 ** 15 - 1, 5.0), (H - 100, 100, 7.0), (H - 116, 20000, 3.0)]
     for h, w, v in marks:
         assert h * W + w > 2 ** 31
         x[0, 0, h, w] = v
