@@ -329,11 +329,22 @@ def _ratio(num, den):
 
 
 def _scratch_probe():
-    """The engine's count of the extra scratch bytes of its last calls, where it offers one: a callable
-    `peak_scratch_bytes(reset)` in the kernel module returning the peak since the last reset. None otherwise."""
+    """The extra bytes one engine call of each conv2d direction allocates (packed weights, per-thread panels and
+    padded rows, grad_weight's partial sums), from the kernels' own account of their path choices
+    (`conv2d_scratch_bytes`). None where the kernel module offers no such account."""
     from ._kernels import engine
-    probe = getattr(engine, "peak_scratch_bytes", None)
-    return probe if callable(probe) else None
+    account = getattr(engine, "conv2d_scratch_bytes", None)
+    if not callable(account):
+        return None
+
+    def scratch(case):
+        g = case.geometry
+        params = (g.stride_h, g.stride_w, g.pad_top, g.pad_left, g.dilation_h, g.dilation_w, g.groups, g.out_h,
+                  g.out_w)
+        by = account(case.x_shape, case.w_shape, params, 4, get_num_threads())
+        return {"forward": by["forward"], "grad_input": by["grad_input"], "grad_weight": by["grad_weight"],
+                "backward": max(by["grad_input"], by["grad_weight"])}
+    return scratch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -373,13 +384,7 @@ def measure_conv(case, impls, opts, peak, scratch):
     samples["grad_input"] = {impl: [b - w for b, w in zip(samples["backward"][impl], samples["grad_weight"][impl])]
                              for impl in impls}
     ms = {d: {impl: _positive_median_ms(samples[d][impl]) for impl in impls} for d in CONV_DIRECTIONS}
-    scratch_bytes = {}
-    if scratch is not None:
-        calls = conv_calls("engine", case, np.random.default_rng(0))
-        for direction in CONV_TIMED:
-            scratch(True)
-            calls[direction]()
-            scratch_bytes[direction] = int(scratch(True))
+    scratch_bytes = scratch(case) if scratch is not None else {}
     rows = []
     for direction in CONV_DIRECTIONS:
         row = _row("conv2d", case, direction, ms[direction], samples[direction], case.flops(direction) / 1e9,
