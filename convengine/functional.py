@@ -15,6 +15,16 @@ __all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "av
            "relu", "relu_backward", "linear", "linear_backward"]
 
 
+# Below these sizes a call runs on one thread: waking the OpenMP team costs tens of microseconds, more than such a
+# call takes (a small CNN's training step makes dozens of them). Results do not depend on the thread count.
+_SERIAL_FLOPS = 4_000_000
+_SERIAL_ELEMENTS = 1 << 16
+
+
+def _threads_for(work, serial_below):
+    return 1 if work < serial_below else get_num_threads()
+
+
 def _contiguous(a):
     """a as a C-contiguous, aligned array: a copy only when it is not one already. (An array viewed from a byte
     buffer can be C-contiguous yet misaligned, and its strides then not multiples of the item size.)"""
@@ -41,7 +51,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if geom.batch == 0:
         return out
     _engine.conv2d_forward(_contiguous(x), _contiguous(weight), None if bias is None else _contiguous(bias), out,
-                           _conv_params(geom), get_num_threads())
+                           _conv_params(geom), _threads_for(_args.flops_conv2d(geom), _SERIAL_FLOPS))
     return out
 
 
@@ -51,7 +61,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     need_input_grad = _args.check_bool(need_input_grad, "need_input_grad")
     grad_out = _contiguous(grad_out)
     params = _conv_params(geom)
-    n_threads = get_num_threads()
+    n_threads = _threads_for(_args.flops_conv2d(geom), _SERIAL_FLOPS)
     grad_w = np.empty(weight.shape, dtype=x.dtype)
     grad_b = np.empty(weight.shape[0], dtype=x.dtype)
     _engine.conv2d_grad_weight(grad_out, _contiguous(x), grad_w, grad_b, params, n_threads)
@@ -69,7 +79,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, return_i
     return_indices = _args.check_bool(return_indices, "return_indices")
     out = np.empty(geom.out_shape, dtype=x.dtype)
     indices = np.empty(geom.out_shape, dtype=np.int64) if return_indices else None
-    _engine.max_pool2d_forward(_contiguous(x), out, indices, _pool_params(geom), get_num_threads())
+    _engine.max_pool2d_forward(_contiguous(x), out, indices, _pool_params(geom),
+                               _threads_for(x.size, _SERIAL_ELEMENTS))
     return (out, indices) if return_indices else out
 
 
@@ -82,7 +93,7 @@ def max_pool2d_backward(grad_out, indices, input_shape):
     hw = input_shape[2] * input_shape[3]
     bad = _engine.max_pool2d_backward(_contiguous(grad_out).reshape(-1),
                                       _contiguous(indices.astype(np.int64, copy=False)).reshape(-1),
-                                      grad_x.reshape(-1), planes, hw, get_num_threads())
+                                      grad_x.reshape(-1), planes, hw, _threads_for(grad_x.size, _SERIAL_ELEMENTS))
     if bad:
         raise ValueError(f"indices has {bad} values outside [0, {hw}) for input_shape {input_shape}")
     return grad_x
@@ -94,7 +105,8 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     geom = _args.pool2d_geometry(x.shape, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
     count_include_pad = _args.check_bool(count_include_pad, "count_include_pad")
     out = np.empty(geom.out_shape, dtype=x.dtype)
-    _engine.avg_pool2d_forward(_contiguous(x), out, _pool_params(geom), count_include_pad, get_num_threads())
+    _engine.avg_pool2d_forward(_contiguous(x), out, _pool_params(geom), count_include_pad,
+                               _threads_for(x.size, _SERIAL_ELEMENTS))
     return out
 
 
@@ -110,7 +122,7 @@ def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding
                          f"{geom.out_shape} for input_shape {input_shape}")
     grad_x = np.empty(input_shape, dtype=grad_out.dtype)
     _engine.avg_pool2d_backward(_contiguous(grad_out), grad_x, _pool_params(geom), count_include_pad,
-                                get_num_threads())
+                                _threads_for(grad_x.size, _SERIAL_ELEMENTS))
     return grad_x
 
 
@@ -118,7 +130,7 @@ def relu(x):
     """max(x, 0) elementwise; NaN stays NaN."""
     _args.check_array(x, "x")
     out = np.empty(x.shape, dtype=x.dtype)
-    _engine.relu_forward(_contiguous(x).reshape(-1), out.reshape(-1), get_num_threads())
+    _engine.relu_forward(_contiguous(x).reshape(-1), out.reshape(-1), _threads_for(x.size, _SERIAL_ELEMENTS))
     return out
 
 
@@ -130,7 +142,7 @@ def relu_backward(grad_out, x):
         raise ValueError(f"grad_out shape {grad_out.shape} does not match x shape {x.shape}")
     out = np.empty(x.shape, dtype=x.dtype)
     _engine.relu_backward(_contiguous(grad_out).reshape(-1), _contiguous(x).reshape(-1), out.reshape(-1),
-                          get_num_threads())
+                          _threads_for(x.size, _SERIAL_ELEMENTS))
     return out
 
 
@@ -138,7 +150,7 @@ def linear(x, weight, bias=None):
     """x (N, in) @ weight.T (weight: (out, in)) + bias."""
     _args.linear_args(x, weight, bias)
     out = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
-    _engine.matmul(_aligned(x), _aligned(weight).T, out, get_num_threads())
+    _engine.matmul(_aligned(x), _aligned(weight).T, out, _threads_for(2 * x.shape[0] * weight.size, _SERIAL_FLOPS))
     if bias is not None:
         out += bias
     return out
@@ -147,7 +159,7 @@ def linear(x, weight, bias=None):
 def linear_backward(grad_out, x, weight):
     """Gradients of linear: (grad_x, grad_weight, grad_bias)."""
     _args.linear_backward_args(grad_out, x, weight)
-    n_threads = get_num_threads()
+    n_threads = _threads_for(4 * x.shape[0] * weight.size, _SERIAL_FLOPS)
     grad_x = np.empty(x.shape, dtype=x.dtype)
     grad_w = np.empty(weight.shape, dtype=x.dtype)
     grad_out = _aligned(grad_out)

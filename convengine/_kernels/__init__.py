@@ -12,10 +12,18 @@ import os
 # and on a small shared machine they starve everything else: one training epoch of the digits net at 2 threads,
 # with other work on the 2 cores, took 0.81 s spinning and 0.19 s passive. libgomp reads this when it loads, which
 # is when _cpu below loads it; a user's own setting wins.
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+# The variable is removed again once loaded, so that OpenMP runtimes loaded later (PyTorch ships its own) keep
+# their defaults.
+_USER_POLICY = os.environ.get("OMP_WAIT_POLICY") or (
+    "GOMP_SPINCOUNT=" + os.environ["GOMP_SPINCOUNT"] if "GOMP_SPINCOUNT" in os.environ else None)
+if _USER_POLICY is None:
     os.environ["OMP_WAIT_POLICY"] = "passive"
-
-from . import _cpu  # noqa: E402  (after the wait policy is set)
+try:
+    from . import _cpu
+finally:
+    if _USER_POLICY is None:
+        del os.environ["OMP_WAIT_POLICY"]
+WAIT_POLICY = _USER_POLICY or "passive"
 
 _ORDER = ("baseline", "avx2", "avx512")
 
@@ -56,7 +64,7 @@ def build_info():
         "cflags": engine.CFLAGS,
         "openmp": omp_on,
         "openmp_version": omp_version,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "omp_wait_policy": WAIT_POLICY,
         "simd": ISA,
         "simd_available": _available(),
         "tile": engine.tile_info(),
