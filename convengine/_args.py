@@ -226,6 +226,7 @@ def pool2d_geometry(x_shape, kernel_size, stride, padding, ceil_mode, name="pool
         raise ValueError(f"input_shape must be (N, C, H, W), got {tuple(x_shape)}")
     B, C, H, W = (check_int(s, "input_shape", 0) for s in x_shape)
     check_pixels(x_shape, "input")
+    check_size(x_shape, f"{name} input")
     kh, kw = pair(kernel_size, "kernel_size", 1)
     sh, sw = (kh, kw) if stride is None else pair(stride, "stride", 1)
     ph, pw = pair(padding, "padding", 0)
@@ -267,6 +268,7 @@ def linear_args(x, weight, bias):
         check_array(bias, "bias", 1, x.dtype)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias shape {bias.shape} does not match weight shape {weight.shape} (out_features)")
+    check_size((x.shape[0], weight.shape[0]), "linear output")
 
 
 def linear_backward_args(grad_out, x, weight):
