@@ -84,12 +84,6 @@ def _check_init(init):
     return init
 
 
-def _check_bool(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
-
-
 def _check_float(value, name, low, high, high_open=False):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {value!r}")
@@ -180,7 +174,7 @@ class Conv2d(Layer):
                              f"out_channels={self.out_channels}")
         self.init = _check_init(init)
         self.dtype = _dtype(dtype)
-        has_bias = _check_bool(bias, "bias")
+        has_bias = _args.check_bool(bias, "bias")
         kh, kw = self.kernel_size
         cin_g = self.in_channels // self.groups
         w = _init_weight((self.out_channels, cin_g, kh, kw), cin_g * kh * kw,
@@ -245,7 +239,7 @@ class _Pool(Layer):
         self.padding = _args.pair(padding, "padding", 0)
         if 2 * self.padding[0] > self.kernel_size[0] or 2 * self.padding[1] > self.kernel_size[1]:
             raise ValueError(f"padding {self.padding} must be at most half of kernel_size {self.kernel_size}")
-        self.ceil_mode = _check_bool(ceil_mode, "ceil_mode")
+        self.ceil_mode = _args.check_bool(ceil_mode, "ceil_mode")
         self._shape = None
 
     def _hyper(self):
@@ -291,7 +285,7 @@ class AvgPool2d(_Pool):
 
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
         super().__init__(kernel_size, stride, padding, ceil_mode)
-        self.count_include_pad = _check_bool(count_include_pad, "count_include_pad")
+        self.count_include_pad = _args.check_bool(count_include_pad, "count_include_pad")
 
     def forward(self, x, training=False):
         self._shape = x.shape if training else None
@@ -387,7 +381,7 @@ class Linear(Layer):
         self.out_features = _args.check_int(out_features, "out_features", 1)
         self.init = _check_init(init)
         self.dtype = _dtype(dtype)
-        has_bias = _check_bool(bias, "bias")
+        has_bias = _args.check_bool(bias, "bias")
         w = _init_weight((self.out_features, self.in_features), self.in_features, self.out_features, self.init,
                          self.dtype)
         self._params["weight"] = Parameter("weight", w)

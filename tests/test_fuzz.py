@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from convengine import functional as F
 from convengine import reference as R
 
-from conftest import assert_close
+from conftest import as_layout, assert_close
 
 LONG = os.environ.get("CONVENGINE_FUZZ_LONG") == "1" or os.environ.get("HYPOTHESIS_PROFILE") == "long"
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
@@ -53,20 +53,6 @@ def in_layout(a, layout):
     a = np.asarray(a)
     if layout == "contiguous" or a.ndim == 0 and layout not in ("readonly", "misaligned", "field"):
         return np.array(a, order="C")  # not ascontiguousarray, which turns a 0-d array into a 1-d one
-    if layout == "noncontiguous":
-        big = np.zeros(tuple(2 * s + 1 for s in a.shape), dtype=a.dtype)
-        view = big[tuple(slice(1, None, 2) for _ in a.shape)]
-        view[...] = a
-        return view
-    if layout == "negative_stride":
-        flip = tuple(slice(None, None, -1) for _ in a.shape)
-        return np.ascontiguousarray(a[flip])[flip]
-    if layout == "readonly":
-        b = np.array(a)
-        b.flags.writeable = False
-        return b
-    if layout == "fortran":
-        return np.asfortranarray(a)
     if layout == "misaligned":
         # C-contiguous but one byte off the dtype's alignment.
         buf = np.empty(a.nbytes + 1, dtype=np.uint8)[1:]
@@ -79,7 +65,7 @@ def in_layout(a, layout):
         rec = np.zeros(a.shape, dtype=np.dtype([("tag", np.uint8), ("value", a.dtype)]))
         rec["value"] = a
         return rec["value"]
-    raise ValueError(layout)
+    return as_layout(a, layout)
 
 
 @st.composite
