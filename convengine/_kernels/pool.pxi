@@ -24,10 +24,30 @@ cdef extern from *:
     /* A conditional expression gcc keeps as a select (a vector blend once the loop is vectorised); Cython writes
        `a if c else b` as an if statement, which stayed a mispredicted branch. */
     #define CE_PICK(c, a, b) ((c) ? (a) : (b))
+    /* a > b ? a : b as one instruction: x86's maxss/maxsd has exactly these semantics (b when either is NaN, b
+       on equal values), which gcc will not emit for the C expression while NaNs are honoured. */
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    static inline float ce_gtmax_f(float a, float b) { return _mm_cvtss_f32(_mm_max_ss(_mm_set_ss(a), _mm_set_ss(b))); }
+    static inline double ce_gtmax_d(double a, double b) { return _mm_cvtsd_f64(_mm_max_sd(_mm_set_sd(a), _mm_set_sd(b))); }
+    #else
+    static inline float ce_gtmax_f(float a, float b) { return a > b ? a : b; }
+    static inline double ce_gtmax_d(double a, double b) { return a > b ? a : b; }
+    #endif
     """
     float pick_f "CE_PICK"(bint c, float a, float b) nogil
     double pick_d "CE_PICK"(bint c, double a, double b) nogil
     long long pick_i "CE_PICK"(bint c, long long a, long long b) nogil
+    float gtmax_f "ce_gtmax_f"(float a, float b) nogil
+    double gtmax_d "ce_gtmax_d"(double a, double b) nogil
+
+
+cdef inline floating gtmax(floating a, floating b) noexcept nogil:
+    """a > b ? a : b without a branch."""
+    if floating is float:
+        return gtmax_f(a, b)
+    else:
+        return gtmax_d(a, b)
 
 
 cdef inline floating pick(bint c, floating a, floating b) noexcept nogil:
@@ -38,11 +58,12 @@ cdef inline floating pick(bint c, floating a, floating b) noexcept nogil:
 
 
 cdef void max_pool_plane(const floating* x, floating* y, long long* idx, const PoolGeom* g) noexcept nogil:
-    # comparisons become selects, not branches: on real data "is this the new max" is a coin toss, and
-    # mispredicted branches made pooling 5x slower
+    # The window's maximum by branch-free max instructions, then its first position in window order by integer
+    # selects: "is this the new max" is a coin toss on real data, and as branches it made pooling 5x slower. A
+    # window holding a NaN (rare) takes the exact rule: a NaN wins, a later NaN over an earlier one.
     cdef Py_ssize_t oh, ow, ih, iw, h0, h1, w0, w1, best
     cdef floating m, v
-    cdef bint take
+    cdef bint nan, take
     for oh in range(g.OH):
         h0 = oh * g.sh - g.ph
         h1 = min(h0 + g.KH, g.H)
@@ -52,21 +73,33 @@ cdef void max_pool_plane(const floating* x, floating* y, long long* idx, const P
             w1 = min(w0 + g.KW, g.W)
             w0 = max(w0, 0)
             m = -INFINITY
-            best = h0 * g.W + w0
+            nan = False
             for ih in range(h0, h1):
                 for iw in range(w0, w1):
                     v = x[ih * g.W + iw]
-                    take = (v > m) | (v != v)
-                    m = pick(take, v, m)
-                    best = pick_i(take, ih * g.W + iw, best)
+                    m = gtmax(v, m)
+                    nan = nan | (v != v)
+            best = h0 * g.W + w0
+            if not nan:
+                # first position holding m, scanning backwards so the earliest match is the last written
+                for ih in range(h1 - 1, h0 - 1, -1):
+                    for iw in range(w1 - 1, w0 - 1, -1):
+                        best = pick_i(x[ih * g.W + iw] == m, ih * g.W + iw, best)
+            else:
+                m = -INFINITY
+                for ih in range(h0, h1):
+                    for iw in range(w0, w1):
+                        v = x[ih * g.W + iw]
+                        take = (v > m) | (v != v)
+                        m = pick(take, v, m)
+                        best = pick_i(take, ih * g.W + iw, best)
             y[oh * g.OW + ow] = m
             if idx != NULL:
                 idx[oh * g.OW + ow] = best
 
 
 cdef void max_pool_plane_2x2(const floating* x, floating* y, long long* idx, const PoolGeom* g) noexcept nogil:
-    """The common 2x2 stride-2 unpadded case whose windows lie inside the image: selects along each output row,
-    which gcc vectorises."""
+    """The common 2x2 stride-2 unpadded case whose windows lie inside the image, as max_pool_plane does it."""
     cdef Py_ssize_t oh, ow, W = g.W
     cdef const floating* r0
     cdef const floating* r1
@@ -82,15 +115,21 @@ cdef void max_pool_plane_2x2(const floating* x, floating* y, long long* idx, con
             b = r0[2 * ow + 1]
             c = r1[2 * ow]
             d = r1[2 * ow + 1]
-            take = (b > a) | (b != b)
-            m = pick(take, b, a)
-            best = pick_i(take, 1, 0)
-            take = (c > m) | (c != c)
-            m = pick(take, c, m)
-            best = pick_i(take, W, best)
-            take = (d > m) | (d != d)
-            m = pick(take, d, m)
-            best = pick_i(take, W + 1, best)
+            m = gtmax(d, gtmax(c, gtmax(b, a)))
+            if (a != a) | (b != b) | (c != c) | (d != d):
+                take = (b > a) | (b != b)
+                m = pick(take, b, a)
+                best = pick_i(take, 1, 0)
+                take = (c > m) | (c != c)
+                m = pick(take, c, m)
+                best = pick_i(take, W, best)
+                take = (d > m) | (d != d)
+                m = pick(take, d, m)
+                best = pick_i(take, W + 1, best)
+            else:
+                best = pick_i(c == m, W, W + 1)
+                best = pick_i(b == m, 1, best)
+                best = pick_i(a == m, 0, best)
             y[oh * g.OW + ow] = m
             if idx != NULL:
                 idx[oh * g.OW + ow] = base + 2 * ow + best
