@@ -5,9 +5,10 @@ Per shape and direction it prints the median time of each implementation (refere
 installed), the engine's GFLOP/s, its speedup over the reference and over PyTorch, and, for the compute-bound
 shapes, its share of the machine's own float32 matmul speed (numpy's BLAS at the same thread count). All
 implementations run at one thread count: the engine through `set_num_threads`, PyTorch through
-`torch.set_num_threads`, numpy's BLAS (which the reference leans on) through threadpoolctl. Engine and PyTorch are
-timed interleaved, call by call in rotating order (all directions of one shape in the same rounds), so that a slow
-spell of a shared machine hits both alike.
+`torch.set_num_threads`, numpy's BLAS (which the reference leans on) through threadpoolctl. Each implementation's
+calls of one shape are interleaved in rotating order (all directions in the same rounds), and the implementations
+of a shape run back to back, not mixed, so that one runtime's spinning workers do not slow the other's calls (see
+time_interleaved).
 
 Conventions:
 - conv2d directions: forward; grad_weight (`conv2d_backward(..., need_input_grad=False)`: weight and bias
@@ -282,21 +283,28 @@ class SameThreads:
 
 
 def time_interleaved(calls, repeats, warmup=1):
-    """Seconds of each call in `calls` (name -> callable), `repeats[name]` times each, interleaved: round r runs
-    the calls one after another starting at a rotating offset. `warmup`: untimed calls first, an int or a dict by
-    name. Returns name -> list of seconds."""
+    """Seconds of each call in `calls` (name -> callable), `repeats[name]` times each. Calls of one implementation
+    (the first item of a tuple name, else the name) are interleaved: round r runs them one after another from a
+    rotating offset. Implementations run one after another, not mixed: each brings its own thread pool (the
+    engine's libgomp, PyTorch's own, OpenBLAS), whose workers keep spinning after a call and took the cores from
+    the other's next call when they were interleaved (a 3.8 ms engine backward read 7.7 ms right after PyTorch's).
+    `warmup`: untimed calls first, an int or a dict by name. Returns name -> list of seconds."""
     names = [n for n in calls if repeats[n] > 0]
+    groups = {}
     for name in names:
-        for _ in range(warmup.get(name, 1) if isinstance(warmup, dict) else warmup):
-            calls[name]()
+        groups.setdefault(name[0] if isinstance(name, tuple) else name, []).append(name)
     times = {name: [] for name in names}
-    for r in range(max((repeats[n] for n in names), default=0)):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            if r < repeats[name]:
-                t0 = time.perf_counter()
+    for group in groups.values():
+        for name in group:
+            for _ in range(warmup.get(name, 1) if isinstance(warmup, dict) else warmup):
                 calls[name]()
-                times[name].append(time.perf_counter() - t0)
+        for r in range(max(repeats[n] for n in group)):
+            shift = r % len(group)
+            for name in group[shift:] + group[:shift]:
+                if r < repeats[name]:
+                    t0 = time.perf_counter()
+                    calls[name]()
+                    times[name].append(time.perf_counter() - t0)
     return times
 
 
