@@ -168,32 +168,41 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
                            idx + pl * OHW if idx != NULL else NULL, &g)
 
 
+cdef Py_ssize_t max_pool_plane_backward(const floating* dy, const long long* idx, Py_ssize_t OHW, floating* dx,
+                                        Py_ssize_t HW) noexcept nogil:
+    """dx (HW) = zeros plus each dy[j] added at idx[j], in order j; returns how many idx were out of range (those
+    are skipped, never written)."""
+    cdef Py_ssize_t j, bad = 0
+    cdef long long k
+    memset(dx, 0, HW * sizeof(floating))
+    for j in range(OHW):
+        k = idx[j]
+        if k < 0 or k >= HW:
+            bad += 1
+        else:
+            dx[k] += dy[j]
+    return bad
+
+
 def max_pool2d_backward(const floating[::1] grad_out,   # IN  (planes * OH * OW)
                         const long long[::1] indices,   # IN  same size
                         floating[::1] grad_x,           # OUT (planes * H * W), overwritten
                         Py_ssize_t planes, Py_ssize_t HW, int n_threads):
-    """Scatter-add grad_out to the argmax positions. Returns the number of out-of-range indices (then the
-    caller raises; such entries are skipped, never written)."""
+    """Scatter-add grad_out to the argmax positions, plane by plane. Returns the number of out-of-range indices
+    (then the caller raises)."""
     cdef Py_ssize_t OHW = grad_out.shape[0] // planes if planes > 0 else 0
-    cdef Py_ssize_t pl, i, j
-    cdef long long k
+    cdef Py_ssize_t pl
     cdef Py_ssize_t bad = 0
     cdef Py_ssize_t* bad_per_plane
-    if planes == 0:
-        return 0
+    if planes == 0 or HW == 0:
+        return grad_out.shape[0] if HW == 0 else 0
     bad_per_plane = <Py_ssize_t*>malloc(planes * sizeof(Py_ssize_t))
     if bad_per_plane == NULL:
         raise MemoryError()
     for pl in prange(planes, nogil=True, schedule='static', num_threads=n_threads):
-        bad_per_plane[pl] = 0
-        for i in range(HW):
-            grad_x[pl * HW + i] = 0
-        for j in range(OHW):
-            k = indices[pl * OHW + j]
-            if k < 0 or k >= HW:
-                bad_per_plane[pl] = bad_per_plane[pl] + 1
-            else:
-                grad_x[pl * HW + k] = grad_x[pl * HW + k] + grad_out[pl * OHW + j]
+        bad_per_plane[pl] = max_pool_plane_backward(&grad_out[0] + pl * OHW if OHW > 0 else NULL,
+                                                    &indices[0] + pl * OHW if OHW > 0 else NULL, OHW,
+                                                    &grad_x[0] + pl * HW, HW)
     for pl in range(planes):
         bad += bad_per_plane[pl]
     free(bad_per_plane)
