@@ -151,7 +151,25 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
 
-class Conv2d(Layer):
+class _Weighted(Layer):
+    """A layer with a 'weight' Parameter drawn by its init scheme and an optional zero 'bias' of weight.shape[0]:
+    Conv2d and Linear."""
+
+    def _init_weight_and_bias(self, shape, fan_in, fan_out, has_bias):
+        self._params["weight"] = Parameter("weight", _init_weight(shape, fan_in, fan_out, self.init, self.dtype))
+        if has_bias:
+            self._params["bias"] = Parameter("bias", _filled(shape[0], self.dtype, 0))
+
+    @property
+    def weight(self):
+        return self._params["weight"]
+
+    @property
+    def bias(self):
+        return self._params.get("bias")
+
+
+class Conv2d(_Weighted):
     """2-D convolution over NCHW input, weight (out_channels, in_channels // groups, kh, kw)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
@@ -177,20 +195,9 @@ class Conv2d(Layer):
         has_bias = _args.check_bool(bias, "bias")
         kh, kw = self.kernel_size
         cin_g = self.in_channels // self.groups
-        w = _init_weight((self.out_channels, cin_g, kh, kw), cin_g * kh * kw,
-                         self.out_channels // self.groups * kh * kw, self.init, self.dtype)
-        self._params["weight"] = Parameter("weight", w)
-        if has_bias:
-            self._params["bias"] = Parameter("bias", _filled(self.out_channels, self.dtype, 0))
+        self._init_weight_and_bias((self.out_channels, cin_g, kh, kw), cin_g * kh * kw,
+                                   self.out_channels // self.groups * kh * kw, has_bias)
         self._x = None
-
-    @property
-    def weight(self):
-        return self._params["weight"]
-
-    @property
-    def bias(self):
-        return self._params.get("bias")
 
     def _hyper(self):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
@@ -372,7 +379,7 @@ class Flatten(Layer):
         return (math.prod(input_shape),)
 
 
-class Linear(Layer):
+class Linear(_Weighted):
     """Fully connected: y = x @ weight.T + bias, weight (out_features, in_features)."""
 
     def __init__(self, in_features, out_features, bias=True, init="he", dtype="float32"):
@@ -382,20 +389,9 @@ class Linear(Layer):
         self.init = _check_init(init)
         self.dtype = _dtype(dtype)
         has_bias = _args.check_bool(bias, "bias")
-        w = _init_weight((self.out_features, self.in_features), self.in_features, self.out_features, self.init,
-                         self.dtype)
-        self._params["weight"] = Parameter("weight", w)
-        if has_bias:
-            self._params["bias"] = Parameter("bias", _filled(self.out_features, self.dtype, 0))
+        self._init_weight_and_bias((self.out_features, self.in_features), self.in_features, self.out_features,
+                                   has_bias)
         self._x = None
-
-    @property
-    def weight(self):
-        return self._params["weight"]
-
-    @property
-    def bias(self):
-        return self._params.get("bias")
 
     def forward(self, x, training=False):
         bias = self.bias.data if self.bias is not None else None
