@@ -6,7 +6,7 @@
 # a later NaN over an earlier one (PyTorch's `val > max || isnan(val)`). avg: divisor is the window clipped to the
 # padded input (count_include_pad) or the number of real pixels.
 
-from libc.math cimport isnan, INFINITY
+from libc.math cimport INFINITY
 
 cdef struct PoolGeom:
     Py_ssize_t planes, H, W, KH, KW, sh, sw, ph, pw, OH, OW
