@@ -7,6 +7,7 @@ import pytest
 
 import convengine
 from convengine import functional as F
+from convengine._kernels import engine as _engine
 
 from conftest import DTYPE_IDS, DTYPES, assert_bitwise_equal, randn
 
@@ -63,6 +64,33 @@ def test_conv2d_thread_count_invariant(rng, x_shape, w_shape, params, dtype):
     assert_same_for_all_thread_counts(lambda: F.conv2d_backward(go, x, w, **params), "conv2d_backward")
     assert_same_for_all_thread_counts(lambda: F.conv2d_backward(go, x, w, need_input_grad=False, **params),
                                       "conv2d_backward without grad_x")
+
+
+# Shapes where each pinned strategy splits the work several ways: the pixel path's tasks of several small images
+# and its grad_weight chunks, the direct path's row blocks, im2col's column blocks.
+PATH_CASES = [
+    ((20, 32, 4, 4), (64, 32, 3, 3), dict(padding=1)),
+    ((5, 40, 13, 11), (48, 40, 3, 3), dict(stride=2, padding=1)),
+    ((3, 16, 40, 36), (32, 16, 3, 3), dict(padding=1)),
+]
+
+
+@pytest.mark.parametrize("path", ["direct", "im2col", "pixels"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("x_shape,w_shape,params", PATH_CASES, ids=[f"{x}-{w}-{p}" for x, w, p in PATH_CASES])
+def test_conv2d_every_path_thread_count_invariant(rng, path, x_shape, w_shape, params, dtype):
+    x = randn(rng, x_shape, dtype)
+    w = randn(rng, w_shape, dtype)
+    b = randn(rng, w_shape[0], dtype)
+    _engine.force_conv_path(path)
+    try:
+        y = F.conv2d(x, w, b, **params)
+        go = randn(rng, y.shape, dtype)
+        assert_same_for_all_thread_counts(lambda: F.conv2d(x, w, b, **params), f"conv2d ({path})")
+        assert_same_for_all_thread_counts(lambda: F.conv2d_backward(go, x, w, **params),
+                                          f"conv2d_backward ({path})")
+    finally:
+        _engine.force_conv_path("auto")
 
 
 POOL_CASES = [

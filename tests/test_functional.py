@@ -11,8 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from convengine import _args
 from convengine import functional as F
 from convengine import reference as R
+from convengine._kernels import engine as _engine
 
 from conftest import (CONV_GRAD_CASES, DTYPE_IDS, DTYPES, LAYOUTS, POOL_GRAD_CASES, as_layout, assert_close, case_id,
                       check_avg_pool2d_gradients, check_conv2d_gradients, check_linear_gradients,
@@ -134,6 +136,97 @@ def test_conv2d_layouts(rng, layout, dtype):
     check_conv2d(as_layout(x, layout), as_layout(w, layout), as_layout(b, layout), as_layout(go, layout), **params)
     # The layout must not change the answer: compare with the contiguous reference too.
     assert_close(F.conv2d(as_layout(x, layout), as_layout(w, layout), as_layout(b, layout), **params), y, "y")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every conv2d strategy (direct, im2col, pixels), pinned in turn, on shapes each can take
+# ---------------------------------------------------------------------------------------------------------------
+
+PATHS = ["direct", "im2col", "pixels"]
+
+# Channel counts that the pixel path takes (>= 8 input channels per group, output channels filling most of a
+# register tile) and some that it declines, with strides, dilations, groups, paddings wider than the kernel
+# reaches, images split into several row blocks and batches split into several tasks.
+PATH_SHAPES = [
+    ((2, 32, 4, 4), (64, 32, 3, 3), dict(padding=1)),
+    ((3, 16, 5, 7), (24, 16, 3, 3), dict(padding=1)),
+    ((2, 16, 9, 9), (16, 16, 3, 3), dict(stride=2, padding=1)),
+    ((1, 8, 6, 5), (40, 8, 2, 2), dict(dilation=2)),
+    ((2, 32, 7, 7), (48, 16, 3, 3), dict(padding=2, groups=2)),
+    ((2, 16, 11, 3), (32, 16, 1, 3), dict(stride=(2, 1), padding=(0, 1))),
+    ((3, 64, 8, 8), (128, 64, 3, 3), dict(padding=1)),
+    ((2, 16, 30, 30), (32, 16, 3, 3), dict(padding=1)),
+    ((1, 16, 70, 3), (16, 16, 3, 3), dict(padding=(0, 5))),
+    ((2, 8, 5, 5), (16, 8, 3, 3), dict(padding=4)),
+    ((2, 24, 6, 6), (32, 24, 3, 3), dict(padding="same", dilation=2)),
+    ((1, 8, 1, 1), (16, 8, 1, 1), dict()),
+    ((2, 40, 5, 6), (40, 40, 3, 3), dict(padding=1)),
+    ((2, 33, 5, 6), (35, 33, 3, 3), dict(padding=1, stride=(1, 2))),
+    ((20, 32, 4, 4), (32, 32, 3, 3), dict(padding=1)),
+    ((1, 8, 40, 40), (8, 8, 5, 5), dict(stride=3, padding=2)),
+    ((2, 16, 20, 24), (16, 16, 3, 3), dict(padding=1)),
+    ((1, 24, 12, 40), (32, 24, 5, 3), dict(padding=(2, 1))),
+]
+
+
+@pytest.fixture(params=PATHS)
+def conv_path(request):
+    """conv2d pinned to one strategy for the test (where the shape allows it), then back to the automatic one."""
+    _engine.force_conv_path(request.param)
+    yield request.param
+    _engine.force_conv_path("auto")
+
+
+def conv_paths(x, w, params):
+    """The strategy each direction of conv2d takes for these arguments."""
+    full = dict(dict(stride=1, padding=0, dilation=1, groups=1), **params)
+    geom = _args.conv2d_args(x, w, None, **full)
+    return _engine.conv2d_paths(x.shape, w.shape, F._conv_params(geom), x.dtype.itemsize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("x_shape,w_shape,params", PATH_SHAPES, ids=[f"{x}-{w}-{p}" for x, w, p in PATH_SHAPES])
+def test_conv2d_every_path(rng, conv_path, x_shape, w_shape, params, dtype):
+    x = randn(rng, x_shape, dtype)
+    w = randn(rng, w_shape, dtype)
+    b = randn(rng, w_shape[0], dtype)
+    y = R.conv2d(x, w, b, **params)
+    check_conv2d(x, w, b, randn(rng, y.shape, dtype), **params)
+    check_conv2d(x, w, None, randn(rng, y.shape, dtype), need_input_grad=False, **params)
+
+
+def test_every_path_is_exercised():
+    """The pinned-path tests above really run each strategy in each direction on several shapes (a path that
+    cannot take a shape falls back silently, which would leave it untested)."""
+    taken = {}
+    try:
+        for path in PATHS:
+            _engine.force_conv_path(path)
+            for x_shape, w_shape, params in PATH_SHAPES:
+                x, w = np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32)
+                for direction, name in conv_paths(x, w, params).items():
+                    taken.setdefault((direction, name), 0)
+                    taken[(direction, name)] += 1
+    finally:
+        _engine.force_conv_path("auto")
+    for direction in ["forward", "grad_weight"]:
+        for path in PATHS:
+            assert taken.get((direction, path), 0) >= 3, (direction, path, taken)
+    for name in ["col2im", "transposed direct", "transposed pixels"]:
+        assert taken.get(("grad_input", name), 0) >= 3, (name, taken)
+
+
+def test_force_conv_path_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown conv path"):
+        _engine.force_conv_path("fastest")
+
+
+@pytest.mark.parametrize("case", [
+    dict(x=(2, 8, 4, 5), w=(8, 8, 3, 3), bias=True, padding=1),
+    dict(x=(1, 16, 5, 5), w=(8, 8, 3, 2), bias=True, stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+], ids=case_id)
+def test_conv2d_every_path_finite_differences(rng, conv_path, case):
+    check_conv2d_gradients(F, case, rng)
 
 
 def test_conv2d_does_not_modify_inputs(rng):

@@ -346,6 +346,209 @@ cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssiz
     return -failed
 
 
+# Forward strategies, in the order conv2d_forward_core tries them; `force_conv_path` pins one for the tests (a
+# path that cannot take the shape falls back to the automatic choice).
+cdef enum:
+    PATH_AUTO = 0
+    PATH_DIRECT = 1
+    PATH_IM2COL = 2
+    PATH_PIXELS = 3
+
+cdef int forced_path = PATH_AUTO
+
+# Output pixels per task of the pixel path: enough 8-pixel panels that packing and the store are paid for, few
+# enough that a batch of small images still makes several tasks.
+cdef Py_ssize_t PIXELS_PER_TASK = 256
+
+
+def force_conv_path(str name):
+    """Pin conv2d's forward strategy ('direct', 'im2col', 'pixels') for every later call, or restore the automatic
+    choice ('auto'). For tests and benchmarks: each path must give the same answers."""
+    global forced_path
+    paths = {"auto": PATH_AUTO, "direct": PATH_DIRECT, "im2col": PATH_IM2COL, "pixels": PATH_PIXELS}
+    if name not in paths:
+        raise ValueError(f"unknown conv path {name!r}; expected one of {sorted(paths)}")
+    forced_path = paths[name]
+
+
+cdef inline Py_ssize_t window_width(const ConvGeom* p) noexcept nogil:
+    """Columns of zero-padded input that the windows of all OW output columns span, for any stride."""
+    return (p.OW - 1) * p.sw + (p.KW - 1) * p.dw + 1
+
+
+cdef inline Py_ssize_t window_rows(const ConvGeom* p, Py_ssize_t nrows) noexcept nogil:
+    """Input rows that the windows of nrows consecutive output rows span."""
+    return (nrows - 1) * p.sh + (p.KH - 1) * p.dh + 1
+
+
+cdef inline Py_ssize_t pixel_rows(const ConvGeom* p) noexcept nogil:
+    """Output rows per unit of the pixel path: whole images when they are small, else about PIXELS_PER_TASK
+    pixels' worth of rows (balanced over OH)."""
+    return balanced_block(p.OH, max(1, min(p.OH, PIXELS_PER_TASK // p.OW)))
+
+
+cdef bint use_pixels(const ConvGeom* p, floating dummy) noexcept nogil:
+    """Whether the pixel path can take the shape well: the output channels fill most of their NR-wide panels,
+    each tap reduces over enough input channels to amortise the tile's load and store, and the padded rows of
+    one unit stay small."""
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t VL = vlen(<floating>0)
+    cdef Py_ssize_t NR = pick_nv((Kg + VL - 1) // VL) * VL
+    if Cg < 8 or 4 * Kg < 3 * round_up(Kg, NR):
+        return False
+    return Cg * window_rows(p, pixel_rows(p)) <= MAX_DIRECT_SCRATCH // window_width(p)
+
+
+cdef void fill_window_rows(const floating* x, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t ih0,
+                           Py_ssize_t nrows, Py_ssize_t ld_c, floating* xblk) noexcept nogil:
+    """xblk[c*ld_c + ri*Wpad + t] = x[b, g*Cg + c, ih0 + ri, t - pl] for c < Cg, ri < nrows, t < Wpad =
+    window_width: input rows zero-padded to the columns every window reads, zero outside the image."""
+    cdef Py_ssize_t Cg = p.C // p.G
+    cdef Py_ssize_t Wpad = window_width(p)
+    cdef Py_ssize_t lo = min(p.pl, Wpad)
+    cdef Py_ssize_t n = max(0, min(p.W, Wpad - p.pl))
+    cdef Py_ssize_t c, ri, ih
+    cdef floating* dst
+    for c in range(Cg):
+        for ri in range(nrows):
+            dst = xblk + c * ld_c + ri * Wpad
+            ih = ih0 + ri
+            if ih < 0 or ih >= p.H:
+                memset(dst, 0, Wpad * sizeof(floating))
+            else:
+                memset(dst, 0, lo * sizeof(floating))
+                memcpy(dst + lo, x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W, n * sizeof(floating))
+                memset(dst + lo + n, 0, (Wpad - lo - n) * sizeof(floating))
+
+
+cdef int conv2d_forward_pixels(const floating* x, const floating* w, const floating* bias, floating* y,
+                               const ConvGeom* p, int n_threads) noexcept nogil:
+    """Forward with output pixels as the GEMM's rows and output channels as its columns, for any stride:
+    y^T (pixels x Kg) = sum over taps t = (kh, kw) of X_t (pixels x Cg) . W_t (Cg x Kg).
+
+    A task takes a few units (image, block of output rows), copies the input rows they read into zero-padded
+    rows, and points row i of A at pixel i's window origin plus the tap's offset; column c of A is then input
+    channel c, a fixed stride away. Nothing is wasted (im2col copies KH*KW values per pixel; the direct path
+    computes dropped columns), which matters for small images: a 4x4 image has 16 pixels and 8 dropped columns
+    per tap row in the direct path."""
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t T = p.KH * p.KW
+    cdef Py_ssize_t VL = vlen(<floating>0)
+    cdef int nv = pick_nv((Kg + VL - 1) // VL)
+    cdef Py_ssize_t NR = nv * VL
+    cdef Py_ssize_t npan = (Kg + NR - 1) // NR
+    cdef Py_ssize_t Npad = npan * NR
+    cdef Py_ssize_t Wpad = window_width(p)
+    cdef Py_ssize_t R = pixel_rows(p)
+    cdef Py_ssize_t nrb = (p.OH + R - 1) // R
+    cdef Py_ssize_t rows_in = window_rows(p, R)
+    cdef Py_ssize_t ld_c = rows_in * Wpad
+    cdef Py_ssize_t unit_len = Cg * ld_c
+    cdef Py_ssize_t upt = max(1, PIXELS_PER_TASK // (R * p.OW))
+    cdef Py_ssize_t nunits = p.B * nrb
+    cdef Py_ssize_t ntasks = (nunits + upt - 1) // upt
+    cdef Py_ssize_t maxpix = round_up(upt * R * p.OW, CE_MR)
+    cdef Py_ssize_t task, g, u, u0, u1, b, oh0, nrows, npix, ro, ow, ip, t, i, k, q, n
+    cdef floating* bpack
+    cdef floating* xblk
+    cdef floating* cbuf
+    cdef floating* blk
+    cdef floating* dst
+    cdef const floating* src
+    cdef const floating** pix
+    cdef const floating** arow
+    cdef const floating** brow
+    cdef Py_ssize_t* tapoff
+    cdef floating bval
+    cdef int failed = 0
+    # B: bpack[((g*T + t)*npan + jp)*Cg*NR + c*NR + j] = w[g*Kg + jp*NR + j, c, kh, kw], zero past Kg
+    bpack = <floating*>malloc(p.G * T * Npad * Cg * sizeof(floating))
+    tapoff = <Py_ssize_t*>malloc(T * sizeof(Py_ssize_t))
+    if bpack == NULL or tapoff == NULL:
+        free(bpack)
+        free(tapoff)
+        return -1
+    for t in range(T):
+        tapoff[t] = (t // p.KW) * p.dh * Wpad + (t % p.KW) * p.dw
+    for g in range(p.G):
+        for t in range(T):
+            pack_b_strided(w + g * Kg * Cg * T + t, T, Cg * T, Cg, Kg, NR, bpack + (g * T + t) * Npad * Cg)
+    with parallel(num_threads=n_threads):
+        xblk = <floating*>malloc(upt * unit_len * sizeof(floating))
+        cbuf = <floating*>malloc(maxpix * Npad * sizeof(floating))
+        pix = <const floating**>malloc(maxpix * sizeof(floating*))
+        arow = <const floating**>malloc(CE_MR * sizeof(floating*))
+        brow = <const floating**>malloc(T * Cg * sizeof(floating*))
+        for task in prange(p.G * ntasks, schedule='static'):
+            if xblk == NULL or cbuf == NULL or pix == NULL or arow == NULL or brow == NULL:
+                (&failed)[0] = 1
+                continue
+            g = task // ntasks
+            u0 = (task - g * ntasks) * upt
+            u1 = min(nunits, u0 + upt)
+            for t in range(T):
+                row_table(brow + t * Cg, bpack + (g * T + t) * Npad * Cg, Cg, NR)
+            npix = 0
+            for u in range(u0, u1):
+                b = u // nrb
+                oh0 = (u - b * nrb) * R
+                nrows = min(R, p.OH - oh0)
+                blk = xblk + (u - u0) * unit_len
+                fill_window_rows(x, p, b, g, oh0 * p.sh - p.pt, window_rows(p, nrows), ld_c, blk)
+                for ro in range(nrows):
+                    for ow in range(p.OW):
+                        pix[npix] = blk + ro * p.sh * Wpad + ow * p.sw
+                        npix = npix + 1
+            # a partial last panel repeats pixel 0 (computed, never stored)
+            for i in range(npix, round_up(npix, CE_MR)):
+                pix[i] = pix[0]
+            for ip in range((npix + CE_MR - 1) // CE_MR):
+                for t in range(T):
+                    for i in range(CE_MR):
+                        arow[i] = pix[ip * CE_MR + i] + tapoff[t]
+                    macro_kernel(1, npan, Cg, arow, ld_c, brow + t * Cg, Cg * NR, cbuf + ip * CE_MR * Npad, Npad,
+                                 t > 0, nv)
+            # y[b, g*Kg + k, oh0 + ro, ow] = cbuf[q, k] + bias, unit by unit
+            q = 0
+            for u in range(u0, u1):
+                b = u // nrb
+                oh0 = (u - b * nrb) * R
+                n = min(R, p.OH - oh0) * p.OW
+                for k in range(Kg):
+                    bval = bias[g * Kg + k] if bias != NULL else 0
+                    dst = y + ((b * p.K + g * Kg + k) * p.OH + oh0) * p.OW
+                    src = cbuf + q * Npad + k
+                    for i in range(n):
+                        dst[i] = src[i * Npad] + bval
+                q = q + n
+        free(xblk)
+        free(cbuf)
+        free(pix)
+        free(arow)
+        free(brow)
+    free(bpack)
+    free(tapoff)
+    return -failed
+
+
+cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
+    """The forward strategy for a (non-depthwise) shape: the direct path where its dropped columns are few,
+    else the pixel path where it fits, else implicit im2col. A forced path is taken where it can be."""
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    cdef bint direct = use_direct(p, NR, 8 * NR)
+    if forced_path == PATH_DIRECT and direct:
+        return PATH_DIRECT
+    if forced_path == PATH_IM2COL:
+        return PATH_IM2COL
+    if forced_path == PATH_PIXELS and use_pixels(p, dummy):
+        return PATH_PIXELS
+    if direct:
+        return PATH_DIRECT
+    if use_pixels(p, dummy):
+        return PATH_PIXELS
+    return PATH_IM2COL
+
+
 cdef int conv2d_forward_core(const floating* x, const floating* w, const floating* bias, floating* y,
                              const ConvGeom* p, int n_threads) noexcept nogil:
     """y = conv2d(x, w) + bias, all C-contiguous NCHW / KCRS; bias may be NULL. Returns -1 on allocation failure."""
@@ -354,11 +557,15 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const floatin
     cdef Py_ssize_t KC = balanced_block(Kd, block_k(<floating>0))
     cdef floating* apack = NULL
     cdef int rc
+    cdef int path
     if is_depthwise(p):
         return depthwise_forward(x, w, bias, y, p, n_threads)
+    path = forward_path(p, <floating>0)
+    if path == PATH_PIXELS:
+        return conv2d_forward_pixels(x, w, bias, y, p, n_threads)
     if pack_weights(w, p, KC, &apack):
         return -1
-    if use_direct(p, NR, 8 * NR):
+    if path == PATH_DIRECT:
         rc = conv2d_forward_direct(x, apack, KC, bias, y, p, n_threads)
     else:
         rc = conv2d_forward_im2col(x, apack, KC, bias, y, p, n_threads)
@@ -412,6 +619,15 @@ cdef int conv2d_grad_input_direct(const floating* dy, const floating* w, floatin
     return rc
 
 
+cdef bint grad_input_as_conv(const ConvGeom* q, floating dummy) noexcept nogil:
+    """Whether grad_input goes as the forward conv of the transposed geometry q: by its direct path when the
+    tile's MR rows (q's output channels) are mostly used, or by its pixel path."""
+    cdef int path = forward_path(q, dummy)
+    if path == PATH_DIRECT:
+        return 4 * (q.K // q.G) >= 3 * round_up(q.K // q.G, CE_MR)
+    return path == PATH_PIXELS
+
+
 cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
                                 int n_threads) noexcept nogil:
     """dx = conv2d's input gradient (overwritten)."""
@@ -419,10 +635,10 @@ cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating*
     cdef Py_ssize_t Cg = p.C // p.G
     if is_depthwise(p):
         return depthwise_grad_input(dy, w, dx, p, n_threads)
-    # the transposed conv's rows are the Cg input channels: with few (an RGB or grey input layer) they would
-    # fill a fraction of the MR-row tile, and W^T dY + col2im wastes nothing
-    if (4 * Cg >= 3 * round_up(Cg, CE_MR) and transposed_geometry(p, &q)
-            and use_direct(&q, tile_n(<floating>0), 8 * tile_n(<floating>0))):
+    # as a transposed conv when that conv has a path better than im2col; its output channels are the Cg input
+    # channels: with few (an RGB or grey input layer) they would fill a fraction of the MR-row tile (direct path)
+    # or of the NR-wide panel (pixel path), and W^T dY + col2im wastes nothing
+    if transposed_geometry(p, &q) and grad_input_as_conv(&q, <floating>0):
         return conv2d_grad_input_direct(dy, w, dx, &q, n_threads)
     return conv2d_grad_input_col2im(dy, w, dx, p, n_threads)
 
@@ -541,21 +757,34 @@ cdef bint all_finite(const floating* x, Py_ssize_t n) noexcept nogil:
         return bad64 == 0
 
 
-cdef void sum_partials(const floating* partial, Py_ssize_t nchunks, const ConvGeom* p, floating* dw,
+cdef void sum_partials(floating* partial, Py_ssize_t nchunks, const ConvGeom* p, floating* dw,
                        int n_threads) noexcept nogil:
-    """dw[g*Kg + k, r] = sum over chunks, in chunk order, of partial[g, ch][r, k]."""
+    """dw[g*Kg + k, r] = sum over chunks, in chunk order, of partial[g, ch][r, k]. The chunks are added into
+    chunk 0 along contiguous runs, then transposed into dw (partial is overwritten)."""
     cdef Py_ssize_t Kg = p.K // p.G
     cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
-    cdef Py_ssize_t task, g, k, r, ch
-    cdef floating acc
+    cdef Py_ssize_t n = Kd * Kg
+    cdef Py_ssize_t BLK = 4096
+    cdef Py_ssize_t nblk = (n + BLK - 1) // BLK
+    cdef Py_ssize_t task, g, i0, i1, i, k, r, ch
+    cdef floating* acc
+    cdef const floating* src
+    if nchunks > 1:
+        for task in prange(p.G * nblk, schedule='static', num_threads=n_threads):
+            g = task // nblk
+            i0 = (task - g * nblk) * BLK
+            i1 = min(n, i0 + BLK)
+            acc = partial + g * nchunks * n
+            for ch in range(1, nchunks):
+                src = acc + ch * n
+                for i in range(i0, i1):
+                    acc[i] = acc[i] + src[i]
     for task in prange(p.K, schedule='static', num_threads=n_threads):
         g = task // Kg
         k = task - g * Kg
+        src = partial + g * nchunks * n + k
         for r in range(Kd):
-            acc = 0
-            for ch in range(nchunks):
-                acc = acc + partial[((g * nchunks + ch) * Kd + r) * Kg + k]
-            dw[task * Kd + r] = acc
+            dw[task * Kd + r] = src[r * Kg]
 
 
 cdef floating channel_sum(const floating* dy, Py_ssize_t B, Py_ssize_t stride, Py_ssize_t P) noexcept nogil:
@@ -747,6 +976,179 @@ cdef int conv2d_grad_weight_im2col(const floating* dy, const floating* x, floati
     return -failed
 
 
+cdef inline Py_ssize_t channel_panel(const ConvGeom* p, floating dummy) noexcept nogil:
+    """NR of grad_weight's pixel path, whose GEMM columns are the group's input channels."""
+    cdef Py_ssize_t VL = vlen(<floating>0)
+    return pick_nv((p.C // p.G + VL - 1) // VL) * VL
+
+
+cdef bint use_pixels_grad_weight(const ConvGeom* p, floating dummy) noexcept nogil:
+    """Whether grad_weight's pixel path fits: the input channels fill most of their NR-wide panels, the output
+    channels most of the MR-row tile, and one unit's padded rows stay small."""
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t Cgpad = round_up(Cg, channel_panel(p, dummy))
+    if 4 * Cg < 3 * Cgpad or 4 * Kg < 3 * round_up(Kg, CE_MR):
+        return False
+    return window_rows(p, pixel_rows(p)) * Cgpad <= MAX_DIRECT_SCRATCH // window_width(p)
+
+
+cdef inline Py_ssize_t pixel_chunks(const ConvGeom* p) noexcept nogil:
+    """Fixed slices of the units that grad_weight's pixel path reduces separately: about PIXELS_PER_TASK pixels
+    or more each, at most 16, and at most 2^20 partial-sum elements in all; a function of the shape only."""
+    cdef Py_ssize_t R = pixel_rows(p)
+    cdef Py_ssize_t units = p.B * ((p.OH + R - 1) // R)
+    cdef Py_ssize_t per_chunk = (p.C // p.G) * p.KH * p.KW * p.K
+    return max(1, min(min(16, (1 << 20) // per_chunk), min(units, units * R * p.OW // PIXELS_PER_TASK)))
+
+
+# grad_weight's pixel path reduces over at most this many bytes of scattered B rows per block
+cdef Py_ssize_t KMAX_BYTES = 32768
+
+
+cdef void fill_window_rows_hwc(const floating* x, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t ih0,
+                               Py_ssize_t nrows, Py_ssize_t Cgpad, floating* xblk) noexcept nogil:
+    """fill_window_rows with channels last: xblk[(ri*Wpad + t)*Cgpad + c] = x[b, g*Cg + c, ih0 + ri, t - pl],
+    zero outside the image and for channels c >= Cg."""
+    cdef Py_ssize_t Cg = p.C // p.G
+    cdef Py_ssize_t Wpad = window_width(p)
+    cdef Py_ssize_t lo = min(p.pl, Wpad)
+    cdef Py_ssize_t n = max(0, min(p.W, Wpad - p.pl))
+    cdef Py_ssize_t c, ri, ih, iw
+    cdef const floating* src
+    cdef floating* dst
+    memset(xblk, 0, nrows * Wpad * Cgpad * sizeof(floating))
+    for ri in range(nrows):
+        ih = ih0 + ri
+        if ih < 0 or ih >= p.H:
+            continue
+        for c in range(Cg):
+            src = x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W
+            dst = xblk + (ri * Wpad + lo) * Cgpad + c
+            for iw in range(n):
+                dst[iw * Cgpad] = src[iw]
+
+
+cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floating* partial, Py_ssize_t nchunks,
+                                   const ConvGeom* p, int n_threads) noexcept nogil:
+    """grad_weight tap by tap, reducing over output pixels: dW_t (Kg x Cg) = dY (Kg x pixels) . X_t (pixels x Cg).
+
+    A is dY, copied per block of units into rows of contiguous pixels. B row q is pixel q's window origin in a
+    channels-last, zero-padded copy of the input rows plus the tap's offset: the Cg channels there are one NR-wide
+    row. Nothing is wasted and nothing is copied KH*KW times (the im2col path does both on small images). Units
+    (image, block of output rows) go to nchunks fixed chunks."""
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t T = p.KH * p.KW
+    cdef Py_ssize_t Kd = Cg * T
+    cdef Py_ssize_t NR = channel_panel(p, <floating>0)
+    cdef int nv = NR // vlen(<floating>0)
+    cdef Py_ssize_t Cgpad = round_up(Cg, NR)
+    cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
+    cdef Py_ssize_t P = p.OH * p.OW
+    cdef Py_ssize_t Wpad = window_width(p)
+    cdef Py_ssize_t R = pixel_rows(p)
+    cdef Py_ssize_t nrb = (p.OH + R - 1) // R
+    cdef Py_ssize_t unit_len = window_rows(p, R) * Wpad * Cgpad
+    cdef Py_ssize_t upt = max(1, PIXELS_PER_TASK // (R * p.OW))
+    cdef Py_ssize_t maxpix = upt * R * p.OW
+    cdef Py_ssize_t units = p.B * nrb
+    cdef Py_ssize_t per_chunk = (units + nchunks - 1) // nchunks
+    cdef Py_ssize_t kmax = max(16, KMAX_BYTES // (Cgpad * sizeof(floating)))
+    cdef Py_ssize_t task, g, ch, u, u0, u1, ue, b, oh0, nrows, npix, ro, ow, t, i, k, c, k0, kc
+    cdef bint started
+    cdef floating* xblk
+    cdef floating* ablk
+    cdef floating* cbuf
+    cdef floating* blk
+    cdef const floating** pix
+    cdef const floating** arow
+    cdef const floating** brow
+    cdef Py_ssize_t* tapoff
+    cdef int failed = 0
+    tapoff = <Py_ssize_t*>malloc(T * sizeof(Py_ssize_t))
+    if tapoff == NULL:
+        return -1
+    for t in range(T):
+        tapoff[t] = ((t // p.KW) * p.dh * Wpad + (t % p.KW) * p.dw) * Cgpad
+    with parallel(num_threads=n_threads):
+        xblk = <floating*>malloc(upt * unit_len * sizeof(floating))
+        # rows Kg..Mpad of A stay zero from calloc
+        ablk = <floating*>calloc(Mpad * maxpix, sizeof(floating))
+        cbuf = <floating*>malloc(T * Mpad * Cgpad * sizeof(floating))
+        pix = <const floating**>malloc(maxpix * sizeof(floating*))
+        brow = <const floating**>malloc(maxpix * sizeof(floating*))
+        arow = <const floating**>malloc(Mpad * sizeof(floating*))
+        for task in prange(p.G * nchunks, schedule='static'):
+            if xblk == NULL or ablk == NULL or cbuf == NULL or pix == NULL or brow == NULL or arow == NULL:
+                (&failed)[0] = 1
+                continue
+            g = task // nchunks
+            ch = task - g * nchunks
+            started = False
+            u0 = ch * per_chunk
+            ue = min(units, u0 + per_chunk)
+            while u0 < ue:
+                u1 = min(ue, u0 + upt)
+                npix = 0
+                for u in range(u0, u1):
+                    b = u // nrb
+                    oh0 = (u - b * nrb) * R
+                    nrows = min(R, p.OH - oh0)
+                    blk = xblk + (u - u0) * unit_len
+                    fill_window_rows_hwc(x, p, b, g, oh0 * p.sh - p.pt, window_rows(p, nrows), Cgpad, blk)
+                    for k in range(Kg):
+                        memcpy(ablk + k * maxpix + npix, dy + (b * p.K + g * Kg + k) * P + oh0 * p.OW,
+                               nrows * p.OW * sizeof(floating))
+                    for ro in range(nrows):
+                        for ow in range(p.OW):
+                            pix[npix] = blk + (ro * p.sh * Wpad + ow * p.sw) * Cgpad
+                            npix = npix + 1
+                for t in range(T):
+                    for i in range(npix):
+                        brow[i] = pix[i] + tapoff[t]
+                    # B's rows are scattered over the padded block: kmax of them at a time stay in L1
+                    k0 = 0
+                    while k0 < npix:
+                        kc = min(kmax, npix - k0)
+                        row_table(arow, ablk + k0, Mpad, maxpix)
+                        macro_kernel(Mpad // CE_MR, Cgpad // NR, kc, arow, 1, brow + k0, NR,
+                                     cbuf + t * Mpad * Cgpad, Cgpad, started or k0 > 0, nv)
+                        k0 = k0 + kc
+                started = True
+                u0 = u1
+            # partial[task][r = c*T + t][k]
+            for c in range(Cg):
+                for t in range(T):
+                    for k in range(Kg):
+                        partial[(task * Kd + c * T + t) * Kg + k] = (cbuf[(t * Mpad + k) * Cgpad + c]
+                                                                      if started else 0)
+        free(xblk)
+        free(ablk)
+        free(cbuf)
+        free(pix)
+        free(brow)
+        free(arow)
+    free(tapoff)
+    return -failed
+
+
+cdef int grad_weight_path(const ConvGeom* p, floating dummy) noexcept nogil:
+    """grad_weight's strategy: the pixel path where it fits (it wastes nothing and measured as fast as or faster
+    than the others on every benchmark shape), else as forward_path chooses. The direct path needs finite inputs
+    too, checked by the caller."""
+    cdef bint direct = use_direct(p, tile_n(<floating>0), 2 * block_k(<floating>0))
+    if forced_path == PATH_DIRECT and direct:
+        return PATH_DIRECT
+    if forced_path == PATH_IM2COL:
+        return PATH_IM2COL
+    if forced_path == PATH_PIXELS and use_pixels_grad_weight(p, dummy):
+        return PATH_PIXELS
+    if use_pixels_grad_weight(p, dummy):
+        return PATH_PIXELS
+    if direct:
+        return PATH_DIRECT
+    return PATH_IM2COL
+
+
 cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating* dw, floating* db,
                                  const ConvGeom* p, int n_threads) noexcept nogil:
     """dw (K, Cg, KH, KW) and db (K,) or NULL, overwritten."""
@@ -755,21 +1157,26 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
     cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
     cdef Py_ssize_t R, nchunks
     cdef floating* partial
-    cdef bint direct
-    cdef int rc
+    cdef int path, rc
     if is_depthwise(p):
         return depthwise_grad_weight(dy, x, dw, db, p, n_threads)
-    direct = use_direct(p, NR, 2 * block_k(<floating>0)) and all_finite(x, p.B * p.C * p.H * p.W)
-    if direct:
+    path = grad_weight_path(p, <floating>0)
+    if path == PATH_DIRECT and not all_finite(x, p.B * p.C * p.H * p.W):
+        path = PATH_IM2COL
+    if path == PATH_DIRECT:
         R = direct_rows(p, 2 * block_k(<floating>0))
         nchunks = grad_weight_chunks(p.B * ((p.OH + R - 1) // R), R * p.OW)
+    elif path == PATH_PIXELS:
+        nchunks = pixel_chunks(p)
     else:
         nchunks = grad_weight_chunks(p.B * p.OH * p.OW, 1)
     partial = <floating*>malloc(p.G * nchunks * Kd * Kg * sizeof(floating))
     if partial == NULL:
         return -1
-    if direct:
+    if path == PATH_DIRECT:
         rc = conv2d_grad_weight_direct(dy, x, partial, nchunks, p, n_threads)
+    elif path == PATH_PIXELS:
+        rc = conv2d_grad_weight_pixels(dy, x, partial, nchunks, p, n_threads)
     else:
         rc = conv2d_grad_weight_im2col(dy, x, partial, nchunks, p, n_threads)
     if rc == 0:
@@ -844,6 +1251,32 @@ def conv2d_grad_weight(const floating[:, :, :, ::1] grad_out,  # IN  (B, K, OH, 
         raise MemoryError("conv2d_backward: could not allocate packing buffers")
 
 
+cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T) noexcept nogil:
+    """Bytes conv2d_forward_core allocates for geometry q with T threads, path by path."""
+    cdef Py_ssize_t isz = sizeof(floating), ptr = sizeof(void*)
+    cdef Py_ssize_t NR = tile_n(<floating>0), NC = 8 * NR, LD = NC + vlen(<floating>0)
+    cdef Py_ssize_t Cg = q.C // q.G, Kg = q.K // q.G, Kd = Cg * q.KH * q.KW, taps = q.KH * q.KW
+    cdef Py_ssize_t KC = balanced_block(Kd, block_k(<floating>0))
+    cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
+    cdef Py_ssize_t Wp, R, rows_in, ncmax, upt, maxpix, Npad, VL = vlen(<floating>0)
+    cdef int path = forward_path(q, dummy)
+    if path == PATH_PIXELS:
+        Npad = round_up(Kg, pick_nv((Kg + VL - 1) // VL) * VL)
+        R = pixel_rows(q)
+        upt = max(1, PIXELS_PER_TASK // (R * q.OW))
+        maxpix = round_up(upt * R * q.OW, CE_MR)
+        return ((q.G * taps * Npad * Cg + T * (upt * Cg * window_rows(q, R) * window_width(q) + maxpix * Npad)) * isz
+                + taps * sizeof(Py_ssize_t) + T * (maxpix + CE_MR + taps * Cg) * ptr)
+    if path == PATH_DIRECT:
+        Wp = padded_width(q)
+        R = direct_rows(q, NC)
+        rows_in = R + (q.KH - 1) * q.dh
+        ncmax = round_up(R * Wp, NR)
+        return (q.G * Mpad * Kd + T * (Cg * rows_in * Wp + ncmax + (q.KW - 1) * q.dw + Mpad * ncmax)) * isz + T * (
+            Kd + Mpad) * ptr
+    return (q.G * Mpad * Kd + T * (KC * LD + Mpad * NC)) * isz + T * (KC + Mpad) * ptr
+
+
 cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
     """Bytes each conv2d direction allocates per call with T threads, following the same path choices as the
     kernels (packed weights, per-thread panels and padded rows, grad_weight's per-chunk partial sums). Never the
@@ -851,43 +1284,39 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
     padded input rows."""
     cdef Py_ssize_t isz = sizeof(floating), ptr = sizeof(void*)
     cdef Py_ssize_t NR = tile_n(<floating>0), NC = 8 * NR, LD = NC + vlen(<floating>0)
-    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G, Kd = Cg * p.KH * p.KW
-    cdef Py_ssize_t KCmax = block_k(<floating>0), KC, Mpad, R, rows_in, ncmax, Wp, nchunks, Npad, nv
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G, Kd = Cg * p.KH * p.KW, taps = p.KH * p.KW
+    cdef Py_ssize_t KCmax = block_k(<floating>0), KC, Mpad, R, rows_in, ncmax, Wp, nchunks, Npad, nv, upt, maxpix
     cdef ConvGeom q
+    cdef int path
     cdef dict out = {}
     if is_depthwise(p):
         out["forward"] = out["grad_input"] = out["grad_weight"] = T * (
             dw_padded_h(p) * dw_padded_w(p) + dw_slack(p) + p.OH * dw_padded_w(p)) * isz
         return out
-    # forward (also grad_input's direct path, on the transposed geometry)
-    for name in ("forward", "grad_input"):
-        if name == "forward":
-            q = p[0]
-        elif 4 * Cg >= 3 * round_up(Cg, CE_MR) and transposed_geometry(p, &q) and use_direct(&q, NR, NC):
-            pass
-        else:
-            Mpad = round_up(Kd, CE_MR)
-            KC = balanced_block(Kg, KCmax)
-            out[name] = (p.G * Mpad * Kg + T * (KC * LD + Mpad * NC)) * isz + T * (KC + Mpad) * ptr
-            continue
-        Kd = (q.C // q.G) * q.KH * q.KW
-        Mpad = round_up(q.K // q.G, CE_MR)
-        KC = balanced_block(Kd, KCmax)
-        out[name] = q.G * Mpad * Kd * isz + (q.K * (q.C // q.G) * q.KH * q.KW * isz if name == "grad_input" else 0)
-        if use_direct(&q, NR, NC):
-            Wp = padded_width(&q)
-            R = direct_rows(&q, NC)
-            rows_in = R + (q.KH - 1) * q.dh
-            ncmax = round_up(R * Wp, NR)
-            out[name] += T * ((q.C // q.G) * rows_in * Wp + ncmax + (q.KW - 1) * q.dw + Mpad * ncmax) * isz
-            out[name] += T * (Kd + Mpad) * ptr
-        else:
-            out[name] += T * (KC * LD + Mpad * NC) * isz + T * (KC + Mpad) * ptr
-    Kd = Cg * p.KH * p.KW
+    out["forward"] = forward_scratch(p, dummy, T)
+    if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
+        # the flipped weights, then the forward of the transposed geometry
+        out["grad_input"] = p.K * Kd * isz + forward_scratch(&q, dummy, T)
+    else:
+        Mpad = round_up(Kd, CE_MR)
+        KC = balanced_block(Kg, KCmax)
+        out["grad_input"] = (p.G * Mpad * Kg + T * (KC * LD + Mpad * NC)) * isz + T * (KC + Mpad) * ptr
     Mpad = round_up(Kd, CE_MR)
-    nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
-    Npad = round_up(Kg, nv * vlen(<floating>0))
-    if use_direct(p, NR, 2 * KCmax):
+    path = grad_weight_path(p, dummy)
+    if path == PATH_PIXELS:
+        NR = channel_panel(p, dummy)
+        Npad = round_up(Cg, NR)
+        Mpad = round_up(Kg, CE_MR)
+        R = pixel_rows(p)
+        upt = max(1, PIXELS_PER_TASK // (R * p.OW))
+        maxpix = upt * R * p.OW
+        nchunks = pixel_chunks(p)
+        out["grad_weight"] = (p.G * nchunks * Kd * Kg + T * (
+            upt * window_rows(p, R) * window_width(p) * Npad + Mpad * maxpix + taps * Mpad * Npad)) * isz + (
+            taps * sizeof(Py_ssize_t) + T * (2 * maxpix + Mpad) * ptr)
+    elif path == PATH_DIRECT:
+        nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
+        Npad = round_up(Kg, nv * vlen(<floating>0))
         Wp = padded_width(p)
         R = direct_rows(p, 2 * KCmax)
         rows_in = R + (p.KH - 1) * p.dh
@@ -897,6 +1326,8 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
             Cg * rows_in * Wp + ncmax + (p.KW - 1) * p.dw + ncmax * Npad + Mpad * Npad + ncmax)) * isz
         out["grad_weight"] += T * (Kd + Mpad + ncmax) * ptr
     else:
+        nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
+        Npad = round_up(Kg, nv * vlen(<floating>0))
         nchunks = grad_weight_chunks(p.B * p.OH * p.OW, 1)
         out["grad_weight"] = (p.G * nchunks * Kd * Kg + T * (
             Mpad * (KCmax + vlen(<floating>0)) + KCmax * Npad + Mpad * Npad)) * isz + T * (Mpad + KCmax) * ptr
@@ -910,3 +1341,27 @@ def conv2d_scratch_bytes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t 
     if itemsize == 4:
         return scratch_bytes(&p, <float>0, n_threads)
     return scratch_bytes(&p, <double>0, n_threads)
+
+
+cdef dict path_names(const ConvGeom* p, floating dummy):
+    """The strategy each conv2d direction takes for this geometry (grad_weight's direct path: for finite x)."""
+    cdef ConvGeom q
+    names = {PATH_DIRECT: "direct", PATH_IM2COL: "im2col", PATH_PIXELS: "pixels"}
+    if is_depthwise(p):
+        return {"forward": "depthwise", "grad_input": "depthwise", "grad_weight": "depthwise"}
+    if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
+        grad_input = "transposed " + names[forward_path(&q, dummy)]
+    else:
+        grad_input = "col2im"
+    return {"forward": names[forward_path(p, dummy)], "grad_input": grad_input,
+            "grad_weight": names[grad_weight_path(p, dummy)]}
+
+
+def conv2d_paths(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize):
+    """{'forward', 'grad_input', 'grad_weight'}: the strategy of each direction (params as for
+    conv2d_forward), under the current force_conv_path."""
+    cdef ConvGeom p
+    fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
+    if itemsize == 4:
+        return path_names(&p, <float>0)
+    return path_names(&p, <double>0)

@@ -24,6 +24,16 @@ cdef extern from *:
     /* A conditional expression gcc keeps as a select (a vector blend once the loop is vectorised); Cython writes
        `a if c else b` as an if statement, which stayed a mispredicted branch. */
     #define CE_PICK(c, a, b) ((c) ? (a) : (b))
+    /* a when x == y, else b, by integer masking: as a conditional expression on a float comparison gcc emitted
+       jumps (for the unordered case), mispredicted on every other window of real data. */
+    static inline long long ce_pick_eq_f(float x, float y, long long a, long long b) {
+        long long take = -(long long)(x == y);
+        return b ^ ((a ^ b) & take);
+    }
+    static inline long long ce_pick_eq_d(double x, double y, long long a, long long b) {
+        long long take = -(long long)(x == y);
+        return b ^ ((a ^ b) & take);
+    }
     /* a > b ? a : b as one instruction: x86's maxss/maxsd has exactly these semantics (b when either is NaN, b
        on equal values), which gcc will not emit for the C expression while NaNs are honoured. */
     #if defined(__SSE2__)
@@ -38,6 +48,8 @@ cdef extern from *:
     float pick_f "CE_PICK"(bint c, float a, float b) nogil
     double pick_d "CE_PICK"(bint c, double a, double b) nogil
     long long pick_i "CE_PICK"(bint c, long long a, long long b) nogil
+    long long pick_eq_f "ce_pick_eq_f"(float x, float y, long long a, long long b) nogil
+    long long pick_eq_d "ce_pick_eq_d"(double x, double y, long long a, long long b) nogil
     float gtmax_f "ce_gtmax_f"(float a, float b) nogil
     double gtmax_d "ce_gtmax_d"(double a, double b) nogil
 
@@ -48,6 +60,14 @@ cdef inline floating gtmax(floating a, floating b) noexcept nogil:
         return gtmax_f(a, b)
     else:
         return gtmax_d(a, b)
+
+
+cdef inline long long pick_eq(floating x, floating y, long long a, long long b) noexcept nogil:
+    """a when x == y, else b, without a branch."""
+    if floating is float:
+        return pick_eq_f(x, y, a, b)
+    else:
+        return pick_eq_d(x, y, a, b)
 
 
 cdef inline floating pick(bint c, floating a, floating b) noexcept nogil:
@@ -84,7 +104,7 @@ cdef void max_pool_plane(const floating* x, floating* y, long long* idx, const P
                 # first position holding m, scanning backwards so the earliest match is the last written
                 for ih in range(h1 - 1, h0 - 1, -1):
                     for iw in range(w1 - 1, w0 - 1, -1):
-                        best = pick_i(x[ih * g.W + iw] == m, ih * g.W + iw, best)
+                        best = pick_eq(x[ih * g.W + iw], m, ih * g.W + iw, best)
             else:
                 m = -INFINITY
                 for ih in range(h0, h1):
@@ -127,9 +147,9 @@ cdef void max_pool_plane_2x2(const floating* x, floating* y, long long* idx, con
                 m = pick(take, d, m)
                 best = pick_i(take, W + 1, best)
             else:
-                best = pick_i(c == m, W, W + 1)
-                best = pick_i(b == m, 1, best)
-                best = pick_i(a == m, 0, best)
+                best = pick_eq(c, m, W, W + 1)
+                best = pick_eq(b, m, 1, best)
+                best = pick_eq(a, m, 0, best)
             y[oh * g.OW + ow] = m
             if idx != NULL:
                 idx[oh * g.OW + ow] = base + 2 * ow + best
