@@ -341,9 +341,10 @@ def test_pools_empty_batch(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kernel_size,stride,padding", [(2, None, 0), (3, 1, 1), (3, 2, 1), ((2, 3), 1, 0)])
-def test_max_pool2d_ties(rng, kernel_size, stride, padding, dtype):
+@pytest.mark.parametrize("width", [8, 19])
+def test_max_pool2d_ties(rng, kernel_size, stride, padding, dtype, width):
     """Values drawn from {0, 1, 2}: nearly every window has tied maxima; the first in window order wins."""
-    x = rng.integers(0, 3, (3, 4, 9, 8)).astype(dtype)
+    x = rng.integers(0, 3, (3, 4, 9, width)).astype(dtype)
     check_max_pool2d(x, kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=True)
 
 
@@ -358,8 +359,10 @@ def test_max_pool2d_ties_first_in_window_order():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kernel_size,stride,padding,ceil_mode", [(2, None, 0, False), (3, 1, 1, True),
                                                                   (3, 2, 1, True)])
-def test_max_pool2d_nan_and_inf(rng, kernel_size, stride, padding, ceil_mode, dtype):
-    x = randn(rng, (2, 3, 8, 7), dtype)
+@pytest.mark.parametrize("width", [7, 17], ids=["per-window", "row-vectorised"])
+def test_max_pool2d_nan_and_inf(rng, kernel_size, stride, padding, ceil_mode, dtype, width):
+    # rows of 8 or more outputs (width 17) take the row-vectorised kernel, shorter rows the per-window one
+    x = randn(rng, (2, 3, 8, width), dtype)
     x[0, 0, 0, 0] = np.nan                      # a single NaN
     x[0, 1, 2:4, 2:4] = np.nan                  # several NaN in one window: PyTorch keeps the last
     x[1, 0, 1, 1] = np.nan
