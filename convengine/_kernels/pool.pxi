@@ -118,23 +118,26 @@ cdef void max_pool_plane(const floating* x, floating* y, long long* idx, const P
                 idx[oh * g.OW + ow] = best
 
 
-cdef void max_pool_plane_2x2(const floating* x, floating* y, long long* idx, const PoolGeom* g) noexcept nogil:
-    """The common 2x2 stride-2 unpadded case whose windows lie inside the image, as max_pool_plane does it."""
-    cdef Py_ssize_t oh, ow, W = g.W
-    cdef const floating* r0
-    cdef const floating* r1
+cdef void max_pool_rows_2x2_short(const floating* x, floating* y, long long* idx, Py_ssize_t r0, Py_ssize_t r1,
+                                  Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t W) noexcept nogil:
+    """max_pool_rows_2x2 for rows shorter than a vector, where the vectorised loop's set-up costs more than the
+    row: scalar max instructions, integer-masked selects for the index, and the exact rule only for a window
+    holding a NaN (a well-predicted branch)."""
+    cdef Py_ssize_t r, ow, base
+    cdef const floating* t
+    cdef const floating* u
     cdef floating a, b, c, d, m
-    cdef long long best, base
+    cdef long long best
     cdef bint take
-    for oh in range(g.OH):
-        r0 = x + 2 * oh * W
-        r1 = r0 + W
-        base = 2 * oh * W
-        for ow in range(g.OW):
-            a = r0[2 * ow]
-            b = r0[2 * ow + 1]
-            c = r1[2 * ow]
-            d = r1[2 * ow + 1]
+    for r in range(r0, r1):
+        t = x + 2 * r * W
+        u = t + W
+        base = 2 * (r % OH) * W
+        for ow in range(OW):
+            a = t[2 * ow]
+            b = t[2 * ow + 1]
+            c = u[2 * ow]
+            d = u[2 * ow + 1]
             m = gtmax(d, gtmax(c, gtmax(b, a)))
             if (a != a) | (b != b) | (c != c) | (d != d):
                 take = (b > a) | (b != b)
@@ -150,9 +153,51 @@ cdef void max_pool_plane_2x2(const floating* x, floating* y, long long* idx, con
                 best = pick_eq(c, m, W, W + 1)
                 best = pick_eq(b, m, 1, best)
                 best = pick_eq(a, m, 0, best)
-            y[oh * g.OW + ow] = m
+            y[r * OW + ow] = m
             if idx != NULL:
-                idx[oh * g.OW + ow] = base + 2 * ow + best
+                idx[r * OW + ow] = base + 2 * ow + best
+
+
+cdef void max_pool_rows_2x2(const floating* x, floating* y, long long* idx, Py_ssize_t r0, Py_ssize_t r1,
+                            Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t W) noexcept nogil:
+    """2x2 stride-2 unpadded windows that lie inside the image, when the planes' rows pair up exactly (H even):
+    the batch is then one tall image of B*C*OH output rows, done here from row r0 to r1 (a 4x4 plane alone is
+    two rows of two windows: per-plane set-up cost more than the pooling). Index of a window of output row r:
+    within its plane, whose output rows are OH to a plane. Each window by selects in window order (the rule of
+    the header), which gcc vectorises along the row."""
+    cdef Py_ssize_t r, ow, base
+    cdef const floating* t
+    cdef const floating* u
+    cdef floating* yr
+    cdef long long* ir
+    cdef floating a, b, c, d, m
+    cdef long long best
+    cdef bint take
+    for r in range(r0, r1):
+        t = x + 2 * r * W
+        u = t + W
+        yr = y + r * OW
+        base = 2 * (r % OH) * W
+        ir = idx + r * OW if idx != NULL else NULL
+        for ow in range(OW):
+            a = t[2 * ow]
+            b = t[2 * ow + 1]
+            c = u[2 * ow]
+            d = u[2 * ow + 1]
+            m = a
+            best = 0
+            take = (b > m) | (b != b)
+            m = pick(take, b, m)
+            best = pick_i(take, 1, best)
+            take = (c > m) | (c != c)
+            m = pick(take, c, m)
+            best = pick_i(take, W, best)
+            take = (d > m) | (d != d)
+            m = pick(take, d, m)
+            best = pick_i(take, W + 1, best)
+            yr[ow] = m
+            if ir != NULL:
+                ir[ow] = base + 2 * ow + best
 
 
 cdef inline Py_ssize_t pool_row_width(const PoolGeom* g) noexcept nogil:
@@ -242,15 +287,26 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
     ybase = &out[0, 0, 0, 0]
     HW = g.H * g.W
     OHW = g.OH * g.OW
+    # 2x2/2 windows inside planes with an even number of rows: the batch as one tall image, in blocks of rows
     fast = (g.KH == 2 and g.KW == 2 and g.sh == 2 and g.sw == 2 and g.ph == 0 and g.pw == 0
-            and 2 * g.OH <= g.H and 2 * g.OW <= g.W)
+            and 2 * g.OH == g.H and 2 * g.OW <= g.W)
     # the row-vectorised version needs rows of some length to pay for its loop set-up (measured: 3x3/2 windows on
     # 56x56 images 2.5x faster than per window; 2x2/2 windows on 32x32 images 3x slower than the fast path)
     rows = not fast and g.OW >= 8
+    cdef Py_ssize_t nrows_out = g.planes * g.OH
+    cdef Py_ssize_t rblk = max(1, 4096 // g.OW)
     cdef floating* row
     cdef floating* m
     cdef long long* best
     cdef int failed = 0
+    if fast:
+        for pl in prange((nrows_out + rblk - 1) // rblk, nogil=True, schedule='static', num_threads=n_threads):
+            if g.OW >= 8:
+                max_pool_rows_2x2(xbase, ybase, idx, pl * rblk, min(nrows_out, (pl + 1) * rblk), g.OH, g.OW, g.W)
+            else:
+                max_pool_rows_2x2_short(xbase, ybase, idx, pl * rblk, min(nrows_out, (pl + 1) * rblk), g.OH, g.OW,
+                                        g.W)
+        return
     with nogil, parallel(num_threads=n_threads):
         row = <floating*>malloc(pool_row_width(&g) * sizeof(floating))
         m = <floating*>malloc(2 * g.OW * sizeof(floating))
@@ -259,10 +315,7 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
             if row == NULL or m == NULL or best == NULL:
                 failed = 1
                 continue
-            if fast:
-                max_pool_plane_2x2(xbase + pl * HW, ybase + pl * OHW,
-                                   idx + pl * OHW if idx != NULL else NULL, &g)
-            elif rows:
+            if rows:
                 max_pool_plane_rows(xbase + pl * HW, ybase + pl * OHW, idx + pl * OHW if idx != NULL else NULL, &g,
                                     row, m, best)
             else:
