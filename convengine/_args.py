@@ -279,6 +279,30 @@ def linear_backward_args(grad_out, x, weight):
                          f"{(x.shape[0], weight.shape[0])}")
 
 
+def batch_norm2d_args(x, eps, vectors, training=False, grad_out=None):
+    """Check the arrays of a batch_norm2d call: vectors ({name: array}: weight, bias, mean, var as the op takes
+    them) must be per-channel vectors of x's dtype. Return eps as a float (finite, > 0). Batch statistics
+    (training) need more than one value per channel."""
+    check_array(x, "x", 4)
+    channels = x.shape[1]
+    for name, a in vectors.items():
+        check_array(a, name, 1, x.dtype)
+        if a.shape[0] != channels:
+            raise ValueError(f"{name} shape {a.shape} does not match the {channels} channels of x shape {x.shape}")
+    if grad_out is not None:
+        check_array(grad_out, "grad_out", 4, x.dtype)
+        if grad_out.shape != x.shape:
+            raise ValueError(f"grad_out shape {grad_out.shape} does not match x shape {x.shape}")
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a number, got {eps!r}")
+    eps = float(eps)
+    if not (0 < eps < math.inf):
+        raise ValueError(f"eps must be > 0 and finite, got {eps}")
+    if training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        raise ValueError(f"batch statistics need more than one value per channel, got x shape {x.shape}")
+    return eps
+
+
 def ceil_div(a, b):
     return -(-a // b)
 

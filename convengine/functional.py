@@ -12,7 +12,8 @@ from ._kernels import engine as _engine
 from ._threads import get_num_threads
 
 __all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
-           "relu", "relu_backward", "linear", "linear_backward"]
+           "relu", "relu_backward", "linear", "linear_backward", "batch_norm2d", "batch_norm2d_training",
+           "batch_norm2d_backward"]
 
 
 # Below these sizes a call runs on one thread: waking the OpenMP team costs tens of microseconds, more than such a
@@ -166,3 +167,37 @@ def linear_backward(grad_out, x, weight):
     _engine.matmul(grad_out, _aligned(weight), grad_x, n_threads)
     _engine.matmul(grad_out.T, _aligned(x), grad_w, n_threads)
     return grad_x, grad_w, grad_out.sum(axis=0)
+
+
+def batch_norm2d(x, weight, bias, mean, var, eps=1e-5):
+    """Per-channel (x - mean) * weight / sqrt(var + eps) + bias over (N, C, H, W), with given statistics (C,)."""
+    eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, bias=bias, mean=mean, var=var))
+    out = np.empty(x.shape, dtype=x.dtype)
+    _engine.batch_norm2d_forward(_contiguous(x), _contiguous(weight), _contiguous(bias),
+                                 np.array(mean, dtype=x.dtype), np.array(var, dtype=x.dtype), False, eps, out,
+                                 _threads_for(x.size, _SERIAL_ELEMENTS))
+    return out
+
+
+def batch_norm2d_training(x, weight, bias, eps=1e-5):
+    """batch_norm2d with the batch's own statistics: (y, mean, var), var biased (divided by N*H*W)."""
+    eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, bias=bias), training=True)
+    out = np.empty(x.shape, dtype=x.dtype)
+    mean = np.empty(x.shape[1], dtype=x.dtype)
+    var = np.empty(x.shape[1], dtype=x.dtype)
+    _engine.batch_norm2d_forward(_contiguous(x), _contiguous(weight), _contiguous(bias), mean, var, True, eps, out,
+                                 _threads_for(x.size, _SERIAL_ELEMENTS))
+    return out, mean, var
+
+
+def batch_norm2d_backward(grad_out, x, weight, mean, var, eps=1e-5):
+    """Gradients of batch_norm2d_training, given the mean and var it returned: (grad_x, grad_weight, grad_bias)."""
+    eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, mean=mean, var=var), training=True,
+                                       grad_out=grad_out)
+    grad_x = np.empty(x.shape, dtype=x.dtype)
+    grad_w = np.empty(x.shape[1], dtype=x.dtype)
+    grad_b = np.empty(x.shape[1], dtype=x.dtype)
+    _engine.batch_norm2d_backward(_contiguous(grad_out), _contiguous(x), _contiguous(weight), _contiguous(mean),
+                                  _contiguous(var), eps, grad_x, grad_w, grad_b,
+                                  _threads_for(x.size, _SERIAL_ELEMENTS))
+    return grad_x, grad_w, grad_b

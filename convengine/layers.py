@@ -485,47 +485,28 @@ class BatchNorm2d(Layer):
         self._check(x)
         gamma = self._params["weight"].data
         beta = self._params["bias"].data
-        eps = self.dtype.type(self.eps)
         if not training:
             self._cache = None
-            scale = gamma / np.sqrt(self.running_var + eps)
-            y = x * scale[:, None, None]
-            y += (beta - self.running_mean * scale)[:, None, None]
-            return y
-        m = x.shape[0] * x.shape[2] * x.shape[3]
-        if m < 2:
+            return F.batch_norm2d(x, gamma, beta, self.running_mean, self.running_var, self.eps)
+        if x.shape[0] * x.shape[2] * x.shape[3] < 2:
             raise ValueError(f"BatchNorm2d needs more than one value per channel in training, got x shape {x.shape}")
-        # einsum sums over N, H and W in one pass, several times faster than ndarray.sum over axes (0, 2, 3).
-        mean = np.einsum("nchw->c", x) / self.dtype.type(m)
-        xc = x - mean[:, None, None]
-        var = np.einsum("nchw,nchw->c", xc, xc) / self.dtype.type(m)
-        inv_std = 1.0 / np.sqrt(var + eps)
+        y, mean, var = F.batch_norm2d_training(x, gamma, beta, self.eps)
+        m = x.shape[0] * x.shape[2] * x.shape[3]
         mom = self.dtype.type(self.momentum)
         self.running_mean *= 1 - mom
         self.running_mean += mom * mean
         self.running_var *= 1 - mom
         self.running_var += mom * var * self.dtype.type(m / (m - 1))
-        self._cache = (xc, inv_std)
-        y = xc * (gamma * inv_std)[:, None, None]
-        y += beta[:, None, None]
+        self._cache = (x, mean, var)
         return y
 
     def backward(self, grad):
-        xc, inv_std = self._needs_cache(self._cache)
-        gamma = self._params["weight"]
-        beta = self._params["bias"]
-        m = self.dtype.type(xc.shape[0] * xc.shape[2] * xc.shape[3])
-        sum_g = np.einsum("nchw->c", grad)
-        sum_g_xc = np.einsum("nchw,nchw->c", grad, xc)
-        beta.grad += sum_g
-        gamma.grad += sum_g_xc * inv_std
-        # d loss / d x of y = gamma * (x - mean) * inv_std, with mean and inv_std functions of the whole batch:
-        # gamma * inv_std * (g - mean(g) - xhat * mean(g * xhat)), xhat = (x - mean) * inv_std.
-        k = gamma.data * inv_std
-        out = xc * (-k * inv_std * inv_std * sum_g_xc / m)[:, None, None]
-        out -= (k * sum_g / m)[:, None, None]
-        out += grad * k[:, None, None]
-        return out
+        x, mean, var = self._needs_cache(self._cache)
+        grad_x, grad_gamma, grad_beta = F.batch_norm2d_backward(grad, x, self._params["weight"].data, mean, var,
+                                                                 self.eps)
+        self._params["weight"].grad += grad_gamma
+        self._params["bias"].grad += grad_beta
+        return grad_x
 
     def buffers(self):
         return {"running_mean": self.running_mean, "running_var": self.running_var}

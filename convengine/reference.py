@@ -10,11 +10,13 @@ Arrays are NCHW: N images, C channels, H rows, W columns.
 """
 import numpy as np
 
-from ._args import (check_array, check_bool, check_max_pool_backward, conv2d_args, conv2d_backward_args,
-                    input_shape_arg, linear_args, linear_backward_args, pool2d_geometry, pool_window)
+from ._args import (batch_norm2d_args, check_array, check_bool, check_max_pool_backward, conv2d_args,
+                    conv2d_backward_args, input_shape_arg, linear_args, linear_backward_args, pool2d_geometry,
+                    pool_window)
 
 __all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
-           "relu", "relu_backward", "linear", "linear_backward"]
+           "relu", "relu_backward", "linear", "linear_backward", "batch_norm2d", "batch_norm2d_training",
+           "batch_norm2d_backward"]
 
 
 def _window_slice(offset, dilation, stride, count):
@@ -260,3 +262,47 @@ def linear_backward(grad_out, x, weight):
     """Gradients of linear given grad_out (N, out): (grad_x, grad_weight, grad_bias)."""
     linear_backward_args(grad_out, x, weight)
     return grad_out @ weight, grad_out.T @ x, grad_out.sum(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch normalisation (Ioffe & Szegedy, 2015)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _per_channel(v):
+    """A (C,) vector shaped to broadcast over (N, C, H, W)."""
+    return v[None, :, None, None]
+
+
+def batch_norm2d(x, weight, bias, mean, var, eps=1e-5):
+    """Normalise each channel with the given statistics, then scale and shift:
+    y = (x - mean) / sqrt(var + eps) * weight + bias."""
+    eps = batch_norm2d_args(x, eps, dict(weight=weight, bias=bias, mean=mean, var=var))
+    inv_std = 1 / np.sqrt(var + x.dtype.type(eps))
+    return (x - _per_channel(mean)) * _per_channel(weight * inv_std) + _per_channel(bias)
+
+
+def batch_norm2d_training(x, weight, bias, eps=1e-5):
+    """batch_norm2d with the statistics of the batch itself, over the images and pixels of each channel. Returns
+    (y, mean, var); var is the biased variance (divided by N*H*W), the one used to normalise."""
+    eps = batch_norm2d_args(x, eps, dict(weight=weight, bias=bias), training=True)
+    mean = x.mean(axis=(0, 2, 3))
+    var = ((x - _per_channel(mean)) ** 2).mean(axis=(0, 2, 3))
+    return batch_norm2d(x, weight, bias, mean, var, eps), mean, var
+
+
+def batch_norm2d_backward(grad_out, x, weight, mean, var, eps=1e-5):
+    """Gradients of batch_norm2d_training given its mean and var: (grad_x, grad_weight, grad_bias).
+
+    With xhat = (x - mean) / sqrt(var + eps) and m = N*H*W values per channel, grad_bias = sum(g) and
+    grad_weight = sum(g * xhat); since the mean and the variance are functions of the whole batch,
+    grad_x = weight / sqrt(var + eps) * (g - sum(g) / m - xhat * sum(g * xhat) / m)."""
+    eps = batch_norm2d_args(x, eps, dict(weight=weight, mean=mean, var=var), training=True,
+                                       grad_out=grad_out)
+    m = x.dtype.type(x.shape[0] * x.shape[2] * x.shape[3])
+    inv_std = 1 / np.sqrt(var + x.dtype.type(eps))
+    xhat = (x - _per_channel(mean)) * _per_channel(inv_std)
+    grad_bias = grad_out.sum(axis=(0, 2, 3))
+    grad_weight = (grad_out * xhat).sum(axis=(0, 2, 3))
+    grad_x = _per_channel(weight * inv_std) * (grad_out - _per_channel(grad_bias / m)
+                                              - xhat * _per_channel(grad_weight / m))
+    return grad_x, grad_weight, grad_bias

@@ -217,6 +217,27 @@ def check_relu_gradients(mod, rng):
     assert_gradient(gx, lambda: float(np.sum(mod.relu(x) * v)), x, "relu x")
 
 
+BATCH_NORM_GRAD_SHAPES = [(3, 2, 2, 3), (2, 3, 1, 1), (1, 2, 4, 1)]
+
+
+def check_batch_norm2d_gradients(mod, shape, rng):
+    """The batch statistics depend on x: the gradient of the training-mode forward, through them, against central
+    differences of the whole forward (statistics recomputed at each nudge)."""
+    x = randn(rng, shape) * 2 + 0.5
+    w = randn(rng, shape[1])
+    b = randn(rng, shape[1])
+    v = randn(rng, shape)
+    _, mean, var = mod.batch_norm2d_training(x, w, b)
+    gx, gw, gb = mod.batch_norm2d_backward(v, x, w, mean, var)
+
+    def loss():
+        return float(np.sum(mod.batch_norm2d_training(x, w, b)[0] * v))
+
+    assert_gradient(gx, loss, x, "batch_norm2d x")
+    assert_gradient(gw, loss, w, "batch_norm2d weight")
+    assert_gradient(gb, loss, b, "batch_norm2d bias")
+
+
 def check_linear_gradients(mod, rng, bias):
     x = randn(rng, (3, 5))
     w = randn(rng, (4, 5))

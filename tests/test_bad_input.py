@@ -153,6 +153,26 @@ CASES = [
      r"grad_out.*" + shape_text(2, 4) + r".*" + shape_text(2, 3)),
     ("linearb-grad-dtype", lambda m: m.linear_backward(arr(2, 3, dtype=f32), arr(2, 5), arr(3, 5)), TypeError,
      r"grad_out.*float32"),
+    # batch norm
+    ("bn-x-rank", lambda m: m.batch_norm2d_training(arr(4, 6, 6), arr(4), arr(4)), ValueError, r"x.*4-D"),
+    ("bn-weight-shape", lambda m: m.batch_norm2d_training(X, arr(3), arr(4)), ValueError,
+     r"(?=.*weight)(?=.*" + shape_text(3) + r")(?=.*" + shape_text(2, 4, 6, 6) + ")"),
+    ("bn-bias-dtype", lambda m: m.batch_norm2d_training(X, arr(4), arr(4, dtype=f32)), TypeError, r"bias.*float32"),
+    ("bn-weight-rank", lambda m: m.batch_norm2d(X, arr(4, 1), arr(4), arr(4), arr(4)), ValueError, r"weight.*1-D"),
+    ("bn-mean-shape", lambda m: m.batch_norm2d(X, arr(4), arr(4), arr(5), arr(4)), ValueError,
+     r"mean.*" + shape_text(5)),
+    ("bn-var-missing", lambda m: m.batch_norm2d(X, arr(4), arr(4), arr(4), None), TypeError, r"var.*ndarray"),
+    ("bn-eps-zero", lambda m: m.batch_norm2d_training(X, arr(4), arr(4), eps=0.0), ValueError, r"eps"),
+    ("bn-eps-nan", lambda m: m.batch_norm2d_training(X, arr(4), arr(4), eps=float("nan")), ValueError, r"eps"),
+    ("bn-eps-str", lambda m: m.batch_norm2d_training(X, arr(4), arr(4), eps="1e-5"), TypeError, r"eps"),
+    ("bn-one-value", lambda m: m.batch_norm2d_training(arr(1, 4, 1, 1), arr(4), arr(4)), ValueError,
+     r"more than one value per channel.*" + shape_text(1, 4, 1, 1)),
+    ("bnb-grad-shape", lambda m: m.batch_norm2d_backward(arr(2, 4, 6, 5), X, arr(4), arr(4), arr(4)), ValueError,
+     r"grad_out.*" + shape_text(2, 4, 6, 5) + r".*" + shape_text(2, 4, 6, 6)),
+    ("bnb-grad-dtype", lambda m: m.batch_norm2d_backward(arr(2, 4, 6, 6, dtype=f32), X, arr(4), arr(4), arr(4)),
+     TypeError, r"grad_out.*float32"),
+    ("bnb-var-shape", lambda m: m.batch_norm2d_backward(X, X, arr(4), arr(4), arr(2)), ValueError,
+     r"var.*" + shape_text(2)),
 ]
 
 
@@ -192,3 +212,7 @@ def test_valid_calls_of_the_cases_succeed(impl):
     impl.avg_pool2d_backward(P, X.shape, 2)
     impl.linear_backward(arr(2, 3), arr(2, 5), arr(3, 5))
     impl.relu_backward(arr(2, 3), arr(2, 3))
+    y, mean, var = impl.batch_norm2d_training(X, arr(4), arr(4))
+    assert y.shape == X.shape and mean.shape == var.shape == (4,)
+    assert impl.batch_norm2d(X, arr(4), arr(4), mean, var).shape == X.shape
+    assert impl.batch_norm2d_backward(X, X, arr(4), mean, var)[0].shape == X.shape

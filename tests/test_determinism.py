@@ -93,6 +93,17 @@ def test_conv2d_every_path_thread_count_invariant(rng, path, x_shape, w_shape, p
         _engine.force_conv_path("auto")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(32, 13, 16, 16), (7, 64, 12, 13)], ids=str)  # over the serial threshold
+def test_batch_norm2d_thread_count_invariant(rng, shape, dtype):
+    x, go = randn(rng, shape, dtype), randn(rng, shape, dtype)
+    w, b = randn(rng, shape[1], dtype), randn(rng, shape[1], dtype)
+    _, mean, var = F.batch_norm2d_training(x, w, b)
+    assert_same_for_all_thread_counts(lambda: F.batch_norm2d_training(x, w, b), "batch_norm2d_training")
+    assert_same_for_all_thread_counts(lambda: F.batch_norm2d(x, w, b, mean, var), "batch_norm2d")
+    assert_same_for_all_thread_counts(lambda: F.batch_norm2d_backward(go, x, w, mean, var), "batch_norm2d_backward")
+
+
 POOL_CASES = [
     ((8, 16, 20, 20), dict(kernel_size=2)),
     ((6, 13, 21, 19), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),

@@ -16,8 +16,8 @@ from convengine import functional as F
 from convengine import reference as R
 from convengine._kernels import engine as _engine
 
-from conftest import (CONV_GRAD_CASES, DTYPE_IDS, DTYPES, LAYOUTS, POOL_GRAD_CASES, as_layout, assert_close, case_id,
-                      check_avg_pool2d_gradients, check_conv2d_gradients, check_linear_gradients,
+from conftest import (BATCH_NORM_GRAD_SHAPES, CONV_GRAD_CASES, DTYPE_IDS, DTYPES, LAYOUTS, POOL_GRAD_CASES, as_layout, assert_close, case_id,
+                      check_avg_pool2d_gradients, check_batch_norm2d_gradients, check_conv2d_gradients, check_linear_gradients,
                       check_max_pool2d_gradients, check_relu_gradients, randn)
 
 
@@ -421,6 +421,59 @@ def test_linear(rng, n, fin, fout, bias, dtype, layout):
     got = F.linear_backward(as_layout(go, layout), as_layout(x, layout), as_layout(w, layout))
     for name, a, e in zip(["grad_x", "grad_weight", "grad_bias"], got, R.linear_backward(go, x, w)):
         assert_close(a, e, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batch norm
+# ---------------------------------------------------------------------------------------------------------------
+
+BATCH_NORM_SHAPES = [(32, 32, 8, 8), (64, 64, 4, 4), (3, 5, 7, 1), (2, 4, 1, 1), (1, 3, 5, 17), (5, 1, 3, 3),
+                     (2, 16, 33, 2)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", BATCH_NORM_SHAPES, ids=str)
+def test_batch_norm2d(rng, shape, dtype, layout):
+    # an offset and spread per channel, so that a wrong mean or variance shows
+    x = randn(rng, shape, dtype) * randn(rng, (1, shape[1], 1, 1), dtype) * 3 + randn(rng, (1, shape[1], 1, 1), dtype)
+    w, b, go = randn(rng, shape[1], dtype), randn(rng, shape[1], dtype), randn(rng, shape, dtype)
+    got = F.batch_norm2d_training(as_layout(x, layout), as_layout(w, layout), as_layout(b, layout))
+    want = R.batch_norm2d_training(x, w, b)
+    for name, g, r in zip(["y", "mean", "var"], got, want):
+        assert_close(g, r, f"batch_norm2d_training {name}, x{shape}")
+    mean, var = want[1], want[2]
+    assert_close(F.batch_norm2d(as_layout(x, layout), w, b, as_layout(mean, layout), var),
+                 R.batch_norm2d(x, w, b, mean, var), f"batch_norm2d y, x{shape}")
+    got = F.batch_norm2d_backward(as_layout(go, layout), as_layout(x, layout), w, mean, as_layout(var, layout))
+    want = R.batch_norm2d_backward(go, x, w, mean, var)
+    for name, g, r in zip(["grad_x", "grad_weight", "grad_bias"], got, want):
+        assert_close(g, r, f"batch_norm2d_backward {name}, x{shape}")
+
+
+def test_batch_norm2d_does_not_modify_inputs(rng):
+    x, go = randn(rng, (4, 3, 5, 5)), randn(rng, (4, 3, 5, 5))
+    w, b, mean, var = randn(rng, 3), randn(rng, 3), randn(rng, 3), np.abs(randn(rng, 3))
+    arrays = [x, go, w, b, mean, var]
+    for a in arrays:
+        a.setflags(write=False)
+    copies = [a.copy() for a in arrays]
+    F.batch_norm2d_training(x, w, b)
+    F.batch_norm2d(x, w, b, mean, var)
+    F.batch_norm2d_backward(go, x, w, mean, var)
+    for a, c in zip(arrays, copies):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_batch_norm2d_empty_batch_with_given_statistics():
+    x = np.zeros((0, 3, 4, 4), np.float32)
+    v = np.ones(3, np.float32)
+    assert F.batch_norm2d(x, v, v, v, v).shape == x.shape
+
+
+@pytest.mark.parametrize("shape", BATCH_NORM_GRAD_SHAPES, ids=str)
+def test_batch_norm2d_backward_finite_differences(rng, shape):
+    check_batch_norm2d_gradients(F, shape, rng)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import pytest
 
 from convengine import reference as R
 
-from conftest import (CONV_GRAD_CASES, DTYPE_IDS, DTYPES, POOL_GRAD_CASES, as_layout, assert_close, case_id,
-                      check_avg_pool2d_gradients, check_conv2d_gradients, check_linear_gradients,
+from conftest import (BATCH_NORM_GRAD_SHAPES, CONV_GRAD_CASES, DTYPE_IDS, DTYPES, POOL_GRAD_CASES, as_layout, assert_close, case_id,
+                      check_avg_pool2d_gradients, check_batch_norm2d_gradients, check_conv2d_gradients, check_linear_gradients,
                       check_max_pool2d_gradients, check_relu_gradients, conv_params_ok, randn)
 
 
@@ -436,3 +436,33 @@ def test_relu_backward_finite_differences(rng):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_linear_backward_finite_differences(rng, bias):
     check_linear_gradients(R, rng, bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batch norm
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 5, 1, 1), (1, 2, 7, 3)], ids=str)
+def test_batch_norm2d_vs_torch(torch, rng, shape, dtype):
+    x = randn(rng, shape, dtype) * 2 + 0.5
+    w, b, go = randn(rng, shape[1], dtype), randn(rng, shape[1], dtype), randn(rng, shape, dtype)
+    y, mean, var = R.batch_norm2d_training(x, w, b, eps=1e-3)
+    xt, wt, bt = tensor(torch, x, True), tensor(torch, w, True), tensor(torch, b, True)
+    yt = torch.nn.functional.batch_norm(xt, None, None, wt, bt, training=True, eps=1e-3)
+    yt.backward(tensor(torch, go))
+    assert_close(y, numpy(yt), "batch_norm2d_training y")
+    assert_close(mean, numpy(xt.mean(dim=(0, 2, 3))), "batch_norm2d_training mean")
+    assert_close(var, numpy(xt.var(dim=(0, 2, 3), unbiased=False)), "batch_norm2d_training var")
+    got = R.batch_norm2d_backward(go, x, w, mean, var, eps=1e-3)
+    for name, g, t in zip(["grad_x", "grad_weight", "grad_bias"], got, [xt, wt, bt]):
+        assert_close(g, numpy(t.grad), f"batch_norm2d_backward {name}")
+    rm, rv = randn(rng, shape[1], dtype), np.abs(randn(rng, shape[1], dtype)) + 0.1
+    want = torch.nn.functional.batch_norm(tensor(torch, x), tensor(torch, rm), tensor(torch, rv), tensor(torch, w),
+                                          tensor(torch, b), training=False, eps=1e-3)
+    assert_close(R.batch_norm2d(x, w, b, rm, rv, eps=1e-3), numpy(want), "batch_norm2d y")
+
+
+@pytest.mark.parametrize("shape", BATCH_NORM_GRAD_SHAPES, ids=str)
+def test_batch_norm2d_backward_finite_differences(rng, shape):
+    check_batch_norm2d_gradients(R, shape, rng)

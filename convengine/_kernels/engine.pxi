@@ -1,7 +1,8 @@
-# The compute kernels of one ISA level: GEMM, convolution, pooling and elementwise ops. Included by each
+# The compute kernels of one ISA level: GEMM, convolution, pooling, elementwise ops and batch norm. Included by each
 # _engine_<isa>.pyx so that the same source is compiled once per ISA (see setup.py).
 include "gemm.pxi"
 include "conv.pxi"
 include "depthwise.pxi"
 include "pool.pxi"
 include "eltwise.pxi"
+include "batchnorm.pxi"

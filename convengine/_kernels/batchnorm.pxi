@@ -1,0 +1,180 @@
+# Batch normalisation over NCHW (statistics per channel, over the images and pixels), forward with batch or given
+# statistics and backward for batch statistics.
+#
+# Small CNNs have small planes (a 4x4 plane is one vector), so the loops run along a whole image instead: the C*P
+# values of image b (P = H*W) form a vector x[b, :], and per-channel quantities are expanded to such vectors.
+#   sums     acc[j] = sum over b, in order, of f(x[b, j]); then per channel, sum over its P positions in order
+#   mapping  y[b, j] = (x[b, j] - mean[j]) * k[j] + s[j]
+# Sums split over slices of j, mappings over (image, slice): the order of every sum is fixed, whatever the thread
+# count. Statistics are two-pass (the mean, then the mean of squared deviations), as in the reference.
+
+from libc.math cimport sqrt
+
+cdef Py_ssize_t BN_SLICE = 4096
+
+
+cdef inline floating inv_std_of(floating var, floating eps) noexcept nogil:
+    return 1 / <floating>sqrt(var + eps)
+
+
+cdef void sum_over_images(const floating* x, const floating* g, const floating* center, Py_ssize_t B,
+                          Py_ssize_t L, Py_ssize_t j0, Py_ssize_t j1, int what, floating* acc) noexcept nogil:
+    """acc[j] = sum over b of x[b, j] (what 0), (x[b, j] - center[j])^2 (what 1) or g[b, j] * (x[b, j] - center[j])
+    (what 2), for j0 <= j < j1; images are L apart."""
+    cdef Py_ssize_t b, j
+    cdef const floating* xb
+    cdef const floating* gb
+    cdef floating d
+    for j in range(j0, j1):
+        acc[j] = 0
+    for b in range(B):
+        xb = x + b * L
+        if what == 0:
+            for j in range(j0, j1):
+                acc[j] += xb[j]
+        elif what == 1:
+            for j in range(j0, j1):
+                d = xb[j] - center[j]
+                acc[j] += d * d
+        else:
+            gb = g + b * L
+            for j in range(j0, j1):
+                acc[j] += gb[j] * (xb[j] - center[j])
+
+
+cdef void sum_images(const floating* x, const floating* g, const floating* center, Py_ssize_t B, Py_ssize_t C,
+                     Py_ssize_t P, int what, floating* acc, floating* per_channel, int n_threads) noexcept nogil:
+    """per_channel[c] = sum of sum_over_images' acc over channel c's P positions, in order."""
+    cdef Py_ssize_t L = C * P
+    cdef Py_ssize_t nsl = (L + BN_SLICE - 1) // BN_SLICE
+    cdef Py_ssize_t t, c, i
+    cdef floating s
+    for t in prange(nsl, schedule='static', num_threads=n_threads):
+        sum_over_images(x, g, center, B, L, t * BN_SLICE, min(L, (t + 1) * BN_SLICE), what, acc)
+    for c in range(C):
+        s = 0
+        for i in range(P):
+            s = s + acc[c * P + i]
+        per_channel[c] = s
+
+
+cdef void expand(const floating* per_channel, Py_ssize_t C, Py_ssize_t P, floating* vec) noexcept nogil:
+    """vec[c*P + i] = per_channel[c]."""
+    cdef Py_ssize_t c, i
+    for c in range(C):
+        for i in range(P):
+            vec[c * P + i] = per_channel[c]
+
+
+cdef void map_slice(const floating* x, const floating* g, floating* out, const floating* center,
+                    const floating* k, const floating* s, const floating* kg, Py_ssize_t n) noexcept nogil:
+    """out = (x - center) * k + s, plus g * kg when g is not NULL, over n values."""
+    cdef Py_ssize_t j
+    if g == NULL:
+        for j in range(n):
+            out[j] = (x[j] - center[j]) * k[j] + s[j]
+    else:
+        for j in range(n):
+            out[j] = (x[j] - center[j]) * k[j] + s[j] + g[j] * kg[j]
+
+
+cdef void map_images(const floating* x, const floating* g, floating* out, const floating* vecs, Py_ssize_t B,
+                     Py_ssize_t L, int n_threads) noexcept nogil:
+    """map_slice over every image, with the per-position vectors center, k, s, kg at vecs + 0, L, 2L, 3L."""
+    cdef Py_ssize_t nsl = (L + BN_SLICE - 1) // BN_SLICE
+    cdef Py_ssize_t t, b, j0
+    for t in prange(B * nsl, schedule='static', num_threads=n_threads):
+        b = t // nsl
+        j0 = (t - b * nsl) * BN_SLICE
+        map_slice(x + b * L + j0, g + b * L + j0 if g != NULL else NULL, out + b * L + j0, vecs + j0, vecs + L + j0,
+                  vecs + 2 * L + j0, vecs + 3 * L + j0, min(L, j0 + BN_SLICE) - j0)
+
+
+def batch_norm2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
+                         const floating[::1] weight,       # IN  (C,)
+                         const floating[::1] bias,         # IN  (C,)
+                         floating[::1] mean,               # IN (training: OUT) (C,)
+                         floating[::1] var,                # IN (training: OUT) (C,), biased
+                         bint training, floating eps,
+                         floating[:, :, :, ::1] out,       # OUT (B, C, H, W)
+                         int n_threads):
+    """out = (x - mean) * (weight / sqrt(var + eps)) + bias per channel; with training, mean and var are first
+    computed from x (var biased) and written."""
+    cdef Py_ssize_t B = x.shape[0], C = x.shape[1], P = x.shape[2] * x.shape[3]
+    cdef Py_ssize_t L = C * P
+    cdef Py_ssize_t c
+    cdef floating m = B * P
+    cdef floating* vecs
+    cdef floating* coef
+    if C == 0 or B * P == 0:
+        return
+    vecs = <floating*>malloc(4 * L * sizeof(floating))
+    coef = <floating*>malloc(2 * C * sizeof(floating))
+    if vecs == NULL or coef == NULL:
+        free(vecs)
+        free(coef)
+        raise MemoryError("batch_norm2d: could not allocate scratch")
+    with nogil:
+        if training:
+            sum_images(&x[0, 0, 0, 0], NULL, NULL, B, C, P, 0, vecs + L, coef, n_threads)
+            for c in range(C):
+                mean[c] = coef[c] / m
+            expand(&mean[0], C, P, vecs)
+            sum_images(&x[0, 0, 0, 0], NULL, vecs, B, C, P, 1, vecs + L, coef, n_threads)
+            for c in range(C):
+                var[c] = coef[c] / m
+        for c in range(C):
+            coef[c] = weight[c] * inv_std_of(var[c], eps)
+        expand(&mean[0], C, P, vecs)
+        expand(coef, C, P, vecs + L)
+        expand(&bias[0], C, P, vecs + 2 * L)
+        map_images(&x[0, 0, 0, 0], NULL, &out[0, 0, 0, 0], vecs, B, L, n_threads)
+    free(vecs)
+    free(coef)
+
+
+def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H, W)
+                          const floating[:, :, :, ::1] x,         # IN  (B, C, H, W)
+                          const floating[::1] weight,             # IN  (C,)
+                          const floating[::1] mean,               # IN  (C,) batch mean
+                          const floating[::1] var,                # IN  (C,) batch variance, biased
+                          floating eps,
+                          floating[:, :, :, ::1] grad_x,          # OUT (B, C, H, W)
+                          floating[::1] grad_weight,              # OUT (C,)
+                          floating[::1] grad_bias,                # OUT (C,)
+                          int n_threads):
+    """Gradients of the training-mode forward, whose mean and variance depend on x:
+    grad_x = k * (g - mean(g) - xhat * mean(g * xhat)), k = weight * inv_std, xhat = (x - mean) * inv_std,
+    computed as (x - mean) * a + s + g * k with a = -k * inv_std^2 * sum(g * (x - mean)) / m, s = -k * sum(g) / m."""
+    cdef Py_ssize_t B = x.shape[0], C = x.shape[1], P = x.shape[2] * x.shape[3]
+    cdef Py_ssize_t L = C * P
+    cdef Py_ssize_t c
+    cdef floating m = B * P
+    cdef floating inv, k
+    cdef floating* vecs
+    cdef floating* coef
+    if C == 0:
+        return
+    vecs = <floating*>malloc(4 * L * sizeof(floating))
+    coef = <floating*>malloc(4 * C * sizeof(floating))
+    if vecs == NULL or coef == NULL:
+        free(vecs)
+        free(coef)
+        raise MemoryError("batch_norm2d_backward: could not allocate scratch")
+    with nogil:
+        expand(&mean[0], C, P, vecs)
+        sum_images(&grad_out[0, 0, 0, 0], NULL, NULL, B, C, P, 0, vecs + L, &grad_bias[0], n_threads)
+        sum_images(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], vecs, B, C, P, 2, vecs + L, coef, n_threads)
+        for c in range(C):
+            inv = inv_std_of(var[c], eps)
+            k = weight[c] * inv
+            grad_weight[c] = coef[c] * inv
+            coef[C + c] = -k * inv * inv * coef[c] / m
+            coef[2 * C + c] = -k * grad_bias[c] / m
+            coef[3 * C + c] = k
+        expand(coef + C, C, P, vecs + L)
+        expand(coef + 2 * C, C, P, vecs + 2 * L)
+        expand(coef + 3 * C, C, P, vecs + 3 * L)
+        map_images(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], &grad_x[0, 0, 0, 0], vecs, B, L, n_threads)
+    free(vecs)
+    free(coef)
