@@ -142,6 +142,41 @@ class ConvGeometry(NamedTuple):
         return (self.out_channels, self.in_channels // self.groups, self.kernel_h, self.kernel_w)
 
 
+_PLAIN = (int, str, bool, type(None))
+
+
+def _plain_key(value):
+    """value with the type of every leaf, when it is built only of ints, strs, bools, None and tuples of them
+    (so True and 1 are different keys); None otherwise (a list, a NumPy scalar: not cached)."""
+    if type(value) is tuple:
+        parts = tuple(_plain_key(v) for v in value)
+        return None if None in parts else (tuple, parts)
+    return (type(value), value) if type(value) in _PLAIN else None
+
+
+def _memoized(function):
+    """function, remembering the results of its successful calls on plain arguments: a training step validates
+    the same few geometries every batch. Calls that raise are never remembered, so bad input always raises."""
+    cache = {}
+
+    def wrapper(*args, **kwargs):
+        key = _plain_key(args + tuple(sorted(kwargs.items())))
+        if key is None:
+            return function(*args, **kwargs)
+        result = cache.get(key)
+        if result is None:
+            result = function(*args, **kwargs)
+            if len(cache) >= 1024:
+                cache.clear()
+            cache[key] = result
+        return result
+    wrapper.__doc__ = function.__doc__
+    wrapper.__name__ = function.__name__
+    wrapper.cache = cache
+    return wrapper
+
+
+@_memoized
 def conv2d_geometry(x_shape, w_shape, stride, padding, dilation, groups):
     """Validate conv2d hyper-parameters against the input and weight shapes; return a ConvGeometry."""
     B, C, H, W = x_shape
@@ -220,6 +255,7 @@ class PoolGeometry(NamedTuple):
         return (self.batch, self.channels, self.out_h, self.out_w)
 
 
+@_memoized
 def pool2d_geometry(x_shape, kernel_size, stride, padding, ceil_mode, name="pool2d"):
     """Validate pooling hyper-parameters for an input of shape x_shape; return a PoolGeometry."""
     if len(x_shape) != 4:

@@ -29,6 +29,9 @@ def _threads_for(work, serial_below):
 def _contiguous(a):
     """a as a C-contiguous, aligned array: a copy only when it is not one already. (An array viewed from a byte
     buffer can be C-contiguous yet misaligned, and its strides then not multiples of the item size.)"""
+    flags = a.flags
+    if flags.c_contiguous and flags.aligned:
+        return a
     return np.require(a, requirements=["C", "A"])
 
 

@@ -216,3 +216,18 @@ def test_valid_calls_of_the_cases_succeed(impl):
     assert y.shape == X.shape and mean.shape == var.shape == (4,)
     assert impl.batch_norm2d(X, arr(4), arr(4), mean, var).shape == X.shape
     assert impl.batch_norm2d_backward(X, X, arr(4), mean, var)[0].shape == X.shape
+
+
+def test_bad_input_raises_after_the_same_call_succeeded(impl):
+    """Geometries are remembered between calls: a bad argument equal to a good one (True == 1) must still be
+    refused after the good call, and a good call after a refused one must still succeed."""
+    impl.conv2d(X, W, stride=1)
+    with pytest.raises(TypeError, match="stride"):
+        impl.conv2d(X, W, stride=True)
+    impl.max_pool2d(X, 2, ceil_mode=False)
+    with pytest.raises(TypeError, match="ceil_mode"):
+        impl.max_pool2d(X, 2, ceil_mode=0)
+    with pytest.raises(ValueError, match="padding"):
+        impl.max_pool2d(X, 2, padding=2)
+    assert impl.max_pool2d(X, 2, padding=1).shape == (2, 4, 4, 4)
+    assert impl.conv2d(X, W, stride=np.int64(2)).shape == (2, 6, 2, 2)
