@@ -989,7 +989,7 @@ cdef bint use_pixels_grad_weight(const ConvGeom* p, floating dummy) noexcept nog
     cdef Py_ssize_t Cgpad = round_up(Cg, channel_panel(p, dummy))
     if 4 * Cg < 3 * Cgpad or 4 * Kg < 3 * round_up(Kg, CE_MR):
         return False
-    return window_rows(p, pixel_rows(p)) * Cgpad <= MAX_DIRECT_SCRATCH // window_width(p)
+    return window_rows(p, pixel_rows(p)) * pixel_stride(Cgpad, dummy) <= MAX_DIRECT_SCRATCH // window_width(p)
 
 
 cdef inline Py_ssize_t pixel_chunks(const ConvGeom* p) noexcept nogil:
@@ -1005,10 +1005,19 @@ cdef inline Py_ssize_t pixel_chunks(const ConvGeom* p) noexcept nogil:
 cdef Py_ssize_t KMAX_BYTES = 32768
 
 
+cdef inline Py_ssize_t pixel_stride(Py_ssize_t Cgpad, floating dummy) noexcept nogil:
+    """Distance between pixels in grad_weight's channels-last rows: Cgpad, plus a vector when that is a multiple
+    of 256 bytes (with 128 channels, 512 bytes, a B panel's rows fell into 8 of the 64 L1 sets and evicted
+    each other)."""
+    if (Cgpad * sizeof(floating)) % 256 == 0:
+        return Cgpad + vlen(<floating>0)
+    return Cgpad
+
+
 cdef void fill_window_rows_hwc(const floating* x, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t ih0,
                                Py_ssize_t nrows, Py_ssize_t Cgpad, floating* xblk) noexcept nogil:
     """fill_window_rows with channels last: xblk[(ri*Wpad + t)*Cgpad + c] = x[b, g*Cg + c, ih0 + ri, t - pl],
-    zero outside the image and for channels c >= Cg."""
+    zero outside the image and for channels c >= Cg (Cgpad: the pixel stride)."""
     cdef Py_ssize_t Cg = p.C // p.G
     cdef Py_ssize_t Wpad = window_width(p)
     cdef Py_ssize_t lo = min(p.pl, Wpad)
@@ -1042,12 +1051,13 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
     cdef Py_ssize_t NR = channel_panel(p, <floating>0)
     cdef int nv = NR // vlen(<floating>0)
     cdef Py_ssize_t Cgpad = round_up(Cg, NR)
+    cdef Py_ssize_t ldp = pixel_stride(Cgpad, <floating>0)
     cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
     cdef Py_ssize_t P = p.OH * p.OW
     cdef Py_ssize_t Wpad = window_width(p)
     cdef Py_ssize_t R = pixel_rows(p)
     cdef Py_ssize_t nrb = (p.OH + R - 1) // R
-    cdef Py_ssize_t unit_len = window_rows(p, R) * Wpad * Cgpad
+    cdef Py_ssize_t unit_len = window_rows(p, R) * Wpad * ldp
     cdef Py_ssize_t upt = max(1, PIXELS_PER_TASK // (R * p.OW))
     cdef Py_ssize_t maxpix = upt * R * p.OW
     cdef Py_ssize_t units = p.B * nrb
@@ -1068,7 +1078,7 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
     if tapoff == NULL:
         return -1
     for t in range(T):
-        tapoff[t] = ((t // p.KW) * p.dh * Wpad + (t % p.KW) * p.dw) * Cgpad
+        tapoff[t] = ((t // p.KW) * p.dh * Wpad + (t % p.KW) * p.dw) * ldp
     with parallel(num_threads=n_threads):
         xblk = <floating*>malloc(upt * unit_len * sizeof(floating))
         # rows Kg..Mpad of A stay zero from calloc
@@ -1094,13 +1104,13 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
                     oh0 = (u - b * nrb) * R
                     nrows = min(R, p.OH - oh0)
                     blk = xblk + (u - u0) * unit_len
-                    fill_window_rows_hwc(x, p, b, g, oh0 * p.sh - p.pt, window_rows(p, nrows), Cgpad, blk)
+                    fill_window_rows_hwc(x, p, b, g, oh0 * p.sh - p.pt, window_rows(p, nrows), ldp, blk)
                     for k in range(Kg):
                         memcpy(ablk + k * maxpix + npix, dy + (b * p.K + g * Kg + k) * P + oh0 * p.OW,
                                nrows * p.OW * sizeof(floating))
                     for ro in range(nrows):
                         for ow in range(p.OW):
-                            pix[npix] = blk + (ro * p.sh * Wpad + ow * p.sw) * Cgpad
+                            pix[npix] = blk + (ro * p.sh * Wpad + ow * p.sw) * ldp
                             npix = npix + 1
                 for t in range(T):
                     for i in range(npix):
@@ -1312,7 +1322,8 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
         maxpix = upt * R * p.OW
         nchunks = pixel_chunks(p)
         out["grad_weight"] = (p.G * nchunks * Kd * Kg + T * (
-            upt * window_rows(p, R) * window_width(p) * Npad + Mpad * maxpix + taps * Mpad * Npad)) * isz + (
+            upt * window_rows(p, R) * window_width(p) * pixel_stride(Npad, dummy) + Mpad * maxpix
+            + taps * Mpad * Npad)) * isz + (
             taps * sizeof(Py_ssize_t) + T * (2 * maxpix + Mpad) * ptr)
     elif path == PATH_DIRECT:
         nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
