@@ -8,6 +8,12 @@
 #   grad_weight dW[g]^T (Kd x Kg) = sum over fixed chunks of Q of col . dY^T, chunks summed in order
 # Each split gives every output element to one task that reduces in a fixed order: results are bitwise the same
 # for any thread count.
+#
+# Three ways to run these GEMMs, chosen per shape and direction (forward_path, grad_weight_path):
+#   direct   stride 1: B rows read straight from zero-padded input rows at each tap's offset (no im2col)
+#   pixels   output pixels as the GEMM's rows, output channels (grad_weight: input channels) as its columns,
+#            tap by tap from zero-padded input rows: nothing wasted, for small and strided images
+#   im2col   the implicit im2col above, packed per block: any shape, e.g. 1 or 3 input channels
 
 cdef struct ConvGeom:
     Py_ssize_t B, C, H, W, K, KH, KW, sh, sw, pt, pl, dh, dw, G, OH, OW
