@@ -216,6 +216,22 @@ def test_every_path_is_exercised():
         assert taken.get(("grad_input", name), 0) >= 3, (name, taken)
 
 
+@pytest.mark.parametrize("groups", ["1", "depthwise"])
+def test_conv2d_backward_non_finite_inputs(rng, conv_path, groups):
+    """inf and NaN in a few input planes: the gradients hold inf and NaN exactly where the reference's do, and
+    the planes without them are untouched. (The fast stride-1 grad_weight kernels multiply zero-padded columns
+    by the input, 0 * inf = NaN, and must send such planes to their exact loops.)"""
+    C = 16
+    G = C if groups == "depthwise" else 1
+    x = randn(rng, (3, C, 9, 10), np.float64)
+    x[1, 2, 4, 5] = np.inf
+    x[2, 5, 0, 0] = -np.inf
+    x[0, 7, 3, 3] = np.nan
+    w = randn(rng, (C if G == C else 32, C // G, 3, 3), np.float64)
+    go = randn(rng, (3, w.shape[0], 9, 10), np.float64)
+    check_conv2d(x, w, None, go, padding=1, groups=G)
+
+
 def test_force_conv_path_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown conv path"):
         _engine.force_conv_path("fastest")

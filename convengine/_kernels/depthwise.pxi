@@ -171,19 +171,57 @@ cdef floating lane_dot(const floating* a, const floating* b, Py_ssize_t n) noexc
     return acc
 
 
-cdef void depthwise_channel_grad_weight_s1(const floating* dy, const floating* x, Py_ssize_t c, floating* xpad,
-                                           floating* dyw, floating* dw, const ConvGeom* p) noexcept nogil:
-    """Stride-1 depthwise grad_weight of channel c: dY laid out at padded width with zero columns, each tap one
-    long dot product with the padded plane. The zero columns meet finite inputs only (the caller checks)."""
+cdef void plane_grad_weight(const floating* g, const floating* xpad, floating* dw, const ConvGeom* p) noexcept nogil:
+    """dw[kh, kw] += sum over the output pixels of one plane of dY * the tap's input (xpad: the padded plane), per
+    tap in 16 interleaved lanes along output rows, then the lanes in order."""
+    cdef Py_ssize_t Wp = dw_padded_w(p)
+    cdef Py_ssize_t kh, kw, oh, ow, j, n16
+    cdef floating lanes[16]
+    cdef floating acc
+    cdef const floating* src
+    n16 = p.OW // 16 * 16
+    for kh in range(p.KH):
+        for kw in range(p.KW):
+            for j in range(16):
+                lanes[j] = 0
+            for oh in range(p.OH):
+                src = xpad + (oh * p.sh + kh * p.dh) * Wp + kw * p.dw
+                if p.sw == 1:
+                    for ow in range(0, n16, 16):
+                        for j in range(16):
+                            lanes[j] += g[oh * p.OW + ow + j] * src[ow + j]
+                else:
+                    for ow in range(0, n16, 16):
+                        for j in range(16):
+                            lanes[j] += g[oh * p.OW + ow + j] * src[(ow + j) * p.sw]
+                for ow in range(n16, p.OW):
+                    lanes[ow - n16] += g[oh * p.OW + ow] * src[ow * p.sw]
+            acc = 0
+            for j in range(16):
+                acc += lanes[j]
+            dw[kh * p.KW + kw] += acc
+
+
+cdef void depthwise_channel_grad_weight(const floating* dy, const floating* x, Py_ssize_t c, floating* xpad,
+                                        floating* dyw, floating* dw, const ConvGeom* p) noexcept nogil:
+    """dw[kh, kw] = sum over images and output pixels of dY * the tap's input, for channel c, image by image.
+    Stride 1 with a finite plane (the usual case): dY laid out at padded width with zero columns, each tap one
+    long dot product with the padded plane. Otherwise, and for a plane holding inf or NaN (whose products with
+    those zero columns would not be zero), plane_grad_weight."""
     cdef Py_ssize_t Wp = dw_padded_w(p)
     cdef Py_ssize_t n = p.OH * Wp
     cdef Py_ssize_t b, kh, kw, oh
     cdef const floating* g
+    cdef const floating* xb
     for kh in range(p.KH * p.KW):
         dw[kh] = 0
     for b in range(p.B):
-        pad_plane(x + (b * p.C + c) * p.H * p.W, p, xpad)
+        xb = x + (b * p.C + c) * p.H * p.W
+        pad_plane(xb, p, xpad)
         g = dy + (b * p.C + c) * p.OH * p.OW
+        if p.sh != 1 or p.sw != 1 or not all_finite(xb, p.H * p.W):
+            plane_grad_weight(g, xpad, dw, p)
+            continue
         for oh in range(p.OH):
             memcpy(dyw + oh * Wp, g + oh * p.OW, p.OW * sizeof(floating))
             memset(dyw + oh * Wp + p.OW, 0, (Wp - p.OW) * sizeof(floating))
@@ -192,52 +230,12 @@ cdef void depthwise_channel_grad_weight_s1(const floating* dy, const floating* x
                 dw[kh * p.KW + kw] += lane_dot(dyw, xpad + kh * p.dh * Wp + kw * p.dw, n)
 
 
-cdef void depthwise_channel_grad_weight(const floating* dy, const floating* x, Py_ssize_t c, floating* xpad,
-                                        floating* dw, const ConvGeom* p) noexcept nogil:
-    """dw[kh, kw] = sum over images and output pixels of dY * the tap's input, for channel c."""
-    cdef Py_ssize_t Wp = dw_padded_w(p)
-    cdef Py_ssize_t KHW = p.KH * p.KW
-    cdef Py_ssize_t b, t, kh, kw, oh, ow, j, n16
-    cdef floating lanes[16]
-    cdef floating acc
-    cdef const floating* g
-    cdef const floating* src
-    # per tap and image: 16 interleaved lanes over the pixels, summed in order, added to dw[t] image by image
-    for t in range(KHW):
-        dw[t] = 0
-    n16 = p.OW // 16 * 16
-    for b in range(p.B):
-        pad_plane(x + (b * p.C + c) * p.H * p.W, p, xpad)
-        g = dy + (b * p.C + c) * p.OH * p.OW
-        for kh in range(p.KH):
-            for kw in range(p.KW):
-                for j in range(16):
-                    lanes[j] = 0
-                for oh in range(p.OH):
-                    src = xpad + (oh * p.sh + kh * p.dh) * Wp + kw * p.dw
-                    if p.sw == 1:
-                        for ow in range(0, n16, 16):
-                            for j in range(16):
-                                lanes[j] += g[oh * p.OW + ow + j] * src[ow + j]
-                    else:
-                        for ow in range(0, n16, 16):
-                            for j in range(16):
-                                lanes[j] += g[oh * p.OW + ow + j] * src[(ow + j) * p.sw]
-                    for ow in range(n16, p.OW):
-                        lanes[ow - n16] += g[oh * p.OW + ow] * src[ow * p.sw]
-                acc = 0
-                for j in range(16):
-                    acc += lanes[j]
-                dw[kh * p.KW + kw] += acc
-
-
 cdef int depthwise_grad_weight(const floating* dy, const floating* x, floating* dw, floating* db,
                                const ConvGeom* p, int n_threads) noexcept nogil:
     cdef Py_ssize_t plen = dw_padded_h(p) * dw_padded_w(p)
     cdef Py_ssize_t c
     cdef floating* xpad
     cdef floating* dyw
-    cdef bint s1 = p.sh == 1 and p.sw == 1 and all_finite(x, p.B * p.C * p.H * p.W)
     cdef int failed = 0
     with parallel(num_threads=n_threads):
         xpad = <floating*>calloc(plen + dw_slack(p), sizeof(floating))
@@ -246,10 +244,7 @@ cdef int depthwise_grad_weight(const floating* dy, const floating* x, floating* 
             if xpad == NULL or dyw == NULL:
                 (&failed)[0] = 1
                 continue
-            if s1:
-                depthwise_channel_grad_weight_s1(dy, x, c, xpad, dyw, dw + c * p.KH * p.KW, p)
-            else:
-                depthwise_channel_grad_weight(dy, x, c, xpad, dw + c * p.KH * p.KW, p)
+            depthwise_channel_grad_weight(dy, x, c, xpad, dyw, dw + c * p.KH * p.KW, p)
         free(xpad)
         free(dyw)
     if failed == 0 and db != NULL:
