@@ -282,12 +282,19 @@ class SameThreads:
         set_num_threads(self._engine)
 
 
-def time_interleaved(calls, repeats, warmup=1):
+# Seconds for thread pools that spin after a call (OpenBLAS, PyTorch's OpenMP) to go to sleep.
+PARK_SECONDS = 0.25
+
+
+def time_interleaved(calls, repeats, warmup=1, park=None):
     """Seconds of each call in `calls` (name -> callable), `repeats[name]` times each. Calls of one implementation
     (the first item of a tuple name, else the name) are interleaved: round r runs them one after another from a
     rotating offset. Implementations run one after another, not mixed: each brings its own thread pool (the
     engine's libgomp, PyTorch's own, OpenBLAS), whose workers keep spinning after a call and took the cores from
     the other's next call when they were interleaved (a 3.8 ms engine backward read 7.7 ms right after PyTorch's).
+    Before each implementation the previous one's workers get `park` seconds (default PARK_SECONDS) to stop
+    spinning and sleep (OpenBLAS spins about 0.1 s after a call: the engine's backward read twice its time right
+    after the reference's).
     `warmup`: untimed calls first, an int or a dict by name. Returns name -> list of seconds."""
     names = [n for n in calls if repeats[n] > 0]
     groups = {}
@@ -295,6 +302,8 @@ def time_interleaved(calls, repeats, warmup=1):
         groups.setdefault(name[0] if isinstance(name, tuple) else name, []).append(name)
     times = {name: [] for name in names}
     for group in groups.values():
+        if len(groups) > 1:
+            time.sleep(PARK_SECONDS if park is None else park)
         for name in group:
             for _ in range(warmup.get(name, 1) if isinstance(warmup, dict) else warmup):
                 calls[name]()
@@ -381,7 +390,8 @@ def _measure(case, impls, opts, make_calls, directions):
             for direction, call in make_calls(impl, case, rng).items():
                 key = (impl, direction)
                 calls[key], reps[key], warm[key] = call, repeats[impl], warmup[impl]
-    times = time_interleaved(calls, reps, warm)
+    # tiny smoke-run shapes: no pause between implementations, the numbers are not read
+    times = time_interleaved(calls, reps, warm, park=0 if getattr(opts, "shapes", None) == "tiny" else None)
     return {d: {impl: times.get((impl, d), []) for impl in impls} for d in directions}
 
 
