@@ -66,6 +66,19 @@ def impl(request):
     return load_impl(request.param)
 
 
+CONV_PATHS = ["direct", "im2col", "pixels"]
+
+
+@pytest.fixture(params=CONV_PATHS)
+def conv_path(request):
+    """conv2d pinned to one strategy (`force_conv_path`) for the test, where the shape allows it, then back to the
+    automatic choice."""
+    from convengine._kernels import engine
+    engine.force_conv_path(request.param)
+    yield request.param
+    engine.force_conv_path("auto")
+
+
 @pytest.fixture
 def rng(request):
     """A generator seeded from the test's id, so each test sees fixed data and a failure reproduces."""

@@ -7,7 +7,6 @@ import pytest
 
 import convengine
 from convengine import functional as F
-from convengine._kernels import engine as _engine
 
 from conftest import DTYPE_IDS, DTYPES, assert_bitwise_equal, randn
 
@@ -75,22 +74,13 @@ PATH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["direct", "im2col", "pixels"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("x_shape,w_shape,params", PATH_CASES, ids=[f"{x}-{w}-{p}" for x, w, p in PATH_CASES])
-def test_conv2d_every_path_thread_count_invariant(rng, path, x_shape, w_shape, params, dtype):
-    x = randn(rng, x_shape, dtype)
-    w = randn(rng, w_shape, dtype)
-    b = randn(rng, w_shape[0], dtype)
-    _engine.force_conv_path(path)
-    try:
-        y = F.conv2d(x, w, b, **params)
-        go = randn(rng, y.shape, dtype)
-        assert_same_for_all_thread_counts(lambda: F.conv2d(x, w, b, **params), f"conv2d ({path})")
-        assert_same_for_all_thread_counts(lambda: F.conv2d_backward(go, x, w, **params),
-                                          f"conv2d_backward ({path})")
-    finally:
-        _engine.force_conv_path("auto")
+def test_conv2d_every_path_thread_count_invariant(rng, conv_path, x_shape, w_shape, params, dtype):
+    x, w, b = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype), randn(rng, w_shape[0], dtype)
+    go = randn(rng, F.conv2d(x, w, b, **params).shape, dtype)
+    assert_same_for_all_thread_counts(lambda: F.conv2d(x, w, b, **params), f"conv2d ({conv_path})")
+    assert_same_for_all_thread_counts(lambda: F.conv2d_backward(go, x, w, **params), f"conv2d_backward ({conv_path})")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

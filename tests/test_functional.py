@@ -16,7 +16,7 @@ from convengine import functional as F
 from convengine import reference as R
 from convengine._kernels import engine as _engine
 
-from conftest import (BATCH_NORM_GRAD_SHAPES, CONV_GRAD_CASES, DTYPE_IDS, DTYPES, LAYOUTS, POOL_GRAD_CASES, as_layout, assert_close, case_id,
+from conftest import (BATCH_NORM_GRAD_SHAPES, CONV_GRAD_CASES, CONV_PATHS, DTYPE_IDS, DTYPES, LAYOUTS, POOL_GRAD_CASES, as_layout, assert_close, case_id,
                       check_avg_pool2d_gradients, check_batch_norm2d_gradients, check_conv2d_gradients, check_linear_gradients,
                       check_max_pool2d_gradients, check_relu_gradients, randn)
 
@@ -142,8 +142,6 @@ def test_conv2d_layouts(rng, layout, dtype):
 # Every conv2d strategy (direct, im2col, pixels), pinned in turn, on shapes each can take
 # ---------------------------------------------------------------------------------------------------------------
 
-PATHS = ["direct", "im2col", "pixels"]
-
 # Channel counts that the pixel path takes (>= 8 input channels per group, output channels filling most of a
 # register tile) and some that it declines, with strides, dilations, groups, paddings wider than the kernel
 # reaches, images split into several row blocks and batches split into several tasks.
@@ -169,14 +167,6 @@ PATH_SHAPES = [
 ]
 
 
-@pytest.fixture(params=PATHS)
-def conv_path(request):
-    """conv2d pinned to one strategy for the test (where the shape allows it), then back to the automatic one."""
-    _engine.force_conv_path(request.param)
-    yield request.param
-    _engine.force_conv_path("auto")
-
-
 def conv_paths(x, w, params):
     """The strategy each direction of conv2d takes for these arguments."""
     full = dict(dict(stride=1, padding=0, dilation=1, groups=1), **params)
@@ -200,7 +190,7 @@ def test_every_path_is_exercised():
     cannot take a shape falls back silently, which would leave it untested)."""
     taken = {}
     try:
-        for path in PATHS:
+        for path in CONV_PATHS:
             _engine.force_conv_path(path)
             for x_shape, w_shape, params in PATH_SHAPES:
                 x, w = np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32)
@@ -210,7 +200,7 @@ def test_every_path_is_exercised():
     finally:
         _engine.force_conv_path("auto")
     for direction in ["forward", "grad_weight"]:
-        for path in PATHS:
+        for path in CONV_PATHS:
             assert taken.get((direction, path), 0) >= 3, (direction, path, taken)
     for name in ["col2im", "transposed direct", "transposed pixels"]:
         assert taken.get(("grad_input", name), 0) >= 3, (name, taken)
