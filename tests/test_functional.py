@@ -16,8 +16,9 @@ from convengine import functional as F
 from convengine import reference as R
 from convengine._kernels import engine as _engine
 
-from conftest import (BATCH_NORM_GRAD_SHAPES, CONV_GRAD_CASES, CONV_PATHS, DTYPE_IDS, DTYPES, LAYOUTS, POOL_GRAD_CASES, as_layout, assert_close, case_id,
-                      check_avg_pool2d_gradients, check_batch_norm2d_gradients, check_conv2d_gradients, check_linear_gradients,
+from conftest import (BATCH_NORM_GRAD_SHAPES, CONV_GRAD_CASES, CONV_PATHS, DTYPE_IDS, DTYPES, LAYOUTS,
+                      POOL_GRAD_CASES, as_layout, assert_close, case_id, check_avg_pool2d_gradients,
+                      check_batch_norm2d_gradients, check_conv2d_gradients, check_linear_gradients,
                       check_max_pool2d_gradients, check_relu_gradients, randn)
 
 

@@ -11,9 +11,10 @@ import pytest
 
 from convengine import reference as R
 
-from conftest import (BATCH_NORM_GRAD_SHAPES, CONV_GRAD_CASES, DTYPE_IDS, DTYPES, POOL_GRAD_CASES, as_layout, assert_close, case_id,
-                      check_avg_pool2d_gradients, check_batch_norm2d_gradients, check_conv2d_gradients, check_linear_gradients,
-                      check_max_pool2d_gradients, check_relu_gradients, conv_params_ok, randn)
+from conftest import (BATCH_NORM_GRAD_SHAPES, CONV_GRAD_CASES, DTYPE_IDS, DTYPES, POOL_GRAD_CASES, as_layout,
+                      assert_close, case_id, check_avg_pool2d_gradients, check_batch_norm2d_gradients,
+                      check_conv2d_gradients, check_linear_gradients, check_max_pool2d_gradients,
+                      check_relu_gradients, conv_params_ok, randn)
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
