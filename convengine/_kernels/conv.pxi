@@ -737,10 +737,19 @@ cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floatin
     return -failed
 
 
+cdef inline Py_ssize_t pow2_floor(Py_ssize_t n) noexcept nogil:
+    """The largest power of two <= n (1 for n < 1): chunk counts that 2, 4, 8 or 16 threads share evenly (7
+    chunks on 2 threads left one idle an eighth of the time)."""
+    cdef Py_ssize_t m = 1
+    while 2 * m <= n:
+        m *= 2
+    return m
+
+
 cdef inline Py_ssize_t grad_weight_chunks(Py_ssize_t units, Py_ssize_t unit_pixels) noexcept nogil:
     """How many fixed slices of the pixels grad_weight reduces separately (then sums in order): about 2048+
-    pixels each, at most 16. A function of the shape only, never of the thread count."""
-    return max(1, min(16, min(units, units * unit_pixels // 2048)))
+    pixels each, at most 16, a power of two. A function of the shape only, never of the thread count."""
+    return pow2_floor(min(16, min(units, units * unit_pixels // 2048)))
 
 
 cdef bint all_finite(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -1000,11 +1009,12 @@ cdef bint use_pixels_grad_weight(const ConvGeom* p, floating dummy) noexcept nog
 
 cdef inline Py_ssize_t pixel_chunks(const ConvGeom* p) noexcept nogil:
     """Fixed slices of the units that grad_weight's pixel path reduces separately: about PIXELS_PER_TASK pixels
-    or more each, at most 16, and at most 2^20 partial-sum elements in all; a function of the shape only."""
+    or more each, at most 16 and a power of two, and at most 2^20 partial-sum elements in all; a function of the
+    shape only."""
     cdef Py_ssize_t R = pixel_rows(p)
     cdef Py_ssize_t units = p.B * ((p.OH + R - 1) // R)
     cdef Py_ssize_t per_chunk = (p.C // p.G) * p.KH * p.KW * p.K
-    return max(1, min(min(16, (1 << 20) // per_chunk), min(units, units * R * p.OW // PIXELS_PER_TASK)))
+    return pow2_floor(min(min(16, (1 << 20) // per_chunk), min(units, units * R * p.OW // PIXELS_PER_TASK)))
 
 
 # grad_weight's pixel path reduces over at most this many bytes of scattered B rows per block
