@@ -147,6 +147,86 @@ cdef void col2im_add(const floating* dcol, Py_ssize_t ldd, const ConvGeom* p, Py
             oh += 1
 
 
+cdef inline Py_ssize_t phase_width(const ConvGeom* p) noexcept nogil:
+    """Columns of one phase row in col2im_add_phased's layout: ceil(W / sw)."""
+    return (p.W + p.sw - 1) // p.sw
+
+
+cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t) phased_span(const ConvGeom* p, Py_ssize_t iw0, Py_ssize_t seg,
+                                                            Py_ssize_t Wph) noexcept nogil:
+    """For seg output columns whose tap lands on image columns iw0, iw0 + sw, ...: (lo, hi, off), the columns
+    lo <= u < hi inside the image, and where column lo sits in its phase-split row (see col2im_add_phased)."""
+    cdef Py_ssize_t lo = 0 if iw0 >= 0 else (-iw0 + p.sw - 1) // p.sw
+    cdef Py_ssize_t hi = 0 if iw0 >= p.W else (p.W - iw0 + p.sw - 1) // p.sw
+    cdef Py_ssize_t first
+    lo = min(lo, seg)
+    hi = max(lo, min(hi, seg))
+    first = iw0 + lo * p.sw
+    return lo, hi, (first % p.sw) * Wph + first // p.sw if hi > lo else 0
+
+
+cdef void col2im_add_phased(const floating* dcol, Py_ssize_t ldd, const ConvGeom* p, Py_ssize_t Kd, Py_ssize_t p0,
+                            Py_ssize_t nc, floating* buf) noexcept nogil:
+    """col2im_add for a column stride sw > 1, into the image's planes with each row split by column phase:
+    column iw of row (c, ih) at buf[((c*H + ih)*sw + iw % sw)*Wph + iw // sw]. A kernel row's writes, sw columns
+    apart in the image, are then contiguous and vectorise (strided, they were scalar and cost more than the GEMM
+    that made dcol). unphase() puts the columns back in order."""
+    cdef Py_ssize_t KHW = p.KH * p.KW
+    cdef Py_ssize_t Wph = phase_width(p)
+    cdef Py_ssize_t r, c, kh, kw, j, seg, oh, ow, ih, iw0, lo, hi, u, first, off
+    cdef Py_ssize_t lo_row, hi_row, off_row
+    cdef const floating* src
+    cdef floating* dst
+    for r in range(Kd):
+        c = r // KHW
+        kh = (r - c * KHW) // p.KW
+        kw = r - c * KHW - kh * p.KW
+        # the columns of a whole output row (a segment from ow = 0), worked out once per kernel row: per segment,
+        # the divisions cost more than the 16 adds
+        lo_row, hi_row, off_row = phased_span(p, -p.pl + kw * p.dw, p.OW, Wph)
+        oh = p0 // p.OW
+        ow = p0 - oh * p.OW
+        j = 0
+        while j < nc:
+            seg = min(nc - j, p.OW - ow)
+            ih = oh * p.sh - p.pt + kh * p.dh
+            if 0 <= ih < p.H:
+                if ow == 0:
+                    lo = min(lo_row, seg)
+                    hi = max(lo, min(hi_row, seg))
+                    off = off_row
+                else:
+                    lo, hi, off = phased_span(p, ow * p.sw - p.pl + kw * p.dw, seg, Wph)
+                if hi > lo:
+                    src = dcol + r * ldd + j + lo
+                    dst = buf + (c * p.H + ih) * p.sw * Wph + off
+                    for u in range(hi - lo):
+                        dst[u] += src[u]
+            j += seg
+            ow = 0
+            oh += 1
+
+
+cdef void unphase(const floating* buf, const ConvGeom* p, Py_ssize_t Cg, floating* dxg) noexcept nogil:
+    """dxg[c, ih, iw] = buf[((c*H + ih)*sw + iw % sw)*Wph + iw // sw] for the Cg planes of one image."""
+    cdef Py_ssize_t W = p.W, sw = p.sw
+    cdef Py_ssize_t Wph = phase_width(p)
+    cdef Py_ssize_t row, q, t, n
+    cdef const floating* src
+    cdef floating* dst
+    for row in range(Cg * p.H):
+        for q in range(sw):
+            src = buf + (row * sw + q) * Wph
+            dst = dxg + row * W + q
+            n = (W - q + sw - 1) // sw
+            if sw == 2:
+                for t in range(n):
+                    dst[2 * t] = src[t]
+            else:
+                for t in range(n):
+                    dst[t * sw] = src[t]
+
+
 cdef int pack_weights(const floating* w, const ConvGeom* p, Py_ssize_t KC, floating** out) noexcept nogil:
     """Pack W[g] (Kg x Kd, all groups) into MR-row panels, in k-blocks of KC: block (g, k0) at g*Mpad*Kd + k0*Mpad."""
     cdef Py_ssize_t Kg = p.K // p.G
@@ -649,6 +729,13 @@ cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating*
     return conv2d_grad_input_col2im(dy, w, dx, p, n_threads)
 
 
+cdef inline bint col2im_phased(const ConvGeom* p, floating dummy) noexcept nogil:
+    """Whether grad_input's col2im scatters through phase-split planes (see col2im_add_phased): column stride > 1
+    and the planes of a task's images within MAX_DIRECT_SCRATCH elements."""
+    cdef Py_ssize_t per_task = max(1, min(p.B, 8 * tile_n(<floating>0) // (p.OH * p.OW)))
+    return p.sw > 1 and (p.C // p.G) * p.H * p.sw * phase_width(p) <= MAX_DIRECT_SCRATCH // per_task
+
+
 cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
                                   int n_threads) noexcept nogil:
     """dx = conv2d's input gradient (overwritten): dcol = W[g]^T dY[g] then col2im. Split over (group, run of
@@ -666,6 +753,11 @@ cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floatin
     cdef Py_ssize_t LDB = NC + vlen(<floating>0)
     cdef Py_ssize_t per_task = max(1, min(p.B, NC // P))
     cdef Py_ssize_t runs = (p.B + per_task - 1) // per_task
+    # column stride > 1: scatter into phase-split planes (col2im_add_phased), one per image of the task, while
+    # they stay of sane size (else straight into dx, strided)
+    cdef Py_ssize_t plane_len = Cg * p.H * p.sw * phase_width(p)
+    cdef bint phased = col2im_phased(p, <floating>0)
+    cdef floating* pbuf
     cdef Py_ssize_t g, b, b0, b1, k0, kc, task, q, q1, nc, ncpad, i, j, seg, pix
     cdef floating* apack
     cdef floating* bblk
@@ -688,16 +780,20 @@ cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floatin
         cbuf = <floating*>malloc(Mpad * NC * sizeof(floating))
         brow = <const floating**>malloc(KC * sizeof(floating*))
         arow = <const floating**>malloc(Mpad * sizeof(floating*))
+        pbuf = <floating*>malloc(per_task * plane_len * sizeof(floating)) if phased else NULL
         for task in prange(runs * p.G, schedule='static'):
-            if bblk == NULL or cbuf == NULL or brow == NULL or arow == NULL:
+            if bblk == NULL or cbuf == NULL or brow == NULL or arow == NULL or (phased and pbuf == NULL):
                 (&failed)[0] = 1
                 continue
             row_table(brow, bblk, KC, LDB)
             g = task % p.G
             b0 = (task // p.G) * per_task
             b1 = min(p.B, b0 + per_task)
-            for b in range(b0, b1):
-                memset(dx + (b * p.C + g * Cg) * p.H * p.W, 0, Cg * p.H * p.W * sizeof(floating))
+            if phased:
+                memset(pbuf, 0, (b1 - b0) * plane_len * sizeof(floating))
+            else:
+                for b in range(b0, b1):
+                    memset(dx + (b * p.C + g * Cg) * p.H * p.W, 0, Cg * p.H * p.W * sizeof(floating))
             # the pixels q = (b, oh, ow) of images b0..b1, NC at a time
             q = b0 * P
             q1 = b1 * P
@@ -726,13 +822,20 @@ cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floatin
                     b = (q + j) // P
                     pix = q + j - b * P
                     seg = min(nc - j, P - pix)
-                    col2im_add(cbuf + j, NC, p, Kd, pix, seg, dx + (b * p.C + g * Cg) * p.H * p.W)
+                    if phased:
+                        col2im_add_phased(cbuf + j, NC, p, Kd, pix, seg, pbuf + (b - b0) * plane_len)
+                    else:
+                        col2im_add(cbuf + j, NC, p, Kd, pix, seg, dx + (b * p.C + g * Cg) * p.H * p.W)
                     j = j + seg
                 q = q + nc
+            if phased:
+                for b in range(b0, b1):
+                    unphase(pbuf + (b - b0) * plane_len, p, Cg, dx + (b * p.C + g * Cg) * p.H * p.W)
         free(bblk)
         free(cbuf)
         free(brow)
         free(arow)
+        free(pbuf)
     free(apack)
     return -failed
 
@@ -1327,6 +1430,8 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
         Mpad = round_up(Kd, CE_MR)
         KC = balanced_block(Kg, KCmax)
         out["grad_input"] = (p.G * Mpad * Kg + T * (KC * LD + Mpad * NC)) * isz + T * (KC + Mpad) * ptr
+        if col2im_phased(p, dummy):
+            out["grad_input"] += T * max(1, min(p.B, NC // (p.OH * p.OW))) * Cg * p.H * p.sw * phase_width(p) * isz
     Mpad = round_up(Kd, CE_MR)
     path = grad_weight_path(p, dummy)
     if path == PATH_PIXELS:
