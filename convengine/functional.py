@@ -176,6 +176,7 @@ def batch_norm2d(x, weight, bias, mean, var, eps=1e-5):
     """Per-channel (x - mean) * weight / sqrt(var + eps) + bias over (N, C, H, W), with given statistics (C,)."""
     eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, bias=bias, mean=mean, var=var))
     out = np.empty(x.shape, dtype=x.dtype)
+    # the kernel's mean and var are outputs in training mode, so it takes them writable: copies (C values each)
     _engine.batch_norm2d_forward(_contiguous(x), _contiguous(weight), _contiguous(bias),
                                  np.array(mean, dtype=x.dtype), np.array(var, dtype=x.dtype), False, eps, out,
                                  _threads_for(x.size, _SERIAL_ELEMENTS))
