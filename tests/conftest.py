@@ -170,6 +170,7 @@ CONV_GRAD_CASES = [
 ]
 POOL_GRAD_CASES = [
     dict(x=(2, 2, 5, 6), kernel_size=2),
+    dict(x=(2, 3, 4, 6), kernel_size=2),            # even rows: the whole-window 2x2 kernels
     dict(x=(2, 2, 5, 6), kernel_size=3, stride=2, padding=1, ceil_mode=True),
     dict(x=(1, 3, 7, 5), kernel_size=(3, 2), stride=(2, 1), padding=(1, 1)),
     dict(x=(1, 2, 6, 6), kernel_size=3, stride=1, ceil_mode=True),

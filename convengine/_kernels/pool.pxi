@@ -413,7 +413,26 @@ cdef void avg_pool_plane(const floating* x, floating* y, const PoolGeom* g,
 cdef void avg_pool_plane_backward(const floating* dy, floating* dx, const PoolGeom* g,
                                   bint count_include_pad) noexcept nogil:
     cdef Py_ssize_t oh, ow, ih, iw, h0, h1, w0, w1, div
+    cdef Py_ssize_t W = g.W, OW = g.OW
     cdef floating gv
+    cdef floating* r0
+    cdef floating* r1
+    cdef const floating* src
+    if g.KH == 2 and g.KW == 2 and g.sh == 2 and g.sw == 2 and g.ph == 0 and g.pw == 0 \
+            and 2 * g.OH == g.H and 2 * g.OW == g.W:
+        # every window whole and every pixel in exactly one: each output's share written to its 4 pixels
+        # (the per-window loop below spent its time on divisors and clipping, 3x slower)
+        for oh in range(g.OH):
+            r0 = dx + 2 * oh * W
+            r1 = r0 + W
+            src = dy + oh * OW
+            for ow in range(OW):
+                gv = src[ow] / <floating>4
+                r0[2 * ow] = gv
+                r0[2 * ow + 1] = gv
+                r1[2 * ow] = gv
+                r1[2 * ow + 1] = gv
+        return
     memset(dx, 0, g.H * g.W * sizeof(floating))
     for oh in range(g.OH):
         for ow in range(g.OW):
