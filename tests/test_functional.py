@@ -524,6 +524,38 @@ def test_conv2d_hypothesis(config, bias, need_input_grad, dtype, seed):
 
 
 @st.composite
+def wide_conv_configs(draw):
+    """conv_configs with channel counts the pixel path takes (8+ input channels per group, output channels that
+    fill or nearly fill a register tile), and sizes that split images into several row blocks."""
+    groups = draw(st.integers(1, 2))
+    C, K = groups * draw(st.integers(8, 40)), groups * draw(st.sampled_from([8, 16, 24, 30, 32, 40, 48, 64]))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride, dilation = draw(pairs(1, 3)), draw(pairs(1, 2))
+    padding = draw(st.one_of(pairs(0, 3), st.sampled_from(["valid", "same"])))
+    pads = (0, 0) if isinstance(padding, str) else as_pair(padding)
+    dh, dw = as_pair(dilation)
+    min_h = 1 if padding == "same" else max(1, dh * (kh - 1) + 1 - 2 * pads[0])
+    min_w = 1 if padding == "same" else max(1, dw * (kw - 1) + 1 - 2 * pads[1])
+    x_shape = (draw(st.integers(1, 3)), C, draw(st.integers(min_h, min_h + 20)), draw(st.integers(min_w, min_w + 20)))
+    params = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return x_shape, (K, C // groups, kh, kw), params
+
+
+@given(config=wide_conv_configs(), path=st.sampled_from(CONV_PATHS), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_conv2d_every_path_hypothesis(config, path, dtype, seed):
+    x_shape, w_shape, params = config
+    rng = np.random.default_rng(seed)
+    x, w, b = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype), randn(rng, w_shape[0], dtype)
+    y = R.conv2d(x, w, b, **params)
+    _engine.force_conv_path(path)
+    try:
+        check_conv2d(x, w, b, randn(rng, y.shape, dtype), **params)
+    finally:
+        _engine.force_conv_path("auto")
+
+
+@st.composite
 def pool_configs(draw):
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     stride = draw(st.one_of(st.none(), pairs(1, 3)))
