@@ -496,18 +496,23 @@ def as_pair(v):
 
 
 @st.composite
-def conv_configs(draw):
-    groups = draw(st.integers(1, 3))
-    C, K = groups * draw(st.integers(1, 4)), groups * draw(st.integers(1, 5))
-    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
-    stride, dilation = draw(pairs(1, 3)), draw(pairs(1, 3))
-    padding = draw(st.one_of(pairs(0, 4), st.sampled_from(["valid", "same"])))
+def conv_configs(draw, max_groups=3, channels=st.integers(1, 4), out_channels=st.integers(1, 5), max_kernel=5,
+                 max_dilation=3, max_padding=4, min_batch=0, extra=11):
+    """(x shape, weight shape, params) of a valid conv2d: per-group channel and output channel counts drawn from
+    the strategies given, kernel, stride, dilation and padding up to the bounds, images up to `extra` pixels
+    past the smallest that gives a non-empty output."""
+    groups = draw(st.integers(1, max_groups))
+    C, K = groups * draw(channels), groups * draw(out_channels)
+    kh, kw = draw(st.integers(1, max_kernel)), draw(st.integers(1, max_kernel))
+    stride, dilation = draw(pairs(1, 3)), draw(pairs(1, max_dilation))
+    padding = draw(st.one_of(pairs(0, max_padding), st.sampled_from(["valid", "same"])))
     pads = (0, 0) if isinstance(padding, str) else as_pair(padding)
     dh, dw = as_pair(dilation)
     # Heights and widths from the smallest that gives a non-empty output, so that no draw is wasted.
     min_h = 1 if padding == "same" else max(1, dh * (kh - 1) + 1 - 2 * pads[0])
     min_w = 1 if padding == "same" else max(1, dw * (kw - 1) + 1 - 2 * pads[1])
-    x_shape = (draw(st.integers(0, 3)), C, draw(st.integers(min_h, min_h + 11)), draw(st.integers(min_w, min_w + 11)))
+    x_shape = (draw(st.integers(min_batch, 3)), C, draw(st.integers(min_h, min_h + extra)),
+               draw(st.integers(min_w, min_w + extra)))
     params = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     return x_shape, (K, C // groups, kh, kw), params
 
@@ -523,25 +528,14 @@ def test_conv2d_hypothesis(config, bias, need_input_grad, dtype, seed):
     check_conv2d(x, w, b, randn(rng, y.shape, dtype), need_input_grad=need_input_grad, **params)
 
 
-@st.composite
-def wide_conv_configs(draw):
-    """conv_configs with channel counts the pixel path takes (8+ input channels per group, output channels that
-    fill or nearly fill a register tile), and sizes that split images into several row blocks."""
-    groups = draw(st.integers(1, 2))
-    C, K = groups * draw(st.integers(8, 40)), groups * draw(st.sampled_from([8, 16, 24, 30, 32, 40, 48, 64]))
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    stride, dilation = draw(pairs(1, 3)), draw(pairs(1, 2))
-    padding = draw(st.one_of(pairs(0, 3), st.sampled_from(["valid", "same"])))
-    pads = (0, 0) if isinstance(padding, str) else as_pair(padding)
-    dh, dw = as_pair(dilation)
-    min_h = 1 if padding == "same" else max(1, dh * (kh - 1) + 1 - 2 * pads[0])
-    min_w = 1 if padding == "same" else max(1, dw * (kw - 1) + 1 - 2 * pads[1])
-    x_shape = (draw(st.integers(1, 3)), C, draw(st.integers(min_h, min_h + 20)), draw(st.integers(min_w, min_w + 20)))
-    params = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    return x_shape, (K, C // groups, kh, kw), params
+# conv_configs with channel counts the pixel path takes (8+ input channels per group, output channels that fill or
+# nearly fill a register tile), and sizes that split images into several row blocks
+wide_conv_configs = conv_configs(max_groups=2, channels=st.integers(8, 40),
+                                 out_channels=st.sampled_from([8, 16, 24, 30, 32, 40, 48, 64]), max_kernel=4,
+                                 max_dilation=2, max_padding=3, min_batch=1, extra=20)
 
 
-@given(config=wide_conv_configs(), path=st.sampled_from(CONV_PATHS), dtype=st.sampled_from(DTYPES),
+@given(config=wide_conv_configs, path=st.sampled_from(CONV_PATHS), dtype=st.sampled_from(DTYPES),
        seed=st.integers(0, 2 ** 32 - 1))
 def test_conv2d_every_path_hypothesis(config, path, dtype, seed):
     x_shape, w_shape, params = config
