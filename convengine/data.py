@@ -14,6 +14,7 @@ import re
 import tempfile
 import urllib.parse
 import urllib.request
+import zlib
 
 import numpy as np
 
@@ -80,38 +81,59 @@ _IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-def _read_bytes(path):
-    """The file's bytes, gunzipped when it starts with the gzip magic (whatever its name)."""
+# DEFLATE inflates at most ~1032 bytes per compressed byte: a gzipped file declaring more than this many times its
+# own size cannot hold it, and is refused before anything is inflated.
+_MAX_DEFLATE_RATIO = 1100
+
+
+@contextlib.contextmanager
+def _open_maybe_gzip(path):
+    """(stream, stored size, gzipped) of the file, gunzipping when it starts with the gzip magic (whatever its
+    name); the stream inflates only as much as is read."""
     with open(path, "rb") as f:
-        head = f.read(2)
+        size = os.fstat(f.fileno()).st_size
+        gzipped = f.read(2) == b"\x1f\x8b"
         f.seek(0)
-        if head == b"\x1f\x8b":
-            try:
-                with gzip.GzipFile(fileobj=f) as g:
-                    return g.read()
-            except (OSError, EOFError, ValueError) as e:
-                raise ValueError(f"{path}: corrupt or truncated gzip data: {e}") from None
-        return f.read()
+        if not gzipped:
+            yield f, size, False
+            return
+        try:
+            with gzip.GzipFile(fileobj=f) as g:
+                yield g, size, True
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{path}: corrupt or truncated gzip data: {e}") from None
 
 
 def load_idx(path):
-    """Parse one IDX file (raw or gzipped) into an array of its declared type and shape."""
-    data = _read_bytes(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (it must start with two zero bytes, a type code and a rank)")
-    code, ndim = data[2], data[3]
-    if code not in _IDX_TYPES:
-        raise ValueError(f"{path}: unknown IDX type code 0x{code:02x}")
-    if ndim == 0 or len(data) < 4 + 4 * ndim:
-        raise ValueError(f"{path}: truncated IDX header (rank {ndim})")
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
-    dtype = _IDX_TYPES[code]
-    expected = 4 + 4 * ndim + math.prod(shape) * dtype.itemsize
-    if len(data) != expected:
-        kind = "truncated" if len(data) < expected else "has trailing bytes"
-        raise ValueError(f"{path}: IDX file {kind}: shape {shape} of {dtype} needs {expected} bytes, "
-                         f"the file has {len(data)}")
-    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(shape).astype(dtype.newbyteorder("="))
+    """Parse one IDX file (raw or gzipped) into an array of its declared type and shape. The header is read first;
+    only the size it declares is then read (or inflated), and a file holding more or less is refused."""
+    with _open_maybe_gzip(path) as (f, stored, gzipped):
+        head = f.read(4)
+        if len(head) < 4 or head[0] != 0 or head[1] != 0:
+            raise ValueError(f"{path}: not an IDX file (it must start with two zero bytes, a type code and a rank)")
+        code, ndim = head[2], head[3]
+        if code not in _IDX_TYPES:
+            raise ValueError(f"{path}: unknown IDX type code 0x{code:02x}")
+        dims = f.read(4 * ndim)
+        if ndim == 0 or len(dims) < 4 * ndim:
+            raise ValueError(f"{path}: truncated IDX header (rank {ndim})")
+        shape = tuple(int(d) for d in np.frombuffer(dims, ">u4", ndim))
+        dtype = _IDX_TYPES[code]
+        nbytes = math.prod(shape) * dtype.itemsize
+        expected = 4 + 4 * ndim + nbytes
+        limit = stored * _MAX_DEFLATE_RATIO if gzipped else stored
+        if expected > limit:
+            raise ValueError(f"{path}: IDX file truncated: shape {shape} of {dtype} needs {expected} bytes, "
+                             f"the file {'cannot inflate to' if gzipped else 'has'} "
+                             f"{'that many' if gzipped else stored}")
+        body = f.read(nbytes)
+        extra = f.read(1)
+        if len(body) != nbytes or extra:
+            kind = "truncated" if len(body) < nbytes else "has trailing bytes"
+            got = 4 + 4 * ndim + len(body)
+            raise ValueError(f"{path}: IDX file {kind}: shape {shape} of {dtype} needs {expected} bytes, "
+                             f"the file has {got if not extra else 'more'}")
+    return np.frombuffer(body, dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _find(directory, stems):
@@ -134,6 +156,9 @@ def _idx_images_labels(directory, prefix, num_classes=10):
                          f"{images.shape}")
     if labels.ndim != 1:
         raise ValueError(f"{labels_path}: expected 1-D labels, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{labels_path}: labels must be of an integer IDX type, got {labels.dtype} (a float "
+                         f"label such as 1.5 is no class)")
     labels = check_labels(labels.astype(np.int64), len(images), num_classes, name=f"labels in {labels_path}")
     x = (images.astype(np.float32) / np.float32(255.0))[:, None, :, :]
     return x, labels.astype(np.int64)
@@ -152,28 +177,153 @@ def load_fashion_mnist(directory):
     return load_mnist(directory)
 
 
+class _PickledDtype:
+    """What a pickle's `numpy.dtype(spec, align, copy)` call stands for: only a plain numeric type code, and only
+    a byte order from its state. Nothing is handed to NumPy's own dtype reconstruction, so the pickled state
+    (flags, fields, item size) cannot tamper with it."""
+
+    _CODES = re.compile(r"[uif][1248]|b1")
+
+    def __init__(self, spec, align=False, copy=True):
+        if isinstance(spec, bytes):  # a Python 2 str, read with encoding="bytes"
+            spec = spec.decode("latin1")
+        if not isinstance(spec, str) or not self._CODES.fullmatch(spec) or spec == "f1":
+            raise pickle.UnpicklingError(f"refusing dtype {spec!r}: only plain numeric arrays are read")
+        self.spec = spec
+        self.order = "="
+        self._state_set = False
+
+    def __setstate__(self, state):
+        if self._state_set or not isinstance(state, tuple) or len(state) not in (8, 9) or state[0] not in (3, 4):
+            raise pickle.UnpicklingError(f"refusing dtype state {state!r}")
+        order, subarray, names, fields = state[1], state[2], state[3], state[4]
+        if isinstance(order, bytes):
+            order = order.decode("latin1")
+        plain = state[5:8] == (-1, -1, 0) and (len(state) == 8 or state[8] is None)
+        if order not in ("<", ">", "|", "=") or subarray is not None or names is not None or fields is not None \
+                or not plain:
+            raise pickle.UnpicklingError(f"refusing dtype state {state!r}: only plain numeric types are read")
+        self.order = "=" if order == "|" else order
+        self._state_set = True
+
+    def dtype(self):
+        return np.dtype(self.order + self.spec)
+
+
+class _PickledArray:
+    """What a pickle's array reconstruction stands for: a shape, a _PickledDtype and the raw bytes, turned into a
+    real array by array() only once the bytes are exactly what the shape and type declare."""
+
+    _ndarray = object()  # what the pickle's `numpy.ndarray` global resolves to: a marker, never callable
+
+    def __init__(self, shape=None, dtype=None, data=None, order="C"):
+        self.shape, self.dtype_, self.data, self.order = shape, dtype, data, order
+
+    @classmethod
+    def reconstruct(cls, subtype, shape, typecode):
+        if subtype is not cls._ndarray:
+            raise pickle.UnpicklingError("refusing an array of a type other than numpy.ndarray")
+        return cls()
+
+    @classmethod
+    def frombuffer(cls, buffer, dtype, shape, order):
+        return cls(shape, dtype, buffer, order)
+
+    def __setstate__(self, state):
+        if self.shape is not None or not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("refusing a malformed array state")
+        if len(state) == 5:
+            if state[0] != 1:
+                raise pickle.UnpicklingError(f"refusing array state version {state[0]!r}")
+            state = state[1:]
+        shape, dtype, fortran, data = state
+        self.shape, self.dtype_, self.data = shape, dtype, data
+        self.order = "F" if fortran else "C"
+
+    def array(self):
+        """The array, after checking every part; a copy that owns its data."""
+        shape, dtype, data = self.shape, self.dtype_, self.data
+        if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                   for d in shape) or len(shape) > 8:
+            raise ValueError(f"an array has a bad shape {shape!r}")
+        if not isinstance(dtype, _PickledDtype):
+            raise ValueError("an array has no plain numeric dtype")
+        if not isinstance(data, (bytes, bytearray)):
+            raise ValueError(f"an array's data must be bytes, got {type(data).__name__}")
+        if self.order not in ("C", "F"):
+            raise ValueError(f"an array has a bad order {self.order!r}")
+        dtype = dtype.dtype()
+        need = math.prod(shape) * dtype.itemsize
+        if len(data) != need:
+            raise ValueError(f"an array of shape {shape} and dtype {dtype} needs {need} bytes of data, the file "
+                             f"holds {len(data)}")
+        return np.frombuffer(data, dtype).reshape(shape, order=self.order).astype(dtype.newbyteorder("="),
+                                                                                   order="C")
+
+
+def _latin1(text, encoding="utf-8"):
+    """The `_codecs.encode` that protocol-2 pickles use for bytes: only the latin-1 codec, only of a str."""
+    if not isinstance(text, str) or not isinstance(encoding, str) or encoding.lower().replace("_", "-") not in (
+            "latin1", "latin-1", "iso-8859-1"):
+        raise pickle.UnpicklingError(f"refusing codec {encoding!r}: protocol-2 bytes are encoded as latin1")
+    return text.encode("latin1")
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """CIFAR-10's python batches are pickles of a dict holding a NumPy uint8 array and lists. A pickle can name any
-    callable, so only what those files need is allowed: NumPy's array reconstruction (protocol 2, as shipped, and
-    protocol 5's from-buffer form, for re-saved copies), which builds plain arrays and, for object arrays,
-    unpickles their items through this same restricted loader, and the bytes codec of protocol 2."""
+    callable, so only the names those files use are resolved, and none of them to NumPy itself: NumPy's array
+    reconstruction (protocol 2, as shipped, and protocol 5's from-buffer form, for re-saved copies) and its dtype
+    become inert stand-ins that record the declared shape, plain numeric type code, byte order and bytes, and
+    the bytes codec of protocol 2 becomes a latin-1 encoder. _arrays() then builds each array with
+    numpy.frombuffer, only when its bytes are exactly what its shape and type declare, so a file cannot make NumPy
+    rebuild an object array, a tampered dtype or a zero-stride view."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    _RESOLVE = {("numpy.core.multiarray", "_reconstruct"): _PickledArray.reconstruct,
+                ("numpy._core.multiarray", "_reconstruct"): _PickledArray.reconstruct,
+                ("numpy.core.numeric", "_frombuffer"): _PickledArray.frombuffer,
+                ("numpy._core.numeric", "_frombuffer"): _PickledArray.frombuffer,
+                ("numpy", "ndarray"): _PickledArray._ndarray,
+                ("numpy", "dtype"): _PickledDtype,
+                ("_codecs", "encode"): _latin1}
 
     def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch")
+        try:
+            return self._RESOLVE[(module, name)]
+        except (KeyError, TypeError):
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch") from None
+
+
+def _arrays(value):
+    """value with each _PickledArray, at the top level or in a dict's values, replaced by its checked array."""
+    if isinstance(value, _PickledArray):
+        return value.array()
+    if isinstance(value, dict):
+        return {k: _arrays(v) for k, v in value.items()}
+    return value
+
+
+def _cifar_labels(labels, path):
+    if isinstance(labels, np.ndarray):
+        if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
+            raise ValueError(f"{path}: 'labels' must be 1-D integers, got {labels.dtype} {labels.shape}")
+        return labels.astype(np.int64)
+    if not isinstance(labels, list):
+        raise ValueError(f"{path}: 'labels' must be a list of ints, got {type(labels).__name__}")
+    for v in labels:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{path}: 'labels' must be a list of ints, found {type(v).__name__}")
+        if not -2 ** 63 <= v < 2 ** 63:
+            raise ValueError(f"{path}: 'labels' holds {v}, far out of range")
+    return np.array(labels, dtype=np.int64).reshape(-1)
 
 
 def _load_cifar_batch(path):
     with open(path, "rb") as f:
         try:
-            batch = _CifarUnpickler(f, encoding="bytes").load()
+            batch = _arrays(_CifarUnpickler(f, encoding="bytes").load())
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-                KeyError, ImportError, MemoryError, OverflowError) as e:
+                KeyError, ImportError, MemoryError, OverflowError, LookupError, RecursionError,
+                UnicodeError) as e:
             raise ValueError(f"{path}: not a CIFAR-10 python batch: {e}") from None
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: not a CIFAR-10 python batch (a dict was expected, got {type(batch).__name__})")
@@ -182,14 +332,7 @@ def _load_cifar_batch(path):
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {desc}")
-    if not isinstance(labels, (list, np.ndarray)):
-        raise ValueError(f"{path}: 'labels' must be a list of ints, got {type(labels).__name__}")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ValueError(f"{path}: 'labels' must be a list of ints: {e}") from None
-    labels = check_labels(labels.reshape(-1) if labels.ndim == 1 else labels, len(data), 10,
-                          name=f"labels in {path}")
+    labels = check_labels(_cifar_labels(labels, path), len(data), 10, name=f"labels in {path}")
     x = (data.reshape(-1, 3, 32, 32).astype(np.float32) / np.float32(255.0))
     return x, labels.astype(np.int64)
 
@@ -197,7 +340,7 @@ def _load_cifar_batch(path):
 def load_cifar10(directory):
     """CIFAR-10 from its python batches (data_batch_1..5 and test_batch) in directory, or in its
     cifar-10-batches-py subdirectory. These files are pickles: they are parsed with a restricted unpickler that
-    refuses every callable other than NumPy's array reconstruction, and only ever from a path the caller gives.
+    refuses every callable (NumPy's array reconstruction included: arrays are rebuilt from their checked bytes), and only ever from a path the caller gives.
     x is (N, 3, 32, 32) in [0, 1]."""
     if os.path.isdir(os.path.join(directory, "cifar-10-batches-py")):
         directory = os.path.join(directory, "cifar-10-batches-py")
