@@ -197,7 +197,7 @@ def cmd_train(args):
     model = lenet(x_train.shape[1:], num_classes)
     model.metadata = {"dataset": args.dataset, "classes": data.CLASS_NAMES[args.dataset], "seed": args.seed}
     if args.optimizer == "sgd":
-        lr = 0.05 if args.lr is None else args.lr
+        lr = TRAIN_DEFAULTS["lr"] if args.lr is None else args.lr
         optimizer = SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     else:
         lr = 1e-3 if args.lr is None else args.lr

@@ -92,7 +92,7 @@ def conv_output_size(size, kernel, stride, pad_before, pad_after, dilation=1, ce
     if span < 0:
         return 0
     if ceil_mode:
-        out = -(-span // stride) + 1
+        out = ceil_div(span, stride) + 1
         if (out - 1) * stride >= size + pad_before:
             out -= 1
         return out
@@ -104,7 +104,7 @@ def same_padding(size, kernel, stride, dilation):
 
     For stride 1 this is PyTorch's rule; for stride > 1, TensorFlow's. The odd extra pixel goes after.
     """
-    out = -(-size // stride)
+    out = ceil_div(size, stride)
     total = max((out - 1) * stride + dilation * (kernel - 1) + 1 - size, 0)
     return total // 2, total - total // 2
 
@@ -340,7 +340,26 @@ def batch_norm2d_args(x, eps, vectors, training=False, grad_out=None):
 
 
 def ceil_div(a, b):
+    """ceil(a / b) for integers, exactly (no float rounding)."""
     return -(-a // b)
+
+
+def check_labels(labels, n=None, num_classes=None, name="labels"):
+    """Return labels as an intp array after checking: 1-D integers, n of them, each in [0, num_classes)."""
+    if not isinstance(labels, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of integer class labels, got {type(labels).__name__}")
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D class labels, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"{name} must be integer class labels, got dtype {labels.dtype}")
+    if n is not None and labels.shape[0] != n:
+        raise ValueError(f"{name} has {labels.shape[0]} entries but there are {n} samples")
+    if labels.size:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+            raise ValueError(f"{name} must be in {bound}, found values from {low} to {high}")
+    return labels.astype(np.intp, copy=False)
 
 
 def flops_conv2d(geom):

@@ -2,6 +2,8 @@
 import os
 import threading
 
+from ._args import ceil_div
+
 _lock = threading.Lock()
 _num_threads = None
 # GNU OpenMP cannot start a thread team in a process forked from one whose team already ran: the child hangs
@@ -31,7 +33,7 @@ def _cgroup_quota():
         with open("/sys/fs/cgroup/cpu.max") as f:
             quota, period = f.read().split()[:2]
         if quota != "max":
-            return max(1, -(-int(quota) // int(period)))
+            return max(1, ceil_div(int(quota), int(period)))
         return None
     except (OSError, ValueError):
         pass
@@ -41,7 +43,7 @@ def _cgroup_quota():
         with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
             period = int(f.read())
         if quota > 0 and period > 0:
-            return max(1, -(-quota // period))
+            return max(1, ceil_div(quota, period))
     except (OSError, ValueError):
         pass
     return None

@@ -19,8 +19,9 @@ import zlib
 import numpy as np
 
 from . import datasets
+from ._args import check_labels
 
-__all__ = ["check_labels", "load_digits", "load_idx", "load_mnist", "load_fashion_mnist", "load_cifar10",
+__all__ = ["load_digits", "load_idx", "load_mnist", "load_fashion_mnist", "load_cifar10",
            "load_dataset", "download", "DATASETS"]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
@@ -31,24 +32,6 @@ CLASS_NAMES = {
                       "Ankle boot"],
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
 }
-
-
-def check_labels(labels, n=None, num_classes=None, name="labels"):
-    """Return labels as an intp array after checking: 1-D integers, n of them, each in [0, num_classes)."""
-    if not isinstance(labels, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of integer class labels, got {type(labels).__name__}")
-    if labels.ndim != 1:
-        raise ValueError(f"{name} must be 1-D class labels, got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"{name} must be integer class labels, got dtype {labels.dtype}")
-    if n is not None and labels.shape[0] != n:
-        raise ValueError(f"{name} has {labels.shape[0]} entries but there are {n} samples")
-    if labels.size:
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or (num_classes is not None and high >= num_classes):
-            bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
-            raise ValueError(f"{name} must be in {bound}, found values from {low} to {high}")
-    return labels.astype(np.intp, copy=False)
 
 
 def _split_stratified(labels, test_fraction, seed):

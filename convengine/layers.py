@@ -1,7 +1,8 @@
 """Layers: the building blocks of a Sequential model, each with forward(x, training) and backward(grad).
 
-Convolution, pooling, ReLU and the fully connected layer call `convengine.functional`, so their loops run in the
-compiled kernels; BatchNorm2d, Dropout, Flatten and GlobalAvgPool2d are a few vectorised NumPy expressions.
+Convolution, pooling, ReLU, batch normalisation and the fully connected layer call `convengine.functional`, so
+their loops run in the compiled kernels; Dropout, Flatten and GlobalAvgPool2d are a few vectorised NumPy
+expressions.
 A layer keeps what its backward needs only after a training forward; inference keeps nothing.
 
 Gradients accumulate into `Parameter.grad` (as in PyTorch) until the optimizer's zero_grad() clears them, which

@@ -7,7 +7,6 @@ not depend on the batch size.
 import numpy as np
 
 from . import _args
-from .data import check_labels
 
 __all__ = ["Loss", "MSELoss", "CrossEntropyLoss"]
 
@@ -37,7 +36,7 @@ class Loss:
         if not isinstance(target, np.ndarray):
             raise TypeError(f"target must be a numpy.ndarray, got {type(target).__name__}")
         if target.ndim == 1:
-            labels = check_labels(target, n, k, "target")
+            labels = _args.check_labels(target, n, k, "target")
             one_hot = np.zeros_like(pred)
             one_hot[np.arange(n), labels] = 1
             return one_hot, labels

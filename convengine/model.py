@@ -476,16 +476,13 @@ def lenet(input_shape=(1, 8, 8), num_classes=10):
     if min(h, w) < 16:
         if min(h, w) < 4:
             raise ValueError(f"lenet needs images of at least 4x4, got input_shape {(c, h, w)}")
-        layers = [Conv2d(c, 32, 3, padding=1), BatchNorm2d(32), ReLU(), MaxPool2d(2),
-                  Conv2d(32, 64, 3, padding=1), BatchNorm2d(64), ReLU(), MaxPool2d(2),
-                  Flatten(), Linear(64 * (h // 4) * (w // 4), 128), ReLU(), Dropout(0.25),
-                  Linear(128, num_classes, init="glorot")]
+        features = [Conv2d(c, 32, 3, padding=1), BatchNorm2d(32), ReLU(), MaxPool2d(2),
+                    Conv2d(32, 64, 3, padding=1), BatchNorm2d(64), ReLU(), MaxPool2d(2), Flatten()]
+        n = Sequential(features).output_shape((c, h, w))[0]
+        head = [Linear(n, 128), ReLU(), Dropout(0.25), Linear(128, num_classes, init="glorot")]
     else:
-        pad = 2 if min(h, w) < 32 else 0
-        h2, w2 = (h + 2 * pad - 4) // 2, (w + 2 * pad - 4) // 2
-        h3, w3 = (h2 - 4) // 2, (w2 - 4) // 2
-        layers = [Conv2d(c, 6, 5, padding=pad), ReLU(), MaxPool2d(2),
-                  Conv2d(6, 16, 5), ReLU(), MaxPool2d(2),
-                  Flatten(), Linear(16 * h3 * w3, 120), ReLU(), Linear(120, 84), ReLU(),
-                  Linear(84, num_classes, init="glorot")]
-    return Sequential(layers, input_shape=(c, h, w))
+        features = [Conv2d(c, 6, 5, padding=2 if min(h, w) < 32 else 0), ReLU(), MaxPool2d(2),
+                    Conv2d(6, 16, 5), ReLU(), MaxPool2d(2), Flatten()]
+        n = Sequential(features).output_shape((c, h, w))[0]
+        head = [Linear(n, 120), ReLU(), Linear(120, 84), ReLU(), Linear(84, num_classes, init="glorot")]
+    return Sequential(features + head, input_shape=(c, h, w))

@@ -10,7 +10,7 @@ import numpy as np
 
 from .layers import Parameter
 
-__all__ = ["Optimizer", "SGD", "Adam", "OPTIMIZER_TYPES"]
+__all__ = ["Optimizer", "SGD", "Adam"]
 
 
 def _number(value, name, minimum=0.0, maximum=math.inf, open_max=False):
@@ -189,5 +189,3 @@ class Adam(Optimizer):
     def hyperparameters(self):
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
 
-
-OPTIMIZER_TYPES = {cls.__name__: cls for cls in (SGD, Adam)}

@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from . import _args, _random
 from . import model as _model
-from .data import check_labels
 from .losses import Loss
 from .optim import Optimizer
 
@@ -271,7 +270,7 @@ class Trainer:
             raise ValueError(f"{name} of shape {x.shape} does not fit the model: {e}") from None
         if len(out_shape) != 1:
             raise ValueError(f"the model must output (N, classes) scores, but it gives per-sample shape {out_shape}")
-        labels = check_labels(y, x.shape[0], out_shape[0], name="y" if name == "x" else f"labels of {name}")
+        labels = _args.check_labels(y, x.shape[0], out_shape[0], name="y" if name == "x" else f"labels of {name}")
         return x, labels
 
     def _order(self, n, shuffle, seed, epoch):
@@ -338,7 +337,7 @@ class Trainer:
 
     def _run_epoch(self, x, y, order, batch_size, epoch, last_epoch, guard, callbacks, verbose, validation_data):
         n = order.shape[0]
-        n_batches = -(-n // batch_size)
+        n_batches = _args.ceil_div(n, batch_size)
         lr = self.optimizer.lr
         per_sample = self.loss.reduction == "mean"
         loss_sum = 0.0

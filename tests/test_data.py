@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from convengine import data
+from convengine import _args, data
 
 
 def test_digits_are_the_embedded_scikit_learn_digits_split_per_class():
@@ -196,11 +196,11 @@ def test_cifar10_bad_files(tmp_path, rng):
 
 
 def test_check_labels():
-    np.testing.assert_array_equal(data.check_labels(np.array([0, 2, 1], np.uint8), 3, 3), [0, 2, 1])
+    np.testing.assert_array_equal(_args.check_labels(np.array([0, 2, 1], np.uint8), 3, 3), [0, 2, 1])
     with pytest.raises(TypeError, match="integer"):
-        data.check_labels(np.array([0.0, 1.0]))
+        _args.check_labels(np.array([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
-        data.check_labels(np.array([0, 2]), 2, 2)
+        _args.check_labels(np.array([0, 2]), 2, 2)
 
 
 def test_load_dataset_arguments(tmp_path):

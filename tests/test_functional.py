@@ -1,8 +1,8 @@
 """The compiled engine (`convengine.functional`) against the NumPy reference.
 
 Grids walk the hyper-parameters (stride, padding, dilation, groups, bias, dtype, memory layout, odd and tiny sizes,
-channel counts that do not fill a GEMM tile); hypothesis draws further shapes and parameters; float64 finite
-differences check every backward of the engine on its own. Max pooling must agree bit for bit, indices included.
+channel counts that do not fill a GEMM tile); hypothesis draws further shapes and parameters. Max pooling must
+agree bit for bit, indices included. (Finite differences of every backward, both tiers: test_gradients.py.)
 """
 import itertools
 
@@ -16,10 +16,7 @@ from convengine import functional as F
 from convengine import reference as R
 from convengine._kernels import engine as _engine
 
-from conftest import (BATCH_NORM_GRAD_SHAPES, CONV_GRAD_CASES, CONV_PATHS, DTYPE_IDS, DTYPES, LAYOUTS,
-                      POOL_GRAD_CASES, as_layout, assert_close, case_id, check_avg_pool2d_gradients,
-                      check_batch_norm2d_gradients, check_conv2d_gradients, check_linear_gradients,
-                      check_max_pool2d_gradients, check_relu_gradients, randn)
+from conftest import CONV_PATHS, DTYPE_IDS, DTYPES, LAYOUTS, as_layout, assert_close, randn
 
 
 def check_conv2d(x, w, b, go=None, need_input_grad=True, **params):
@@ -226,14 +223,6 @@ def test_conv2d_backward_non_finite_inputs(rng, conv_path, groups):
 def test_force_conv_path_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown conv path"):
         _engine.force_conv_path("fastest")
-
-
-@pytest.mark.parametrize("case", [
-    dict(x=(2, 8, 4, 5), w=(8, 8, 3, 3), bias=True, padding=1),
-    dict(x=(1, 16, 5, 5), w=(8, 8, 3, 2), bias=True, stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
-], ids=case_id)
-def test_conv2d_every_path_finite_differences(rng, conv_path, case):
-    check_conv2d_gradients(F, case, rng)
 
 
 def test_conv2d_does_not_modify_inputs(rng):
@@ -478,11 +467,6 @@ def test_batch_norm2d_empty_batch_with_given_statistics():
     assert F.batch_norm2d(x, v, v, v, v).shape == x.shape
 
 
-@pytest.mark.parametrize("shape", BATCH_NORM_GRAD_SHAPES, ids=str)
-def test_batch_norm2d_backward_finite_differences(rng, shape):
-    check_batch_norm2d_gradients(F, shape, rng)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Hypothesis: drawn shapes and parameters
 # ---------------------------------------------------------------------------------------------------------------
@@ -578,30 +562,3 @@ def test_avg_pool2d_hypothesis(config, count_include_pad, dtype, seed):
     check_avg_pool2d(x, go_seed=seed, count_include_pad=count_include_pad, **params)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Finite differences of the engine's own backward (float64)
-# ---------------------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("case", CONV_GRAD_CASES, ids=case_id)
-def test_conv2d_backward_finite_differences(rng, case):
-    check_conv2d_gradients(F, case, rng)
-
-
-@pytest.mark.parametrize("case", POOL_GRAD_CASES, ids=case_id)
-def test_max_pool2d_backward_finite_differences(rng, case):
-    check_max_pool2d_gradients(F, case, rng)
-
-
-@pytest.mark.parametrize("count_include_pad", [True, False], ids=["incpad", "nopad"])
-@pytest.mark.parametrize("case", POOL_GRAD_CASES, ids=case_id)
-def test_avg_pool2d_backward_finite_differences(rng, case, count_include_pad):
-    check_avg_pool2d_gradients(F, case, rng, count_include_pad)
-
-
-def test_relu_backward_finite_differences(rng):
-    check_relu_gradients(F, rng)
-
-
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_linear_backward_finite_differences(rng, bias):
-    check_linear_gradients(F, rng, bias)

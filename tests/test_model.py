@@ -102,6 +102,20 @@ def test_lenet_shapes():
         lenet((1, 3, 3))
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 4), (1, 9, 11), (3, 15, 13), (1, 17, 20), (2, 33, 40)], ids=str)
+def test_lenet_fits_odd_image_sizes(shape):
+    """The first fully connected layer takes exactly what the convolutions leave of any image size: a batch runs
+    through, and its width is the flattened feature count."""
+    from convengine.layers import Flatten, Linear
+    model = lenet(shape, 3)
+    flatten = next(i for i, layer in enumerate(model) if isinstance(layer, Flatten))
+    features = Sequential(list(model)[:flatten + 1]).forward(np.zeros((2,) + shape, np.float32))
+    first_linear = model[flatten + 1]
+    assert isinstance(first_linear, Linear)
+    assert first_linear.weight.data.shape[1] == features.shape[1]
+    assert model.predict(np.zeros((2,) + shape, np.float32)).shape == (2, 3)
+
+
 def test_sequential_rejects_bad_layers():
     with pytest.raises(TypeError):
         Sequential([L.ReLU(), "relu"])

@@ -50,10 +50,6 @@ ISA = _select()
 engine = importlib.import_module(f"{__name__}._engine_{ISA}")
 
 
-def available_isas():
-    return _available()
-
-
 def build_info():
     """How the kernels were built and what runs now: compiler, flags, OpenMP, the ISA level in use."""
     from .._threads import get_num_threads
