@@ -19,7 +19,7 @@ from . import _args
 from .layers import (LAYER_TYPES, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU,
                      shapes_only)
 
-__all__ = ["Sequential", "load", "lenet", "FORMAT", "VERSION"]
+__all__ = ["Sequential", "load", "lenet", "FORMAT", "VERSION", "MAX_LAYERS"]
 
 FORMAT = "convengine-model"
 VERSION = 1
@@ -223,6 +223,8 @@ class Sequential:
 def _save(model, path, training=None, state_arrays=None):
     """Write model (and, for a training checkpoint, the trainer's JSON state and its arrays) atomically."""
     desc = model.description()
+    if isinstance(desc.get("layers"), list) and len(desc["layers"]) > MAX_LAYERS:
+        raise ValueError(f"a model file holds at most {MAX_LAYERS:,} layers, this model has {len(desc['layers']):,}")
     if training is not None:
         desc["training"] = training
     try:
@@ -264,6 +266,8 @@ class _FileError(ValueError):
     """A complaint about a model file, already naming it."""
 
 
+# No model needs more layers than this; the bound keeps a small description from building millions of them.
+MAX_LAYERS = 10_000
 # Python objects in a description this large are no model; the bound keeps a hostile file from claiming gigabytes.
 _MAX_DESCRIPTION_BYTES = 16 << 20
 
@@ -304,6 +308,11 @@ class _Reader:
             infos = self.zip.infolist()
         for info in infos:
             name = info.filename
+            # The format is an uncompressed .npz: a stored member is as large in the file as it is in memory, so
+            # the file's size bounds what loading it can allocate. A compressed one could inflate a thousandfold.
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                self.fail(f"member {name!r} is compressed (method {info.compress_type}); model files are "
+                          f"uncompressed .npz archives (numpy.savez, not savez_compressed)")
             if not name.endswith(".npy"):
                 self.fail(f"unexpected member {name!r}: a model file holds only .npy arrays")
             key = name[:-len(".npy")]
@@ -374,6 +383,9 @@ class _Reader:
         specs = desc.get("layers")
         if not isinstance(specs, list) or not specs:
             self.fail(f"'layers' must be a non-empty list, got {type(specs).__name__}")
+        if len(specs) > MAX_LAYERS:
+            self.fail(f"the description declares {len(specs):,} layers, more than the {MAX_LAYERS:,} a model "
+                      f"file may hold")
         layers = []
         # Placeholders only: a description may declare layers of any size, and the file's arrays, checked against
         # these shapes next, decide whether it is honest before anything is allocated.

@@ -459,3 +459,58 @@ def test_every_truncation_is_refused(saved, tmp_path):
         path.write_bytes(raw[:n])
         with pytest.raises(ValueError):
             convengine.load(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compressed members and layer counts: the file's size bounds what loading it allocates
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_a_compressed_model_file_is_refused(saved, tmp_path):
+    """The same members, honestly describing the model, but DEFLATE-compressed (numpy.savez_compressed): a small
+    such file can declare and inflate to hundreds of megabytes, so the format has only stored members."""
+    path = tmp_path / "compressed.npz"
+    path.write_bytes(build_zip(members(saved[1]), compression=zipfile.ZIP_DEFLATED))
+    error = assert_refused(path)
+    assert "compressed" in str(error)
+
+
+def test_an_honest_compressed_big_layer_is_refused_within_little_memory(tmp_path):
+    """Linear(2048, 2048) of zeros compresses to a few KB; loading it must not inflate the 16 MB."""
+    import tracemalloc
+    from convengine.model import Sequential
+    model = Sequential([Linear(2048, 2048)], input_shape=(2048,))
+    for p in model.parameters():
+        p.data[...] = 0
+    plain = tmp_path / "plain.npz"
+    model.save(plain)
+    path = tmp_path / "small.npz"
+    path.write_bytes(build_zip(members(plain.read_bytes()), compression=zipfile.ZIP_DEFLATED))
+    assert path.stat().st_size < 100_000
+    tracemalloc.start()
+    try:
+        assert_refused(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"peak {peak >> 20} MiB"
+
+
+def test_a_description_of_too_many_layers_is_refused(saved, tmp_path):
+    from convengine.model import MAX_LAYERS
+    desc = description(saved[1])
+    desc["layers"] = [{"type": "ReLU", "config": {}}] * (MAX_LAYERS + 1)
+    desc["input_shape"] = None
+    entries = {k: v for k, v in members(saved[1]).items() if not k.startswith(("param/", "buffer/"))}
+    entries["__convengine__.npy"] = description_member(desc)
+    path = tmp_path / "deep.npz"
+    path.write_bytes(build_zip(entries))
+    error = assert_refused(path)
+    assert "layers" in str(error) and f"{MAX_LAYERS:,}" in str(error)
+
+
+def test_saving_more_layers_than_a_file_may_hold_is_refused(tmp_path):
+    from convengine.model import MAX_LAYERS, Sequential
+    model = Sequential([ReLU() for _ in range(MAX_LAYERS + 1)])
+    with pytest.raises(ValueError, match="at most"):
+        model.save(tmp_path / "deep.npz")
+    assert not os.listdir(tmp_path)
