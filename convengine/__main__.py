@@ -135,7 +135,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CommandError, ValueError, TypeError, OSError) as e:
+    except (CommandError, ValueError, TypeError, OSError, FloatingPointError) as e:
         print(f"convengine {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -16,7 +16,12 @@ __all__ = ["Optimizer", "SGD", "Adam"]
 def _number(value, name, minimum=0.0, maximum=math.inf, open_max=False):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if not (minimum <= value <= maximum) or (open_max and value == maximum):
         raise ValueError(f"{name} must be in [{minimum}, {maximum}{')' if open_max else ']'}, got {value}")
     return value

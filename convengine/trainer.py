@@ -15,6 +15,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 
 import numpy as np
 from tqdm import tqdm
@@ -241,7 +242,13 @@ class Trainer:
     """Fit `model` (a Sequential classifier) by minimising `loss` with `optimizer`.
 
     `epoch` counts the epochs completed by this trainer (or restored from a checkpoint); fit(epochs=n) runs n more.
+
+    `on_nonfinite_loss` says what fit does when a batch's loss is NaN or infinite (a diverged run): "raise" (the
+    default) undoes that batch and raises FloatingPointError naming the epoch and batch; "warn" issues one
+    RuntimeWarning per fit and carries on.
     """
+
+    on_nonfinite_loss = "raise"
 
     def __init__(self, model, loss, optimizer):
         if not isinstance(model, _model.Sequential):
@@ -294,6 +301,8 @@ class Trainer:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise TypeError("validation_data must be a pair (x_val, y_val)")
             validation_data = self._data(*validation_data, name="validation_data")
+        if self.on_nonfinite_loss not in ("raise", "warn"):
+            raise ValueError(f"on_nonfinite_loss must be 'raise' or 'warn', got {self.on_nonfinite_loss!r}")
         callbacks = list(callbacks or [])
         for cb in callbacks:
             if not isinstance(cb, Callback):
@@ -301,6 +310,7 @@ class Trainer:
 
         history = History()
         self.stop_training = False
+        self._warned_nonfinite = False
         last_epoch = self.epoch + epochs
         for cb in callbacks:
             cb.on_train_begin(self)
@@ -359,6 +369,8 @@ class Trainer:
                 try:
                     out = self.model.forward(xb, training=True)
                     value = self.loss(out, yb)
+                    if not math.isfinite(value):
+                        self._nonfinite_loss(value, xb, epoch, b, n_batches, saved, guard)
                     grad = self.loss.backward()
                     self.optimizer.zero_grad()
                     self.model.backward(grad)
@@ -402,6 +414,27 @@ class Trainer:
         if verbose == 2:
             print(f"epoch {epoch + 1}/{last_epoch}: {self._line(logs)}", flush=True)
         return logs, True
+
+    def _nonfinite_loss(self, value, xb, epoch, b, n_batches, saved, guard):
+        """A batch's loss is NaN or infinite: undo the batch and raise, or warn once per fit (on_nonfinite_loss)."""
+        where = f"epoch {epoch + 1}, batch {b + 1} of {n_batches}"
+        if self.on_nonfinite_loss == "warn":
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(f"the training loss is {value} at {where}: training diverged", RuntimeWarning,
+                              stacklevel=4)
+            return
+        guard.critical = True
+        self._restore_batch_state(saved)
+        guard.critical = False
+        bad_inputs = int(xb.size - np.count_nonzero(np.isfinite(xb)))
+        bad_weights = sum(int(p.data.size - np.count_nonzero(np.isfinite(p.data))) for p in self.model.parameters())
+        raise FloatingPointError(
+            f"the training loss is {value} at {where}: training diverged; this batch was undone and no more were "
+            f"run. Usual causes: a learning rate too high (try a tenth of {self.optimizer.lr:g}), NaN or infinite "
+            f"values in the input (this batch holds {bad_inputs}), weights already non-finite ({bad_weights} now), "
+            f"or unscaled input (images in 0..255 rather than 0..1). Set trainer.on_nonfinite_loss = 'warn' to "
+            f"only warn.")
 
     def _batch_state(self):
         return [a.copy() for a in self.model.buffers().values()], _random.get_state()
