@@ -4,7 +4,8 @@ fit() shuffles each epoch, runs forward -> loss -> backward -> optimizer step pe
 epoch's loss, accuracy, time and images/s in a History. Callbacks (EarlyStopping, ModelCheckpoint,
 LearningRateScheduler) hook into the epochs. Ctrl-C during fit finishes the current batch, stops, and returns the
 History marked interrupted, with the model exactly as after that batch and usable; a KeyboardInterrupt raised
-inside a batch (a second Ctrl-C) undoes that batch instead.
+inside a batch (a second Ctrl-C) undoes that batch instead; one during the end-of-epoch validation keeps the
+epoch, with NaN validation metrics.
 
 Reproducibility: with fit(seed=s) the order of epoch e is drawn from a generator seeded with (s, e), so a run
 resumed from a checkpoint sees the same orders as an uninterrupted one; dropout draws from convengine's generator
@@ -405,8 +406,15 @@ class Trainer:
                 logs["batches"] = n_batches
                 return logs, False
             if validation_data is not None:
-                val = self.evaluate(*validation_data, batch_size=max(batch_size, 256))
-                logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
+                try:
+                    val = self.evaluate(*validation_data, batch_size=max(batch_size, 256))
+                    logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
+                except KeyboardInterrupt:
+                    # A second Ctrl-C during validation: every batch of the epoch is applied, so the epoch counts
+                    # as done (a resume must not repeat it); only its validation metrics are unknown. fit stops
+                    # after it.
+                    logs["val_loss"] = logs["val_accuracy"] = math.nan
+                    guard.requested = True
             if not bar.disable:
                 bar.set_postfix_str(self._line(logs), refresh=True)
         finally:

@@ -241,3 +241,33 @@ def test_ctrl_c_at_an_arbitrary_moment(delay):
     assert trainer.epoch == len(history)
     assert_state(model, reference_state(epoch, batch), f"model stopped at epoch {epoch} batch {batch}")
     check_usable(model)
+
+
+def test_second_ctrl_c_during_validation_keeps_the_finished_epoch(tmp_path):
+    """Ctrl-C in the last batch of epoch 2, then a second one during that epoch's validation: all its batches were
+    applied, so the epoch counts (trainer.epoch, history, the checkpoint), with NaN validation metrics, and a
+    resume does not repeat it."""
+    ckpt = tmp_path / "last.npz"
+    model, trainer = make_run()
+    evaluate = trainer.evaluate
+    calls = {"n": 0}
+
+    def interrupted_evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            send_sigint()
+        return evaluate(*args, **kwargs)
+
+    trainer.evaluate = interrupted_evaluate
+    history = trainer.fit(X, Y, epochs=4, batch_size=BATCH, seed=SEED, verbose=0, validation_data=(X[:16], Y[:16]),
+                          callbacks=[ModelCheckpoint(ckpt), At(1, BATCHES - 1, send_sigint)])
+    assert history.interrupted and history.partial_epoch is None
+    assert trainer.epoch == 2 and history.epoch == [1, 2]
+    assert np.isfinite(history["val_loss"][0]) and np.isnan(history["val_loss"][1])
+    assert_state(model, reference_state(1, BATCHES - 1), "model after epoch 2")
+    assert_state(convengine.load(ckpt), reference_state(1, BATCHES - 1), "checkpoint of epoch 2")
+    model2, trainer2 = make_run()
+    trainer2.load_checkpoint(ckpt)
+    assert trainer2.epoch == 2
+    trainer2.fit(X, Y, epochs=2, batch_size=BATCH, seed=SEED, verbose=0)
+    assert_state(model2, reference_state(3, BATCHES - 1), "resumed run after 4 epochs")
