@@ -114,6 +114,9 @@ class Layer:
         raise NotImplementedError
 
     def __call__(self, x, training=False):
+        # Called on a symbolic tensor of convengine.graph, the layer becomes a node of a graph model instead.
+        if getattr(x, "_convengine_symbolic", False):
+            return x._apply(self)
         return self.forward(x, training)
 
     def parameters(self):

@@ -22,7 +22,11 @@ from .layers import (LAYER_TYPES, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, 
 __all__ = ["Sequential", "load", "lenet", "FORMAT", "VERSION", "MAX_LAYERS"]
 
 FORMAT = "convengine-model"
-VERSION = 1
+# The newest format version this convengine reads and writes. Version 2 added graph models (convengine.graph):
+# layers with an "inputs" list and a top-level "output". A Sequential model needs nothing version 2 added, so its
+# files are still written as version 1, which every convengine reads.
+VERSION = 2
+_SEQUENTIAL_VERSION = 1
 _JSON_KEY = "__convengine__"
 
 
@@ -212,7 +216,7 @@ class Sequential:
         """The JSON-serialisable part of a saved model."""
         return {
             "format": FORMAT,
-            "version": VERSION,
+            "version": _SEQUENTIAL_VERSION,
             "dtype": self.dtype.name,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
             "metadata": self.metadata,
@@ -375,11 +379,11 @@ class _Reader:
         version = desc.get("version")
         if not isinstance(version, int) or isinstance(version, bool):
             self.fail(f"version must be an integer, got {version!r}")
-        if version != VERSION:
-            self.fail(f"format version {version} is not supported (this convengine reads version {VERSION})")
+        if not 1 <= version <= VERSION:
+            self.fail(f"format version {version} is not supported (this convengine reads versions 1 to {VERSION})")
         return desc
 
-    def layers(self, desc):
+    def layers(self, desc, types=LAYER_TYPES):
         specs = desc.get("layers")
         if not isinstance(specs, list) or not specs:
             self.fail(f"'layers' must be a non-empty list, got {type(specs).__name__}")
@@ -393,9 +397,9 @@ class _Reader:
             for i, spec in enumerate(specs):
                 if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
                     self.fail(f"layer {i} must be an object with a 'type' string, got {spec!r}")
-                cls = LAYER_TYPES.get(spec["type"])
+                cls = types.get(spec["type"])
                 if cls is None:
-                    self.fail(f"layer {i} has unknown type {spec['type']!r} (known: {', '.join(LAYER_TYPES)})")
+                    self.fail(f"layer {i} has unknown type {spec['type']!r} (known: {', '.join(types)})")
                 config = spec.get("config", {})
                 if not isinstance(config, dict):
                     self.fail(f"layer {i} config must be an object, got {type(config).__name__}")
@@ -406,11 +410,22 @@ class _Reader:
         return layers
 
     def model(self, desc):
+        if "output" in desc:
+            if desc["version"] < 2:
+                self.fail(f"a graph model (with an 'output') needs format version 2, the file says {desc['version']}")
+            from .graph import _from_description
+            return _from_description(self, desc)
         layers = self.layers(desc)
         try:
             model = Sequential(layers, input_shape=desc.get("input_shape"))
         except (TypeError, ValueError) as e:
             self.fail(f"bad model description: {e}")
+        return self.fill(model, desc)
+
+    def fill(self, model, desc):
+        """Check the description's dtype and metadata, then replace every placeholder parameter and buffer of the
+        model's layers by the file's array, after checking the file holds exactly the arrays they need."""
+        layers = model.layers
         if desc.get("dtype") != model.dtype.name:
             self.fail(f"dtype {desc.get('dtype')!r} does not match the layers' dtype {model.dtype.name}")
         metadata = desc.get("metadata", {})

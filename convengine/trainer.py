@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from . import _args, _random
 from . import model as _model
+from .graph import Graph
 from .losses import Loss
 from .optim import Optimizer
 
@@ -240,7 +241,7 @@ class _InterruptGuard:
 
 
 class Trainer:
-    """Fit `model` (a Sequential classifier) by minimising `loss` with `optimizer`.
+    """Fit `model` (a Sequential or graph-model classifier) by minimising `loss` with `optimizer`.
 
     `epoch` counts the epochs completed by this trainer (or restored from a checkpoint); fit(epochs=n) runs n more.
 
@@ -252,8 +253,8 @@ class Trainer:
     on_nonfinite_loss = "raise"
 
     def __init__(self, model, loss, optimizer):
-        if not isinstance(model, _model.Sequential):
-            raise TypeError(f"model must be a convengine Sequential, got {type(model).__name__}")
+        if not isinstance(model, (_model.Sequential, Graph)):
+            raise TypeError(f"model must be a convengine Sequential or Graph, got {type(model).__name__}")
         if not isinstance(loss, Loss):
             raise TypeError(f"loss must be a convengine.losses loss, got {type(loss).__name__}")
         if not isinstance(optimizer, Optimizer):
