@@ -38,6 +38,8 @@ class _Merge(Layer):
         if isinstance(inputs, (list, tuple)) and inputs and all(getattr(t, "_convengine_symbolic", False)
                                                                   for t in inputs):
             return SymbolicTensor._merge(self, list(inputs))
+        if getattr(inputs, "_convengine_symbolic", False):
+            inputs._apply(self)  # raises: a merge layer takes a list
         return self.forward(inputs, training)
 
     def _arrays(self, xs):
