@@ -53,6 +53,13 @@ def _non_negative_float(text):
     return value
 
 
+def _field_spec(text):
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected LAYER,Y,X (three integers), got {text!r}")
+    return tuple(_non_negative_int(p.strip()) for p in parts)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="convengine",
@@ -116,6 +123,25 @@ def build_parser():
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=cmd_info)
 
+    show = sub.add_parser(
+        "show", formatter_class=fmt, help="draw a saved model's filters, feature maps and receptive fields",
+        description="Print a saved model's layers and draw what it learned (needs matplotlib): the filters of "
+                    "its first conv layer, the feature maps one image produces, the input region one unit sees. "
+                    "Output paths are checked before any work.")
+    show.add_argument("model", metavar="MODEL", help="model file written by 'convengine train --save'")
+    show.add_argument("--filters", metavar="PNG", help="write the first conv layer's filters as a grid here")
+    show.add_argument("--image", metavar="NPY", help="one input image saved with numpy.save: (C, H, W), (H, W) "
+                                                     "for one channel, or (H, W, C)")
+    show.add_argument("--maps", metavar="PNG", help="write the feature maps --image produces after --layer here")
+    show.add_argument("--layer", type=_non_negative_int, default=None,
+                      help="layer index (as the printed table numbers them) whose output --maps draws "
+                           "(default: the first conv layer)")
+    show.add_argument("--receptive-field", metavar="LAYER,Y,X", type=_field_spec, default=None,
+                      help="print the input region that unit (Y, X) of layer LAYER's output sees")
+    show.add_argument("--field-plot", metavar="PNG",
+                      help="draw that region here, on --image when given, else on a blank input")
+    show.set_defaults(func=cmd_show)
+
     # `bench` hands every argument after it to convengine._bench (its own --help lists them), so argparse only
     # names it here; main() dispatches it before parsing.
     sub.add_parser("bench", add_help=False,
@@ -148,36 +174,36 @@ def _load_data(name, path):
     return data.load_dataset(name, path)
 
 
-def _check_plot(path):
+def _check_plot(path, option="--plot"):
+    """convengine.plot, after checking that matplotlib is installed and that `path` can be written as an image,
+    so that a bad path fails before any work. None when path is None."""
     if path is None:
         return None
     try:
-        import matplotlib
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
-        raise CommandError("--plot needs matplotlib, which is not installed: pip install 'convengine[plot]'") \
+        raise CommandError(f"{option} needs matplotlib, which is not installed: pip install 'convengine[plot]'") \
             from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    _check_output(path, option, FigureCanvasBase.get_supported_filetypes())
+    from . import plot
+    return plot
 
 
-def _plot(plt, history, path, title):
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = history.epoch
-    ax_loss.plot(epochs, history["loss"], marker="o", label="train")
-    ax_acc.plot(epochs, history["accuracy"], marker="o", label="train")
-    if "val_loss" in history:
-        ax_loss.plot(epochs, history["val_loss"], marker="o", label="test")
-        ax_acc.plot(epochs, history["val_accuracy"], marker="o", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _check_output(path, option, formats):
+    """Refuse, naming the user's path, an output file that cannot be written: a directory, a missing or
+    read-only folder, a read-only file, a suffix matplotlib cannot write."""
+    import os
+    folder = os.path.dirname(os.path.abspath(path))
+    suffix = os.path.splitext(path)[1][1:].lower()
+    if os.path.isdir(path):
+        raise CommandError(f"{option} {path}: is a directory; give a file name such as "
+                           f"{os.path.join(path, 'out.png')}")
+    if not os.path.isdir(folder):
+        raise CommandError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise CommandError(f"{option} {path}: not writable")
+    if suffix and suffix not in formats:
+        raise CommandError(f"{option} {path}: matplotlib cannot write .{suffix} files (use .png)")
 
 
 def cmd_train(args):
@@ -186,7 +212,7 @@ def cmd_train(args):
     from .optim import SGD, Adam
     from .trainer import LearningRateScheduler, Trainer
 
-    plt = _check_plot(args.plot)
+    plot = _check_plot(args.plot)
     if args.threads is not None:
         set_num_threads(args.threads)
     verbose = args.verbose if args.verbose is not None else (1 if sys.stderr.isatty() else 2)
@@ -222,8 +248,8 @@ def cmd_train(args):
     if args.save:
         model.save(args.save)
         print(f"saved the model to {args.save}")
-    if plt is not None and len(history):
-        _plot(plt, history, args.plot, f"lenet on {args.dataset}")
+    if plot is not None and len(history):
+        plot.history(history, args.plot, title=f"lenet on {args.dataset} (validation: the test split)")
         print(f"wrote the curves to {args.plot}")
     if history.interrupted:
         print("stopped by Ctrl-C", file=sys.stderr)
@@ -286,6 +312,67 @@ def cmd_info(args):
     print(f"threads: {info['threads']}")
     for key, value in info["build"].items():
         print(f"{key}: {value}")
+    return 0
+
+
+def cmd_show(args):
+    import os
+
+    from .model import load
+
+    if args.maps is not None and args.image is None:
+        raise CommandError("--maps needs --image NPY, the image whose feature maps it draws")
+    if args.layer is not None and args.maps is None:
+        raise CommandError("--layer chooses the layer that --maps draws; give --maps PNG")
+    if args.field_plot is not None and args.receptive_field is None:
+        raise CommandError("--field-plot needs --receptive-field LAYER,Y,X")
+    if args.image is not None and args.maps is None and args.field_plot is None:
+        raise CommandError("--image is drawn by --maps or --field-plot; give one of them")
+    outputs = [(option, path) for option, path in
+               (("--filters", args.filters), ("--maps", args.maps), ("--field-plot", args.field_plot)) if path]
+    plot = None
+    for option, path in outputs:
+        plot = _check_plot(path, option)
+    seen = {}
+    for option, path in outputs:
+        key = os.path.abspath(path)
+        if key in seen:
+            raise CommandError(f"{seen[key]} and {option} both name {path}")
+        seen[key] = option
+
+    model = load(args.model)
+    image = None
+    if args.image is not None:
+        try:
+            image = np.load(args.image, allow_pickle=False)
+        except ValueError as e:
+            raise CommandError(f"--image {args.image}: not a .npy file of numbers ({e})") from None
+        if not isinstance(image, np.ndarray):
+            image.close()
+            raise CommandError(f"--image {args.image}: holds several arrays; save one image with numpy.save")
+    region = None
+    if args.receptive_field is not None:  # checked before anything is printed or drawn
+        from .plot import receptive_field_region  # arithmetic only: no matplotlib needed
+        layer, y, x = args.receptive_field
+        shape = model.input_shape
+        if shape is None and image is not None and image.ndim == 3:
+            shape = image.shape
+        region = receptive_field_region(model, layer, (y, x), shape)
+    print(model.summary() if model.input_shape is not None else model)
+    if args.filters:
+        plot.filters(model, path=args.filters)
+        print(f"wrote the filters to {args.filters}")
+    if args.maps:
+        plot.feature_maps(model, image, layer=args.layer, path=args.maps)
+        print(f"wrote the feature maps to {args.maps}")
+    if region is not None:
+        rows, cols = region.rows, region.cols
+        print(f"layer {layer} ({type(model.layers[layer]).__name__}) unit ({y}, {x}) sees input rows "
+              f"{rows.start}..{rows.stop - 1} and columns {cols.start}..{cols.stop - 1}; its receptive field is "
+              f"{region.size[0]} x {region.size[1]} pixels")
+        if args.field_plot:
+            plot.receptive_field(model, layer, (y, x), path=args.field_plot, image=image)
+            print(f"wrote the receptive field to {args.field_plot}")
     return 0
 
 
