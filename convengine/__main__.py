@@ -1,7 +1,8 @@
 """Command line: `python -m convengine {train,evaluate,info,bench}` (also installed as the `convengine` script).
 
 `train` with no options trains the LeNet-style digits net on the embedded 8x8 digits with a fixed seed and prints
-per-epoch progress and the held-out test accuracy.
+per-epoch progress and the held-out test accuracy. Started by `mpiexec -n N`, it trains data-parallel over the N
+ranks (convengine.distributed); only rank 0 prints and writes files.
 """
 import argparse
 import json
@@ -98,6 +99,10 @@ def build_parser():
                        help="kernel threads (default: OMP_NUM_THREADS, else the usable cores)")
     train.add_argument("--seed", type=_non_negative_int, default=TRAIN_DEFAULTS["seed"],
                        help="seed of initialisation, dropout and shuffling: one seed gives one model")
+    train.add_argument("--shards", type=_positive_int, default=None,
+                       help="split each batch into this many fixed micro-batches whose gradients are summed in "
+                            "order, so the weights are the same for any number of MPI ranks up to it (default: "
+                            "the rank count under mpiexec, else whole batches)")
     train.add_argument("--save", metavar="PATH", help="write the trained model here (.npz)")
     train.add_argument("--plot", metavar="PATH", help="write loss and accuracy curves as a PNG (needs matplotlib)")
     train.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
@@ -207,15 +212,28 @@ def _check_output(path, option, formats):
 
 
 def cmd_train(args):
+    from . import distributed
+
+    comm = distributed.world()
+    with distributed.abort_on_error(comm):
+        return _train(args, comm)
+
+
+def _train(args, comm):
     from .losses import CrossEntropyLoss
     from .model import lenet
     from .optim import SGD, Adam
     from .trainer import LearningRateScheduler, Trainer
 
-    plot = _check_plot(args.plot)
+    root = comm is None or comm.Get_rank() == 0
+    say = print if root else (lambda *a, **k: None)
+    plot = _check_plot(args.plot) if root else None
     if args.threads is not None:
         set_num_threads(args.threads)
     verbose = args.verbose if args.verbose is not None else (1 if sys.stderr.isatty() else 2)
+    if comm is not None and args.shards is not None and args.shards < comm.Get_size():
+        raise CommandError(f"--shards {args.shards} is fewer than the {comm.Get_size()} ranks; every rank needs "
+                           "a shard")
     (x_train, y_train), (x_test, y_test) = _load_data(args.dataset, args.data)
     num_classes = len(data.CLASS_NAMES[args.dataset])
 
@@ -232,10 +250,13 @@ def cmd_train(args):
     if args.schedule == "cosine" and args.epochs > 0:
         epochs = args.epochs
         callbacks.append(LearningRateScheduler(lambda e, _: lr * 0.5 * (1.0 + math.cos(math.pi * e / epochs))))
-    trainer = Trainer(model, CrossEntropyLoss(), optimizer)
+    trainer = Trainer(model, CrossEntropyLoss(), optimizer, comm=comm, shards=args.shards)
 
     n_params = sum(p.data.size for p in model.parameters())
-    print(f"{args.dataset}: {len(x_train)} training and {len(x_test)} test images of shape {x_train.shape[1:]}; "
+    if trainer.parallel is not None:
+        say(f"data-parallel: {trainer.parallel.size} ranks, {trainer.parallel.shards} shards of each batch of "
+            f"{args.batch_size}", flush=True)
+    say(f"{args.dataset}: {len(x_train)} training and {len(x_test)} test images of shape {x_train.shape[1:]}; "
           f"lenet with {n_params:,} parameters; {args.optimizer} lr {lr:g}, {args.schedule} schedule, "
           f"batch {args.batch_size}, seed {args.seed}, {get_num_threads()} threads", flush=True)
     history = trainer.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
@@ -243,16 +264,16 @@ def cmd_train(args):
     result = trainer.evaluate(x_test, y_test)
     correct = int(round(result["accuracy"] * len(x_test)))
     seconds = sum(history["time"]) if len(history) else 0.0
-    print(f"test accuracy: {100 * result['accuracy']:.2f}% ({correct}/{len(x_test)}), test loss "
+    say(f"test accuracy: {100 * result['accuracy']:.2f}% ({correct}/{len(x_test)}), test loss "
           f"{result['loss']:.4f}, after {len(history)} epochs ({seconds:.1f} s of training)", flush=True)
-    if args.save:
+    if args.save and root:
         model.save(args.save)
-        print(f"saved the model to {args.save}")
+        say(f"saved the model to {args.save}")
     if plot is not None and len(history):
         plot.history(history, args.plot, title=f"lenet on {args.dataset} (validation: the test split)")
-        print(f"wrote the curves to {args.plot}")
+        say(f"wrote the curves to {args.plot}")
     if history.interrupted:
-        print("stopped by Ctrl-C", file=sys.stderr)
+        say("stopped by Ctrl-C", file=sys.stderr)
         return 130
     return 0
 
@@ -301,15 +322,22 @@ def cmd_evaluate(args):
 
 
 def cmd_info(args):
-    from . import build_info
+    from . import build_info, distributed
 
     info = {"convengine": __version__, "build": build_info(), "threads": get_num_threads(),
             "python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
+    mpi = distributed.mpi_info()
+    if mpi is not None:
+        info["mpi"] = mpi
+        if mpi["rank"] != 0:
+            return 0
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
     print(f"convengine {info['convengine']} (python {info['python']}, numpy {info['numpy']}, {info['platform']})")
     print(f"threads: {info['threads']}")
+    if mpi is not None:
+        print(f"mpi: {mpi['vendor']} ({mpi['library']}), {mpi['ranks']} ranks, mpi4py {mpi['mpi4py']}")
     for key, value in info["build"].items():
         print(f"{key}: {value}")
     return 0

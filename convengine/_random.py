@@ -1,4 +1,6 @@
 """The generator behind parameter initialisation and dropout, so that one seed gives one model."""
+import contextlib
+
 import numpy as np
 
 _generator = np.random.default_rng()
@@ -41,3 +43,16 @@ def set_state(state):
         raise ValueError(f"invalid {name} random state: {e}") from None
     _generator = np.random.Generator(bit_generator)
 
+
+
+@contextlib.contextmanager
+def using(generator):
+    """Draw from `generator` (a numpy Generator) instead of the process-wide one inside the block; data-parallel
+    training gives each shard of a batch its own dropout stream this way."""
+    global _generator
+    previous = _generator
+    _generator = generator
+    try:
+        yield
+    finally:
+        _generator = previous

@@ -468,6 +468,7 @@ class BatchNorm2d(Layer):
         self.running_mean = _filled(self.num_features, self.dtype, 0)
         self.running_var = _filled(self.num_features, self.dtype, 1)
         self._cache = None
+        self._stats_hook = None
 
     @property
     def weight(self):
@@ -495,13 +496,23 @@ class BatchNorm2d(Layer):
         # (F refuses a batch with one value per channel)
         y, mean, var = F.batch_norm2d_training(x, gamma, beta, self.eps)
         m = x.shape[0] * x.shape[2] * x.shape[3]
+        if self._stats_hook is None:
+            self.update_running_stats(mean, var, m)
+        else:
+            self._stats_hook(mean, var, m)
+        self._cache = (x, mean, var)
+        return y
+
+    def update_running_stats(self, mean, var, count):
+        """Fold one batch's per-channel mean and biased variance over `count` values into the running statistics:
+        running = (1 - momentum) * running + momentum * batch, the variance made unbiased by count / (count - 1).
+        Data-parallel training collects each shard's statistics (through _stats_hook) and calls this in shard
+        order on every rank."""
         mom = self.dtype.type(self.momentum)
         self.running_mean *= 1 - mom
         self.running_mean += mom * mean
         self.running_var *= 1 - mom
-        self.running_var += mom * var * self.dtype.type(m / (m - 1))
-        self._cache = (x, mean, var)
-        return y
+        self.running_var += mom * var * self.dtype.type(count / (count - 1))
 
     def backward(self, grad):
         x, mean, var = self._needs_cache(self._cache)

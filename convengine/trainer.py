@@ -11,6 +11,11 @@ Reproducibility: with fit(seed=s) the order of epoch e is drawn from a generator
 resumed from a checkpoint sees the same orders as an uninterrupted one; dropout draws from convengine's generator
 (manual_seed), whose state a checkpoint stores. Every kernel is bitwise deterministic at any thread count, so the
 same seeds give the same weights.
+
+Data-parallel training: Trainer(..., comm=MPI.COMM_WORLD) on every rank of an mpiexec job (or shards=S in one
+process) splits each global batch into fixed shards and sums their gradients in shard order, so the weights do not
+depend on the number of ranks (convengine.distributed). Only rank 0 prints and writes checkpoints; evaluate() and
+validation are split over the ranks; an exception on one rank ends the job.
 """
 import math
 import signal
@@ -22,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import _args, _random
+from . import distributed as _distributed
 from . import model as _model
 from .graph import Graph
 from .losses import Loss
@@ -240,6 +246,18 @@ class _InterruptGuard:
         return False
 
 
+def _ends_job_on_error(method):
+    """Under a multi-rank communicator, an exception on one rank ends the whole job (MPI Abort) with that rank's
+    message, rather than leaving the other ranks waiting in a collective."""
+    def wrapper(self, *args, **kwargs):
+        if self.parallel is None or self.parallel.size == 1:
+            return method(self, *args, **kwargs)
+        with _distributed.abort_on_error(self.parallel.comm):
+            return method(self, *args, **kwargs)
+    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return wrapper
+
+
 class Trainer:
     """Fit `model` (a Sequential or graph-model classifier) by minimising `loss` with `optimizer`.
 
@@ -248,11 +266,18 @@ class Trainer:
     `on_nonfinite_loss` says what fit does when a batch's loss is NaN or infinite (a diverged run): "raise" (the
     default) undoes that batch and raises FloatingPointError naming the epoch and batch; "warn" issues one
     RuntimeWarning per fit and carries on.
+
+    `comm` (an mpi4py communicator such as MPI.COMM_WORLD) trains data-parallel: every rank builds the same model
+    with the same seed and passes the same arrays to fit, whose `batch_size` is then the global batch. `shards`
+    (default: the rank count; at least that) fixed micro-batches per batch have their gradients summed in shard
+    order, so the weights are bitwise identical for 1 .. shards ranks, and to shards=S without comm. BatchNorm uses
+    per-shard (ghost) statistics and dropout a per-shard stream; see convengine.distributed. `parallel` is the
+    DataParallel plan, None for the classic single-batch trainer.
     """
 
     on_nonfinite_loss = "raise"
 
-    def __init__(self, model, loss, optimizer):
+    def __init__(self, model, loss, optimizer, comm=None, shards=None):
         if not isinstance(model, (_model.Sequential, Graph)):
             raise TypeError(f"model must be a convengine Sequential or Graph, got {type(model).__name__}")
         if not isinstance(loss, Loss):
@@ -268,6 +293,7 @@ class Trainer:
         self.optimizer = optimizer
         self.epoch = 0
         self.stop_training = False
+        self.parallel = None if comm is None and shards is None else _distributed.DataParallel(model, comm, shards)
 
     def _data(self, x, y, name="x"):
         x = self.model._input(x)
@@ -288,6 +314,7 @@ class Trainer:
         rng = _random.generator() if seed is None else np.random.default_rng([seed, epoch])
         return rng.permutation(n)
 
+    @_ends_job_on_error
     def fit(self, x, y, epochs, batch_size, validation_data=None, shuffle=True, seed=None, callbacks=None,
             verbose=1):
         """Train for `epochs` more epochs of mini-batches of `batch_size`; y holds integer class labels.
@@ -298,6 +325,9 @@ class Trainer:
             seed = _args.check_int(seed, "seed", 0)
         if verbose not in (0, 1, 2):
             raise ValueError(f"verbose must be 0 (silent), 1 (progress bar) or 2 (one line per epoch), got {verbose!r}")
+        if self.parallel is not None:
+            verbose = verbose if self.parallel.is_root else 0
+            self.parallel.check_replicas("at the start of fit")
         x, y = self._data(x, y)
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
@@ -369,14 +399,25 @@ class Trainer:
                 saved = self._batch_state()
                 guard.critical = False
                 try:
-                    out = self.model.forward(xb, training=True)
-                    value = self.loss(out, yb)
-                    if not math.isfinite(value):
-                        self._nonfinite_loss(value, xb, epoch, b, n_batches, saved, guard)
-                    grad = self.loss.backward()
-                    self.optimizer.zero_grad()
-                    self.model.backward(grad)
+                    if self.parallel is not None:
+                        # every rank gets the same global-batch loss, so a non-finite one stops them all alike
+                        value, batch_correct, stop = self.parallel.gradients(
+                            self.loss, x, y, idx, self._count_correct, guard.requested)
+                        guard.requested = guard.requested or stop
+                        if not math.isfinite(value):
+                            self._nonfinite_loss(value, xb, epoch, b, n_batches, saved, guard)
+                    else:
+                        out = self.model.forward(xb, training=True)
+                        value = self.loss(out, yb)
+                        if not math.isfinite(value):
+                            self._nonfinite_loss(value, xb, epoch, b, n_batches, saved, guard)
+                        grad = self.loss.backward()
+                        self.optimizer.zero_grad()
+                        self.model.backward(grad)
+                        batch_correct = self._count_correct(out, yb)
                 except KeyboardInterrupt:
+                    if self.parallel is not None and self.parallel.size > 1:
+                        raise  # the other ranks are inside the same step: the job ends
                     guard.critical = True
                     self._restore_batch_state(saved)
                     complete = False
@@ -386,7 +427,7 @@ class Trainer:
                 self.optimizer.step()
                 guard.critical = False
                 loss_sum += value * len(idx) if per_sample else value
-                correct += int(np.count_nonzero(out.argmax(axis=1) == yb))
+                correct += batch_correct
                 seen += len(idx)
                 if not bar.disable:
                     elapsed = time.perf_counter() - start
@@ -455,33 +496,47 @@ class Trainer:
         _random.set_state(random_state)
 
     @staticmethod
+    def _count_correct(out, yb):
+        return int(np.count_nonzero(out.argmax(axis=1) == yb))
+
+    @staticmethod
     def _line(logs):
         text = f"loss={logs['loss']:.4f} acc={logs['accuracy']:.4f}"
         if "val_loss" in logs:
             text += f" val_loss={logs['val_loss']:.4f} val_acc={logs['val_accuracy']:.4f}"
         return text + f" {logs['images_per_second']:,.0f} img/s {logs['time']:.2f}s"
 
+    @_ends_job_on_error
     def evaluate(self, x, y, batch_size=256):
         """{'loss': mean loss per sample, 'accuracy': fraction of argmax predictions equal to y} in inference
         mode."""
         x, y = self._data(x, y)
-        outputs = self.model.predict(x, batch_size)
+        outputs = self.predict(x, batch_size)
         value = self.loss(outputs, y)
         if self.loss.reduction == "sum":
             value /= x.shape[0]
         return {"loss": float(value), "accuracy": float(np.mean(outputs.argmax(axis=1) == y))}
 
     def predict(self, x, batch_size=256):
-        """Model outputs (scores) for x, batch by batch in inference mode; argmax(axis=1) gives classes."""
+        """Model outputs (scores) for x, batch by batch in inference mode; argmax(axis=1) gives classes. Under a
+        communicator the batches are split over the ranks and every rank receives all outputs."""
+        if self.parallel is not None:
+            return self.parallel.predict(x, batch_size)
         return self.model.predict(x, batch_size)
 
     def save_checkpoint(self, path):
         """Save the model with everything needed to resume training exactly: optimizer slots and hyper-parameters,
-        the epoch count and convengine's random state (dropout)."""
+        the epoch count and convengine's random state (dropout). Under a communicator call it on every rank: rank 0
+        writes the file and the others wait for it, so that any rank may resume from it at once."""
+        if self.parallel is not None and not self.parallel.is_root:
+            self.parallel.barrier()
+            return
         opt_desc, opt_arrays = self.optimizer.state_dict()
         training = {"epoch": self.epoch, "optimizer": opt_desc, "random_state": _random.get_state()}
         _model._save(self.model, path, training=training,
                      state_arrays={f"optimizer/{k}": a for k, a in opt_arrays.items()})
+        if self.parallel is not None:
+            self.parallel.barrier()
 
     def load_checkpoint(self, path):
         """Restore a checkpoint written by save_checkpoint (ModelCheckpoint) into this trainer's model and

@@ -1,0 +1,88 @@
+"""The program that test_distributed.py starts under mpiexec (and runs in-process without MPI).
+
+    python tests/distributed_worker.py train OUT [--shards S] [--epochs E] [--checkpoint PATH]
+    python tests/distributed_worker.py resume OUT --checkpoint PATH [--shards S] [--epochs E]
+    python tests/distributed_worker.py fail OUT
+
+`train` fits a tiny net with BatchNorm and Dropout on a subset of the digits and writes, from every rank,
+OUT/rank<r>.npz with its parameters and buffers and rank 0's history; `resume` builds the model with another seed,
+loads the checkpoint and trains on; `fail` gives rank 1 labels out of range, so that rank fails inside fit.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+import convengine
+from convengine import data, distributed
+from convengine import layers as L
+from convengine.losses import CrossEntropyLoss
+from convengine.optim import SGD
+from convengine.trainer import ModelCheckpoint, Trainer
+
+SAMPLES, VALIDATION, BATCH = 120, 60, 30
+
+
+def build(seed):
+    convengine.manual_seed(seed)
+    model = convengine.Sequential([
+        L.Conv2d(1, 4, 3, padding=1), L.BatchNorm2d(4), L.ReLU(), L.MaxPool2d(2),
+        L.Flatten(), L.Linear(4 * 4 * 4, 16), L.ReLU(), L.Dropout(0.3), L.Linear(16, 10)])
+    return model
+
+
+def digits():
+    (x, y), (x_val, y_val) = data.load_digits()
+    return x[:SAMPLES], y[:SAMPLES], x_val[:VALIDATION], y_val[:VALIDATION]
+
+
+def trainer_for(model, comm, shards):
+    optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return Trainer(model, CrossEntropyLoss(), optimizer, comm=comm, shards=shards)
+
+
+def write(out, trainer, history, rank):
+    arrays = {f"param/{p.name}": p.data for p in trainer.model.parameters()}
+    arrays.update({f"buffer/{k}": a for k, a in trainer.model.buffers().items()})
+    np.savez(os.path.join(out, f"rank{rank}.npz"), **arrays)
+    if rank == 0:
+        with open(os.path.join(out, "history.json"), "w") as f:
+            json.dump({k: history[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}, f)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("train", "resume", "fail"))
+    parser.add_argument("out")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--checkpoint")
+    args = parser.parse_args(argv)
+    comm = distributed.world()
+    rank = 0 if comm is None else comm.Get_rank()
+    x, y, x_val, y_val = digits()
+    if args.mode == "fail":
+        model = build(0)
+        trainer = trainer_for(model, comm, args.shards)
+        if rank == 1:
+            y = y.copy()
+            y[7] = 99
+        trainer.fit(x, y, epochs=1, batch_size=BATCH, seed=1, verbose=0)
+        return 0
+    model = build(0 if args.mode == "train" else 123)
+    trainer = trainer_for(model, comm, args.shards)
+    callbacks = []
+    if args.mode == "resume":
+        trainer.load_checkpoint(args.checkpoint)
+    elif args.checkpoint:
+        callbacks.append(ModelCheckpoint(args.checkpoint))
+    history = trainer.fit(x, y, epochs=args.epochs, batch_size=BATCH, validation_data=(x_val, y_val), seed=1,
+                          callbacks=callbacks, verbose=0)
+    write(args.out, trainer, history, rank)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
