@@ -1,0 +1,369 @@
+"""ONNX in and out (convengine.onnx): PyTorch -> ONNX -> convengine and convengine -> ONNX -> ONNX Runtime for
+LeNet-5, a CIFAR-shaped BN net, a depthwise-separable net, ResNet-8 and a two-branch concat net; training an imported
+ResNet-8 and exporting it again; hostile files; the error without the onnx package."""
+import json
+import os
+import sys
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+
+import convengine
+from convengine import layers as L
+from convengine import losses, optim
+from convengine.graph import Add, Concat, Graph, Input
+from convengine.model import Sequential
+from convengine.trainer import Trainer
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+cx = pytest.importorskip("convengine.onnx")
+
+NET_NAMES = ["lenet5", "cifar_bn", "depthwise_separable", "resnet8", "two_branch"]
+# The ops each PyTorch net must have put in its file, so that every supported op is really read.
+NET_OPS = {
+    "lenet5": {"Conv", "Relu", "MaxPool", "AveragePool", "Flatten", "Gemm"},
+    "cifar_bn": {"Conv", "BatchNormalization", "MaxPool", "AveragePool", "Flatten", "Gemm"},
+    "depthwise_separable": {"Conv", "BatchNormalization", "GlobalAveragePool", "Flatten", "Gemm"},
+    "resnet8": {"Conv", "BatchNormalization", "Add", "GlobalAveragePool", "Shape", "Gather", "Reshape", "Gemm"},
+    "two_branch": {"Conv", "Concat", "MaxPool", "Flatten", "Gemm"},
+}
+
+
+def rel_err(got, expected):
+    """max |got - expected| relative to the largest |expected|."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    return float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+
+
+@pytest.fixture(scope="module")
+def torch_nets(tmp_path_factory):
+    """{name: (torch module in eval mode, per-sample input shape, path of its ONNX export)} with a dynamic batch."""
+    torch = pytest.importorskip("torch")
+    from onnx_nets import NETS
+    folder = tmp_path_factory.mktemp("torch_onnx")
+    torch.manual_seed(0)
+    out = {}
+    for name in NET_NAMES:
+        net, shape = NETS[name]()
+        with torch.no_grad():  # running statistics far from 0 and 1, so that BatchNorm's inference path matters
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+        net.eval()
+        path = folder / f"{name}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (torch.zeros(2, *shape),), str(path), dynamo=False, do_constant_folding=False,
+                              input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+        out[name] = (net, shape, path)
+    return out
+
+
+def torch_output(net, x):
+    import torch
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("name", NET_NAMES)
+def test_pytorch_models_load_and_match_pytorch(name, torch_nets, rng):
+    net, shape, path = torch_nets[name]
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert NET_OPS[name] <= ops, f"the export lacks {NET_OPS[name] - ops}"
+    model = cx.load(path)
+    assert isinstance(model, Graph if name in ("resnet8", "two_branch") else Sequential)
+    x = rng.standard_normal((3,) + shape).astype(np.float32)  # another batch size than the export's
+    assert rel_err(model.predict(x), torch_output(net, x)) < 1e-5
+    # Every trained tensor became a parameter (BatchNorm's running statistics are buffers).
+    n_torch = sum(p.numel() for p in net.parameters())
+    assert sum(p.data.size for p in model.parameters()) == n_torch
+    assert model.input_shape == shape
+
+
+@pytest.mark.parametrize("name", NET_NAMES)
+def test_exported_models_run_in_onnxruntime_like_convengine(name, torch_nets, rng, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    _, shape, path = torch_nets[name]
+    model = cx.load(path)
+    out = tmp_path / f"{name}.onnx"
+    cx.export(model, out)
+    x = rng.standard_normal((5,) + shape).astype(np.float32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ours = model.predict(x)
+    assert rel_err(session.run(None, {"input": x})[0], ours) < 1e-5
+    # Back into convengine: the same layers and the same numbers.
+    again = cx.load(out)
+    assert again.predict(x).tobytes() == ours.tobytes()
+
+
+def native_graph():
+    """Layers and settings PyTorch's exporter does not produce: 'same' padding with stride 2, GlobalAvgPool2d,
+    Dropout, a three-way Add, Concat of a pooled branch."""
+    x = Input((3, 12, 12))
+    h = L.ReLU()(L.BatchNorm2d(6)(L.Conv2d(3, 6, 3, stride=2, padding="same")(x)))
+    a = L.Conv2d(6, 6, 3, padding=1)(h)
+    b = L.Conv2d(6, 6, 1)(h)
+    h = L.ReLU()(Add()([a, b, h]))
+    h = Concat()([h, L.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)(h)])
+    h = L.Dropout(0.5)(L.Flatten()(L.GlobalAvgPool2d()(h)))
+    return Graph(x, L.Linear(12, 4)(h))
+
+
+def test_native_graph_runs_in_onnxruntime_and_round_trips(tmp_path, rng):
+    ort = pytest.importorskip("onnxruntime")
+    convengine.manual_seed(0)
+    model = native_graph()
+    for p in model.parameters():  # no all-zero biases
+        p.data += rng.uniform(-0.1, 0.1, p.data.shape).astype(p.data.dtype)
+    model.layers[1].running_var[:] = rng.uniform(0.5, 2, 6)
+    model.metadata = {"dataset": "digits", "classes": 4}
+    path = tmp_path / "native.onnx"
+    cx.export(model, path)
+    x = rng.standard_normal((4, 3, 12, 12)).astype(np.float32)
+    ours = model.predict(x)
+    theirs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert rel_err(theirs, ours) < 1e-5
+    back = cx.load(path)
+    assert back.metadata == model.metadata
+    assert rel_err(back.predict(x), ours) < 1e-6
+
+
+def test_imported_resnet8_trains_and_exports_again(torch_nets, rng, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    net, shape, path = torch_nets["resnet8"]
+    model = cx.load(path)
+    x = rng.standard_normal((16,) + shape).astype(np.float32)
+    y = rng.integers(0, 10, 16)
+    before = [p.data.copy() for p in model.parameters()]
+    trainer = Trainer(model, losses.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    history = trainer.fit(x, y, epochs=3, batch_size=8, seed=0, verbose=0)
+    assert history["loss"][-1] < history["loss"][0]
+    assert all(not np.array_equal(p.data, b) for p, b in zip(model.parameters(), before))
+    out = tmp_path / "trained.onnx"
+    cx.export(model, out)
+    ours = model.predict(x[:4])
+    assert rel_err(ort.InferenceSession(str(out)).run(None, {"input": x[:4]})[0], ours) < 1e-5
+    assert rel_err(torch_output(net, x[:4]), ours) > 1e-3  # it did move away from the PyTorch weights
+
+
+def test_pytorch_dynamo_exporter_output_loads(rng, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    from onnx_nets import lenet5
+    torch.manual_seed(1)
+    net, shape = lenet5()
+    net.eval()
+    path = tmp_path / "dynamo.onnx"
+    x = rng.standard_normal((2,) + shape).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.from_numpy(x),), str(path), dynamo=True, verbose=False)
+    model = cx.load(path)
+    assert rel_err(model.predict(x), torch_output(net, x)) < 1e-5
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Hostile and unsupported files
+# -------------------------------------------------------------------------------------------------------------------
+
+def small_proto(tmp_path):
+    """The ModelProto of a small exported convengine model."""
+    convengine.manual_seed(0)
+    model = Sequential([L.Conv2d(1, 2, 3), L.ReLU(), L.Flatten(), L.Linear(2 * 4 * 4, 3)], input_shape=(1, 6, 6))
+    cx.export(model, tmp_path / "good.onnx")
+    return onnx.load(str(tmp_path / "good.onnx"))
+
+
+def save(proto, path):
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def node(proto, op):
+    return next(n for n in proto.graph.node if n.op_type == op)
+
+
+def init(proto, name):
+    return next(t for t in proto.graph.initializer if t.name == name)
+
+
+def _external(location, offset=0, length=None, data=None):
+    def edit(p, folder):
+        t = init(p, "0.weight")
+        nbytes = len(t.raw_data)
+        if data is not None:
+            (folder / "weights.bin").write_bytes(data)
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        entries = {"location": location, "offset": str(offset), "length": str(nbytes if length is None else length)}
+        for k, v in entries.items():
+            e = t.external_data.add()
+            e.key, e.value = k, v
+    return edit
+
+
+def _cycle(p, folder):
+    relu = node(p, "Relu")
+    conv = node(p, "Conv")
+    conv.input[0] = relu.output[0]
+
+
+def _dangling(p, folder):
+    node(p, "Relu").input[0] = "nowhere"
+
+
+def _duplicate_output(p, folder):
+    node(p, "Flatten").output[0] = node(p, "Relu").output[0]
+
+
+def _duplicate_initializer(p, folder):
+    p.graph.initializer.append(init(p, "0.bias"))
+
+
+def _duplicate_node_name(p, folder):
+    node(p, "Relu").name = node(p, "Conv").name
+
+
+def _unsupported(p, folder):
+    node(p, "Relu").op_type = "Sigmoid"
+
+
+def _huge_dims(p, folder):
+    t = init(p, "3.weight")
+    del t.dims[:]
+    t.dims.extend([1 << 20, 1 << 20])
+
+
+def _shape_mismatch(p, folder):
+    t = init(p, "3.weight")
+    del t.dims[:]
+    t.dims.extend([3, 16])
+    t.raw_data = t.raw_data[:3 * 16 * 4]
+
+
+def _huge_input(p, folder):
+    dims = p.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_value = 1 << 40
+
+
+def _custom_domain(p, folder):
+    node(p, "Relu").domain = "com.example"
+
+
+def _truncated_raw(p, folder):
+    t = init(p, "0.weight")
+    t.raw_data = t.raw_data[:-4]
+
+
+HOSTILE = {
+    # name: (edit of the proto, or bytes; the message; the node that must be named, or None)
+    "empty": (b"", "empty file", None),
+    "random bytes": (bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)), "not an ONNX model",
+                     None),
+    "truncated": ("truncate", "not an ONNX model", None),
+    "npz file": ("npz", "not an ONNX model", None),
+    "unsupported op": (_unsupported, "op Sigmoid is not supported", "1.ReLU"),
+    "custom domain": (_custom_domain, "com.example:Relu is not supported", "1.ReLU"),
+    "external data outside the folder": (_external("../outside.bin"), "outside the model's folder", None),
+    "external data absolute path": (_external("/etc/passwd"), "relative path", None),
+    "external data too short": (_external("weights.bin", data=b"\0" * 20), "holds 20 bytes", None),
+    "external data length lies": (_external("weights.bin", length=8, data=b"\0" * 100), "do not fit", None),
+    "external data missing": (_external("nothing-here.bin"), "cannot read external data", None),
+    "declared dims far beyond the data": (_huge_dims, "declares dims", None),
+    "raw data truncated": (_truncated_raw, "holds 68 bytes", None),
+    "weight shape does not fit": (_shape_mismatch, "does not fit", "3.Linear"),
+    "cycle": (_cycle, "cycle", "0.Conv2d"),
+    "dangling input": (_dangling, "dangling", "1.ReLU"),
+    "duplicate output name": (_duplicate_output, "already used", "2.Flatten"),
+    "duplicate initializer": (_duplicate_initializer, "duplicate initializer name '0.bias'", None),
+    "duplicate node name": (_duplicate_node_name, "duplicate node name", "0.Conv2d"),
+    "impossible input shape": (_huge_input, "more than", None),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_hostile_files_raise_value_error_naming_file_and_node(kind, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 4096)
+    proto = small_proto(folder)
+    edit, message, node_name = HOSTILE[kind]
+    bad = folder / "bad.onnx"
+    if isinstance(edit, bytes):
+        bad.write_bytes(edit)
+    elif edit == "truncate":
+        data = proto.SerializeToString()
+        bad.write_bytes(data[:len(data) * 2 // 3])
+    elif edit == "npz":
+        Sequential([L.Flatten(), L.Linear(4, 2)], input_shape=(4,)).save(folder / "m.npz")
+        bad = folder / "m.npz"
+    else:
+        edit(proto, folder)
+        save(proto, bad)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=message) as info:
+            cx.load(bad)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(bad) in str(info.value)
+    if node_name is not None:
+        assert repr(node_name) in str(info.value)
+    assert peak < 16 << 20  # no allocation of what a declared shape claims
+
+
+def test_external_data_inside_the_folder_loads(tmp_path):
+    proto = small_proto(tmp_path)
+    good = cx.load(tmp_path / "good.onnx")
+    raw = init(proto, "0.weight").raw_data
+    _external("sub/weights.bin", offset=16)(proto, tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "weights.bin").write_bytes(b"x" * 16 + raw + b"tail")
+    save(proto, tmp_path / "external.onnx")
+    model = cx.load(tmp_path / "external.onnx")
+    assert model.parameters()[0].data.tobytes() == good.parameters()[0].data.tobytes()
+
+
+def test_unsupported_attributes_and_ops_are_named(tmp_path):
+    proto = small_proto(tmp_path)
+    node(proto, "Conv").attribute.append(helper.make_attribute("mystery", 1))
+    save(proto, tmp_path / "attr.onnx")
+    with pytest.raises(ValueError, match="attribute 'mystery' is not supported for Conv") as info:
+        cx.load(tmp_path / "attr.onnx")
+    assert "'0.Conv2d'" in str(info.value)
+    proto = small_proto(tmp_path)
+    conv = node(proto, "Conv")
+    del conv.attribute[:]
+    conv.attribute.extend([helper.make_attribute("pads", [0, 0, 1, 1]), helper.make_attribute("kernel_shape", [3, 3])])
+    save(proto, tmp_path / "pads.onnx")
+    with pytest.raises(ValueError, match="asymmetric padding"):
+        cx.load(tmp_path / "pads.onnx")
+
+
+def test_export_refuses_a_model_without_input_shape_and_loads_need_onnx(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="input shape is unknown"):
+        cx.export(Sequential([L.Flatten(), L.Linear(4, 2)]), tmp_path / "m.onnx")
+    with pytest.raises(TypeError, match="Sequential or Graph"):
+        cx.export(object(), tmp_path / "m.onnx")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(ImportError, match=r"convengine\[onnx\]"):
+        cx.load(tmp_path / "m.onnx")
+
+
+def test_export_write_is_atomic_and_valid(tmp_path):
+    model = Sequential([L.Flatten(), L.Linear(4, 2)], input_shape=(4,))
+    path = tmp_path / "m.onnx"
+    cx.export(model, path)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert [o.version for o in proto.opset_import if o.domain == ""] == [cx.OPSET]
+    assert os.listdir(tmp_path) == ["m.onnx"]
+    assert json.loads(json.dumps(model.metadata)) == {}
