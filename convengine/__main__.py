@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from . import __version__, data
+from ._outputs import check_output_path
 from ._random import manual_seed
 from ._threads import get_num_threads, set_num_threads
 
@@ -169,6 +170,9 @@ def main(argv=None):
     except (CommandError, ValueError, TypeError, OSError, FloatingPointError) as e:
         print(f"convengine {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except MemoryError as e:
+        print(f"convengine {args.command}: error: out of memory{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 1
 
 
 def _load_data(name, path):
@@ -177,6 +181,12 @@ def _load_data(name, path):
     if name == "digits" and path is not None:
         raise CommandError("the digits are embedded; --data is for mnist, fashion-mnist and cifar10")
     return data.load_dataset(name, path)
+
+
+def _check_outputs(args, *names):
+    """Check the output paths among args' options `names` before any work (see convengine._outputs)."""
+    for name in names:
+        check_output_path(getattr(args, name), f"--{name.replace('_', '-')}")
 
 
 def _check_plot(path, option="--plot"):
@@ -195,18 +205,14 @@ def _check_plot(path, option="--plot"):
 
 
 def _check_output(path, option, formats):
-    """Refuse, naming the user's path, an output file that cannot be written: a directory, a missing or
-    read-only folder, a read-only file, a suffix matplotlib cannot write."""
+    """Refuse, naming the user's path, an output file that cannot be written (a directory, a missing or read-only
+    folder, a read-only file: convengine._outputs) or whose suffix matplotlib cannot write."""
     import os
-    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        check_output_path(path, option)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     suffix = os.path.splitext(path)[1][1:].lower()
-    if os.path.isdir(path):
-        raise CommandError(f"{option} {path}: is a directory; give a file name such as "
-                           f"{os.path.join(path, 'out.png')}")
-    if not os.path.isdir(folder):
-        raise CommandError(f"{option} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise CommandError(f"{option} {path}: not writable")
     if suffix and suffix not in formats:
         raise CommandError(f"{option} {path}: matplotlib cannot write .{suffix} files (use .png)")
 
@@ -227,6 +233,8 @@ def _train(args, comm):
 
     root = comm is None or comm.Get_rank() == 0
     say = print if root else (lambda *a, **k: None)
+    if root:
+        _check_outputs(args, "save")
     plot = _check_plot(args.plot) if root else None
     if args.threads is not None:
         set_num_threads(args.threads)

@@ -35,7 +35,8 @@ import numpy as np
 
 from . import _args, functional, reference
 from ._kernels import build_info
-from ._threads import _usable_cores, get_num_threads, set_num_threads
+from ._outputs import check_output_path
+from ._threads import MAX_THREADS, _usable_cores, get_num_threads, set_num_threads
 
 IMPLS = ("reference", "engine", "torch")
 CONV_TIMED = ("forward", "grad_weight", "backward")
@@ -715,7 +716,7 @@ def plot(report, path):
     fig.suptitle(f"convengine {report['machine']['convengine']['version']}, {report['threads']} threads, "
                  f"{report['machine']['processor']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return True
 
@@ -746,8 +747,13 @@ def parse_args(argv):
     p.add_argument("--shapes", choices=("issue", "tiny"), default="issue", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     opts.argv = list(sys.argv[1:] if argv is None else argv)
-    if opts.threads is not None and opts.threads < 1:
-        p.error(f"--threads must be >= 1, got {opts.threads}")
+    if opts.threads is not None and not 1 <= opts.threads <= MAX_THREADS:
+        p.error(f"--threads must be in [1, {MAX_THREADS}], got {opts.threads}")
+    for option in ("json", "markdown", "plot"):
+        try:
+            check_output_path(getattr(opts, option), f"--{option}")
+        except ValueError as e:
+            p.error(str(e))
     if opts.repeat is None:
         opts.repeat = 3 if opts.quick else 9
     if opts.repeat < 1:

@@ -39,7 +39,7 @@ def set_state(state):
     bit_generator = bit_generators[name]()
     try:
         bit_generator.state = state
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
         raise ValueError(f"invalid {name} random state: {e}") from None
     _generator = np.random.Generator(bit_generator)
 

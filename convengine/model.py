@@ -39,6 +39,14 @@ def _umask():
 _FILE_MODE = 0o666 & ~_umask()
 
 
+def _physical_memory():
+    """Bytes of physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 class Sequential:
     """Layers applied in order. The first layer skips the gradient with respect to the model input unless
     `need_input_grad` is set (e.g. for saliency maps)."""
@@ -145,6 +153,7 @@ class Sequential:
         n = x.shape[0]
         if n == 0:
             return np.empty((0,) + self.output_shape(x.shape[1:]), self.dtype)
+        self._check_activations_fit(x.shape[1:], min(n, batch_size))
         out = None
         for start in range(0, n, batch_size):
             y = self.forward(x[start:start + batch_size], training=False)
@@ -152,6 +161,22 @@ class Sequential:
                 out = np.empty((n,) + y.shape[1:], y.dtype)
             out[start:start + y.shape[0]] = y
         return out
+
+    def _check_activations_fit(self, sample_shape, batch):
+        """Refuse, before anything is allocated, a batch whose activations at some layer could not fit in this
+        machine's memory (a configuration such as padding=2000 on small images), with a ValueError naming the
+        layer rather than a MemoryError deep inside an op."""
+        limit = _physical_memory()
+        if limit is None:
+            return
+        shape = tuple(sample_shape)
+        for i, layer in enumerate(self.layers):
+            shape = tuple(layer.output_shape(shape))
+            nbytes = batch * math.prod(shape) * self.dtype.itemsize
+            if nbytes > limit:
+                raise ValueError(f"layer {i} ({type(layer).__name__}) would output {batch} x {shape} values "
+                                 f"({nbytes / 2 ** 30:,.1f} GiB), more than this machine's {limit / 2 ** 30:,.1f} "
+                                 f"GiB of memory: check the layer's configuration, or use a smaller batch_size")
 
     def output_shape(self, input_shape=None):
         """The output shape of one sample (no batch axis) for one sample's input shape."""

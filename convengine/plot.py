@@ -52,7 +52,8 @@ def _check_path(path):
 
 def _finish(fig, path):
     if path is not None:
-        fig.savefig(path, dpi=DPI)
+        # Exactly the path given: without a suffix matplotlib would add ".png" to the name.
+        fig.savefig(path, dpi=DPI, format=None if os.path.splitext(os.fspath(path))[1] else "png")
     return fig
 
 

@@ -514,3 +514,27 @@ def test_saving_more_layers_than_a_file_may_hold_is_refused(tmp_path):
     with pytest.raises(ValueError, match="at most"):
         model.save(tmp_path / "deep.npz")
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("random_state", [
+    {"bit_generator": "PCG64", "state": {"state": 2 ** 200, "inc": 1}, "has_uint32": 0, "uinteger": 0},
+    {"bit_generator": "PCG64", "state": {"state": -1, "inc": 1}, "has_uint32": 0, "uinteger": 0},
+    {"bit_generator": "PCG64", "state": {"state": 1, "inc": 1}, "has_uint32": 2 ** 70, "uinteger": 0},
+], ids=["state-2^200", "state-negative", "has_uint32-2^70"])
+def test_a_checkpoint_with_crafted_generator_state_is_a_value_error(random_state, tmp_path):
+    from convengine.losses import CrossEntropyLoss
+    from convengine.optim import SGD
+    model = small_model()
+    trainer = convengine.Trainer(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1))
+    path = tmp_path / "ckpt.npz"
+    trainer.save_checkpoint(path)
+    entries = members(path.read_bytes())
+    desc = description(path.read_bytes())
+    desc["training"]["random_state"] = random_state
+    entries["__convengine__.npy"] = description_member(desc)
+    path.write_bytes(build_zip(entries))
+    before = convengine._random.get_state()
+    with pytest.raises(ValueError, match="random state") as info:
+        trainer.load_checkpoint(path)
+    assert str(path) in str(info.value)
+    assert convengine._random.get_state() == before
