@@ -3,7 +3,7 @@ measuring, so that a typo costs seconds rather than a finished run: each file is
 (no suffix added), into a directory that must already exist."""
 import os
 
-__all__ = ["check_output_path"]
+__all__ = ["check_output_path", "temporary_beside"]
 
 
 def check_output_path(path, option):
@@ -37,3 +37,14 @@ def _name_max(directory):
         return os.pathconf(directory, "PC_NAME_MAX")
     except (AttributeError, ValueError, OSError):
         return 255
+
+
+def temporary_beside(path, suffix=".tmp"):
+    """(fd, name) of a new temporary file in path's directory, for writing path atomically (write, then
+    os.replace). Its name starts with '.', then at most 64 bytes of path's name, so that it fits the file system's
+    name limit whenever path's own name does."""
+    import tempfile
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    stem = os.fsdecode(os.fsencode(os.path.basename(path))[:64])
+    return tempfile.mkstemp(prefix="." + stem + ".", suffix=suffix, dir=directory)

@@ -11,7 +11,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import urllib.parse
 import urllib.request
 import zlib
@@ -20,6 +19,7 @@ import numpy as np
 
 from . import datasets
 from ._args import check_labels
+from ._outputs import temporary_beside
 
 __all__ = ["load_digits", "load_idx", "load_mnist", "load_fashion_mnist", "load_cifar10",
            "load_dataset", "download", "DATASETS"]
@@ -382,7 +382,7 @@ def download(url, path, sha256, timeout=60.0):
         return path
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=directory)
+    fd, tmp = temporary_beside(path, ".part")
     try:
         h = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:

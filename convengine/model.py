@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import math
-import tempfile
 import zipfile
 
 import numpy as np
@@ -18,6 +17,7 @@ import numpy as np
 from . import _args
 from .layers import (LAYER_TYPES, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU,
                      shapes_only)
+from ._outputs import temporary_beside
 
 __all__ = ["Sequential", "load", "lenet", "FORMAT", "VERSION", "MAX_LAYERS"]
 
@@ -277,7 +277,7 @@ def _atomic_savez(path, arrays):
     mode = _FILE_MODE
     with contextlib.suppress(OSError):
         mode = os.stat(path).st_mode & 0o777
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = temporary_beside(path, ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import stat
-import tempfile
 
 import numpy as np
 
@@ -29,6 +28,7 @@ from .graph import Add, Concat, Graph, _Merge
 from .layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, ReLU,
                      shapes_only)
 from .model import Sequential
+from ._outputs import temporary_beside
 
 __all__ = ["export", "load", "SUPPORTED_OPS", "OPSET"]
 
@@ -179,7 +179,7 @@ def export(model, path):
 def _atomic_write(path, data):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = temporary_beside(path, ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -273,3 +273,14 @@ def test_download_verifies_sha256(tmp_path):
 def test_download_bad_arguments(url, sha, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         data.download(url, tmp_path / "x", sha)
+
+
+def test_download_to_the_longest_legal_file_name(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    payload = os.urandom(1000)
+    (served / "f.bin").write_bytes(payload)
+    out = tmp_path / "out" / ("d" * 250)
+    with serve(served) as (url, _):
+        data.download(f"{url}/f.bin", out, hashlib.sha256(payload).hexdigest())
+    assert out.read_bytes() == payload and os.listdir(tmp_path / "out") == [out.name]

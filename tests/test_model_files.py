@@ -538,3 +538,11 @@ def test_a_checkpoint_with_crafted_generator_state_is_a_value_error(random_state
         trainer.load_checkpoint(path)
     assert str(path) in str(info.value)
     assert convengine._random.get_state() == before
+
+
+def test_a_model_saves_to_the_longest_legal_file_name(saved, tmp_path):
+    """A 250-byte name is legal; the temporary file written beside it must not push past the 255-byte limit."""
+    path = tmp_path / ("m" * 246 + ".npz")
+    small_model().save(path)
+    assert_loads_exactly(path, saved)
+    assert os.listdir(tmp_path) == [path.name]
