@@ -37,6 +37,7 @@ import hashlib
 import math
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -187,6 +188,9 @@ class DataParallel:
         self.model = model
         self.check = os.environ.get("CONVENGINE_CHECK_RANKS", "") not in ("", "0")
         self.steps = 0
+        # Seconds spent per part of gradients(), summed over the steps: this rank's shards (forward, backward,
+        # packing), the exchange (waiting for the slowest rank included), the ordered sum and running statistics.
+        self.seconds = {"compute": 0.0, "exchange": 0.0, "reduce": 0.0}
         self._layout = None
         self._records = None
 
@@ -219,6 +223,7 @@ class DataParallel:
         `count_correct(out, y_shard)` counts the correct predictions of a shard's outputs."""
         if self.check:
             self.check_replicas(f"before step {self.steps + 1}")
+        t0 = time.perf_counter()
         params = self.model.parameters()
         norms = self._norms()
         layout = self._prepare(params, norms)
@@ -265,7 +270,9 @@ class DataParallel:
                 head[s, _HEADER + j] = m
             head[s, 0] = value * weight
             head[s, 1] = count_correct(out, ys)
+        t1 = time.perf_counter()
         self._exchange()
+        t2 = time.perf_counter()
         # The sum in shard order, identical on every rank and for every rank count.
         total = typed[0, layout.grad_start:].copy()
         for s in range(1, self.shards):
@@ -285,7 +292,17 @@ class DataParallel:
         correct = int(round(float(np.sum(head[:, 1]))))
         stop = bool(np.any(head[:, 2] != 0))
         self.steps += 1
+        t3 = time.perf_counter()
+        self.seconds["compute"] += t1 - t0
+        self.seconds["exchange"] += t2 - t1
+        self.seconds["reduce"] += t3 - t2
         return value, correct, stop
+
+    @property
+    def record_bytes(self):
+        """Bytes of one shard's record (gradients, BatchNorm statistics, metrics); a step gathers `shards` of
+        them. None before the first step."""
+        return None if self._layout is None else self._layout.nbytes
 
     def _exchange(self):
         """Allgatherv of the records in place: rank r contributes rows first[r]..first[r+1]-1."""
