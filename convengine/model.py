@@ -113,6 +113,9 @@ class Sequential:
         if x.dtype != self.dtype:
             if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
                 raise TypeError(f"x must hold numbers, got dtype {x.dtype}")
+            if np.issubdtype(x.dtype, np.complexfloating):
+                raise TypeError(f"x must hold real numbers, got dtype {x.dtype} (its imaginary part would be "
+                                f"dropped)")
             x = x.astype(self.dtype)
         return x
 

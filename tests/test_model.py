@@ -421,3 +421,12 @@ def test_bad_model_files_raise_a_clear_error_and_run_nothing(kind, tmp_path, rng
 def test_missing_model_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "nope.npz")
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_complex_input_is_refused_not_truncated(dtype):
+    model = convengine.Sequential([convengine.layers.Flatten(), convengine.layers.Linear(4, 2)])
+    x = (np.ones((3, 1, 2, 2)) + 1j).astype(dtype)
+    for call in (model.predict, model.forward):
+        with pytest.raises(TypeError, match="real numbers.*complex"):
+            call(x)
