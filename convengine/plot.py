@@ -161,9 +161,8 @@ def filters(model, layer=None, path=None):
     img_h = img_w * image.shape[0] / image.shape[1]
     if img_h > 12.0:
         img_w, img_h = img_w * 12.0 / img_h, 12.0
-    fig = _figure(round(img_w + 2.2, 2), round(img_h + 1.3, 2))
-    fig.subplots_adjust(left=0.6 / (img_w + 2.2), right=1 - 1.6 / (img_w + 2.2), bottom=0.5 / (img_h + 1.3),
-                        top=1 - 0.8 / (img_h + 1.3))
+    fig = _figure(round(img_w + (0.4 if scale else 1.6), 2), round(img_h + (1.3 if scale else 1.0), 2))
+    fig.set_layout_engine("constrained")
     ax = fig.add_subplot()
     ax.set_label("filters")
     shape = f"{k} x {cg} x {kh} x {kw}"

@@ -525,3 +525,21 @@ def test_show_help_lists_every_option(capsys):
     for action in sub._actions:
         for flag in action.option_strings:
             assert flag in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the example that walks the article
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_article_example_prints_the_responses_and_saves_the_pictures(mpl, tmp_path):
+    script = os.path.join(PACKAGE_ROOT, "examples", "article.py")
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, script, "--out", str(tmp_path / "out"), "--epochs", "1"], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    # 6 pixels of 50 and one of 20 under the 30s of the filter; nothing under them in the other image
+    assert "50 x 30 + 50 x 30 + 50 x 30 + 50 x 30 + 20 x 30 + 50 x 30 + 50 x 30 = 9600" in r.stdout
+    assert " = 0\n" in r.stdout and "largest response anywhere: 9600, at window (10, 12)" in r.stdout
+    assert "epoch 1/1" in r.stdout and "test accuracy" in r.stdout
+    for name in ("digits_filters", "digits_maps", "digits_curves", "digits_field"):
+        assert png_size(tmp_path / "out" / f"{name}.png")[0] > 300
