@@ -195,6 +195,7 @@ def _check_plot(path, option="--plot"):
     if path is None:
         return None
     try:
+        import matplotlib  # noqa: F401  (first: a blocked or missing matplotlib fails here)
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise CommandError(f"{option} needs matplotlib, which is not installed: pip install 'convengine[plot]'") \
