@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import re
+import time
 import urllib.parse
 import urllib.request
 import zlib
@@ -22,7 +23,7 @@ from ._args import check_labels
 from ._outputs import temporary_beside
 
 __all__ = ["load_digits", "load_idx", "load_mnist", "load_fashion_mnist", "load_cifar10",
-           "load_dataset", "download", "DATASETS"]
+           "load_dataset", "download", "DATASETS", "DOWNLOAD_MAX_BYTES"]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 CLASS_NAMES = {
@@ -369,29 +370,72 @@ def _file_sha256(path):
     return h.hexdigest()
 
 
-def download(url, path, sha256, timeout=60.0):
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http and https (urllib's default also follows ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ValueError(f"{req.full_url} redirects to {newurl!r}; only http and https are followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+# Without a known size a download may bring at most this much (CIFAR-10's archive is 163 MiB).
+DOWNLOAD_MAX_BYTES = 1 << 30
+
+
+def download(url, path, sha256, timeout=60.0, size=None, max_bytes=None, deadline=3600.0):
     """Fetch url (http or https) to path unless path already holds a file with this SHA-256. The data go to a
     temporary file beside path, renamed over it only once the digest matches; a mismatch is a ValueError and leaves
-    no file behind. Returns path."""
+    no file behind. Returns path.
+
+    Bounds, each leaving no file behind: `timeout` seconds per network operation; `deadline` seconds for the whole
+    download (TimeoutError), whatever the server's pace; at most `size` bytes when the size is known (a body of
+    another size is a ValueError), else at most `max_bytes` (default DOWNLOAD_MAX_BYTES). Redirects are followed only to http and https."""
     sha256 = _check_sha256(sha256)
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise ValueError(f"url must be http or https, got {url!r}")
+    for name, value in (("timeout", timeout), ("deadline", deadline)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    if size is not None:
+        size = _check_int_arg(size, "size", 0)
+    max_bytes = _check_int_arg(DOWNLOAD_MAX_BYTES if max_bytes is None else max_bytes, "max_bytes", 1)
+    limit = size if size is not None else max_bytes
     path = os.fspath(path)
     if os.path.isfile(path) and _file_sha256(path) == sha256:
         return path
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    ends = time.monotonic() + deadline
+    opener = urllib.request.build_opener(_HttpOnlyRedirects)
     fd, tmp = temporary_beside(path, ".part")
     try:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        received = 0
+        with os.fdopen(fd, "wb") as out, opener.open(url, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise ValueError(f"{url} declares {int(declared):,} bytes, more than the "
+                                 f"{'expected size' if size is not None else 'limit'} of {limit:,}")
             while True:
-                chunk = response.read(1 << 20)
+                if time.monotonic() > ends:
+                    raise TimeoutError(f"{url}: the download took more than its deadline of {deadline:g} s "
+                                       f"({received:,} bytes received); the file was discarded")
+                # read1: whatever has arrived (one read from the socket), so that a server trickling bytes
+                # cannot hold the loop past the deadline.
+                chunk = response.read1(1 << 20)
                 if not chunk:
                     break
+                received += len(chunk)
+                if received > limit:
+                    raise ValueError(f"{url} sent more than the {'expected size' if size is not None else 'limit'} "
+                                     f"of {limit:,} bytes; the file was discarded")
                 h.update(chunk)
                 out.write(chunk)
+        if size is not None and received != size:
+            raise ValueError(f"{url} sent {received:,} bytes, {size:,} were expected; the file was discarded")
         digest = h.hexdigest()
         if digest != sha256:
             raise ValueError(f"SHA-256 mismatch for {url}: expected {sha256}, got {digest}; the file was discarded")
@@ -402,3 +446,10 @@ def download(url, path, sha256, timeout=60.0):
         raise
     return path
 
+
+def _check_int_arg(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)

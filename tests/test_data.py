@@ -8,6 +8,7 @@ import os
 import pickle
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -284,3 +285,104 @@ def test_download_to_the_longest_legal_file_name(tmp_path):
     with serve(served) as (url, _):
         data.download(f"{url}/f.bin", out, hashlib.sha256(payload).hexdigest())
     assert out.read_bytes() == payload and os.listdir(tmp_path / "out") == [out.name]
+
+
+@contextlib.contextmanager
+def hostile_server(behaviour):
+    """An HTTP server on 127.0.0.1 whose GET does behaviour(handler); yields its base url."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            try:
+                behaviour(self)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def endless(handler, megabytes=64):
+    """A body without Content-Length that goes on (64 MiB here, 'endless' for a client with a small limit)."""
+    handler.send_response(200)
+    handler.end_headers()
+    chunk = bytes(1 << 20)
+    for _ in range(megabytes):
+        handler.wfile.write(chunk)
+
+
+def trickle(handler, seconds=8.0):
+    """One byte every 0.1 s: never idle long enough to trip a per-read timeout."""
+    handler.send_response(200)
+    handler.end_headers()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        handler.wfile.write(b"x")
+        handler.wfile.flush()
+        time.sleep(0.1)
+
+
+def test_download_stops_an_endless_body_at_the_byte_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DOWNLOAD_MAX_BYTES", 2 << 20)
+    with hostile_server(endless) as url:
+        with pytest.raises(ValueError, match="more than the limit of 2,097,152 bytes"):
+            data.download(f"{url}/x", tmp_path / "x", "0" * 64)
+        with pytest.raises(ValueError, match="more than the expected size of 1,000 bytes"):
+            data.download(f"{url}/x", tmp_path / "x", "0" * 64, size=1000)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_refuses_a_declared_length_over_the_limit_before_reading(tmp_path):
+    def declared(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(10 ** 12))
+        handler.end_headers()
+        handler.wfile.write(b"x" * 100)
+    with hostile_server(declared) as url:
+        with pytest.raises(ValueError, match="declares 1,000,000,000,000 bytes"):
+            data.download(f"{url}/x", tmp_path / "x", "0" * 64)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_has_an_overall_deadline_against_a_trickling_server(tmp_path):
+    with hostile_server(trickle) as url:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="deadline of 1 s"):
+            data.download(f"{url}/x", tmp_path / "x", "0" * 64, timeout=2, deadline=1)
+        assert time.monotonic() - start < 4
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_follows_redirects_only_to_http(tmp_path):
+    payload = b"payload"
+
+    def redirect(handler):
+        if handler.path == "/ftp":
+            handler.send_response(302)
+            handler.send_header("Location", "ftp://127.0.0.1:9/secret")
+            handler.end_headers()
+        elif handler.path == "/http":
+            handler.send_response(302)
+            handler.send_header("Location", "/data")
+            handler.end_headers()
+        else:
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(payload)))
+            handler.end_headers()
+            handler.wfile.write(payload)
+
+    with hostile_server(redirect) as url:
+        with pytest.raises(ValueError, match="redirects to 'ftp://127.0.0.1:9/secret'; only http and https"):
+            data.download(f"{url}/ftp", tmp_path / "x", "0" * 64)
+        out = data.download(f"{url}/http", tmp_path / "y", hashlib.sha256(payload).hexdigest())
+    assert open(out, "rb").read() == payload and sorted(os.listdir(tmp_path)) == ["y"]
