@@ -246,6 +246,22 @@ class _InterruptGuard:
         return False
 
 
+class _AgreedInterruptGuard(_InterruptGuard):
+    """The guard of a multi-rank fit: a Ctrl-C on one rank is only `pending` until the next gradient exchange
+    carries it to every rank, which then all set `requested` together and stop after the same batch. A second
+    Ctrl-C raises KeyboardInterrupt, which ends the whole job."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending = False
+
+    def _handler(self, signum, frame):
+        if self.pending and not self.critical:
+            raise KeyboardInterrupt
+        self.pending = True
+
+
+
 def _ends_job_on_error(method):
     """Under a multi-rank communicator, an exception on one rank ends the whole job (MPI Abort) with that rank's
     message, rather than leaving the other ranks waiting in a collective."""
@@ -346,7 +362,8 @@ class Trainer:
         last_epoch = self.epoch + epochs
         for cb in callbacks:
             cb.on_train_begin(self)
-        with _InterruptGuard() as guard:
+        multi_rank = self.parallel is not None and self.parallel.size > 1
+        with (_AgreedInterruptGuard() if multi_rank else _InterruptGuard()) as guard:
             try:
                 for _ in range(epochs):
                     epoch = self.epoch
@@ -370,6 +387,8 @@ class Trainer:
                         history.stopped_early = True
                         break
             except KeyboardInterrupt:
+                if multi_rank:
+                    raise  # the other ranks cannot know: the job ends
                 history.interrupted = True
         if history.interrupted and verbose:
             print("training interrupted: the model keeps the weights of the last finished batch", flush=True)
@@ -402,7 +421,7 @@ class Trainer:
                     if self.parallel is not None:
                         # every rank gets the same global-batch loss, so a non-finite one stops them all alike
                         value, batch_correct, stop = self.parallel.gradients(
-                            self.loss, x, y, idx, self._count_correct, guard.requested)
+                            self.loss, x, y, idx, self._count_correct, getattr(guard, "pending", guard.requested))
                         guard.requested = guard.requested or stop
                         if not math.isfinite(value):
                             self._nonfinite_loss(value, xb, epoch, b, n_batches, saved, guard)

@@ -3,14 +3,18 @@
     python tests/distributed_worker.py train OUT [--shards S] [--epochs E] [--checkpoint PATH]
     python tests/distributed_worker.py resume OUT --checkpoint PATH [--shards S] [--epochs E]
     python tests/distributed_worker.py fail OUT
+    python tests/distributed_worker.py interrupt OUT
 
 `train` fits a tiny net with BatchNorm and Dropout on a subset of the digits and writes, from every rank,
 OUT/rank<r>.npz with its parameters and buffers and rank 0's history; `resume` builds the model with another seed,
-loads the checkpoint and trains on; `fail` gives rank 1 labels out of range, so that rank fails inside fit.
+loads the checkpoint and trains on; `fail` gives rank 1 labels out of range, so that rank fails inside fit;
+`interrupt` sends SIGINT (a Ctrl-C) to rank 1 alone after its second batch, and every rank writes its weights and
+OUT/interrupt<r>.json with where its fit stopped.
 """
 import argparse
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -20,7 +24,7 @@ from convengine import data, distributed
 from convengine import layers as L
 from convengine.losses import CrossEntropyLoss
 from convengine.optim import SGD
-from convengine.trainer import ModelCheckpoint, Trainer
+from convengine.trainer import Callback, ModelCheckpoint, Trainer
 
 SAMPLES, VALIDATION, BATCH = 120, 60, 30
 
@@ -54,7 +58,7 @@ def write(out, trainer, history, rank):
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("train", "resume", "fail"))
+    parser.add_argument("mode", choices=("train", "resume", "fail", "interrupt"))
     parser.add_argument("out")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
@@ -70,6 +74,21 @@ def main(argv=None):
             y = y.copy()
             y[7] = 99
         trainer.fit(x, y, epochs=1, batch_size=BATCH, seed=1, verbose=0)
+        return 0
+    if args.mode == "interrupt":
+        class CtrlCOnRank1(Callback):
+            def on_batch_end(self, trainer, batch, logs):
+                if rank == 1 and trainer.epoch == 0 and batch == 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        trainer = trainer_for(build(0), comm, args.shards)
+        history = trainer.fit(x, y, epochs=args.epochs, batch_size=BATCH, seed=1, callbacks=[CtrlCOnRank1()],
+                              verbose=0)
+        arrays = {f"param/{p.name}": p.data for p in trainer.model.parameters()}
+        np.savez(os.path.join(args.out, f"rank{rank}.npz"), **arrays)
+        with open(os.path.join(args.out, f"interrupt{rank}.json"), "w") as f:
+            json.dump({"interrupted": history.interrupted, "epochs": len(history),
+                       "batches": (history.partial_epoch or {}).get("batches")}, f)
         return 0
     model = build(0 if args.mode == "train" else 123)
     trainer = trainer_for(model, comm, args.shards)

@@ -212,3 +212,12 @@ def test_info_reports_mpi_under_mpiexec():
     code, stdout, stderr = _launch(2, ["-m", "convengine", "info"])
     assert code == 0, stderr
     assert stdout.count("mpi: ") == 1 and "2 ranks" in stdout
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_batch(tmp_path):
+    code, stdout, stderr = _launch(2, [WORKER, "interrupt", str(tmp_path), "--shards", "2"], timeout=60)
+    assert code == 0, f"{stdout}\n{stderr}"
+    states = [json.loads((tmp_path / f"interrupt{r}.json").read_text()) for r in range(2)]
+    # rank 1's request travels with batch 3's gradients: both ranks finish batch 3 and stop there
+    assert states[0] == states[1] == {"interrupted": True, "epochs": 0, "batches": 3}
+    _assert_bitwise(_arrays(tmp_path / "rank1.npz"), _arrays(tmp_path / "rank0.npz"), "interrupted ranks")
