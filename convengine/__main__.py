@@ -1,4 +1,5 @@
-"""Command line: `python -m convengine {train,evaluate,info,bench}` (also installed as the `convengine` script).
+"""Command line: `python -m convengine {train,evaluate,export,info,show,bench}` (also installed as the `convengine`
+script).
 
 `train` with no options trains the LeNet-style digits net on the embedded 8x8 digits with a fixed seed and prints
 per-epoch progress and the held-out test accuracy. Started by `mpiexec -n N`, it trains data-parallel over the N
@@ -115,13 +116,22 @@ def build_parser():
         "evaluate", formatter_class=fmt, help="accuracy and confusion matrix of a saved model on a test split",
         description="Load a model saved by 'train --save' and print its accuracy and confusion matrix on the test "
                     "split of a data set (by default the one it was trained on).")
-    evaluate.add_argument("model", metavar="MODEL", help="model file written by 'convengine train --save'")
+    evaluate.add_argument("model", metavar="MODEL", help="model file written by 'convengine train --save', or an "
+                                                         "ONNX file (.onnx, needs the onnx package)")
     evaluate.add_argument("--dataset", choices=data.DATASETS, default=None,
                           help="data set (default: the one recorded in the model, else digits)")
     evaluate.add_argument("--data", metavar="PATH", help="directory of the data set's files (see train --help)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="images per inference batch")
     evaluate.add_argument("--threads", type=_positive_int, default=None, help="kernel threads")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    export = sub.add_parser(
+        "export", formatter_class=fmt, help="write a saved model as an ONNX file",
+        description="Write a model file (from 'train --save') as an ONNX model (opset 13, free batch size) that "
+                    "ONNX Runtime and other runtimes read. Needs the onnx package: pip install 'convengine[onnx]'.")
+    export.add_argument("model", metavar="MODEL", help="model file written by 'convengine train --save'")
+    export.add_argument("output", metavar="OUTPUT", help="ONNX file to write (.onnx)")
+    export.set_defaults(func=cmd_export)
 
     info = sub.add_parser("info", formatter_class=fmt, help="build information and thread count",
                           description="Print how the kernels were built (compiler, flags, OpenMP, SIMD level in "
@@ -305,12 +315,36 @@ def format_confusion(counts, names):
     return "\n".join(lines)
 
 
-def cmd_evaluate(args):
+def _load_model(path):
+    """A model file: convengine's own (.npz), or an ONNX file (.onnx) read by convengine.onnx."""
+    if str(path).lower().endswith(".onnx"):
+        from . import onnx as onnx_io
+        try:
+            return onnx_io.load(path)
+        except ImportError as e:
+            raise CommandError(str(e)) from None
     from .model import load
+    return load(path)
 
+
+def cmd_export(args):
+    from . import onnx as onnx_io
+
+    model = _load_model(args.model)
+    try:
+        onnx_io.export(model, args.output)
+    except ImportError as e:
+        raise CommandError(str(e)) from None
+    n_params = sum(p.data.size for p in model.parameters())
+    print(f"wrote {args.output}: {len(model.layers)} layers, {n_params:,} parameters, input (N, "
+          f"{', '.join(map(str, model.input_shape))})")
+    return 0
+
+
+def cmd_evaluate(args):
     if args.threads is not None:
         set_num_threads(args.threads)
-    model = load(args.model)
+    model = _load_model(args.model)
     name = args.dataset or model.metadata.get("dataset") or "digits"
     if name not in data.DATASETS:
         raise CommandError(f"the model names data set {name!r}; pass --dataset")

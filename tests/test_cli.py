@@ -70,7 +70,7 @@ def test_info_and_help(tmp_path):
         assert command in r.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "info"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "export", "info"])
 def test_every_option_is_in_the_help(command, capsys):
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices[command]

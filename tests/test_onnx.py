@@ -367,3 +367,37 @@ def test_export_write_is_atomic_and_valid(tmp_path):
     assert [o.version for o in proto.opset_import if o.domain == ""] == [cx.OPSET]
     assert os.listdir(tmp_path) == ["m.onnx"]
     assert json.loads(json.dumps(model.metadata)) == {}
+
+
+def test_cli_exports_and_evaluates_onnx_files(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")  # (not used here; the CLI needs onnx alone, which the module skip covers)
+    from convengine.__main__ import main
+    from convengine.data import load_digits
+    from convengine.model import lenet
+    (x, y), _ = load_digits()
+    convengine.manual_seed(0)
+    model = lenet()
+    Trainer(model, losses.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.05, momentum=0.9)).fit(
+        x[:256], y[:256], epochs=2, batch_size=32, seed=0, verbose=0)
+    model.metadata["dataset"] = "digits"
+    model.save(tmp_path / "m.npz")
+    assert main(["export", str(tmp_path / "m.npz"), str(tmp_path / "m.onnx")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "m.npz")]) == 0
+    from_npz = capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "m.onnx")]) == 0
+    from_onnx = capsys.readouterr().out
+    # The same accuracy and confusion matrix (the dataset comes from the metadata the ONNX file carries).
+    assert from_npz.replace("m.npz", "m.onnx") == from_onnx
+    assert "accuracy" in from_onnx and float(from_onnx.split("accuracy ")[1].split("%")[0]) > 30
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    assert main(["evaluate", str(tmp_path / "bad.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("convengine evaluate: error:") and "bad.onnx" in err and len(err.splitlines()) == 1
+    assert main(["export", str(tmp_path / "m.npz"), str(tmp_path / "no-such-dir" / "m.onnx")]) == 1
+    assert "convengine export: error:" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main(["export", str(tmp_path / "m.npz"), str(tmp_path / "again.onnx")]) == 1
+    assert "pip install 'convengine[onnx]'" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "m.onnx")]) == 1
+    assert "pip install 'convengine[onnx]'" in capsys.readouterr().err
