@@ -380,7 +380,8 @@ def cmd_info(args):
     print(f"convengine {info['convengine']} (python {info['python']}, numpy {info['numpy']}, {info['platform']})")
     print(f"threads: {info['threads']}")
     if mpi is not None:
-        print(f"mpi: {mpi['vendor']} ({mpi['library']}), {mpi['ranks']} ranks, mpi4py {mpi['mpi4py']}")
+        print(f"mpi: {mpi['error']}" if "error" in mpi else
+              f"mpi: {mpi['vendor']} ({mpi['library']}), {mpi['ranks']} ranks, mpi4py {mpi['mpi4py']}")
     for key, value in info["build"].items():
         print(f"{key}: {value}")
     return 0

@@ -76,8 +76,12 @@ def world():
 
 
 def mpi_info():
-    """{'vendor', 'library', 'ranks', 'rank', 'mpi4py'} when started by mpiexec, else None."""
-    comm = world()
+    """{'vendor', 'library', 'ranks', 'rank', 'mpi4py'} when started by mpiexec, else None; {'error': ...} when
+    started by mpiexec without mpi4py."""
+    try:
+        comm = world()
+    except RuntimeError as e:
+        return {"error": str(e), "rank": 0}
     if comm is None:
         return None
     import mpi4py

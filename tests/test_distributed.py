@@ -221,3 +221,28 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_batch(tmp_path):
     # rank 1's request travels with batch 3's gradients: both ranks finish batch 3 and stop there
     assert states[0] == states[1] == {"interrupted": True, "epochs": 0, "batches": 3}
     _assert_bitwise(_arrays(tmp_path / "rank1.npz"), _arrays(tmp_path / "rank0.npz"), "interrupted ranks")
+
+
+def test_a_non_finite_shard_loss_undoes_the_batch_and_stops():
+    """The global-batch loss is the same number on every rank, so a NaN in one shard stops every rank alike;
+    in one process with shards the batch is undone as in the classic trainer."""
+    x, y, _, _ = worker.digits()
+    x = x.copy()
+    x[worker.BATCH + 3] = np.nan  # second batch, first shard
+    model = worker.build(0)
+    trainer = worker.trainer_for(model, None, 2)
+    trainer.fit(x[:worker.BATCH], y[:worker.BATCH], epochs=1, batch_size=worker.BATCH, shuffle=False, verbose=0)
+    before = [p.data.copy() for p in model.parameters()] + [a.copy() for a in model.buffers().values()]
+    with pytest.raises(FloatingPointError, match="epoch 2, batch 2 of 4"):
+        trainer.fit(x, y, epochs=1, batch_size=worker.BATCH, shuffle=False, verbose=0)
+    after = [p.data for p in model.parameters()] + list(model.buffers().values())
+    # batch 1 of the second fit ran (same data as before), batch 2 was undone: the buffers are finite
+    assert all(np.all(np.isfinite(a)) for a in after)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_info_without_mpi4py_under_a_launcher_says_so(monkeypatch):
+    monkeypatch.setenv("PMI_RANK", "0")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    info = distributed.mpi_info()
+    assert "mpi4py is not installed" in info["error"]
