@@ -72,10 +72,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def set_num_threads(n):
-    """Set how many OpenMP threads the kernels use (1 <= n <= MAX_THREADS). Results do not depend on it, only
-    speed does. In a forked child process it stays 1 (see _forked_child)."""
-    global _num_threads
+def _check_n(n):
     if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
         raise TypeError(f"n must be an int, got {n!r}")
     n = int(n)
@@ -83,6 +80,14 @@ def set_num_threads(n):
         raise ValueError(f"n must be >= 1, got {n}")
     if n > MAX_THREADS:
         raise ValueError(f"n must be <= {MAX_THREADS}, got {n}")
+    return n
+
+
+def set_num_threads(n):
+    """Set how many OpenMP threads the kernels use (1 <= n <= MAX_THREADS). Results do not depend on it, only
+    speed does. In a forked child process it stays 1 (see _forked_child)."""
+    global _num_threads
+    n = _check_n(n)
     with _lock:
         _num_threads = 1 if _forked_child else n
 
@@ -94,3 +99,27 @@ def get_num_threads():
         if _num_threads is None:
             _num_threads = _default_threads()
         return _num_threads
+
+
+class num_threads:
+    """Context manager: the kernels use n threads inside the block, and the previous count again after it.
+
+        with convengine.num_threads(1):
+            model.predict(x)
+
+    The count is process-wide (like set_num_threads), so blocks in several Python threads at once change it for
+    each other; results never depend on it, only speed does."""
+
+    def __init__(self, n):
+        self._n = n
+        self._previous = []
+        _check_n(n)
+
+    def __enter__(self):
+        self._previous.append(get_num_threads())
+        set_num_threads(self._n)
+        return self
+
+    def __exit__(self, *exc):
+        set_num_threads(self._previous.pop())
+        return False

@@ -1,8 +1,8 @@
 """Layers: the building blocks of a Sequential model, each with forward(x, training) and backward(grad).
 
 Convolution, pooling, ReLU, batch normalisation and the fully connected layer call `convengine.functional`, so
-their loops run in the compiled kernels; Dropout, Flatten and GlobalAvgPool2d are a few vectorised NumPy
-expressions.
+their loops run in the compiled kernels; Sigmoid, Tanh, LeakyReLU, Softmax, Dropout, Flatten and GlobalAvgPool2d
+are a few vectorised NumPy expressions.
 A layer keeps what its backward needs only after a training forward; inference keeps nothing.
 
 Gradients accumulate into `Parameter.grad` (as in PyTorch) until the optimizer's zero_grad() clears them, which
@@ -18,8 +18,8 @@ from . import _args
 from . import functional as F
 from ._random import generator
 
-__all__ = ["Parameter", "Layer", "Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "ReLU", "Flatten",
-           "Linear", "Dropout", "BatchNorm2d", "LAYER_TYPES"]
+__all__ = ["Parameter", "Layer", "Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "ReLU", "Sigmoid", "Tanh",
+           "LeakyReLU", "Softmax", "Flatten", "Linear", "Dropout", "BatchNorm2d", "LAYER_TYPES"]
 
 _INITS = ("he", "glorot")
 _mode = threading.local()
@@ -362,6 +362,93 @@ class ReLU(Layer):
         return math.prod(input_shape)
 
 
+class _Elementwise(Layer):
+    """An activation computed by NumPy expressions on the whole array; backward reads the cached output (or
+    input), so only a training forward keeps it."""
+
+    def __init__(self):
+        super().__init__()
+        self._cache = None
+
+    def forward(self, x, training=False):
+        _args.check_array(x, "x", None)
+        y = self._forward(x)
+        self._cache = (x, y) if training else None
+        return y
+
+    def backward(self, grad):
+        x, y = self._needs_cache(self._cache)
+        _args.check_array(grad, "grad", None, x.dtype)
+        if grad.shape != x.shape:
+            raise ValueError(f"grad shape {grad.shape} does not match the forward input's shape {x.shape}")
+        return self._backward(grad, x, y)
+
+    def flops(self, input_shape):
+        return math.prod(input_shape)
+
+
+class Sigmoid(_Elementwise):
+    """1 / (1 + exp(-x)), the article's squashing function; the gradient is y (1 - y). Computed from exp(-|x|), so
+    no input overflows."""
+
+    def _forward(self, x):
+        e = np.exp(-np.abs(x))
+        return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+    def _backward(self, grad, x, y):
+        return grad * y * (1 - y)
+
+
+class Tanh(_Elementwise):
+    """tanh(x); the gradient is 1 - y^2."""
+
+    def _forward(self, x):
+        return np.tanh(x)
+
+    def _backward(self, grad, x, y):
+        return grad * (1 - y * y)
+
+
+class LeakyReLU(_Elementwise):
+    """x where x > 0, negative_slope * x elsewhere (PyTorch's default slope 0.01); the gradient is 1 where x > 0,
+    negative_slope elsewhere (at 0 too, as in PyTorch)."""
+
+    def __init__(self, negative_slope=0.01):
+        super().__init__()
+        self.negative_slope = _check_float(negative_slope, "negative_slope", 0.0, math.inf)
+
+    def _forward(self, x):
+        return np.where(x > 0, x, x * x.dtype.type(self.negative_slope))
+
+    def _backward(self, grad, x, y):
+        return np.where(x > 0, grad, grad * grad.dtype.type(self.negative_slope))
+
+    def config(self):
+        return dict(negative_slope=self.negative_slope)
+
+
+class Softmax(_Elementwise):
+    """exp(x) / sum exp(x) over axis 1 (the classes of (N, K) scores, or the channels of NCHW maps), each slice's
+    maximum subtracted first so that large scores do not overflow. Pair it with MSELoss (the article's target
+    vectors); CrossEntropyLoss takes raw scores and applies the softmax itself."""
+
+    def _forward(self, x):
+        if x.ndim < 2:
+            raise ValueError(f"Softmax needs x with a batch axis and a class axis, got shape {x.shape}")
+        if x.shape[1] == 0:
+            return x.copy()
+        y = x - x.max(axis=1, keepdims=True)
+        np.exp(y, out=y)
+        y /= y.sum(axis=1, keepdims=True)
+        return y
+
+    def _backward(self, grad, x, y):
+        return y * (grad - np.sum(grad * y, axis=1, keepdims=True))
+
+    def flops(self, input_shape):
+        return 3 * math.prod(input_shape)
+
+
 class Flatten(Layer):
     """(N, ...) -> (N, features), the bridge from feature maps to a fully connected layer."""
 
@@ -546,4 +633,4 @@ class BatchNorm2d(Layer):
 
 # The only classes a saved model may name: loading never looks a class up by an arbitrary name.
 LAYER_TYPES = {cls.__name__: cls for cls in (Conv2d, MaxPool2d, AvgPool2d, GlobalAvgPool2d, ReLU, Flatten, Linear,
-                                             Dropout, BatchNorm2d)}
+                                             Dropout, BatchNorm2d, Sigmoid, Tanh, LeakyReLU, Softmax)}

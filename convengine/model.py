@@ -70,6 +70,10 @@ class Sequential:
             for local, p in layer.named_parameters():
                 p.name = f"{i}.{local}"
         self.need_input_grad = False
+        if self.input_shape is not None:
+            # The layers must fit together for this input: a Linear(100, 4) after a conv giving 1,176 features is
+            # refused here, not at the first batch.
+            self.output_shape(self.input_shape)
 
     @staticmethod
     def _shape(shape):
@@ -123,13 +127,31 @@ class Sequential:
         """The model output for a batch. training=True keeps what backward needs and updates BatchNorm's running
         statistics; inference (training=False) keeps nothing."""
         x = self._input(x)
+        model_input = x.shape
+        for i, layer in enumerate(self.layers):
+            try:
+                x = layer.forward(x, training)
+            except (ValueError, TypeError) as e:
+                raise type(e)(self._layer_error(i, x.shape, e, model_input)) from e
         if self.input_shape is None:
-            self.input_shape = x.shape[1:]
-        for layer in self.layers:
-            x = layer.forward(x, training)
+            self.input_shape = model_input[1:]
         return x
 
     __call__ = forward
+
+    def _layer_error(self, i, shape, error, model_input=None, what="input"):
+        """The message for `error`, raised by layer i on an input (or, in backward, a gradient) of `shape`: the
+        layer's index and type, the input the model takes, and a hint for channels-last images."""
+        text = f"layer {i} ({type(self.layers[i]).__name__}) cannot take {what} of shape {tuple(shape)}: {error}"
+        if self.input_shape is not None:
+            text += f"; the model takes input of shape (N, {', '.join(map(str, self.input_shape))})"
+            if model_input is not None and tuple(model_input[1:]) != self.input_shape:
+                text += f", got {tuple(model_input)}"
+        if model_input is not None and len(model_input) == 4 and model_input[3] in (1, 3, 4) \
+                and model_input[1] not in (1, 3, 4):
+            text += (". Images are NCHW (channels first) here: convert channels-last (N, H, W, C) images with "
+                     "x.transpose(0, 3, 1, 2)")
+        return text
 
     def backward(self, grad):
         """Back-propagate d loss / d output, accumulating every parameter's .grad. Returns d loss / d input, or
@@ -138,7 +160,11 @@ class Sequential:
             layer = self.layers[i]
             if i == 0 and not layer.need_input_grad and not layer.parameters():
                 return None
-            grad = layer.backward(grad)
+            try:
+                grad = layer.backward(grad)
+            except (ValueError, TypeError) as e:
+                shape = getattr(grad, "shape", ())
+                raise type(e)(self._layer_error(i, shape, e, what="gradient")) from e
         return grad
 
     def parameters(self):
@@ -175,18 +201,39 @@ class Sequential:
             return
         shape = tuple(sample_shape)
         for i, layer in enumerate(self.layers):
-            shape = tuple(layer.output_shape(shape))
+            try:
+                shape = tuple(layer.output_shape(shape))
+            except ValueError:
+                return  # a layer that does not fit: forward reports it, naming the layer and the model's input
             nbytes = batch * math.prod(shape) * self.dtype.itemsize
             if nbytes > limit:
                 raise ValueError(f"layer {i} ({type(layer).__name__}) would output {batch} x {shape} values "
                                  f"({nbytes / 2 ** 30:,.1f} GiB), more than this machine's {limit / 2 ** 30:,.1f} "
                                  f"GiB of memory: check the layer's configuration, or use a smaller batch_size")
 
+    def predict_proba(self, x, batch_size=256):
+        """Class probabilities for x: the softmax of each row of predict(x) (rows sum to 1; each row's maximum is
+        subtracted first, so large scores do not overflow). A model whose last layer is Softmax already outputs
+        probabilities, which are returned as they are."""
+        from .layers import Softmax
+        from .metrics import softmax
+        out = self.predict(x, batch_size)
+        if out.ndim != 2:
+            raise ValueError(f"predict_proba needs a model that outputs (N, classes) scores, but it gives "
+                             f"per-sample shape {out.shape[1:]}")
+        return out if isinstance(self.layers[-1], Softmax) else softmax(out)
+
     def output_shape(self, input_shape=None):
-        """The output shape of one sample (no batch axis) for one sample's input shape."""
+        """The output shape of one sample (no batch axis) for one sample's input shape. A layer that does not fit
+        what the one before it gives raises ValueError naming the layer (index and type)."""
         shape = self._known_input_shape(input_shape)
-        for layer in self.layers:
-            shape = layer.output_shape(shape)
+        for i, layer in enumerate(self.layers):
+            try:
+                shape = layer.output_shape(shape)
+            except ValueError as e:
+                source = "the model input" if i == 0 else "the output of the layers before it"
+                raise ValueError(f"layer {i} ({type(layer).__name__}) does not fit {source}, of per-sample shape "
+                                 f"{tuple(shape)}: {e}") from e
         return tuple(shape)
 
     def _known_input_shape(self, input_shape):
@@ -199,6 +246,7 @@ class Sequential:
     def summary(self, input_shape=None):
         """A table of the layers with each one's output shape, parameter count and inference FLOPs per image."""
         shape = self._known_input_shape(input_shape)
+        self.output_shape(shape)
         rows = [("#", "layer", "output shape", "params", "FLOPs")]
         total_params = total_flops = 0
         for i, layer in enumerate(self.layers):

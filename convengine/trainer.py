@@ -19,6 +19,7 @@ validation are split over the ranks; an exception on one rank ends the job.
 """
 import math
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -31,6 +32,7 @@ from . import distributed as _distributed
 from . import model as _model
 from .graph import Graph
 from .losses import Loss
+from .metrics import class_targets
 from .optim import Optimizer
 
 __all__ = ["Trainer", "History", "Callback", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler"]
@@ -213,6 +215,14 @@ class LearningRateScheduler(Callback):
             raise ValueError(f"the learning-rate schedule returned {lr!r} for epoch {epoch}: {e}") from None
 
 
+def _augmented(augment, xb, rng):
+    out = augment(xb, rng)
+    if not isinstance(out, np.ndarray) or out.ndim < 1 or out.shape[0] != xb.shape[0]:
+        shape = out.shape if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"augment must return a batch of {xb.shape[0]} samples as a numpy array, got {shape}")
+    return out
+
+
 class _InterruptGuard:
     """Turn the first Ctrl-C into a request that the loop honours after the current batch. A second Ctrl-C raises
     KeyboardInterrupt at once, except inside a critical section (the optimizer step, which updates the parameters
@@ -274,6 +284,50 @@ def _ends_job_on_error(method):
     return wrapper
 
 
+def _split_fraction(fraction):
+    if isinstance(fraction, (bool, np.bool_)) or not isinstance(fraction, (int, float, np.integer, np.floating)):
+        raise TypeError(f"validation_split must be a number in [0, 1), got {fraction!r}")
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_split must be in [0, 1), got {fraction}")
+    return fraction
+
+
+def _split_off(x, y, fraction):
+    """(x_train, y_train, (x_val, y_val)): the last `fraction` of the samples held out, as Keras does."""
+    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+        raise TypeError("validation_split needs x and y as numpy arrays")
+    n = x.shape[0] if x.ndim else 0
+    if y.ndim == 0 or y.shape[0] != n:
+        raise ValueError(f"y has {y.shape[0] if y.ndim else 0} entries but x holds {n} samples")
+    n_train = int(n * (1.0 - fraction))
+    if n_train < 1 or n_train >= n:
+        raise ValueError(f"validation_split={fraction} of {n} samples leaves an empty training or validation set")
+    return x[:n_train], y[:n_train], (x[n_train:], y[n_train:])
+
+
+def _batch_bounds(n, batch_size, drop_last):
+    """(start, stop) of each batch over n samples. The incomplete last batch is dropped with drop_last; otherwise a
+    last batch of a single sample joins the batch before it."""
+    full = n // batch_size
+    bounds = [(b * batch_size, (b + 1) * batch_size) for b in range(full)]
+    rest = n - full * batch_size
+    if rest and not drop_last:
+        if rest == 1 and bounds:
+            bounds[-1] = (bounds[-1][0], n)
+        else:
+            bounds.append((full * batch_size, n))
+    return bounds
+
+
+def _on_terminal():
+    """Whether progress bars have a terminal to draw on (tqdm writes to stderr)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class Trainer:
     """Fit `model` (a Sequential or graph-model classifier) by minimising `loss` with `optimizer`.
 
@@ -312,6 +366,9 @@ class Trainer:
         self.parallel = None if comm is None and shards is None else _distributed.DataParallel(model, comm, shards)
 
     def _data(self, x, y, name="x"):
+        """(x, targets, classes): targets are integer labels or float targets shaped like the output; classes are
+        the labels, or the class of each one-hot-like target row, or None when the targets name no classes (see
+        convengine.metrics.class_targets), and then no accuracy is reported."""
         x = self.model._input(x)
         if x.shape[0] == 0:
             raise ValueError(f"{name} holds no samples")
@@ -320,9 +377,22 @@ class Trainer:
         except ValueError as e:
             raise ValueError(f"{name} of shape {x.shape} does not fit the model: {e}") from None
         if len(out_shape) != 1:
-            raise ValueError(f"the model must output (N, classes) scores, but it gives per-sample shape {out_shape}")
-        labels = _args.check_labels(y, x.shape[0], out_shape[0], name="y" if name == "x" else f"labels of {name}")
-        return x, labels
+            raise ValueError(f"the model must output (N, outputs) arrays, but it gives per-sample shape {out_shape}")
+        y_name = "y" if name == "x" else f"the targets of {name}"
+        n = x.shape[0]
+        if isinstance(y, np.ndarray) and y.ndim != 1:
+            if y.shape != (n,) + out_shape:
+                raise ValueError(f"{y_name} must be integer class labels of shape ({n},) or targets shaped like "
+                                 f"the model output, {(n,) + out_shape}, got shape {y.shape}")
+            if not np.issubdtype(y.dtype, np.floating):
+                raise TypeError(f"{y_name}, targets shaped like the model output, must be float, got dtype "
+                                f"{y.dtype}")
+            if not np.all(np.isfinite(y)):
+                raise ValueError(f"{y_name} holds NaN or infinite values")
+            targets = y.astype(self.model.dtype, copy=False)
+            return x, targets, class_targets(targets)
+        labels = _args.check_labels(y, n, out_shape[0], name=y_name)
+        return x, labels, labels
 
     def _order(self, n, shuffle, seed, epoch):
         if not shuffle:
@@ -332,19 +402,39 @@ class Trainer:
 
     @_ends_job_on_error
     def fit(self, x, y, epochs, batch_size, validation_data=None, shuffle=True, seed=None, callbacks=None,
-            verbose=1):
-        """Train for `epochs` more epochs of mini-batches of `batch_size`; y holds integer class labels.
-        validation_data=(x_val, y_val) adds 'val_loss' and 'val_accuracy' per epoch. Returns a History."""
+            verbose=1, validation_split=0.0, drop_last=False, augment=None):
+        """Train for `epochs` more epochs of mini-batches of `batch_size`. Returns a History.
+
+        y: integer class labels (N,), or targets shaped like the model output (N, K), such as the article's target
+        vectors for MSELoss or regression values. 'accuracy' is recorded for labels and for one-hot-like targets
+        (see convengine.metrics.class_targets), and left out for targets that name no classes.
+        validation_data=(x_val, y_val) adds 'val_loss' (and 'val_accuracy') per epoch; validation_split=f instead
+        holds out the last fraction f of x and y (taken before any shuffling) for it.
+        A last batch of a single sample is trained as part of the batch before it (a batch of one has no batch
+        statistics for BatchNorm2d); drop_last=True skips the incomplete last batch of each epoch instead.
+        augment: a callable (x_batch, rng) -> x_batch applied to each training batch, e.g.
+        convengine.augment.Compose([RandomCrop(4), RandomFlip()]); rng is a numpy Generator seeded from
+        (seed, epoch) when seed is given, else drawn from convengine's generator (manual_seed).
+        verbose: 0 silent; 1 a progress bar on a terminal, else one line per epoch; 2 one line per epoch."""
         epochs = _args.check_int(epochs, "epochs", 0)
         batch_size = _args.check_int(batch_size, "batch_size", 1)
         if seed is not None:
             seed = _args.check_int(seed, "seed", 0)
         if verbose not in (0, 1, 2):
             raise ValueError(f"verbose must be 0 (silent), 1 (progress bar) or 2 (one line per epoch), got {verbose!r}")
+        drop_last = _args.check_bool(drop_last, "drop_last")
+        if augment is not None and not callable(augment):
+            raise TypeError(f"augment must be callable as augment(x_batch, rng), got {augment!r}")
+        if _split_fraction(validation_split):
+            if validation_data is not None:
+                raise ValueError("pass validation_data or validation_split, not both")
+            x, y, validation_data = _split_off(x, y, validation_split)
         if self.parallel is not None:
             verbose = verbose if self.parallel.is_root else 0
             self.parallel.check_replicas("at the start of fit")
-        x, y = self._data(x, y)
+        x, y, classes = self._data(x, y)
+        if drop_last and x.shape[0] < batch_size:
+            raise ValueError(f"drop_last with batch_size={batch_size} and {x.shape[0]} samples leaves no batch")
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise TypeError("validation_data must be a pair (x_val, y_val)")
@@ -370,8 +460,10 @@ class Trainer:
                     for cb in callbacks:
                         cb.on_epoch_begin(self, epoch)
                     order = self._order(x.shape[0], shuffle, seed, epoch)
-                    logs, complete = self._run_epoch(x, y, order, batch_size, epoch, last_epoch, guard, callbacks,
-                                                     verbose, validation_data)
+                    batches = _batch_bounds(x.shape[0], batch_size, drop_last)
+                    augment_rng = None if augment is None else self._augment_rng(seed, epoch)
+                    logs, complete = self._run_epoch(x, y, classes, order, batches, epoch, last_epoch, guard,
+                                                     callbacks, verbose, validation_data, augment, augment_rng)
                     if not complete:
                         history.interrupted = True
                         history.partial_epoch = logs
@@ -396,21 +488,30 @@ class Trainer:
             cb.on_train_end(self, history)
         return history
 
-    def _run_epoch(self, x, y, order, batch_size, epoch, last_epoch, guard, callbacks, verbose, validation_data):
-        n = order.shape[0]
-        n_batches = _args.ceil_div(n, batch_size)
+    @staticmethod
+    def _augment_rng(seed, epoch):
+        if seed is None:
+            return np.random.default_rng(_random.generator().integers(2 ** 63))
+        return np.random.default_rng([seed, epoch, 1])
+
+    def _run_epoch(self, x, y, classes, order, batches, epoch, last_epoch, guard, callbacks, verbose,
+                   validation_data, augment=None, augment_rng=None):
+        n_batches = len(batches)
         lr = self.optimizer.lr
         per_sample = self.loss.reduction == "mean"
         loss_sum = 0.0
         correct = seen = 0
+        use_bar = verbose == 1 and _on_terminal()
         bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{last_epoch}", unit="batch", leave=True,
-                   disable=verbose != 1, dynamic_ncols=True)
+                   disable=not use_bar, dynamic_ncols=True)
         start = time.perf_counter()
         complete = True
         try:
-            for b in range(n_batches):
-                idx = order[b * batch_size:(b + 1) * batch_size]
+            for b, (lo, hi) in enumerate(batches):
+                idx = order[lo:hi]
                 xb, yb = x[idx], y[idx]
+                if augment is not None:
+                    xb = _augmented(augment, xb, augment_rng)
                 # A KeyboardInterrupt inside the batch (a second Ctrl-C, or one raised by code off the main thread)
                 # undoes what forward changed, so that the batch counts for nothing: the model and the dropout
                 # stream are exactly as after the previous batch.
@@ -420,8 +521,10 @@ class Trainer:
                 try:
                     if self.parallel is not None:
                         # every rank gets the same global-batch loss, so a non-finite one stops them all alike
+                        # (an augmented batch exists only as xb: its shards are taken from it)
+                        source = (x, y, idx) if augment is None else (xb, yb, np.arange(len(idx)))
                         value, batch_correct, stop = self.parallel.gradients(
-                            self.loss, x, y, idx, self._count_correct, getattr(guard, "pending", guard.requested))
+                            self.loss, *source, self._count_correct, getattr(guard, "pending", guard.requested))
                         guard.requested = guard.requested or stop
                         if not math.isfinite(value):
                             self._nonfinite_loss(value, xb, epoch, b, n_batches, saved, guard)
@@ -450,7 +553,8 @@ class Trainer:
                 seen += len(idx)
                 if not bar.disable:
                     elapsed = time.perf_counter() - start
-                    bar.set_postfix_str(f"loss={loss_sum / seen:.4f} acc={correct / seen:.4f} "
+                    acc = f" acc={correct / seen:.4f}" if classes is not None else ""
+                    bar.set_postfix_str(f"loss={loss_sum / seen:.4f}{acc} "
                                         f"{seen / max(elapsed, 1e-9):,.0f} img/s", refresh=False)
                     bar.update(1)
                 for cb in callbacks:
@@ -461,26 +565,31 @@ class Trainer:
                     break
             guard.critical = False
             elapsed = time.perf_counter() - start
-            logs = {"loss": loss_sum / seen if seen else math.nan, "accuracy": correct / seen if seen else math.nan,
-                    "time": elapsed, "images_per_second": seen / max(elapsed, 1e-9), "lr": lr}
+            logs = {"loss": loss_sum / seen if seen else math.nan}
+            if classes is not None:
+                logs["accuracy"] = correct / seen if seen else math.nan
+            logs.update(time=elapsed, images_per_second=seen / max(elapsed, 1e-9), lr=lr)
             if not complete:
                 logs["batches"] = n_batches
                 return logs, False
             if validation_data is not None:
+                batch_size = max(hi - lo for lo, hi in batches) if batches else 1
                 try:
-                    val = self.evaluate(*validation_data, batch_size=max(batch_size, 256))
-                    logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
+                    val = self.evaluate(*validation_data[:2], batch_size=max(batch_size, 256))
+                    logs.update({f"val_{key}": value for key, value in val.items()})
                 except KeyboardInterrupt:
                     # A second Ctrl-C during validation: every batch of the epoch is applied, so the epoch counts
                     # as done (a resume must not repeat it); only its validation metrics are unknown. fit stops
                     # after it.
-                    logs["val_loss"] = logs["val_accuracy"] = math.nan
+                    logs["val_loss"] = math.nan
+                    if validation_data[2] is not None:
+                        logs["val_accuracy"] = math.nan
                     guard.requested = True
             if not bar.disable:
                 bar.set_postfix_str(self._line(logs), refresh=True)
         finally:
             bar.close()
-        if verbose == 2:
+        if verbose == 2 or (verbose == 1 and not use_bar):
             print(f"epoch {epoch + 1}/{last_epoch}: {self._line(logs)}", flush=True)
         return logs, True
 
@@ -516,25 +625,39 @@ class Trainer:
 
     @staticmethod
     def _count_correct(out, yb):
-        return int(np.count_nonzero(out.argmax(axis=1) == yb))
+        """Correct predictions in a batch whose targets are labels or one-hot-like rows (0 for targets that name no
+        classes: fit then records no accuracy)."""
+        classes = yb if yb.ndim == 1 else class_targets(yb)
+        return 0 if classes is None else int(np.count_nonzero(out.argmax(axis=1) == classes))
 
-    @staticmethod
-    def _line(logs):
-        text = f"loss={logs['loss']:.4f} acc={logs['accuracy']:.4f}"
+    # The name progress lines give validation_data (the command line calls its held-out split "test").
+    validation_label = "val"
+
+    def _line(self, logs):
+        text = f"loss={logs['loss']:.4f}"
+        if "accuracy" in logs:
+            text += f" acc={logs['accuracy']:.4f}"
         if "val_loss" in logs:
-            text += f" val_loss={logs['val_loss']:.4f} val_acc={logs['val_accuracy']:.4f}"
+            text += f" {self.validation_label}_loss={logs['val_loss']:.4f}"
+        if "val_accuracy" in logs:
+            text += f" {self.validation_label}_acc={logs['val_accuracy']:.4f}"
         return text + f" {logs['images_per_second']:,.0f} img/s {logs['time']:.2f}s"
 
     @_ends_job_on_error
     def evaluate(self, x, y, batch_size=256):
-        """{'loss': mean loss per sample, 'accuracy': fraction of argmax predictions equal to y} in inference
-        mode."""
-        x, y = self._data(x, y)
+        """{'loss': mean loss per sample, 'accuracy': fraction of argmax predictions equal to the true classes} in
+        inference mode. y as for fit; 'accuracy' is left out for targets that name no classes."""
+        return self._evaluate(*self._data(x, y), batch_size=batch_size)
+
+    def _evaluate(self, x, targets, classes, batch_size=256):
         outputs = self.predict(x, batch_size)
-        value = self.loss(outputs, y)
+        value = self.loss(outputs, targets)
         if self.loss.reduction == "sum":
             value /= x.shape[0]
-        return {"loss": float(value), "accuracy": float(np.mean(outputs.argmax(axis=1) == y))}
+        result = {"loss": float(value)}
+        if classes is not None:
+            result["accuracy"] = float(np.mean(outputs.argmax(axis=1) == classes))
+        return result
 
     def predict(self, x, batch_size=256):
         """Model outputs (scores) for x, batch by batch in inference mode; argmax(axis=1) gives classes. Under a

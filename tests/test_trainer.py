@@ -11,6 +11,7 @@ from convengine import layers as L
 from convengine import losses, optim
 from convengine.data import load_digits
 from convengine.model import Sequential, lenet
+from convengine import trainer as trainer_module
 from convengine.trainer import (Callback, EarlyStopping, LearningRateScheduler, ModelCheckpoint, Trainer)
 
 
@@ -246,7 +247,7 @@ def test_keyboard_interrupt_inside_a_batch_is_caught(rng):
     assert np.all(np.isfinite(trainer.predict(x)))
 
 
-def test_progress_output(rng, capsys):
+def test_progress_output(rng, capsys, monkeypatch):
     x, y = stripes(rng, 32)
     make_trainer(small_cnn()).fit(x, y, epochs=2, batch_size=16, verbose=0)
     out, err = capsys.readouterr()
@@ -256,9 +257,14 @@ def test_progress_output(rng, capsys):
     lines = out.strip().splitlines()
     assert len(lines) == 2 and lines[1].startswith("epoch 2/2: loss=") and "val_acc=" in lines[1]
     assert "img/s" in lines[0]
+    # verbose=1 draws a bar only on a terminal; elsewhere (a log file, a pipe, capsys) one line per epoch.
     make_trainer(small_cnn()).fit(x, y, epochs=1, batch_size=16, verbose=1)
     out, err = capsys.readouterr()
-    assert "epoch 1/1" in err and "img/s" in err and "acc=" in err
+    assert err == "" and out.startswith("epoch 1/1: loss=") and "\r" not in out and len(out.splitlines()) == 1
+    monkeypatch.setattr(trainer_module, "_on_terminal", lambda: True)
+    make_trainer(small_cnn()).fit(x, y, epochs=1, batch_size=16, verbose=1)
+    out, err = capsys.readouterr()
+    assert out == "" and "epoch 1/1" in err and "img/s" in err and "acc=" in err and "\r" in err
 
 
 def test_evaluate_and_predict_agree_with_the_model(rng):

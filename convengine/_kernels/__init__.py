@@ -18,6 +18,21 @@ _USER_POLICY = os.environ.get("OMP_WAIT_POLICY") or (
     "GOMP_SPINCOUNT=" + os.environ["GOMP_SPINCOUNT"] if "GOMP_SPINCOUNT" in os.environ else None)
 if _USER_POLICY is None:
     os.environ["OMP_WAIT_POLICY"] = "passive"
+_NOT_BUILT = ("convengine's compiled kernels are not built in {where}. In a source checkout, build them with "
+              "`pip install -e .` (or `python setup.py build_ext --inplace`), run from the checkout's root; or "
+              "install the package with `pip install .` and run from another folder.")
+
+
+def _not_built():
+    """An ImportError saying what to run, for a checkout whose extension modules were never compiled (Python's
+    own message would be a puzzling 'partially initialized module ... circular import')."""
+    return ImportError(_NOT_BUILT.format(where=os.path.dirname(os.path.abspath(__file__))))
+
+
+if importlib.util.find_spec(f"{__name__}._cpu") is None:
+    if _USER_POLICY is None:
+        del os.environ["OMP_WAIT_POLICY"]
+    raise _not_built()
 try:
     from . import _cpu
 finally:
@@ -35,6 +50,8 @@ def _available():
 
 def _select():
     available = _available()
+    if not available:
+        raise _not_built()
     wanted = os.environ.get("CONVENGINE_ISA", "").strip().lower()
     if wanted:
         if wanted not in _ORDER:
