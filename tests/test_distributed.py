@@ -201,8 +201,12 @@ def test_cli_train_under_mpiexec_writes_one_model_and_one_progress_stream(tmp_pa
     # the same run in one process, 2 shards, no MPI: the same model, bit for bit
     from convengine.__main__ import main
     single = tmp_path / "single.npz"
-    assert main(["train", "--epochs", "1", "--shards", "2", "--verbose", "0", "--threads", "1",
-                 "--save", str(single)]) == 0
+    threads = convengine.get_num_threads()
+    try:
+        assert main(["train", "--epochs", "1", "--shards", "2", "--verbose", "0", "--threads", "1",
+                     "--save", str(single)]) == 0
+    finally:
+        convengine.set_num_threads(threads)
     a, b = convengine.load(str(model_path)), convengine.load(str(single))
     for p, q in zip(a.parameters(), b.parameters()):
         assert p.data.tobytes() == q.data.tobytes()
