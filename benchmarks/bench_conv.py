@@ -5,10 +5,10 @@ op, direction and shape, so that reference, engine and PyTorch stand side by sid
 import numpy as np
 import pytest
 
-from convengine import _bench
+from convengine.bench import cases
 
 
-@pytest.mark.parametrize("direction", _bench.CONV_TIMED)
+@pytest.mark.parametrize("direction", cases.CONV_TIMED)
 def test_conv2d(timed, impl, conv_case, direction):
-    call = _bench.conv_calls(impl, conv_case, np.random.default_rng(0))[direction]
+    call = cases.conv_calls(impl, conv_case, np.random.default_rng(0))[direction]
     timed(conv_case, call, f"conv2d {direction} {conv_case.name}", conv_case.flops(direction) / 1e9, "gflop")

@@ -3,11 +3,11 @@ backward. One group per op, direction and shape."""
 import numpy as np
 import pytest
 
-from convengine import _bench
+from convengine.bench import cases
 
 
-@pytest.mark.parametrize("direction", _bench.POOL_DIRECTIONS)
+@pytest.mark.parametrize("direction", cases.POOL_DIRECTIONS)
 def test_pool2d(timed, impl, pool_case, direction):
-    call = _bench.pool_calls(impl, pool_case, np.random.default_rng(0))[direction]
+    call = cases.pool_calls(impl, pool_case, np.random.default_rng(0))[direction]
     timed(pool_case, call, f"{pool_case.op_name} {direction} {pool_case.name}", pool_case.bytes(direction) / 1e9,
           "gbyte")

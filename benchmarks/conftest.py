@@ -3,7 +3,8 @@
 The modules here are named bench_*.py so that the test run (`testpaths = ["tests"]` in pyproject.toml) never
 collects them; the hook below collects them when benchmarks/ is named on the command line. Every implementation
 runs at convengine's thread count: PyTorch through torch.set_num_threads, numpy's BLAS (which the reference
-uses) through threadpoolctl. CONVENGINE_BENCH_SMOKE=1 swaps the issue-4 shapes for tiny ones, so that a smoke run
+uses) through threadpoolctl. The shapes and calls come from `convengine.bench.cases`, shared with
+`python -m convengine bench`. CONVENGINE_BENCH_SMOKE=1 swaps the default shapes for tiny ones, so that a smoke run
 (`--benchmark-disable`) takes seconds.
 """
 import os
@@ -11,11 +12,11 @@ import os
 import pytest
 
 import convengine
-from convengine import _bench
+from convengine.bench import cases, machine, timing
 
 SMOKE = os.environ.get("CONVENGINE_BENCH_SMOKE", "") not in ("", "0")
-CONV_CASES = _bench.TINY_CONV_CASES if SMOKE else _bench.CONV_CASES
-POOL_CASES = _bench.TINY_POOL_CASES if SMOKE else _bench.POOL_CASES
+CONV_CASES = cases.TINY_CONV_CASES if SMOKE else cases.CONV_CASES
+POOL_CASES = cases.TINY_POOL_CASES if SMOKE else cases.POOL_CASES
 # The reference takes up to a few tenths of a second per call on the big shapes: a fixed 3 rounds there.
 REFERENCE_ROUNDS_BIG = 3
 
@@ -28,7 +29,7 @@ def pytest_collect_file(file_path, parent):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Saved runs (--benchmark-save) carry what --benchmark-compare needs to tell builds and machines apart."""
-    info = _bench.machine_info(convengine.get_num_threads())
+    info = machine.machine_info(convengine.get_num_threads())
     machine_info["convengine"] = info["convengine"]
     machine_info["numpy"] = info["numpy"]
     machine_info["torch"] = info["torch"]
@@ -38,14 +39,14 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 @pytest.fixture(scope="session", autouse=True)
 def same_threads():
     """Reference (numpy's BLAS), engine and PyTorch at one thread count for the whole session."""
-    with _bench.SameThreads(convengine.get_num_threads()) as threads:
+    with timing.SameThreads(convengine.get_num_threads()) as threads:
         yield threads.n
 
 
 IMPL_PARAMS = [
     "reference",
     "engine",
-    pytest.param("torch", marks=pytest.mark.skipif(_bench.torch_module() is None, reason="PyTorch not installed")),
+    pytest.param("torch", marks=pytest.mark.skipif(timing.torch_module() is None, reason="PyTorch not installed")),
 ]
 
 
@@ -55,7 +56,7 @@ def impl(request):
 
 
 def pytest_generate_tests(metafunc):
-    """`conv_case` and `pool_case` run over the issue-4 shapes (the tiny ones in smoke mode)."""
+    """`conv_case` and `pool_case` run over the default shapes (the tiny ones in smoke mode)."""
     if "conv_case" in metafunc.fixturenames:
         metafunc.parametrize("conv_case", CONV_CASES, ids=[c.name for c in CONV_CASES])
     if "pool_case" in metafunc.fixturenames:

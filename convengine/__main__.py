@@ -158,7 +158,7 @@ def build_parser():
                       help="draw that region here, on --image when given, else on a blank input")
     show.set_defaults(func=cmd_show)
 
-    # `bench` hands every argument after it to convengine._bench (its own --help lists them), so argparse only
+    # `bench` hands every argument after it to convengine.bench (its own --help lists them), so argparse only
     # names it here; main() dispatches it before parsing.
     sub.add_parser("bench", add_help=False,
                    help="speed report: conv2d and pooling vs the NumPy reference and PyTorch "
@@ -170,8 +170,8 @@ def main(argv=None):
     """Entry point of `python -m convengine` and the `convengine` script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":
-        from . import _bench
-        status = _bench.main(argv[1:])
+        from . import bench
+        status = bench.main(argv[1:])
         return 0 if status is None else status
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,13 +1,15 @@
-"""The speed report (`convengine._bench`, behind `python -m convengine bench`) and the pytest-benchmark suite in
-benchmarks/ keep working: the report's numbers are finite, positive and agree with each other, and the suite runs
-once in smoke mode. No timing is judged here; speed targets live in the report itself."""
+"""The speed report (`convengine.bench`, behind `python -m convengine bench`) and the pytest-benchmark suite in
+benchmarks/ keep working: the report's numbers are finite, positive and agree with each other, each section
+follows the protocol of `convengine.bench.report`, and the suite runs once in smoke mode. No timing is judged."""
 import contextlib
+import importlib.util
 import io
 import json
 import math
 import os
 import re
 import statistics
+import types
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import convengine
-from convengine import _bench
+from convengine.bench import cases, report as bench_report, training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +31,7 @@ def quick_report(tmp_path_factory):
     threads_before = convengine.get_num_threads()
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        status = _bench.main(["--quick", "--shapes", "tiny", "--repeat", "3", "--threads", "1",
+        status = bench_report.main(["--quick", "--shapes", "tiny", "--repeat", "3", "--threads", "1",
                               "--json", str(path), "--markdown", str(md)])
     return {"status": status, "json": json.loads(path.read_text()), "printed": buf.getvalue(),
             "markdown": md.read_text(), "threads_before": threads_before}
@@ -45,13 +47,13 @@ def test_report_rows_finite_positive_and_complete(quick_report):
     assert rep["threads"] == 1
     assert all(_positive(v) for v in rep["matmul_by_library"].values())
     assert rep["matmul_gflops"] == max(rep["matmul_by_library"].values())
-    rows = rep["rows"]
+    rows = rep["sections"]["kernels"]["rows"]
     conv = [r for r in rows if r["op"] == "conv2d"]
     pools = [r for r in rows if r["op"] != "conv2d"]
     assert [(r["shape"], r["direction"]) for r in conv] == [
-        (c.name, d) for c in _bench.TINY_CONV_CASES for d in _bench.CONV_DIRECTIONS]
+        (c.name, d) for c in cases.TINY_CONV_CASES for d in cases.CONV_DIRECTIONS]
     assert [(r["op"], r["shape"], r["direction"]) for r in pools] == [
-        (c.op_name, c.name, d) for c in _bench.TINY_POOL_CASES for d in _bench.POOL_DIRECTIONS]
+        (c.op_name, c.name, d) for c in cases.TINY_POOL_CASES for d in cases.POOL_DIRECTIONS]
     for r in rows:
         assert set(r["ms"]) == set(rep["impls"])
         for impl, ms in r["ms"].items():
@@ -64,7 +66,7 @@ def test_report_rows_finite_positive_and_complete(quick_report):
 
 
 def test_report_ratios_follow_from_times(quick_report):
-    rows = quick_report["json"]["rows"]
+    rows = quick_report["json"]["sections"]["kernels"]["rows"]
     for r in rows:
         ms = r["ms"]
         for impl, key in (("reference", "vs_reference"), ("torch", "vs_torch")):
@@ -78,7 +80,7 @@ def test_report_ratios_follow_from_times(quick_report):
         if r["direction"] != "grad_input":
             for impl, ms in r["ms"].items():
                 assert ms == pytest.approx(statistics.median(r["samples_ms"][impl]), rel=1e-9)
-    for case in _bench.TINY_CONV_CASES:
+    for case in cases.TINY_CONV_CASES:
         gi = by[(case.name, "grad_input")]
         for impl in gi["ms"]:
             back = by[(case.name, "backward")]["samples_ms"][impl]
@@ -90,7 +92,7 @@ def test_report_ratios_follow_from_times(quick_report):
             else:
                 assert gi["ms"][impl] is None
     # GFLOP per call: the forward's multiply-adds twice, backward counting grad_input and grad_weight.
-    case = _bench.TINY_CONV_CASES[1]
+    case = cases.TINY_CONV_CASES[1]
     macs = case.batch * case.out_channels * case.height * case.width * case.channels * 9
     assert case.flops("forward") == 2 * macs
     assert case.flops("backward") == 4 * macs
@@ -98,35 +100,39 @@ def test_report_ratios_follow_from_times(quick_report):
 
 def test_report_summary_is_geomean_of_rows(quick_report):
     rep = quick_report["json"]
-    rows, summary = rep["rows"], rep["summary"]
-    for direction in _bench.CONV_DIRECTIONS:
+    rows, summary = rep["sections"]["kernels"]["rows"], rep["sections"]["kernels"]["summary"]
+    for direction in cases.CONV_DIRECTIONS:
         ratios = [r["vs_reference"] for r in rows if r["op"] == "conv2d" and r["direction"] == direction
                   and r["vs_reference"]]
         expect = math.exp(sum(map(math.log, ratios)) / len(ratios))
         assert summary["conv"][direction]["vs_reference"] == pytest.approx(expect, rel=1e-9)
-    assert summary["targets"]["conv_forward_vs_torch"] == summary["conv"]["forward"]["vs_torch"]
-    pct = [r["pct_peak"] for r in rows if r.get("pct_peak") is not None]
+    comparisons = rep["comparisons"]
+    assert comparisons["conv_forward_vs_torch"]["value"] == summary["conv"]["forward"]["vs_torch"]
+    assert comparisons["pool_backward_vs_torch"]["value"] == summary["pool"]["backward"]["vs_torch"]
+    pct = [r["pct_matmul"] for r in rows if r.get("pct_matmul") is not None]
     assert pct, "the tiny set has a compute-bound shape"
     for r in rows:
-        if r.get("pct_peak") is not None:
+        if r.get("pct_matmul") is not None:
             assert r["compute_bound"]
-            assert r["pct_peak"] == pytest.approx(100 * r["engine_rate"] / rep["matmul_gflops"], rel=1e-9)
+            assert r["pct_matmul"] == pytest.approx(100 * r["engine_rate"] / rep["matmul_gflops"], rel=1e-9)
+    lowest = min(r["pct_matmul"] for r in rows if r.get("pct_matmul") is not None and r["direction"] != "backward")
+    assert comparisons["compute_bound_min_pct_matmul"]["value"] == pytest.approx(lowest, rel=1e-12)
 
 
 def _printed_rows(text):
-    """The table lines: op shape direction ref_ms engine_ms torch_ms engine_rate torch_rate x_ref x_torch %peak."""
+    """The table lines: op shape direction ref_ms engine_ms torch_ms engine_rate torch_rate x_ref x_torch %matmul."""
     out = []
     for line in text.splitlines():
         cells = line.split()
         if len(cells) == 11 and cells[0] in ("conv2d", "max_pool2d", "avg_pool2d") and cells[2] in (
-                _bench.CONV_DIRECTIONS + _bench.POOL_DIRECTIONS):
+                cases.CONV_DIRECTIONS + cases.POOL_DIRECTIONS):
             out.append([cells[0], cells[1], cells[2]] + [None if c == "-" else float(c) for c in cells[3:]])
     return out
 
 
 def test_printed_table_matches_report(quick_report):
     printed = _printed_rows(quick_report["printed"])
-    rows = quick_report["json"]["rows"]
+    rows = quick_report["json"]["sections"]["kernels"]["rows"]
     assert len(printed) == len(rows)
     for p, r in zip(printed, rows):
         op, shape, direction, ref_ms, eng_ms, torch_ms, eng_rate, _, x_ref, x_torch, _ = p
@@ -138,8 +144,28 @@ def test_printed_table_matches_report(quick_report):
             assert x_ref == pytest.approx(ref_ms / eng_ms, rel=1e-2)
         if x_torch is not None:
             assert x_torch == pytest.approx(torch_ms / eng_ms, rel=1e-2)
-    assert re.search(r"float32 matmul .*peak yardstick [0-9.]+ GFLOP/s", quick_report["printed"])
-    assert "issue 4 targets" in quick_report["printed"]
+    assert re.search(r"float32 matmul .* share of [0-9.]+ GFLOP/s", quick_report["printed"])
+
+
+def test_summary_states_comparisons_without_pass_marks(quick_report):
+    """The closing lines name each comparison for what it is and print its value, nothing more."""
+    printed = quick_report["printed"]
+    rep = quick_report["json"]
+    block = printed[printed.index("\ncomparisons ("):].splitlines()
+    for c in rep["comparisons"].values():
+        line = next(line for line in block if line.strip().startswith(c["label"]))
+        value = line[len(line.rstrip()) - 8:].strip()
+        if c["value"] is None:
+            assert value == "-"
+        elif c["unit"] == "%":
+            assert value == f"{c['value']:.0f}%"
+        else:
+            assert value == f"{c['value']:.3g}x"
+    for word in ("issue", "target", "met", ">="):
+        assert word not in " ".join(block).lower().split(), word
+    # --quick leaves the thread-scaling and training sections out, and says so.
+    assert set(rep["skipped"]) == {"scaling", "training"}
+    assert "training epoch of the default digits net: not run" in printed
 
 
 def test_markdown_holds_machine_and_table(quick_report):
@@ -157,14 +183,14 @@ def test_report_restores_thread_count(quick_report):
 def test_plot_writes_png(quick_report, tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "bench.png"
-    assert _bench.plot(quick_report["json"], str(path))
+    assert bench_report.plot(quick_report["json"], str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("argv", [["--threads", "0"], ["--repeat", "0"], ["--shapes", "huge"]])
 def test_bad_options_exit(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        _bench.main(argv)
+        bench_report.main(argv)
     assert e.value.code == 2
 
 
@@ -182,3 +208,68 @@ def test_benchmark_suite_smoke():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert re.search(r"\b\d+ passed", proc.stdout)
     assert "failed" not in proc.stdout.splitlines()[-1]
+
+
+def _tiny_run(argv, sections=None, monkeypatch=None):
+    """A tiny report's JSON and printed text (the pools and convs of the tiny set at one thread)."""
+    if sections is not None:
+        monkeypatch.setattr(bench_report, "SECTIONS", sections)
+    opts = bench_report.parse_args(["--shapes", "tiny", "--repeat", "1", "--threads", "1", *argv])
+    out = io.StringIO()
+    return bench_report.run(opts, out), out.getvalue()
+
+
+def test_without_pytorch_the_report_and_chart_say_so(tmp_path):
+    """--no-torch stands for a machine without PyTorch: no torch column has a value, the vs-PyTorch comparisons
+    are empty, and the report and the chart say why instead of showing an unexplained empty panel."""
+    path = tmp_path / "chart.png"
+    rep, printed = _tiny_run(["--no-torch", "--plot", str(path)])
+    assert rep["impls"] == ["reference", "engine"]
+    assert rep["torch_note"] == bench_report.TORCH_LEFT_OUT
+    assert printed.count(bench_report.TORCH_LEFT_OUT) == 2  # under the header and under the comparisons
+    for r in rep["sections"]["kernels"]["rows"]:
+        assert "torch" not in r["ms"] and r["vs_torch"] is None
+    vs_torch = [c for c in rep["comparisons"].values() if "PyTorch" in c["label"]]
+    assert vs_torch and all(c["value"] is None for c in vs_torch)
+    assert bench_report.torch_note(("reference", "engine"), bench_report.parse_args([])) == bench_report.TORCH_MISSING
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_new_section_is_one_module(monkeypatch):
+    """A module following the section protocol, added to SECTIONS, is measured, summarised and compared, and a
+    section that fails is reported without losing the others."""
+    calls = []
+    extra = types.ModuleType("extra")
+    extra.NAME, extra.TITLE = "extra", "an extra section"
+    extra.wanted = lambda ctx: True
+    extra.measure = lambda ctx: calls.append(ctx.threads) or {"value": 2.5}
+    extra.summary = lambda result, ctx: [f"extra summary {result['value']}"]
+    extra.comparisons = lambda result: [dict(key="extra_x", label="extra, speedup vs nothing",
+                                             value=result["value"], unit="x")]
+    broken = types.ModuleType("broken")
+    broken.NAME, broken.TITLE = "broken", "a broken section"
+    broken.wanted = lambda ctx: True
+    broken.measure = lambda ctx: 1 / 0
+    off = types.ModuleType("off")
+    off.NAME, off.TITLE = "off", "a section left out"
+    off.wanted = lambda ctx: "not today"
+    from convengine.bench import kernels
+    rep, printed = _tiny_run([], [kernels, extra, broken, off], monkeypatch)
+    assert calls == [1]
+    assert rep["sections"]["extra"] == {"value": 2.5}
+    assert rep["sections"]["broken"]["error"].startswith("ZeroDivisionError")
+    assert rep["skipped"] == {"off": "not today"}
+    assert rep["comparisons"]["extra_x"]["value"] == 2.5
+    assert "extra summary 2.5" in printed and "a section left out: not run, not today" in printed
+    assert re.search(r"extra, speedup vs nothing +2\.5x", printed)
+
+
+def test_training_section_ships_in_the_package():
+    """The training comparison lives in the package (the installed CLI has it) and times real epochs."""
+    assert Path(training.__file__).resolve().parent == Path(bench_report.__file__).resolve().parent
+    result = training.epoch_seconds(1, repeats=1, images=64, use_torch=False)
+    assert _positive(result["engine_s"]) and result["torch_s"] is None and result["speedup"] is None
+    assert result["images"] == 64 and result["threads"] == 1
+    assert training.summary(result, None) == [
+        f"training, default digits net, median s/epoch: engine {result['engine_s']:.4g}, PyTorch -, x_torch -"]

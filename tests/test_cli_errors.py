@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import convengine
-from convengine import _bench, data
+from convengine import data
+from convengine.bench import report as bench_report
 from convengine.__main__ import main
 from convengine.layers import Conv2d, Flatten, GlobalAvgPool2d, Linear
 
@@ -18,7 +19,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the output paths were checked")
     monkeypatch.setattr(data, "load_dataset", refuse)
-    monkeypatch.setattr(_bench, "run", refuse)
+    monkeypatch.setattr(bench_report, "run", refuse)
 
 
 @pytest.mark.parametrize("option", ["--save", "--plot"])
@@ -64,7 +65,7 @@ def test_plot_is_written_to_exactly_the_path_given(tmp_path, capsys, monkeypatch
 def test_bench_output_in_a_missing_directory_fails_before_measuring(option, tmp_path, capsys, no_work):
     path = str(tmp_path / "nonexistent" / "x.out")
     with pytest.raises(SystemExit) as info:
-        _bench.main([option, path, "--quick"])
+        bench_report.main([option, path, "--quick"])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"{option} {path}" in err and "does not exist" in err
@@ -72,14 +73,14 @@ def test_bench_output_in_a_missing_directory_fails_before_measuring(option, tmp_
 
 def test_bench_output_that_is_a_directory_fails_before_measuring(tmp_path, capsys, no_work):
     with pytest.raises(SystemExit):
-        _bench.main(["--markdown", str(tmp_path), "--quick"])
+        bench_report.main(["--markdown", str(tmp_path), "--quick"])
     assert "is a directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("threads", ["5000", "0", "-3"])
 def test_bench_threads_out_of_range_is_a_usage_error(threads, capsys, no_work):
     with pytest.raises(SystemExit) as info:
-        _bench.main(["--threads", threads, "--quick"])
+        bench_report.main(["--threads", threads, "--quick"])
     assert info.value.code == 2
     assert "--threads must be in [1, 1024]" in capsys.readouterr().err
 

@@ -1,0 +1,124 @@
+"""Timing helpers: every implementation at one thread count, interleaved calls, and the machine's float32 matmul
+rate (the yardstick that "% of matmul rate" figures are measured against)."""
+import math
+import statistics
+import time
+
+import numpy as np
+
+from .._threads import get_num_threads, set_num_threads
+
+MATMUL_SIZE = 1024
+# Seconds for thread pools that spin after a call (OpenBLAS, PyTorch's OpenMP) to go to sleep.
+PARK_SECONDS = 0.25
+
+
+def torch_module():
+    """PyTorch when installed, else None (it is optional everywhere)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def random_array(rng, shape):
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+class SameThreads:
+    """Every implementation at n threads for the duration of a `with`: the engine through set_num_threads,
+    PyTorch through torch.set_num_threads, numpy's BLAS (which the reference leans on) through threadpoolctl
+    when installed (`blas_limited` says whether it was). The previous settings come back after."""
+
+    def __init__(self, n):
+        self.n = n
+        self.blas_limited = False
+
+    def __enter__(self):
+        self._engine = get_num_threads()
+        set_num_threads(self.n)
+        torch = torch_module()
+        self._torch = torch.get_num_threads() if torch else None
+        if torch:
+            torch.set_num_threads(self.n)
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            self._limits = None
+        else:
+            self._limits = threadpool_limits(self.n, user_api="blas")
+            self.blas_limited = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._limits is not None:
+            self._limits.restore_original_limits()
+        if self._torch is not None:
+            torch_module().set_num_threads(self._torch)
+        set_num_threads(self._engine)
+
+
+def time_interleaved(calls, repeats, warmup=1, park=None):
+    """Seconds of each call in `calls` (name -> callable), `repeats[name]` times each. Calls of one implementation
+    (the first item of a tuple name, else the name) are interleaved: round r runs them one after another from a
+    rotating offset. Implementations run one after another, not mixed: each brings its own thread pool (the
+    engine's libgomp, PyTorch's own, OpenBLAS), whose workers keep spinning after a call and took the cores from
+    the other's next call when they were interleaved (a 3.8 ms engine backward read 7.7 ms right after PyTorch's).
+    Before each implementation the previous one's workers get `park` seconds (default PARK_SECONDS) to stop
+    spinning and sleep (OpenBLAS spins about 0.1 s after a call: the engine's backward read twice its time right
+    after the reference's).
+    `warmup`: untimed calls first, an int or a dict by name. Returns name -> list of seconds."""
+    names = [n for n in calls if repeats[n] > 0]
+    groups = {}
+    for name in names:
+        groups.setdefault(name[0] if isinstance(name, tuple) else name, []).append(name)
+    times = {name: [] for name in names}
+    for group in groups.values():
+        if len(groups) > 1:
+            time.sleep(PARK_SECONDS if park is None else park)
+        for name in group:
+            for _ in range(warmup.get(name, 1) if isinstance(warmup, dict) else warmup):
+                calls[name]()
+        for r in range(max(repeats[n] for n in group)):
+            shift = r % len(group)
+            for name in group[shift:] + group[:shift]:
+                if r < repeats[name]:
+                    t0 = time.perf_counter()
+                    calls[name]()
+                    times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ms(seconds):
+    return 1e3 * statistics.median(seconds) if seconds else None
+
+
+def positive_median_ms(seconds):
+    """Median in ms; None when there are no samples or when the median of a difference is lost in noise."""
+    ms = median_ms(seconds)
+    return ms if ms is not None and ms > 0 else None
+
+
+def geomean(values):
+    values = [v for v in values if v is not None and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def ratio(num, den):
+    return num / den if num is not None and den is not None and den > 0 else None
+
+
+def matmul_gflops(size=MATMUL_SIZE, repeat=5, use_torch=True):
+    """The machine's float32 matmul rate at the thread count in force (see SameThreads): GFLOP/s of the median
+    size x size product through numpy's BLAS and, when installed, PyTorch's. The faster is the yardstick: a BLAS
+    built without kernels for the CPU's widest vectors would otherwise flatter the engine."""
+    rng = np.random.default_rng(0)
+    a, b = random_array(rng, (size, size)), random_array(rng, (size, size))
+    calls = {"numpy": lambda: a @ b}
+    torch = torch_module() if use_torch else None
+    if torch is not None:
+        at, bt = torch.from_numpy(a), torch.from_numpy(b)
+        calls["torch"] = lambda: torch.mm(at, bt)
+    times = time_interleaved(calls, {name: repeat for name in calls}, warmup=2)
+    return {name: 2 * size ** 3 / (median_ms(t) * 1e6) for name, t in times.items()}
