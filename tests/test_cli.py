@@ -112,7 +112,9 @@ def test_errors_are_one_line_and_status_1(tmp_path, capsys):
 
 
 def test_plot_without_matplotlib_says_so_before_training(monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    # Every matplotlib module, not only the package: an earlier test may have imported matplotlib.pyplot.
+    for name in [m for m in sys.modules if m.split(".")[0] == "matplotlib"] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
     assert main(["train", "--plot", str(tmp_path / "c.png"), "--verbose", "0"]) == 1
     err = capsys.readouterr()
     assert "needs matplotlib" in err.err and "epoch" not in err.out
