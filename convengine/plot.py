@@ -4,7 +4,8 @@ feature maps one image produces, the loss and accuracy per epoch, and the input 
 Every drawing function returns a matplotlib Figure and, given `path`, also writes it there (a PNG, unless the
 path's suffix names another format matplotlib writes). matplotlib is an optional dependency
 (`pip install 'convengine[plot]'`); this module imports without it and each drawing function raises ImportError
-saying so. `receptive_field_region` is arithmetic on the layers' geometry and needs no matplotlib.
+saying so. `receptive_field_region` is arithmetic on the layers' geometry and needs no matplotlib. Models are
+Sequential or graph models; a layer is named by its index in model.layers (as model.summary() numbers them).
 
 The figures need no display: unless the program already uses `matplotlib.pyplot`, they are made without it (a
 standalone Figure, rendered by Agg), so they open no window and never touch a GUI backend, whatever $DISPLAY says;
@@ -60,8 +61,47 @@ def _finish(fig, path):
 def _model_layers(model):
     layers = getattr(model, "layers", None)
     if not isinstance(layers, (list, tuple)):
-        raise TypeError(f"model must be a convengine.Sequential (a model with .layers), got {type(model).__name__}")
+        raise TypeError(f"model must be a convengine.Sequential or a convengine.graph.Graph, got "
+                        f"{type(model).__name__}")
     return layers
+
+
+def _wiring(model, layers):
+    """Per layer the indices of the tensors it reads (-1: the model input): a graph model's own wiring, else each
+    layer reading the one before."""
+    wiring = getattr(model, "inputs", None)
+    if wiring is None:
+        return [[i - 1] for i in range(len(layers))]
+    return [list(srcs) for srcs in wiring]
+
+
+def _is_merge(layer, srcs):
+    from .graph import _Merge
+    return isinstance(layer, _Merge) or len(srcs) > 1
+
+
+def _ancestors(wiring, index):
+    """The layers whose outputs layer `index` depends on, itself included, in index (topological) order."""
+    needed, stack = set(), [index]
+    while stack:
+        i = stack.pop()
+        if i >= 0 and i not in needed:
+            needed.add(i)
+            stack.extend(wiring[i])
+    return sorted(needed)
+
+
+def _tensor_shapes(layers, wiring, input_shape, index):
+    """{tensor index: one sample's shape} for the model input (-1) and every layer that layer `index` depends on."""
+    shapes = {-1: tuple(input_shape)}
+    for i in _ancestors(wiring, index):
+        ins = [shapes[j] for j in wiring[i]]
+        try:
+            shapes[i] = tuple(layers[i].output_shape(ins if _is_merge(layers[i], wiring[i]) else ins[0]))
+        except ValueError as e:
+            raise ValueError(f"an image of shape {tuple(input_shape)} does not fit layer {i} "
+                             f"({type(layers[i]).__name__}): {e}") from None
+    return shapes
 
 
 def _layer_index(layers, layer):
@@ -241,11 +281,12 @@ def _image_chw(model, layers, image):
     return np.ascontiguousarray(chw, dtype=dtype)
 
 
-def _activations(layers, chw, index):
-    x = chw[None]
-    for layer in layers[:index + 1]:
-        x = layer.forward(x, False)
-    return x[0]
+def _activations(layers, wiring, chw, index):
+    values = {-1: chw[None]}
+    for i in _ancestors(wiring, index):
+        ins = [values[j] for j in wiring[i]]
+        values[i] = layers[i].forward(ins if _is_merge(layers[i], wiring[i]) else ins[0], False)
+    return values[index][0]
 
 
 def _draw_input(ax, chw, title="input"):
@@ -283,17 +324,13 @@ def feature_maps(model, image, layer=None, path=None):
     layers = _model_layers(model)
     index = _conv_layer(layers, None) if layer is None else _layer_index(layers, layer)
     chw = _image_chw(model, layers, image)
-    shape = tuple(chw.shape)
-    for i, l in enumerate(layers[:index + 1]):
-        try:
-            shape = tuple(l.output_shape(shape))
-        except ValueError as e:
-            raise ValueError(f"image of shape {chw.shape} does not fit layer {i} ({type(l).__name__}): {e}") from None
+    wiring = _wiring(model, layers)
+    shape = _tensor_shapes(layers, wiring, chw.shape, index)[index]
     if len(shape) != 3:
         raise ValueError(f"layer {index} ({type(layers[index]).__name__}) outputs shape {shape}, not feature maps "
                          f"(C, H, W); pick a layer before Flatten (" + _layer_list(layers) + ")")
     _matplotlib()
-    maps = _activations(layers, chw, index)
+    maps = _activations(layers, wiring, chw, index)
     n, h, w = maps.shape
     rows, cols = _grid_shape(n)
     cell = min(1.2, max(0.45, 9.0 / cols))
@@ -392,11 +429,12 @@ class Region(NamedTuple):
 
 
 def _axis_geometry(layer, in_shape):
-    """Per axis (kernel, stride, padding before, dilation) of a layer, or None for one that maps each pixel to
-    itself (ReLU, BatchNorm2d, Dropout)."""
+    """Per axis (kernel, stride, padding before, dilation) of a layer, None for one that maps each pixel to itself
+    (ReLU, BatchNorm2d, Dropout, Add, Concat of channels), False for one that cannot be traced."""
     from . import _args
+    from .graph import Add, Concat
     from .layers import BatchNorm2d, Conv2d, Dropout, ReLU, _Pool
-    if isinstance(layer, (ReLU, BatchNorm2d, Dropout)):
+    if isinstance(layer, (ReLU, BatchNorm2d, Dropout, Add)) or (isinstance(layer, Concat) and layer.axis == 1):
         return None
     if isinstance(layer, Conv2d):
         k, s, d = layer.kernel_size, layer.stride, layer.dilation
@@ -413,22 +451,32 @@ def _axis_geometry(layer, in_shape):
     return False
 
 
+def _taps(k, s, p, d, in_size, out_size):
+    """The (in_size, out_size) matrix with 1 where output position o reads input position i along one axis."""
+    o = np.repeat(np.arange(out_size), k)
+    i = o * s - p + np.tile(np.arange(k) * d, out_size)
+    keep = (i >= 0) & (i < in_size)
+    a = np.zeros((in_size, out_size))
+    a[i[keep], o[keep]] = 1.0
+    return a
+
+
 def receptive_field_region(model, layer, position, input_shape=None):
     """The region of the input that unit `position` = (y, x) of layer `layer`'s output sees (any of its
-    channels), traced back through each layer's kernel, stride, padding and dilation, pixel by pixel along each
-    axis: a Region. input_shape: one image's (C, H, W), by default the model's."""
+    channels): a Region. It is traced back through each layer's kernel, stride, padding and dilation (and through
+    every branch of a graph model), pixel by pixel. input_shape: one image's (C, H, W), by default the model's."""
     layers = _model_layers(model)
     index = _layer_index(layers, layer)
     if input_shape is None:
         input_shape = getattr(model, "input_shape", None)
         if input_shape is None:
             raise ValueError("the model's input shape is unknown: pass input_shape (or an image)")
-    shapes = [tuple(input_shape)]
-    if len(shapes[0]) != 3:
-        raise ValueError(f"input_shape must be (C, H, W), got {shapes[0]}")
-    for l in layers[:index + 1]:
-        shapes.append(tuple(l.output_shape(shapes[-1])))
-    out = shapes[-1]
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W), got {input_shape}")
+    wiring = _wiring(model, layers)
+    shapes = _tensor_shapes(layers, wiring, input_shape, index)
+    out = shapes[index]
     if len(out) != 3:
         raise ValueError(f"layer {index} ({type(layers[index]).__name__}) outputs shape {out}: its units have no "
                          f"position in the image")
@@ -439,24 +487,36 @@ def receptive_field_region(model, layer, position, input_shape=None):
     if not (0 <= y < out[1] and 0 <= x < out[2]):
         raise ValueError(f"position {(y, x)} is outside layer {index}'s output of {out[1]} x {out[2]} "
                          f"(shape {out})")
-    seen = [np.array([y]), np.array([x])]  # per axis the exact positions the unit depends on
-    full = [[y, y], [x, x]]  # per axis the extent, padding included
+    seen = np.zeros(out[1:])
+    seen[y, x] = 1.0
+    masks = {index: seen}  # per tensor: the positions the unit depends on
+    extents = {index: [[y, y], [x, x]]}  # per tensor and axis: the extent, padding included
     for i in range(index, -1, -1):
-        geometry = _axis_geometry(layers[i], shapes[i])
+        if i not in masks:
+            continue
+        mask, extent = masks.pop(i), extents.pop(i)
+        in_shape = shapes[wiring[i][0]]
+        geometry = _axis_geometry(layers[i], in_shape)
         if geometry is False:
             raise ValueError(f"cannot trace a receptive field through layer {i} ({type(layers[i]).__name__})")
-        if geometry is None:
-            continue
-        for a, (k, s, p, d) in enumerate(geometry):
-            taps = (seen[a][:, None] * s - p + np.arange(k) * d).ravel()
-            seen[a] = np.unique(taps[(taps >= 0) & (taps < shapes[i][1 + a])])
-            lo, hi = full[a]
-            full[a] = [lo * s - p, hi * s - p + (k - 1) * d]
-    bounds = [slice(int(v[0]), int(v[-1]) + 1) if v.size else slice(0, 0) for v in seen]
-    mask = np.zeros(shapes[0][1:], dtype=bool)
-    mask[np.ix_(seen[0], seen[1])] = True
+        if geometry is not None:
+            rows, cols = (_taps(*g, in_shape[1 + a], mask.shape[a]) for a, g in enumerate(geometry))
+            mask = (rows @ mask @ cols.T > 0).astype(np.float64)
+            extent = [[lo * s - p, hi * s - p + (k - 1) * d] for (lo, hi), (k, s, p, d) in zip(extent, geometry)]
+        for j in wiring[i]:
+            if j in masks:
+                masks[j] = np.maximum(masks[j], mask)
+                extents[j] = [[min(a[0], b[0]), max(a[1], b[1])] for a, b in zip(extents[j], extent)]
+            else:
+                masks[j], extents[j] = mask, extent
+    seen = masks[-1] > 0
+    full = extents[-1]
+    bounds = []
+    for axis in (1, 0):
+        hit = np.flatnonzero(seen.any(axis=axis))
+        bounds.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, 0))
     size = (full[0][1] - full[0][0] + 1, full[1][1] - full[1][0] + 1)
-    return Region(bounds[0], bounds[1], size, full[0][0], full[1][0], mask)
+    return Region(bounds[0], bounds[1], size, full[0][0], full[1][0], seen)
 
 
 def receptive_field(model, layer, position, path=None, image=None):

@@ -300,6 +300,50 @@ def test_receptive_field_is_what_the_gradient_reaches(name):
     assert holes > 0 if name == "dilated" else holes == 0
 
 
+def crossing_branches():
+    """A graph model: a 3x1 and a 1x3 conv side by side, added (each unit sees a plus sign), a 1x1 conv of the sum
+    concatenated to it, then a 2x2 average pool (each unit sees four overlapping plus signs)."""
+    from convengine.graph import Add, Concat, Graph, Input
+    f64 = dict(dtype="float64")
+    x = Input((1, 9, 10))
+    h = Add()([Conv2d(1, 2, (3, 1), padding=(1, 0), **f64)(x), Conv2d(1, 2, (1, 3), padding=(0, 1), **f64)(x)])
+    h = Concat()([h, Conv2d(2, 2, 1, **f64)(h)])
+    return Graph(x, AvgPool2d(2)(h))
+
+
+@pytest.mark.parametrize("y, x, pixels", [(0, 0, 8), (2, 3, 12), (3, 4, 10)])
+def test_receptive_field_of_a_graph_model_follows_every_branch(y, x, pixels):
+    model = crossing_branches()
+    model.need_input_grad = True
+    region = plot.receptive_field_region(model, len(model.layers) - 1, (y, x))
+    rng = np.random.default_rng(0)
+    for p in model.parameters():
+        p.data[...] = rng.uniform(0.1, 1.0, p.data.shape)
+    out = model.forward(rng.uniform(0.1, 1.0, (1, 1, 9, 10)), training=True)
+    grad = np.zeros_like(out)
+    grad[0, :, y, x] = 1.0
+    support = np.abs(model.backward(grad)[0]).sum(axis=0) != 0
+    np.testing.assert_array_equal(region.seen, support)
+    assert region.size == (4, 4) and not support[region.rows, region.cols].all()  # corners of the box unseen
+    # four plus signs of 5 pixels fill a 4 x 4 box but its corners (12 pixels); at (0, 0) the box is clipped to
+    # 3 x 3 (8), in the last column to 4 x 3 (10)
+    assert support.sum() == pixels
+
+
+def test_feature_maps_and_filters_of_a_graph_model(mpl):
+    from convengine.graph import Add
+    model = crossing_branches()
+    image = np.random.default_rng(4).random((1, 9, 10))
+    add = next(i for i, l in enumerate(model.layers) if isinstance(l, Add))
+    a, b = (l for l in model.layers[:add] if isinstance(l, Conv2d))
+    expected = conv_reference(a, image[None]) + conv_reference(b, image[None])
+    np.testing.assert_allclose(shown_maps(plot.feature_maps(model, image, layer=add), 2), expected[0], rtol=1e-12)
+    fig = plot.filters(model, layer=1)
+    image = np.ma.filled(axes_labelled(fig, "filters").images[0].get_array().astype(np.float64), np.nan)
+    assert image.shape == (1, 3 * 2 + 1) and np.array_equal(image[0, 3], np.nan, equal_nan=True)
+    np.testing.assert_array_equal(image[0, [0, 1, 2, 4, 5, 6]], model.layers[1].weight.data.ravel())
+
+
 def test_receptive_field_refuses_what_has_no_position():
     model = small_model()
     with pytest.raises(ValueError, match=r"layer 6 \(Flatten\) outputs shape \(16,\): its units have no position"):
