@@ -8,13 +8,15 @@ Each configuration runs in its own process(es), started as `mpiexec -n RANKS pyt
 OMP_NUM_THREADS=THREADS (the classic and single-process sharded trainers run without mpiexec). A worker trains
 one epoch of `steps` batches of synthetic data (after a warm-up epoch of 2 batches) and rank 0 prints one JSON
 line: images/s, ms per step, and the seconds per step that DataParallel spent computing its shards, exchanging the
-records (the Allgatherv, waiting for the slowest rank included) and summing them.
+records (the Allgatherv, waiting for the slowest rank included; with the reduce-scatter exchange the slice sums
+too) and summing them.
 
 The cost model (printed after the table; benchmarks/README.md explains it): with one rank per node computing one
 shard of `batch` images per step (shards = ranks = P, global batch P * batch), a step gathers P records of R bytes,
 so each rank receives (P - 1) * R bytes: t_comm = (P - 1) * R * 8 / bandwidth. It dominates once it exceeds the
-compute time t_c of one shard, at P = 1 + t_c * bandwidth / (8 R). A reduce-scatter + allgather over the same
-records (the sum per coordinate still in shard order, so the same bits) would move 2 (P - 1) / P * R per rank.
+compute time t_c of one shard, at P = 1 + t_c * bandwidth / (8 R). The reduce-scatter exchange
+(CONVENGINE_EXCHANGE=reduce_scatter: the sum per coordinate still in shard order, so the same bits) moves about
+2 (P - 1) / P * R per rank.
 """
 import argparse
 import json
@@ -30,9 +32,11 @@ ROOT = os.path.dirname(HERE)
 
 # (net, images per shard, default steps)
 NETS = {"digits": ((1, 8, 8), 32, 60), "mnist": ((1, 28, 28), 64, 30), "cifar": ((3, 32, 32), 64, 12)}
-# (label, ranks, threads per rank, shards; None is the classic whole-batch trainer)
-CONFIGS = [("classic", 1, 1, None), ("classic", 1, 2, None), ("1 shard", 1, 2, 1),
-           ("2 shards, 1 process", 1, 1, 2), ("2 shards, 1 process", 1, 2, 2), ("2 shards, 2 ranks", 2, 1, 2)]
+# (label, ranks, threads per rank, shards (None: the classic whole-batch trainer), exchange)
+CONFIGS = [("classic", 1, 1, None, None), ("classic", 1, 2, None, None), ("1 shard", 1, 2, 1, None),
+           ("2 shards, 1 process", 1, 1, 2, None), ("2 shards, 1 process", 1, 2, 2, None),
+           ("2 shards, 2 ranks", 2, 1, 2, "allgather"),
+           ("2 shards, 2 ranks, reduce-scatter", 2, 1, 2, "reduce_scatter")]
 BANDWIDTHS_GBPS = (10, 25, 100)
 
 
@@ -81,19 +85,21 @@ def worker(args):
         parts = {k: (trainer.parallel.seconds[k] - before[k]) / args.steps * 1e3 for k in before}
     if comm is None or comm.Get_rank() == 0:
         params = sum(p.data.size for p in model.parameters())
+        exchange = trainer.parallel.exchange if trainer.parallel is not None and ranks > 1 else None
         print(json.dumps({"net": args.net, "ranks": ranks, "threads": args.threads, "shards": shards,
+                          "exchange": exchange,
                           "batch": batch, "steps": args.steps, "images_per_second": batch * args.steps / seconds,
                           "ms_per_step": seconds / args.steps * 1e3, "parts_ms": parts, "params": params,
                           "grad_bytes": params * 4,
                           "record_bytes": trainer.parallel.record_bytes if trainer.parallel else None}))
 
 
-def run_config(net, ranks, threads, shards, steps):
+def run_config(net, ranks, threads, shards, exchange, steps):
     command = [sys.executable, os.path.abspath(__file__), "--worker", net, "--threads", str(threads),
                "--steps", str(steps)]
     if shards is not None:
         command += ["--shards", str(shards)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), CONVENGINE_EXCHANGE=exchange or "allgather",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if ranks > 1:
         local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -132,7 +138,8 @@ def markdown(results, model):
     lines = ["| net | configuration | ranks x threads | batch | images/s | ms/step | compute / exchange / sum ms |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
-        label = next(c[0] for c in CONFIGS if (c[1], c[2], c[3]) == (r["ranks"], r["threads"], r["shards"]))
+        label = next(c[0] for c in CONFIGS
+                     if (c[1], c[2], c[3], c[4]) == (r["ranks"], r["threads"], r["shards"], r.get("exchange")))
         parts = r["parts_ms"]
         split = "" if parts is None else f"{parts['compute']:.2f} / {parts['exchange']:.2f} / {parts['reduce']:.2f}"
         lines.append(f"| {r['net']} | {label} | {r['ranks']} x {r['threads']} | {r['batch']} | "
@@ -176,8 +183,8 @@ def main(argv=None):
     for net in args.nets.split(","):
         if net not in NETS:
             parser.error(f"unknown net {net!r}")
-        for _, ranks, threads, shards in CONFIGS:
-            results.append(run_config(net, ranks, threads, shards, args.steps or NETS[net][2]))
+        for _, ranks, threads, shards, exchange in CONFIGS:
+            results.append(run_config(net, ranks, threads, shards, exchange, args.steps or NETS[net][2]))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     model = cost_model(results)
     print(f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}")

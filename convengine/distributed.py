@@ -30,7 +30,9 @@ OMPI_COMM_WORLD_SIZE, ...); only then does `world()` import mpi4py, so convengin
 An exception on one rank of a multi-rank job prints that rank's message and traceback and ends the whole job
 (MPI Abort) instead of leaving the other ranks waiting in a collective (`abort_on_error`).
 Set CONVENGINE_CHECK_RANKS=1 (or DataParallel.check = True) to assert after every step that every rank holds
-bitwise identical weights, buffers and random state.
+bitwise identical weights, buffers and random state. CONVENGINE_EXCHANGE=reduce_scatter (or DataParallel.exchange)
+swaps the single Allgatherv, whose traffic per rank grows with the rank count, for three collectives that move
+about twice one record whatever the rank count, with the same bits (see EXCHANGES).
 """
 import contextlib
 import hashlib
@@ -52,6 +54,13 @@ __all__ = ["DataParallel", "launched_by_mpiexec", "world", "mpi_info", "shard_bo
 # PMIx (Open MPI 5, Slurm's PMIx plug-in), Open MPI's ORTE, MVAPICH.
 LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
                       "MV2_COMM_WORLD_SIZE")
+
+# How the records travel: one Allgatherv of whole records (each rank receives (P - 1) records per step), or
+# "reduce_scatter": an Allgatherv of the small parts (metrics, BatchNorm statistics), an Alltoallv that gives rank r
+# slice r of every shard's gradient, the ordered sum of that slice, and an Allgatherv of the summed slices (each
+# rank receives about 2 (P - 1) / P of one record). The sum is per coordinate and in shard order either way, so the
+# two give the same bits; the second moves far less data past a few ranks.
+EXCHANGES = ("allgather", "reduce_scatter")
 
 # Header of each shard's record, in float64: the shard's loss, its correct predictions, its rank's stop request.
 _HEADER = 3
@@ -133,6 +142,14 @@ def abort_on_error(comm):
         raise  # Abort does not return; this only keeps a mocked communicator honest
 
 
+def _ordered_sum(rows):
+    """rows[0] + rows[1] + ... in that order, per coordinate: the sum every rank and rank count computes alike."""
+    total = rows[0].copy()
+    for s in range(1, rows.shape[0]):
+        total += rows[s]
+    return total
+
+
 class _RecordLayout:
     """Where each part of a shard's record lies: a float64 head (loss, correct, stop, one element count per
     BatchNorm layer), then in the model's dtype each BatchNorm's mean and variance and every parameter's
@@ -191,6 +208,9 @@ class DataParallel:
         self.local = range(first[self.rank], first[self.rank + 1])
         self.model = model
         self.check = os.environ.get("CONVENGINE_CHECK_RANKS", "") not in ("", "0")
+        self.exchange = os.environ.get("CONVENGINE_EXCHANGE", "allgather")
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"CONVENGINE_EXCHANGE must be one of {EXCHANGES}, got {self.exchange!r}")
         self.steps = 0
         # Seconds spent per part of gradients(), summed over the steps: this rank's shards (forward, backward,
         # packing), the exchange (waiting for the slowest rank included), the ordered sum and running statistics.
@@ -275,12 +295,13 @@ class DataParallel:
             head[s, 0] = value * weight
             head[s, 1] = count_correct(out, ys)
         t1 = time.perf_counter()
-        self._exchange()
-        t2 = time.perf_counter()
-        # The sum in shard order, identical on every rank and for every rank count.
-        total = typed[0, layout.grad_start:].copy()
-        for s in range(1, self.shards):
-            total += typed[s, layout.grad_start:]
+        if self.exchange == "allgather" or self.comm is None or self.size == 1:
+            self._exchange()
+            t2 = time.perf_counter()
+            total = _ordered_sum(typed[:, layout.grad_start:])
+        else:
+            total = self._exchange_sliced(layout)
+            t2 = time.perf_counter()
         for p, (a, b) in zip(params, layout.grads):
             a -= layout.grad_start
             b -= layout.grad_start
@@ -317,6 +338,47 @@ class DataParallel:
         counts = [(self.first[r + 1] - self.first[r]) * nbytes for r in range(self.size)]
         displs = [self.first[r] * nbytes for r in range(self.size)]
         self.comm.Allgatherv(MPI.IN_PLACE, [self._records, counts, displs, MPI.BYTE])
+
+    def _exchange_sliced(self, layout):
+        """The reduce_scatter exchange: returns the summed gradient (identical to the ordered sum of all records)
+        and leaves every record's head and BatchNorm statistics on every rank."""
+        from mpi4py import MPI
+        size, rank, first, records = self.size, self.rank, self.first, self._records
+        lo, hi = first[rank], first[rank + 1]
+        item = layout.dtype.itemsize
+        meta = 8 * layout.head + layout.grad_start * item
+        # 1. the small parts of every record, to every rank
+        small = np.empty((self.shards, meta), np.uint8)
+        small[lo:hi] = records[lo:hi, :meta]
+        self.comm.Allgatherv(MPI.IN_PLACE, [small, [(first[q + 1] - first[q]) * meta for q in range(size)],
+                                            [first[q] * meta for q in range(size)], MPI.BYTE])
+        records[:, :meta] = small
+        # 2. slice q of this rank's shards' gradients to rank q; slice `rank` of every shard's gradient back
+        grads = layout.views(records)[1][:, layout.grad_start:]
+        g = grads.shape[1]
+        cuts = [q * g // size for q in range(size + 1)]
+        local = hi - lo
+        send = np.empty(local * g, layout.dtype)
+        send_counts, send_displs, offset = [], [], 0
+        for q in range(size):
+            width = cuts[q + 1] - cuts[q]
+            send[offset:offset + local * width].reshape(local, width)[...] = grads[lo:hi, cuts[q]:cuts[q + 1]]
+            send_counts.append(local * width * item)
+            send_displs.append(offset * item)
+            offset += local * width
+        width = cuts[rank + 1] - cuts[rank]
+        mine = np.empty((self.shards, width), layout.dtype)
+        self.comm.Alltoallv([send.view(np.uint8), send_counts, send_displs, MPI.BYTE],
+                            [mine.reshape(-1).view(np.uint8), [(first[q + 1] - first[q]) * width * item
+                                                               for q in range(size)],
+                             [first[q] * width * item for q in range(size)], MPI.BYTE])
+        # 3. this rank's slice summed in shard order, then every slice to every rank
+        total = np.empty(g, layout.dtype)
+        total[cuts[rank]:cuts[rank + 1]] = _ordered_sum(mine)
+        self.comm.Allgatherv(MPI.IN_PLACE, [total.view(np.uint8), [(cuts[q + 1] - cuts[q]) * item
+                                                                    for q in range(size)],
+                                            [cuts[q] * item for q in range(size)], MPI.BYTE])
+        return total
 
     # -- inference split over ranks ----------------------------------------------------------------------------
 

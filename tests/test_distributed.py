@@ -137,20 +137,22 @@ def test_shards_change_the_result_but_one_shard_count_gives_one_result():
 
 @pytest.fixture(scope="module")
 def mpi_runs(tmp_path_factory):
-    """The worker's `train` under mpiexec -n 1, 2 and 4 (4 shards each), the per-step rank check on, with a
-    checkpoint after each epoch."""
+    """The worker's `train` under mpiexec -n 1, 2 and 4 (4 shards each, one Allgatherv per step) and -n 3 (4
+    shards dealt 1, 1, 2; the reduce_scatter exchange), the per-step rank check on, a checkpoint after each
+    epoch."""
     _mpiexec()
     runs = {}
-    for ranks in (1, 2, 4):
+    for ranks, exchange in ((1, "allgather"), (2, "allgather"), (4, "allgather"), (3, "reduce_scatter")):
         out = tmp_path_factory.mktemp(f"ranks{ranks}")
         code, stdout, stderr = _launch(ranks, [WORKER, "train", str(out), "--shards", "4", "--checkpoint",
-                                               str(out / "ckpt-{epoch}.npz")], env={"CONVENGINE_CHECK_RANKS": "1"})
+                                               str(out / "ckpt-{epoch}.npz")],
+                                       env={"CONVENGINE_CHECK_RANKS": "1", "CONVENGINE_EXCHANGE": exchange})
         assert code == 0, f"mpiexec -n {ranks} failed:\n{stdout}\n{stderr}"
         runs[ranks] = out
     return runs
 
 
-def test_weights_bitwise_identical_without_mpi_and_for_1_2_4_ranks(mpi_runs, tmp_path):
+def test_weights_bitwise_identical_without_mpi_and_for_1_2_3_4_ranks(mpi_runs, tmp_path):
     trainer, history = _fit_in_process(4)
     worker.write(str(tmp_path), trainer, history, 0)
     expected = _arrays(tmp_path / "rank0.npz")
