@@ -41,6 +41,7 @@ _IR_VERSION = 7
 
 # Per-sample inputs larger than this are no image; the bound keeps a hostile file's declared shapes in reason.
 _MAX_SAMPLE_ELEMENTS = 1 << 31
+_MAX_PROTO_BYTES = (2 << 30) - 1
 _METADATA_KEY = "convengine.metadata"
 _MAX_METADATA_BYTES = 1 << 20
 
@@ -225,6 +226,10 @@ class _Loader:
     def parse(self):
         onnx = _onnx()
         with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > _MAX_PROTO_BYTES:
+                self.fail(f"{size} bytes: more than protobuf's 2 GB limit for one ModelProto (large weights belong "
+                          f"in external data files)")
             data = f.read()
         if not data:
             self.fail("empty file: not an ONNX model")
@@ -809,8 +814,11 @@ def _const_node(graph, name):
 def _linear(b, loader, label, src, shape, weight, bias, out):
     if weight.shape[1] != shape[1]:
         loader.fail(f"weight of shape {weight.shape} (as (out, in)) does not fit input {_show(shape)}", label)
-    with shapes_only():
-        layer = Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=b.dtype)
+    try:
+        with shapes_only():
+            layer = Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=b.dtype)
+    except (TypeError, ValueError) as e:
+        loader.fail(f"unsupported fully connected layer: {e}", label)
     params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
     b.add(layer, [src], label, out, params)
 
