@@ -78,6 +78,8 @@ def build_info():
         "openmp": omp_on,
         "openmp_version": omp_version,
         "omp_wait_policy": WAIT_POLICY,
+        "flush_denormal": engine.get_flush_denormal(),
+        "flush_denormal_supported": engine.FLUSH_SUPPORTED,
         "simd": ISA,
         "simd_available": _available(),
         "tile": engine.tile_info(),

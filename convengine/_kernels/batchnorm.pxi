@@ -45,12 +45,18 @@ cdef void sum_over_images(const floating* x, const floating* g, const floating* 
 cdef void sum_images(const floating* x, const floating* g, const floating* center, Py_ssize_t B, Py_ssize_t C,
                      Py_ssize_t P, int what, floating* acc, floating* per_channel, int n_threads) noexcept nogil:
     """per_channel[c] = sum of sum_over_images' acc over channel c's P positions, in order."""
+    cdef fpstate fp, fps
     cdef Py_ssize_t L = C * P
     cdef Py_ssize_t nsl = (L + BN_SLICE - 1) // BN_SLICE
     cdef Py_ssize_t t, c, i
     cdef floating s
-    for t in prange(nsl, schedule='static', num_threads=n_threads):
-        sum_over_images(x, g, center, B, L, t * BN_SLICE, min(L, (t + 1) * BN_SLICE), what, acc)
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for t in prange(nsl, schedule='static'):
+            sum_over_images(x, g, center, B, L, t * BN_SLICE, min(L, (t + 1) * BN_SLICE), what, acc)
+        fp_leave(fp)
+    fp_resume(fps)
     for c in range(C):
         s = 0
         for i in range(P):
@@ -81,13 +87,19 @@ cdef void map_slice(const floating* x, const floating* g, floating* out, const f
 cdef void map_images(const floating* x, const floating* g, floating* out, const floating* vecs, Py_ssize_t B,
                      Py_ssize_t L, int n_threads) noexcept nogil:
     """map_slice over every image, with the per-position vectors center, k, s, kg at vecs + 0, L, 2L, 3L."""
+    cdef fpstate fp, fps
     cdef Py_ssize_t nsl = (L + BN_SLICE - 1) // BN_SLICE
     cdef Py_ssize_t t, b, j0
-    for t in prange(B * nsl, schedule='static', num_threads=n_threads):
-        b = t // nsl
-        j0 = (t - b * nsl) * BN_SLICE
-        map_slice(x + b * L + j0, g + b * L + j0 if g != NULL else NULL, out + b * L + j0, vecs + j0, vecs + L + j0,
-                  vecs + 2 * L + j0, vecs + 3 * L + j0, min(L, j0 + BN_SLICE) - j0)
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for t in prange(B * nsl, schedule='static'):
+            b = t // nsl
+            j0 = (t - b * nsl) * BN_SLICE
+            map_slice(x + b * L + j0, g + b * L + j0 if g != NULL else NULL, out + b * L + j0, vecs + j0, vecs + L + j0,
+                      vecs + 2 * L + j0, vecs + 3 * L + j0, min(L, j0 + BN_SLICE) - j0)
+        fp_leave(fp)
+    fp_resume(fps)
 
 
 def batch_norm2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
@@ -100,6 +112,7 @@ def batch_norm2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
                          int n_threads):
     """out = (x - mean) * (weight / sqrt(var + eps)) + bias per channel; with training, mean and var are first
     computed from x (var biased) and written."""
+    cdef fpstate fp, fps
     cdef Py_ssize_t B = x.shape[0], C = x.shape[1], P = x.shape[2] * x.shape[3]
     cdef Py_ssize_t L = C * P
     cdef Py_ssize_t c
@@ -115,6 +128,7 @@ def batch_norm2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
         free(coef)
         raise MemoryError("batch_norm2d: could not allocate scratch")
     with nogil:
+        fp = fp_enter_call()
         if training:
             sum_images(&x[0, 0, 0, 0], NULL, NULL, B, C, P, 0, vecs + L, coef, n_threads)
             for c in range(C):
@@ -129,6 +143,7 @@ def batch_norm2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
         expand(coef, C, P, vecs + L)
         expand(&bias[0], C, P, vecs + 2 * L)
         map_images(&x[0, 0, 0, 0], NULL, &out[0, 0, 0, 0], vecs, B, L, n_threads)
+        fp_leave_call(fp)
     free(vecs)
     free(coef)
 
@@ -146,6 +161,7 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
     """Gradients of the training-mode forward, whose mean and variance depend on x:
     grad_x = k * (g - mean(g) - xhat * mean(g * xhat)), k = weight * inv_std, xhat = (x - mean) * inv_std,
     computed as (x - mean) * a + s + g * k with a = -k * inv_std^2 * sum(g * (x - mean)) / m, s = -k * sum(g) / m."""
+    cdef fpstate fp, fps
     cdef Py_ssize_t B = x.shape[0], C = x.shape[1], P = x.shape[2] * x.shape[3]
     cdef Py_ssize_t L = C * P
     cdef Py_ssize_t c
@@ -162,6 +178,7 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
         free(coef)
         raise MemoryError("batch_norm2d_backward: could not allocate scratch")
     with nogil:
+        fp = fp_enter_call()
         expand(&mean[0], C, P, vecs)
         sum_images(&grad_out[0, 0, 0, 0], NULL, NULL, B, C, P, 0, vecs + L, &grad_bias[0], n_threads)
         sum_images(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], vecs, B, C, P, 2, vecs + L, coef, n_threads)
@@ -176,5 +193,6 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
         expand(coef + 2 * C, C, P, vecs + 2 * L)
         expand(coef + 3 * C, C, P, vecs + 3 * L)
         map_images(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], &grad_x[0, 0, 0, 0], vecs, B, L, n_threads)
+        fp_leave_call(fp)
     free(vecs)
     free(coef)

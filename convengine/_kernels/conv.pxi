@@ -322,6 +322,7 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
     input rows it needs into a zero-padded buffer of width Wp; B row r = (c, kh, kw) is that buffer at the tap's
     offset, and output pixel (oh, ow) of the block is column (oh - oh0)*Wp + ow (columns ow >= OW are computed
     and dropped)."""
+    cdef fpstate fp, fps
     cdef int nv = CE_NV
     cdef Py_ssize_t NR = tile_n(<floating>0)
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
@@ -340,14 +341,16 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
     cdef const floating** brow
     cdef const floating** arow
     cdef int failed = 0
+    fps = fp_suspend()
     with parallel(num_threads=n_threads):
+        fp = fp_enter()
         xblk = <floating*>calloc(xlen, sizeof(floating))
         cbuf = <floating*>malloc(Mpad * ncmax * sizeof(floating))
         brow = <const floating**>malloc(Kd * sizeof(floating*))
         arow = <const floating**>malloc(Mpad * sizeof(floating*))
         for task in prange(p.B * p.G * nrb, schedule='static'):
             if xblk == NULL or cbuf == NULL or brow == NULL or arow == NULL:
-                (&failed)[0] = 1
+                flag_failure(&failed)
                 continue
             b = task // (p.G * nrb)
             g = (task // nrb) % p.G
@@ -370,6 +373,8 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
         free(cbuf)
         free(brow)
         free(arow)
+        fp_leave(fp)
+    fp_resume(fps)
     return -failed
 
 
@@ -377,6 +382,7 @@ cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssiz
                                floating* y, const ConvGeom* p, int n_threads) noexcept nogil:
     """Forward for any stride: column blocks of the Q = B*OH*OW pixels (across images), im2col rows built into a
     row-major B block."""
+    cdef fpstate fp, fps
     cdef int nv = CE_NV
     cdef Py_ssize_t NR = tile_n(<floating>0)
     cdef Py_ssize_t NC = 8 * NR
@@ -394,14 +400,16 @@ cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssiz
     cdef const floating** brow
     cdef const floating** arow
     cdef int failed = 0
+    fps = fp_suspend()
     with parallel(num_threads=n_threads):
+        fp = fp_enter()
         bblk = <floating*>malloc(KC * LDB * sizeof(floating))
         cbuf = <floating*>malloc(Mpad * NC * sizeof(floating))
         brow = <const floating**>malloc(KC * sizeof(floating*))
         arow = <const floating**>malloc(Mpad * sizeof(floating*))
         for task in prange(p.G * nblocks, schedule='static'):
             if bblk == NULL or cbuf == NULL or brow == NULL or arow == NULL:
-                (&failed)[0] = 1
+                flag_failure(&failed)
                 continue
             row_table(brow, bblk, KC, LDB)
             g = task // nblocks
@@ -429,6 +437,8 @@ cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssiz
         free(cbuf)
         free(brow)
         free(arow)
+        fp_leave(fp)
+    fp_resume(fps)
     return -failed
 
 
@@ -517,6 +527,7 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const float
     channel c, a fixed stride away. Nothing is wasted (im2col copies KH*KW values per pixel; the direct path
     computes dropped columns), which matters for small images: a 4x4 image has 16 pixels and 8 dropped columns
     per tap row in the direct path."""
+    cdef fpstate fp, fps
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t T = p.KH * p.KW
     cdef Py_ssize_t VL = vlen(<floating>0)
@@ -559,7 +570,9 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const float
     for g in range(p.G):
         for t in range(T):
             pack_b_strided(w + g * Kg * Cg * T + t, T, Cg * T, Cg, Kg, NR, bpack + (g * T + t) * Npad * Cg)
+    fps = fp_suspend()
     with parallel(num_threads=n_threads):
+        fp = fp_enter()
         xblk = <floating*>malloc(upt * unit_len * sizeof(floating))
         cbuf = <floating*>malloc(maxpix * Npad * sizeof(floating))
         pix = <const floating**>malloc(maxpix * sizeof(floating*))
@@ -567,7 +580,7 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const float
         brow = <const floating**>malloc(T * Cg * sizeof(floating*))
         for task in prange(p.G * ntasks, schedule='static'):
             if xblk == NULL or cbuf == NULL or pix == NULL or arow == NULL or brow == NULL:
-                (&failed)[0] = 1
+                flag_failure(&failed)
                 continue
             g = task // ntasks
             u0 = (task - g * ntasks) * upt
@@ -612,6 +625,8 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const float
         free(pix)
         free(arow)
         free(brow)
+        fp_leave(fp)
+    fp_resume(fps)
     free(bpack)
     free(tapoff)
     return -failed
@@ -742,6 +757,7 @@ cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floatin
     whole images): each task owns its images' dx planes and adds into them in one fixed order. Small images are
     taken several to a task so that a block still has about NC columns (one 4x4 image alone would fill a third
     of a 48-wide tile)."""
+    cdef fpstate fp, fps
     cdef int nv = CE_NV
     cdef Py_ssize_t NR = tile_n(<floating>0)
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
@@ -775,7 +791,9 @@ cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floatin
             kc = min(KC, Kg - k0)
             pack_a_strided(w + (g * Kg + k0) * Kd, 1, Kd, Kd, kc, apack + g * Mpad * Kg + k0 * Mpad)
             k0 += kc
+    fps = fp_suspend()
     with parallel(num_threads=n_threads):
+        fp = fp_enter()
         bblk = <floating*>malloc(KC * LDB * sizeof(floating))
         cbuf = <floating*>malloc(Mpad * NC * sizeof(floating))
         brow = <const floating**>malloc(KC * sizeof(floating*))
@@ -783,7 +801,7 @@ cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floatin
         pbuf = <floating*>malloc(per_task * plane_len * sizeof(floating)) if phased else NULL
         for task in prange(runs * p.G, schedule='static'):
             if bblk == NULL or cbuf == NULL or brow == NULL or arow == NULL or (phased and pbuf == NULL):
-                (&failed)[0] = 1
+                flag_failure(&failed)
                 continue
             row_table(brow, bblk, KC, LDB)
             g = task % p.G
@@ -836,6 +854,8 @@ cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floatin
         free(brow)
         free(arow)
         free(pbuf)
+        fp_leave(fp)
+    fp_resume(fps)
     free(apack)
     return -failed
 
@@ -879,6 +899,7 @@ cdef void sum_partials(floating* partial, Py_ssize_t nchunks, const ConvGeom* p,
                        int n_threads) noexcept nogil:
     """dw[g*Kg + k, r] = sum over chunks, in chunk order, of partial[g, ch][r, k]. The chunks are added into
     chunk 0 along contiguous runs, then transposed into dw (partial is overwritten)."""
+    cdef fpstate fp, fps
     cdef Py_ssize_t Kg = p.K // p.G
     cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
     cdef Py_ssize_t n = Kd * Kg
@@ -888,21 +909,31 @@ cdef void sum_partials(floating* partial, Py_ssize_t nchunks, const ConvGeom* p,
     cdef floating* acc
     cdef const floating* src
     if nchunks > 1:
-        for task in prange(p.G * nblk, schedule='static', num_threads=n_threads):
-            g = task // nblk
-            i0 = (task - g * nblk) * BLK
-            i1 = min(n, i0 + BLK)
-            acc = partial + g * nchunks * n
-            for ch in range(1, nchunks):
-                src = acc + ch * n
-                for i in range(i0, i1):
-                    acc[i] = acc[i] + src[i]
-    for task in prange(p.K, schedule='static', num_threads=n_threads):
-        g = task // Kg
-        k = task - g * Kg
-        src = partial + g * nchunks * n + k
-        for r in range(Kd):
-            dw[task * Kd + r] = src[r * Kg]
+        fps = fp_suspend()
+        with parallel(num_threads=n_threads):
+            fp = fp_enter()
+            for task in prange(p.G * nblk, schedule='static'):
+                g = task // nblk
+                i0 = (task - g * nblk) * BLK
+                i1 = min(n, i0 + BLK)
+                acc = partial + g * nchunks * n
+                for ch in range(1, nchunks):
+                    src = acc + ch * n
+                    for i in range(i0, i1):
+                        acc[i] = acc[i] + src[i]
+            fp_leave(fp)
+        fp_resume(fps)
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for task in prange(p.K, schedule='static'):
+            g = task // Kg
+            k = task - g * Kg
+            src = partial + g * nchunks * n + k
+            for r in range(Kd):
+                dw[task * Kd + r] = src[r * Kg]
+        fp_leave(fp)
+    fp_resume(fps)
 
 
 cdef floating channel_sum(const floating* dy, Py_ssize_t B, Py_ssize_t stride, Py_ssize_t P) noexcept nogil:
@@ -929,9 +960,15 @@ cdef floating channel_sum(const floating* dy, Py_ssize_t B, Py_ssize_t stride, P
 
 cdef void grad_bias(const floating* dy, const ConvGeom* p, floating* db, int n_threads) noexcept nogil:
     """db[k] = sum of dY[:, k] over images and pixels, each channel in one fixed order."""
+    cdef fpstate fp, fps
     cdef Py_ssize_t k
-    for k in prange(p.K, schedule='static', num_threads=n_threads):
-        db[k] = channel_sum(dy + k * p.OH * p.OW, p.B, p.K * p.OH * p.OW, p.OH * p.OW)
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for k in prange(p.K, schedule='static'):
+            db[k] = channel_sum(dy + k * p.OH * p.OW, p.B, p.K * p.OH * p.OW, p.OH * p.OW)
+        fp_leave(fp)
+    fp_resume(fps)
 
 
 cdef void pack_grad_out_rows_t(const floating* dy, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t oh0,
@@ -963,6 +1000,7 @@ cdef int conv2d_grad_weight_direct(const floating* dy, const floating* x, floati
     rows read from the zero-padded input rows as in the forward, the B rows dY^T packed with zeros in the dropped
     columns ow >= OW (so those columns add nothing; the caller sends non-finite inputs, where 0 * inf would not
     be nothing, to the exact im2col path). Units (image, row block) go to nchunks fixed chunks."""
+    cdef fpstate fp, fps
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t Kd = Cg * p.KH * p.KW
     cdef int nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
@@ -988,7 +1026,9 @@ cdef int conv2d_grad_weight_direct(const floating* dy, const floating* x, floati
     cdef const floating** arow
     cdef const floating** brow
     cdef int failed = 0
+    fps = fp_suspend()
     with parallel(num_threads=n_threads):
+        fp = fp_enter()
         xblk = <floating*>calloc(xlen, sizeof(floating))
         bpack = <floating*>malloc(ncmax * Npad * sizeof(floating))
         cbuf = <floating*>malloc(Mpad * Npad * sizeof(floating))
@@ -999,7 +1039,7 @@ cdef int conv2d_grad_weight_direct(const floating* dy, const floating* x, floati
         for task in prange(p.G * nchunks, schedule='static'):
             if (xblk == NULL or bpack == NULL or cbuf == NULL or zeros == NULL or taps == NULL or arow == NULL
                     or brow == NULL):
-                (&failed)[0] = 1
+                flag_failure(&failed)
                 continue
             g = task // nchunks
             ch = task - g * nchunks
@@ -1032,12 +1072,15 @@ cdef int conv2d_grad_weight_direct(const floating* dy, const floating* x, floati
         free(taps)
         free(arow)
         free(brow)
+        fp_leave(fp)
+    fp_resume(fps)
     return -failed
 
 
 cdef int conv2d_grad_weight_im2col(const floating* dy, const floating* x, floating* partial, Py_ssize_t nchunks,
                                    const ConvGeom* p, int n_threads) noexcept nogil:
     """grad_weight for any stride: dW[g]^T (Kd x Kg) = sum over fixed chunks of the Q pixels of col . dY^T."""
+    cdef fpstate fp, fps
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t Kd = Cg * p.KH * p.KW
     cdef int nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
@@ -1056,7 +1099,9 @@ cdef int conv2d_grad_weight_im2col(const floating* dy, const floating* x, floati
     cdef const floating** arow
     cdef const floating** brow
     cdef int failed = 0
+    fps = fp_suspend()
     with parallel(num_threads=n_threads):
+        fp = fp_enter()
         # rows past Kd of ablk stay zero from calloc
         ablk = <floating*>calloc(Mpad * LDA, sizeof(floating))
         bpack = <floating*>malloc(KC * Npad * sizeof(floating))
@@ -1065,7 +1110,7 @@ cdef int conv2d_grad_weight_im2col(const floating* dy, const floating* x, floati
         brow = <const floating**>malloc(KC * sizeof(floating*))
         for task in prange(p.G * nchunks, schedule='static'):
             if ablk == NULL or bpack == NULL or cbuf == NULL or arow == NULL or brow == NULL:
-                (&failed)[0] = 1
+                flag_failure(&failed)
                 continue
             row_table(arow, ablk, Mpad, LDA)
             row_table(brow, bpack, KC, NR)
@@ -1091,6 +1136,8 @@ cdef int conv2d_grad_weight_im2col(const floating* dy, const floating* x, floati
         free(cbuf)
         free(arow)
         free(brow)
+        fp_leave(fp)
+    fp_resume(fps)
     return -failed
 
 
@@ -1164,6 +1211,7 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
     channels-last, zero-padded copy of the input rows plus the tap's offset: the Cg channels there are one NR-wide
     row. Nothing is wasted and nothing is copied KH*KW times (the im2col path does both on small images). Units
     (image, block of output rows) go to nchunks fixed chunks."""
+    cdef fpstate fp, fps
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t T = p.KH * p.KW
     cdef Py_ssize_t Kd = Cg * T
@@ -1198,7 +1246,9 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
         return -1
     for t in range(T):
         tapoff[t] = ((t // p.KW) * p.dh * Wpad + (t % p.KW) * p.dw) * ldp
+    fps = fp_suspend()
     with parallel(num_threads=n_threads):
+        fp = fp_enter()
         xblk = <floating*>malloc(upt * unit_len * sizeof(floating))
         # rows Kg..Mpad of A stay zero from calloc
         ablk = <floating*>calloc(Mpad * maxpix, sizeof(floating))
@@ -1208,7 +1258,7 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
         arow = <const floating**>malloc(Mpad * sizeof(floating*))
         for task in prange(p.G * nchunks, schedule='static'):
             if xblk == NULL or ablk == NULL or cbuf == NULL or pix == NULL or brow == NULL or arow == NULL:
-                (&failed)[0] = 1
+                flag_failure(&failed)
                 continue
             g = task // nchunks
             ch = task - g * nchunks
@@ -1256,6 +1306,8 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
         free(pix)
         free(brow)
         free(arow)
+        fp_leave(fp)
+    fp_resume(fps)
     free(tapoff)
     return -failed
 
@@ -1330,6 +1382,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x,        # IN  (B, C, H, W)
                    floating[:, :, :, ::1] out,            # OUT (B, K, OH, OW)
                    tuple params, int n_threads):
     """params = (sh, sw, pad_top, pad_left, dh, dw, groups, OH, OW); shapes already validated."""
+    cdef fpstate fp, fps
     cdef ConvGeom p
     cdef const floating[::1] bias_v
     cdef const floating* bias_ptr = NULL
@@ -1341,7 +1394,9 @@ def conv2d_forward(const floating[:, :, :, ::1] x,        # IN  (B, C, H, W)
     if p.B == 0:
         return
     with nogil:
+        fp = fp_enter_call()
         rc = conv2d_forward_core(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], bias_ptr, &out[0, 0, 0, 0], &p, n_threads)
+        fp_leave_call(fp)
     if rc:
         raise MemoryError("conv2d: could not allocate packing buffers")
 
@@ -1350,13 +1405,16 @@ def conv2d_grad_input(const floating[:, :, :, ::1] grad_out,   # IN  (B, K, OH, 
                       const floating[:, :, :, ::1] weight,     # IN  (K, C/G, KH, KW)
                       floating[:, :, :, ::1] grad_x,           # OUT (B, C, H, W)
                       tuple params, int n_threads):
+    cdef fpstate fp, fps
     cdef ConvGeom p
     cdef int rc
     fill_geom(&p, (grad_x.shape[0], grad_x.shape[1], grad_x.shape[2], grad_x.shape[3]), weight.shape[0], weight.shape[2], weight.shape[3], params)
     if p.B == 0:
         return
     with nogil:
+        fp = fp_enter_call()
         rc = conv2d_grad_input_core(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0], &grad_x[0, 0, 0, 0], &p, n_threads)
+        fp_leave_call(fp)
     if rc:
         raise MemoryError("conv2d_backward: could not allocate packing buffers")
 
@@ -1366,6 +1424,7 @@ def conv2d_grad_weight(const floating[:, :, :, ::1] grad_out,  # IN  (B, K, OH, 
                        floating[:, :, :, ::1] grad_w,          # OUT (K, C/G, KH, KW)
                        floating[::1] grad_b,                   # OUT (K,)
                        tuple params, int n_threads):
+    cdef fpstate fp, fps
     cdef ConvGeom p
     cdef int rc
     fill_geom(&p, (x.shape[0], x.shape[1], x.shape[2], x.shape[3]), grad_w.shape[0], grad_w.shape[2], grad_w.shape[3], params)
@@ -1374,8 +1433,10 @@ def conv2d_grad_weight(const floating[:, :, :, ::1] grad_out,  # IN  (B, K, OH, 
         grad_b[...] = 0
         return
     with nogil:
+        fp = fp_enter_call()
         rc = conv2d_grad_weight_core(&grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_w[0, 0, 0, 0], &grad_b[0], &p,
                                      n_threads)
+        fp_leave_call(fp)
     if rc:
         raise MemoryError("conv2d_backward: could not allocate packing buffers")
 

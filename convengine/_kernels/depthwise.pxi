@@ -72,24 +72,29 @@ cdef void depthwise_plane_forward(const floating* xpad, const floating* w, float
 
 cdef int depthwise_forward(const floating* x, const floating* w, const floating* bias, floating* y,
                            const ConvGeom* p, int n_threads) noexcept nogil:
+    cdef fpstate fp, fps
     cdef Py_ssize_t HW = p.H * p.W, OHW = p.OH * p.OW, KHW = p.KH * p.KW
     cdef Py_ssize_t plen = dw_padded_h(p) * dw_padded_w(p)
     cdef Py_ssize_t task, c
     cdef floating* xpad
     cdef floating* ypad
     cdef int failed = 0
+    fps = fp_suspend()
     with parallel(num_threads=n_threads):
+        fp = fp_enter()
         xpad = <floating*>calloc(plen + dw_slack(p), sizeof(floating))
         ypad = <floating*>malloc(p.OH * dw_padded_w(p) * sizeof(floating))
         for task in prange(p.B * p.C, schedule='static'):
             if xpad == NULL or ypad == NULL:
-                (&failed)[0] = 1
+                flag_failure(&failed)
                 continue
             c = task % p.C
             pad_plane(x + task * HW, p, xpad)
             depthwise_plane_forward(xpad, w + c * KHW, bias[c] if bias != NULL else 0, y + task * OHW, ypad, p)
         free(xpad)
         free(ypad)
+        fp_leave(fp)
+    fp_resume(fps)
     return -failed
 
 
@@ -135,22 +140,27 @@ cdef void depthwise_plane_grad_input(const floating* dy, const floating* w, floa
 
 cdef int depthwise_grad_input(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
                               int n_threads) noexcept nogil:
+    cdef fpstate fp, fps
     cdef Py_ssize_t HW = p.H * p.W, OHW = p.OH * p.OW, KHW = p.KH * p.KW
     cdef Py_ssize_t plen = dw_padded_h(p) * dw_padded_w(p)
     cdef Py_ssize_t task
     cdef floating* buf
     cdef floating* dyw
     cdef int failed = 0
+    fps = fp_suspend()
     with parallel(num_threads=n_threads):
+        fp = fp_enter()
         buf = <floating*>malloc((plen + dw_slack(p)) * sizeof(floating))
         dyw = <floating*>malloc(p.OH * dw_padded_w(p) * sizeof(floating))
         for task in prange(p.B * p.C, schedule='static'):
             if buf == NULL or dyw == NULL:
-                (&failed)[0] = 1
+                flag_failure(&failed)
                 continue
             depthwise_plane_grad_input(dy + task * OHW, w + (task % p.C) * KHW, buf, dyw, dx + task * HW, p)
         free(buf)
         free(dyw)
+        fp_leave(fp)
+    fp_resume(fps)
     return -failed
 
 
@@ -232,21 +242,26 @@ cdef void depthwise_channel_grad_weight(const floating* dy, const floating* x, P
 
 cdef int depthwise_grad_weight(const floating* dy, const floating* x, floating* dw, floating* db,
                                const ConvGeom* p, int n_threads) noexcept nogil:
+    cdef fpstate fp, fps
     cdef Py_ssize_t plen = dw_padded_h(p) * dw_padded_w(p)
     cdef Py_ssize_t c
     cdef floating* xpad
     cdef floating* dyw
     cdef int failed = 0
+    fps = fp_suspend()
     with parallel(num_threads=n_threads):
+        fp = fp_enter()
         xpad = <floating*>calloc(plen + dw_slack(p), sizeof(floating))
         dyw = <floating*>malloc(p.OH * dw_padded_w(p) * sizeof(floating))
         for c in prange(p.C, schedule='static'):
             if xpad == NULL or dyw == NULL:
-                (&failed)[0] = 1
+                flag_failure(&failed)
                 continue
             depthwise_channel_grad_weight(dy, x, c, xpad, dyw, dw + c * p.KH * p.KW, p)
         free(xpad)
         free(dyw)
+        fp_leave(fp)
+    fp_resume(fps)
     if failed == 0 and db != NULL:
         grad_bias(dy, p, db, n_threads)
     return -failed

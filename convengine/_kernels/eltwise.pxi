@@ -15,14 +15,20 @@ cdef void relu_span(const floating* x, floating* out, Py_ssize_t n) noexcept nog
 def relu_forward(const floating[::1] x,   # IN
                  floating[::1] out,       # OUT
                  int n_threads):
+    cdef fpstate fp, fps
     cdef Py_ssize_t n = x.shape[0]
     cdef Py_ssize_t nchunks = (n + ELTWISE_CHUNK - 1) // ELTWISE_CHUNK
     cdef Py_ssize_t ch, i0
     if n == 0:
         return
-    for ch in prange(nchunks, nogil=True, schedule='static', num_threads=n_threads):
-        i0 = ch * ELTWISE_CHUNK
-        relu_span(&x[0] + i0, &out[0] + i0, min(n, i0 + ELTWISE_CHUNK) - i0)
+    fps = fp_suspend()
+    with nogil, parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for ch in prange(nchunks, schedule='static'):
+            i0 = ch * ELTWISE_CHUNK
+            relu_span(&x[0] + i0, &out[0] + i0, min(n, i0 + ELTWISE_CHUNK) - i0)
+        fp_leave(fp)
+    fp_resume(fps)
 
 
 cdef void relu_backward_span(const floating* g, const floating* x, floating* out, Py_ssize_t n) noexcept nogil:
@@ -40,11 +46,17 @@ def relu_backward(const floating[::1] grad_out,  # IN
                   const floating[::1] x,         # IN
                   floating[::1] out,             # OUT
                   int n_threads):
+    cdef fpstate fp, fps
     cdef Py_ssize_t n = x.shape[0]
     cdef Py_ssize_t nchunks = (n + ELTWISE_CHUNK - 1) // ELTWISE_CHUNK
     cdef Py_ssize_t ch, i0
     if n == 0:
         return
-    for ch in prange(nchunks, nogil=True, schedule='static', num_threads=n_threads):
-        i0 = ch * ELTWISE_CHUNK
-        relu_backward_span(&grad_out[0] + i0, &x[0] + i0, &out[0] + i0, min(n, i0 + ELTWISE_CHUNK) - i0)
+    fps = fp_suspend()
+    with nogil, parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for ch in prange(nchunks, schedule='static'):
+            i0 = ch * ELTWISE_CHUNK
+            relu_backward_span(&grad_out[0] + i0, &x[0] + i0, &out[0] + i0, min(n, i0 + ELTWISE_CHUNK) - i0)
+        fp_leave(fp)
+    fp_resume(fps)

@@ -1,5 +1,6 @@
 # The compute kernels of one ISA level: GEMM, convolution, pooling, elementwise ops and batch norm. Included by each
 # _engine_<isa>.pyx so that the same source is compiled once per ISA (see setup.py).
+include "runtime.pxi"
 include "gemm.pxi"
 include "conv.pxi"
 include "depthwise.pxi"

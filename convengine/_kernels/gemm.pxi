@@ -5,7 +5,7 @@
 #   A block (m x k):  panels of MR rows;    panel ip holds a[ip*MR + i, p] at  [ip*MR*kc + p*MR + i]
 #   B block (k x n):  panels of NR columns; panel jp holds b[p, jp*NR + j] at [jp*NR*kc + p*NR + j]
 
-from libc.stdlib cimport malloc, calloc, free
+from libc.stdlib cimport free
 from libc.string cimport memset, memcpy
 from libc.stdint cimport uint32_t, uint64_t
 from cython.parallel cimport prange, parallel
@@ -235,6 +235,7 @@ cdef int gemm_strided(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
 
     Work splits over (row block, column block) tiles of C and each tile reduces over all of K in the same order,
     so the result does not depend on the thread count."""
+    cdef fpstate fp, fps
     cdef int nv = pick_nv((N + vlen(<floating>0) - 1) // vlen(<floating>0))
     cdef Py_ssize_t NR = nv * vlen(<floating>0)
     cdef Py_ssize_t KC = block_k(<floating>0)
@@ -256,7 +257,9 @@ cdef int gemm_strided(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
             for j in range(N):
                 c[i * ldc + j] = 0
         return 0
+    fps = fp_suspend()
     with parallel(num_threads=n_threads):
+        fp = fp_enter()
         apack = <floating*>malloc(MC * KC * sizeof(floating))
         bpack = <floating*>malloc(NC * KC * sizeof(floating))
         cbuf = <floating*>malloc(MC * NC * sizeof(floating))
@@ -264,7 +267,7 @@ cdef int gemm_strided(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
         arow = <const floating**>malloc(MC * sizeof(floating*))
         for task in prange(mblocks * nblocks, schedule='static'):
             if apack == NULL or bpack == NULL or cbuf == NULL or brow == NULL or arow == NULL:
-                (&failed)[0] = 1
+                flag_failure(&failed)
                 continue
             mb = task // nblocks
             nb = task - mb * nblocks
@@ -291,19 +294,24 @@ cdef int gemm_strided(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
         free(cbuf)
         free(brow)
         free(arow)
+        fp_leave(fp)
+    fp_resume(fps)
     return -failed
 
 
 def matmul(const floating[:, :] a, const floating[:, :] b, floating[:, ::1] out, int n_threads):
     """out = a @ b for 2-D arrays of any strides (a: M x K, b: K x N, out: M x N C-contiguous)."""
+    cdef fpstate fp, fps
     cdef Py_ssize_t isz = sizeof(floating)
     cdef int rc
     with nogil:
+        fp = fp_enter_call()
         rc = gemm_strided(a.shape[0], b.shape[1], a.shape[1],
                      &a[0, 0] if a.shape[0] > 0 and a.shape[1] > 0 else NULL,
                      a.strides[0] // isz, a.strides[1] // isz,
                      &b[0, 0] if b.shape[0] > 0 and b.shape[1] > 0 else NULL,
                      b.strides[0] // isz, b.strides[1] // isz,
                      &out[0, 0] if out.shape[0] > 0 and out.shape[1] > 0 else NULL, out.shape[1], n_threads)
+        fp_leave_call(fp)
     if rc:
         raise MemoryError("matmul: could not allocate packing buffers")

@@ -270,6 +270,7 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
                        indices,                          # OUT int64 (B, C, OH, OW) or None
                        tuple params, int n_threads):
     """params = (KH, KW, sh, sw, ph, pw, OH, OW)."""
+    cdef fpstate fp, fps
     cdef PoolGeom g
     cdef long long[:, :, :, ::1] idx_v
     cdef long long* idx = NULL
@@ -300,20 +301,28 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
     cdef long long* best
     cdef int failed = 0
     if fast:
-        for pl in prange((nrows_out + rblk - 1) // rblk, nogil=True, schedule='static', num_threads=n_threads):
-            if g.OW >= 8:
-                max_pool_rows_2x2(xbase, ybase, idx, pl * rblk, min(nrows_out, (pl + 1) * rblk), g.OH, g.OW, g.W)
-            else:
-                max_pool_rows_2x2_short(xbase, ybase, idx, pl * rblk, min(nrows_out, (pl + 1) * rblk), g.OH, g.OW,
-                                        g.W)
+        fps = fp_suspend()
+        with nogil, parallel(num_threads=n_threads):
+            fp = fp_enter()
+            for pl in prange((nrows_out + rblk - 1) // rblk, schedule='static'):
+                if g.OW >= 8:
+                    max_pool_rows_2x2(xbase, ybase, idx, pl * rblk, min(nrows_out, (pl + 1) * rblk), g.OH, g.OW,
+                                      g.W)
+                else:
+                    max_pool_rows_2x2_short(xbase, ybase, idx, pl * rblk, min(nrows_out, (pl + 1) * rblk), g.OH, g.OW,
+                                            g.W)
+            fp_leave(fp)
+        fp_resume(fps)
         return
+    fps = fp_suspend()
     with nogil, parallel(num_threads=n_threads):
+        fp = fp_enter()
         row = <floating*>malloc(pool_row_width(&g) * sizeof(floating))
         m = <floating*>malloc(2 * g.OW * sizeof(floating))
         best = <long long*>malloc(2 * g.OW * sizeof(long long))
         for pl in prange(g.planes, schedule='static'):
             if row == NULL or m == NULL or best == NULL:
-                failed = 1
+                flag_failure(&failed)
                 continue
             if rows:
                 max_pool_plane_rows(xbase + pl * HW, ybase + pl * OHW, idx + pl * OHW if idx != NULL else NULL, &g,
@@ -324,6 +333,8 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
         free(row)
         free(m)
         free(best)
+        fp_leave(fp)
+    fp_resume(fps)
     if failed:
         raise MemoryError("max_pool2d: could not allocate row buffers")
 
@@ -350,6 +361,7 @@ def max_pool2d_backward(const floating[::1] grad_out,   # IN  (planes * OH * OW)
                         Py_ssize_t planes, Py_ssize_t HW, int n_threads):
     """Scatter-add grad_out to the argmax positions, plane by plane. Returns the number of out-of-range indices
     (then the caller raises)."""
+    cdef fpstate fp, fps
     cdef Py_ssize_t OHW = grad_out.shape[0] // planes if planes > 0 else 0
     cdef Py_ssize_t pl
     cdef Py_ssize_t bad = 0
@@ -359,10 +371,15 @@ def max_pool2d_backward(const floating[::1] grad_out,   # IN  (planes * OH * OW)
     bad_per_plane = <Py_ssize_t*>malloc(planes * sizeof(Py_ssize_t))
     if bad_per_plane == NULL:
         raise MemoryError()
-    for pl in prange(planes, nogil=True, schedule='static', num_threads=n_threads):
-        bad_per_plane[pl] = max_pool_plane_backward(&grad_out[0] + pl * OHW if OHW > 0 else NULL,
-                                                    &indices[0] + pl * OHW if OHW > 0 else NULL, OHW,
-                                                    &grad_x[0] + pl * HW, HW)
+    fps = fp_suspend()
+    with nogil, parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for pl in prange(planes, schedule='static'):
+            bad_per_plane[pl] = max_pool_plane_backward(&grad_out[0] + pl * OHW if OHW > 0 else NULL,
+                                                        &indices[0] + pl * OHW if OHW > 0 else NULL, OHW,
+                                                        &grad_x[0] + pl * HW, HW)
+        fp_leave(fp)
+    fp_resume(fps)
     for pl in range(planes):
         bad += bad_per_plane[pl]
     free(bad_per_plane)
@@ -448,6 +465,7 @@ cdef void avg_pool_plane_backward(const floating* dy, floating* dx, const PoolGe
 def avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
                        floating[:, :, :, ::1] out,       # OUT (B, C, OH, OW)
                        tuple params, bint count_include_pad, int n_threads):
+    cdef fpstate fp, fps
     cdef PoolGeom g
     cdef Py_ssize_t pl
     cdef const floating* xbase
@@ -457,13 +475,19 @@ def avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
         return
     xbase = &x[0, 0, 0, 0]
     ybase = &out[0, 0, 0, 0]
-    for pl in prange(g.planes, nogil=True, schedule='static', num_threads=n_threads):
-        avg_pool_plane(xbase + pl * g.H * g.W, ybase + pl * g.OH * g.OW, &g, count_include_pad)
+    fps = fp_suspend()
+    with nogil, parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for pl in prange(g.planes, schedule='static'):
+            avg_pool_plane(xbase + pl * g.H * g.W, ybase + pl * g.OH * g.OW, &g, count_include_pad)
+        fp_leave(fp)
+    fp_resume(fps)
 
 
 def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, OH, OW)
                         floating[:, :, :, ::1] grad_x,          # OUT (B, C, H, W), overwritten
                         tuple params, bint count_include_pad, int n_threads):
+    cdef fpstate fp, fps
     cdef PoolGeom g
     cdef Py_ssize_t pl
     cdef const floating* gbase
@@ -473,5 +497,10 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, OH,
         return
     gbase = &grad_out[0, 0, 0, 0]
     dxbase = &grad_x[0, 0, 0, 0]
-    for pl in prange(g.planes, nogil=True, schedule='static', num_threads=n_threads):
-        avg_pool_plane_backward(gbase + pl * g.OH * g.OW, dxbase + pl * g.H * g.W, &g, count_include_pad)
+    fps = fp_suspend()
+    with nogil, parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for pl in prange(g.planes, schedule='static'):
+            avg_pool_plane_backward(gbase + pl * g.OH * g.OW, dxbase + pl * g.H * g.W, &g, count_include_pad)
+        fp_leave(fp)
+    fp_resume(fps)

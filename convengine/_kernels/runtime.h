@@ -1,0 +1,107 @@
+/* What every kernel entry and every parallel block share: the floating-point environment they run in, scratch
+ * allocation (with a fault-injection hook for the tests) and the failure flag set from inside parallel blocks.
+ *
+ * Subnormal numbers (below ~1.2e-38 in float32, ~2.2e-308 in float64) take a microcode assist on x86 for every
+ * operation that reads or produces one: a conv whose inputs are 1% subnormal ran 22x slower, all-subnormal 159x.
+ * So the engine runs its kernels with flush-to-zero (results that would be subnormal become 0) and
+ * denormals-are-zero (subnormal inputs read as 0), as TensorFlow does in its CPU threads. The mode is a per-thread
+ * register (MXCSR on x86, FPCR on aarch64): each def entry sets it on the calling thread and each parallel block on
+ * every thread of its team, and both put back exactly what was there before, so NumPy, BLAS and user code that
+ * share those threads keep IEEE behaviour. `ce_flush_denormal` (set_flush_denormal in Python) turns it off.
+ */
+#ifndef CE_RUNTIME_H
+#define CE_RUNTIME_H
+
+#include <stdlib.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+typedef unsigned long long ce_fpstate;
+#define CE_FLUSH_BITS 0x8040ull            /* MXCSR: FTZ (bit 15) | DAZ (bit 6) */
+#define CE_FLUSH_SUPPORTED 1
+static inline ce_fpstate ce_fp_read(void) { return _mm_getcsr(); }
+static inline void ce_fp_write(ce_fpstate s) { _mm_setcsr((unsigned int)s); }
+#elif defined(__aarch64__)
+typedef unsigned long long ce_fpstate;
+#define CE_FLUSH_BITS (1ull << 24)         /* FPCR.FZ: flushes both inputs and results */
+#define CE_FLUSH_SUPPORTED 1
+static inline ce_fpstate ce_fp_read(void) { unsigned long long v; __asm__ __volatile__("mrs %0, fpcr" : "=r"(v)); return v; }
+static inline void ce_fp_write(ce_fpstate s) { __asm__ __volatile__("msr fpcr, %0" : : "r"(s)); }
+#else
+typedef unsigned long long ce_fpstate;
+#define CE_FLUSH_BITS 0ull
+#define CE_FLUSH_SUPPORTED 0
+static inline ce_fpstate ce_fp_read(void) { return 0; }
+static inline void ce_fp_write(ce_fpstate s) { (void)s; }
+#endif
+
+/* Process-wide switch, read by every thread at the entry of each call or block. Changing it while another Python
+ * thread is inside a call affects that call's blocks from then on only; change it between calls. */
+static int ce_flush_denormal = 1;
+
+/* The compiler barriers keep floating-point work from being moved across the mode switch. */
+static inline ce_fpstate ce_fp_enter(void) {
+    ce_fpstate old = ce_fp_read();
+    if (__atomic_load_n(&ce_flush_denormal, __ATOMIC_RELAXED) && (old & CE_FLUSH_BITS) != CE_FLUSH_BITS)
+        ce_fp_write(old | CE_FLUSH_BITS);
+    __asm__ __volatile__("" ::: "memory");
+    return old;
+}
+
+static inline void ce_fp_leave(ce_fpstate old) {
+    __asm__ __volatile__("" ::: "memory");
+    if (ce_fp_read() != old) ce_fp_write(old);
+}
+
+/* A def entry remembers, per thread, the mode its caller had. OpenMP starts its worker threads when a team first
+ * needs them, and a new thread inherits the mode of the thread that starts it: started from inside a call, the
+ * workers would keep flushing after it. So the calling thread steps back to its caller's mode around each parallel
+ * block (ce_fp_suspend/ce_fp_resume), and every thread of the team enters the engine's mode inside the block. */
+static __thread int ce_call_depth = 0;
+static __thread ce_fpstate ce_caller_mode = 0;
+
+static inline ce_fpstate ce_fp_enter_call(void) {
+    ce_fpstate old = ce_fp_enter();
+    if (ce_call_depth++ == 0) ce_caller_mode = old;
+    return old;
+}
+
+static inline void ce_fp_leave_call(ce_fpstate old) {
+    ce_call_depth--;
+    ce_fp_leave(old);
+}
+
+static inline ce_fpstate ce_fp_suspend(void) {
+    ce_fpstate now = ce_fp_read();
+    __asm__ __volatile__("" ::: "memory");
+    if (ce_call_depth > 0 && now != ce_caller_mode) ce_fp_write(ce_caller_mode);
+    return now;
+}
+
+static inline void ce_fp_resume(ce_fpstate now) { ce_fp_leave(now); }
+
+/* Flush bits of the calling thread's mode right now (what the tests read inside and after a call). */
+static inline int ce_fp_flushing(void) { return (ce_fp_read() & CE_FLUSH_BITS) == CE_FLUSH_BITS && CE_FLUSH_SUPPORTED; }
+
+/* Fault injection for the tests: when ce_alloc_countdown is n >= 0, the scratch allocation n allocations from now
+ * (counted over all threads) returns NULL; -1, the default, never fails. */
+static long ce_alloc_countdown = -1;
+
+static inline int ce_alloc_should_fail(void) {
+    long n = __atomic_load_n(&ce_alloc_countdown, __ATOMIC_RELAXED);
+    while (n >= 0) {
+        if (__atomic_compare_exchange_n(&ce_alloc_countdown, &n, n - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return n == 0;
+    }
+    return 0;
+}
+
+static inline void* ce_malloc(size_t n) { return ce_alloc_should_fail() ? NULL : malloc(n); }
+static inline void* ce_calloc(size_t n, size_t size) { return ce_alloc_should_fail() ? NULL : calloc(n, size); }
+
+/* Record a failure from inside a parallel block. Cython makes a variable assigned inside prange/parallel private
+ * (lastprivate), so a plain `failed = 1` there is lost when another thread runs the last iteration and the caller
+ * returns uninitialised output as a result; a store through the pointer reaches the one shared flag. */
+static inline void ce_flag_failure(int* failed) { __atomic_store_n(failed, 1, __ATOMIC_RELAXED); }
+
+#endif
