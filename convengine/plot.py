@@ -334,7 +334,8 @@ def feature_maps(model, image, layer=None, path=None):
     n, h, w = maps.shape
     rows, cols = _grid_shape(n)
     cell = min(1.2, max(0.45, 9.0 / cols))
-    width, height = (cols + 1.6) * cell + 1.4, rows * cell * h / w + 1.0
+    side = min(max(1.6, rows * 0.75), 4.0)  # the input's column, in map widths
+    width, height = (cols + side) * cell + 1.4, rows * cell * h / w + 1.0
     height = max(height, 2.6)
     fig = _figure(round(width, 2), round(height, 2))
     values = np.asarray(maps, dtype=np.float64)
@@ -344,11 +345,11 @@ def feature_maps(model, image, layer=None, path=None):
     else:
         cmap, vmin = _cmap("RdBu_r"), -_symmetric_limit(values[np.isfinite(values)])
         vmax = -vmin
-    grid = fig.add_gridspec(rows, cols + 2, width_ratios=[1.6] + [1] * cols + [0.12], left=0.02,
+    grid = fig.add_gridspec(rows, cols + 2, width_ratios=[side] + [1] * cols + [0.12], left=0.02,
                             right=1 - 0.9 / width, top=1 - 0.55 / height, bottom=0.05, wspace=0.08, hspace=0.25)
     ax_in = fig.add_subplot(grid[:, 0])
     ax_in.set_label("input")
-    _draw_input(ax_in, chw, f"input {tuple(chw.shape)}")
+    _draw_input(ax_in, chw, f"input\n{tuple(chw.shape)}")
     shown = None
     for k in range(n):
         r, c = divmod(k, cols)
