@@ -1,4 +1,5 @@
 """The engine's thread count: one process-wide setting that every kernel call reads and passes on as n_threads."""
+import contextlib
 import os
 import threading
 
@@ -13,6 +14,25 @@ _forked_child = False
 # Above this an OpenMP runtime may fail to start the team (and abort the process); no machine this engine targets
 # has more cores than this.
 MAX_THREADS = 1024
+
+
+# Calls below a size threshold run on one thread (functional.py): waking the team costs more than they take.
+# Tests of thread invariance, concurrency and fork turn that off with every_call_threaded(), so that their small
+# inputs really run on the whole team.
+_serial_small_calls = True
+
+
+@contextlib.contextmanager
+def every_call_threaded():
+    """For tests: within the `with`, every kernel call uses get_num_threads() threads, however small (process-wide,
+    and inherited by a forked child)."""
+    global _serial_small_calls
+    before = _serial_small_calls
+    _serial_small_calls = False
+    try:
+        yield
+    finally:
+        _serial_small_calls = before
 
 
 def _usable_cores():

@@ -5,6 +5,8 @@
 - A process forked (multiprocessing 'fork') after the engine has run its OpenMP team can still run every op, and
   gets the parent's results; it must not hang (GNU libgomp's thread pool does not survive fork).
 - set_num_threads() from one thread while another computes is safe, and results stay bitwise equal.
+Every test runs with the one-thread threshold for small calls off (`_threads.every_call_threaded`), so that the
+engine's thread count is the one each call really uses, and the parent of the fork test really starts its team.
 """
 import multiprocessing
 import threading
@@ -14,6 +16,7 @@ import pytest
 
 import convengine
 from convengine import functional as F
+from convengine._threads import every_call_threaded
 
 from conftest import assert_bitwise_equal
 
@@ -24,7 +27,8 @@ ROUNDS = 8
 @pytest.fixture(autouse=True)
 def restore_threads():
     before = convengine.get_num_threads()
-    yield
+    with every_call_threaded():
+        yield
     convengine.set_num_threads(before)
 
 

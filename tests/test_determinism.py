@@ -1,12 +1,19 @@
 """The engine's results are bitwise identical whatever the thread count, forward and backward (DESIGN.md).
 
 Shapes are big enough that 2 and 3 threads really split the work (over the batch, the channels and the output
-rows), and odd enough (3 threads over 8 images, 13 channels) that the chunks are uneven.
+rows), and odd enough (3 threads over 8 images, 13 channels) that the chunks are uneven. Calls below a size threshold
+normally run on one thread (functional.py); every test here runs with that threshold off
+(`_threads.every_call_threaded`), so each thread count really runs on that many threads.
 """
+import types
+
+import numpy as np
 import pytest
 
 import convengine
+from convengine import _threads
 from convengine import functional as F
+from convengine._threads import every_call_threaded
 
 from conftest import DTYPE_IDS, DTYPES, assert_bitwise_equal, randn
 
@@ -16,7 +23,8 @@ THREADS = [1, 2, 3]
 @pytest.fixture(autouse=True)
 def restore_threads():
     before = convengine.get_num_threads()
-    yield
+    with every_call_threaded():
+        yield
     convengine.set_num_threads(before)
 
 
@@ -135,3 +143,19 @@ def test_thread_count_is_restored_and_validated():
     with pytest.raises(ValueError, match="n"):
         convengine.set_num_threads(0)
     assert convengine.get_num_threads() == before
+
+
+def test_the_threshold_hook_runs_small_calls_on_every_thread(monkeypatch):
+    """Outside every_call_threaded a call below the threshold runs on one thread; inside, on get_num_threads()."""
+    seen = []
+    real = F._engine.relu_forward
+    monkeypatch.setattr(F, "_engine", types.SimpleNamespace(
+        relu_forward=lambda x, out, n: (seen.append(n), real(x, out, n))))
+    monkeypatch.setattr(_threads, "_serial_small_calls", True)  # as outside this file's fixture
+    convengine.set_num_threads(3)
+    x = np.ones((1, 1, 4, 4))
+    F.relu(x)
+    with every_call_threaded():
+        F.relu(x)
+    F.relu(x)
+    assert seen == [1, 3, 1]
