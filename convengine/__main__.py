@@ -1,5 +1,5 @@
-"""Command line: `python -m convengine {train,evaluate,export,info,show,bench}` (also installed as the `convengine`
-script).
+"""Command line: `python -m convengine {train,evaluate,predict,export,info,show,bench}` (also installed as the
+`convengine` script).
 
 `train` with no options trains the LeNet-style digits net on the embedded 8x8 digits with a fixed seed and prints
 per-epoch progress and the held-out test accuracy. Started by `mpiexec -n N`, it trains data-parallel over the N
@@ -63,6 +63,17 @@ def _field_spec(text):
     return tuple(_non_negative_int(p.strip()) for p in parts)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to an option's help unless the help already says its default, or there is none to say
+    (None, or False for a flag)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="convengine",
@@ -71,7 +82,7 @@ def build_parser():
         epilog="Run 'convengine COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"convengine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     train = sub.add_parser(
         "train", formatter_class=fmt, help="train a LeNet-style CNN and report its test accuracy",
@@ -124,6 +135,23 @@ def build_parser():
     evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="images per inference batch")
     evaluate.add_argument("--threads", type=_positive_int, default=None, help="kernel threads")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser(
+        "predict", formatter_class=fmt, help="classes and probabilities a saved model gives images in a .npy file",
+        description="Load a model saved by 'train --save' (or an .onnx file) and print, for each image in INPUT, "
+                    "the predicted class and its probability (the softmax of the model's scores), with the next "
+                    "likeliest classes by --top. Images are NCHW like the model's training data: one image "
+                    "(C, H, W) or (H, W), or a batch (N, C, H, W).")
+    predict.add_argument("model", metavar="MODEL", help="model file written by 'convengine train --save', or .onnx")
+    predict.add_argument("input", metavar="INPUT", help="images saved with numpy.save (.npy), scaled as the "
+                                                       "training images were (the built-in data sets: 0..1)")
+    predict.add_argument("--top", type=_positive_int, default=1, help="classes to print per image, likeliest first")
+    predict.add_argument("--channels-last", action="store_true",
+                         help="INPUT holds channels-last images, (H, W, C) or (N, H, W, C)")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of text")
+    predict.add_argument("--batch-size", type=_positive_int, default=256, help="images per inference batch")
+    predict.add_argument("--threads", type=_positive_int, default=None, help="kernel threads")
+    predict.set_defaults(func=cmd_predict)
 
     export = sub.add_parser(
         "export", formatter_class=fmt, help="write a saved model as an ONNX file",
@@ -185,8 +213,12 @@ def main(argv=None):
         return 1
 
 
-def _load_data(name, path):
+def _load_data(name, path, source=None):
+    """The data set `name`; `source` says where the name came from when the user did not pass --dataset."""
     if name != "digits" and path is None:
+        if source is not None:
+            raise CommandError(f"{source} was trained on {name}: pass --data PATH, the directory holding its "
+                               f"files (or --dataset for another data set)")
         raise CommandError(f"--dataset {name} needs --data PATH, the directory holding its files")
     if name == "digits" and path is not None:
         raise CommandError("the digits are embedded; --data is for mnist, fashion-mnist and cifar10")
@@ -271,11 +303,13 @@ def _train(args, comm):
         callbacks.append(LearningRateScheduler(lambda e, _: lr * 0.5 * (1.0 + math.cos(math.pi * e / epochs))))
     trainer = Trainer(model, CrossEntropyLoss(), optimizer, comm=comm, shards=args.shards)
 
+    trainer.validation_label = "test"  # the held-out split is the test split: named so throughout
     n_params = sum(p.data.size for p in model.parameters())
+    header = say if verbose else (lambda *a, **k: None)  # --verbose 0: the final result only
     if trainer.parallel is not None:
-        say(f"data-parallel: {trainer.parallel.size} ranks, {trainer.parallel.shards} shards of each batch of "
+        header(f"data-parallel: {trainer.parallel.size} ranks, {trainer.parallel.shards} shards of each batch of "
             f"{args.batch_size}", flush=True)
-    say(f"{args.dataset}: {len(x_train)} training and {len(x_test)} test images of shape {x_train.shape[1:]}; "
+    header(f"{args.dataset}: {len(x_train)} training and {len(x_test)} test images of shape {x_train.shape[1:]}; "
           f"lenet with {n_params:,} parameters; {args.optimizer} lr {lr:g}, {args.schedule} schedule, "
           f"batch {args.batch_size}, seed {args.seed}, {get_num_threads()} threads", flush=True)
     history = trainer.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
@@ -284,7 +318,7 @@ def _train(args, comm):
     correct = int(round(result["accuracy"] * len(x_test)))
     seconds = sum(history["time"]) if len(history) else 0.0
     say(f"test accuracy: {100 * result['accuracy']:.2f}% ({correct}/{len(x_test)}), test loss "
-          f"{result['loss']:.4f}, after {len(history)} epochs ({seconds:.1f} s of training)", flush=True)
+          f"{result['loss']:.4f}, after {_count(len(history), 'epoch')} ({seconds:.1f} s of training)", flush=True)
     if args.save and root:
         model.save(args.save)
         say(f"saved the model to {args.save}")
@@ -297,22 +331,9 @@ def _train(args, comm):
     return 0
 
 
-def confusion_matrix(labels, predictions, num_classes):
-    """counts[i, j]: images of class i predicted as class j."""
-    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(counts, (labels, predictions), 1)
-    return counts
-
-
-def format_confusion(counts, names):
-    width = max(5, len(str(int(counts.max(initial=0)))) + 1)
-    short = [n[:width - 1] for n in names]
-    label_w = max(len(n) for n in names)
-    lines = ["rows: true class, columns: predicted class",
-             " " * (label_w + 1) + "".join(s.rjust(width) for s in short)]
-    for name, row in zip(names, counts):
-        lines.append(name.rjust(label_w) + " " + "".join(str(int(v)).rjust(width) for v in row))
-    return "\n".join(lines)
+def _count(n, noun):
+    """"1 epoch", "2 epochs"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _load_model(path):
@@ -348,7 +369,7 @@ def cmd_evaluate(args):
     name = args.dataset or model.metadata.get("dataset") or "digits"
     if name not in data.DATASETS:
         raise CommandError(f"the model names data set {name!r}; pass --dataset")
-    _, (x_test, y_test) = _load_data(name, args.data)
+    _, (x_test, y_test) = _load_data(name, args.data, source=None if args.dataset else args.model)
     try:
         out_shape = model.output_shape(x_test.shape[1:])
     except ValueError as e:
@@ -356,11 +377,76 @@ def cmd_evaluate(args):
     names = data.CLASS_NAMES[name]
     if out_shape != (len(names),):
         raise CommandError(f"{args.model} outputs shape {out_shape}, but {name} has {len(names)} classes")
-    predictions = model.predict(x_test, args.batch_size).argmax(axis=1)
-    accuracy = float(np.mean(predictions == y_test))
+    from . import metrics
+
+    scores = model.predict(x_test, args.batch_size)
+    accuracy = metrics.accuracy(y_test, scores)
+    counts = metrics.confusion_matrix(y_test, scores, len(names))
     print(f"{args.model} on the {name} test split: accuracy {100 * accuracy:.2f}% "
-          f"({int(np.sum(predictions == y_test))}/{len(y_test)})")
-    print(format_confusion(confusion_matrix(y_test, predictions, len(names)), names))
+          f"({int(np.trace(counts))}/{len(y_test)})")
+    print(metrics.format_confusion_matrix(counts, names))
+    return 0
+
+
+def _load_images(path, input_shape, channels_last):
+    """INPUT of `predict` as an (N, C, H, W)-like batch: one image gains a batch axis, (H, W) a channel axis."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise CommandError(f"{path}: not a .npy file of numbers ({e})") from None
+    if not isinstance(x, np.ndarray):
+        x.close()
+        raise CommandError(f"{path}: holds several arrays; save the images as one array with numpy.save")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
+        raise CommandError(f"{path}: holds {x.dtype} values, not real numbers")
+    if channels_last:
+        if x.ndim not in (3, 4):
+            raise CommandError(f"--channels-last needs (H, W, C) or (N, H, W, C) images, got shape {x.shape}")
+        x = np.moveaxis(x, -1, -3)
+    rank = len(input_shape) if input_shape is not None else 3
+    if x.ndim == rank:
+        x = x[None]
+    elif x.ndim == rank - 1 and rank == 3 and input_shape is not None and input_shape[0] == 1:
+        x = x[None, None]
+    if input_shape is not None and x.ndim == rank + 1 and tuple(x.shape[1:]) != tuple(input_shape):
+        hint = ""
+        if not channels_last and x.ndim == 4 and tuple(np.moveaxis(x, -1, 1).shape[1:]) == tuple(input_shape):
+            hint = "; these look like channels-last images: add --channels-last"
+        raise CommandError(f"{path}: images of shape {tuple(x.shape[1:])}, but the model takes "
+                           f"{tuple(input_shape)}{hint}")
+    return x
+
+
+def cmd_predict(args):
+    from . import metrics
+
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    model = _load_model(args.model)
+    x = _load_images(args.input, model.input_shape, args.channels_last)
+    scores = model.predict(x, args.batch_size)
+    if scores.ndim != 2:
+        raise CommandError(f"{args.model} outputs per-image shape {scores.shape[1:]}, not class scores")
+    probabilities = model.predict_proba(x, args.batch_size) if hasattr(model, "predict_proba") \
+        else metrics.softmax(scores)
+    classes = model.metadata.get("classes") if isinstance(getattr(model, "metadata", None), dict) else None
+    k = scores.shape[1]
+    names = [str(c) for c in classes] if isinstance(classes, list) and len(classes) == k else \
+        [str(i) for i in range(k)]
+    top = min(args.top, k)
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top]
+    if args.json:
+        rows = [{"index": i, "class": int(order[i, 0]), "name": names[order[i, 0]],
+                 "probability": float(probabilities[i, order[i, 0]]),
+                 "top": [{"class": int(c), "name": names[c], "probability": float(probabilities[i, c])}
+                         for c in order[i]]} for i in range(len(x))]
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{args.model} on {args.input}: {_count(len(x), 'image')} of shape {tuple(x.shape[1:])}")
+    width = max(len(n) for n in names)
+    for i in range(len(x)):
+        picks = ", ".join(f"{names[c].rjust(width)} {probabilities[i, c]:.4f}" for c in order[i])
+        print(f"{i}: {picks}")
     return 0
 
 
