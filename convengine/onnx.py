@@ -4,7 +4,8 @@ convengine model (its initializers become parameters).
 
 Supported ONNX ops (default domain): Conv (strides, pads, dilations, group, auto_pad), BatchNormalization
 (inference), Relu, MaxPool (pads, ceil_mode), AveragePool (pads, ceil_mode, count_include_pad), GlobalAveragePool,
-Flatten (axis 1), Reshape to (N, -1), Gemm, MatMul (with a following Add of a bias vector), Add of two tensors,
+ReduceMean over the two spatial axes (as PyTorch's exporter writes a global average pool), Flatten (axis 1),
+Reshape to (N, -1), Gemm, MatMul (with a following Add of a bias vector), Add of two tensors,
 Concat, Dropout and Identity (removed: inference), and Constant (for a Reshape's shape or a bias). Shape, Gather,
 Unsqueeze and Concat of integers are evaluated where they compute a Reshape's target from the batch size (PyTorch's
 `x.view(x.size(0), -1)` with a dynamic batch). Any other op is refused with an error naming its type and node.
@@ -34,7 +35,7 @@ __all__ = ["export", "load", "SUPPORTED_OPS", "OPSET"]
 
 SUPPORTED_OPS = ("Conv", "BatchNormalization", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten",
                  "Reshape", "Gemm", "MatMul", "Add", "Concat", "Dropout", "Identity", "Constant", "Shape", "Gather",
-                 "Unsqueeze")
+                 "Unsqueeze", "ReduceMean")
 # The opset export writes: every op above has its current meaning there, and ONNX Runtime reads it.
 OPSET = 13
 _IR_VERSION = 7
@@ -708,6 +709,17 @@ def load(path):
             _attrs(loader, node, label, {})
             _, _, shape = b.value(ins[0], label, rank=4)
             b.add(AvgPool2d(shape[2:], shape[2:]), [ins[0]], label, out)
+        elif op == "ReduceMean":
+            need_inputs(1, 2)
+            a = _attrs(loader, node, label, {"axes": "ints", "keepdims": "i", "noop_with_empty_axes": "i"})
+            _, _, shape = b.value(ins[0], label, rank=4)
+            axes = a.get("axes") if len(ins) == 1 else b.ints(ins[1], label)[0]
+            if axes is None or sorted(v + 4 if v is not None and v < 0 else v for v in axes) != [2, 3]:
+                loader.fail(f"ReduceMean is supported only over the two spatial axes (2, 3), got axes {axes}", label)
+            if a.get("keepdims", 1):
+                b.add(AvgPool2d(shape[2:], shape[2:]), [ins[0]], label, out)
+            else:
+                b.add(GlobalAvgPool2d(), [ins[0]], label, out)
         elif op == "Flatten":
             need_inputs(1)
             a = _attrs(loader, node, label, {"axis": "i"})
@@ -765,7 +777,14 @@ def load(path):
             if len(users) == 1 and out != output_name and g.node[users[0]].op_type == "Add":
                 add = g.node[users[0]]
                 other = [n for n in add.input if n != out]
-                if len(add.input) == 2 and len(other) == 1 and (other[0] in inits or _const_node(g, other[0])):
+                constant = _constant_node(g, other[0]) if len(other) == 1 else None
+                if constant is not None and other[0] not in b.tensors:
+                    value = _attrs(loader, constant, label, {"value": "t"}).get("value")
+                    if value is not None:
+                        b.tensors[other[0]] = ("const", loader.tensor(value, f"the value of {other[0]!r}"))
+                if len(add.input) == 2 and len(other) == 1 and (
+                        other[0] in inits and other[0] not in b.tensors
+                        or b.tensors.get(other[0], ("",))[0] == "const"):
                     c = b.const(other[0], loader.label(users[0], add))
                     if c.shape in ((w.shape[1],), (1, w.shape[1])):
                         bias = c.reshape(-1)
@@ -807,8 +826,8 @@ def load(path):
     return _model_of(loader, b, entry[1], dims)
 
 
-def _const_node(graph, name):
-    return any(n.op_type == "Constant" and name in n.output for n in graph.node)
+def _constant_node(graph, name):
+    return next((n for n in graph.node if n.op_type == "Constant" and name in n.output), None)
 
 
 def _linear(b, loader, label, src, shape, weight, bias, out):

@@ -153,20 +153,95 @@ def test_imported_resnet8_trains_and_exports_again(torch_nets, rng, tmp_path):
     assert rel_err(torch_output(net, x[:4]), ours) > 1e-3  # it did move away from the PyTorch weights
 
 
-def test_pytorch_dynamo_exporter_output_loads(rng, tmp_path):
+def test_pytorch_default_exporter_output_loads(rng, tmp_path):
+    """torch.onnx.export's default (dynamo) exporter, with a dynamic batch: BatchNorm folded into the convs, the
+    global average pool as ReduceMean."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxscript")
-    from onnx_nets import lenet5
+    from onnx_nets import resnet8
     torch.manual_seed(1)
-    net, shape = lenet5()
+    net, shape = resnet8()
     net.eval()
     path = tmp_path / "dynamo.onnx"
-    x = rng.standard_normal((2,) + shape).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.from_numpy(x),), str(path), dynamo=True, verbose=False)
+        torch.onnx.export(net, (torch.zeros((2,) + shape),), str(path), dynamo=True, verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("N")},))
+    assert {"ReduceMean", "Add", "Gemm"} <= {n.op_type for n in onnx.load(str(path)).graph.node}
     model = cx.load(path)
+    x = rng.standard_normal((3,) + shape).astype(np.float32)
     assert rel_err(model.predict(x), torch_output(net, x)) < 1e-5
+
+
+def _f32(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _hand_model(case, rng):
+    """(nodes, initializers, input shape, output shape) of a small hand-written ONNX graph using op forms
+    PyTorch's exporters do not write."""
+    T = numpy_helper.from_array
+    if case == "matmul_add":
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+                 helper.make_node("Relu", ["a1"], ["r1"]), helper.make_node("MatMul", ["r1", "w2"], ["m2"]),
+                 helper.make_node("Constant", [], ["b2"], value=T(_f32(rng, 1, 3))),
+                 helper.make_node("Add", ["b2", "m2"], ["y"])]
+        inits = [T(_f32(rng, 12, 6), "w1"), T(_f32(rng, 6), "b1"), T(_f32(rng, 6, 3), "w2")]
+        return nodes, inits, [12], [3]
+    if case == "gemm_alpha_beta":
+        nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"], alpha=0.5, beta=2.0, transB=0)]
+        return nodes, [T(_f32(rng, 5, 4), "w"), T(_f32(rng, 4), "c")], [5], [4]
+    if case == "conv_auto_pad":
+        nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], strides=[2, 2], auto_pad="SAME_UPPER"),
+                 helper.make_node("Relu", ["c1"], ["r1"]),
+                 helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], auto_pad="SAME_UPPER"),
+                 helper.make_node("Conv", ["c2", "w3"], ["c3"], auto_pad="VALID"),
+                 helper.make_node("ReduceMean", ["c3"], ["y"], axes=[-2, -1], keepdims=0)]
+        inits = [T(_f32(rng, 3, 2, 3, 3), "w1"), T(_f32(rng, 3, 3, 2, 2), "w2"), T(_f32(rng, 3), "b2"),
+                 T(_f32(rng, 4, 3, 2, 2), "w3")]
+        return nodes, inits, [2, 7, 7], [4]
+    if case == "pool_pads":
+        nodes = [helper.make_node("MaxPool", ["x"], ["p1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+                 helper.make_node("AveragePool", ["p1"], ["p2"], kernel_shape=[3, 3], strides=[2, 2],
+                                  pads=[1, 1, 1, 1], count_include_pad=1),
+                 helper.make_node("AveragePool", ["p2"], ["p3"], kernel_shape=[2, 2]),
+                 helper.make_node("GlobalAveragePool", ["p3"], ["g"]),
+                 helper.make_node("Constant", [], ["shape"], value=T(np.array([0, -1], np.int64))),
+                 helper.make_node("Reshape", ["g", "shape"], ["y"])]
+        return nodes, [], [3, 12, 12], [3]
+    if case == "grouped_dilated":
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], group=2, dilations=[2, 2], pads=[2, 2, 2, 2]),
+                 helper.make_node("Identity", ["c"], ["i"]), helper.make_node("Dropout", ["i"], ["d"]),
+                 helper.make_node("Flatten", ["d"], ["y"], axis=1)]
+        return nodes, [T(_f32(rng, 4, 2, 3, 3), "w")], [4, 5, 5], [4 * 5 * 5]
+    if case == "concat_add":
+        nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1]),
+                 helper.make_node("Conv", ["x", "wb"], ["b"]),
+                 helper.make_node("Add", ["a", "b"], ["s"]),
+                 helper.make_node("Concat", ["s", "x", "a"], ["y"], axis=-3)]
+        return nodes, [T(_f32(rng, 2, 3, 3, 3), "wa"), T(_f32(rng, 2, 3, 1, 1), "wb")], [3, 4, 4], [7, 4, 4]
+    raise KeyError(case)
+
+
+@pytest.mark.parametrize("case", ["matmul_add", "gemm_alpha_beta", "conv_auto_pad", "pool_pads", "grouped_dilated",
+                                  "concat_add"])
+def test_hand_written_op_forms_match_onnxruntime(case, rng, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    nodes, inits, in_shape, out_shape = _hand_model(case, rng)
+    graph = helper.make_graph(nodes, case, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"] + in_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"] + out_shape)],
+                              initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    onnx.checker.check_model(proto)
+    path = save(proto, tmp_path / f"{case}.onnx")
+    x = rng.standard_normal([3] + in_shape).astype(np.float32)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    model = cx.load(path)
+    assert rel_err(model.predict(x), expected) < 1e-5
+    # and back out through the exporter
+    cx.export(model, tmp_path / "again.onnx")
+    again = ort.InferenceSession(str(tmp_path / "again.onnx"), providers=["CPUExecutionProvider"])
+    assert rel_err(again.run(None, {"input": x})[0], expected) < 1e-5
 
 
 # -------------------------------------------------------------------------------------------------------------------
