@@ -32,7 +32,7 @@ from . import distributed as _distributed
 from . import model as _model
 from .graph import Graph
 from .losses import Loss
-from .metrics import class_targets
+from .metrics import accuracy, class_targets
 from .optim import Optimizer
 
 __all__ = ["Trainer", "History", "Callback", "EarlyStopping", "ModelCheckpoint", "LearningRateScheduler"]
@@ -40,8 +40,9 @@ __all__ = ["Trainer", "History", "Callback", "EarlyStopping", "ModelCheckpoint",
 
 class History:
     """Per-epoch records of one fit(): `history[key]` lists 'loss', 'accuracy' (training, measured during the
-    epoch), 'time' (seconds of training, without validation), 'images_per_second', 'lr', and with validation data
-    'val_loss' and 'val_accuracy'. `epoch` holds the epoch numbers (1-based, continuing across fits).
+    epoch; only for targets that name classes: labels or one-hot-like vectors), 'time' (seconds of training, without
+    validation), 'images_per_second', 'lr', and with validation data 'val_loss' and 'val_accuracy'. `epoch` holds
+    the epoch numbers (1-based, continuing across fits).
 
     `interrupted` is True when Ctrl-C stopped the run; `partial_epoch` then holds the metrics of the unfinished
     epoch, with 'batches' the number of its batches that completed. `stopped_early` is True when a callback stopped
@@ -656,7 +657,7 @@ class Trainer:
             value /= x.shape[0]
         result = {"loss": float(value)}
         if classes is not None:
-            result["accuracy"] = float(np.mean(outputs.argmax(axis=1) == classes))
+            result["accuracy"] = accuracy(classes, outputs)
         return result
 
     def predict(self, x, batch_size=256):
