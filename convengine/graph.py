@@ -297,6 +297,7 @@ class Graph:
     dtype = _model.Sequential.dtype
     _input = _model.Sequential._input
     predict = _model.Sequential.predict
+    predict_proba = _model.Sequential.predict_proba
     parameters = _model.Sequential.parameters
     buffers = _model.Sequential.buffers
     astype = _model.Sequential.astype
@@ -363,6 +364,23 @@ class Graph:
                 raise ValueError(f"layer {i} ({type(layer).__name__}) cannot take input of shape "
                                  f"{ins if len(ins) > 1 else ins[0]}: {e}") from None
         return shapes
+
+    def _check_activations_fit(self, sample_shape, batch):
+        """Refuse, before anything is allocated, a batch whose output at some layer could not fit in this machine's
+        memory, with a ValueError naming the layer (see Sequential.predict)."""
+        limit = _model._physical_memory()
+        if limit is None:
+            return
+        try:
+            shapes = self._tensor_shapes(sample_shape)
+        except ValueError:
+            return  # forward reports it, naming the layer
+        for i, layer in enumerate(self.layers):
+            nbytes = batch * math.prod(shapes[i]) * self.dtype.itemsize
+            if nbytes > limit:
+                raise ValueError(f"layer {i} ({type(layer).__name__}) would output {batch} x {shapes[i]} values "
+                                 f"({nbytes / 2 ** 30:,.1f} GiB), more than this machine's {limit / 2 ** 30:,.1f} "
+                                 f"GiB of memory: check the layer's configuration, or use a smaller batch_size")
 
     def output_shape(self, input_shape=None):
         """The output shape of one sample (no batch axis) for one sample's input shape."""

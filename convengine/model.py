@@ -182,8 +182,7 @@ class Sequential:
         n = x.shape[0]
         if n == 0:
             return np.empty((0,) + self.output_shape(x.shape[1:]), self.dtype)
-        if isinstance(self, Sequential):  # layers in a chain (graph models share this predict)
-            self._check_activations_fit(x.shape[1:], min(n, batch_size))
+        self._check_activations_fit(x.shape[1:], min(n, batch_size))  # (graph models have their own)
         out = None
         for start in range(0, n, batch_size):
             y = self.forward(x[start:start + batch_size], training=False)

@@ -6,7 +6,8 @@ Supported ONNX ops (default domain): Conv (strides, pads, dilations, group, auto
 (inference), Relu, MaxPool (pads, ceil_mode), AveragePool (pads, ceil_mode, count_include_pad), GlobalAveragePool,
 ReduceMean over the two spatial axes (as PyTorch's exporter writes a global average pool), Flatten (axis 1),
 Reshape to (N, -1), Gemm, MatMul (with a following Add of a bias vector), Add of two tensors,
-Concat, Dropout and Identity (removed: inference), and Constant (for a Reshape's shape or a bias). Shape, Gather,
+Concat, Dropout and Identity (removed: inference), Constant (for a Reshape's shape or a bias), and the activations
+Sigmoid, Tanh, LeakyRelu and Softmax (along axis 1). Shape, Gather,
 Unsqueeze and Concat of integers are evaluated where they compute a Reshape's target from the batch size (PyTorch's
 `x.view(x.size(0), -1)` with a dynamic batch). Any other op is refused with an error naming its type and node.
 
@@ -26,8 +27,8 @@ import stat
 import numpy as np
 
 from .graph import Add, Concat, Graph, _Merge
-from .layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, ReLU,
-                     shapes_only)
+from .layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, LeakyReLU, Linear, MaxPool2d,
+                     ReLU, Sigmoid, Softmax, Tanh, shapes_only)
 from .model import Sequential
 from ._outputs import temporary_beside
 
@@ -35,7 +36,7 @@ __all__ = ["export", "load", "SUPPORTED_OPS", "OPSET"]
 
 SUPPORTED_OPS = ("Conv", "BatchNormalization", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten",
                  "Reshape", "Gemm", "MatMul", "Add", "Concat", "Dropout", "Identity", "Constant", "Shape", "Gather",
-                 "Unsqueeze", "ReduceMean")
+                 "Unsqueeze", "ReduceMean", "Sigmoid", "Tanh", "LeakyRelu", "Softmax")
 # The opset export writes: every op above has its current meaning there, and ONNX Runtime reads it.
 OPSET = 13
 _IR_VERSION = 7
@@ -133,6 +134,12 @@ def export(model, path):
                                           momentum=1.0 - layer.momentum))
         elif isinstance(layer, ReLU):
             nodes.append(helper.make_node("Relu", x, [y], name=node_name))
+        elif isinstance(layer, (Sigmoid, Tanh)):
+            nodes.append(helper.make_node(type(layer).__name__, x, [y], name=node_name))
+        elif isinstance(layer, LeakyReLU):
+            nodes.append(helper.make_node("LeakyRelu", x, [y], name=node_name, alpha=layer.negative_slope))
+        elif isinstance(layer, Softmax):
+            nodes.append(helper.make_node("Softmax", x, [y], name=node_name, axis=1))
         elif isinstance(layer, (MaxPool2d, AvgPool2d)):
             (pt, pl), (pb, pr) = layer.padding, layer.padding
             attrs = dict(kernel_shape=list(layer.kernel_size), strides=list(layer.stride), pads=[pt, pl, pb, pr],
@@ -563,7 +570,7 @@ def load(path):
     file (and the node) for anything unsupported, damaged or inconsistent."""
     loader = _Loader(path)
     loader.parse()
-    loader.opset()
+    opset = loader.opset()
     input_name, dims, elem, output_name, inits, order = loader.check_graph()
     g = loader.proto.graph
     b = _Builder(loader, input_name, dims, elem, inits)
@@ -624,11 +631,31 @@ def load(path):
             if not scalar or list(axes) != [0]:
                 loader.fail("only Unsqueeze of an integer scalar along axis 0 is supported", label)
             b.tensors[out] = ("ints", values, False)
-        elif op == "Relu":
+        elif op in ("Relu", "Sigmoid", "Tanh"):
             need_inputs(1)
             _attrs(loader, node, label, {})
             b.value(ins[0], label)
-            b.add(ReLU(), [ins[0]], label, out)
+            b.add({"Relu": ReLU, "Sigmoid": Sigmoid, "Tanh": Tanh}[op](), [ins[0]], label, out)
+        elif op == "LeakyRelu":
+            need_inputs(1)
+            a = _attrs(loader, node, label, {"alpha": "f"})
+            b.value(ins[0], label)
+            try:
+                layer = LeakyReLU(a.get("alpha", 0.01))
+            except (TypeError, ValueError) as e:
+                loader.fail(f"unsupported LeakyRelu: {e}", label)
+            b.add(layer, [ins[0]], label, out)
+        elif op == "Softmax":
+            need_inputs(1)
+            a = _attrs(loader, node, label, {"axis": "i"})
+            _, _, shape = b.value(ins[0], label)
+            axis = a.get("axis", -1 if opset >= 13 else 1)
+            axis += len(shape) if axis < 0 else 0
+            # Before opset 13 Softmax flattened the axes from `axis` on: the same as ours only on (N, K) input.
+            if axis != 1 or (opset < 13 and len(shape) != 2):
+                loader.fail(f"Softmax along axis {a.get('axis')} of {_show(shape)} (opset {opset}) is not supported: "
+                            f"only along axis 1", label)
+            b.add(Softmax(), [ins[0]], label, out)
         elif op == "Conv":
             need_inputs(2, 3)
             a = _attrs(loader, node, label, {"auto_pad": "s", "dilations": "ints", "group": "i",

@@ -245,3 +245,21 @@ def test_construction_errors_are_clear():
     assert model.output_shape() == (6, 6, 6)
     with pytest.raises(TypeError, match="Graph"):
         Trainer(object(), losses.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_predict_proba_and_the_memory_check_before_predict(rng):
+    from convengine.model import _physical_memory
+    if _physical_memory() is None:
+        pytest.skip("this machine's memory size is unknown")
+    convengine.manual_seed(0)
+    x = Input((2, 8, 8))
+    h = L.Conv2d(2, 4, 3, padding=2000)(x)  # outputs (4, 4006, 4006): 256 MB per image
+    model = Graph(x, L.Linear(8, 3)(L.Flatten()(L.GlobalAvgPool2d()(Concat()([h, h])))))
+    with pytest.raises(ValueError, match=r"layer 0 \(Conv2d\) would output 4096 x"):
+        model.predict(np.zeros((4096, 2, 8, 8), np.float32), batch_size=4096)
+    small = branchy()
+    images = rng.standard_normal((3, 1, 8, 8)).astype(np.float32)
+    p = small.predict_proba(images)
+    scores = small.predict(images).astype(np.float64)
+    expected = np.exp(scores - scores.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(p, expected / expected.sum(axis=1, keepdims=True), rtol=1e-5)

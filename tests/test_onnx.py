@@ -214,6 +214,11 @@ def _hand_model(case, rng):
                  helper.make_node("Identity", ["c"], ["i"]), helper.make_node("Dropout", ["i"], ["d"]),
                  helper.make_node("Flatten", ["d"], ["y"], axis=1)]
         return nodes, [T(_f32(rng, 4, 2, 3, 3), "w")], [4, 5, 5], [4 * 5 * 5]
+    if case == "activations":
+        nodes = [helper.make_node("Gemm", ["x", "w"], ["g"], transB=1),
+                 helper.make_node("LeakyRelu", ["g"], ["l"], alpha=0.2), helper.make_node("Tanh", ["l"], ["t"]),
+                 helper.make_node("Sigmoid", ["t"], ["s"]), helper.make_node("Softmax", ["s"], ["y"], axis=1)]
+        return nodes, [T(_f32(rng, 6, 5), "w")], [5], [6]
     if case == "concat_add":
         nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1]),
                  helper.make_node("Conv", ["x", "wb"], ["b"]),
@@ -224,7 +229,7 @@ def _hand_model(case, rng):
 
 
 @pytest.mark.parametrize("case", ["matmul_add", "gemm_alpha_beta", "conv_auto_pad", "pool_pads", "grouped_dilated",
-                                  "concat_add"])
+                                  "activations", "concat_add"])
 def test_hand_written_op_forms_match_onnxruntime(case, rng, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     nodes, inits, in_shape, out_shape = _hand_model(case, rng)
@@ -307,7 +312,7 @@ def _duplicate_node_name(p, folder):
 
 
 def _unsupported(p, folder):
-    node(p, "Relu").op_type = "Sigmoid"
+    node(p, "Relu").op_type = "Erf"
 
 
 def _huge_dims(p, folder):
@@ -344,7 +349,7 @@ HOSTILE = {
                      None),
     "truncated": ("truncate", "not an ONNX model", None),
     "npz file": ("npz", "not an ONNX model", None),
-    "unsupported op": (_unsupported, "op Sigmoid is not supported", "1.ReLU"),
+    "unsupported op": (_unsupported, "op Erf is not supported", "1.ReLU"),
     "custom domain": (_custom_domain, "com.example:Relu is not supported", "1.ReLU"),
     "external data outside the folder": (_external("../outside.bin"), "outside the model's folder", None),
     "external data absolute path": (_external("/etc/passwd"), "relative path", None),
