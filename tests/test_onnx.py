@@ -470,6 +470,15 @@ def test_cli_exports_and_evaluates_onnx_files(tmp_path, capsys, monkeypatch):
     # The same accuracy and confusion matrix (the dataset comes from the metadata the ONNX file carries).
     assert from_npz.replace("m.npz", "m.onnx") == from_onnx
     assert "accuracy" in from_onnx and float(from_onnx.split("accuracy ")[1].split("%")[0]) > 30
+    # predict reads .onnx files too, with the same numbers.
+    np.save(tmp_path / "images.npy", x[:5])
+    assert main(["predict", str(tmp_path / "m.npz"), str(tmp_path / "images.npy"), "--json"]) == 0
+    rows_npz = json.loads(capsys.readouterr().out)
+    assert main(["predict", str(tmp_path / "m.onnx"), str(tmp_path / "images.npy"), "--json"]) == 0
+    rows_onnx = json.loads(capsys.readouterr().out)
+    assert [r["class"] for r in rows_onnx] == [r["class"] for r in rows_npz] == list(model.predict(x[:5]).argmax(1))
+    np.testing.assert_allclose([r["probability"] for r in rows_onnx], [r["probability"] for r in rows_npz],
+                               rtol=1e-6)
     (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
     assert main(["evaluate", str(tmp_path / "bad.onnx")]) == 1
     err = capsys.readouterr().err
