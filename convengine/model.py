@@ -324,7 +324,6 @@ def _save(model, path, training=None, state_arrays=None):
 
 def _atomic_savez(path, arrays):
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
     mode = _FILE_MODE
     with contextlib.suppress(OSError):
         mode = os.stat(path).st_mode & 0o777

@@ -4,7 +4,6 @@ anything big is allocated; the crashing cases run in a subprocess, whose exit st
 import gzip
 import os
 import pickle
-import resource
 import struct
 import subprocess
 import sys
