@@ -19,6 +19,7 @@ cycles. Every complaint is a ValueError naming the file (and the node).
 `onnx` is an optional dependency (`pip install 'convengine[onnx]'`), imported by this module alone, when used.
 """
 import contextlib
+import heapq
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import numpy as np
 from .graph import Add, Concat, Graph, _Merge
 from .layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, LeakyReLU, Linear, MaxPool2d,
                      ReLU, Sigmoid, Softmax, Tanh, shapes_only)
-from .model import Sequential
+from .model import MAX_LAYERS, Sequential
 from ._outputs import temporary_beside
 
 __all__ = ["export", "load", "SUPPORTED_OPS", "OPSET"]
@@ -44,6 +45,9 @@ _IR_VERSION = 7
 # Per-sample inputs larger than this are no image; the bound keeps a hostile file's declared shapes in reason.
 _MAX_SAMPLE_ELEMENTS = 1 << 31
 _MAX_PROTO_BYTES = (2 << 30) - 1
+# Nodes per file: a layer per computing node, bounded like the layers of a .npz model file (shape arithmetic,
+# Identity and Constant nodes take a few more).
+_MAX_NODES = 4 * MAX_LAYERS
 _METADATA_KEY = "convengine.metadata"
 _MAX_METADATA_BYTES = 1 << 20
 
@@ -187,7 +191,6 @@ def export(model, path):
 
 def _atomic_write(path, data):
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = temporary_beside(path, ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -248,6 +251,8 @@ class _Loader:
             self.fail(f"not an ONNX model (damaged, truncated or another format): {type(e).__name__}: {e}")
         if not proto.HasField("graph") or not proto.graph.node:
             self.fail("not an ONNX model (no graph with nodes; damaged, truncated or another format)")
+        if len(proto.graph.node) > _MAX_NODES:
+            self.fail(f"{len(proto.graph.node):,} nodes, more than the {_MAX_NODES:,} a convengine model may hold")
         if proto.ir_version <= 0:
             self.fail(f"not an ONNX model (ir_version {proto.ir_version})")
         self.proto = proto
@@ -398,21 +403,28 @@ class _Loader:
         y = g.output[0].name
         if y not in producers:
             self.fail(f"the graph output {y!r} is produced by no node")
-        # Kahn's algorithm, stable in file order; whatever never becomes ready sits on a cycle.
-        order, done = [], set(known)
-        pending = list(range(len(g.node)))
-        while pending:
-            rest = []
-            for k in pending:
-                if all(not n or n in done for n in g.node[k].input):
-                    order.append(k)
-                    done.update(o for o in g.node[k].output if o)
-                else:
-                    rest.append(k)
-            if len(rest) == len(pending):
-                k = rest[0]
-                self.fail("the graph has a cycle through this node", self.label(k, g.node[k]))
-            pending = rest
+        # Kahn's algorithm, taking the first ready node in file order (linear in the graph's size, whatever the
+        # file's order); whatever never becomes ready sits on a cycle.
+        waiting = [0] * len(g.node)
+        readers = {}
+        for k, node in enumerate(g.node):
+            for name in set(n for n in node.input if n and n not in known):
+                waiting[k] += 1
+                readers.setdefault(name, []).append(k)
+        ready = [k for k in range(len(g.node)) if waiting[k] == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            k = heapq.heappop(ready)
+            order.append(k)
+            for out in g.node[k].output:
+                for r in readers.get(out, ()) if out else ():
+                    waiting[r] -= 1
+                    if waiting[r] == 0:
+                        heapq.heappush(ready, r)
+        if len(order) != len(g.node):
+            k = min(set(range(len(g.node))) - set(order))
+            self.fail("the graph has a cycle through this node", self.label(k, g.node[k]))
         # Only what the output depends on.
         live, need = set(), {y}
         for k in reversed(order):
@@ -580,6 +592,7 @@ def load(path):
             if name:
                 consumers.setdefault(name, []).append(k)
     absorbed = {}  # Add node index -> bias name, folded into the MatMul before it
+    constants = {o: g.node[k] for k in order if g.node[k].op_type == "Constant" for o in g.node[k].output}
     for k in order:
         node = g.node[k]
         label = loader.label(k, node)
@@ -804,7 +817,7 @@ def load(path):
             if len(users) == 1 and out != output_name and g.node[users[0]].op_type == "Add":
                 add = g.node[users[0]]
                 other = [n for n in add.input if n != out]
-                constant = _constant_node(g, other[0]) if len(other) == 1 else None
+                constant = constants.get(other[0]) if len(other) == 1 else None
                 if constant is not None and other[0] not in b.tensors:
                     value = _attrs(loader, constant, label, {"value": "t"}).get("value")
                     if value is not None:
@@ -851,10 +864,6 @@ def load(path):
     if entry is None or entry[0] != "value" or entry[1] == -1:
         loader.fail(f"the graph output {output_name!r} is not computed by any supported layer")
     return _model_of(loader, b, entry[1], dims)
-
-
-def _constant_node(graph, name):
-    return next((n for n in graph.node if n.op_type == "Constant" and name in n.output), None)
 
 
 def _linear(b, loader, label, src, shape, weight, bias, out):

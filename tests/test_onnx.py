@@ -550,3 +550,28 @@ def test_wild_attribute_values_raise_value_error_naming_the_node(tmp_path):
             assert str(bad) in str(e) and ": node #" in str(e), str(e)
             refused += 1
     assert refused > 20
+
+
+def test_node_order_and_count_do_not_make_loading_slow(tmp_path):
+    """A long chain written in reverse order loads in linear time; more nodes than a model may hold are refused
+    before any is converted."""
+    import time
+    n = 3000
+    nodes = [helper.make_node("Relu", ["x" if k == 0 else f"r{k - 1}"], ["y" if k == n - 1 else f"r{k}"],
+                              name=f"relu{k}") for k in range(n)]
+    graph = helper.make_graph(nodes[::-1], "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "chain.onnx")
+    start = time.perf_counter()
+    model = cx.load(path)
+    assert time.perf_counter() - start < 10
+    assert len(model.layers) == n and isinstance(model, Sequential)
+    x = np.array([[-1, 2, -3, 4]], np.float32)
+    assert model.predict(x).tolist() == [[0, 2, 0, 4]]
+    many = [helper.make_node("Identity", ["x" if k == 0 else f"i{k - 1}"], [f"i{k}"]) for k in range(cx._MAX_NODES)]
+    many.append(helper.make_node("Relu", [f"i{cx._MAX_NODES - 1}"], ["y"]))
+    graph = helper.make_graph(many, "many", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "many.onnx")
+    with pytest.raises(ValueError, match="nodes, more than"):
+        cx.load(path)
