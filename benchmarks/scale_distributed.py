@@ -81,17 +81,35 @@ def worker(args):
     start = time.perf_counter()
     trainer.fit(x, y, epochs=1, batch_size=batch, verbose=0)
     seconds = time.perf_counter() - start
+    alone = None
     if trainer.parallel is not None:
         parts = {k: (trainer.parallel.seconds[k] - before[k]) / args.steps * 1e3 for k in before}
+        if ranks > 1:
+            alone = exchange_alone_ms(trainer.parallel)
     if comm is None or comm.Get_rank() == 0:
         params = sum(p.data.size for p in model.parameters())
         exchange = trainer.parallel.exchange if trainer.parallel is not None and ranks > 1 else None
         print(json.dumps({"net": args.net, "ranks": ranks, "threads": args.threads, "shards": shards,
-                          "exchange": exchange,
+                          "exchange": exchange, "exchange_alone_ms": alone,
                           "batch": batch, "steps": args.steps, "images_per_second": batch * args.steps / seconds,
                           "ms_per_step": seconds / args.steps * 1e3, "parts_ms": parts, "params": params,
                           "grad_bytes": params * 4,
                           "record_bytes": trainer.parallel.record_bytes if trainer.parallel else None}))
+
+
+def exchange_alone_ms(parallel, repeats=30):
+    """Median ms of the step's exchange alone (the records of the last step), the ranks lined up by a barrier
+    first, so that no rank waits for another's compute."""
+    times = []
+    for _ in range(repeats):
+        parallel.comm.Barrier()
+        start = time.perf_counter()
+        if parallel.exchange == "allgather":
+            parallel._exchange()
+        else:
+            parallel._exchange_sliced(parallel._layout)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
 
 
 def run_config(net, ranks, threads, shards, exchange, steps):
@@ -135,15 +153,16 @@ def cost_model(results):
 
 
 def markdown(results, model):
-    lines = ["| net | configuration | ranks x threads | batch | images/s | ms/step | compute / exchange / sum ms |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| net | configuration | ranks x threads | batch | images/s | ms/step | compute / exchange / sum ms "
+             "| exchange alone ms |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         label = next(c[0] for c in CONFIGS
                      if (c[1], c[2], c[3], c[4]) == (r["ranks"], r["threads"], r["shards"], r.get("exchange")))
         parts = r["parts_ms"]
         split = "" if parts is None else f"{parts['compute']:.2f} / {parts['exchange']:.2f} / {parts['reduce']:.2f}"
         lines.append(f"| {r['net']} | {label} | {r['ranks']} x {r['threads']} | {r['batch']} | "
-                     f"{r['images_per_second']:,.0f} | {r['ms_per_step']:.2f} | {split} |")
+                     f"{r['images_per_second']:,.0f} | {r['ms_per_step']:.2f} | {split} | "
+                     f"{'' if r.get('exchange_alone_ms') is None else format(r['exchange_alone_ms'], '.3f')} |")
     lines += ["", "| net | params | record bytes | shard step t_c | " +
               " | ".join(f"allgather P=8 @{g} Gb/s" for g in BANDWIDTHS_GBPS) + " | " +
               " | ".join(f"P where allgather dominates @{g}" for g in BANDWIDTHS_GBPS) + " | " +
