@@ -575,3 +575,17 @@ def test_node_order_and_count_do_not_make_loading_slow(tmp_path):
     path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "many.onnx")
     with pytest.raises(ValueError, match="nodes, more than"):
         cx.load(path)
+
+
+def test_float64_models_round_trip(tmp_path, rng):
+    """float64 models export as DOUBLE tensors and load back as float64 (ONNX Runtime has no double Conv, so the
+    check is convengine's own)."""
+    convengine.manual_seed(0)
+    model = native_graph().astype(np.float64)
+    cx.export(model, tmp_path / "f64.onnx")
+    proto = onnx.load(str(tmp_path / "f64.onnx"))
+    assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.DOUBLE
+    back = cx.load(tmp_path / "f64.onnx")
+    assert back.dtype == np.float64
+    x = rng.standard_normal((2, 3, 12, 12))
+    assert rel_err(back.predict(x), model.predict(x)) < 1e-12
