@@ -45,6 +45,9 @@ def torch_nets(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from onnx_nets import NETS
     folder = tmp_path_factory.mktemp("torch_onnx")
+    # One PyTorch thread: its OpenMP team would otherwise spin beside convengine's on a small machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     out = {}
     for name in NET_NAMES:
@@ -63,7 +66,8 @@ def torch_nets(tmp_path_factory):
             torch.onnx.export(net, (torch.zeros(2, *shape),), str(path), dynamo=False, do_constant_folding=False,
                               input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
         out[name] = (net, shape, path)
-    return out
+    yield out
+    torch.set_num_threads(threads)
 
 
 def torch_output(net, x):
