@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+# The run's closing section: skipped tests grouped by what they need, with the command that enables them.
+from skip_summary import pytest_terminal_summary  # noqa: F401
+
 settings.register_profile("ci", max_examples=60, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True,
