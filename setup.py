@@ -4,19 +4,35 @@ The compute kernels (`convengine/_kernels/engine.pxi`) are compiled once per x86
 `_engine_<isa>` modules and the fastest one the CPU supports is picked at import (`_kernels/__init__.py`), so one
 build runs on any x86-64 and still uses AVX2/AVX-512 where present. Other architectures get the baseline only.
 
+A release build carries no debug information (-g0 overrides the interpreter's -g; the symbol table stays, for
+profilers). The modules compile in parallel, one compiler process per module (`build_ext -j N` or
+CONVENGINE_BUILD_JOBS=N; default: every usable core), and each built module is kept in a cache keyed by
+everything that goes into it (the generated C, the headers, compiler, flags, Python ABI), so that installing
+again, e.g. `pip install -e .` then `pip install -e '.[test]'`, reuses it instead of compiling again.
+
 Environment switches:
   CONVENGINE_DEBUG=1     Cython bounds/wraparound/initialized checks on, -O1 -g (a debug build for CI)
   CONVENGINE_SANITIZE=1  also -fsanitize=address,undefined (run with LD_PRELOAD of libasan; see tests/README)
   CONVENGINE_NO_OPENMP=1 build without OpenMP (the kernels then run serially)
+  CONVENGINE_BUILD_JOBS=N  modules compiled at once (default: the usable cores)
+  CONVENGINE_BUILD_CACHE=DIR  where built modules are kept (default: build/module-cache beside setup.py);
+                         CONVENGINE_BUILD_CACHE=0 turns the cache off
 """
+import hashlib
+import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEBUG = os.environ.get("CONVENGINE_DEBUG") == "1"
 SANITIZE = os.environ.get("CONVENGINE_SANITIZE") == "1"
@@ -45,7 +61,7 @@ def openmp_flags():
 
 
 OMP = openmp_flags()
-BASE_CFLAGS = ["-O1", "-g"] if DEBUG or SANITIZE else ["-O3"]
+BASE_CFLAGS = ["-O1", "-g"] if DEBUG or SANITIZE else ["-O3", "-g0"]
 # -fno-trapping-math: no code here reads FP exception flags, and without it gcc may not turn float compares into
 # selects (max pooling stayed branchy: 5x slower on real data)
 BASE_CFLAGS += ["-fno-strict-aliasing", "-fno-trapping-math"]
@@ -83,5 +99,96 @@ for isa, flags in ISA_FLAGS.items():
         include_dirs=["convengine/_kernels"], extra_compile_args=cflags, extra_link_args=LDFLAGS,
         define_macros=build_info_macros(isa, cflags)))
 
-setup(ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES,
-                            include_path=["convengine/_kernels"], nthreads=0))
+def usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cache_dir():
+    setting = os.environ.get("CONVENGINE_BUILD_CACHE", "")
+    if setting == "0":
+        return None
+    return setting or os.path.join(HERE, "build", "module-cache")
+
+
+class ParallelCachedBuildExt(build_ext):
+    """build_ext that compiles the extension modules at once (distutils' thread pool: each thread runs its own
+    compiler process) and keeps every built module in a content-addressed cache."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:
+            jobs = int(os.environ.get("CONVENGINE_BUILD_JOBS") or usable_cores())
+            self.parallel = max(1, min(jobs, len(self.extensions or ())))
+        if self.parallel == 1:
+            self.parallel = None  # serial, in order
+        self._compiler_version = None
+
+    def build_extensions(self):
+        # Biggest sources first, so that the small module fills a free slot instead of starting a long tail.
+        self.extensions.sort(key=lambda e: -sum(os.path.getsize(s) for s in e.sources if os.path.exists(s)))
+        super().build_extensions()
+
+    def compiler_version(self):
+        if self._compiler_version is None:
+            try:
+                out = subprocess.run([self.compiler.compiler_so[0], "--version"], capture_output=True, text=True)
+                self._compiler_version = out.stdout
+            except (OSError, AttributeError, IndexError):
+                self._compiler_version = "unknown"
+        return self._compiler_version
+
+    def cache_key(self, ext):
+        """A digest of everything the built module depends on; None when something cannot be read."""
+        h = hashlib.sha256()
+        facts = {
+            "name": ext.name, "compiler_so": getattr(self.compiler, "compiler_so", None),
+            "linker_so": getattr(self.compiler, "linker_so", None), "compiler_version": self.compiler_version(),
+            "compile_args": ext.extra_compile_args, "link_args": ext.extra_link_args,
+            "macros": ext.define_macros, "undef": ext.undef_macros, "include_dirs": ext.include_dirs,
+            "libraries": ext.libraries, "library_dirs": ext.library_dirs, "ext_suffix": self.get_ext_filename(""),
+            "platform": sysconfig.get_platform(), "abi": sys.implementation.cache_tag,
+            "env": {k: os.environ.get(k) for k in ("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS", "LDSHARED", "ARCHFLAGS")},
+        }
+        h.update(json.dumps(facts, sort_keys=True, default=str).encode())
+        headers = sorted({os.path.join(d, f) for d in ext.include_dirs or [] if os.path.isdir(d)
+                          for f in os.listdir(d) if f.endswith(".h")})
+        for path in list(ext.sources) + list(ext.depends) + headers:
+            try:
+                with open(path, "rb") as f:
+                    h.update(os.path.basename(path).encode() + b"\0" + hashlib.sha256(f.read()).digest())
+            except OSError:
+                return None
+        return h.hexdigest()
+
+    def build_extension(self, ext):
+        folder = cache_dir()
+        key = self.cache_key(ext) if folder and not self.force else None
+        target = self.get_ext_fullpath(ext.name)
+        cached = os.path.join(folder, key, os.path.basename(target)) if key else None
+        if cached and os.path.isfile(cached):
+            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            shutil.copy2(cached, target)
+            print(f"{ext.name}: reused the module built before ({cached})", flush=True)
+            return
+        super().build_extension(ext)
+        if cached and os.path.isfile(target):
+            try:
+                os.makedirs(os.path.dirname(cached), exist_ok=True)
+                partial = f"{cached}.{os.getpid()}.partial"
+                shutil.copy2(target, partial)
+                os.replace(partial, cached)
+            except OSError as e:  # a cache that cannot be written costs the next build time, nothing else
+                print(f"{ext.name}: not cached ({e})", flush=True)
+
+
+# pip (setuptools.build_meta) and `python setup.py` both run this file as __main__; tests/test_build.py imports
+# it to check the build command without building the package.
+if __name__ == "__main__":
+    setup(ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES,
+                                include_path=["convengine/_kernels"], nthreads=usable_cores()),
+          cmdclass={"build_ext": ParallelCachedBuildExt},
+          # The generated C sources (about 11 MB) are build inputs, not part of the installed package.
+          exclude_package_data={"convengine._kernels": ["*.c"]})

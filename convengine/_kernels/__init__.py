@@ -10,8 +10,8 @@ import os
 
 # OpenMP threads that spin-wait between parallel regions hold their cores while Python runs between kernel calls,
 # and on a small shared machine they starve everything else: one training epoch of the digits net at 2 threads,
-# with other work on the 2 cores, took 0.81 s spinning and 0.19 s passive. libgomp reads this when it loads, which
-# is when _cpu below loads it; a user's own setting wins.
+# with other work on the 2 cores, took 0.81 s spinning and 0.19 s passive. libgomp reads this once, when it loads,
+# which is when the engine module below is imported (_cpu does not link it); a user's own setting wins.
 # The variable is removed again once loaded, so that OpenMP runtimes loaded later (PyTorch ships its own) keep
 # their defaults.
 _USER_POLICY = os.environ.get("OMP_WAIT_POLICY") or (
@@ -29,15 +29,19 @@ def _not_built():
     return ImportError(_NOT_BUILT.format(where=os.path.dirname(os.path.abspath(__file__))))
 
 
-if importlib.util.find_spec(f"{__name__}._cpu") is None:
+def _restore_policy():
     if _USER_POLICY is None:
-        del os.environ["OMP_WAIT_POLICY"]
+        os.environ.pop("OMP_WAIT_POLICY", None)
+
+
+if importlib.util.find_spec(f"{__name__}._cpu") is None:
+    _restore_policy()
     raise _not_built()
 try:
     from . import _cpu
-finally:
-    if _USER_POLICY is None:
-        del os.environ["OMP_WAIT_POLICY"]
+except BaseException:
+    _restore_policy()
+    raise
 WAIT_POLICY = _USER_POLICY or "passive"
 
 _ORDER = ("baseline", "avx2", "avx512")
@@ -63,8 +67,11 @@ def _select():
     return max(available, key=_ORDER.index)
 
 
-ISA = _select()
-engine = importlib.import_module(f"{__name__}._engine_{ISA}")
+try:
+    ISA = _select()
+    engine = importlib.import_module(f"{__name__}._engine_{ISA}")  # loads libgomp, which reads the policy now
+finally:
+    _restore_policy()
 
 
 def build_info():

@@ -1,0 +1,123 @@
+"""The build (setup.py): extension modules compile in parallel and a module built before is reused only when
+everything that goes into it is the same; and the OpenMP wait policy the kernels ask for is in force.
+
+tools/build_wheel.sh checks the release wheel itself (manylinux tag, bundled OpenMP runtime, no C sources, no
+debug information, installed size); CI runs it."""
+import contextlib
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = textwrap.dedent("""
+    #include <Python.h>
+    static PyObject *answer(PyObject *self, PyObject *unused) { return PyLong_FromLong(ANSWER); }
+    static PyMethodDef methods[] = {{"answer", answer, METH_NOARGS, NULL}, {NULL, NULL, 0, NULL}};
+    static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "cachedmod", NULL, -1, methods};
+    PyMODINIT_FUNC PyInit_cachedmod(void) { return PyModule_Create(&def); }
+""")
+
+
+@pytest.fixture(scope="module")
+def setup_module():
+    """setup.py as a module (its setup() call only runs as __main__)."""
+    path = ROOT / "setup.py"
+    if not path.exists():
+        pytest.skip("setup.py is not beside the tests (installed package)")
+    pytest.importorskip("Cython")
+    pytest.importorskip("setuptools")
+    spec = importlib.util.spec_from_file_location("convengine_setup", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(setup_module, folder, answer, source=SOURCE, extensions=1):
+    """Build the tiny module (and extensions - 1 copies) with the cached build_ext; return (path, printed)."""
+    from setuptools import Distribution, Extension
+    folder.mkdir(exist_ok=True)
+    exts = []
+    for i in range(extensions):
+        name = "cachedmod" if i == 0 else f"cachedmod{i}"
+        (folder / f"{name}.c").write_text(source.replace("cachedmod", name))
+        exts.append(Extension(name, [str(folder / f"{name}.c")], define_macros=[("ANSWER", str(answer))]))
+    dist = Distribution({"name": "cachedmod", "ext_modules": exts})
+    cmd = setup_module.ParallelCachedBuildExt(dist)
+    cmd.build_lib = str(folder / "lib")
+    cmd.build_temp = str(folder / "tmp")
+    cmd.ensure_finalized()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cmd.run()
+    return Path(cmd.get_ext_fullpath("cachedmod")), buf.getvalue(), cmd
+
+
+def _answer(path):
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('cachedmod', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.answer())")
+    return int(subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                              check=True).stdout)
+
+
+def test_a_module_is_reused_only_when_nothing_changed(setup_module, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVENGINE_BUILD_CACHE", str(tmp_path / "cache"))
+    path, printed, _ = _build(setup_module, tmp_path / "a", 41)
+    assert "reused" not in printed and _answer(path) == 41
+    # A fresh build folder (as pip's editable install has each time): the same module comes from the cache.
+    path, printed, _ = _build(setup_module, tmp_path / "b", 41)
+    assert "cachedmod: reused the module built before" in printed and _answer(path) == 41
+    # Another macro, another source text: compiled again, and the result says so.
+    path, printed, _ = _build(setup_module, tmp_path / "c", 42)
+    assert "reused" not in printed and _answer(path) == 42
+    path, printed, _ = _build(setup_module, tmp_path / "d", 42, SOURCE.replace("ANSWER)", "ANSWER + 1)"))
+    assert "reused" not in printed and _answer(path) == 43
+    # Flags from the environment go into the module too.
+    monkeypatch.setenv("CFLAGS", "-DUNUSED_FLAG=1")
+    path, printed, _ = _build(setup_module, tmp_path / "e", 42)
+    assert "reused" not in printed and _answer(path) == 42
+
+
+def test_cache_off(setup_module, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVENGINE_BUILD_CACHE", "0")
+    _build(setup_module, tmp_path / "a", 7)
+    path, printed, _ = _build(setup_module, tmp_path / "b", 7)
+    assert "reused" not in printed and _answer(path) == 7
+
+
+@pytest.mark.parametrize("jobs, extensions, expected", [("2", 3, 2), ("8", 3, 3), ("1", 3, None)])
+def test_modules_compile_in_parallel(setup_module, tmp_path, monkeypatch, jobs, extensions, expected):
+    monkeypatch.setenv("CONVENGINE_BUILD_JOBS", jobs)
+    monkeypatch.setenv("CONVENGINE_BUILD_CACHE", "0")
+    _, _, cmd = _build(setup_module, tmp_path, 1, extensions=extensions)
+    assert cmd.parallel == expected
+    for i in range(extensions):
+        assert Path(cmd.get_ext_fullpath("cachedmod" if i == 0 else f"cachedmod{i}")).exists()
+
+
+def test_release_builds_carry_no_debug_information(setup_module):
+    if setup_module.DEBUG or setup_module.SANITIZE:
+        pytest.skip("a debug build")
+    assert "-g0" in setup_module.BASE_CFLAGS and "-g" not in setup_module.BASE_CFLAGS
+
+
+def test_openmp_waits_passively_unless_the_user_says_otherwise():
+    """libgomp reads OMP_WAIT_POLICY once, when the engine module loads it: the kernels' passive policy must be in
+    force then (GOMP_SPINCOUNT 0), and gone from the environment afterwards; a user's own setting wins."""
+    code = "import os, convengine; print('left', os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["OMP_DISPLAY_ENV"] = "verbose"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__import__("convengine").__file__).parents[1]),
+                                                    env.get("PYTHONPATH")) if p)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    if "GOMP_SPINCOUNT" not in run.stderr:
+        pytest.skip("not GNU OpenMP (libgomp)")
+    assert "GOMP_SPINCOUNT = '0'" in run.stderr and "left None" in run.stdout
+    env["OMP_WAIT_POLICY"] = "active"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "GOMP_SPINCOUNT = '0'" not in run.stderr and "left active" in run.stdout
