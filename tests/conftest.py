@@ -13,6 +13,33 @@ from hypothesis import HealthCheck, settings
 # The run's closing section: skipped tests grouped by what they need, with the command that enables them.
 from skip_summary import pytest_terminal_summary  # noqa: F401
 
+# The long tests, marked `slow` here in one place: `python -m pytest -m "not slow"` is the quick run for
+# development, while the plain `python -m pytest` (CI, the README) runs everything. A whole file or one test
+# (all its parametrizations). test_markers.py checks that every entry names a real test.
+SLOW = {
+    "test_fuzz.py": "property fuzzing of every op",
+    "test_memory.py": "10,000 calls of each op and 1,000 training steps",
+    "test_bench_smoke.py": "runs the speed report and the benchmark suite",
+    "test_cli.py::test_default_training_reaches_97_percent": "20 epochs of the default training",
+    "test_trainer.py::test_same_seed_gives_bitwise_identical_weights_at_one_and_two_threads": "trains four times",
+    "test_trainer.py::test_resume_from_checkpoint_continues_identically": "trains twice, with a checkpoint",
+    "test_sizes.py::test_zero_stride_inputs_past_2_31_are_handled": "element counts past 2^31",
+    "test_sizes.py::test_avg_pool2d_huge_window_divisor": "huge windows, in subprocesses",
+    "test_sizes.py::test_huge_strides": "huge strides, in subprocesses",
+    "test_sizes.py::test_conv2d_huge_dilation_and_padding": "huge dilation and padding, in subprocesses",
+    "test_model_files.py::test_members_inflating_to_hundreds_of_megabytes": "inflates hundreds of megabytes",
+    "test_onnx.py::test_pytorch_dynamo_exporter_output_loads": "PyTorch's dynamo exporter",
+    "test_build.py::test_a_module_is_reused_only_when_nothing_changed": "compiles a module five times",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        file = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        name = getattr(item, "originalname", None) or item.name
+        if file in SLOW or f"{file}::{name}" in SLOW:
+            item.add_marker(pytest.mark.slow)
+
 settings.register_profile("ci", max_examples=60, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True,
