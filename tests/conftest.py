@@ -28,7 +28,6 @@ SLOW = {
     "test_sizes.py::test_huge_strides": "huge strides, in subprocesses",
     "test_sizes.py::test_conv2d_huge_dilation_and_padding": "huge dilation and padding, in subprocesses",
     "test_model_files.py::test_members_inflating_to_hundreds_of_megabytes": "inflates hundreds of megabytes",
-    "test_onnx.py::test_pytorch_dynamo_exporter_output_loads": "PyTorch's dynamo exporter",
     "test_build.py::test_a_module_is_reused_only_when_nothing_changed": "compiles a module five times",
 }
 
