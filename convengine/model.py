@@ -47,6 +47,22 @@ def _physical_memory():
         return None
 
 
+def model_input(x, dtype):
+    """x checked as a batch of model inputs and converted to the model's dtype."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"x must have a batch axis and at least one more, got shape {x.shape}")
+    if x.dtype != dtype:
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise TypeError(f"x must hold numbers, got dtype {x.dtype}")
+        if np.issubdtype(x.dtype, np.complexfloating):
+            raise TypeError(f"x must hold real numbers, got dtype {x.dtype} (its imaginary part would be "
+                            f"dropped)")
+        x = x.astype(dtype)
+    return x
+
+
 class Sequential:
     """Layers applied in order. The first layer skips the gradient with respect to the model input unless
     `need_input_grad` is set (e.g. for saliency maps)."""
@@ -110,18 +126,7 @@ class Sequential:
         return f"Sequential({inner}\n)"
 
     def _input(self, x):
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
-        if x.ndim < 2:
-            raise ValueError(f"x must have a batch axis and at least one more, got shape {x.shape}")
-        if x.dtype != self.dtype:
-            if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-                raise TypeError(f"x must hold numbers, got dtype {x.dtype}")
-            if np.issubdtype(x.dtype, np.complexfloating):
-                raise TypeError(f"x must hold real numbers, got dtype {x.dtype} (its imaginary part would be "
-                                f"dropped)")
-            x = x.astype(self.dtype)
-        return x
+        return model_input(x, self.dtype)
 
     def forward(self, x, training=False):
         """The model output for a batch. training=True keeps what backward needs and updates BatchNorm's running
@@ -174,22 +179,43 @@ class Sequential:
         """Non-trained state arrays (BatchNorm running statistics) by qualified name."""
         return {f"{i}.{name}": a for i, layer in enumerate(self.layers) for name, a in layer.buffers().items()}
 
+    def freeze(self):
+        """An inference plan of this model (a convengine.frozen.FrozenModel): BatchNorm folded into the convs,
+        bias, ReLU and unfolded batch norms applied as each conv's output is stored, activations in buffers reused
+        across calls. `frozen(x)` and `frozen.predict(x, batch_size)` give what predict(x) gives. The weights are
+        taken now: later training, `load` or edits of the parameters do not reach the frozen model."""
+        from .frozen import FrozenModel
+        return FrozenModel(self)
+
     def predict(self, x, batch_size=256):
         """Model outputs for x, computed batch by batch in inference mode, so memory stays bounded by one batch's
-        activations. For a classifier, outputs.argmax(axis=1) are the predicted classes."""
+        activations. For a classifier, outputs.argmax(axis=1) are the predicted classes. It runs a fresh frozen
+        plan of the model (see freeze()): the same as forward(x) within float rounding (BatchNorm folded into the
+        convs: about 1e-6 relative in float32), the same bits for any batch_size and thread count."""
         batch_size = _args.check_int(batch_size, "batch_size", 1)
         x = self._input(x)
         n = x.shape[0]
         if n == 0:
             return np.empty((0,) + self.output_shape(x.shape[1:]), self.dtype)
         self._check_activations_fit(x.shape[1:], min(n, batch_size))  # (graph models have their own)
-        out = None
-        for start in range(0, n, batch_size):
-            y = self.forward(x[start:start + batch_size], training=False)
-            if out is None:
-                out = np.empty((n,) + y.shape[1:], y.dtype)
-            out[start:start + y.shape[0]] = y
-        return out
+        if not isinstance(self, Sequential):       # graph models share this method and have no frozen plan yet
+            out = None
+            for start in range(0, n, batch_size):
+                y = self.forward(x[start:start + batch_size], training=False)
+                if out is None:
+                    out = np.empty((n,) + y.shape[1:], y.dtype)
+                out[start:start + y.shape[0]] = y
+            return out
+        # through a plan of the weights as they are now (see freeze): fused and in reused buffers, never stale
+        frozen = self.freeze()
+        try:
+            frozen.plan_for(tuple(x.shape[1:]))
+        except ValueError:
+            self.forward(x[:batch_size], training=False)   # raises the failing layer's error, naming it and the input
+            raise
+        if self.input_shape is None:
+            self.input_shape = tuple(x.shape[1:])
+        return frozen.predict(x, batch_size)
 
     def _check_activations_fit(self, sample_shape, batch):
         """Refuse, before anything is allocated, a batch whose activations at some layer could not fit in this

@@ -245,15 +245,50 @@ cdef int pack_weights(const floating* w, const ConvGeom* p, Py_ssize_t KC, float
     return 0
 
 
-cdef inline void store_rows(const floating* cbuf, Py_ssize_t ldc, Py_ssize_t rows, Py_ssize_t n,
-                            const floating* bias, floating* y, Py_ssize_t ldy) noexcept nogil:
-    """y[i*ldy + t] = cbuf[i*ldc + t] + bias[i] for i < rows, t < n (bias may be NULL)."""
-    cdef Py_ssize_t i, t
-    cdef floating bval
-    for i in range(rows):
-        bval = bias[i] if bias != NULL else 0
+cdef struct Epilogue:
+    # What the forward applies to each value v of output channel k as it stores the GEMM's result, while that is
+    # still in cache, in order: v + bias[k]; then with relu, 0 where v <= 0 (NaN stays NaN, as in relu); then
+    # v * scale[k] + shift[k] (an inference-time batch norm that could not be folded into the weights). Pointers
+    # are to the call's dtype, NULL where absent (scale and shift go together). One descriptor read by every
+    # forward path, not a kernel per pattern.
+    const void* bias
+    const void* scale
+    const void* shift
+    bint relu
+
+
+cdef inline void store_span(const floating* src, Py_ssize_t stride, floating* dst, Py_ssize_t n, const Epilogue* e,
+                            Py_ssize_t k) noexcept nogil:
+    """dst[t] = the epilogue of channel k applied to src[t * stride], t < n."""
+    cdef const floating* bias = <const floating*>e.bias
+    cdef floating bval = bias[k] if bias != NULL else 0
+    cdef floating sc = (<const floating*>e.scale)[k] if e.scale != NULL else 1
+    cdef floating sh = (<const floating*>e.shift)[k] if e.scale != NULL else 0
+    cdef floating v
+    cdef Py_ssize_t t
+    if e.scale == NULL and not e.relu:
         for t in range(n):
-            y[i * ldy + t] = cbuf[i * ldc + t] + bval
+            dst[t] = src[t * stride] + bval
+    elif e.scale == NULL:
+        for t in range(n):
+            v = src[t * stride] + bval
+            dst[t] = 0 if v <= 0 else v
+    elif not e.relu:
+        for t in range(n):
+            dst[t] = (src[t * stride] + bval) * sc + sh
+    else:
+        for t in range(n):
+            v = src[t * stride] + bval
+            v = 0 if v <= 0 else v
+            dst[t] = v * sc + sh
+
+
+cdef inline void store_rows(const floating* cbuf, Py_ssize_t ldc, Py_ssize_t rows, Py_ssize_t n, const Epilogue* e,
+                            Py_ssize_t k0, floating* y, Py_ssize_t ldy) noexcept nogil:
+    """Row i < rows of y (stride ldy) = the epilogue of channel k0 + i applied to row i of cbuf (stride ldc)."""
+    cdef Py_ssize_t i
+    for i in range(rows):
+        store_span(cbuf + i * ldc, 1, y + i * ldy, n, e, k0 + i)
 
 
 cdef inline Py_ssize_t padded_width(const ConvGeom* p) noexcept nogil:
@@ -316,7 +351,7 @@ cdef inline void tap_rows(const ConvGeom* p, const floating* xblk, Py_ssize_t ro
         table[r] = xblk + (c * rows_in + kh * p.dh) * Wp + kw * p.dw
 
 
-cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssize_t KC, const floating* bias,
+cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssize_t KC, const Epilogue* e,
                                floating* y, const ConvGeom* p, int n_threads) noexcept nogil:
     """Stride-1 forward without im2col. A task (image, group, block of R output rows) copies the R + (KH-1)*dh
     input rows it needs into a zero-padded buffer of width Wp; B row r = (c, kh, kw) is that buffer at the tap's
@@ -367,7 +402,7 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
                 macro_kernel(Mpad // CE_MR, ncpad // NR, kc, arow, CE_MR, brow + k0, NR, cbuf, ncmax, k0 > 0, nv)
                 k0 = k0 + kc
             for ri in range(nrows):
-                store_rows(cbuf + ri * Wp, ncmax, Kg, p.OW, bias + g * Kg if bias != NULL else NULL,
+                store_rows(cbuf + ri * Wp, ncmax, Kg, p.OW, e, g * Kg,
                            y + ((b * p.K + g * Kg) * p.OH + oh0 + ri) * p.OW, p.OH * p.OW)
         free(xblk)
         free(cbuf)
@@ -378,7 +413,7 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
     return -failed
 
 
-cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssize_t KC, const floating* bias,
+cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssize_t KC, const Epilogue* e,
                                floating* y, const ConvGeom* p, int n_threads) noexcept nogil:
     """Forward for any stride: column blocks of the Q = B*OH*OW pixels (across images), im2col rows built into a
     row-major B block."""
@@ -430,8 +465,7 @@ cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssiz
                 b = (q0 + j) // P
                 pix = q0 + j - b * P
                 seg = min(nc - j, P - pix)
-                store_rows(cbuf + j, NC, Kg, seg, bias + g * Kg if bias != NULL else NULL,
-                           y + (b * p.K + g * Kg) * P + pix, P)
+                store_rows(cbuf + j, NC, Kg, seg, e, g * Kg, y + (b * p.K + g * Kg) * P + pix, P)
                 j = j + seg
         free(bblk)
         free(cbuf)
@@ -517,7 +551,7 @@ cdef void fill_window_rows(const floating* x, const ConvGeom* p, Py_ssize_t b, P
                 memset(dst + lo + n, 0, (Wpad - lo - n) * sizeof(floating))
 
 
-cdef int conv2d_forward_pixels(const floating* x, const floating* w, const floating* bias, floating* y,
+cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilogue* e, floating* y,
                                const ConvGeom* p, int n_threads) noexcept nogil:
     """Forward with output pixels as the GEMM's rows and output channels as its columns, for any stride:
     y^T (pixels x Kg) = sum over taps t = (kh, kw) of X_t (pixels x Cg) . W_t (Cg x Kg).
@@ -550,13 +584,10 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const float
     cdef floating* xblk
     cdef floating* cbuf
     cdef floating* blk
-    cdef floating* dst
-    cdef const floating* src
     cdef const floating** pix
     cdef const floating** arow
     cdef const floating** brow
     cdef Py_ssize_t* tapoff
-    cdef floating bval
     cdef int failed = 0
     # B: bpack[((g*T + t)*npan + jp)*Cg*NR + c*NR + j] = w[g*Kg + jp*NR + j, c, kh, kw], zero past Kg
     bpack = <floating*>malloc(p.G * T * Npad * Cg * sizeof(floating))
@@ -607,18 +638,15 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const float
                         arow[i] = pix[ip * CE_MR + i] + tapoff[t]
                     macro_kernel(1, npan, Cg, arow, ld_c, brow + t * Cg, Cg * NR, cbuf + ip * CE_MR * Npad, Npad,
                                  t > 0, nv)
-            # y[b, g*Kg + k, oh0 + ro, ow] = cbuf[q, k] + bias, unit by unit
+            # y[b, g*Kg + k, oh0 + ro, ow] = epilogue of cbuf[q, k], unit by unit
             q = 0
             for u in range(u0, u1):
                 b = u // nrb
                 oh0 = (u - b * nrb) * R
                 n = min(R, p.OH - oh0) * p.OW
                 for k in range(Kg):
-                    bval = bias[g * Kg + k] if bias != NULL else 0
-                    dst = y + ((b * p.K + g * Kg + k) * p.OH + oh0) * p.OW
-                    src = cbuf + q * Npad + k
-                    for i in range(n):
-                        dst[i] = src[i * Npad] + bval
+                    store_span(cbuf + q * Npad + k, Npad, y + ((b * p.K + g * Kg + k) * p.OH + oh0) * p.OW, n, e,
+                               g * Kg + k)
                 q = q + n
         free(xblk)
         free(cbuf)
@@ -650,9 +678,9 @@ cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
     return PATH_IM2COL
 
 
-cdef int conv2d_forward_core(const floating* x, const floating* w, const floating* bias, floating* y,
+cdef int conv2d_forward_core(const floating* x, const floating* w, const Epilogue* e, floating* y,
                              const ConvGeom* p, int n_threads) noexcept nogil:
-    """y = conv2d(x, w) + bias, all C-contiguous NCHW / KCRS; bias may be NULL. Returns -1 on allocation failure."""
+    """y = epilogue(conv2d(x, w)), all C-contiguous NCHW / KCRS. Returns -1 on allocation failure."""
     cdef Py_ssize_t NR = tile_n(<floating>0)
     cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
     cdef Py_ssize_t KC = balanced_block(Kd, block_k(<floating>0))
@@ -660,16 +688,16 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const floatin
     cdef int rc
     cdef int path
     if is_depthwise(p):
-        return depthwise_forward(x, w, bias, y, p, n_threads)
+        return depthwise_forward(x, w, e, y, p, n_threads)
     path = forward_path(p, <floating>0)
     if path == PATH_PIXELS:
-        return conv2d_forward_pixels(x, w, bias, y, p, n_threads)
+        return conv2d_forward_pixels(x, w, e, y, p, n_threads)
     if pack_weights(w, p, KC, &apack):
         return -1
     if path == PATH_DIRECT:
-        rc = conv2d_forward_direct(x, apack, KC, bias, y, p, n_threads)
+        rc = conv2d_forward_direct(x, apack, KC, e, y, p, n_threads)
     else:
-        rc = conv2d_forward_im2col(x, apack, KC, bias, y, p, n_threads)
+        rc = conv2d_forward_im2col(x, apack, KC, e, y, p, n_threads)
     free(apack)
     return rc
 
@@ -708,6 +736,7 @@ cdef int conv2d_grad_input_direct(const floating* dy, const floating* w, floatin
     cdef Py_ssize_t g, c, k, t
     cdef floating* wf = <floating*>malloc(q.K * Kg * KHW * sizeof(floating))
     cdef int rc
+    cdef Epilogue none
     if wf == NULL:
         return -1
     for g in range(q.G):
@@ -715,7 +744,9 @@ cdef int conv2d_grad_input_direct(const floating* dy, const floating* w, floatin
             for k in range(Kg):
                 for t in range(KHW):
                     wf[((g * Cg + c) * Kg + k) * KHW + KHW - 1 - t] = w[((g * Kg + k) * Cg + c) * KHW + t]
-    rc = conv2d_forward_core(dy, wf, NULL, dx, q, n_threads)
+    none.bias = none.scale = none.shift = NULL
+    none.relu = False
+    rc = conv2d_forward_core(dy, wf, &none, dx, q, n_threads)
     free(wf)
     return rc
 
@@ -1380,22 +1411,38 @@ def conv2d_forward(const floating[:, :, :, ::1] x,        # IN  (B, C, H, W)
                    const floating[:, :, :, ::1] weight,   # IN  (K, C/G, KH, KW)
                    bias,                                  # IN  (K,) or None
                    floating[:, :, :, ::1] out,            # OUT (B, K, OH, OW)
-                   tuple params, int n_threads):
-    """params = (sh, sw, pad_top, pad_left, dh, dw, groups, OH, OW); shapes already validated."""
+                   tuple params, int n_threads,
+                   bint relu=False,                       # epilogue: max(., 0) after the bias
+                   scale=None, shift=None):               # IN  (K,) each or None: then * scale + shift
+    """params = (sh, sw, pad_top, pad_left, dh, dw, groups, OH, OW); shapes already validated. The epilogue (see
+    Epilogue) is applied as each output tile is stored."""
     cdef fpstate fp, fps
     cdef ConvGeom p
+    cdef Epilogue e
     cdef const floating[::1] bias_v
-    cdef const floating* bias_ptr = NULL
+    cdef const floating[::1] scale_v
+    cdef const floating[::1] shift_v
     cdef int rc
     fill_geom(&p, (x.shape[0], x.shape[1], x.shape[2], x.shape[3]), weight.shape[0], weight.shape[2], weight.shape[3], params)
+    e.bias = e.scale = e.shift = NULL
+    e.relu = relu
     if bias is not None:
         bias_v = bias
-        bias_ptr = &bias_v[0]
+        e.bias = &bias_v[0]
+    if (scale is None) != (shift is None):
+        raise ValueError("conv2d epilogue: scale and shift go together")
+    if scale is not None:
+        scale_v = scale
+        shift_v = shift
+        if scale_v.shape[0] != p.K or shift_v.shape[0] != p.K:
+            raise ValueError(f"conv2d epilogue: scale and shift need {p.K} values")
+        e.scale = &scale_v[0]
+        e.shift = &shift_v[0]
     if p.B == 0:
         return
     with nogil:
         fp = fp_enter_call()
-        rc = conv2d_forward_core(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], bias_ptr, &out[0, 0, 0, 0], &p, n_threads)
+        rc = conv2d_forward_core(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], &e, &out[0, 0, 0, 0], &p, n_threads)
         fp_leave_call(fp)
     if rc:
         raise MemoryError("conv2d: could not allocate packing buffers")

@@ -70,12 +70,28 @@ cdef void depthwise_plane_forward(const floating* xpad, const floating* w, float
                         yrow[ow] += wv * src[ow * p.sw]
 
 
-cdef int depthwise_forward(const floating* x, const floating* w, const floating* bias, floating* y,
+cdef inline void finish_in_place(floating* y, Py_ssize_t n, const Epilogue* e, Py_ssize_t k) noexcept nogil:
+    """The epilogue's steps after the bias (which the plane's sums start from) over y[:n], channel k."""
+    cdef floating sc, sh, v
+    cdef Py_ssize_t t
+    if e.relu:
+        for t in range(n):
+            v = y[t]
+            y[t] = 0 if v <= 0 else v
+    if e.scale != NULL:
+        sc = (<const floating*>e.scale)[k]
+        sh = (<const floating*>e.shift)[k]
+        for t in range(n):
+            y[t] = y[t] * sc + sh
+
+
+cdef int depthwise_forward(const floating* x, const floating* w, const Epilogue* e, floating* y,
                            const ConvGeom* p, int n_threads) noexcept nogil:
     cdef fpstate fp, fps
     cdef Py_ssize_t HW = p.H * p.W, OHW = p.OH * p.OW, KHW = p.KH * p.KW
     cdef Py_ssize_t plen = dw_padded_h(p) * dw_padded_w(p)
     cdef Py_ssize_t task, c
+    cdef const floating* bias = <const floating*>e.bias
     cdef floating* xpad
     cdef floating* ypad
     cdef int failed = 0
@@ -91,6 +107,8 @@ cdef int depthwise_forward(const floating* x, const floating* w, const floating*
             c = task % p.C
             pad_plane(x + task * HW, p, xpad)
             depthwise_plane_forward(xpad, w + c * KHW, bias[c] if bias != NULL else 0, y + task * OHW, ypad, p)
+            if e.relu or e.scale != NULL:
+                finish_in_place(y + task * OHW, OHW, e, c)
         free(xpad)
         free(ypad)
         fp_leave(fp)

@@ -1,0 +1,440 @@
+"""Frozen models: a Sequential model's inference plan, built once from its weights and then run many times.
+
+`Sequential.freeze()` rewrites the layer chain into a shorter list of steps, in the spirit of ONNX Runtime's graph
+transformers (each rewrite matches one pattern; running the plan is separate from building it):
+
+- Dropout is removed (inference is the identity);
+- a BatchNorm2d right after a Conv2d is folded into the conv's weights and bias (w * k, (b - mean) * k + beta with
+  k = gamma / sqrt(var + eps), computed in float64);
+- a BatchNorm2d before an unpadded Conv2d is folded into that conv's input side (w * k per input channel, the shift
+  summed into the bias); anywhere else it stays a per-channel affine step;
+- a ReLU after a conv becomes the conv's epilogue (applied as each output tile is stored, while it is in cache), and
+  so does a BatchNorm2d after that ReLU (a per-channel scale and shift after the max);
+- a ReLU after a Linear is applied in place on its output.
+
+Activations live in buffers planned per input shape and batch size and reused across calls (no fresh multi-MB
+arrays, whose first touch page-faults); each call takes a free set of buffers from a small pool, so a frozen model
+may be called from several threads at once. Arguments are validated when the plan is built; each call checks only
+its input. Results are bitwise identical whatever the thread count, and agree with the model's own `predict` within
+float rounding (folding reorders the arithmetic: about 1e-6 relative in float32).
+"""
+import copy
+import math
+import threading
+
+import numpy as np
+
+from . import _args
+from ._kernels import engine as _engine
+from .functional import _SERIAL_ELEMENTS, _SERIAL_FLOPS, _conv_params, _pool_params, _threads_for
+from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, ReLU
+from .model import model_input
+
+__all__ = ["FrozenModel"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps: what the plan runs. Each has output_shape(sample shape), prepare(sample shape) -> arguments that do not
+# depend on the batch, and run(x, out, prepared) writing into out (or returning a view where it computes nothing).
+
+class _Step:
+    in_place = False      # writes its output over its input (run(x, x, ...))
+    view = False          # returns a view of its input (no buffer)
+    flops_per_sample = 0
+
+    def prepare(self, shape):
+        return None
+
+
+class _Conv(_Step):
+    def __init__(self, weight, bias, stride, padding, dilation, groups, relu=False, scale=None, shift=None):
+        self.weight = np.ascontiguousarray(weight)
+        self.bias = None if bias is None else np.ascontiguousarray(bias)
+        self.hyper = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        self.relu = relu
+        self.scale = scale
+        self.shift = shift
+
+    def describe(self):
+        parts = ["Conv2d"]
+        if self.relu:
+            parts.append("ReLU")
+        if self.scale is not None:
+            parts.append("affine")
+        return "+".join(parts)
+
+    def _geometry(self, shape):
+        return _args.conv2d_geometry((1,) + tuple(shape), self.weight.shape, **self.hyper)
+
+    def output_shape(self, shape):
+        return self._geometry(shape).out_shape[1:]
+
+    def prepare(self, shape):
+        geom = self._geometry(shape)
+        return _conv_params(geom), _args.flops_conv2d(geom)
+
+    def run(self, x, out, prepared):
+        params, flops = prepared
+        _engine.conv2d_forward(x, self.weight, self.bias, out, params,
+                               _threads_for(flops * x.shape[0], _SERIAL_FLOPS), self.relu, self.scale, self.shift)
+        return out
+
+
+class _BatchNorm(_Step):
+    """A per-channel affine that could not be folded: the inference batch norm kernel, with ReLU after it."""
+    in_place = True
+
+    def __init__(self, layer, relu=False):
+        self.gamma = layer.weight.data.copy()
+        self.beta = layer.bias.data.copy()
+        self.mean = layer.running_mean.copy()
+        self.var = layer.running_var.copy()
+        self.eps = layer.eps
+        self.relu = relu
+
+    def describe(self):
+        return "BatchNorm2d+ReLU" if self.relu else "BatchNorm2d"
+
+    def output_shape(self, shape):
+        if len(shape) != 3 or shape[0] != self.gamma.shape[0]:
+            raise ValueError(f"BatchNorm2d({self.gamma.shape[0]}) cannot take per-sample shape {tuple(shape)}")
+        return tuple(shape)
+
+    def run(self, x, out, prepared):
+        n = _threads_for(x.size, _SERIAL_ELEMENTS)
+        _engine.batch_norm2d_forward(x, self.gamma, self.beta, self.mean, self.var, False, self.eps, out, n)
+        if self.relu:
+            _engine.relu_forward(out.reshape(-1), out.reshape(-1), n)
+        return out
+
+
+class _ReLU(_Step):
+    in_place = True
+
+    def describe(self):
+        return "ReLU"
+
+    def output_shape(self, shape):
+        return tuple(shape)
+
+    def run(self, x, out, prepared):
+        flat = out.reshape(-1)
+        _engine.relu_forward(x.reshape(-1), flat, _threads_for(x.size, _SERIAL_ELEMENTS))
+        return out
+
+
+class _Pool(_Step):
+    def __init__(self, layer):
+        self.kind = "max" if isinstance(layer, MaxPool2d) else "avg"
+        self.hyper = dict(kernel_size=layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                          ceil_mode=layer.ceil_mode)
+        self.count_include_pad = getattr(layer, "count_include_pad", True)
+
+    def describe(self):
+        return "MaxPool2d" if self.kind == "max" else "AvgPool2d"
+
+    def _geometry(self, shape):
+        return _args.pool2d_geometry((1,) + tuple(shape), self.hyper["kernel_size"], self.hyper["stride"],
+                                     self.hyper["padding"], self.hyper["ceil_mode"], f"{self.kind}_pool2d")
+
+    def output_shape(self, shape):
+        return self._geometry(shape).out_shape[1:]
+
+    def prepare(self, shape):
+        return _pool_params(self._geometry(shape))
+
+    def run(self, x, out, params):
+        n = _threads_for(x.size, _SERIAL_ELEMENTS)
+        if self.kind == "max":
+            _engine.max_pool2d_forward(x, out, None, params, n)
+        else:
+            _engine.avg_pool2d_forward(x, out, params, self.count_include_pad, n)
+        return out
+
+
+class _GlobalAvgPool(_Step):
+    def describe(self):
+        return "GlobalAvgPool2d"
+
+    def output_shape(self, shape):
+        return GlobalAvgPool2d().output_shape(shape)
+
+    def run(self, x, out, prepared):
+        # the layer's own expression, so that the result has the same bits
+        np.mean(x, axis=(2, 3), dtype=x.dtype, out=out)
+        return out
+
+
+class _Flatten(_Step):
+    view = True
+
+    def describe(self):
+        return "Flatten"
+
+    def output_shape(self, shape):
+        return (math.prod(shape),)
+
+    def run(self, x, out, prepared):
+        return x.reshape(x.shape[0], -1)
+
+
+class _Linear(_Step):
+    def __init__(self, weight, bias, relu=False):
+        self.weight_t = np.ascontiguousarray(weight).T       # a transposed view, as functional.linear passes it
+        self.bias = None if bias is None else bias.copy()
+        self.relu = relu
+
+    def describe(self):
+        return "Linear+ReLU" if self.relu else "Linear"
+
+    def output_shape(self, shape):
+        if len(shape) != 1 or shape[0] != self.weight_t.shape[0]:
+            raise ValueError(f"Linear({self.weight_t.shape[0]}, {self.weight_t.shape[1]}) cannot take per-sample "
+                             f"shape {tuple(shape)}")
+        return (self.weight_t.shape[1],)
+
+    def run(self, x, out, prepared):
+        _engine.matmul(x, self.weight_t, out, _threads_for(2 * x.shape[0] * self.weight_t.size, _SERIAL_FLOPS))
+        if self.bias is not None:
+            out += self.bias
+        if self.relu:
+            flat = out.reshape(-1)
+            _engine.relu_forward(flat, flat, _threads_for(out.size, _SERIAL_ELEMENTS))
+        return out
+
+
+class _Layer(_Step):
+    """Any other layer, run through its own forward on a private copy (the plan never sees later changes)."""
+
+    def __init__(self, layer):
+        self.layer = copy.deepcopy(layer)
+
+    def describe(self):
+        return type(self.layer).__name__
+
+    def output_shape(self, shape):
+        return tuple(self.layer.output_shape(shape))
+
+    def run(self, x, out, prepared):
+        out[...] = self.layer.forward(x, training=False)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rewrites: from the model's layers to steps.
+
+# What layers keep between a training forward and its backward: not part of a frozen copy.
+_CACHES = ("_x", "_cache", "_indices", "_shape", "_mask")
+
+
+def _inference_copy(layers):
+    """Deep copies of the layers (weights and statistics as they are now) without their training caches."""
+    saved = [{name: layer.__dict__.pop(name) for name in _CACHES if name in layer.__dict__} for layer in layers]
+    try:
+        copies = copy.deepcopy(layers)
+    finally:
+        for layer, attrs in zip(layers, saved):
+            layer.__dict__.update(attrs)
+    for layer, attrs in zip(copies, saved):
+        layer.__dict__.update(dict.fromkeys(attrs))
+    return copies
+
+def _bn_coefficients(bn):
+    """(k, s) in float64 such that bn(x) = x * k + s per channel, in inference mode."""
+    k = bn.weight.data.astype(np.float64) / np.sqrt(bn.running_var.astype(np.float64) + bn.eps)
+    s = bn.bias.data.astype(np.float64) - bn.running_mean.astype(np.float64) * k
+    return k, s
+
+
+def _unpadded(conv):
+    return conv.padding == "valid" or conv.padding == (0, 0)
+
+
+def _fold_after(w, b, bn):
+    """Weights and bias of conv then bn."""
+    k, s = _bn_coefficients(bn)
+    w64 = w.astype(np.float64) * k[:, None, None, None]
+    b64 = (b.astype(np.float64) if b is not None else 0.0) * k + s
+    return w64, b64
+
+
+def _fold_before(bn, w, b, groups):
+    """Weights and bias of bn then an unpadded conv: every tap sees x * k + s of its input channel."""
+    k, s = _bn_coefficients(bn)
+    K, cin_g = w.shape[:2]
+    kg = K // groups
+    channel = (np.arange(K)[:, None] // kg) * cin_g + np.arange(cin_g)[None, :]     # (K, cin_g) global channel
+    w64 = w.astype(np.float64)
+    b64 = (b.astype(np.float64) if b is not None else np.zeros(K)) + np.einsum("kchw,kc->k", w64, s[channel])
+    return w64 * k[channel][:, :, None, None], b64
+
+
+def _rewrite(layers):
+    """The plan's steps for a list of layers (see the module docstring for the rewrites)."""
+    layers = [layer for layer in layers if not isinstance(layer, Dropout)]
+    steps = []
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        if isinstance(layer, BatchNorm2d) and isinstance(nxt, Conv2d) and _unpadded(nxt):
+            w, b = _fold_before(layer, nxt.weight.data, nxt.bias.data if nxt.bias is not None else None, nxt.groups)
+            layers[i + 1] = (nxt, w, b)      # a conv with folded arrays, picked up below
+            i += 1
+            continue
+        if isinstance(layer, Conv2d) or isinstance(layer, tuple):
+            conv, w, b = layer if isinstance(layer, tuple) else (layer, layer.weight.data,
+                                                                 None if layer.bias is None else layer.bias.data)
+            i += 1
+            if i < len(layers) and isinstance(layers[i], BatchNorm2d):
+                w, b = _fold_after(w, b, layers[i])
+                i += 1
+            relu = i < len(layers) and isinstance(layers[i], ReLU)
+            i += relu
+            scale = shift = None
+            if relu and i < len(layers) and isinstance(layers[i], BatchNorm2d):
+                k, s = _bn_coefficients(layers[i])
+                scale, shift = k.astype(conv.dtype), s.astype(conv.dtype)
+                i += 1
+            dtype = conv.dtype
+            steps.append(_Conv(np.asarray(w, dtype), None if b is None else np.asarray(b, dtype), conv.stride,
+                               conv.padding, conv.dilation, conv.groups, relu, scale, shift))
+            continue
+        if isinstance(layer, Linear):
+            relu = isinstance(nxt, ReLU)
+            steps.append(_Linear(layer.weight.data, None if layer.bias is None else layer.bias.data, relu))
+            i += 1 + relu
+            continue
+        if isinstance(layer, BatchNorm2d):
+            relu = isinstance(nxt, ReLU)
+            steps.append(_BatchNorm(layer, relu))
+            i += 1 + relu
+            continue
+        if isinstance(layer, ReLU):
+            steps.append(_ReLU())
+        elif isinstance(layer, (MaxPool2d, AvgPool2d)):
+            steps.append(_Pool(layer))
+        elif isinstance(layer, GlobalAvgPool2d):
+            steps.append(_GlobalAvgPool())
+        elif isinstance(layer, Flatten):
+            steps.append(_Flatten())
+        else:
+            steps.append(_Layer(layer))
+        i += 1
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+class _Plan:
+    """The steps' shapes and batch-independent arguments for one per-sample input shape."""
+
+    def __init__(self, steps, sample_shape):
+        self.shapes = [tuple(sample_shape)]
+        self.prepared = []
+        for step in steps:
+            self.prepared.append(step.prepare(self.shapes[-1]))
+            self.shapes.append(tuple(step.output_shape(self.shapes[-1])))
+        # ping-pong between two buffers: each step that computes writes into the one its input is not in
+        self.largest = max(math.prod(s) for s in self.shapes[1:])
+
+
+class FrozenModel:
+    """An inference plan of a Sequential model (see the module docstring): `frozen(x)` or `frozen.predict(x,
+    batch_size)` give what `model.predict(x)` gives, within float rounding, for NCHW arrays of the model's dtype.
+
+    The weights are taken when the model is frozen: later training, `load`, or edits of the model's parameters do
+    not reach a frozen model; freeze again to take them. Calls may come from several threads at once."""
+
+    def __init__(self, model):
+        self.dtype = model.dtype
+        self.input_shape = model.input_shape
+        self._layers = _inference_copy(model.layers)   # shape checks and error messages; steps keep the arrays
+        self.steps = _rewrite(self._layers)
+        self._plans = {}
+        self._arenas = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return f"FrozenModel({' -> '.join(step.describe() for step in self.steps)})"
+
+    def plan_for(self, sample_shape):
+        """The plan for inputs of per-sample shape sample_shape (built on first use); ValueError naming the layer
+        where the shape does not fit."""
+        plan = self._plans.get(sample_shape)
+        if plan is None:
+            if self.input_shape is not None and tuple(self.input_shape) != sample_shape:
+                raise ValueError(f"this frozen model takes input of shape (N, {', '.join(map(str, self.input_shape))})"
+                                 f", got (N, {', '.join(map(str, sample_shape))})")
+            shape = sample_shape
+            for i, layer in enumerate(self._layers):       # the model's own checks name the layer that does not fit
+                try:
+                    shape = tuple(layer.output_shape(shape))
+                except ValueError as e:
+                    raise ValueError(f"layer {i} ({type(layer).__name__}) cannot take per-sample input of shape "
+                                     f"{shape}: {e}") from e
+            plan = _Plan(self.steps, sample_shape)
+            with self._lock:
+                self._plans[sample_shape] = plan
+        return plan
+
+    def _take_arena(self, sample_shape, n, plan):
+        key = (sample_shape, n)
+        with self._lock:
+            free = self._arenas.setdefault(key, [])
+            if free:
+                return free.pop()
+        return [np.empty(n * plan.largest, self.dtype), np.empty(n * plan.largest, self.dtype)]
+
+    def _give_arena(self, sample_shape, n, arena):
+        with self._lock:
+            self._arenas[(sample_shape, n)].append(arena)
+
+    def _run(self, x, plan):
+        n = x.shape[0]
+        arena = self._take_arena(x.shape[1:], n, plan)
+        try:
+            current = np.ascontiguousarray(x)
+            where = None                          # which arena buffer holds `current` (None: the caller's x)
+            for step, prepared, shape in zip(self.steps, plan.prepared, plan.shapes[1:]):
+                if step.view:
+                    current = step.run(current, None, prepared)
+                    continue
+                if step.in_place and where is not None:
+                    current = step.run(current, current, prepared)
+                    continue
+                where = 0 if where != 0 else 1
+                out = arena[where][:n * math.prod(shape)].reshape((n,) + shape)
+                current = step.run(current, out, prepared)
+            return current.copy() if where is not None else np.array(current)
+        finally:
+            self._give_arena(x.shape[1:], n, arena)
+
+    def predict(self, x, batch_size=256):
+        """The model's outputs for x (N, ...), computed batch_size samples at a time in reused buffers."""
+        batch_size = _args.check_int(batch_size, "batch_size", 1)
+        x = model_input(x, self.dtype)
+        sample_shape = tuple(x.shape[1:])
+        plan = self.plan_for(sample_shape)
+        n = x.shape[0]
+        if n == 0:
+            return np.empty((0,) + plan.shapes[-1], self.dtype)
+        if n <= batch_size:
+            return self._run(x, plan)
+        out = np.empty((n,) + plan.shapes[-1], self.dtype)
+        for start in range(0, n, batch_size):
+            out[start:start + batch_size] = self._run(x[start:start + batch_size], plan)
+        return out
+
+    __call__ = predict
+
+    def memory_bytes(self, batch_size, input_shape=None):
+        """Bytes this plan holds for one call of batch_size samples: the weights it keeps plus the two activation
+        buffers a call uses (each concurrent call has its own pair)."""
+        batch_size = _args.check_int(batch_size, "batch_size", 1)
+        shape = tuple(input_shape) if input_shape is not None else self.input_shape
+        if shape is None:
+            raise ValueError("the input shape is unknown: pass input_shape")
+        plan = self.plan_for(tuple(shape))
+        weights = sum(a.nbytes for step in self.steps for a in vars(step).values() if isinstance(a, np.ndarray))
+        return weights + 2 * batch_size * plan.largest * np.dtype(self.dtype).itemsize

@@ -1,0 +1,271 @@
+"""Frozen models (`Sequential.freeze()`, convengine.frozen) and the conv epilogue they run on: every rewrite the plan
+makes against the model run layer by layer and against the NumPy reference, in float32 and float64; results that
+do not depend on the thread count; concurrent calls; weights taken at freeze time and never stale in predict.
+"""
+import threading
+
+import numpy as np
+import pytest
+
+import convengine
+from convengine import reference as R
+from convengine._args import conv2d_args
+from convengine._kernels import engine
+from convengine.functional import _conv_params
+from convengine.layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear, MaxPool2d,
+                               ReLU, Sigmoid)
+
+from conftest import assert_bitwise_equal, randn
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = convengine.get_num_threads()
+    yield
+    convengine.set_num_threads(before)
+    engine.force_conv_path("auto")
+
+
+def randomise_batch_norms(model, rng):
+    """Running statistics and affine parameters away from their initial 0/1, so that folding them matters."""
+    for layer in model.layers:
+        if isinstance(layer, BatchNorm2d):
+            c = layer.num_features
+            layer.running_mean[:] = rng.standard_normal(c)
+            layer.running_var[:] = rng.random(c) + 0.5
+            layer.weight.data[:] = rng.random(c) + 0.5
+            layer.bias.data[:] = rng.standard_normal(c)
+        for p in layer.parameters():
+            if p.name.endswith("bias") and not isinstance(layer, BatchNorm2d):
+                p.data[:] = rng.standard_normal(p.data.shape) * 0.1
+    return model
+
+
+def reference_forward(model, x):
+    """The model's inference forward computed with convengine.reference, layer by layer, in float64."""
+    def f64(a):
+        return None if a is None else np.asarray(a, np.float64)
+
+    x = f64(x)
+    for layer in model.layers:
+        if isinstance(layer, Conv2d):
+            x = R.conv2d(x, f64(layer.weight.data), f64(layer.bias and layer.bias.data), **layer._hyper())
+        elif isinstance(layer, BatchNorm2d):
+            x = R.batch_norm2d(x, f64(layer.weight.data), f64(layer.bias.data), f64(layer.running_mean),
+                               f64(layer.running_var), layer.eps)
+        elif isinstance(layer, ReLU):
+            x = R.relu(x)
+        elif isinstance(layer, MaxPool2d):
+            x = R.max_pool2d(x, **layer._hyper())
+        elif isinstance(layer, AvgPool2d):
+            x = R.avg_pool2d(x, count_include_pad=layer.count_include_pad, **layer._hyper())
+        elif isinstance(layer, Linear):
+            x = R.linear(x, f64(layer.weight.data), f64(layer.bias and layer.bias.data))
+        elif isinstance(layer, Sigmoid):
+            x = 1 / (1 + np.exp(-x))
+        else:                                   # Flatten, GlobalAvgPool2d, Dropout: plain NumPy already
+            x = layer.forward(x, training=False)
+    return x
+
+
+# Each pattern: layers for input channels c, and the steps the plan should make of them.
+PATTERNS = {
+    "conv-bn-relu folded": (lambda d: [Conv2d(3, 8, 3, padding=1, dtype=d), BatchNorm2d(8, dtype=d), ReLU()],
+                            ["Conv2d+ReLU"]),
+    "conv without bias, bn": (lambda d: [Conv2d(3, 8, 3, padding=1, bias=False, dtype=d), BatchNorm2d(8, dtype=d)],
+                              ["Conv2d"]),
+    "conv-relu-bn as epilogue": (lambda d: [Conv2d(3, 8, 3, dtype=d), ReLU(), BatchNorm2d(8, dtype=d)],
+                                 ["Conv2d+ReLU+affine"]),
+    "bn before an unpadded conv": (lambda d: [BatchNorm2d(3, dtype=d), Conv2d(3, 8, 3, stride=2, dtype=d), ReLU()],
+                                   ["Conv2d+ReLU"]),
+    "bn before a grouped unpadded conv": (lambda d: [BatchNorm2d(3, dtype=d), Conv2d(3, 6, 3, groups=3, dtype=d)],
+                                         ["Conv2d"]),
+    "bn before a padded conv stays": (lambda d: [BatchNorm2d(3, dtype=d), ReLU(), Conv2d(3, 8, 3, padding=1,
+                                                                                        dtype=d)],
+                                      ["BatchNorm2d+ReLU", "Conv2d"]),
+    "grouped conv, bn, relu": (lambda d: [Conv2d(3, 12, 3, padding=1, groups=3, dtype=d), BatchNorm2d(12, dtype=d),
+                                          ReLU()], ["Conv2d+ReLU"]),
+    "depthwise with bn and relu": (lambda d: [Conv2d(3, 3, 3, padding=1, groups=3, dtype=d), BatchNorm2d(3, dtype=d),
+                                              ReLU(), Conv2d(3, 8, 1, dtype=d), ReLU()],
+                                   ["Conv2d+ReLU", "Conv2d+ReLU"]),
+    "pools with padding and ceil_mode": (lambda d: [Conv2d(3, 8, 3, dtype=d), MaxPool2d(3, 2, padding=1,
+                                                                                        ceil_mode=True),
+                                                    AvgPool2d(2, ceil_mode=True, count_include_pad=False),
+                                                    AvgPool2d(3, 1, padding=1)],
+                                         ["Conv2d", "MaxPool2d", "AvgPool2d", "AvgPool2d"]),
+    "classifier head": (lambda d: [Conv2d(3, 8, 5, stride=2, dtype=d), ReLU(), Dropout(0.5), GlobalAvgPool2d(),
+                                   Linear(8, 16, dtype=d), ReLU(), Dropout(0.3), Linear(16, 4, dtype=d)],
+                        ["Conv2d+ReLU", "GlobalAvgPool2d", "Linear+ReLU", "Linear"]),
+    "flatten and other layers": (lambda d: [Conv2d(3, 4, 3, dtype=d), Sigmoid(), MaxPool2d(2), Flatten(),
+                                            Linear(4 * 7 * 7, 5, dtype=d)],
+                                 ["Conv2d", "Sigmoid", "MaxPool2d", "Flatten", "Linear"]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_frozen_matches_layer_by_layer_and_reference(pattern, dtype, rng):
+    make, steps = PATTERNS[pattern]
+    convengine.manual_seed(3)
+    model = randomise_batch_norms(convengine.Sequential(make(np.dtype(dtype).name)), rng)
+    x = randn(rng, (5, 3, 16, 16), dtype)
+    frozen = model.freeze()
+    assert [step.describe() for step in frozen.steps] == steps
+    got = frozen(x)
+    layer_by_layer = model.forward(x, training=False)
+    ref = reference_forward(model, x)
+    assert got.dtype == dtype and got.shape == layer_by_layer.shape
+    scale = np.max(np.abs(layer_by_layer)) + 1e-30
+    assert np.max(np.abs(got - layer_by_layer)) / scale < RTOL[dtype]
+    assert np.max(np.abs(got - ref)) / scale < RTOL[dtype] * 10
+    np.testing.assert_array_equal(frozen.predict(x, batch_size=2), got)
+
+
+@pytest.mark.parametrize("path", ["direct", "pixels", "im2col"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("relu,affine", [(False, False), (True, False), (False, True), (True, True)])
+def test_conv_epilogue_on_every_path(path, dtype, relu, affine, rng):
+    engine.force_conv_path(path)
+    for x_shape, w_shape, stride, groups in [((2, 16, 12, 12), (32, 16, 3, 3), 1, 1),
+                                             ((2, 3, 20, 20), (16, 3, 3, 3), 1, 1),
+                                             ((2, 16, 9, 9), (24, 8, 3, 3), 2, 2),
+                                             ((2, 8, 10, 10), (8, 1, 3, 3), 1, 8)]:
+        x, w = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype)
+        b, sc, sh = (randn(rng, (w_shape[0],), dtype) for _ in range(3))
+        geom = conv2d_args(x, w, b, stride, 1, 1, groups)
+        out = np.full(geom.out_shape, np.nan, dtype)
+        engine.conv2d_forward(x, w, b, out, _conv_params(geom), 2, relu, sc if affine else None,
+                              sh if affine else None)
+        want = R.conv2d(x, w, b, stride, 1, 1, groups)
+        if relu:
+            want = R.relu(want)
+        if affine:
+            want = want * sc[:, None, None] + sh[:, None, None]
+        np.testing.assert_allclose(out, want, rtol=RTOL[dtype] * 10, atol=RTOL[dtype] * 10,
+                                   err_msg=f"{path} {x_shape} {w_shape}")
+
+
+def test_conv_epilogue_refuses_half_an_affine(rng):
+    x, w = randn(rng, (1, 2, 5, 5), np.float32), randn(rng, (2, 2, 3, 3), np.float32)
+    geom = conv2d_args(x, w, None, 1, 0, 1, 1)
+    out = np.empty(geom.out_shape, np.float32)
+    with pytest.raises(ValueError, match="scale and shift"):
+        engine.conv2d_forward(x, w, None, out, _conv_params(geom), 1, False, np.ones(2, np.float32), None)
+    with pytest.raises(ValueError, match="2 values"):
+        engine.conv2d_forward(x, w, None, out, _conv_params(geom), 1, False, np.ones(3, np.float32),
+                              np.ones(3, np.float32))
+
+
+def cifar_net(dtype="float32"):
+    return convengine.Sequential([
+        Conv2d(3, 16, 3, padding=1, dtype=dtype), BatchNorm2d(16, dtype=dtype), ReLU(), MaxPool2d(2),
+        Conv2d(16, 32, 3, padding=1, dtype=dtype), BatchNorm2d(32, dtype=dtype), ReLU(), MaxPool2d(2),
+        Conv2d(32, 64, 3, padding=1, dtype=dtype), BatchNorm2d(64, dtype=dtype), ReLU(), GlobalAvgPool2d(),
+        Linear(64, 10, dtype=dtype)], input_shape=(3, 32, 32))
+
+
+def test_frozen_results_do_not_depend_on_the_thread_count(rng):
+    """Batch 16 of 32x32 images: every conv and pool of the plan is above the serial threshold and splits."""
+    convengine.manual_seed(0)
+    frozen = randomise_batch_norms(cifar_net(), rng).freeze()
+    x = randn(rng, (16, 3, 32, 32), np.float32)
+    results = []
+    for n in (1, 2, 3):
+        convengine.set_num_threads(n)
+        results.append(frozen(x))
+    for n, got in zip((2, 3), results[1:]):
+        assert_bitwise_equal(got, results[0], f"{n} threads vs 1")
+
+
+def test_concurrent_calls_from_four_threads_match_serial_results(rng):
+    convengine.manual_seed(0)
+    frozen = randomise_batch_norms(cifar_net(), rng).freeze()
+    inputs = [randn(rng, (n, 3, 32, 32), np.float32) for n in (3, 8, 8, 1)]
+    serial = [frozen(x) for x in inputs]
+    outputs = [[None] * 10 for _ in inputs]
+    errors = []
+    start = threading.Barrier(len(inputs))
+
+    def work(k):
+        try:
+            start.wait()
+            for r in range(10):
+                outputs[k][r] = frozen(inputs[k])
+        except Exception as e:     # reported below: a thread's exception would otherwise be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k, want in enumerate(serial):
+        for got in outputs[k]:
+            assert_bitwise_equal(got, want, f"thread {k}")
+
+
+def test_weights_are_taken_at_freeze_time_and_predict_is_never_stale(rng):
+    convengine.manual_seed(0)
+    model = randomise_batch_norms(cifar_net(), rng)
+    x = randn(rng, (4, 3, 32, 32), np.float32)
+    frozen = model.freeze()
+    before = frozen(x)
+    for p in model.parameters():
+        p.data *= 1.5
+    model.layers[1].running_mean += 1
+    assert_bitwise_equal(frozen(x), before, "a frozen model saw later edits of the weights")
+    after = model.predict(x)
+    assert np.max(np.abs(after - before)) > 1e-3, "predict served the weights of an earlier freeze"
+    np.testing.assert_array_equal(after, model.freeze()(x))
+
+
+def test_predict_after_training_and_load_uses_the_new_weights(tmp_path, rng):
+    from convengine.losses import CrossEntropyLoss
+    from convengine.optim import SGD
+    convengine.manual_seed(0)
+    model = cifar_net()
+    x = randn(rng, (8, 3, 32, 32), np.float32)
+    y = rng.integers(0, 10, 8)
+    first = model.predict(x)
+    trainer = convengine.Trainer(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1))
+    trainer.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    trained = model.predict(x)
+    assert np.max(np.abs(trained - first)) > 1e-4
+    np.testing.assert_allclose(trained, model.forward(x), rtol=1e-5, atol=1e-6)
+    model.save(tmp_path / "m.npz")
+    loaded = convengine.load(tmp_path / "m.npz")
+    np.testing.assert_array_equal(loaded.predict(x), trained)
+
+
+def test_buffers_are_reused_and_reported(rng):
+    convengine.manual_seed(0)
+    frozen = cifar_net().freeze()
+    x = randn(rng, (8, 3, 32, 32), np.float32)
+    first = frozen(x)
+    arena = frozen._arenas[((3, 32, 32), 8)][0]
+    second = frozen(x)
+    assert frozen._arenas[((3, 32, 32), 8)] == [arena], "a second call allocated new buffers"
+    assert first is not second and not np.shares_memory(first, arena[0]) and not np.shares_memory(first, arena[1])
+    largest = 16 * 32 * 32                          # the first conv's output per image
+    weights = sum(p.data.nbytes for p in cifar_net().parameters()) - 2 * 4 * (16 + 32 + 64)   # BN folded away
+    assert frozen.memory_bytes(8) == weights + 2 * 8 * largest * 4
+
+
+def test_frozen_input_errors_name_the_problem(rng):
+    convengine.manual_seed(0)
+    frozen = cifar_net().freeze()
+    with pytest.raises(ValueError, match=r"takes input of shape \(N, 3, 32, 32\)"):
+        frozen(np.zeros((2, 3, 28, 28), np.float32))
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        frozen([[1.0]])
+    with pytest.raises(TypeError, match="real numbers"):
+        frozen(np.zeros((2, 3, 32, 32), np.complex64))
+    free = convengine.Sequential([Conv2d(3, 4, 3), Flatten(), Linear(4 * 30 * 30, 2)]).freeze()
+    with pytest.raises(ValueError, match=r"layer 2 \(Linear\)"):
+        free(np.zeros((1, 3, 16, 16), np.float32))
+    assert free(np.zeros((0, 3, 32, 32), np.float32)).shape == (0, 2)
+    assert free.predict(np.ones((3, 3, 32, 32), np.uint8)).dtype == np.float32
