@@ -213,6 +213,13 @@ def _hand_model(case, rng):
                  helper.make_node("Constant", [], ["shape"], value=T(np.array([0, -1], np.int64))),
                  helper.make_node("Reshape", ["g", "shape"], ["y"])]
         return nodes, [], [3, 12, 12], [3]
+    if case == "pool_ceil_mode":
+        # The last window would start in the padding: dropped, as PyTorch and ONNX Runtime do.
+        nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1],
+                                  ceil_mode=1),
+                 helper.make_node("AveragePool", ["p"], ["y"], kernel_shape=[2, 2], strides=[2, 2],
+                                  pads=[1, 1, 1, 1], ceil_mode=1, count_include_pad=0)]
+        return nodes, [], [2, 5, 5], [2, 2, 2]
     if case == "grouped_dilated":
         nodes = [helper.make_node("Conv", ["x", "w"], ["c"], group=2, dilations=[2, 2], pads=[2, 2, 2, 2]),
                  helper.make_node("Identity", ["c"], ["i"]), helper.make_node("Dropout", ["i"], ["d"]),
@@ -232,8 +239,8 @@ def _hand_model(case, rng):
     raise KeyError(case)
 
 
-@pytest.mark.parametrize("case", ["matmul_add", "gemm_alpha_beta", "conv_auto_pad", "pool_pads", "grouped_dilated",
-                                  "activations", "concat_add"])
+@pytest.mark.parametrize("case", ["matmul_add", "gemm_alpha_beta", "conv_auto_pad", "pool_pads", "pool_ceil_mode",
+                                  "grouped_dilated", "activations", "concat_add"])
 def test_hand_written_op_forms_match_onnxruntime(case, rng, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     nodes, inits, in_shape, out_shape = _hand_model(case, rng)
