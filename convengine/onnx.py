@@ -45,6 +45,7 @@ _IR_VERSION = 7
 # Per-sample inputs larger than this are no image; the bound keeps a hostile file's declared shapes in reason.
 _MAX_SAMPLE_ELEMENTS = 1 << 31
 _MAX_PROTO_BYTES = (2 << 30) - 1
+_MAX_RANK = 8
 # Nodes per file: a layer per computing node, bounded like the layers of a .npz model file (shape arithmetic,
 # Identity and Constant nodes take a few more).
 _MAX_NODES = 4 * MAX_LAYERS
@@ -279,6 +280,8 @@ class _Loader:
             self.fail(f"{what} has data type {t.data_type}; only float32, float64 and int64 tensors are supported")
         dtype, field = _ELEM[t.data_type]
         dims = list(t.dims)
+        if len(dims) > _MAX_RANK:
+            self.fail(f"{what} declares {len(dims)} dimensions; tensors of rank up to {_MAX_RANK} are supported")
         if any(d < 0 for d in dims):
             self.fail(f"{what} declares negative dimensions {dims}")
         count = math.prod(dims)
@@ -321,7 +324,9 @@ class _Loader:
             self.fail(f"{what}: external data offset {offset} / length {length} do not fit its dims "
                       f"{list(t.dims)} ({nbytes} bytes)")
         try:
-            with open(full, "rb") as f:
+            # Non-blocking, so that a FIFO placed in the folder cannot stall the loader; then regular files only.
+            fd = os.open(full, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+            with os.fdopen(fd, "rb") as f:
                 st = os.fstat(f.fileno())
                 if not stat.S_ISREG(st.st_mode):
                     self.fail(f"{what}: external data {location!r} is not a regular file")

@@ -367,6 +367,8 @@ HOSTILE = {
     "external data too short": (_external("weights.bin", data=b"\0" * 20), "holds 20 bytes", None),
     "external data length lies": (_external("weights.bin", length=8, data=b"\0" * 100), "do not fit", None),
     "external data missing": (_external("nothing-here.bin"), "cannot read external data", None),
+    "external data a fifo": (_external("fifo"), "not a regular file", None),
+    "rank far too high": (lambda p, folder: init(p, "0.bias").dims.extend([1] * 100000), "rank up to", None),
     "declared dims far beyond the data": (_huge_dims, "declares dims", None),
     "raw data truncated": (_truncated_raw, "holds 68 bytes", None),
     "weight shape does not fit": (_shape_mismatch, "does not fit", "3.Linear"),
@@ -384,6 +386,10 @@ def test_hostile_files_raise_value_error_naming_file_and_node(kind, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
     (tmp_path / "outside.bin").write_bytes(b"\0" * 4096)
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(folder / "fifo")
+    elif kind == "external data a fifo":
+        pytest.skip("no FIFOs here")
     proto = small_proto(folder)
     edit, message, node_name = HOSTILE[kind]
     bad = folder / "bad.onnx"
