@@ -467,7 +467,6 @@ def test_export_write_is_atomic_and_valid(tmp_path):
 
 
 def test_cli_exports_and_evaluates_onnx_files(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("onnxruntime")  # (not used here; the CLI needs onnx alone, which the module skip covers)
     from convengine.__main__ import main
     from convengine.data import load_digits
     from convengine.model import lenet
