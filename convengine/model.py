@@ -1,10 +1,13 @@
-"""Sequential models: a stack of layers trained as one, saved to and loaded from a single .npz file.
+"""Sequential models: a stack of layers trained as one, saved to and loaded from a single .npz file (graph models,
+convengine.graph, share the file format from version 2 on).
 
 File format (version 1): an uncompressed .npz whose member `__convengine__` is a uint8 array holding UTF-8 JSON
 (format name, version, dtype, input shape, metadata, and per layer its type and constructor arguments), next to
 `param/<i>.<name>` (trained arrays), `buffer/<i>.<name>` (running statistics) and, in a training checkpoint,
-`state/...` (optimizer slots). It is read with allow_pickle=False and layer types are looked up in a fixed table,
-so opening a file never runs code; anything that does not fit the description is a ValueError naming the file.
+`state/...` (optimizer slots). Version 2 (graph models) adds to each layer the indices of the layers it reads
+("inputs", -1 for the model input) and the index of the output layer ("output"); Sequential models are still
+written as version 1. It is read with allow_pickle=False and layer types are looked up in a fixed table, so opening
+a file never runs code; anything that does not fit the description is a ValueError naming the file.
 """
 import contextlib
 import json
@@ -585,7 +588,8 @@ def _read(path, with_state=False):
 
 
 def load(path):
-    """Load a model written by Sequential.save (or a training checkpoint, whose optimizer state is ignored).
+    """Load a model written by Sequential.save or Graph.save (a Sequential or a convengine.graph.Graph; also a
+    training checkpoint, whose optimizer state is ignored).
     Raises ValueError, naming the file, for a file that is corrupt, truncated, of another format version, holds
     pickled data, or declares arrays that do not fit its architecture."""
     return _read(path)[0]
