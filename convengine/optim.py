@@ -3,11 +3,19 @@
 Each takes the list from model.parameters(), updates Parameter.data in place on step() (so a model and its
 optimizer keep sharing the arrays) and clears the accumulated gradients on zero_grad(). state_dict() returns the
 hyper-parameters and slot arrays that a training checkpoint stores, so training resumes exactly.
+
+step() updates every parameter in one compiled call and one parallel pass (engine.sgd_step / adam_step) when the
+parameters, gradients and slots are contiguous arrays of one float dtype, as a model's are; otherwise, and with
+`fused = False`, it runs the same rules as NumPy expressions per parameter (`_update`). The two agree within float
+rounding (the compiled pass may fuse a multiply and an add); the compiled one gives the same bits for any thread
+count.
 """
 import math
 
 import numpy as np
 
+from . import functional as _F
+from ._kernels import engine as _engine
 from .layers import Parameter
 
 __all__ = ["Optimizer", "SGD", "Adam"]
@@ -27,8 +35,13 @@ def _number(value, name, minimum=0.0, maximum=math.inf, open_max=False):
     return value
 
 
+def _threads_for(arrays):
+    return _F._threads_for(sum(a.size for a in arrays), _F._SERIAL_ELEMENTS)
+
+
 class Optimizer:
     _slots = ()
+    fused = True     # step() in one compiled pass where the arrays allow it (see the module's docstring)
 
     def __init__(self, params, lr):
         params = list(params)
@@ -61,8 +74,42 @@ class Optimizer:
 
     def step(self):
         self.steps += 1
+        flat = self._flat_arrays() if self.fused else None
+        if flat is not None:
+            try:
+                self._fused_step(*flat)     # checks everything before it writes anything
+            except BaseException:
+                self.steps -= 1
+                raise
+            return
         for i, p in enumerate(self.params):
             self._update(i, p)
+
+    def _flat_arrays(self):
+        """(1-D views of the parameters, of their gradients, {slot: 1-D views}, dtype) when every array is
+        contiguous, writable, of the parameters' one float dtype and of its parameter's shape; else None."""
+        dtype = self.params[0].data.dtype
+        if dtype not in (np.float32, np.float64):
+            return None
+
+        def flat(a, shape):
+            if (not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous
+                    or not a.flags.writeable or not a.flags.aligned):
+                return None
+            return a.reshape(-1)
+
+        params, grads = [], []
+        for p in self.params:
+            params.append(flat(p.data, p.data.shape))
+            grads.append(flat(p.grad, p.data.shape))
+        slots = {slot: [flat(a, p.data.shape) for a, p in zip(arrays, self.params)]
+                 for slot, arrays in self.state.items()}
+        if any(a is None for a in params + grads) or any(a is None for v in slots.values() for a in v):
+            return None
+        return params, grads, slots, dtype
+
+    def _fused_step(self, params, grads, slots, dtype):
+        raise NotImplementedError
 
     def _update(self, i, p):
         raise NotImplementedError
@@ -155,6 +202,10 @@ class SGD(Optimizer):
             g = g + v * p.data.dtype.type(self.momentum) if self.nesterov else v
         p.data -= g * p.data.dtype.type(self.lr)
 
+    def _fused_step(self, params, grads, slots, dtype):
+        hyper = np.array([self.lr, self.momentum, self.weight_decay], dtype)
+        _engine.sgd_step(params, grads, slots.get("momentum"), hyper, self.nesterov, _threads_for(params))
+
     def hyperparameters(self):
         return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
                 "weight_decay": self.weight_decay}
@@ -190,6 +241,14 @@ class Adam(Optimizer):
         correction2 = 1 - b2 ** self.steps
         denom = np.sqrt(v) / dt(math.sqrt(correction2)) + dt(self.eps)
         p.data -= m / denom * dt(self.lr / correction1)
+
+    def _fused_step(self, params, grads, slots, dtype):
+        b1, b2 = self.betas
+        correction1 = 1 - b1 ** self.steps
+        correction2 = 1 - b2 ** self.steps
+        hyper = np.array([self.lr / correction1, b1, 1 - b1, b2, 1 - b2, math.sqrt(correction2), self.eps,
+                          self.weight_decay], dtype)
+        _engine.adam_step(params, grads, slots["exp_avg"], slots["exp_avg_sq"], hyper, _threads_for(params))
 
     def hyperparameters(self):
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}

@@ -14,6 +14,8 @@ import convengine
 from convengine import functional as F
 from convengine import reference as R
 from convengine._kernels import engine
+from convengine.layers import Parameter
+from convengine.optim import SGD, Adam
 
 from conftest import assert_bitwise_equal, assert_close, randn
 
@@ -54,6 +56,16 @@ def calls(dtype, rng, randn=randn):
     zeros = np.zeros(16, dtype)
     _, mean, var = F.batch_norm2d_training(x, ones, zeros)
     y, idx = F.max_pool2d(x, 2, return_indices=True)
+
+    def optimizer_step(make, steps=2):
+        """A fresh optimizer over copies of (xl, w), `steps` steps with gradients taken from xl and gy."""
+        params = [Parameter("a", xl.copy()), Parameter("b", w.copy())]
+        opt = make(params)
+        for _ in range(steps):
+            params[0].grad[...] = xl[::-1]
+            params[1].grad[...] = gy.reshape(-1)[:w.size].reshape(w.shape)
+            opt.step()
+        return tuple(p.data for p in params) + tuple(a for slot in opt.state.values() for a in slot)
     return {
         "conv2d": lambda: F.conv2d(x, w, padding=1),
         "conv2d_backward": lambda: F.conv2d_backward(gy, x, w, padding=1),
@@ -73,6 +85,8 @@ def calls(dtype, rng, randn=randn):
         "batch_norm2d": lambda: F.batch_norm2d(x, ones, zeros, mean, var),
         "batch_norm2d_training": lambda: F.batch_norm2d_training(x, ones, zeros),
         "batch_norm2d_backward": lambda: F.batch_norm2d_backward(gy, x, ones, mean, var),
+        "sgd_step": lambda: optimizer_step(lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+        "adam_step": lambda: optimizer_step(lambda ps: Adam(ps, lr=0.01, weight_decay=0.01)),
     }
 
 
