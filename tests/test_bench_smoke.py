@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 import convengine
-from convengine.bench import cases, report as bench_report, training
+import numpy as np
+
+from convengine.bench import cases, inference, report as bench_report, subnormal, training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -273,3 +275,135 @@ def test_training_section_ships_in_the_package():
     assert result["images"] == 64 and result["threads"] == 1
     assert training.summary(result, None) == [
         f"training, default digits net, median s/epoch: engine {result['engine_s']:.4g}, PyTorch -, x_torch -"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The inference and subnormal sections (both run in the quick tiny report above)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_inference_section_rows_follow_from_times(quick_report):
+    """Every net at both tiny batch sizes at the run's thread count; each implementation in the run agreed with
+    the engine's op-by-op forward before it was timed; ratios, rates and shares follow from the times."""
+    rep = quick_report["json"]
+    result = rep["sections"]["inference"]
+    rows = result["rows"]
+    assert [(r["net"], r["batch"], r["threads"]) for r in rows] == [
+        (n, b, 1) for n in inference.NETS for b in inference.TINY_BATCHES]
+    ort_in_run = inference.ort_module()[0] is not None
+    torch_in_run = "torch" in rep["impls"]
+    for r in rows:
+        assert r["agree"] and all(e <= inference.AGREEMENT for e in r["max_rel_err"].values()), r
+        for impl in inference.IMPLS:
+            present = impl in ("frozen", "predict") or (impl == "torch" and torch_in_run) or (
+                impl == "ort" and ort_in_run)
+            ms = r["ms"][impl]
+            assert _positive(ms) if present else ms is None, (impl, ms)
+            if present:
+                assert r["rate"][impl] == pytest.approx(r["gflop"] / (ms / 1e3), rel=1e-9)
+                assert r["pct_matmul"][impl] == pytest.approx(100 * r["rate"][impl] / rep["matmul_gflops"],
+                                                              rel=1e-9)
+        for key, other in (("frozen_vs_ort", "ort"), ("frozen_vs_torch", "torch")):
+            expect = None if r["ms"][other] is None else r["ms"]["frozen"] / r["ms"][other]
+            assert r[key] == (None if expect is None else pytest.approx(expect, rel=1e-12))
+        assert r["gflop"] == pytest.approx(inference.flops(inference.build(r["net"])) * r["batch"] / 1e9)
+        assert _positive(r["memory_mb"])
+    printed = quick_report["printed"]
+    if not ort_in_run:
+        assert inference.ORT_MISSING in printed or inference.ONNX_MISSING in printed
+    geo = result["summary"]["1"]["frozen_vs_torch"]["geomean"]
+    if torch_in_run:
+        ratios = [r["frozen_vs_torch"] for r in rows]
+        assert geo == pytest.approx(math.exp(statistics.fmean(map(math.log, ratios))), rel=1e-9)
+        assert rep["comparisons"]["inference_vs_torch"]["value"] == pytest.approx(1 / geo, rel=1e-12)
+        assert rep["comparisons"]["inference_vs_torch_worst"]["value"] == pytest.approx(1 / max(ratios), rel=1e-12)
+    else:
+        assert geo is None and rep["comparisons"]["inference_vs_torch"]["value"] is None
+
+
+def test_inference_flops_count_the_gemm_work():
+    """lenet5 by hand: conv 3->6 5x5 to 28x28, conv 6->16 5x5 to 10x10, then 400x120, 120x84, 84x10."""
+    expect = 2 * (28 * 28 * 6 * 3 * 25 + 10 * 10 * 16 * 6 * 25 + 400 * 120 + 120 * 84 + 84 * 10)
+    assert inference.flops(inference.build("lenet5")) == expect
+
+
+def test_inference_torch_copy_computes_the_same(monkeypatch):
+    """The PyTorch twin gets the engine's weights and batch norm statistics layer for layer (folding changes
+    the rounding only), and an unknown layer is refused by name."""
+    torch = pytest.importorskip("torch")
+    model = inference.build("separable", seed=3)
+    x = np.random.default_rng(1).standard_normal((3,) + inference.INPUT_SHAPE, dtype=np.float32)
+    with torch.inference_mode():
+        got = inference.to_torch(model, torch)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, model.forward(x), rtol=1e-4, atol=1e-5)
+    from convengine.layers import Tanh
+    from convengine.model import Sequential
+    with pytest.raises(ValueError, match="Tanh"):
+        inference.to_torch(Sequential([Tanh()]), torch)
+
+
+def test_inference_without_onnx_runtime_says_so(monkeypatch):
+    """A machine without ONNX Runtime: the ort columns are empty, the comparisons with it too, and the report
+    says why (under the section's header and in its summary)."""
+    monkeypatch.setattr(inference, "ort_module", lambda: (None, inference.ORT_MISSING))
+    rep, printed = _tiny_run(["--no-torch", "--section", "inference"])
+    rows = rep["sections"]["inference"]["rows"]
+    assert rows and all(r["ms"]["ort"] is None and r["frozen_vs_ort"] is None for r in rows)
+    assert all(r["ms"]["torch"] is None for r in rows)
+    assert rep["comparisons"]["inference_vs_ort"]["value"] is None
+    assert printed.count(inference.ORT_MISSING) == 2
+    assert set(rep["skipped"]) == {"kernels", "scaling", "training", "subnormal"}
+
+
+def test_with_subnormals_replaces_the_given_share():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10, 100), dtype=np.float32)
+    tiny = np.finfo(np.float32).tiny
+    for fraction, count in ((0.0, 0), (0.01, 10), (1.0, 1000)):
+        y = subnormal.with_subnormals(x, fraction, rng)
+        sub = (np.abs(y) < tiny) & (y != 0)
+        assert sub.sum() == count and y.dtype == np.float32
+        assert np.array_equal(y[~sub], x[~sub])
+    assert x.min() < -1 and np.all(np.abs(x[np.abs(x) > 0]) > tiny)   # the input is untouched
+
+
+def test_subnormal_section_rows_follow_from_times(quick_report):
+    result = quick_report["json"]["sections"]["subnormal"]
+    rows = result["rows"]
+    ops = ["conv2d forward", "conv2d backward", "max_pool2d forward", "avg_pool2d forward", "relu forward",
+           "batch_norm2d forward", "batch_norm2d backward", "linear forward", "training step"]
+    assert [(r["op"], r["flush"]) for r in rows] == [(op, flag) for op in ops for flag in (True, False)]
+    for r in rows:
+        assert _positive(r["ms"]["normal"])
+        expected = ("100%",) if r["op"] == "training step" else ("1%", "100%")
+        for v in expected:
+            assert _positive(r["ms"][v])
+            assert r["vs_normal"][v] == pytest.approx(r["ms"][v] / r["ms"]["normal"], rel=1e-12)
+        has_products = r["op"] in ("conv2d forward", "linear forward")
+        assert (r["ms"]["products"] is not None) == has_products
+    on = result["summary"]["on"]
+    worst = max(v for r in rows if r["flush"] and r["op"] != "training step" for v in r["vs_normal"].values()
+                if v is not None)
+    assert on["worst"] == pytest.approx(worst, rel=1e-12)
+    assert quick_report["json"]["comparisons"]["subnormal_worst_flush_on"]["value"] == on["worst"]
+    # the section sets the flag per call and leaves the user's setting as it was
+    assert convengine.get_flush_denormal() is True
+
+
+def test_subnormal_training_step_really_is_subnormal():
+    """The scaled step's weights and data are all subnormal (or zero) while the normal step's are normal, and the
+    step runs with flushing on and off, leaving the caller's setting as it was."""
+    tiny = np.finfo(np.float32).tiny
+    scaled = subnormal.training_step((4, 3, 8, 8), subnormal.TRAIN_SCALE)
+    normal = subnormal.training_step((4, 3, 8, 8), np.float32(1))
+    for step, below in ((scaled, True), (normal, False)):
+        arrays = [p.data for p in step.model.parameters()] + [step.x]
+        values = np.concatenate([a.reshape(-1) for a in arrays])
+        assert np.all((np.abs(values) < tiny) == below)
+    before = convengine.get_flush_denormal()
+    try:
+        for flag in (False, True):
+            convengine.set_flush_denormal(flag)
+            scaled()
+            assert convengine.get_flush_denormal() is flag
+    finally:
+        convengine.set_flush_denormal(before)

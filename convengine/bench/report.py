@@ -32,13 +32,13 @@ import numpy as np
 
 from .._outputs import check_output_path
 from .._threads import MAX_THREADS, get_num_threads
-from . import kernels, scaling, training
+from . import inference, kernels, scaling, subnormal, training
 from .cases import CONV_DIRECTIONS, IMPLS
 from .kernels import num
 from .machine import load_average, lscpu, machine_info, usable_cores
 from .timing import MATMUL_SIZE, SameThreads, matmul_gflops, torch_module
 
-SECTIONS = (kernels, scaling, training)
+SECTIONS = (kernels, scaling, training, inference, subnormal)
 TORCH_MISSING = "PyTorch is not installed (pip install torch): the torch columns and the comparisons with it are empty"
 TORCH_LEFT_OUT = "PyTorch left out (--no-torch): the torch columns and the comparisons with it are empty"
 
@@ -72,6 +72,9 @@ def parse_args(argv):
                    help="write the printed report with a description of the machine as Markdown "
                         "(benchmarks/RESULTS.md is written this way)")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even when installed")
+    p.add_argument("--section", action="append", choices=[s.NAME for s in SECTIONS], metavar="NAME",
+                   help="run only this section (repeat for several): "
+                        + ", ".join(s.NAME for s in SECTIONS) + " (default: all)")
     # For tests and smoke runs: tiny shapes, finishing in seconds.
     p.add_argument("--shapes", choices=("default", "tiny"), default="default", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -133,7 +136,8 @@ def run(opts, out=None):
         ctx = Context(opts=opts, threads=n_threads, impls=impls, matmul_gflops=rate, say=say,
                       tiny=opts.shapes == "tiny")
         for section in SECTIONS:
-            why = section.wanted(ctx)
+            chosen = not opts.section or section.NAME in opts.section
+            why = section.wanted(ctx) if chosen else "not chosen (--section)"
             if why is not True:
                 skipped[section.NAME] = why
                 continue
@@ -258,6 +262,9 @@ def plot(report, path):
     except ImportError:
         print(f"--plot {path}: matplotlib is not installed (pip install 'convengine[plot]'); no chart written",
               file=sys.stderr)
+        return False
+    if "rows" not in report["sections"].get("kernels", {}):
+        print(f"--plot {path}: the kernels section was not run; no chart written", file=sys.stderr)
         return False
     rows = report["sections"]["kernels"]["rows"]
     note = report.get("torch_note")
