@@ -106,6 +106,11 @@ def usable_cores():
         return os.cpu_count() or 1
 
 
+# Built modules kept in the cache (each entry one module, under 1 MB in a release build); the least recently used
+# go first.
+CACHE_KEEP = 32
+
+
 def cache_dir():
     setting = os.environ.get("CONVENGINE_BUILD_CACHE", "")
     if setting == "0":
@@ -171,6 +176,7 @@ class ParallelCachedBuildExt(build_ext):
         if cached and os.path.isfile(cached):
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
             shutil.copy2(cached, target)
+            os.utime(os.path.dirname(cached))  # recently used
             print(f"{ext.name}: reused the module built before ({cached})", flush=True)
             return
         super().build_extension(ext)
@@ -180,8 +186,17 @@ class ParallelCachedBuildExt(build_ext):
                 partial = f"{cached}.{os.getpid()}.partial"
                 shutil.copy2(target, partial)
                 os.replace(partial, cached)
+                prune(folder, CACHE_KEEP)
             except OSError as e:  # a cache that cannot be written costs the next build time, nothing else
                 print(f"{ext.name}: not cached ({e})", flush=True)
+
+
+def prune(folder, keep):
+    """Remove all but the `keep` most recently used entries of the cache."""
+    entries = [os.path.join(folder, name) for name in os.listdir(folder)]
+    entries = sorted((p for p in entries if os.path.isdir(p)), key=os.path.getmtime, reverse=True)
+    for path in entries[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # pip (setuptools.build_meta) and `python setup.py` both run this file as __main__; tests/test_build.py imports

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,21 @@ def test_a_module_is_reused_only_when_nothing_changed(setup_module, tmp_path, mo
     monkeypatch.setenv("CFLAGS", "-DUNUSED_FLAG=1")
     path, printed, _ = _build(setup_module, tmp_path / "e", 42)
     assert "reused" not in printed and _answer(path) == 42
+
+
+def test_cache_keeps_the_most_recently_used(setup_module, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CONVENGINE_BUILD_CACHE", str(cache))
+    monkeypatch.setattr(setup_module, "CACHE_KEEP", 2)
+    # 1 is reused after 2 was built, so 2 is the least recently used entry when 3 comes in.
+    for i, answer in enumerate((1, 2, 1, 3)):
+        path, printed, _ = _build(setup_module, tmp_path / str(i), answer)
+        assert _answer(path) == answer and ("reused" in printed) == (i == 2)
+        time.sleep(0.05)  # distinct modification times
+    assert len(list(cache.iterdir())) == 2
+    assert "reused" in _build(setup_module, tmp_path / "again3", 3)[1]
+    assert "reused" in _build(setup_module, tmp_path / "again1", 1)[1]
+    assert "reused" not in _build(setup_module, tmp_path / "again2", 2)[1]
 
 
 def test_cache_off(setup_module, tmp_path, monkeypatch):
