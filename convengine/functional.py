@@ -206,3 +206,63 @@ def batch_norm2d_backward(grad_out, x, weight, mean, var, eps=1e-5):
                                   _contiguous(var), eps, grad_x, grad_w, grad_b,
                                   _threads_for(x.size, _SERIAL_ELEMENTS))
     return grad_x, grad_w, grad_b
+
+
+# Fused forms of two ops in a row, for the layers that Sequential fuses (convengine.fusion); not public API. Each
+# gives the values of the two ops one after the other, bit for bit, in one pass. `out`, when given, is an array of
+# the result's shape and dtype, C-contiguous, that the result is written into (a buffer reused across steps).
+
+def _output(out, shape, dtype):
+    if (out is not None and out.shape == tuple(shape) and out.dtype == dtype and out.flags.c_contiguous
+            and out.flags.writeable):
+        return out
+    return np.empty(shape, dtype=dtype)
+
+
+def _conv2d_relu(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=None):
+    """relu(conv2d(...)): the ReLU applied as each output tile is stored."""
+    geom = _args.conv2d_args(x, weight, bias, stride, padding, dilation, groups)
+    out = _output(out, geom.out_shape, x.dtype)
+    if geom.batch == 0:
+        return out
+    _engine.conv2d_forward(_contiguous(x), _contiguous(weight), None if bias is None else _contiguous(bias), out,
+                           _conv_params(geom), _threads_for(_args.flops_conv2d(geom), _SERIAL_FLOPS), relu=True)
+    return out
+
+
+def _batch_norm2d_relu(x, weight, bias, mean, var, eps=1e-5, out=None):
+    """relu(batch_norm2d(...)) with given statistics."""
+    eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, bias=bias, mean=mean, var=var))
+    out = _output(out, x.shape, x.dtype)
+    _engine.batch_norm2d_forward(_contiguous(x), _contiguous(weight), _contiguous(bias),
+                                 np.array(mean, dtype=x.dtype), np.array(var, dtype=x.dtype), False, eps, out,
+                                 _threads_for(x.size, _SERIAL_ELEMENTS), relu=True)
+    return out
+
+
+def _batch_norm2d_relu_training(x, weight, bias, eps=1e-5, out=None):
+    """(relu(y), mean, var) for (y, mean, var) = batch_norm2d_training(...)."""
+    eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, bias=bias), training=True)
+    out = _output(out, x.shape, x.dtype)
+    mean = np.empty(x.shape[1], dtype=x.dtype)
+    var = np.empty(x.shape[1], dtype=x.dtype)
+    _engine.batch_norm2d_forward(_contiguous(x), _contiguous(weight), _contiguous(bias), mean, var, True, eps, out,
+                                 _threads_for(x.size, _SERIAL_ELEMENTS), relu=True)
+    return out, mean, var
+
+
+def _batch_norm2d_relu_backward(grad_out, x, relu_out, weight, mean, var, eps=1e-5):
+    """batch_norm2d_backward(relu_backward(grad_out, relu_out), x, ...) for relu_out the output of
+    _batch_norm2d_relu_training: the gradient taken through the ReLU inside the batch norm's own passes."""
+    eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, mean=mean, var=var), training=True,
+                                  grad_out=grad_out)
+    _args.check_array(relu_out, "relu_out", 4, x.dtype)
+    if relu_out.shape != x.shape:
+        raise ValueError(f"relu_out shape {relu_out.shape} does not match x shape {x.shape}")
+    grad_x = np.empty(x.shape, dtype=x.dtype)
+    grad_w = np.empty(x.shape[1], dtype=x.dtype)
+    grad_b = np.empty(x.shape[1], dtype=x.dtype)
+    _engine.batch_norm2d_backward(_contiguous(grad_out), _contiguous(x), _contiguous(weight), _contiguous(mean),
+                                  _contiguous(var), eps, grad_x, grad_w, grad_b,
+                                  _threads_for(x.size, _SERIAL_ELEMENTS), relu_out=_contiguous(relu_out))
+    return grad_x, grad_w, grad_b

@@ -207,8 +207,16 @@ class Conv2d(_Weighted):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
 
     def forward(self, x, training=False):
+        return self._forward(x, training)
+
+    def _forward(self, x, training, relu=False, out=None):
+        """forward; with relu, relu(forward) in one pass (Sequential fuses a following ReLU so), written into out
+        when that fits (see functional._output)."""
         bias = self.bias.data if self.bias is not None else None
-        y = F.conv2d(x, self.weight.data, bias, **self._hyper())
+        if relu:
+            y = F._conv2d_relu(x, self.weight.data, bias, out=out, **self._hyper())
+        else:
+            y = F.conv2d(x, self.weight.data, bias, **self._hyper())
         self._x = x if training else None
         return y
 
@@ -344,19 +352,33 @@ class GlobalAvgPool2d(Layer):
         return math.prod(input_shape)
 
 
+# What a ReLU fused into the layer before it keeps when that layer takes the gradient through the ReLU itself.
+_THROUGH = object()
+
+
 class ReLU(Layer):
-    """max(x, 0); the gradient passes where x > 0."""
+    """max(x, 0); the gradient passes where x > 0. Training keeps the output, not the input: y = relu(x) is > 0 (or
+    NaN) exactly where x is, so the gradient is the same, and the input can be freed."""
 
     def __init__(self):
         super().__init__()
-        self._x = None
+        self._y = None
 
     def forward(self, x, training=False):
-        self._x = x if training else None
-        return F.relu(x)
+        y = F.relu(x)
+        self._y = y if training else None
+        return y
+
+    def _fused(self, y, training):
+        """The layer before computed this ReLU's output y (Sequential's fusion); y _THROUGH when that layer also
+        takes the gradient through it in its own backward."""
+        self._y = y if training else None
 
     def backward(self, grad):
-        return F.relu_backward(grad, self._needs_cache(self._x))
+        y = self._needs_cache(self._y)
+        if y is _THROUGH:
+            return grad
+        return F.relu_backward(grad, y)
 
     def flops(self, input_shape):
         return math.prod(input_shape)
@@ -574,20 +596,30 @@ class BatchNorm2d(Layer):
             raise TypeError(f"x has dtype {x.dtype} but BatchNorm2d has dtype {self.dtype}")
 
     def forward(self, x, training=False):
+        return self._forward(x, training)
+
+    def _forward(self, x, training, relu=False, out=None):
+        """forward; with relu, relu(forward) in one pass, and backward then takes the gradient of that ReLU's
+        output (Sequential fuses a following ReLU so), written into out when that fits (functional._output)."""
         self._check(x)
         gamma = self._params["weight"].data
         beta = self._params["bias"].data
         if not training:
             self._cache = None
+            if relu:
+                return F._batch_norm2d_relu(x, gamma, beta, self.running_mean, self.running_var, self.eps, out=out)
             return F.batch_norm2d(x, gamma, beta, self.running_mean, self.running_var, self.eps)
         # (F refuses a batch with one value per channel)
-        y, mean, var = F.batch_norm2d_training(x, gamma, beta, self.eps)
+        if relu:
+            y, mean, var = F._batch_norm2d_relu_training(x, gamma, beta, self.eps, out=out)
+        else:
+            y, mean, var = F.batch_norm2d_training(x, gamma, beta, self.eps)
         m = x.shape[0] * x.shape[2] * x.shape[3]
         if self._stats_hook is None:
             self.update_running_stats(mean, var, m)
         else:
             self._stats_hook(mean, var, m)
-        self._cache = (x, mean, var)
+        self._cache = (x, mean, var, y if relu else None)
         return y
 
     def update_running_stats(self, mean, var, count):
@@ -602,9 +634,14 @@ class BatchNorm2d(Layer):
         self.running_var += mom * var * self.dtype.type(count / (count - 1))
 
     def backward(self, grad):
-        x, mean, var = self._needs_cache(self._cache)
-        grad_x, grad_gamma, grad_beta = F.batch_norm2d_backward(grad, x, self._params["weight"].data, mean, var,
-                                                                 self.eps)
+        x, mean, var, relu_out = self._needs_cache(self._cache)
+        if relu_out is None:
+            grad_x, grad_gamma, grad_beta = F.batch_norm2d_backward(grad, x, self._params["weight"].data, mean, var,
+                                                                     self.eps)
+        else:   # the gradient of the fused ReLU's output
+            grad_x, grad_gamma, grad_beta = F._batch_norm2d_relu_backward(grad, x, relu_out,
+                                                                          self._params["weight"].data, mean, var,
+                                                                          self.eps)
         self._params["weight"].grad += grad_gamma
         self._params["bias"].grad += grad_beta
         return grad_x

@@ -20,6 +20,7 @@ import numpy as np
 from . import _args
 from .layers import (LAYER_TYPES, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU,
                      shapes_only)
+from . import fusion as _fusion
 from ._outputs import temporary_beside
 
 __all__ = ["Sequential", "load", "lenet", "FORMAT", "VERSION", "MAX_LAYERS"]
@@ -131,16 +132,34 @@ class Sequential:
     def _input(self, x):
         return model_input(x, self.dtype)
 
+    # Conv2d or BatchNorm2d followed by ReLU run as one pass in forward (see convengine.fusion); False runs every
+    # layer on its own (the same values).
+    fuse = True
+
     def forward(self, x, training=False):
         """The model output for a batch. training=True keeps what backward needs and updates BatchNorm's running
         statistics; inference (training=False) keeps nothing."""
         x = self._input(x)
         model_input = x.shape
-        for i, layer in enumerate(self.layers):
+        pairs = _fusion.pairs(self.layers) if self.fuse else {}
+        if training and pairs and getattr(self, "_activations", None) is None:
+            self._activations = _fusion.ActivationBuffers()
+        i = 0
+        while i < len(self.layers):
+            layer = self.layers[i]
             try:
+                if i in pairs:
+                    out = self._activations.get(i, x) if training and pairs[i] else None
+                    y = _fusion.run_pair(layer, self.layers[i + 1], x, training, out)
+                    if training and pairs[i]:
+                        self._activations.keep(i, x, y)
+                    x = y
+                    i += 2
+                    continue
                 x = layer.forward(x, training)
             except (ValueError, TypeError) as e:
                 raise type(e)(self._layer_error(i, x.shape, e, model_input)) from e
+            i += 1
         if self.input_shape is None:
             self.input_shape = model_input[1:]
         return x

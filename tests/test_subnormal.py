@@ -85,6 +85,10 @@ def calls(dtype, rng, randn=randn):
         "batch_norm2d": lambda: F.batch_norm2d(x, ones, zeros, mean, var),
         "batch_norm2d_training": lambda: F.batch_norm2d_training(x, ones, zeros),
         "batch_norm2d_backward": lambda: F.batch_norm2d_backward(gy, x, ones, mean, var),
+        "conv2d_relu": lambda: F._conv2d_relu(x, w, padding=1),
+        "batch_norm2d_relu": lambda: F._batch_norm2d_relu(x, ones, zeros, mean, var),
+        "batch_norm2d_relu_training": lambda: F._batch_norm2d_relu_training(x, ones, zeros),
+        "batch_norm2d_relu_backward": lambda: F._batch_norm2d_relu_backward(gy, x, F.relu(x), ones, mean, var),
         "sgd_step": lambda: optimizer_step(lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
         "adam_step": lambda: optimizer_step(lambda ps: Adam(ps, lr=0.01, weight_decay=0.01)),
     }

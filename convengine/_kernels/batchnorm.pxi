@@ -7,6 +7,11 @@
 #   mapping  y[b, j] = (x[b, j] - mean[j]) * k[j] + s[j]
 # Sums split over slices of j, mappings over (image, slice): the order of every sum is fixed, whatever the thread
 # count. Statistics are two-pass (the mean, then the mean of squared deviations), as in the reference.
+#
+# Batch norm followed by ReLU runs fused (oneDNN's fuse_norm_relu): the forward applies max(., 0) as it stores,
+# and the backward reads the gradient through the sign of that stored output y (0 where y <= 0, as relu_backward),
+# inside the same sums and mapping, so neither the ReLU's input nor its gradient is ever written out. The values
+# are those of the two layers one after the other, bit for bit.
 
 from libc.math cimport sqrt
 
@@ -17,33 +22,50 @@ cdef inline floating inv_std_of(floating var, floating eps) noexcept nogil:
     return 1 / <floating>sqrt(var + eps)
 
 
-cdef void sum_over_images(const floating* x, const floating* g, const floating* center, Py_ssize_t B,
-                          Py_ssize_t L, Py_ssize_t j0, Py_ssize_t j1, int what, floating* acc) noexcept nogil:
+cdef inline floating through_relu(floating g, floating y) noexcept nogil:
+    """The gradient g of a ReLU's output y passed back to its input (relu_backward's rule)."""
+    return 0 if y <= 0 else g
+
+
+cdef void sum_over_images(const floating* x, const floating* g, const floating* center, const floating* y,
+                          Py_ssize_t B, Py_ssize_t L, Py_ssize_t j0, Py_ssize_t j1, int what,
+                          floating* acc) noexcept nogil:
     """acc[j] = sum over b of x[b, j] (what 0), (x[b, j] - center[j])^2 (what 1) or g[b, j] * (x[b, j] - center[j])
-    (what 2), for j0 <= j < j1; images are L apart."""
+    (what 2), for j0 <= j < j1; images are L apart. With y (not NULL), the gradient (x of what 0, g of what 2) is
+    first passed through the ReLU whose output is y."""
     cdef Py_ssize_t b, j
     cdef const floating* xb
     cdef const floating* gb
+    cdef const floating* yb
     cdef floating d
     for j in range(j0, j1):
         acc[j] = 0
     for b in range(B):
         xb = x + b * L
-        if what == 0:
+        yb = y + b * L if y != NULL else NULL
+        if what == 0 and y == NULL:
             for j in range(j0, j1):
                 acc[j] += xb[j]
+        elif what == 0:
+            for j in range(j0, j1):
+                acc[j] += through_relu(xb[j], yb[j])
         elif what == 1:
             for j in range(j0, j1):
                 d = xb[j] - center[j]
                 acc[j] += d * d
-        else:
+        elif y == NULL:
             gb = g + b * L
             for j in range(j0, j1):
                 acc[j] += gb[j] * (xb[j] - center[j])
+        else:
+            gb = g + b * L
+            for j in range(j0, j1):
+                acc[j] += through_relu(gb[j], yb[j]) * (xb[j] - center[j])
 
 
-cdef void sum_images(const floating* x, const floating* g, const floating* center, Py_ssize_t B, Py_ssize_t C,
-                     Py_ssize_t P, int what, floating* acc, floating* per_channel, int n_threads) noexcept nogil:
+cdef void sum_images(const floating* x, const floating* g, const floating* center, const floating* y, Py_ssize_t B,
+                     Py_ssize_t C, Py_ssize_t P, int what, floating* acc, floating* per_channel,
+                     int n_threads) noexcept nogil:
     """per_channel[c] = sum of sum_over_images' acc over channel c's P positions, in order."""
     cdef fpstate fp, fps
     cdef Py_ssize_t L = C * P
@@ -54,7 +76,7 @@ cdef void sum_images(const floating* x, const floating* g, const floating* cente
     with parallel(num_threads=n_threads):
         fp = fp_enter()
         for t in prange(nsl, schedule='static'):
-            sum_over_images(x, g, center, B, L, t * BN_SLICE, min(L, (t + 1) * BN_SLICE), what, acc)
+            sum_over_images(x, g, center, y, B, L, t * BN_SLICE, min(L, (t + 1) * BN_SLICE), what, acc)
         fp_leave(fp)
     fp_resume(fps)
     for c in range(C):
@@ -73,19 +95,29 @@ cdef void expand(const floating* per_channel, Py_ssize_t C, Py_ssize_t P, floati
 
 
 cdef void map_slice(const floating* x, const floating* g, floating* out, const floating* center,
-                    const floating* k, const floating* s, const floating* kg, Py_ssize_t n) noexcept nogil:
-    """out = (x - center) * k + s, plus g * kg when g is not NULL, over n values."""
+                    const floating* k, const floating* s, const floating* kg, Py_ssize_t n, int relu,
+                    const floating* y) noexcept nogil:
+    """out = (x - center) * k + s, plus g * kg when g is not NULL, over n values; with relu (forward only),
+    max(out, 0) as relu gives it; with y (backward only), g is first passed through the ReLU whose output is y."""
     cdef Py_ssize_t j
-    if g == NULL:
+    cdef floating v
+    if g == NULL and not relu:
         for j in range(n):
             out[j] = (x[j] - center[j]) * k[j] + s[j]
-    else:
+    elif g == NULL:
+        for j in range(n):
+            v = (x[j] - center[j]) * k[j] + s[j]
+            out[j] = 0 if v <= 0 else v
+    elif y == NULL:
         for j in range(n):
             out[j] = (x[j] - center[j]) * k[j] + s[j] + g[j] * kg[j]
+    else:
+        for j in range(n):
+            out[j] = (x[j] - center[j]) * k[j] + s[j] + through_relu(g[j], y[j]) * kg[j]
 
 
 cdef void map_images(const floating* x, const floating* g, floating* out, const floating* vecs, Py_ssize_t B,
-                     Py_ssize_t L, int n_threads) noexcept nogil:
+                     Py_ssize_t L, int relu, const floating* y, int n_threads) noexcept nogil:
     """map_slice over every image, with the per-position vectors center, k, s, kg at vecs + 0, L, 2L, 3L."""
     cdef fpstate fp, fps
     cdef Py_ssize_t nsl = (L + BN_SLICE - 1) // BN_SLICE
@@ -97,7 +129,8 @@ cdef void map_images(const floating* x, const floating* g, floating* out, const 
             b = t // nsl
             j0 = (t - b * nsl) * BN_SLICE
             map_slice(x + b * L + j0, g + b * L + j0 if g != NULL else NULL, out + b * L + j0, vecs + j0, vecs + L + j0,
-                      vecs + 2 * L + j0, vecs + 3 * L + j0, min(L, j0 + BN_SLICE) - j0)
+                      vecs + 2 * L + j0, vecs + 3 * L + j0, min(L, j0 + BN_SLICE) - j0, relu,
+                      y + b * L + j0 if y != NULL else NULL)
         fp_leave(fp)
     fp_resume(fps)
 
@@ -109,9 +142,10 @@ def batch_norm2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
                          floating[::1] var,                # IN (training: OUT) (C,), biased
                          bint training, floating eps,
                          floating[:, :, :, ::1] out,       # OUT (B, C, H, W)
-                         int n_threads):
-    """out = (x - mean) * (weight / sqrt(var + eps)) + bias per channel; with training, mean and var are first
-    computed from x (var biased) and written."""
+                         int n_threads,
+                         bint relu=False):                 # then max(., 0): batch norm and ReLU fused
+    """out = (x - mean) * (weight / sqrt(var + eps)) + bias per channel (then max(out, 0) with relu); with training,
+    mean and var are first computed from x (var biased) and written."""
     cdef fpstate fp, fps
     cdef Py_ssize_t B = x.shape[0], C = x.shape[1], P = x.shape[2] * x.shape[3]
     cdef Py_ssize_t L = C * P
@@ -130,11 +164,11 @@ def batch_norm2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
     with nogil:
         fp = fp_enter_call()
         if training:
-            sum_images(&x[0, 0, 0, 0], NULL, NULL, B, C, P, 0, vecs + L, coef, n_threads)
+            sum_images(&x[0, 0, 0, 0], NULL, NULL, NULL, B, C, P, 0, vecs + L, coef, n_threads)
             for c in range(C):
                 mean[c] = coef[c] / m
             expand(&mean[0], C, P, vecs)
-            sum_images(&x[0, 0, 0, 0], NULL, vecs, B, C, P, 1, vecs + L, coef, n_threads)
+            sum_images(&x[0, 0, 0, 0], NULL, vecs, NULL, B, C, P, 1, vecs + L, coef, n_threads)
             for c in range(C):
                 var[c] = coef[c] / m
         for c in range(C):
@@ -142,7 +176,7 @@ def batch_norm2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
         expand(&mean[0], C, P, vecs)
         expand(coef, C, P, vecs + L)
         expand(&bias[0], C, P, vecs + 2 * L)
-        map_images(&x[0, 0, 0, 0], NULL, &out[0, 0, 0, 0], vecs, B, L, n_threads)
+        map_images(&x[0, 0, 0, 0], NULL, &out[0, 0, 0, 0], vecs, B, L, relu, NULL, n_threads)
         fp_leave_call(fp)
     free(vecs)
     free(coef)
@@ -157,8 +191,11 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
                           floating[:, :, :, ::1] grad_x,          # OUT (B, C, H, W)
                           floating[::1] grad_weight,              # OUT (C,)
                           floating[::1] grad_bias,                # OUT (C,)
-                          int n_threads):
-    """Gradients of the training-mode forward, whose mean and variance depend on x:
+                          int n_threads,
+                          relu_out=None):                         # IN  (B, C, H, W) or None
+    """Gradients of the training-mode forward, whose mean and variance depend on x; with relu_out, of the fused
+    forward (relu=True) whose output that was: grad_out is first passed through that ReLU (0 where relu_out <= 0).
+    Without it:
     grad_x = k * (g - mean(g) - xhat * mean(g * xhat)), k = weight * inv_std, xhat = (x - mean) * inv_std,
     computed as (x - mean) * a + s + g * k with a = -k * inv_std^2 * sum(g * (x - mean)) / m, s = -k * sum(g) / m."""
     cdef fpstate fp, fps
@@ -169,6 +206,14 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
     cdef floating inv, k
     cdef floating* vecs
     cdef floating* coef
+    cdef const floating[:, :, :, ::1] y_v
+    cdef const floating* y = NULL
+    if relu_out is not None:
+        y_v = relu_out
+        if y_v.shape[0] != B or y_v.shape[1] != C or y_v.shape[2] * y_v.shape[3] != P:
+            raise ValueError("batch_norm2d_backward: relu_out must have x's shape")
+        if B * P > 0:
+            y = &y_v[0, 0, 0, 0]
     if C == 0:
         return
     vecs = <floating*>malloc(4 * L * sizeof(floating))
@@ -180,8 +225,8 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
     with nogil:
         fp = fp_enter_call()
         expand(&mean[0], C, P, vecs)
-        sum_images(&grad_out[0, 0, 0, 0], NULL, NULL, B, C, P, 0, vecs + L, &grad_bias[0], n_threads)
-        sum_images(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], vecs, B, C, P, 2, vecs + L, coef, n_threads)
+        sum_images(&grad_out[0, 0, 0, 0], NULL, NULL, y, B, C, P, 0, vecs + L, &grad_bias[0], n_threads)
+        sum_images(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], vecs, y, B, C, P, 2, vecs + L, coef, n_threads)
         for c in range(C):
             inv = inv_std_of(var[c], eps)
             k = weight[c] * inv
@@ -192,7 +237,7 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
         expand(coef + C, C, P, vecs + L)
         expand(coef + 2 * C, C, P, vecs + 2 * L)
         expand(coef + 3 * C, C, P, vecs + 3 * L)
-        map_images(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], &grad_x[0, 0, 0, 0], vecs, B, L, n_threads)
+        map_images(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], &grad_x[0, 0, 0, 0], vecs, B, L, 0, y, n_threads)
         fp_leave_call(fp)
     free(vecs)
     free(coef)

@@ -1,0 +1,207 @@
+"""Layer fusion in Sequential (convengine.fusion): Conv2d + ReLU and BatchNorm2d + ReLU run as one pass each, with
+the values of the layers run one by one, bit for bit, forward and backward; gradients against finite differences
+in float64; the same bits on any thread count; the same weights after a few SGD steps; training outputs in buffers
+reused across steps, never one the model returns."""
+import numpy as np
+import pytest
+
+import convengine
+from convengine import fusion
+from convengine import functional as F
+from convengine import layers as L
+from convengine._threads import every_call_threaded
+from convengine.losses import CrossEntropyLoss
+from convengine.model import Sequential
+from convengine.optim import SGD
+
+from conftest import assert_bitwise_equal, assert_gradient, randn
+
+DTYPES = [np.float32, np.float64]
+
+
+def conv_relu_net(dtype):
+    return [L.Conv2d(3, 6, 3, padding=1, dtype=dtype), L.ReLU(), L.MaxPool2d(2),
+            L.Conv2d(6, 4, 3, stride=2, padding=1, bias=False, dtype=dtype), L.ReLU(),
+            L.Flatten(), L.Linear(4 * 2 * 2, 5, dtype=dtype)]
+
+
+def bn_relu_net(dtype):
+    return [L.Conv2d(3, 6, 3, padding=1, dtype=dtype), L.BatchNorm2d(6, dtype=dtype), L.ReLU(), L.MaxPool2d(2),
+            L.Conv2d(6, 4, 3, padding=1, groups=2, dtype=dtype), L.BatchNorm2d(4, dtype=dtype), L.ReLU(),
+            L.GlobalAvgPool2d(), L.Linear(4, 5, dtype=dtype)]
+
+
+NETS = {"conv_relu": conv_relu_net, "bn_relu": bn_relu_net}
+
+
+def model_of(net, dtype, fuse, seed=0):
+    convengine.manual_seed(seed)
+    model = Sequential(NETS[net](dtype))
+    model.fuse = fuse
+    # batch norm with weights and biases away from 1 and 0, some of the weights negative
+    for layer in model:
+        if isinstance(layer, L.BatchNorm2d):
+            rng = np.random.default_rng(seed + 1)
+            layer.weight.data[...] = rng.uniform(-1.5, 1.5, layer.num_features)
+            layer.bias.data[...] = rng.uniform(-0.5, 0.5, layer.num_features)
+    return model
+
+
+def step(model, x, gy, training=True):
+    """(output, input gradient, parameter gradients) of one forward and backward."""
+    model.need_input_grad = True
+    for p in model.parameters():
+        p.grad[...] = 0
+    y = model.forward(x, training=training)
+    gx = model.backward(gy)
+    return [y, gx] + [p.grad.copy() for p in model.parameters()]
+
+
+def data(dtype, batch=3, seed=5):
+    rng = np.random.default_rng(seed)
+    return randn(rng, (batch, 3, 8, 8), dtype), randn(rng, (batch, 5), dtype)
+
+
+def test_the_patterns_recognised():
+    layers = bn_relu_net(np.float32)
+    assert fusion.pairs(layers) == {1: True, 5: True}
+    assert fusion.pairs(conv_relu_net(np.float32)) == {0: True, 3: True}
+    # a pair whose output the model returns, or returns through a Flatten, lives in no buffer
+    assert fusion.pairs([L.Conv2d(1, 2, 3), L.ReLU(), L.Flatten()]) == {0: False}
+    assert fusion.pairs([L.ReLU(), L.Conv2d(1, 2, 3), L.MaxPool2d(2), L.ReLU()]) == {}
+
+    class MyConv(L.Conv2d):
+        pass
+    assert fusion.pairs([MyConv(1, 2, 3), L.ReLU(), L.Linear(2, 2)]) == {}   # a subclass may change forward
+
+
+@pytest.mark.parametrize("net", list(NETS))
+def test_a_fused_model_runs_no_relu_pass_of_its_own(net, monkeypatch):
+    x, gy = data(np.float32)
+    model = model_of(net, np.float32, True)
+    calls = []
+    monkeypatch.setattr(F, "relu", lambda a: calls.append(a) or np.maximum(a, 0))
+    monkeypatch.setattr(F, "relu_backward", lambda g, a: calls.append(a) or np.where(a > 0, g, 0))
+    step(model, x, gy)
+    ran_backward = net == "conv_relu"     # the ReLU after a conv still takes its gradient (from the output's sign)
+    assert len(calls) == (2 if ran_backward else 0)
+    model.fuse = False
+    step(model, x, gy)
+    assert len(calls) == (2 if ran_backward else 0) + 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("net", list(NETS))
+def test_fused_forward_and_backward_are_the_unfused_bits(net, dtype):
+    x, gy = data(dtype)
+    fused = step(model_of(net, dtype, True), x, gy)
+    plain = step(model_of(net, dtype, False), x, gy)
+    for k, (a, b) in enumerate(zip(fused, plain)):
+        assert_bitwise_equal(a, b, f"{net}: result {k}")
+    assert np.count_nonzero(fused[1]) > 0.3 * fused[1].size
+    # inference too
+    assert_bitwise_equal(model_of(net, dtype, True).forward(x), model_of(net, dtype, False).forward(x), net)
+
+
+@pytest.mark.parametrize("net", list(NETS))
+def test_fused_gradients_match_finite_differences(net):
+    x, gy = data(np.float64, batch=2)
+    model = model_of(net, np.float64, True)
+    _, gx, *grads = step(model, x, gy)
+
+    def loss():
+        return float(np.sum(model.forward(x, training=True) * gy))
+    assert_gradient(gx, loss, x, f"{net}: input")
+    for p, g in zip(model.parameters(), grads):
+        if p.data.size <= 64:
+            assert_gradient(g, loss, p.data, f"{net}: {p.name}")
+
+
+@pytest.mark.parametrize("net", list(NETS))
+def test_fused_results_are_the_same_bits_on_any_thread_count(net):
+    x, gy = data(np.float32, batch=16)
+    results = []
+    with every_call_threaded():
+        for n in (1, 2, 3):
+            with convengine.num_threads(n):
+                results.append(step(model_of(net, np.float32, True), x, gy))
+    for other in results[1:]:
+        for k, (a, b) in enumerate(zip(other, results[0])):
+            assert_bitwise_equal(a, b, f"{net}: result {k}")
+
+
+@pytest.mark.parametrize("net", list(NETS))
+def test_fused_and_unfused_training_give_the_same_weights(net):
+    rng = np.random.default_rng(3)
+    x = randn(rng, (8, 3, 8, 8), np.float32)
+    y = rng.integers(0, 5, 8)
+    weights = []
+    for fuse in (True, False):
+        model = model_of(net, np.float32, fuse)
+        opt = SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        loss = CrossEntropyLoss()
+        for _ in range(4):
+            loss(model.forward(x, training=True), y)
+            opt.zero_grad()
+            model.backward(loss.backward())
+            opt.step()
+        weights.append([p.data.copy() for p in model.parameters()] + list(model.buffers().values()))
+    start = [p.data for p in model_of(net, np.float32, True).parameters()]
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert any(np.abs(a - s).max() > 1e-3 for a, s in zip(weights[0], start))
+
+
+def test_batch_norm_relu_kernels_are_the_two_ops_in_a_row(rng):
+    x = randn(rng, (4, 5, 6, 7), np.float32)
+    g = randn(rng, x.shape, np.float32)
+    w, b = randn(rng, (5,), np.float32), randn(rng, (5,), np.float32)
+    y, mean, var = F.batch_norm2d_training(x, w, b)
+    fy, fmean, fvar = F._batch_norm2d_relu_training(x, w, b)
+    assert_bitwise_equal(fy, F.relu(y))
+    assert_bitwise_equal(fmean, mean)
+    assert_bitwise_equal(fvar, var)
+    expected = F.batch_norm2d_backward(F.relu_backward(g, fy), x, w, mean, var)
+    for a, e in zip(F._batch_norm2d_relu_backward(g, x, fy, w, mean, var), expected):
+        assert_bitwise_equal(a, e)
+    assert_bitwise_equal(F._batch_norm2d_relu(x, w, b, mean, var), F.relu(F.batch_norm2d(x, w, b, mean, var)))
+    with pytest.raises(ValueError, match="relu_out"):
+        F._batch_norm2d_relu_backward(g, x, fy[:2], w, mean, var)
+
+
+def test_conv_relu_kernel_is_the_two_ops_in_a_row(rng):
+    x = randn(rng, (2, 4, 9, 9), np.float32)
+    w = randn(rng, (6, 4, 3, 3), np.float32)
+    b = randn(rng, (6,), np.float32)
+    assert_bitwise_equal(F._conv2d_relu(x, w, b, stride=2, padding=1),
+                         F.relu(F.conv2d(x, w, b, stride=2, padding=1)))
+
+
+def test_training_outputs_live_in_buffers_reused_across_steps():
+    model = model_of("bn_relu", np.float32, True)
+    x, gy = data(np.float32, batch=4)
+    model.forward(x, training=True)
+    first = model.layers[3]._shape, id(model.layers[2]._y)
+    kept = model._activations.nbytes()
+    assert kept == 4 * 6 * 8 * 8 * 4 + 4 * 4 * 4 * 4 * 4      # the two pairs' outputs
+    out1 = model.forward(x, training=True)
+    model.backward(gy)
+    out2 = model.forward(x, training=True)
+    assert out1 is not out2 and not np.shares_memory(out1, out2)
+    assert model._activations.nbytes() == kept
+    buffered = model._activations.get(1, x)
+    assert buffered is not None and buffered is model.layers[1]._cache[3]      # the BN + ReLU output, reused
+    assert first[0] == (4, 6, 8, 8)
+    # a smaller last batch gets its own buffers, and the full batch keeps its own
+    model.forward(x[:3], training=True)
+    assert model._activations.get(1, x) is buffered
+
+
+def test_a_models_own_output_is_never_a_buffer():
+    convengine.manual_seed(0)
+    model = Sequential([L.Conv2d(3, 2, 3), L.ReLU(), L.Flatten()])
+    x, _ = data(np.float32)
+    a = model.forward(x, training=True)
+    b = model.forward(x, training=True)
+    assert not np.shares_memory(a, b)
+    assert_bitwise_equal(a, b)
