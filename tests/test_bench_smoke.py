@@ -167,7 +167,7 @@ def test_summary_states_comparisons_without_pass_marks(quick_report):
         assert word not in " ".join(block).lower().split(), word
     # --quick leaves the thread-scaling and training sections out, and says so.
     assert set(rep["skipped"]) == {"scaling", "training"}
-    assert "training epoch of the default digits net: not run" in printed
+    assert f"{training.TITLE}: not run" in printed
 
 
 def test_markdown_holds_machine_and_table(quick_report):
@@ -275,6 +275,28 @@ def test_training_section_ships_in_the_package():
     assert result["images"] == 64 and result["threads"] == 1
     assert training.summary(result, None) == [
         f"training, default digits net, median s/epoch: engine {result['engine_s']:.4g}, PyTorch -, x_torch -"]
+
+
+def test_training_steps_of_the_three_nets():
+    """One timed step per net at batch 4: rows whose rates follow from the times and the step's FLOPs; the step
+    really trains (the weights move)."""
+    rows = training.step_rows(1, repeats=1, batch=4, use_torch=False, matmul_rate=100.0)
+    assert [r["net"] for r in rows] == list(training.STEP_NETS)
+    for r in rows:
+        model = training.inference.build(r["net"])
+        assert r["gflops"] == pytest.approx(training.step_flops(model, 4) / (r["engine_ms"] * 1e6))
+        assert r["matmul_pct"] == pytest.approx(r["gflops"])
+        assert r["images_per_s"] == pytest.approx(4e3 / r["engine_ms"]) and r["torch_ms"] is None
+    # cifar per image: convs 3->32 (32x32), 32->64 (16x16), 64->128 (8x8), linear 128->10; no input gradient for
+    # the first conv
+    forward = 2 * (3 * 32 * 9 * 1024 + 32 * 64 * 9 * 256 + 64 * 128 * 9 * 64 + 128 * 10)
+    assert training.step_flops(training.inference.build("cifar"), 1) == 3 * forward - 2 * 3 * 32 * 9 * 1024
+    run, model = training.engine_step("lenet5", batch=4)
+    before = [p.data.copy() for p in model.parameters()]
+    run()
+    assert all(not np.array_equal(a, p.data) for a, p in zip(before, model.parameters()))
+    summary = training.summary({"engine_s": 1.0, "torch_s": None, "speedup": None, "steps": rows}, None)
+    assert summary[1].startswith("training steps at 1 thread(s), engine/PyTorch step time: cifar -")
 
 
 # ---------------------------------------------------------------------------------------------------------------
