@@ -95,7 +95,7 @@ def impl(request):
     return load_impl(request.param)
 
 
-CONV_PATHS = ["direct", "im2col", "pixels"]
+CONV_PATHS = ["direct", "im2col", "pixels", "smallc"]   # smallc: forward of 1-4 channel float32 inputs
 
 
 @pytest.fixture(params=CONV_PATHS)

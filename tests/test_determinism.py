@@ -79,6 +79,7 @@ PATH_CASES = [
     ((20, 32, 4, 4), (64, 32, 3, 3), dict(padding=1)),
     ((5, 40, 13, 11), (48, 40, 3, 3), dict(stride=2, padding=1)),
     ((3, 16, 40, 36), (32, 16, 3, 3), dict(padding=1)),
+    ((3, 3, 40, 32), (16, 3, 3, 3), dict(padding=1)),        # smallc: rows per task depend on the thread count
 ]
 
 

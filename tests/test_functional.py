@@ -162,6 +162,11 @@ PATH_SHAPES = [
     ((1, 8, 40, 40), (8, 8, 5, 5), dict(stride=3, padding=2)),
     ((2, 16, 20, 24), (16, 16, 3, 3), dict(padding=1)),
     ((1, 24, 12, 40), (32, 24, 5, 3), dict(padding=(2, 1))),
+    # first layers: 1-4 input channels, the smallc path (float32), with strides and uneven padding
+    ((2, 3, 20, 32), (16, 3, 3, 3), dict(padding=1)),
+    ((1, 1, 30, 28), (6, 1, 5, 5), dict(padding=2)),
+    ((2, 3, 9, 90), (10, 3, 3, 3), dict(stride=2, padding=1)),
+    ((2, 4, 7, 59), (9, 4, 2, 4), dict(stride=(2, 1), padding=(1, 2))),
 ]
 
 
@@ -199,7 +204,8 @@ def test_every_path_is_exercised():
         _engine.force_conv_path("auto")
     for direction in ["forward", "grad_weight"]:
         for path in CONV_PATHS:
-            assert taken.get((direction, path), 0) >= 3, (direction, path, taken)
+            if (direction, path) != ("grad_weight", "smallc"):      # smallc is a forward path only
+                assert taken.get((direction, path), 0) >= 3, (direction, path, taken)
     for name in ["col2im", "transposed direct", "transposed pixels"]:
         assert taken.get(("grad_input", name), 0) >= 3, (name, taken)
 

@@ -483,6 +483,7 @@ cdef enum:
     PATH_DIRECT = 1
     PATH_IM2COL = 2
     PATH_PIXELS = 3
+    PATH_SMALLC = 4       # conv_smallc.pxi: forward of 1-4 channel float32 inputs
 
 cdef int forced_path = PATH_AUTO
 
@@ -492,10 +493,11 @@ cdef Py_ssize_t PIXELS_PER_TASK = 256
 
 
 def force_conv_path(str name):
-    """Pin conv2d's forward strategy ('direct', 'im2col', 'pixels') for every later call, or restore the automatic
-    choice ('auto'). For tests and benchmarks: each path must give the same answers."""
+    """Pin conv2d's forward strategy ('direct', 'im2col', 'pixels', 'smallc') for every later call, or restore the
+    automatic choice ('auto'). For tests and benchmarks: each path must give the same answers."""
     global forced_path
-    paths = {"auto": PATH_AUTO, "direct": PATH_DIRECT, "im2col": PATH_IM2COL, "pixels": PATH_PIXELS}
+    paths = {"auto": PATH_AUTO, "direct": PATH_DIRECT, "im2col": PATH_IM2COL, "pixels": PATH_PIXELS,
+             "smallc": PATH_SMALLC}
     if name not in paths:
         raise ValueError(f"unknown conv path {name!r}; expected one of {sorted(paths)}")
     forced_path = paths[name]
@@ -689,6 +691,9 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const Epilogu
     cdef int path
     if is_depthwise(p):
         return depthwise_forward(x, w, e, y, p, n_threads)
+    if floating is float:
+        if use_smallc(p, <float>0):
+            return conv2d_forward_smallc(x, w, e, y, p, n_threads)
     path = forward_path(p, <floating>0)
     if path == PATH_PIXELS:
         return conv2d_forward_pixels(x, w, e, y, p, n_threads)
@@ -1497,6 +1502,8 @@ cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T)
     cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
     cdef Py_ssize_t Wp, R, rows_in, ncmax, upt, maxpix, Npad, VL = vlen(<floating>0)
     cdef int path = forward_path(q, dummy)
+    if use_smallc(q, dummy):
+        return smallc_scratch(q, T)
     if path == PATH_PIXELS:
         Npad = round_up(Kg, pick_nv((Kg + VL - 1) // VL) * VL)
         R = pixel_rows(q)
@@ -1590,10 +1597,10 @@ cdef dict path_names(const ConvGeom* p, floating dummy):
     if is_depthwise(p):
         return {"forward": "depthwise", "grad_input": "depthwise", "grad_weight": "depthwise"}
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
-        grad_input = "transposed " + names[forward_path(&q, dummy)]
+        grad_input = "transposed " + ("smallc" if use_smallc(&q, dummy) else names[forward_path(&q, dummy)])
     else:
         grad_input = "col2im"
-    return {"forward": names[forward_path(p, dummy)], "grad_input": grad_input,
+    return {"forward": "smallc" if use_smallc(p, dummy) else names[forward_path(p, dummy)], "grad_input": grad_input,
             "grad_weight": names[grad_weight_path(p, dummy)]}
 
 

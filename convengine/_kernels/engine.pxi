@@ -3,6 +3,7 @@
 include "runtime.pxi"
 include "gemm.pxi"
 include "conv.pxi"
+include "conv_smallc.pxi"
 include "depthwise.pxi"
 include "pool.pxi"
 include "eltwise.pxi"

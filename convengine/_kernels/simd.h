@@ -30,6 +30,10 @@ typedef float ce_vf __attribute__((vector_size(CE_VBYTES), aligned(4)));
 typedef double ce_vd __attribute__((vector_size(CE_VBYTES), aligned(8)));
 
 static inline ce_vf ce_vf_zero(void) { ce_vf z = {0}; return z; }
+
+/* relu on a vector, as the scalar `0 if v <= 0 else v`: NaN stays NaN (its compare is false), -0 becomes +0. */
+typedef int ce_vi __attribute__((vector_size(CE_VBYTES)));
+static inline ce_vf ce_vf_relu(ce_vf v) { return (ce_vf)((ce_vi)v & ~(ce_vi)(v <= 0)); }
 static inline ce_vd ce_vd_zero(void) { ce_vd z = {0}; return z; }
 
 #endif

@@ -1,0 +1,185 @@
+# conv2d forward for first layers: 1-4 input channels (RGB or grey images), float32, groups 1, dilation 1.
+#
+# Such a layer has only C*KH*KW = 9..100 products per output value, too few for the GEMM paths: their packing,
+# per-task tables and the store from the C block cost as much as the arithmetic (55 GFLOP/s on a 3-channel 3x3
+# layer, half the rate of the 32-channel layers). Here the image is read directly, ONNX Runtime's NCHW-input
+# approach: a task copies the input rows it needs once, zero-padded and, for stride 2, split into even and odd
+# columns so that every tap reads a contiguous run; then each register tile holds MR output channels x NV vectors
+# of output pixels along a row, accumulates over the C*KH*KW taps (one vector load per pixel vector, one broadcast
+# weight per channel), and applies the epilogue (bias, ReLU, scale and shift) before its only store.
+#
+# Each output value is one sum over its taps in (c, kh, kw) order whatever the tiling, so results do not depend on
+# the thread count or on how tasks split the rows.
+
+# Whether a shape takes this path (forward only; float64 keeps the GEMM paths).
+cdef inline bint use_smallc(const ConvGeom* p, floating dummy) noexcept nogil:
+    if floating is double:
+        return False
+    if forced_path != PATH_AUTO and forced_path != PATH_SMALLC:
+        return False
+    # and rows of output pixels that whole tiles pad by at most a seventh (stride-2 16-pixel rows, padded to 32,
+    # ran at 30 GFLOP/s against 40 on the GEMM paths; 28-pixel rows in 32 pay)
+    cdef Py_ssize_t VL = vlen(<floating>0)
+    cdef Py_ssize_t tile = pick_nv((p.OW + VL - 1) // VL) * VL
+    return (p.G == 1 and p.C <= 4 and p.dh == 1 and p.dw == 1 and p.sw <= 2 and p.KW <= 16
+            and p.OW >= VL and 7 * ((p.OW + tile - 1) // tile * tile) <= 8 * p.OW)
+
+
+cdef inline Py_ssize_t smallc_row_width(const ConvGeom* p, Py_ssize_t VL, int nv) noexcept nogil:
+    """Columns per phase of a task's padded input rows: every tile of nv*VL outputs reads whole vectors inside."""
+    cdef Py_ssize_t tiles = (p.OW + nv * VL - 1) // (nv * VL)
+    return tiles * nv * VL + (p.KW - 1) // p.sw + 1
+
+
+cdef void smallc_tile(const float* xq, const Py_ssize_t* tapoff, Py_ssize_t taps, const float* wk,
+                      const ConvGeom* p, const Epilogue* e, Py_ssize_t k0, Py_ssize_t nk, float* y,
+                      Py_ssize_t nvalid, tile_width* width) noexcept nogil:
+    """y[i*OH*OW + t] for channels k0 + i < k0 + nk (at most MR) and t < nvalid pixels of one output row: tap t
+    reads xq (this tile's first input row and column) + tapoff[t]; wk holds the MR weights of each tap, zero past
+    nk."""
+    cdef vfloat acc[CE_MR][CE_NV]
+    cdef vfloat xv[CE_NV]
+    cdef vfloat v
+    cdef float bval, sc, sh
+    cdef float tail[64]           # CE_NV vectors of floats: at most 3 x 16
+    cdef const float* src
+    cdef const float* wt = wk
+    cdef Py_ssize_t VL = CE_VBYTES // sizeof(float)
+    cdef Py_ssize_t i, j, t, P = p.OH * p.OW
+    cdef const float* bias = <const float*>e.bias
+    cdef const float* scale = <const float*>e.scale
+    cdef const float* shift = <const float*>e.shift
+    cdef int nv
+    if tile_width is wide_tile:
+        nv = CE_NV
+    else:
+        nv = CE_NV_ALT
+    for i in range(CE_MR):
+        for j in range(nv):
+            acc[i][j] = ce_vf_zero()
+    for t in range(taps):
+        src = xq + tapoff[t]
+        for j in range(nv):
+            xv[j] = (<const vfloat*>(src + j * VL))[0]
+        for i in range(CE_MR):
+            for j in range(nv):
+                acc[i][j] += wt[i] * xv[j]
+        wt = wt + CE_MR
+    if nvalid < nv * VL:            # the last tile of a row: through the scalar epilogue, valid pixels only
+        for i in range(nk):
+            for j in range(nv):
+                (<vfloat*>(tail + j * VL))[0] = acc[i][j]
+            store_span(<const float*>tail, 1, y + i * P, nvalid, e, k0 + i)
+        return
+    for i in range(nk):             # whole tiles: the epilogue in registers, then the only store
+        bval = bias[k0 + i] if bias != NULL else 0
+        sc = scale[k0 + i] if scale != NULL else 1
+        sh = shift[k0 + i] if scale != NULL else 0
+        for j in range(nv):
+            v = acc[i][j] + bval
+            if e.relu:
+                v = ce_vf_relu(v)
+            if scale != NULL:
+                v = v * sc + sh
+            (<vfloat*>(y + i * P + j * VL))[0] = v
+
+
+cdef inline Py_ssize_t smallc_rows(const ConvGeom* p, int n_threads) noexcept nogil:
+    """Output rows per task: about 8 tasks per thread over the batch, so that batch 1 splits over the rows."""
+    cdef Py_ssize_t want = 8 * max(1, n_threads)
+    return max(1, min(p.OH, (p.B * p.OH) // want))
+
+
+cdef int conv2d_forward_smallc(const float* x, const float* w, const Epilogue* e, float* y, const ConvGeom* p,
+                               int n_threads) noexcept nogil:
+    """The first-layer forward (see the top of this file), float32. Returns -1 on allocation failure."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t VL = vlen(<float>0)
+    cdef int nv = pick_nv((p.OW + VL - 1) // VL)
+    cdef Py_ssize_t Wq = smallc_row_width(p, VL, nv)
+    cdef Py_ssize_t taps = p.C * p.KH * p.KW
+    cdef Py_ssize_t kblocks = (p.K + CE_MR - 1) // CE_MR
+    cdef Py_ssize_t R = smallc_rows(p, n_threads)
+    cdef Py_ssize_t nrb = (p.OH + R - 1) // R
+    cdef Py_ssize_t rows_in = (R - 1) * p.sh + p.KH
+    cdef Py_ssize_t plane = rows_in * p.sw * Wq
+    cdef Py_ssize_t tiles = (p.OW + nv * VL - 1) // (nv * VL)
+    cdef Py_ssize_t task, b, rb, oh0, nrows, c, r, ih, ph, jj, iw, ro, owt, ow0, kb, i, t
+    cdef float* wpk
+    cdef Py_ssize_t* tapoff
+    cdef Py_ssize_t kh, kw
+    cdef float* xq
+    cdef float* dst
+    cdef const float* xrow
+    cdef int failed = 0
+    wpk = <float*>malloc(kblocks * taps * CE_MR * sizeof(float))
+    tapoff = <Py_ssize_t*>malloc(taps * sizeof(Py_ssize_t))
+    if wpk == NULL or tapoff == NULL:
+        free(wpk)
+        free(tapoff)
+        return -1
+    # tap (c, kh, kw) of output column ow reads padded column ow*sw + kw: phase kw % sw, column ow + kw // sw
+    for c in range(p.C):
+        for kh in range(p.KH):
+            for kw in range(p.KW):
+                tapoff[(c * p.KH + kh) * p.KW + kw] = c * plane + (kh * p.sw + kw % p.sw) * Wq + kw // p.sw
+    for kb in range(kblocks):
+        for t in range(taps):
+            for i in range(CE_MR):
+                wpk[(kb * taps + t) * CE_MR + i] = w[(kb * CE_MR + i) * taps + t] if kb * CE_MR + i < p.K else 0
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        xq = <float*>malloc(p.C * plane * sizeof(float))
+        for task in prange(p.B * nrb, schedule='static'):
+            if xq == NULL:
+                flag_failure(&failed)
+                continue
+            b = task // nrb
+            rb = task - b * nrb
+            oh0 = rb * R
+            nrows = min(R, p.OH - oh0)
+            # the task's input rows, zero-padded, each split into sw phases of Wq columns
+            for c in range(p.C):
+                for r in range((nrows - 1) * p.sh + p.KH):
+                    ih = oh0 * p.sh + r - p.pt
+                    for ph in range(p.sw):
+                        dst = xq + c * plane + (r * p.sw + ph) * Wq
+                        if ih < 0 or ih >= p.H:
+                            memset(dst, 0, Wq * sizeof(float))
+                            continue
+                        xrow = x + ((b * p.C + c) * p.H + ih) * p.W
+                        for jj in range(Wq):
+                            iw = jj * p.sw + ph - p.pl
+                            dst[jj] = xrow[iw] if 0 <= iw < p.W else 0
+            for ro in range(nrows):
+                for owt in range(tiles):
+                    ow0 = owt * nv * VL
+                    for kb in range(kblocks):
+                        if nv == CE_NV:
+                            smallc_tile(xq + ro * p.sh * p.sw * Wq + ow0, tapoff, taps,
+                                        wpk + kb * taps * CE_MR, p, e, kb * CE_MR, min(CE_MR, p.K - kb * CE_MR),
+                                        y + ((b * p.K + kb * CE_MR) * p.OH + oh0 + ro) * p.OW + ow0,
+                                        min(nv * VL, p.OW - ow0), <wide_tile*>NULL)
+                        else:
+                            smallc_tile(xq + ro * p.sh * p.sw * Wq + ow0, tapoff, taps,
+                                        wpk + kb * taps * CE_MR, p, e, kb * CE_MR, min(CE_MR, p.K - kb * CE_MR),
+                                        y + ((b * p.K + kb * CE_MR) * p.OH + oh0 + ro) * p.OW + ow0,
+                                        min(nv * VL, p.OW - ow0), <narrow_tile*>NULL)
+        free(xq)
+        fp_leave(fp)
+    fp_resume(fps)
+    free(wpk)
+    free(tapoff)
+    return -failed
+
+
+cdef Py_ssize_t smallc_scratch(const ConvGeom* p, Py_ssize_t T) noexcept nogil:
+    """Bytes conv2d_forward_smallc allocates with T threads (float32)."""
+    cdef Py_ssize_t VL = vlen(<float>0)
+    cdef int nv = pick_nv((p.OW + VL - 1) // VL)
+    cdef Py_ssize_t R = smallc_rows(p, T)
+    cdef Py_ssize_t rows_in = (R - 1) * p.sh + p.KH
+    return (((p.K + CE_MR - 1) // CE_MR * p.C * p.KH * p.KW * CE_MR
+             + T * p.C * rows_in * p.sw * smallc_row_width(p, VL, nv)) * sizeof(float)
+            + p.C * p.KH * p.KW * sizeof(Py_ssize_t))
