@@ -9,7 +9,8 @@ Ops (float32): conv2d forward and backward (32, 64, 16, 16) -> 64, 3x3, padding 
 subnormal), and forward with x and w scaled by 1e-19 ("products": normal inputs whose products are subnormal);
 max and average pooling 2x2; relu; batch norm forward (batch statistics) and backward; linear (256 x 1024) @
 (1024 x 1024). All variants of one op are timed in the same rounds, in rotating order, so that load on the machine
-affects them alike. The tiny run uses small shapes.
+affects them alike, and ordered so that no call directly follows one on the same data (which would find its
+input in cache and read faster). The tiny run uses small shapes.
 
 How much a subnormal costs depends on the CPU: on Intel cores an arithmetic instruction that meets one takes a
 microcode assist of a hundred cycles or more; AMD Zen cores pay far less. The report states what it measured.
@@ -183,7 +184,8 @@ def measure(ctx):
         ops["training step"] = {"normal": training_step(shapes["train"], np.float32(1)),
                                 "100%": training_step(shapes["train"], TRAIN_SCALE)}
         for op, variants in ops.items():
-            calls = {(op, v, flag): flushing(flag, call) for v, call in variants.items() for flag in (True, False)}
+            # flag-major order: no call directly follows one on the same data, which would find it in cache
+            calls = {(op, v, flag): flushing(flag, call) for flag in (True, False) for v, call in variants.items()}
             repeats = calls_for_seconds(calls, ctx.opts.repeat, seconds)
             # every variant gets as many calls as the slowest needs: the rounds stay interleaved to the end
             times = time_interleaved(calls, dict.fromkeys(calls, min(repeats.values())), warmup=0, park=0)
