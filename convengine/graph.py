@@ -400,17 +400,9 @@ class Graph:
             total_params += n_params
             total_flops += flops
             rows.append((str(i), type(layer).__name__, _names(srcs), str(shapes[i]), f"{n_params:,}", f"{flops:,}"))
-        widths = [max(len(r[c]) for r in rows) for c in range(6)]
-        lines = []
-        for j, r in enumerate(rows):
-            lines.append("  ".join(cell.ljust(w) if c < 4 else cell.rjust(w)
-                                   for c, (cell, w) in enumerate(zip(r, widths))))
-            if j == 0:
-                lines.append("-" * len(lines[0]))
-        lines.append("-" * len(lines[0]))
-        lines.append(f"input {shape}, output ({self.output}) {shapes[self.output]}, {self.dtype.name}: "
-                     f"{total_params:,} parameters, {total_flops:,} FLOPs per image")
-        return "\n".join(lines)
+        return _model.summary_table(rows, 4, f"input {shape}, output ({self.output}) {shapes[self.output]}, "
+                                             f"{self.dtype.name}: {total_params:,} parameters, {total_flops:,} "
+                                             f"FLOPs per image")
 
     def description(self):
         """The JSON-serialisable part of a saved model (format version 2)."""

@@ -67,6 +67,21 @@ def model_input(x, dtype):
     return x
 
 
+def summary_table(rows, text_columns, footer):
+    """The text of summary(): rows of cells (the first row the header), the first text_columns columns
+    left-aligned and the numbers right-aligned, a rule under the header and above the footer line."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = []
+    for j, r in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) if c < text_columns else cell.rjust(w)
+                               for c, (cell, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("-" * len(lines[0]))
+    lines.append("-" * len(lines[0]))
+    lines.append(footer)
+    return "\n".join(lines)
+
+
 class Sequential:
     """Layers applied in order. The first layer skips the gradient with respect to the model input unless
     `need_input_grad` is set (e.g. for saliency maps)."""
@@ -303,17 +318,8 @@ class Sequential:
             total_params += n_params
             total_flops += flops
             rows.append((str(i), type(layer).__name__, str(tuple(shape)), f"{n_params:,}", f"{flops:,}"))
-        widths = [max(len(r[c]) for r in rows) for c in range(5)]
-        lines = []
-        for j, r in enumerate(rows):
-            lines.append("  ".join(cell.ljust(w) if c < 3 else cell.rjust(w)
-                                   for c, (cell, w) in enumerate(zip(r, widths))))
-            if j == 0:
-                lines.append("-" * len(lines[0]))
-        lines.append("-" * len(lines[0]))
-        lines.append(f"input {self._known_input_shape(input_shape)}, {self.dtype.name}: {total_params:,} parameters, "
-                     f"{total_flops:,} FLOPs per image")
-        return "\n".join(lines)
+        return summary_table(rows, 3, f"input {self._known_input_shape(input_shape)}, {self.dtype.name}: "
+                                      f"{total_params:,} parameters, {total_flops:,} FLOPs per image")
 
     def astype(self, dtype):
         """Convert parameters and buffers to dtype (float32 or float64), in place; returns the model. Create the
