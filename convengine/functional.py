@@ -7,7 +7,7 @@ twin of every function is in `convengine.reference`.
 """
 import numpy as np
 
-from . import _args, _threads
+from . import _args, _threads, _workspace
 from ._kernels import engine as _engine
 from ._threads import get_num_threads
 
@@ -52,7 +52,7 @@ def _pool_params(g):
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D convolution (cross-correlation, as in PyTorch) of x (N, C, H, W) with weight (K, C/groups, KH, KW)."""
     geom = _args.conv2d_args(x, weight, bias, stride, padding, dilation, groups)
-    out = np.empty(geom.out_shape, dtype=x.dtype)
+    out = _workspace.empty(geom.out_shape, dtype=x.dtype)
     if geom.batch == 0:
         return out
     _engine.conv2d_forward(_contiguous(x), _contiguous(weight), None if bias is None else _contiguous(bias), out,
@@ -67,12 +67,12 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     grad_out = _contiguous(grad_out)
     params = _conv_params(geom)
     n_threads = _threads_for(_args.flops_conv2d(geom), _SERIAL_FLOPS)
-    grad_w = np.empty(weight.shape, dtype=x.dtype)
-    grad_b = np.empty(weight.shape[0], dtype=x.dtype)
+    grad_w = _workspace.empty(weight.shape, dtype=x.dtype)
+    grad_b = _workspace.empty(weight.shape[0], dtype=x.dtype)
     _engine.conv2d_grad_weight(grad_out, _contiguous(x), grad_w, grad_b, params, n_threads)
     grad_x = None
     if need_input_grad:
-        grad_x = np.empty(x.shape, dtype=x.dtype)
+        grad_x = _workspace.empty(x.shape, dtype=x.dtype)
         _engine.conv2d_grad_input(grad_out, _contiguous(weight), grad_x, params, n_threads)
     return grad_x, grad_w, grad_b
 
@@ -82,8 +82,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, return_i
     _args.check_array(x, "x", 4)
     geom = _args.pool2d_geometry(x.shape, kernel_size, stride, padding, ceil_mode, "max_pool2d")
     return_indices = _args.check_bool(return_indices, "return_indices")
-    out = np.empty(geom.out_shape, dtype=x.dtype)
-    indices = np.empty(geom.out_shape, dtype=np.int64) if return_indices else None
+    out = _workspace.empty(geom.out_shape, dtype=x.dtype)
+    indices = _workspace.empty(geom.out_shape, dtype=np.int64) if return_indices else None
     _engine.max_pool2d_forward(_contiguous(x), out, indices, _pool_params(geom),
                                _threads_for(x.size, _SERIAL_ELEMENTS))
     return (out, indices) if return_indices else out
@@ -93,7 +93,7 @@ def max_pool2d_backward(grad_out, indices, input_shape):
     """Gradient of max_pool2d: grad_out scattered to the positions in indices, for an input of input_shape."""
     _args.check_array(grad_out, "grad_out", 4)
     input_shape = _args.check_max_pool_backward(grad_out, indices, input_shape)
-    grad_x = np.empty(input_shape, dtype=grad_out.dtype)
+    grad_x = _workspace.empty(input_shape, dtype=grad_out.dtype)
     planes = input_shape[0] * input_shape[1]
     hw = input_shape[2] * input_shape[3]
     bad = _engine.max_pool2d_backward(_contiguous(grad_out).reshape(-1),
@@ -109,7 +109,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     _args.check_array(x, "x", 4)
     geom = _args.pool2d_geometry(x.shape, kernel_size, stride, padding, ceil_mode, "avg_pool2d")
     count_include_pad = _args.check_bool(count_include_pad, "count_include_pad")
-    out = np.empty(geom.out_shape, dtype=x.dtype)
+    out = _workspace.empty(geom.out_shape, dtype=x.dtype)
     _engine.avg_pool2d_forward(_contiguous(x), out, _pool_params(geom), count_include_pad,
                                _threads_for(x.size, _SERIAL_ELEMENTS))
     return out
@@ -125,7 +125,7 @@ def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding
     if grad_out.shape != geom.out_shape:
         raise ValueError(f"grad_out shape {grad_out.shape} does not match the avg_pool2d output shape "
                          f"{geom.out_shape} for input_shape {input_shape}")
-    grad_x = np.empty(input_shape, dtype=grad_out.dtype)
+    grad_x = _workspace.empty(input_shape, dtype=grad_out.dtype)
     _engine.avg_pool2d_backward(_contiguous(grad_out), grad_x, _pool_params(geom), count_include_pad,
                                 _threads_for(grad_x.size, _SERIAL_ELEMENTS))
     return grad_x
@@ -134,7 +134,7 @@ def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding
 def relu(x):
     """max(x, 0) elementwise; NaN stays NaN."""
     _args.check_array(x, "x")
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = _workspace.empty(x.shape, dtype=x.dtype)
     _engine.relu_forward(_contiguous(x).reshape(-1), out.reshape(-1), _threads_for(x.size, _SERIAL_ELEMENTS))
     return out
 
@@ -145,7 +145,7 @@ def relu_backward(grad_out, x):
     _args.check_array(grad_out, "grad_out", x.ndim, x.dtype)
     if grad_out.shape != x.shape:
         raise ValueError(f"grad_out shape {grad_out.shape} does not match x shape {x.shape}")
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = _workspace.empty(x.shape, dtype=x.dtype)
     _engine.relu_backward(_contiguous(grad_out).reshape(-1), _contiguous(x).reshape(-1), out.reshape(-1),
                           _threads_for(x.size, _SERIAL_ELEMENTS))
     return out
@@ -154,7 +154,7 @@ def relu_backward(grad_out, x):
 def linear(x, weight, bias=None):
     """x (N, in) @ weight.T (weight: (out, in)) + bias."""
     _args.linear_args(x, weight, bias)
-    out = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
+    out = _workspace.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
     _engine.matmul(_aligned(x), _aligned(weight).T, out, _threads_for(2 * x.shape[0] * weight.size, _SERIAL_FLOPS))
     if bias is not None:
         out += bias
@@ -165,8 +165,8 @@ def linear_backward(grad_out, x, weight):
     """Gradients of linear: (grad_x, grad_weight, grad_bias)."""
     _args.linear_backward_args(grad_out, x, weight)
     n_threads = _threads_for(4 * x.shape[0] * weight.size, _SERIAL_FLOPS)
-    grad_x = np.empty(x.shape, dtype=x.dtype)
-    grad_w = np.empty(weight.shape, dtype=x.dtype)
+    grad_x = _workspace.empty(x.shape, dtype=x.dtype)
+    grad_w = _workspace.empty(weight.shape, dtype=x.dtype)
     grad_out = _aligned(grad_out)
     _engine.matmul(grad_out, _aligned(weight), grad_x, n_threads)
     _engine.matmul(grad_out.T, _aligned(x), grad_w, n_threads)
@@ -176,7 +176,7 @@ def linear_backward(grad_out, x, weight):
 def batch_norm2d(x, weight, bias, mean, var, eps=1e-5):
     """Per-channel (x - mean) * weight / sqrt(var + eps) + bias over (N, C, H, W), with given statistics (C,)."""
     eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, bias=bias, mean=mean, var=var))
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = _workspace.empty(x.shape, dtype=x.dtype)
     # the kernel's mean and var are outputs in training mode, so it takes them writable: copies (C values each)
     _engine.batch_norm2d_forward(_contiguous(x), _contiguous(weight), _contiguous(bias),
                                  np.array(mean, dtype=x.dtype), np.array(var, dtype=x.dtype), False, eps, out,
@@ -187,7 +187,7 @@ def batch_norm2d(x, weight, bias, mean, var, eps=1e-5):
 def batch_norm2d_training(x, weight, bias, eps=1e-5):
     """batch_norm2d with the batch's own statistics: (y, mean, var), var biased (divided by N*H*W)."""
     eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, bias=bias), training=True)
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = _workspace.empty(x.shape, dtype=x.dtype)
     mean = np.empty(x.shape[1], dtype=x.dtype)
     var = np.empty(x.shape[1], dtype=x.dtype)
     _engine.batch_norm2d_forward(_contiguous(x), _contiguous(weight), _contiguous(bias), mean, var, True, eps, out,
@@ -199,9 +199,9 @@ def batch_norm2d_backward(grad_out, x, weight, mean, var, eps=1e-5):
     """Gradients of batch_norm2d_training, given the mean and var it returned: (grad_x, grad_weight, grad_bias)."""
     eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, mean=mean, var=var), training=True,
                                        grad_out=grad_out)
-    grad_x = np.empty(x.shape, dtype=x.dtype)
-    grad_w = np.empty(x.shape[1], dtype=x.dtype)
-    grad_b = np.empty(x.shape[1], dtype=x.dtype)
+    grad_x = _workspace.empty(x.shape, dtype=x.dtype)
+    grad_w = _workspace.empty(x.shape[1], dtype=x.dtype)
+    grad_b = _workspace.empty(x.shape[1], dtype=x.dtype)
     _engine.batch_norm2d_backward(_contiguous(grad_out), _contiguous(x), _contiguous(weight), _contiguous(mean),
                                   _contiguous(var), eps, grad_x, grad_w, grad_b,
                                   _threads_for(x.size, _SERIAL_ELEMENTS))
@@ -209,20 +209,12 @@ def batch_norm2d_backward(grad_out, x, weight, mean, var, eps=1e-5):
 
 
 # Fused forms of two ops in a row, for the layers that Sequential fuses (convengine.fusion); not public API. Each
-# gives the values of the two ops one after the other, bit for bit, in one pass. `out`, when given, is an array of
-# the result's shape and dtype, C-contiguous, that the result is written into (a buffer reused across steps).
+# gives the values of the two ops one after the other, bit for bit, in one pass.
 
-def _output(out, shape, dtype):
-    if (out is not None and out.shape == tuple(shape) and out.dtype == dtype and out.flags.c_contiguous
-            and out.flags.writeable):
-        return out
-    return np.empty(shape, dtype=dtype)
-
-
-def _conv2d_relu(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, out=None):
+def _conv2d_relu(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """relu(conv2d(...)): the ReLU applied as each output tile is stored."""
     geom = _args.conv2d_args(x, weight, bias, stride, padding, dilation, groups)
-    out = _output(out, geom.out_shape, x.dtype)
+    out = _workspace.empty(geom.out_shape, x.dtype)
     if geom.batch == 0:
         return out
     _engine.conv2d_forward(_contiguous(x), _contiguous(weight), None if bias is None else _contiguous(bias), out,
@@ -230,20 +222,20 @@ def _conv2d_relu(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
     return out
 
 
-def _batch_norm2d_relu(x, weight, bias, mean, var, eps=1e-5, out=None):
+def _batch_norm2d_relu(x, weight, bias, mean, var, eps=1e-5):
     """relu(batch_norm2d(...)) with given statistics."""
     eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, bias=bias, mean=mean, var=var))
-    out = _output(out, x.shape, x.dtype)
+    out = _workspace.empty(x.shape, x.dtype)
     _engine.batch_norm2d_forward(_contiguous(x), _contiguous(weight), _contiguous(bias),
                                  np.array(mean, dtype=x.dtype), np.array(var, dtype=x.dtype), False, eps, out,
                                  _threads_for(x.size, _SERIAL_ELEMENTS), relu=True)
     return out
 
 
-def _batch_norm2d_relu_training(x, weight, bias, eps=1e-5, out=None):
+def _batch_norm2d_relu_training(x, weight, bias, eps=1e-5):
     """(relu(y), mean, var) for (y, mean, var) = batch_norm2d_training(...)."""
     eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, bias=bias), training=True)
-    out = _output(out, x.shape, x.dtype)
+    out = _workspace.empty(x.shape, x.dtype)
     mean = np.empty(x.shape[1], dtype=x.dtype)
     var = np.empty(x.shape[1], dtype=x.dtype)
     _engine.batch_norm2d_forward(_contiguous(x), _contiguous(weight), _contiguous(bias), mean, var, True, eps, out,
@@ -259,9 +251,9 @@ def _batch_norm2d_relu_backward(grad_out, x, relu_out, weight, mean, var, eps=1e
     _args.check_array(relu_out, "relu_out", 4, x.dtype)
     if relu_out.shape != x.shape:
         raise ValueError(f"relu_out shape {relu_out.shape} does not match x shape {x.shape}")
-    grad_x = np.empty(x.shape, dtype=x.dtype)
-    grad_w = np.empty(x.shape[1], dtype=x.dtype)
-    grad_b = np.empty(x.shape[1], dtype=x.dtype)
+    grad_x = _workspace.empty(x.shape, dtype=x.dtype)
+    grad_w = _workspace.empty(x.shape[1], dtype=x.dtype)
+    grad_b = _workspace.empty(x.shape[1], dtype=x.dtype)
     _engine.batch_norm2d_backward(_contiguous(grad_out), _contiguous(x), _contiguous(weight), _contiguous(mean),
                                   _contiguous(var), eps, grad_x, grad_w, grad_b,
                                   _threads_for(x.size, _SERIAL_ELEMENTS), relu_out=_contiguous(relu_out))

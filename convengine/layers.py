@@ -209,12 +209,11 @@ class Conv2d(_Weighted):
     def forward(self, x, training=False):
         return self._forward(x, training)
 
-    def _forward(self, x, training, relu=False, out=None):
-        """forward; with relu, relu(forward) in one pass (Sequential fuses a following ReLU so), written into out
-        when that fits (see functional._output)."""
+    def _forward(self, x, training, relu=False):
+        """forward; with relu, relu(forward) in one pass (Sequential fuses a following ReLU so)."""
         bias = self.bias.data if self.bias is not None else None
         if relu:
-            y = F._conv2d_relu(x, self.weight.data, bias, out=out, **self._hyper())
+            y = F._conv2d_relu(x, self.weight.data, bias, **self._hyper())
         else:
             y = F.conv2d(x, self.weight.data, bias, **self._hyper())
         self._x = x if training else None
@@ -598,20 +597,20 @@ class BatchNorm2d(Layer):
     def forward(self, x, training=False):
         return self._forward(x, training)
 
-    def _forward(self, x, training, relu=False, out=None):
+    def _forward(self, x, training, relu=False):
         """forward; with relu, relu(forward) in one pass, and backward then takes the gradient of that ReLU's
-        output (Sequential fuses a following ReLU so), written into out when that fits (functional._output)."""
+        output (Sequential fuses a following ReLU so)."""
         self._check(x)
         gamma = self._params["weight"].data
         beta = self._params["bias"].data
         if not training:
             self._cache = None
             if relu:
-                return F._batch_norm2d_relu(x, gamma, beta, self.running_mean, self.running_var, self.eps, out=out)
+                return F._batch_norm2d_relu(x, gamma, beta, self.running_mean, self.running_var, self.eps)
             return F.batch_norm2d(x, gamma, beta, self.running_mean, self.running_var, self.eps)
         # (F refuses a batch with one value per channel)
         if relu:
-            y, mean, var = F._batch_norm2d_relu_training(x, gamma, beta, self.eps, out=out)
+            y, mean, var = F._batch_norm2d_relu_training(x, gamma, beta, self.eps)
         else:
             y, mean, var = F.batch_norm2d_training(x, gamma, beta, self.eps)
         m = x.shape[0] * x.shape[2] * x.shape[3]

@@ -18,9 +18,9 @@ import zipfile
 import numpy as np
 
 from . import _args
-from .layers import (LAYER_TYPES, BatchNorm2d, Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU,
-                     shapes_only)
-from . import fusion as _fusion
+from .layers import (LAYER_TYPES, AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Layer, Linear,
+                     MaxPool2d, ReLU, shapes_only)
+from . import _workspace, fusion as _fusion
 from ._outputs import temporary_beside
 
 __all__ = ["Sequential", "load", "lenet", "FORMAT", "VERSION", "MAX_LAYERS"]
@@ -80,6 +80,11 @@ def summary_table(rows, text_columns, footer):
     lines.append("-" * len(lines[0]))
     lines.append(footer)
     return "\n".join(lines)
+
+
+# Layers whose forward returns an array of its own (never its input or a view of it), and those whose backward does
+_FRESH_FORWARD = (Conv2d, BatchNorm2d, ReLU, MaxPool2d, AvgPool2d, GlobalAvgPool2d, Linear)
+_FRESH_BACKWARD = (Conv2d, BatchNorm2d, MaxPool2d, AvgPool2d, GlobalAvgPool2d, Linear)
 
 
 class Sequential:
@@ -150,31 +155,42 @@ class Sequential:
     # Conv2d or BatchNorm2d followed by ReLU run as one pass in forward (see convengine.fusion); False runs every
     # layer on its own (the same values).
     fuse = True
+    # Reuse the big arrays of a training step in the next step of the same batch shape (convengine._workspace):
+    # the outputs of forward that a later layer reads and replaces by an array of its own, the gradients of
+    # backward that an earlier layer does; never an array the model returns or a view of one.
+    reuse_buffers = True
+
+    def _arenas(self):
+        arenas = getattr(self, "_workspaces", None)
+        if arenas is None:
+            arenas = self._workspaces = (_workspace.Arena(), _workspace.Arena())
+        return arenas
 
     def forward(self, x, training=False):
         """The model output for a batch. training=True keeps what backward needs and updates BatchNorm's running
         statistics; inference (training=False) keeps nothing."""
         x = self._input(x)
         model_input = x.shape
-        pairs = _fusion.pairs(self.layers) if self.fuse else {}
-        if training and pairs and getattr(self, "_activations", None) is None:
-            self._activations = _fusion.ActivationBuffers()
+        pairs = _fusion.pairs(self.layers) if self.fuse else set()
+        arena = None
+        if training and self.reuse_buffers:
+            arena = self._arenas()[0]
+            arena.begin((x.shape, x.dtype.str))
+            # the last layer whose output is an array of its own: it and those after it take none of the arena's
+            last = max((k for k, layer in enumerate(self.layers) if type(layer) in _FRESH_FORWARD), default=-1)
         i = 0
         while i < len(self.layers):
             layer = self.layers[i]
+            step = 2 if i in pairs else 1
             try:
-                if i in pairs:
-                    out = self._activations.get(i, x) if training and pairs[i] else None
-                    y = _fusion.run_pair(layer, self.layers[i + 1], x, training, out)
-                    if training and pairs[i]:
-                        self._activations.keep(i, x, y)
-                    x = y
-                    i += 2
-                    continue
-                x = layer.forward(x, training)
+                with _workspace.using(arena if arena is not None and i + step - 1 < last else None):
+                    if step == 2:
+                        x = _fusion.run_pair(layer, self.layers[i + 1], x, training)
+                    else:
+                        x = layer.forward(x, training)
             except (ValueError, TypeError) as e:
                 raise type(e)(self._layer_error(i, x.shape, e, model_input)) from e
-            i += 1
+            i += step
         if self.input_shape is None:
             self.input_shape = model_input[1:]
         return x
@@ -198,12 +214,21 @@ class Sequential:
     def backward(self, grad):
         """Back-propagate d loss / d output, accumulating every parameter's .grad. Returns d loss / d input, or
         None when the first layer skipped it (need_input_grad False)."""
+        arena = None
+        if self.reuse_buffers:
+            arena = self._arenas()[1]
+            arena.begin((getattr(grad, "shape", None), len(self.layers)))
+            # the first layer whose input gradient is an array of its own: it and those before it take none of the
+            # arena's
+            first = min((k for k, layer in enumerate(self.layers) if type(layer) in _FRESH_BACKWARD),
+                        default=len(self.layers))
         for i in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[i]
             if i == 0 and not layer.need_input_grad and not layer.parameters():
                 return None
             try:
-                grad = layer.backward(grad)
+                with _workspace.using(arena if arena is not None and i > first else None):
+                    grad = layer.backward(grad)
             except (ValueError, TypeError) as e:
                 shape = getattr(grad, "shape", ())
                 raise type(e)(self._layer_error(i, shape, e, what="gradient")) from e

@@ -63,16 +63,14 @@ def data(dtype, batch=3, seed=5):
 
 
 def test_the_patterns_recognised():
-    layers = bn_relu_net(np.float32)
-    assert fusion.pairs(layers) == {1: True, 5: True}
-    assert fusion.pairs(conv_relu_net(np.float32)) == {0: True, 3: True}
-    # a pair whose output the model returns, or returns through a Flatten, lives in no buffer
-    assert fusion.pairs([L.Conv2d(1, 2, 3), L.ReLU(), L.Flatten()]) == {0: False}
-    assert fusion.pairs([L.ReLU(), L.Conv2d(1, 2, 3), L.MaxPool2d(2), L.ReLU()]) == {}
+    assert fusion.pairs(bn_relu_net(np.float32)) == {1, 5}
+    assert fusion.pairs(conv_relu_net(np.float32)) == {0, 3}
+    assert fusion.pairs([L.Conv2d(1, 2, 3), L.BatchNorm2d(2), L.ReLU(), L.ReLU()]) == {1}
+    assert fusion.pairs([L.ReLU(), L.Conv2d(1, 2, 3), L.MaxPool2d(2), L.ReLU()]) == set()
 
     class MyConv(L.Conv2d):
         pass
-    assert fusion.pairs([MyConv(1, 2, 3), L.ReLU(), L.Linear(2, 2)]) == {}   # a subclass may change forward
+    assert fusion.pairs([MyConv(1, 2, 3), L.ReLU(), L.Linear(2, 2)]) == set()   # a subclass may change forward
 
 
 @pytest.mark.parametrize("net", list(NETS))
@@ -177,31 +175,58 @@ def test_conv_relu_kernel_is_the_two_ops_in_a_row(rng):
                          F.relu(F.conv2d(x, w, b, stride=2, padding=1)))
 
 
-def test_training_outputs_live_in_buffers_reused_across_steps():
-    model = model_of("bn_relu", np.float32, True)
-    x, gy = data(np.float32, batch=4)
-    model.forward(x, training=True)
-    first = model.layers[3]._shape, id(model.layers[2]._y)
-    kept = model._activations.nbytes()
-    assert kept == 4 * 6 * 8 * 8 * 4 + 4 * 4 * 4 * 4 * 4      # the two pairs' outputs
-    out1 = model.forward(x, training=True)
-    model.backward(gy)
-    out2 = model.forward(x, training=True)
-    assert out1 is not out2 and not np.shares_memory(out1, out2)
-    assert model._activations.nbytes() == kept
-    buffered = model._activations.get(1, x)
-    assert buffered is not None and buffered is model.layers[1]._cache[3]      # the BN + ReLU output, reused
-    assert first[0] == (4, 6, 8, 8)
-    # a smaller last batch gets its own buffers, and the full batch keeps its own
-    model.forward(x[:3], training=True)
-    assert model._activations.get(1, x) is buffered
-
-
-def test_a_models_own_output_is_never_a_buffer():
+def test_training_buffers_are_reused_across_steps_and_never_returned():
+    """A second step of the same batch shape allocates no new big arrays: the layers' outputs and gradients are
+    the previous step's buffers; the model's output and input gradient are new arrays each time."""
     convengine.manual_seed(0)
-    model = Sequential([L.Conv2d(3, 2, 3), L.ReLU(), L.Flatten()])
-    x, _ = data(np.float32)
+    model = Sequential([L.Conv2d(3, 16, 3, padding=1), L.BatchNorm2d(16), L.ReLU(), L.MaxPool2d(2),
+                        L.Conv2d(16, 16, 3, padding=1), L.ReLU(), L.Flatten(), L.Linear(16 * 8 * 8, 5)])
+    model.need_input_grad = True
+    rng = np.random.default_rng(0)
+    x, gy = randn(rng, (16, 3, 16, 16), np.float32), randn(rng, (16, 5), np.float32)   # arrays of >= 64 KB
+    outs, grads, cached = [], [], []
+    for _ in range(3):
+        outs.append(model.forward(x, training=True))
+        grads.append(model.backward(gy))
+        cached.append((model.layers[1]._cache[3], model.layers[3]._indices, model.layers[5]._y))
+    forward_arena, backward_arena = model._workspaces
+    assert forward_arena.nbytes() >= 8 * 16 * 16 * 16 * 4 * 2 and backward_arena.nbytes() >= 8 * 16 * 16 * 16 * 4
+    for a, b in zip(cached[1], cached[2]):
+        assert a is b                                           # the same buffers, step after step
+    assert not np.shares_memory(outs[1], outs[2]) and not np.shares_memory(grads[1], grads[2])
+    assert_bitwise_equal(outs[1], outs[2])
+    assert_bitwise_equal(grads[1], grads[2])
+    # the same values as without buffers
+    plain = Sequential([L.Conv2d(3, 16, 3, padding=1), L.BatchNorm2d(16), L.ReLU(), L.MaxPool2d(2),
+                        L.Conv2d(16, 16, 3, padding=1), L.ReLU(), L.Flatten(), L.Linear(16 * 8 * 8, 5)])
+    plain.reuse_buffers = False
+    for p, q in zip(plain.parameters(), model.parameters()):
+        p.data[...] = q.data
+    plain.layers[1].running_mean[...] = 0
+    plain.need_input_grad = True
+    assert_bitwise_equal(plain.forward(x, training=True), outs[2])
+    assert_bitwise_equal(plain.backward(gy), grads[2])
+    assert getattr(plain, "_workspaces", None) is None
+    # a smaller last batch gets buffers of its own; the full batch keeps its own
+    model.forward(x[:3], training=True)
+    model.forward(x, training=True)
+    assert model.layers[1]._cache[3] is cached[2][0]
+
+
+@pytest.mark.parametrize("layers", [
+    lambda: [L.Conv2d(3, 2, 3), L.ReLU(), L.Flatten()],
+    lambda: [L.Conv2d(3, 2, 3), L.BatchNorm2d(2), L.ReLU(), L.Flatten(), L.Dropout(0.0)],
+    lambda: [L.Flatten(), L.Linear(3 * 8 * 8, 4), L.ReLU()],
+])
+def test_what_the_model_returns_is_never_a_buffer(layers):
+    convengine.manual_seed(0)
+    model = Sequential(layers())
+    model.need_input_grad = True
+    x, _ = data(np.float32, batch=16)
     a = model.forward(x, training=True)
+    ga = model.backward(np.ones_like(a))
     b = model.forward(x, training=True)
-    assert not np.shares_memory(a, b)
+    gb = model.backward(np.ones_like(b))
+    assert not np.shares_memory(a, b) and not np.shares_memory(ga, gb)
     assert_bitwise_equal(a, b)
+    assert_bitwise_equal(ga, gb)
