@@ -210,7 +210,7 @@ class _Layer(_Step):
     """Any other layer, run through its own forward on a private copy (the plan never sees later changes)."""
 
     def __init__(self, layer):
-        self.layer = copy.deepcopy(layer)
+        self.layer = _inference_copy(layer)
 
     def describe(self):
         return type(self.layer).__name__
@@ -230,17 +230,16 @@ class _Layer(_Step):
 _CACHES = ("_x", "_cache", "_indices", "_shape", "_mask")
 
 
-def _inference_copy(layers):
-    """Deep copies of the layers (weights and statistics as they are now) without their training caches."""
-    saved = [{name: layer.__dict__.pop(name) for name in _CACHES if name in layer.__dict__} for layer in layers]
+def _inference_copy(layer):
+    """A deep copy of a layer (weights and statistics as they are now) without its training caches."""
+    saved = {name: layer.__dict__.pop(name) for name in _CACHES if name in layer.__dict__}
     try:
-        copies = copy.deepcopy(layers)
+        twin = copy.deepcopy(layer)
     finally:
-        for layer, attrs in zip(layers, saved):
-            layer.__dict__.update(attrs)
-    for layer, attrs in zip(copies, saved):
-        layer.__dict__.update(dict.fromkeys(attrs))
-    return copies
+        layer.__dict__.update(saved)
+    twin.__dict__.update(dict.fromkeys(saved))
+    return twin
+
 
 def _bn_coefficients(bn):
     """(k, s) in float64 such that bn(x) = x * k + s per channel, in inference mode."""
@@ -272,13 +271,17 @@ def _fold_before(bn, w, b, groups):
     return w64 * k[channel][:, :, None, None], b64
 
 
-def _rewrite(layers):
-    """The plan's steps for a list of layers (see the module docstring for the rewrites)."""
-    layers = [layer for layer in layers if not isinstance(layer, Dropout)]
+def _rewrite(model_layers):
+    """The plan's steps for a list of layers (see the module docstring for the rewrites). Each step's `origin` is
+    (index, type name) of the model layer it starts with, for error messages. The steps hold copies of the arrays
+    they use: nothing of the model is kept."""
+    kept = [(k, layer) for k, layer in enumerate(model_layers) if not isinstance(layer, Dropout)]
+    layers = [layer for _, layer in kept]
     steps = []
     i = 0
     while i < len(layers):
         layer = layers[i]
+        origin = (kept[i][0], type(layer[0] if isinstance(layer, tuple) else layer).__name__)
         nxt = layers[i + 1] if i + 1 < len(layers) else None
         if isinstance(layer, BatchNorm2d) and isinstance(nxt, Conv2d) and _unpadded(nxt):
             w, b = _fold_before(layer, nxt.weight.data, nxt.bias.data if nxt.bias is not None else None, nxt.groups)
@@ -300,17 +303,20 @@ def _rewrite(layers):
                 scale, shift = k.astype(conv.dtype), s.astype(conv.dtype)
                 i += 1
             dtype = conv.dtype
-            steps.append(_Conv(np.asarray(w, dtype), None if b is None else np.asarray(b, dtype), conv.stride,
+            steps.append(_Conv(np.array(w, dtype), None if b is None else np.array(b, dtype), conv.stride,
                                conv.padding, conv.dilation, conv.groups, relu, scale, shift))
+            steps[-1].origin = origin
             continue
         if isinstance(layer, Linear):
             relu = isinstance(nxt, ReLU)
-            steps.append(_Linear(layer.weight.data, None if layer.bias is None else layer.bias.data, relu))
+            steps.append(_Linear(layer.weight.data.copy(), None if layer.bias is None else layer.bias.data, relu))
+            steps[-1].origin = origin
             i += 1 + relu
             continue
         if isinstance(layer, BatchNorm2d):
             relu = isinstance(nxt, ReLU)
             steps.append(_BatchNorm(layer, relu))
+            steps[-1].origin = origin
             i += 1 + relu
             continue
         if isinstance(layer, ReLU):
@@ -323,6 +329,7 @@ def _rewrite(layers):
             steps.append(_Flatten())
         else:
             steps.append(_Layer(layer))
+        steps[-1].origin = origin
         i += 1
     return steps
 
@@ -336,8 +343,11 @@ class _Plan:
         self.shapes = [tuple(sample_shape)]
         self.prepared = []
         for step in steps:
-            self.prepared.append(step.prepare(self.shapes[-1]))
-            self.shapes.append(tuple(step.output_shape(self.shapes[-1])))
+            try:
+                self.prepared.append(step.prepare(self.shapes[-1]))
+                self.shapes.append(tuple(step.output_shape(self.shapes[-1])))
+            except ValueError as e:            # (message, the shapes so far): FrozenModel names the layer
+                raise ValueError(str(e), list(self.shapes)) from e
         # ping-pong between two buffers: each step that computes writes into the one its input is not in
         self.largest = max(math.prod(s) for s in self.shapes[1:])
 
@@ -352,8 +362,7 @@ class FrozenModel:
     def __init__(self, model):
         self.dtype = model.dtype
         self.input_shape = model.input_shape
-        self._layers = _inference_copy(model.layers)   # shape checks and error messages; steps keep the arrays
-        self.steps = _rewrite(self._layers)
+        self.steps = _rewrite(model.layers)
         self._plans = {}
         self._arenas = {}
         self._lock = threading.Lock()
@@ -369,14 +378,12 @@ class FrozenModel:
             if self.input_shape is not None and tuple(self.input_shape) != sample_shape:
                 raise ValueError(f"this frozen model takes input of shape (N, {', '.join(map(str, self.input_shape))})"
                                  f", got (N, {', '.join(map(str, sample_shape))})")
-            shape = sample_shape
-            for i, layer in enumerate(self._layers):       # the model's own checks name the layer that does not fit
-                try:
-                    shape = tuple(layer.output_shape(shape))
-                except ValueError as e:
-                    raise ValueError(f"layer {i} ({type(layer).__name__}) cannot take per-sample input of shape "
-                                     f"{shape}: {e}") from e
-            plan = _Plan(self.steps, sample_shape)
+            try:
+                plan = _Plan(self.steps, sample_shape)
+            except ValueError as e:
+                i, name = self.steps[len(e.args[1]) - 1].origin if len(e.args) > 1 else (None, None)
+                raise ValueError(f"layer {i} ({name}) cannot take per-sample input of shape {e.args[1][-1]}: "
+                                 f"{e.args[0]}") from e
             with self._lock:
                 self._plans[sample_shape] = plan
         return plan

@@ -10,6 +10,7 @@ written as version 1. It is read with allow_pickle=False and layer types are loo
 a file never runs code; anything that does not fit the description is a ValueError naming the file.
 """
 import contextlib
+import zlib
 import json
 import os
 import math
@@ -241,6 +242,26 @@ class Sequential:
         """Non-trained state arrays (BatchNorm running statistics) by qualified name."""
         return {f"{i}.{name}": a for i, layer in enumerate(self.layers) for name, a in layer.buffers().items()}
 
+    _SETTINGS = (bool, int, float, str, tuple)      # the layer attributes that are its configuration
+
+    def _predict_plan(self):
+        """(frozen plan, input shapes and batch sizes checked to fit in memory) that predict uses, kept between
+        calls while the model is unchanged: a checksum of
+        every parameter's and buffer's bytes (in-place edits count too, as do training steps and load) and the
+        layers' configurations decide. Freezing costs about as much as a batch-1 forward; the checksum a tenth."""
+        arrays = [p.data for p in self.parameters()] + list(self.buffers().values())
+        crc = 0
+        for a in arrays:
+            crc = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), crc)
+        key = (crc, tuple((id(a), a.shape, a.dtype.str) for a in arrays),
+               tuple((id(layer), tuple(sorted((k, v) for k, v in vars(layer).items() if isinstance(v, Sequential._SETTINGS))))
+                     for layer in self.layers))
+        cached = self.__dict__.get("_frozen_for_predict")
+        if cached is not None and cached[0] == key:
+            return cached[1:]
+        self._frozen_for_predict = (key, self.freeze(), set())
+        return self._frozen_for_predict[1:]
+
     def freeze(self):
         """An inference plan of this model (a convengine.frozen.FrozenModel): BatchNorm folded into the convs,
         bias, ReLU and unfolded batch norms applied as each conv's output is stored, activations in buffers reused
@@ -251,16 +272,18 @@ class Sequential:
 
     def predict(self, x, batch_size=256):
         """Model outputs for x, computed batch by batch in inference mode, so memory stays bounded by one batch's
-        activations. For a classifier, outputs.argmax(axis=1) are the predicted classes. It runs a fresh frozen
-        plan of the model (see freeze()): the same as forward(x) within float rounding (BatchNorm folded into the
-        convs: about 1e-6 relative in float32), the same bits for any batch_size and thread count."""
+        activations. For a classifier, outputs.argmax(axis=1) are the predicted classes. It runs a frozen plan of
+        the model as it is now (see freeze(); rebuilt whenever a parameter, buffer or layer setting changed): the
+        same as forward(x) within float rounding (BatchNorm folded into the convs: about 1e-6 relative in
+        float32), the same bits for any batch_size and thread count. For many calls on small batches, freeze once
+        and call the frozen model: it skips the check for changed weights."""
         batch_size = _args.check_int(batch_size, "batch_size", 1)
         x = self._input(x)
         n = x.shape[0]
         if n == 0:
             return np.empty((0,) + self.output_shape(x.shape[1:]), self.dtype)
-        self._check_activations_fit(x.shape[1:], min(n, batch_size))  # (graph models have their own)
         if not isinstance(self, Sequential):       # graph models share this method and have no frozen plan yet
+            self._check_activations_fit(x.shape[1:], min(n, batch_size))
             out = None
             for start in range(0, n, batch_size):
                 y = self.forward(x[start:start + batch_size], training=False)
@@ -269,7 +292,10 @@ class Sequential:
                 out[start:start + y.shape[0]] = y
             return out
         # through a plan of the weights as they are now (see freeze): fused and in reused buffers, never stale
-        frozen = self.freeze()
+        frozen, checked = self._predict_plan()
+        if (x.shape[1:], min(n, batch_size)) not in checked:
+            self._check_activations_fit(x.shape[1:], min(n, batch_size))
+            checked.add((x.shape[1:], min(n, batch_size)))
         try:
             frozen.plan_for(tuple(x.shape[1:]))
         except ValueError:

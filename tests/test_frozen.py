@@ -269,3 +269,24 @@ def test_frozen_input_errors_name_the_problem(rng):
         free(np.zeros((1, 3, 16, 16), np.float32))
     assert free(np.zeros((0, 3, 32, 32), np.float32)).shape == (0, 2)
     assert free.predict(np.ones((3, 3, 32, 32), np.uint8)).dtype == np.float32
+
+
+def test_predict_keeps_its_plan_until_any_weight_changes(rng):
+    """predict reuses one frozen plan (and its buffers) while nothing changed, and builds a new one after an edit
+    of a single value in place, a training step's update, or new running statistics."""
+    convengine.manual_seed(0)
+    model = randomise_batch_norms(cifar_net(), rng)
+    x = randn(rng, (2, 3, 32, 32), np.float32)
+    first = model.predict(x)
+    plan = model._frozen_for_predict[1]
+    np.testing.assert_array_equal(model.predict(x), first)
+    assert model._frozen_for_predict[1] is plan
+    for edit in (lambda: model.layers[0].weight.data.__setitem__((0, 0, 0, 0), 5.0),
+                 lambda: model.layers[5].running_var.__setitem__(3, 9.0),
+                 lambda: model.layers[-1].bias.data.__iadd__(1.0)):
+        edit()
+        again = model.predict(x)
+        assert model._frozen_for_predict[1] is not plan, "an in-place edit did not reach predict"
+        assert not np.array_equal(again, first)
+        np.testing.assert_allclose(again, model.forward(x), rtol=1e-5, atol=1e-5)
+        plan, first = model._frozen_for_predict[1], again
