@@ -238,6 +238,16 @@ class Sequential:
     def parameters(self):
         return [p for layer in self.layers for p in layer.parameters()]
 
+    def training_memory_bytes(self, batch, input_shape=None, detail=False):
+        """Bytes a training step on `batch` samples holds: parameters and their gradients, what forward keeps for
+        backward, the gradients of backward (see convengine.footprint for what is and is not counted). Computed
+        from the layer shapes, nothing allocated. detail=True: a dict by part ('parameters', 'activations',
+        'gradients', 'total')."""
+        from .footprint import training_memory
+        batch = _args.check_int(batch, "batch", 1)
+        parts = training_memory(self, batch, self._known_input_shape(input_shape))
+        return parts if detail else parts["total"]
+
     def buffers(self):
         """Non-trained state arrays (BatchNorm running statistics) by qualified name."""
         return {f"{i}.{name}": a for i, layer in enumerate(self.layers) for name, a in layer.buffers().items()}

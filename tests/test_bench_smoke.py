@@ -287,6 +287,7 @@ def test_training_steps_of_the_three_nets():
         assert r["gflops"] == pytest.approx(training.step_flops(model, 4) / (r["engine_ms"] * 1e6))
         assert r["matmul_pct"] == pytest.approx(r["gflops"])
         assert r["images_per_s"] == pytest.approx(4e3 / r["engine_ms"]) and r["torch_ms"] is None
+        assert r["memory_mb"] == model.training_memory_bytes(4) / 1e6
     # cifar per image: convs 3->32 (32x32), 32->64 (16x16), 64->128 (8x8), linear 128->10; no input gradient for
     # the first conv
     forward = 2 * (3 * 32 * 9 * 1024 + 32 * 64 * 9 * 256 + 64 * 128 * 9 * 64 + 128 * 10)

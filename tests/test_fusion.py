@@ -230,3 +230,42 @@ def test_what_the_model_returns_is_never_a_buffer(layers):
     assert not np.shares_memory(a, b) and not np.shares_memory(ga, gb)
     assert_bitwise_equal(a, b)
     assert_bitwise_equal(ga, gb)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_training_memory_bytes_is_what_a_step_holds(fuse):
+    """The footprint computed from the shapes against the memory NumPy reports (tracemalloc) at the peak of a
+    steady-state step, parameters added (they exist before the step); fusion makes it smaller."""
+    import tracemalloc
+    convengine.manual_seed(0)
+    model = Sequential([L.Conv2d(3, 16, 3, padding=1), L.BatchNorm2d(16), L.ReLU(), L.MaxPool2d(2),
+                        L.Conv2d(16, 32, 3, padding=1), L.ReLU(), L.GlobalAvgPool2d(), L.Linear(32, 5)],
+                       input_shape=(3, 32, 32))
+    model.fuse = fuse
+    rng = np.random.default_rng(0)
+    x, y = randn(rng, (16, 3, 32, 32), np.float32), rng.integers(0, 5, 16)
+    loss = CrossEntropyLoss()
+
+    def step():
+        loss(model.forward(x, training=True), y)
+        model.backward(loss.backward())
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        step()
+        step()
+        tracemalloc.reset_peak()
+        step()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    parts = model.training_memory_bytes(16, detail=True)
+    measured = peak + parts["parameters"] + x.nbytes
+    assert 0.85 * measured <= parts["total"] <= 1.15 * measured, (parts, measured)
+    assert parts["total"] == model.training_memory_bytes(16)
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    unfused = Sequential(model.layers)
+    unfused.fuse = False
+    assert (parts["total"] < unfused.training_memory_bytes(16, (3, 32, 32))) == fuse
+    with pytest.raises(ValueError, match="batch"):
+        model.training_memory_bytes(0)

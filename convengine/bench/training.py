@@ -6,7 +6,8 @@ installed). Full runs only.
   CIFAR-shaped net (3x3 convs 3->32->64->128, each with batch norm and ReLU, two max pools, global average pool,
   linear), LeNet-5 and a depthwise-separable net. Median ms per step, images/s, GFLOP/s of the step's conv and
   linear work (forward, input gradient except the first layer's, weight gradient: see `step_flops`) and its share
-  of the float32 matmul rate at the same thread count, at 1 thread and at the run's count.
+  of the float32 matmul rate at the same thread count, at 1 thread and at the run's count; MB, the engine's
+  training footprint (`Sequential.training_memory_bytes`).
 - Epoch: seconds per epoch of the default digits net (`convengine.model.lenet()` on the embedded 8x8 digits, batch
   32), at the run's thread count.
 
@@ -177,17 +178,19 @@ def step_rows(threads, repeats=9, batch=STEP_BATCH, nets=STEP_NETS, use_torch=Tr
             rows.append({"net": name, "threads": threads, "batch": batch, "engine_ms": engine_ms,
                          "torch_ms": torch_ms, "ratio": ratio(engine_ms, torch_ms),
                          "images_per_s": batch / engine_ms * 1e3, "gflops": gflops,
-                         "matmul_pct": 100 * gflops / matmul_rate, "matmul_gflops": matmul_rate})
+                         "matmul_pct": 100 * gflops / matmul_rate, "matmul_gflops": matmul_rate,
+                         "memory_mb": model.training_memory_bytes(batch) / 1e6})
     return rows
 
 
-STEP_HEADER = ("net", "thr", "engine_ms", "torch_ms", "eng/torch", "img/s", "GFLOP/s", "%matmul")
-STEP_WIDTHS = (10, 3, 10, 10, 9, 7, 8, 8)
+STEP_HEADER = ("net", "thr", "engine_ms", "torch_ms", "eng/torch", "img/s", "GFLOP/s", "%matmul", "MB")
+STEP_WIDTHS = (10, 3, 10, 10, 9, 7, 8, 8, 6)
 
 
 def format_step_row(r):
     cells = (r["net"], str(r["threads"]), num(r["engine_ms"]), num(r["torch_ms"]), num(r["ratio"], "{:.3g}"),
-             num(r["images_per_s"], "{:.0f}"), num(r["gflops"], "{:.1f}"), num(r["matmul_pct"], "{:.0f}%"))
+             num(r["images_per_s"], "{:.0f}"), num(r["gflops"], "{:.1f}"), num(r["matmul_pct"], "{:.0f}%"),
+             num(r["memory_mb"], "{:.0f}"))
     return "  ".join(c.rjust(w) for c, w in zip(cells, STEP_WIDTHS))
 
 
