@@ -29,17 +29,21 @@ cdef inline floating through_relu(floating g, floating y) noexcept nogil:
 
 cdef void sum_over_images(const floating* x, const floating* g, const floating* center, const floating* y,
                           Py_ssize_t B, Py_ssize_t L, Py_ssize_t j0, Py_ssize_t j1, int what,
-                          floating* acc) noexcept nogil:
+                          floating* acc, floating* acc2) noexcept nogil:
     """acc[j] = sum over b of x[b, j] (what 0), (x[b, j] - center[j])^2 (what 1) or g[b, j] * (x[b, j] - center[j])
     (what 2), for j0 <= j < j1; images are L apart. With y (not NULL), the gradient (x of what 0, g of what 2) is
-    first passed through the ReLU whose output is y."""
+    first passed through the ReLU whose output is y. What 3: both the sum of g (into acc) and what 2's (into acc2)
+    in one pass over the images, each sum in the same order as alone."""
     cdef Py_ssize_t b, j
     cdef const floating* xb
     cdef const floating* gb
     cdef const floating* yb
-    cdef floating d
+    cdef floating d, gv
     for j in range(j0, j1):
         acc[j] = 0
+    if what == 3:
+        for j in range(j0, j1):
+            acc2[j] = 0
     for b in range(B):
         xb = x + b * L
         yb = y + b * L if y != NULL else NULL
@@ -53,6 +57,18 @@ cdef void sum_over_images(const floating* x, const floating* g, const floating* 
             for j in range(j0, j1):
                 d = xb[j] - center[j]
                 acc[j] += d * d
+        elif what == 3 and y == NULL:
+            gb = g + b * L
+            for j in range(j0, j1):
+                gv = gb[j]
+                acc[j] += gv
+                acc2[j] += gv * (xb[j] - center[j])
+        elif what == 3:
+            gb = g + b * L
+            for j in range(j0, j1):
+                gv = through_relu(gb[j], yb[j])
+                acc[j] += gv
+                acc2[j] += gv * (xb[j] - center[j])
         elif y == NULL:
             gb = g + b * L
             for j in range(j0, j1):
@@ -65,8 +81,9 @@ cdef void sum_over_images(const floating* x, const floating* g, const floating* 
 
 cdef void sum_images(const floating* x, const floating* g, const floating* center, const floating* y, Py_ssize_t B,
                      Py_ssize_t C, Py_ssize_t P, int what, floating* acc, floating* per_channel,
-                     int n_threads) noexcept nogil:
-    """per_channel[c] = sum of sum_over_images' acc over channel c's P positions, in order."""
+                     int n_threads, floating* acc2, floating* per_channel2) noexcept nogil:
+    """per_channel[c] = sum of sum_over_images' acc over channel c's P positions, in order (and per_channel2 of
+    acc2, what 3)."""
     cdef fpstate fp, fps
     cdef Py_ssize_t L = C * P
     cdef Py_ssize_t nsl = (L + BN_SLICE - 1) // BN_SLICE
@@ -76,7 +93,7 @@ cdef void sum_images(const floating* x, const floating* g, const floating* cente
     with parallel(num_threads=n_threads):
         fp = fp_enter()
         for t in prange(nsl, schedule='static'):
-            sum_over_images(x, g, center, y, B, L, t * BN_SLICE, min(L, (t + 1) * BN_SLICE), what, acc)
+            sum_over_images(x, g, center, y, B, L, t * BN_SLICE, min(L, (t + 1) * BN_SLICE), what, acc, acc2)
         fp_leave(fp)
     fp_resume(fps)
     for c in range(C):
@@ -84,6 +101,12 @@ cdef void sum_images(const floating* x, const floating* g, const floating* cente
         for i in range(P):
             s = s + acc[c * P + i]
         per_channel[c] = s
+    if what == 3:
+        for c in range(C):
+            s = 0
+            for i in range(P):
+                s = s + acc2[c * P + i]
+            per_channel2[c] = s
 
 
 cdef void expand(const floating* per_channel, Py_ssize_t C, Py_ssize_t P, floating* vec) noexcept nogil:
@@ -164,11 +187,11 @@ def batch_norm2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
     with nogil:
         fp = fp_enter_call()
         if training:
-            sum_images(&x[0, 0, 0, 0], NULL, NULL, NULL, B, C, P, 0, vecs + L, coef, n_threads)
+            sum_images(&x[0, 0, 0, 0], NULL, NULL, NULL, B, C, P, 0, vecs + L, coef, n_threads, NULL, NULL)
             for c in range(C):
                 mean[c] = coef[c] / m
             expand(&mean[0], C, P, vecs)
-            sum_images(&x[0, 0, 0, 0], NULL, vecs, NULL, B, C, P, 1, vecs + L, coef, n_threads)
+            sum_images(&x[0, 0, 0, 0], NULL, vecs, NULL, B, C, P, 1, vecs + L, coef, n_threads, NULL, NULL)
             for c in range(C):
                 var[c] = coef[c] / m
         for c in range(C):
@@ -225,8 +248,9 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
     with nogil:
         fp = fp_enter_call()
         expand(&mean[0], C, P, vecs)
-        sum_images(&grad_out[0, 0, 0, 0], NULL, NULL, y, B, C, P, 0, vecs + L, &grad_bias[0], n_threads)
-        sum_images(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], vecs, y, B, C, P, 2, vecs + L, coef, n_threads)
+        # the sums of g and of g * (x - mean) in one pass (vecs + 2L is free until the mapping's vectors)
+        sum_images(&x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], vecs, y, B, C, P, 3, vecs + L, &grad_bias[0], n_threads,
+                   vecs + 2 * L, coef)
         for c in range(C):
             inv = inv_std_of(var[c], eps)
             k = weight[c] * inv
