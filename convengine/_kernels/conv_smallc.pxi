@@ -11,20 +11,6 @@
 # Each output value is one sum over its taps in (c, kh, kw) order whatever the tiling, so results do not depend on
 # the thread count or on how tasks split the rows.
 
-# Whether a shape takes this path (forward only; float64 keeps the GEMM paths).
-cdef inline bint use_smallc(const ConvGeom* p, floating dummy) noexcept nogil:
-    if floating is double:
-        return False
-    if forced_path != PATH_AUTO and forced_path != PATH_SMALLC:
-        return False
-    # and rows of output pixels that whole tiles pad by at most a seventh (stride-2 16-pixel rows, padded to 32,
-    # ran at 30 GFLOP/s against 40 on the GEMM paths; 28-pixel rows in 32 pay)
-    cdef Py_ssize_t VL = vlen(<floating>0)
-    cdef Py_ssize_t tile = pick_nv((p.OW + VL - 1) // VL) * VL
-    return (p.G == 1 and p.C <= 4 and p.dh == 1 and p.dw == 1 and p.sw <= 2 and p.KW <= 16
-            and p.OW >= VL and 7 * ((p.OW + tile - 1) // tile * tile) <= 8 * p.OW)
-
-
 cdef inline Py_ssize_t smallc_row_width(const ConvGeom* p, Py_ssize_t VL, int nv) noexcept nogil:
     """Columns per phase of a task's padded input rows: every tile of nv*VL outputs reads whole vectors inside."""
     cdef Py_ssize_t tiles = (p.OW + nv * VL - 1) // (nv * VL)

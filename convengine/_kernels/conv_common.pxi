@@ -1,0 +1,183 @@
+# What conv2d's directions share: the geometry struct, the implicit im2col, weight packing, and the zero-padded
+# input rows that the direct and pixel paths read (conv_plan.pxi says how the paths are chosen).
+
+
+cdef struct ConvGeom:
+    Py_ssize_t B, C, H, W, K, KH, KW, sh, sw, pt, pl, dh, dw, G, OH, OW
+
+
+cdef inline void im2col_row(const floating* x, const ConvGeom* p, Py_ssize_t g, Py_ssize_t r, Py_ssize_t q0,
+                            Py_ssize_t n, floating* dst, Py_ssize_t stride) noexcept nogil:
+    """dst[t*stride] = col[r, q0 + t] for t < n (the pixels q may run across output rows and images)."""
+    cdef Py_ssize_t KHW = p.KH * p.KW
+    cdef Py_ssize_t Cg = p.C // p.G
+    cdef Py_ssize_t P = p.OH * p.OW
+    cdef Py_ssize_t c = r // KHW
+    cdef Py_ssize_t kh = (r - c * KHW) // p.KW
+    cdef Py_ssize_t kw = r - c * KHW - kh * p.KW
+    cdef Py_ssize_t b = q0 // P
+    cdef Py_ssize_t rem = q0 - b * P
+    cdef Py_ssize_t oh = rem // p.OW
+    cdef Py_ssize_t ow = rem - oh * p.OW
+    cdef Py_ssize_t t = 0, seg, ih, iw0, lo, hi, u
+    cdef const floating* src
+    while t < n:
+        seg = min(n - t, p.OW - ow)
+        ih = oh * p.sh - p.pt + kh * p.dh
+        if ih < 0 or ih >= p.H:
+            for u in range(seg):
+                dst[(t + u) * stride] = 0
+        else:
+            src = x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W
+            iw0 = ow * p.sw - p.pl + kw * p.dw
+            # ow + u is inside the image for lo <= u < hi
+            if p.sw == 1:
+                lo = 0 if iw0 >= 0 else -iw0
+                hi = p.W - iw0
+            else:
+                lo = 0 if iw0 >= 0 else (-iw0 + p.sw - 1) // p.sw
+                hi = 0 if iw0 >= p.W else (p.W - iw0 + p.sw - 1) // p.sw
+            lo = min(lo, seg)
+            hi = max(lo, min(hi, seg))
+            for u in range(lo):
+                dst[(t + u) * stride] = 0
+            if p.sw == 1 and stride == 1:
+                memcpy(dst + t + lo, src + iw0 + lo, (hi - lo) * sizeof(floating))
+            else:
+                for u in range(lo, hi):
+                    dst[(t + u) * stride] = src[iw0 + u * p.sw]
+            for u in range(hi, seg):
+                dst[(t + u) * stride] = 0
+        t += seg
+        ow = 0
+        oh += 1
+        if oh == p.OH:
+            oh = 0
+            b += 1
+
+
+cdef void im2col_block(const floating* x, const ConvGeom* p, Py_ssize_t g, Py_ssize_t r0, Py_ssize_t nrows,
+                       Py_ssize_t q0, Py_ssize_t n, Py_ssize_t npad, floating* out, Py_ssize_t ldo) noexcept nogil:
+    """out[rr, t] = col[r0 + rr, q0 + t] row-major (row stride ldo), columns n <= t < npad zero."""
+    cdef Py_ssize_t rr, t
+    for rr in range(nrows):
+        im2col_row(x, p, g, r0 + rr, q0, n, out + rr * ldo, 1)
+        for t in range(n, npad):
+            out[rr * ldo + t] = 0
+
+
+cdef int pack_weights(const floating* w, const ConvGeom* p, Py_ssize_t KC, floating** out) noexcept nogil:
+    """Pack W[g] (Kg x Kd, all groups) into MR-row panels, in k-blocks of KC: block (g, k0) at g*Mpad*Kd + k0*Mpad."""
+    cdef Py_ssize_t Kg = p.K // p.G
+    cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
+    cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
+    cdef Py_ssize_t g, k0, kc
+    out[0] = <floating*>malloc(p.G * Mpad * Kd * sizeof(floating))
+    if out[0] == NULL:
+        return -1
+    for g in range(p.G):
+        k0 = 0
+        while k0 < Kd:
+            kc = min(KC, Kd - k0)
+            pack_a_strided(w + g * Kg * Kd + k0, Kd, 1, Kg, kc, out[0] + g * Mpad * Kd + k0 * Mpad)
+            k0 += kc
+    return 0
+
+
+cdef inline Py_ssize_t padded_width(const ConvGeom* p) noexcept nogil:
+    """Width of the zero-padded rows the direct path reads: every tap of every output column lies inside."""
+    return (p.OW - 1) + (p.KW - 1) * p.dw + 1
+
+
+cdef inline Py_ssize_t direct_rows(const ConvGeom* p, Py_ssize_t NC) noexcept nogil:
+    """Output rows per block of the direct path: about NC columns of padded width, balanced over OH."""
+    return balanced_block(p.OH, max(1, min(p.OH, NC // padded_width(p))))
+
+
+cdef void fill_padded_rows(const floating* x, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t oh0,
+                           Py_ssize_t nrows_in, Py_ssize_t rows_in, floating* xblk) noexcept nogil:
+    """xblk[c, ri, :] = row oh0 + ri - pt of input channel g*Cg + c, zero-padded to padded_width (zero rows
+    above/below the image). Channel blocks are rows_in rows apart; nrows_in <= rows_in of them are filled."""
+    cdef Py_ssize_t Cg = p.C // p.G
+    cdef Py_ssize_t Wp = padded_width(p)
+    cdef Py_ssize_t iw_n = max(0, min(p.W, Wp - p.pl))
+    cdef Py_ssize_t c, ri, ih
+    cdef floating* dst
+    for c in range(Cg):
+        for ri in range(nrows_in):
+            dst = xblk + (c * rows_in + ri) * Wp
+            ih = oh0 + ri - p.pt
+            if ih < 0 or ih >= p.H:
+                memset(dst, 0, Wp * sizeof(floating))
+            else:
+                memset(dst, 0, p.pl * sizeof(floating))
+                memcpy(dst + p.pl, x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W, iw_n * sizeof(floating))
+                memset(dst + p.pl + iw_n, 0, (Wp - p.pl - iw_n) * sizeof(floating))
+
+
+cdef inline void tap_rows(const ConvGeom* p, const floating* xblk, Py_ssize_t rows_in,
+                          const floating** table) noexcept nogil:
+    """table[r] = start of tap r = (c, kh, kw) in a padded row block: xblk + (c*rows_in + kh*dh)*Wp + kw*dw."""
+    cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
+    cdef Py_ssize_t Wp = padded_width(p)
+    cdef Py_ssize_t r, c, kh, kw
+    for r in range(Kd):
+        c = r // (p.KH * p.KW)
+        kh = (r // p.KW) % p.KH
+        kw = r % p.KW
+        table[r] = xblk + (c * rows_in + kh * p.dh) * Wp + kw * p.dw
+
+
+cdef inline Py_ssize_t window_width(const ConvGeom* p) noexcept nogil:
+    """Columns of zero-padded input that the windows of all OW output columns span, for any stride."""
+    return (p.OW - 1) * p.sw + (p.KW - 1) * p.dw + 1
+
+
+cdef inline Py_ssize_t window_rows(const ConvGeom* p, Py_ssize_t nrows) noexcept nogil:
+    """Input rows that the windows of nrows consecutive output rows span."""
+    return (nrows - 1) * p.sh + (p.KH - 1) * p.dh + 1
+
+
+cdef inline Py_ssize_t pixel_rows(const ConvGeom* p) noexcept nogil:
+    """Output rows per unit of the pixel path: whole images when they are small, else about PIXELS_PER_TASK
+    pixels' worth of rows (balanced over OH)."""
+    return balanced_block(p.OH, max(1, min(p.OH, PIXELS_PER_TASK // p.OW)))
+
+
+cdef void fill_window_rows(const floating* x, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t ih0,
+                           Py_ssize_t nrows, Py_ssize_t ld_c, floating* xblk) noexcept nogil:
+    """xblk[c*ld_c + ri*Wpad + t] = x[b, g*Cg + c, ih0 + ri, t - pl] for c < Cg, ri < nrows, t < Wpad =
+    window_width: input rows zero-padded to the columns every window reads, zero outside the image."""
+    cdef Py_ssize_t Cg = p.C // p.G
+    cdef Py_ssize_t Wpad = window_width(p)
+    cdef Py_ssize_t lo = min(p.pl, Wpad)
+    cdef Py_ssize_t n = max(0, min(p.W, Wpad - p.pl))
+    cdef Py_ssize_t c, ri, ih
+    cdef floating* dst
+    for c in range(Cg):
+        for ri in range(nrows):
+            dst = xblk + c * ld_c + ri * Wpad
+            ih = ih0 + ri
+            if ih < 0 or ih >= p.H:
+                memset(dst, 0, Wpad * sizeof(floating))
+            else:
+                memset(dst, 0, lo * sizeof(floating))
+                memcpy(dst + lo, x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W, n * sizeof(floating))
+                memset(dst + lo + n, 0, (Wpad - lo - n) * sizeof(floating))
+
+
+cdef inline Py_ssize_t pow2_floor(Py_ssize_t n) noexcept nogil:
+    """The largest power of two <= n (1 for n < 1): chunk counts that 2, 4, 8 or 16 threads share evenly (7
+    chunks on 2 threads left one idle an eighth of the time)."""
+    cdef Py_ssize_t m = 1
+    while 2 * m <= n:
+        m *= 2
+    return m
+
+
+cdef inline void fill_geom(ConvGeom* p, tuple shape_x, Py_ssize_t K, Py_ssize_t KH, Py_ssize_t KW, tuple params):
+    p.B, p.C, p.H, p.W = shape_x
+    p.K = K
+    p.KH = KH
+    p.KW = KW
+    p.sh, p.sw, p.pt, p.pl, p.dh, p.dw, p.G, p.OH, p.OW = params

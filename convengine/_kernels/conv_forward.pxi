@@ -1,0 +1,304 @@
+# conv2d forward: the direct, im2col and pixel paths on the packed GEMM (gemm.pxi), the dispatch between them
+# (and to conv_smallc.pxi and depthwise.pxi), and the def entry.
+
+
+cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssize_t KC, const Epilogue* e,
+                               floating* y, const ConvGeom* p, int n_threads) noexcept nogil:
+    """Stride-1 forward without im2col. A task (image, group, block of R output rows) copies the R + (KH-1)*dh
+    input rows it needs into a zero-padded buffer of width Wp; B row r = (c, kh, kw) is that buffer at the tap's
+    offset, and output pixel (oh, ow) of the block is column (oh - oh0)*Wp + ow (columns ow >= OW are computed
+    and dropped)."""
+    cdef fpstate fp, fps
+    cdef int nv = CE_NV
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t Kd = Cg * p.KH * p.KW
+    cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
+    cdef Py_ssize_t Wp = padded_width(p)
+    cdef Py_ssize_t R = direct_rows(p, 8 * NR)
+    cdef Py_ssize_t rows_in = R + (p.KH - 1) * p.dh
+    cdef Py_ssize_t nrb = (p.OH + R - 1) // R
+    cdef Py_ssize_t ncmax = round_up(R * Wp, NR)
+    # panels read up to ncmax columns from a tap's start: slack after the last channel keeps them in bounds
+    cdef Py_ssize_t xlen = Cg * rows_in * Wp + ncmax + (p.KW - 1) * p.dw
+    cdef Py_ssize_t task, b, g, rb, oh0, nrows, ncpad, k0, kc, ri
+    cdef floating* xblk
+    cdef floating* cbuf
+    cdef const floating** brow
+    cdef const floating** arow
+    cdef int failed = 0
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        xblk = <floating*>calloc(xlen, sizeof(floating))
+        cbuf = <floating*>malloc(Mpad * ncmax * sizeof(floating))
+        brow = <const floating**>malloc(Kd * sizeof(floating*))
+        arow = <const floating**>malloc(Mpad * sizeof(floating*))
+        for task in prange(p.B * p.G * nrb, schedule='static'):
+            if xblk == NULL or cbuf == NULL or brow == NULL or arow == NULL:
+                flag_failure(&failed)
+                continue
+            b = task // (p.G * nrb)
+            g = (task // nrb) % p.G
+            rb = task % nrb
+            oh0 = rb * R
+            nrows = min(R, p.OH - oh0)
+            ncpad = round_up(nrows * Wp, NR)
+            fill_padded_rows(x, p, b, g, oh0, nrows + (p.KH - 1) * p.dh, rows_in, xblk)
+            tap_rows(p, xblk, rows_in, brow)
+            k0 = 0
+            while k0 < Kd:
+                kc = min(KC, Kd - k0)
+                packed_a_table(arow, apack + g * Mpad * Kd + k0 * Mpad, Mpad // CE_MR, kc)
+                macro_kernel(Mpad // CE_MR, ncpad // NR, kc, arow, CE_MR, brow + k0, NR, cbuf, ncmax, k0 > 0, nv)
+                k0 = k0 + kc
+            for ri in range(nrows):
+                store_rows(cbuf + ri * Wp, ncmax, Kg, p.OW, e, g * Kg,
+                           y + ((b * p.K + g * Kg) * p.OH + oh0 + ri) * p.OW, p.OH * p.OW)
+        free(xblk)
+        free(cbuf)
+        free(brow)
+        free(arow)
+        fp_leave(fp)
+    fp_resume(fps)
+    return -failed
+
+
+cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssize_t KC, const Epilogue* e,
+                               floating* y, const ConvGeom* p, int n_threads) noexcept nogil:
+    """Forward for any stride: column blocks of the Q = B*OH*OW pixels (across images), im2col rows built into a
+    row-major B block."""
+    cdef fpstate fp, fps
+    cdef int nv = CE_NV
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    cdef Py_ssize_t NC = 8 * NR
+    # row stride of the B block: one vector past NC so that its rows do not all map to the same L1 sets
+    cdef Py_ssize_t LDB = NC + vlen(<floating>0)
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t Kd = Cg * p.KH * p.KW
+    cdef Py_ssize_t P = p.OH * p.OW
+    cdef Py_ssize_t Q = p.B * P
+    cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
+    cdef Py_ssize_t nblocks = (Q + NC - 1) // NC
+    cdef Py_ssize_t g, k0, kc, task, nb, q0, nc, ncpad, j, seg, b, pix
+    cdef floating* bblk
+    cdef floating* cbuf
+    cdef const floating** brow
+    cdef const floating** arow
+    cdef int failed = 0
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        bblk = <floating*>malloc(KC * LDB * sizeof(floating))
+        cbuf = <floating*>malloc(Mpad * NC * sizeof(floating))
+        brow = <const floating**>malloc(KC * sizeof(floating*))
+        arow = <const floating**>malloc(Mpad * sizeof(floating*))
+        for task in prange(p.G * nblocks, schedule='static'):
+            if bblk == NULL or cbuf == NULL or brow == NULL or arow == NULL:
+                flag_failure(&failed)
+                continue
+            row_table(brow, bblk, KC, LDB)
+            g = task // nblocks
+            nb = task - g * nblocks
+            q0 = nb * NC
+            nc = min(NC, Q - q0)
+            ncpad = round_up(nc, NR)
+            k0 = 0
+            while k0 < Kd:
+                kc = min(KC, Kd - k0)
+                im2col_block(x, p, g, k0, kc, q0, nc, ncpad, bblk, LDB)
+                packed_a_table(arow, apack + g * Mpad * Kd + k0 * Mpad, Mpad // CE_MR, kc)
+                macro_kernel(Mpad // CE_MR, ncpad // NR, kc, arow, CE_MR, brow, NR, cbuf, NC, k0 > 0, nv)
+                k0 = k0 + kc
+            # the block's columns, image by image, to y[b, g*Kg + i, pix]
+            j = 0
+            while j < nc:
+                b = (q0 + j) // P
+                pix = q0 + j - b * P
+                seg = min(nc - j, P - pix)
+                store_rows(cbuf + j, NC, Kg, seg, e, g * Kg, y + (b * p.K + g * Kg) * P + pix, P)
+                j = j + seg
+        free(bblk)
+        free(cbuf)
+        free(brow)
+        free(arow)
+        fp_leave(fp)
+    fp_resume(fps)
+    return -failed
+
+
+cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilogue* e, floating* y,
+                               const ConvGeom* p, int n_threads) noexcept nogil:
+    """Forward with output pixels as the GEMM's rows and output channels as its columns, for any stride:
+    y^T (pixels x Kg) = sum over taps t = (kh, kw) of X_t (pixels x Cg) . W_t (Cg x Kg).
+
+    A task takes a few units (image, block of output rows), copies the input rows they read into zero-padded
+    rows, and points row i of A at pixel i's window origin plus the tap's offset; column c of A is then input
+    channel c, a fixed stride away. Nothing is wasted (im2col copies KH*KW values per pixel; the direct path
+    computes dropped columns), which matters for small images: a 4x4 image has 16 pixels and 8 dropped columns
+    per tap row in the direct path."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t T = p.KH * p.KW
+    cdef Py_ssize_t VL = vlen(<floating>0)
+    cdef int nv = pick_nv((Kg + VL - 1) // VL)
+    cdef Py_ssize_t NR = nv * VL
+    cdef Py_ssize_t npan = (Kg + NR - 1) // NR
+    cdef Py_ssize_t Npad = npan * NR
+    cdef Py_ssize_t Wpad = window_width(p)
+    cdef Py_ssize_t R = pixel_rows(p)
+    cdef Py_ssize_t nrb = (p.OH + R - 1) // R
+    cdef Py_ssize_t rows_in = window_rows(p, R)
+    cdef Py_ssize_t ld_c = rows_in * Wpad
+    cdef Py_ssize_t unit_len = Cg * ld_c
+    cdef Py_ssize_t upt = max(1, PIXELS_PER_TASK // (R * p.OW))
+    cdef Py_ssize_t nunits = p.B * nrb
+    cdef Py_ssize_t ntasks = (nunits + upt - 1) // upt
+    cdef Py_ssize_t maxpix = round_up(upt * R * p.OW, CE_MR)
+    cdef Py_ssize_t task, g, u, u0, u1, b, oh0, nrows, npix, ro, ow, ip, t, i, k, q, n
+    cdef floating* bpack
+    cdef floating* xblk
+    cdef floating* cbuf
+    cdef floating* blk
+    cdef const floating** pix
+    cdef const floating** arow
+    cdef const floating** brow
+    cdef Py_ssize_t* tapoff
+    cdef int failed = 0
+    # B: bpack[((g*T + t)*npan + jp)*Cg*NR + c*NR + j] = w[g*Kg + jp*NR + j, c, kh, kw], zero past Kg
+    bpack = <floating*>malloc(p.G * T * Npad * Cg * sizeof(floating))
+    tapoff = <Py_ssize_t*>malloc(T * sizeof(Py_ssize_t))
+    if bpack == NULL or tapoff == NULL:
+        free(bpack)
+        free(tapoff)
+        return -1
+    for t in range(T):
+        tapoff[t] = (t // p.KW) * p.dh * Wpad + (t % p.KW) * p.dw
+    for g in range(p.G):
+        for t in range(T):
+            pack_b_strided(w + g * Kg * Cg * T + t, T, Cg * T, Cg, Kg, NR, bpack + (g * T + t) * Npad * Cg)
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        xblk = <floating*>malloc(upt * unit_len * sizeof(floating))
+        cbuf = <floating*>malloc(maxpix * Npad * sizeof(floating))
+        pix = <const floating**>malloc(maxpix * sizeof(floating*))
+        arow = <const floating**>malloc(CE_MR * sizeof(floating*))
+        brow = <const floating**>malloc(T * Cg * sizeof(floating*))
+        for task in prange(p.G * ntasks, schedule='static'):
+            if xblk == NULL or cbuf == NULL or pix == NULL or arow == NULL or brow == NULL:
+                flag_failure(&failed)
+                continue
+            g = task // ntasks
+            u0 = (task - g * ntasks) * upt
+            u1 = min(nunits, u0 + upt)
+            for t in range(T):
+                row_table(brow + t * Cg, bpack + (g * T + t) * Npad * Cg, Cg, NR)
+            npix = 0
+            for u in range(u0, u1):
+                b = u // nrb
+                oh0 = (u - b * nrb) * R
+                nrows = min(R, p.OH - oh0)
+                blk = xblk + (u - u0) * unit_len
+                fill_window_rows(x, p, b, g, oh0 * p.sh - p.pt, window_rows(p, nrows), ld_c, blk)
+                for ro in range(nrows):
+                    for ow in range(p.OW):
+                        pix[npix] = blk + ro * p.sh * Wpad + ow * p.sw
+                        npix = npix + 1
+            # a partial last panel repeats pixel 0 (computed, never stored)
+            for i in range(npix, round_up(npix, CE_MR)):
+                pix[i] = pix[0]
+            for ip in range((npix + CE_MR - 1) // CE_MR):
+                for t in range(T):
+                    for i in range(CE_MR):
+                        arow[i] = pix[ip * CE_MR + i] + tapoff[t]
+                    macro_kernel(1, npan, Cg, arow, ld_c, brow + t * Cg, Cg * NR, cbuf + ip * CE_MR * Npad, Npad,
+                                 t > 0, nv)
+            # y[b, g*Kg + k, oh0 + ro, ow] = epilogue of cbuf[q, k], unit by unit
+            q = 0
+            for u in range(u0, u1):
+                b = u // nrb
+                oh0 = (u - b * nrb) * R
+                n = min(R, p.OH - oh0) * p.OW
+                for k in range(Kg):
+                    store_span(cbuf + q * Npad + k, Npad, y + ((b * p.K + g * Kg + k) * p.OH + oh0) * p.OW, n, e,
+                               g * Kg + k)
+                q = q + n
+        free(xblk)
+        free(cbuf)
+        free(pix)
+        free(arow)
+        free(brow)
+        fp_leave(fp)
+    fp_resume(fps)
+    free(bpack)
+    free(tapoff)
+    return -failed
+
+
+cdef int conv2d_forward_core(const floating* x, const floating* w, const Epilogue* e, floating* y,
+                             const ConvGeom* p, int n_threads) noexcept nogil:
+    """y = epilogue(conv2d(x, w)), all C-contiguous NCHW / KCRS. Returns -1 on allocation failure."""
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
+    cdef Py_ssize_t KC = balanced_block(Kd, block_k(<floating>0))
+    cdef floating* apack = NULL
+    cdef int rc
+    cdef int path
+    if is_depthwise(p):
+        return depthwise_forward(x, w, e, y, p, n_threads)
+    if floating is float:
+        if use_smallc(p, <float>0):
+            return conv2d_forward_smallc(x, w, e, y, p, n_threads)
+    path = forward_path(p, <floating>0)
+    if path == PATH_PIXELS:
+        return conv2d_forward_pixels(x, w, e, y, p, n_threads)
+    if pack_weights(w, p, KC, &apack):
+        return -1
+    if path == PATH_DIRECT:
+        rc = conv2d_forward_direct(x, apack, KC, e, y, p, n_threads)
+    else:
+        rc = conv2d_forward_im2col(x, apack, KC, e, y, p, n_threads)
+    free(apack)
+    return rc
+
+
+def conv2d_forward(const floating[:, :, :, ::1] x,        # IN  (B, C, H, W)
+                   const floating[:, :, :, ::1] weight,   # IN  (K, C/G, KH, KW)
+                   bias,                                  # IN  (K,) or None
+                   floating[:, :, :, ::1] out,            # OUT (B, K, OH, OW)
+                   tuple params, int n_threads,
+                   bint relu=False,                       # epilogue: max(., 0) after the bias
+                   scale=None, shift=None):               # IN  (K,) each or None: then * scale + shift
+    """params = (sh, sw, pad_top, pad_left, dh, dw, groups, OH, OW); shapes already validated. The epilogue (see
+    Epilogue) is applied as each output tile is stored."""
+    cdef fpstate fp, fps
+    cdef ConvGeom p
+    cdef Epilogue e
+    cdef const floating[::1] bias_v
+    cdef const floating[::1] scale_v
+    cdef const floating[::1] shift_v
+    cdef int rc
+    fill_geom(&p, (x.shape[0], x.shape[1], x.shape[2], x.shape[3]), weight.shape[0], weight.shape[2], weight.shape[3], params)
+    e.bias = e.scale = e.shift = NULL
+    e.relu = relu
+    if bias is not None:
+        bias_v = bias
+        e.bias = &bias_v[0]
+    if (scale is None) != (shift is None):
+        raise ValueError("conv2d epilogue: scale and shift go together")
+    if scale is not None:
+        scale_v = scale
+        shift_v = shift
+        if scale_v.shape[0] != p.K or shift_v.shape[0] != p.K:
+            raise ValueError(f"conv2d epilogue: scale and shift need {p.K} values")
+        e.scale = &scale_v[0]
+        e.shift = &shift_v[0]
+    if p.B == 0:
+        return
+    with nogil:
+        fp = fp_enter_call()
+        rc = conv2d_forward_core(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], &e, &out[0, 0, 0, 0], &p, n_threads)
+        fp_leave_call(fp)
+    if rc:
+        raise MemoryError("conv2d: could not allocate packing buffers")

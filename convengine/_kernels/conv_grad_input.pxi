@@ -1,0 +1,313 @@
+# conv2d grad_input: the forward of the transposed geometry (flipped weights) where that is a direct or pixel
+# conv, else W^T . dY and col2im; and the def entry.
+
+
+cdef void pack_b_grad_out_t(const floating* dy, const ConvGeom* p, Py_ssize_t g, Py_ssize_t q0, Py_ssize_t kc,
+                            Py_ssize_t NR, floating* out) noexcept nogil:
+    """Pack dY[g]^T[q0:q0+kc, 0:Kg] (q = (b, oh, ow), columns are the group's output channels) as a B block of
+    NR-column panels."""
+    cdef Py_ssize_t Kg = p.K // p.G
+    cdef Py_ssize_t P = p.OH * p.OW
+    cdef Py_ssize_t jp, j, k, t, seg, b, pix, u
+    cdef const floating* src
+    for jp in range((Kg + NR - 1) // NR):
+        for j in range(NR):
+            k = jp * NR + j
+            if k >= Kg:
+                for t in range(kc):
+                    out[t * NR + j] = 0
+                continue
+            t = 0
+            b = q0 // P
+            pix = q0 - b * P
+            while t < kc:
+                seg = min(kc - t, P - pix)
+                src = dy + (b * p.K + g * Kg + k) * P + pix
+                for u in range(seg):
+                    out[(t + u) * NR + j] = src[u]
+                t += seg
+                pix = 0
+                b += 1
+        out += kc * NR
+
+
+cdef void col2im_add(const floating* dcol, Py_ssize_t ldd, const ConvGeom* p, Py_ssize_t Kd, Py_ssize_t p0,
+                     Py_ssize_t nc, floating* dxg) noexcept nogil:
+    """dxg[c, ih, iw] += dcol[r, j] for the output pixels p0 <= pix < p0+nc of one image (dxg: its Cg planes)."""
+    cdef Py_ssize_t KHW = p.KH * p.KW
+    cdef Py_ssize_t r, c, kh, kw, j, seg, oh, ow, ih, iw0, lo, hi, u
+    cdef const floating* src
+    cdef floating* dst
+    for r in range(Kd):
+        c = r // KHW
+        kh = (r - c * KHW) // p.KW
+        kw = r - c * KHW - kh * p.KW
+        oh = p0 // p.OW
+        ow = p0 - oh * p.OW
+        j = 0
+        while j < nc:
+            seg = min(nc - j, p.OW - ow)
+            ih = oh * p.sh - p.pt + kh * p.dh
+            if 0 <= ih < p.H:
+                iw0 = ow * p.sw - p.pl + kw * p.dw
+                lo = 0 if iw0 >= 0 else (-iw0 + p.sw - 1) // p.sw
+                hi = 0 if iw0 >= p.W else (p.W - iw0 + p.sw - 1) // p.sw
+                lo = min(lo, seg)
+                hi = max(lo, min(hi, seg))
+                src = dcol + r * ldd + j
+                dst = dxg + (c * p.H + ih) * p.W + iw0
+                if p.sw == 1:
+                    for u in range(lo, hi):
+                        dst[u] += src[u]
+                else:
+                    for u in range(lo, hi):
+                        dst[u * p.sw] += src[u]
+            j += seg
+            ow = 0
+            oh += 1
+
+
+cdef inline Py_ssize_t phase_width(const ConvGeom* p) noexcept nogil:
+    """Columns of one phase row in col2im_add_phased's layout: ceil(W / sw)."""
+    return (p.W + p.sw - 1) // p.sw
+
+
+cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t) phased_span(const ConvGeom* p, Py_ssize_t iw0, Py_ssize_t seg,
+                                                            Py_ssize_t Wph) noexcept nogil:
+    """For seg output columns whose tap lands on image columns iw0, iw0 + sw, ...: (lo, hi, off), the columns
+    lo <= u < hi inside the image, and where column lo sits in its phase-split row (see col2im_add_phased)."""
+    cdef Py_ssize_t lo = 0 if iw0 >= 0 else (-iw0 + p.sw - 1) // p.sw
+    cdef Py_ssize_t hi = 0 if iw0 >= p.W else (p.W - iw0 + p.sw - 1) // p.sw
+    cdef Py_ssize_t first
+    lo = min(lo, seg)
+    hi = max(lo, min(hi, seg))
+    first = iw0 + lo * p.sw
+    return lo, hi, (first % p.sw) * Wph + first // p.sw if hi > lo else 0
+
+
+cdef void col2im_add_phased(const floating* dcol, Py_ssize_t ldd, const ConvGeom* p, Py_ssize_t Kd, Py_ssize_t p0,
+                            Py_ssize_t nc, floating* buf) noexcept nogil:
+    """col2im_add for a column stride sw > 1, into the image's planes with each row split by column phase:
+    column iw of row (c, ih) at buf[((c*H + ih)*sw + iw % sw)*Wph + iw // sw]. A kernel row's writes, sw columns
+    apart in the image, are then contiguous and vectorise (strided, they were scalar and cost more than the GEMM
+    that made dcol). unphase() puts the columns back in order."""
+    cdef Py_ssize_t KHW = p.KH * p.KW
+    cdef Py_ssize_t Wph = phase_width(p)
+    cdef Py_ssize_t r, c, kh, kw, j, seg, oh, ow, ih, iw0, lo, hi, u, first, off
+    cdef Py_ssize_t lo_row, hi_row, off_row
+    cdef const floating* src
+    cdef floating* dst
+    for r in range(Kd):
+        c = r // KHW
+        kh = (r - c * KHW) // p.KW
+        kw = r - c * KHW - kh * p.KW
+        # the columns of a whole output row (a segment from ow = 0), worked out once per kernel row: per segment,
+        # the divisions cost more than the 16 adds
+        lo_row, hi_row, off_row = phased_span(p, -p.pl + kw * p.dw, p.OW, Wph)
+        oh = p0 // p.OW
+        ow = p0 - oh * p.OW
+        j = 0
+        while j < nc:
+            seg = min(nc - j, p.OW - ow)
+            ih = oh * p.sh - p.pt + kh * p.dh
+            if 0 <= ih < p.H:
+                if ow == 0:
+                    lo = min(lo_row, seg)
+                    hi = max(lo, min(hi_row, seg))
+                    off = off_row
+                else:
+                    lo, hi, off = phased_span(p, ow * p.sw - p.pl + kw * p.dw, seg, Wph)
+                if hi > lo:
+                    src = dcol + r * ldd + j + lo
+                    dst = buf + (c * p.H + ih) * p.sw * Wph + off
+                    for u in range(hi - lo):
+                        dst[u] += src[u]
+            j += seg
+            ow = 0
+            oh += 1
+
+
+cdef void unphase(const floating* buf, const ConvGeom* p, Py_ssize_t Cg, floating* dxg) noexcept nogil:
+    """dxg[c, ih, iw] = buf[((c*H + ih)*sw + iw % sw)*Wph + iw // sw] for the Cg planes of one image."""
+    cdef Py_ssize_t W = p.W, sw = p.sw
+    cdef Py_ssize_t Wph = phase_width(p)
+    cdef Py_ssize_t row, q, t, n
+    cdef const floating* src
+    cdef floating* dst
+    for row in range(Cg * p.H):
+        for q in range(sw):
+            src = buf + (row * sw + q) * Wph
+            dst = dxg + row * W + q
+            n = (W - q + sw - 1) // sw
+            if sw == 2:
+                for t in range(n):
+                    dst[2 * t] = src[t]
+            else:
+                for t in range(n):
+                    dst[t * sw] = src[t]
+
+
+cdef int conv2d_grad_input_direct(const floating* dy, const floating* w, floating* dx, const ConvGeom* q,
+                                  int n_threads) noexcept nogil:
+    """grad_input as the forward conv of geometry q (see transposed_geometry), on flipped, transposed weights:
+    wf[g*Cg + c, k, kh, kw] = w[g*Kg + k, c, KH-1-kh, KW-1-kw]. No col2im scatter."""
+    cdef Py_ssize_t Kg = q.C // q.G, Cg = q.K // q.G
+    cdef Py_ssize_t KHW = q.KH * q.KW
+    cdef Py_ssize_t g, c, k, t
+    cdef floating* wf = <floating*>malloc(q.K * Kg * KHW * sizeof(floating))
+    cdef int rc
+    cdef Epilogue none
+    if wf == NULL:
+        return -1
+    for g in range(q.G):
+        for c in range(Cg):
+            for k in range(Kg):
+                for t in range(KHW):
+                    wf[((g * Cg + c) * Kg + k) * KHW + KHW - 1 - t] = w[((g * Kg + k) * Cg + c) * KHW + t]
+    none.bias = none.scale = none.shift = NULL
+    none.relu = False
+    rc = conv2d_forward_core(dy, wf, &none, dx, q, n_threads)
+    free(wf)
+    return rc
+
+
+cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
+                                int n_threads) noexcept nogil:
+    """dx = conv2d's input gradient (overwritten)."""
+    cdef ConvGeom q
+    cdef Py_ssize_t Cg = p.C // p.G
+    if is_depthwise(p):
+        return depthwise_grad_input(dy, w, dx, p, n_threads)
+    # as a transposed conv when that conv has a path better than im2col; its output channels are the Cg input
+    # channels: with few (an RGB or grey input layer) they would fill a fraction of the MR-row tile (direct path)
+    # or of the NR-wide panel (pixel path), and W^T dY + col2im wastes nothing
+    if transposed_geometry(p, &q) and grad_input_as_conv(&q, <floating>0):
+        return conv2d_grad_input_direct(dy, w, dx, &q, n_threads)
+    return conv2d_grad_input_col2im(dy, w, dx, p, n_threads)
+
+
+cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
+                                  int n_threads) noexcept nogil:
+    """dx = conv2d's input gradient (overwritten): dcol = W[g]^T dY[g] then col2im. Split over (group, run of
+    whole images): each task owns its images' dx planes and adds into them in one fixed order. Small images are
+    taken several to a task so that a block still has about NC columns (one 4x4 image alone would fill a third
+    of a 48-wide tile)."""
+    cdef fpstate fp, fps
+    cdef int nv = CE_NV
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t Kd = Cg * p.KH * p.KW
+    cdef Py_ssize_t KC = balanced_block(Kg, block_k(<floating>0))
+    cdef Py_ssize_t P = p.OH * p.OW
+    cdef Py_ssize_t Mpad = round_up(Kd, CE_MR)
+    cdef Py_ssize_t NC = 8 * NR
+    cdef Py_ssize_t LDB = NC + vlen(<floating>0)
+    cdef Py_ssize_t per_task = max(1, min(p.B, NC // P))
+    cdef Py_ssize_t runs = (p.B + per_task - 1) // per_task
+    # column stride > 1: scatter into phase-split planes (col2im_add_phased), one per image of the task, while
+    # they stay of sane size (else straight into dx, strided)
+    cdef Py_ssize_t plane_len = Cg * p.H * p.sw * phase_width(p)
+    cdef bint phased = col2im_phased(p, <floating>0)
+    cdef floating* pbuf
+    cdef Py_ssize_t g, b, b0, b1, k0, kc, task, q, q1, nc, ncpad, i, j, seg, pix
+    cdef floating* apack
+    cdef floating* bblk
+    cdef floating* cbuf
+    cdef const floating** brow
+    cdef const floating** arow
+    cdef int failed = 0
+    apack = <floating*>malloc(p.G * Mpad * Kg * sizeof(floating))
+    if apack == NULL:
+        return -1
+    # A = W[g]^T: a[r, k] = w[(g*Kg + k)*Kd + r]
+    for g in range(p.G):
+        k0 = 0
+        while k0 < Kg:
+            kc = min(KC, Kg - k0)
+            pack_a_strided(w + (g * Kg + k0) * Kd, 1, Kd, Kd, kc, apack + g * Mpad * Kg + k0 * Mpad)
+            k0 += kc
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        bblk = <floating*>malloc(KC * LDB * sizeof(floating))
+        cbuf = <floating*>malloc(Mpad * NC * sizeof(floating))
+        brow = <const floating**>malloc(KC * sizeof(floating*))
+        arow = <const floating**>malloc(Mpad * sizeof(floating*))
+        pbuf = <floating*>malloc(per_task * plane_len * sizeof(floating)) if phased else NULL
+        for task in prange(runs * p.G, schedule='static'):
+            if bblk == NULL or cbuf == NULL or brow == NULL or arow == NULL or (phased and pbuf == NULL):
+                flag_failure(&failed)
+                continue
+            row_table(brow, bblk, KC, LDB)
+            g = task % p.G
+            b0 = (task // p.G) * per_task
+            b1 = min(p.B, b0 + per_task)
+            if phased:
+                memset(pbuf, 0, (b1 - b0) * plane_len * sizeof(floating))
+            else:
+                for b in range(b0, b1):
+                    memset(dx + (b * p.C + g * Cg) * p.H * p.W, 0, Cg * p.H * p.W * sizeof(floating))
+            # the pixels q = (b, oh, ow) of images b0..b1, NC at a time
+            q = b0 * P
+            q1 = b1 * P
+            while q < q1:
+                nc = min(NC, q1 - q)
+                ncpad = round_up(nc, NR)
+                k0 = 0
+                while k0 < Kg:
+                    kc = min(KC, Kg - k0)
+                    for i in range(kc):
+                        j = 0
+                        while j < nc:
+                            b = (q + j) // P
+                            pix = q + j - b * P
+                            seg = min(nc - j, P - pix)
+                            memcpy(bblk + i * LDB + j, dy + (b * p.K + g * Kg + k0 + i) * P + pix,
+                                   seg * sizeof(floating))
+                            j = j + seg
+                        for j in range(nc, ncpad):
+                            bblk[i * LDB + j] = 0
+                    packed_a_table(arow, apack + g * Mpad * Kg + k0 * Mpad, Mpad // CE_MR, kc)
+                    macro_kernel(Mpad // CE_MR, ncpad // NR, kc, arow, CE_MR, brow, NR, cbuf, NC, k0 > 0, nv)
+                    k0 = k0 + kc
+                j = 0
+                while j < nc:
+                    b = (q + j) // P
+                    pix = q + j - b * P
+                    seg = min(nc - j, P - pix)
+                    if phased:
+                        col2im_add_phased(cbuf + j, NC, p, Kd, pix, seg, pbuf + (b - b0) * plane_len)
+                    else:
+                        col2im_add(cbuf + j, NC, p, Kd, pix, seg, dx + (b * p.C + g * Cg) * p.H * p.W)
+                    j = j + seg
+                q = q + nc
+            if phased:
+                for b in range(b0, b1):
+                    unphase(pbuf + (b - b0) * plane_len, p, Cg, dx + (b * p.C + g * Cg) * p.H * p.W)
+        free(bblk)
+        free(cbuf)
+        free(brow)
+        free(arow)
+        free(pbuf)
+        fp_leave(fp)
+    fp_resume(fps)
+    free(apack)
+    return -failed
+
+
+def conv2d_grad_input(const floating[:, :, :, ::1] grad_out,   # IN  (B, K, OH, OW)
+                      const floating[:, :, :, ::1] weight,     # IN  (K, C/G, KH, KW)
+                      floating[:, :, :, ::1] grad_x,           # OUT (B, C, H, W)
+                      tuple params, int n_threads):
+    cdef fpstate fp, fps
+    cdef ConvGeom p
+    cdef int rc
+    fill_geom(&p, (grad_x.shape[0], grad_x.shape[1], grad_x.shape[2], grad_x.shape[3]), weight.shape[0], weight.shape[2], weight.shape[3], params)
+    if p.B == 0:
+        return
+    with nogil:
+        fp = fp_enter_call()
+        rc = conv2d_grad_input_core(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0], &grad_x[0, 0, 0, 0], &p, n_threads)
+        fp_leave_call(fp)
+    if rc:
+        raise MemoryError("conv2d_backward: could not allocate packing buffers")

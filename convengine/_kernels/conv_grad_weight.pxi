@@ -1,0 +1,460 @@
+# conv2d grad_weight and grad_bias: per-chunk partial sums on the direct, im2col and pixel paths, summed in a
+# fixed order; and the def entry.
+
+
+cdef bint all_finite(const floating* x, Py_ssize_t n) noexcept nogil:
+    """No inf or NaN in x: no value has an all-ones exponent. Integer tests vectorise; a float sum would be a
+    serial dependency chain (4 ms on a 4M-element input)."""
+    cdef Py_ssize_t i
+    cdef const uint32_t* u
+    cdef const uint64_t* v
+    cdef uint32_t bad32 = 0
+    cdef uint64_t bad64 = 0
+    if floating is float:
+        u = <const uint32_t*>x
+        for i in range(n):
+            bad32 |= (u[i] & 0x7f800000u) == 0x7f800000u
+        return bad32 == 0
+    else:
+        v = <const uint64_t*>x
+        for i in range(n):
+            bad64 |= (v[i] & 0x7ff0000000000000u) == 0x7ff0000000000000u
+        return bad64 == 0
+
+
+cdef void sum_partials(floating* partial, Py_ssize_t nchunks, const ConvGeom* p, floating* dw,
+                       int n_threads) noexcept nogil:
+    """dw[g*Kg + k, r] = sum over chunks, in chunk order, of partial[g, ch][r, k]. The chunks are added into
+    chunk 0 along contiguous runs, then transposed into dw (partial is overwritten)."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t Kg = p.K // p.G
+    cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
+    cdef Py_ssize_t n = Kd * Kg
+    cdef Py_ssize_t BLK = 4096
+    cdef Py_ssize_t nblk = (n + BLK - 1) // BLK
+    cdef Py_ssize_t task, g, i0, i1, i, k, r, ch
+    cdef floating* acc
+    cdef const floating* src
+    if nchunks > 1:
+        fps = fp_suspend()
+        with parallel(num_threads=n_threads):
+            fp = fp_enter()
+            for task in prange(p.G * nblk, schedule='static'):
+                g = task // nblk
+                i0 = (task - g * nblk) * BLK
+                i1 = min(n, i0 + BLK)
+                acc = partial + g * nchunks * n
+                for ch in range(1, nchunks):
+                    src = acc + ch * n
+                    for i in range(i0, i1):
+                        acc[i] = acc[i] + src[i]
+            fp_leave(fp)
+        fp_resume(fps)
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for task in prange(p.K, schedule='static'):
+            g = task // Kg
+            k = task - g * Kg
+            src = partial + g * nchunks * n + k
+            for r in range(Kd):
+                dw[task * Kd + r] = src[r * Kg]
+        fp_leave(fp)
+    fp_resume(fps)
+
+
+cdef floating channel_sum(const floating* dy, Py_ssize_t B, Py_ssize_t stride, Py_ssize_t P) noexcept nogil:
+    """Sum of B planes of P values (stride apart) in 16 interleaved lanes, then the lanes in order: a fixed
+    order that vectorises (one running sum is a serial chain of adds)."""
+    cdef floating lanes[16]
+    cdef floating acc = 0
+    cdef Py_ssize_t b, i, j, n16
+    cdef const floating* src
+    for j in range(16):
+        lanes[j] = 0
+    n16 = P // 16 * 16
+    for b in range(B):
+        src = dy + b * stride
+        for i in range(0, n16, 16):
+            for j in range(16):
+                lanes[j] += src[i + j]
+        for i in range(n16, P):
+            lanes[i - n16] += src[i]
+    for j in range(16):
+        acc += lanes[j]
+    return acc
+
+
+cdef void grad_bias(const floating* dy, const ConvGeom* p, floating* db, int n_threads) noexcept nogil:
+    """db[k] = sum of dY[:, k] over images and pixels, each channel in one fixed order."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t k
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for k in prange(p.K, schedule='static'):
+            db[k] = channel_sum(dy + k * p.OH * p.OW, p.B, p.K * p.OH * p.OW, p.OH * p.OW)
+        fp_leave(fp)
+    fp_resume(fps)
+
+
+cdef void pack_grad_out_rows_t(const floating* dy, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t oh0,
+                               Py_ssize_t nrows, Py_ssize_t Wp, Py_ssize_t NR, Py_ssize_t Npad,
+                               floating* out) noexcept nogil:
+    """out = dY[b, g, :, oh0:oh0+nrows]^T as NR-column panels of depth nrows*Wp: row t = oh*Wp + ow holds the
+    group's Kg output channels at (oh0 + oh, ow), and zeros where ow >= OW or past Kg."""
+    cdef Py_ssize_t Kg = p.K // p.G
+    cdef Py_ssize_t ncols = nrows * Wp
+    cdef Py_ssize_t OHW = p.OH * p.OW
+    cdef Py_ssize_t k, oh, ow, jp, t
+    cdef floating* dst
+    cdef const floating* src
+    memset(out, 0, Npad * ncols * sizeof(floating))
+    # pixel outer, channel inner: the stores run along a panel row, the loads along Kg image rows at once
+    for oh in range(nrows):
+        for ow in range(p.OW):
+            t = oh * Wp + ow
+            src = dy + (b * p.K + g * Kg) * OHW + (oh0 + oh) * p.OW + ow
+            for jp in range(Npad // NR):
+                dst = out + (jp * ncols + t) * NR
+                for k in range(min(NR, Kg - jp * NR)):
+                    dst[k] = src[(jp * NR + k) * OHW]
+
+
+cdef int conv2d_grad_weight_direct(const floating* dy, const floating* x, floating* partial, Py_ssize_t nchunks,
+                                   const ConvGeom* p, int n_threads) noexcept nogil:
+    """Stride-1 grad_weight without im2col: dW[g]^T (Kd x Kg) = sum over row blocks of taps(xblk) . dY^T, the A
+    rows read from the zero-padded input rows as in the forward, the B rows dY^T packed with zeros in the dropped
+    columns ow >= OW (so those columns add nothing; the caller sends non-finite inputs, where 0 * inf would not
+    be nothing, to the exact im2col path). Units (image, row block) go to nchunks fixed chunks."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t Kd = Cg * p.KH * p.KW
+    cdef int nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
+    cdef Py_ssize_t NR = nv * vlen(<floating>0)
+    cdef Py_ssize_t KC = block_k(<floating>0)
+    cdef Py_ssize_t Mpad = round_up(Kd, CE_MR)
+    cdef Py_ssize_t Npad = round_up(Kg, NR)
+    cdef Py_ssize_t Wp = padded_width(p)
+    cdef Py_ssize_t R = direct_rows(p, 2 * KC)
+    cdef Py_ssize_t rows_in = R + (p.KH - 1) * p.dh
+    cdef Py_ssize_t nrb = (p.OH + R - 1) // R
+    cdef Py_ssize_t units = p.B * nrb
+    cdef Py_ssize_t per_chunk = (units + nchunks - 1) // nchunks
+    cdef Py_ssize_t ncmax = R * Wp
+    cdef Py_ssize_t xlen = Cg * rows_in * Wp + ncmax + (p.KW - 1) * p.dw
+    cdef Py_ssize_t task, g, ch, u, b, oh0, nrows, ncols, t0, kc, i, j
+    cdef bint started
+    cdef floating* xblk
+    cdef floating* bpack
+    cdef floating* cbuf
+    cdef floating* zeros
+    cdef const floating** taps
+    cdef const floating** arow
+    cdef const floating** brow
+    cdef int failed = 0
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        xblk = <floating*>calloc(xlen, sizeof(floating))
+        bpack = <floating*>malloc(ncmax * Npad * sizeof(floating))
+        cbuf = <floating*>malloc(Mpad * Npad * sizeof(floating))
+        zeros = <floating*>calloc(ncmax, sizeof(floating))
+        taps = <const floating**>malloc(Kd * sizeof(floating*))
+        arow = <const floating**>malloc(Mpad * sizeof(floating*))
+        brow = <const floating**>malloc(ncmax * sizeof(floating*))
+        for task in prange(p.G * nchunks, schedule='static'):
+            if (xblk == NULL or bpack == NULL or cbuf == NULL or zeros == NULL or taps == NULL or arow == NULL
+                    or brow == NULL):
+                flag_failure(&failed)
+                continue
+            g = task // nchunks
+            ch = task - g * nchunks
+            started = False
+            for u in range(ch * per_chunk, min(units, (ch + 1) * per_chunk)):
+                b = u // nrb
+                oh0 = (u % nrb) * R
+                nrows = min(R, p.OH - oh0)
+                ncols = nrows * Wp
+                fill_padded_rows(x, p, b, g, oh0, nrows + (p.KH - 1) * p.dh, rows_in, xblk)
+                tap_rows(p, xblk, rows_in, taps)
+                pack_grad_out_rows_t(dy, p, b, g, oh0, nrows, Wp, NR, Npad, bpack)
+                row_table(brow, bpack, ncols, NR)
+                t0 = 0
+                while t0 < ncols:
+                    kc = min(KC, ncols - t0)
+                    for i in range(Mpad):
+                        arow[i] = taps[i] + t0 if i < Kd else zeros
+                    macro_kernel(Mpad // CE_MR, Npad // NR, kc, arow, 1, brow + t0, NR * ncols, cbuf, Npad,
+                                 started, nv)
+                    started = True
+                    t0 = t0 + kc
+            for i in range(Kd):
+                for j in range(Kg):
+                    partial[task * Kd * Kg + i * Kg + j] = cbuf[i * Npad + j] if started else 0
+        free(xblk)
+        free(bpack)
+        free(cbuf)
+        free(zeros)
+        free(taps)
+        free(arow)
+        free(brow)
+        fp_leave(fp)
+    fp_resume(fps)
+    return -failed
+
+
+cdef int conv2d_grad_weight_im2col(const floating* dy, const floating* x, floating* partial, Py_ssize_t nchunks,
+                                   const ConvGeom* p, int n_threads) noexcept nogil:
+    """grad_weight for any stride: dW[g]^T (Kd x Kg) = sum over fixed chunks of the Q pixels of col . dY^T."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t Kd = Cg * p.KH * p.KW
+    cdef int nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
+    cdef Py_ssize_t NR = nv * vlen(<floating>0)
+    cdef Py_ssize_t KC = block_k(<floating>0)
+    cdef Py_ssize_t LDA = KC + vlen(<floating>0)
+    cdef Py_ssize_t P = p.OH * p.OW
+    cdef Py_ssize_t Q = p.B * P
+    cdef Py_ssize_t Mpad = round_up(Kd, CE_MR)
+    cdef Py_ssize_t Npad = round_up(Kg, NR)
+    cdef Py_ssize_t chunk = (Q + nchunks - 1) // nchunks
+    cdef Py_ssize_t task, g, ch, q0, q1, k0, kc, i, j
+    cdef floating* ablk
+    cdef floating* bpack
+    cdef floating* cbuf
+    cdef const floating** arow
+    cdef const floating** brow
+    cdef int failed = 0
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        # rows past Kd of ablk stay zero from calloc
+        ablk = <floating*>calloc(Mpad * LDA, sizeof(floating))
+        bpack = <floating*>malloc(KC * Npad * sizeof(floating))
+        cbuf = <floating*>malloc(Mpad * Npad * sizeof(floating))
+        arow = <const floating**>malloc(Mpad * sizeof(floating*))
+        brow = <const floating**>malloc(KC * sizeof(floating*))
+        for task in prange(p.G * nchunks, schedule='static'):
+            if ablk == NULL or bpack == NULL or cbuf == NULL or arow == NULL or brow == NULL:
+                flag_failure(&failed)
+                continue
+            row_table(arow, ablk, Mpad, LDA)
+            row_table(brow, bpack, KC, NR)
+            g = task // nchunks
+            ch = task - g * nchunks
+            q0 = ch * chunk
+            q1 = min(Q, q0 + chunk)
+            if q1 <= q0:
+                memset(partial + task * Kd * Kg, 0, Kd * Kg * sizeof(floating))
+                continue
+            k0 = q0
+            while k0 < q1:
+                kc = min(KC, q1 - k0)
+                im2col_block(x, p, g, 0, Kd, k0, kc, kc, ablk, LDA)
+                pack_b_grad_out_t(dy, p, g, k0, kc, NR, bpack)
+                macro_kernel(Mpad // CE_MR, Npad // NR, kc, arow, 1, brow, NR * kc, cbuf, Npad, k0 > q0, nv)
+                k0 = k0 + kc
+            for i in range(Kd):
+                for j in range(Kg):
+                    partial[task * Kd * Kg + i * Kg + j] = cbuf[i * Npad + j]
+        free(ablk)
+        free(bpack)
+        free(cbuf)
+        free(arow)
+        free(brow)
+        fp_leave(fp)
+    fp_resume(fps)
+    return -failed
+
+
+cdef void fill_window_rows_hwc(const floating* x, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t ih0,
+                               Py_ssize_t nrows, Py_ssize_t Cgpad, floating* xblk) noexcept nogil:
+    """fill_window_rows with channels last: xblk[(ri*Wpad + t)*Cgpad + c] = x[b, g*Cg + c, ih0 + ri, t - pl],
+    zero outside the image and for channels c >= Cg (Cgpad: the pixel stride)."""
+    cdef Py_ssize_t Cg = p.C // p.G
+    cdef Py_ssize_t Wpad = window_width(p)
+    cdef Py_ssize_t lo = min(p.pl, Wpad)
+    cdef Py_ssize_t n = max(0, min(p.W, Wpad - p.pl))
+    cdef Py_ssize_t c, ri, ih, iw
+    cdef const floating* src
+    cdef floating* dst
+    memset(xblk, 0, nrows * Wpad * Cgpad * sizeof(floating))
+    for ri in range(nrows):
+        ih = ih0 + ri
+        if ih < 0 or ih >= p.H:
+            continue
+        for c in range(Cg):
+            src = x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W
+            dst = xblk + (ri * Wpad + lo) * Cgpad + c
+            for iw in range(n):
+                dst[iw * Cgpad] = src[iw]
+
+
+cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floating* partial, Py_ssize_t nchunks,
+                                   const ConvGeom* p, int n_threads) noexcept nogil:
+    """grad_weight tap by tap, reducing over output pixels: dW_t (Kg x Cg) = dY (Kg x pixels) . X_t (pixels x Cg).
+
+    A is dY, copied per block of units into rows of contiguous pixels. B row q is pixel q's window origin in a
+    channels-last, zero-padded copy of the input rows plus the tap's offset: the Cg channels there are one NR-wide
+    row. Nothing is wasted and nothing is copied KH*KW times (the im2col path does both on small images). Units
+    (image, block of output rows) go to nchunks fixed chunks."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t T = p.KH * p.KW
+    cdef Py_ssize_t Kd = Cg * T
+    cdef Py_ssize_t NR = channel_panel(p, <floating>0)
+    cdef int nv = NR // vlen(<floating>0)
+    cdef Py_ssize_t Cgpad = round_up(Cg, NR)
+    cdef Py_ssize_t ldp = pixel_stride(Cgpad, <floating>0)
+    cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
+    cdef Py_ssize_t P = p.OH * p.OW
+    cdef Py_ssize_t Wpad = window_width(p)
+    cdef Py_ssize_t R = pixel_rows(p)
+    cdef Py_ssize_t nrb = (p.OH + R - 1) // R
+    cdef Py_ssize_t unit_len = window_rows(p, R) * Wpad * ldp
+    cdef Py_ssize_t upt = max(1, PIXELS_PER_TASK // (R * p.OW))
+    cdef Py_ssize_t maxpix = upt * R * p.OW
+    cdef Py_ssize_t units = p.B * nrb
+    cdef Py_ssize_t per_chunk = (units + nchunks - 1) // nchunks
+    cdef Py_ssize_t kmax = max(16, KMAX_BYTES // (Cgpad * sizeof(floating)))
+    cdef Py_ssize_t task, g, ch, u, u0, u1, ue, b, oh0, nrows, npix, ro, ow, t, i, k, c, k0, kc
+    cdef bint started
+    cdef floating* xblk
+    cdef floating* ablk
+    cdef floating* cbuf
+    cdef floating* blk
+    cdef const floating** pix
+    cdef const floating** arow
+    cdef const floating** brow
+    cdef Py_ssize_t* tapoff
+    cdef int failed = 0
+    tapoff = <Py_ssize_t*>malloc(T * sizeof(Py_ssize_t))
+    if tapoff == NULL:
+        return -1
+    for t in range(T):
+        tapoff[t] = ((t // p.KW) * p.dh * Wpad + (t % p.KW) * p.dw) * ldp
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        xblk = <floating*>malloc(upt * unit_len * sizeof(floating))
+        # rows Kg..Mpad of A stay zero from calloc
+        ablk = <floating*>calloc(Mpad * maxpix, sizeof(floating))
+        cbuf = <floating*>malloc(T * Mpad * Cgpad * sizeof(floating))
+        pix = <const floating**>malloc(maxpix * sizeof(floating*))
+        brow = <const floating**>malloc(maxpix * sizeof(floating*))
+        arow = <const floating**>malloc(Mpad * sizeof(floating*))
+        for task in prange(p.G * nchunks, schedule='static'):
+            if xblk == NULL or ablk == NULL or cbuf == NULL or pix == NULL or brow == NULL or arow == NULL:
+                flag_failure(&failed)
+                continue
+            g = task // nchunks
+            ch = task - g * nchunks
+            started = False
+            u0 = ch * per_chunk
+            ue = min(units, u0 + per_chunk)
+            while u0 < ue:
+                u1 = min(ue, u0 + upt)
+                npix = 0
+                for u in range(u0, u1):
+                    b = u // nrb
+                    oh0 = (u - b * nrb) * R
+                    nrows = min(R, p.OH - oh0)
+                    blk = xblk + (u - u0) * unit_len
+                    fill_window_rows_hwc(x, p, b, g, oh0 * p.sh - p.pt, window_rows(p, nrows), ldp, blk)
+                    for k in range(Kg):
+                        memcpy(ablk + k * maxpix + npix, dy + (b * p.K + g * Kg + k) * P + oh0 * p.OW,
+                               nrows * p.OW * sizeof(floating))
+                    for ro in range(nrows):
+                        for ow in range(p.OW):
+                            pix[npix] = blk + (ro * p.sh * Wpad + ow * p.sw) * ldp
+                            npix = npix + 1
+                for t in range(T):
+                    for i in range(npix):
+                        brow[i] = pix[i] + tapoff[t]
+                    # B's rows are scattered over the padded block: kmax of them at a time stay in L1
+                    k0 = 0
+                    while k0 < npix:
+                        kc = min(kmax, npix - k0)
+                        row_table(arow, ablk + k0, Mpad, maxpix)
+                        macro_kernel(Mpad // CE_MR, Cgpad // NR, kc, arow, 1, brow + k0, NR,
+                                     cbuf + t * Mpad * Cgpad, Cgpad, started or k0 > 0, nv)
+                        k0 = k0 + kc
+                started = True
+                u0 = u1
+            # partial[task][r = c*T + t][k]
+            for c in range(Cg):
+                for t in range(T):
+                    for k in range(Kg):
+                        partial[(task * Kd + c * T + t) * Kg + k] = (cbuf[(t * Mpad + k) * Cgpad + c]
+                                                                      if started else 0)
+        free(xblk)
+        free(ablk)
+        free(cbuf)
+        free(pix)
+        free(brow)
+        free(arow)
+        fp_leave(fp)
+    fp_resume(fps)
+    free(tapoff)
+    return -failed
+
+
+cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating* dw, floating* db,
+                                 const ConvGeom* p, int n_threads) noexcept nogil:
+    """dw (K, Cg, KH, KW) and db (K,) or NULL, overwritten."""
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    cdef Py_ssize_t Kg = p.K // p.G
+    cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
+    cdef Py_ssize_t R, nchunks
+    cdef floating* partial
+    cdef int path, rc
+    if is_depthwise(p):
+        return depthwise_grad_weight(dy, x, dw, db, p, n_threads)
+    path = grad_weight_path(p, <floating>0)
+    if path == PATH_DIRECT and not all_finite(x, p.B * p.C * p.H * p.W):
+        path = PATH_IM2COL
+    if path == PATH_DIRECT:
+        R = direct_rows(p, 2 * block_k(<floating>0))
+        nchunks = grad_weight_chunks(p.B * ((p.OH + R - 1) // R), R * p.OW)
+    elif path == PATH_PIXELS:
+        nchunks = pixel_chunks(p)
+    else:
+        nchunks = grad_weight_chunks(p.B * p.OH * p.OW, 1)
+    partial = <floating*>malloc(p.G * nchunks * Kd * Kg * sizeof(floating))
+    if partial == NULL:
+        return -1
+    if path == PATH_DIRECT:
+        rc = conv2d_grad_weight_direct(dy, x, partial, nchunks, p, n_threads)
+    elif path == PATH_PIXELS:
+        rc = conv2d_grad_weight_pixels(dy, x, partial, nchunks, p, n_threads)
+    else:
+        rc = conv2d_grad_weight_im2col(dy, x, partial, nchunks, p, n_threads)
+    if rc == 0:
+        sum_partials(partial, nchunks, p, dw, n_threads)
+        if db != NULL:
+            grad_bias(dy, p, db, n_threads)
+    free(partial)
+    return rc
+
+
+def conv2d_grad_weight(const floating[:, :, :, ::1] grad_out,  # IN  (B, K, OH, OW)
+                       const floating[:, :, :, ::1] x,         # IN  (B, C, H, W)
+                       floating[:, :, :, ::1] grad_w,          # OUT (K, C/G, KH, KW)
+                       floating[::1] grad_b,                   # OUT (K,)
+                       tuple params, int n_threads):
+    cdef fpstate fp, fps
+    cdef ConvGeom p
+    cdef int rc
+    fill_geom(&p, (x.shape[0], x.shape[1], x.shape[2], x.shape[3]), grad_w.shape[0], grad_w.shape[2], grad_w.shape[3], params)
+    if p.B == 0:
+        grad_w[...] = 0
+        grad_b[...] = 0
+        return
+    with nogil:
+        fp = fp_enter_call()
+        rc = conv2d_grad_weight_core(&grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_w[0, 0, 0, 0], &grad_b[0], &p,
+                                     n_threads)
+        fp_leave_call(fp)
+    if rc:
+        raise MemoryError("conv2d_backward: could not allocate packing buffers")

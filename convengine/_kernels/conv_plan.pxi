@@ -1,0 +1,339 @@
+# conv2d forward, grad_input, grad_weight and grad_bias on the packed GEMM of gemm.pxi.
+#
+# Per group g, with r = (c, kh, kw) over the Kd = Cg*KH*KW patch rows and q = (b, oh, ow) over the B*OH*OW output
+# pixels, the implicit im2col matrix is col[r, q] = x[b, g*Cg + c, oh*sh - pt + kh*dh, ow*sw - pl + kw*dw] (zero
+# outside the image). It is never stored: `im2col_row` writes pieces of it straight into packed GEMM panels.
+#   forward     y[g]   (Kg x Q)  = W[g] (Kg x Kd) . col (Kd x Q)      split over column blocks of Q
+#   grad_input  dcol   (Kd x P)  = W[g]^T . dY[b, g] (Kg x P), then col2im into dx[b, g]   split over (b, g)
+#   grad_weight dW[g]^T (Kd x Kg) = sum over fixed chunks of Q of col . dY^T, chunks summed in order
+# Each split gives every output element to one task that reduces in a fixed order: results are bitwise the same
+# for any thread count.
+#
+# Three ways to run these GEMMs, chosen per shape and direction (forward_path, grad_weight_path):
+#   direct   stride 1: B rows read straight from zero-padded input rows at each tap's offset (no im2col)
+#   pixels   output pixels as the GEMM's rows, output channels (grad_weight: input channels) as its columns,
+#            tap by tap from zero-padded input rows: nothing wasted, for small and strided images
+#   im2col   the implicit im2col above, packed per block: any shape, e.g. 1 or 3 input channels
+#
+# Files: conv_common.pxi (geometry, packing, padded rows), this file (the choice of path per shape and
+# direction, every threshold with the measurement behind it, the scratch each path allocates),
+# conv_epilogue.pxi, conv_forward.pxi, conv_smallc.pxi (first layers), conv_grad_input.pxi,
+# conv_grad_weight.pxi; depthwise.pxi for groups == channels.
+
+
+# Most elements of per-thread padded input the direct paths may ask for; larger goes the im2col / GEMM way.
+cdef Py_ssize_t MAX_DIRECT_SCRATCH = 1 << 24
+
+
+cdef bint use_direct(const ConvGeom* p, Py_ssize_t NR, Py_ssize_t NC) noexcept nogil:
+    """Whether the direct path (stride 1: operand rows read straight from a zero-padded copy of a few input rows)
+    beats implicit im2col. It computes padded_width - OW wasted columns per output row and pads a block to whole
+    NR panels; im2col wastes nothing but copies Kd values per output pixel, measured at about a third of the GEMM
+    time. So direct while at least ~75% of its columns are useful."""
+    cdef Py_ssize_t R
+    if p.sh != 1 or p.sw != 1:
+        return False
+    R = direct_rows(p, NC)
+    # per-thread padded rows stay small (a huge dilation over a tiny image would ask for gigabytes: im2col's
+    # buffers do not grow with it)
+    if (p.C // p.G) * (R + (p.KH - 1) * p.dh) > MAX_DIRECT_SCRATCH // padded_width(p):
+        return False
+    return 4 * R * p.OW >= 3 * round_up(R * padded_width(p), NR)
+
+
+# Forward strategies, in the order conv2d_forward_core tries them; `force_conv_path` pins one for the tests (a
+# path that cannot take the shape falls back to the automatic choice).
+cdef enum:
+    PATH_AUTO = 0
+    PATH_DIRECT = 1
+    PATH_IM2COL = 2
+    PATH_PIXELS = 3
+    PATH_SMALLC = 4       # conv_smallc.pxi: forward of 1-4 channel float32 inputs
+
+
+cdef int forced_path = PATH_AUTO
+
+
+# Output pixels per task of the pixel path: enough 8-pixel panels that packing and the store are paid for, few
+# enough that a batch of small images still makes several tasks.
+cdef Py_ssize_t PIXELS_PER_TASK = 256
+
+
+def force_conv_path(str name):
+    """Pin conv2d's forward strategy ('direct', 'im2col', 'pixels', 'smallc') for every later call, or restore the
+    automatic choice ('auto'). For tests and benchmarks: each path must give the same answers."""
+    global forced_path
+    paths = {"auto": PATH_AUTO, "direct": PATH_DIRECT, "im2col": PATH_IM2COL, "pixels": PATH_PIXELS,
+             "smallc": PATH_SMALLC}
+    if name not in paths:
+        raise ValueError(f"unknown conv path {name!r}; expected one of {sorted(paths)}")
+    forced_path = paths[name]
+
+
+cdef bint use_pixels(const ConvGeom* p, floating dummy) noexcept nogil:
+    """Whether the pixel path can take the shape well: the output channels fill most of their NR-wide panels,
+    each tap reduces over enough input channels to amortise the tile's load and store, and the padded rows of
+    one unit stay small."""
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t VL = vlen(<floating>0)
+    cdef Py_ssize_t NR = pick_nv((Kg + VL - 1) // VL) * VL
+    if Cg < 8 or 4 * Kg < 3 * round_up(Kg, NR):
+        return False
+    return Cg * window_rows(p, pixel_rows(p)) <= MAX_DIRECT_SCRATCH // window_width(p)
+
+
+# Whether a shape takes the first-layer path of conv_smallc.pxi (forward only; float64 keeps the GEMM paths).
+cdef inline bint use_smallc(const ConvGeom* p, floating dummy) noexcept nogil:
+    if floating is double:
+        return False
+    if forced_path != PATH_AUTO and forced_path != PATH_SMALLC:
+        return False
+    # and rows of output pixels that whole tiles pad by at most a seventh (stride-2 16-pixel rows, padded to 32,
+    # ran at 30 GFLOP/s against 40 on the GEMM paths; 28-pixel rows in 32 pay)
+    cdef Py_ssize_t VL = vlen(<floating>0)
+    cdef Py_ssize_t tile = pick_nv((p.OW + VL - 1) // VL) * VL
+    return (p.G == 1 and p.C <= 4 and p.dh == 1 and p.dw == 1 and p.sw <= 2 and p.KW <= 16
+            and p.OW >= VL and 7 * ((p.OW + tile - 1) // tile * tile) <= 8 * p.OW)
+
+
+cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
+    """The forward strategy for a (non-depthwise) shape: the direct path where its dropped columns are few,
+    else the pixel path where it fits, else implicit im2col. A forced path is taken where it can be."""
+    cdef Py_ssize_t NR = tile_n(<floating>0)
+    cdef bint direct = use_direct(p, NR, 8 * NR)
+    if forced_path == PATH_DIRECT and direct:
+        return PATH_DIRECT
+    if forced_path == PATH_IM2COL:
+        return PATH_IM2COL
+    if forced_path == PATH_PIXELS and use_pixels(p, dummy):
+        return PATH_PIXELS
+    if direct:
+        return PATH_DIRECT
+    if use_pixels(p, dummy):
+        return PATH_PIXELS
+    return PATH_IM2COL
+
+
+cdef bint transposed_geometry(const ConvGeom* p, ConvGeom* q) noexcept nogil:
+    """For stride 1, grad_input is a forward conv of dY with the kernel flipped and in/out channels swapped, padded
+    by (K-1)*d - pad. Fill q with that geometry; False where it does not apply (stride > 1, or padding beyond the
+    kernel's reach)."""
+    if p.sh != 1 or p.sw != 1 or p.pt > (p.KH - 1) * p.dh or p.pl > (p.KW - 1) * p.dw:
+        return False
+    q.B = p.B
+    q.C = p.K
+    q.H = p.OH
+    q.W = p.OW
+    q.K = p.C
+    q.KH = p.KH
+    q.KW = p.KW
+    q.sh = 1
+    q.sw = 1
+    q.pt = (p.KH - 1) * p.dh - p.pt
+    q.pl = (p.KW - 1) * p.dw - p.pl
+    q.dh = p.dh
+    q.dw = p.dw
+    q.G = p.G
+    q.OH = p.H
+    q.OW = p.W
+    return True
+
+
+cdef bint grad_input_as_conv(const ConvGeom* q, floating dummy) noexcept nogil:
+    """Whether grad_input goes as the forward conv of the transposed geometry q: by its direct path when the
+    tile's MR rows (q's output channels) are mostly used, or by its pixel path."""
+    cdef int path = forward_path(q, dummy)
+    if path == PATH_DIRECT:
+        return 4 * (q.K // q.G) >= 3 * round_up(q.K // q.G, CE_MR)
+    return path == PATH_PIXELS
+
+
+cdef inline bint col2im_phased(const ConvGeom* p, floating dummy) noexcept nogil:
+    """Whether grad_input's col2im scatters through phase-split planes (see col2im_add_phased): column stride > 1
+    and the planes of a task's images within MAX_DIRECT_SCRATCH elements."""
+    cdef Py_ssize_t per_task = max(1, min(p.B, 8 * tile_n(<floating>0) // (p.OH * p.OW)))
+    return p.sw > 1 and (p.C // p.G) * p.H * p.sw * phase_width(p) <= MAX_DIRECT_SCRATCH // per_task
+
+
+cdef inline Py_ssize_t grad_weight_chunks(Py_ssize_t units, Py_ssize_t unit_pixels) noexcept nogil:
+    """How many fixed slices of the pixels grad_weight reduces separately (then sums in order): about 2048+
+    pixels each, at most 16, a power of two. A function of the shape only, never of the thread count."""
+    return pow2_floor(min(16, min(units, units * unit_pixels // 2048)))
+
+
+cdef inline Py_ssize_t channel_panel(const ConvGeom* p, floating dummy) noexcept nogil:
+    """NR of grad_weight's pixel path, whose GEMM columns are the group's input channels."""
+    cdef Py_ssize_t VL = vlen(<floating>0)
+    return pick_nv((p.C // p.G + VL - 1) // VL) * VL
+
+
+cdef bint use_pixels_grad_weight(const ConvGeom* p, floating dummy) noexcept nogil:
+    """Whether grad_weight's pixel path fits: the input channels fill most of their NR-wide panels, the output
+    channels most of the MR-row tile, and one unit's padded rows stay small."""
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t Cgpad = round_up(Cg, channel_panel(p, dummy))
+    if 4 * Cg < 3 * Cgpad or 4 * Kg < 3 * round_up(Kg, CE_MR):
+        return False
+    return window_rows(p, pixel_rows(p)) * pixel_stride(Cgpad, dummy) <= MAX_DIRECT_SCRATCH // window_width(p)
+
+
+cdef inline Py_ssize_t pixel_chunks(const ConvGeom* p) noexcept nogil:
+    """Fixed slices of the units that grad_weight's pixel path reduces separately: about PIXELS_PER_TASK pixels
+    or more each, at most 16 and a power of two, and at most 2^20 partial-sum elements in all; a function of the
+    shape only."""
+    cdef Py_ssize_t R = pixel_rows(p)
+    cdef Py_ssize_t units = p.B * ((p.OH + R - 1) // R)
+    cdef Py_ssize_t per_chunk = (p.C // p.G) * p.KH * p.KW * p.K
+    return pow2_floor(min(min(16, (1 << 20) // per_chunk), min(units, units * R * p.OW // PIXELS_PER_TASK)))
+
+
+# grad_weight's pixel path reduces over at most this many bytes of scattered B rows per block
+cdef Py_ssize_t KMAX_BYTES = 32768
+
+
+cdef inline Py_ssize_t pixel_stride(Py_ssize_t Cgpad, floating dummy) noexcept nogil:
+    """Distance between pixels in grad_weight's channels-last rows: Cgpad, plus a vector when that is a multiple
+    of 256 bytes (with 128 channels, 512 bytes, a B panel's rows fell into 8 of the 64 L1 sets and evicted
+    each other)."""
+    if (Cgpad * sizeof(floating)) % 256 == 0:
+        return Cgpad + vlen(<floating>0)
+    return Cgpad
+
+
+cdef int grad_weight_path(const ConvGeom* p, floating dummy) noexcept nogil:
+    """grad_weight's strategy: the pixel path where it fits (it wastes nothing and measured as fast as or faster
+    than the others on every benchmark shape), else as forward_path chooses. The direct path needs finite inputs
+    too, checked by the caller."""
+    cdef bint direct = use_direct(p, tile_n(<floating>0), 2 * block_k(<floating>0))
+    if forced_path == PATH_DIRECT and direct:
+        return PATH_DIRECT
+    if forced_path == PATH_IM2COL:
+        return PATH_IM2COL
+    if forced_path == PATH_PIXELS and use_pixels_grad_weight(p, dummy):
+        return PATH_PIXELS
+    if use_pixels_grad_weight(p, dummy):
+        return PATH_PIXELS
+    if direct:
+        return PATH_DIRECT
+    return PATH_IM2COL
+
+
+cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T) noexcept nogil:
+    """Bytes conv2d_forward_core allocates for geometry q with T threads, path by path."""
+    cdef Py_ssize_t isz = sizeof(floating), ptr = sizeof(void*)
+    cdef Py_ssize_t NR = tile_n(<floating>0), NC = 8 * NR, LD = NC + vlen(<floating>0)
+    cdef Py_ssize_t Cg = q.C // q.G, Kg = q.K // q.G, Kd = Cg * q.KH * q.KW, taps = q.KH * q.KW
+    cdef Py_ssize_t KC = balanced_block(Kd, block_k(<floating>0))
+    cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
+    cdef Py_ssize_t Wp, R, rows_in, ncmax, upt, maxpix, Npad, VL = vlen(<floating>0)
+    cdef int path = forward_path(q, dummy)
+    if use_smallc(q, dummy):
+        return smallc_scratch(q, T)
+    if path == PATH_PIXELS:
+        Npad = round_up(Kg, pick_nv((Kg + VL - 1) // VL) * VL)
+        R = pixel_rows(q)
+        upt = max(1, PIXELS_PER_TASK // (R * q.OW))
+        maxpix = round_up(upt * R * q.OW, CE_MR)
+        return ((q.G * taps * Npad * Cg + T * (upt * Cg * window_rows(q, R) * window_width(q) + maxpix * Npad)) * isz
+                + taps * sizeof(Py_ssize_t) + T * (maxpix + CE_MR + taps * Cg) * ptr)
+    if path == PATH_DIRECT:
+        Wp = padded_width(q)
+        R = direct_rows(q, NC)
+        rows_in = R + (q.KH - 1) * q.dh
+        ncmax = round_up(R * Wp, NR)
+        return (q.G * Mpad * Kd + T * (Cg * rows_in * Wp + ncmax + (q.KW - 1) * q.dw + Mpad * ncmax)) * isz + T * (
+            Kd + Mpad) * ptr
+    return (q.G * Mpad * Kd + T * (KC * LD + Mpad * NC)) * isz + T * (KC + Mpad) * ptr
+
+
+cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
+    """Bytes each conv2d direction allocates per call with T threads, following the same path choices as the
+    kernels (packed weights, per-thread panels and padded rows, grad_weight's per-chunk partial sums). Never the
+    im2col matrix of the batch: everything per thread is bounded by the blocking constants and one block of
+    padded input rows."""
+    cdef Py_ssize_t isz = sizeof(floating), ptr = sizeof(void*)
+    cdef Py_ssize_t NR = tile_n(<floating>0), NC = 8 * NR, LD = NC + vlen(<floating>0)
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G, Kd = Cg * p.KH * p.KW, taps = p.KH * p.KW
+    cdef Py_ssize_t KCmax = block_k(<floating>0), KC, Mpad, R, rows_in, ncmax, Wp, nchunks, Npad, nv, upt, maxpix
+    cdef ConvGeom q
+    cdef int path
+    cdef dict out = {}
+    if is_depthwise(p):
+        out["forward"] = out["grad_input"] = out["grad_weight"] = T * (
+            dw_padded_h(p) * dw_padded_w(p) + dw_slack(p) + p.OH * dw_padded_w(p)) * isz
+        return out
+    out["forward"] = forward_scratch(p, dummy, T)
+    if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
+        # the flipped weights, then the forward of the transposed geometry
+        out["grad_input"] = p.K * Kd * isz + forward_scratch(&q, dummy, T)
+    else:
+        Mpad = round_up(Kd, CE_MR)
+        KC = balanced_block(Kg, KCmax)
+        out["grad_input"] = (p.G * Mpad * Kg + T * (KC * LD + Mpad * NC)) * isz + T * (KC + Mpad) * ptr
+        if col2im_phased(p, dummy):
+            out["grad_input"] += T * max(1, min(p.B, NC // (p.OH * p.OW))) * Cg * p.H * p.sw * phase_width(p) * isz
+    Mpad = round_up(Kd, CE_MR)
+    path = grad_weight_path(p, dummy)
+    if path == PATH_PIXELS:
+        NR = channel_panel(p, dummy)
+        Npad = round_up(Cg, NR)
+        Mpad = round_up(Kg, CE_MR)
+        R = pixel_rows(p)
+        upt = max(1, PIXELS_PER_TASK // (R * p.OW))
+        maxpix = upt * R * p.OW
+        nchunks = pixel_chunks(p)
+        out["grad_weight"] = (p.G * nchunks * Kd * Kg + T * (
+            upt * window_rows(p, R) * window_width(p) * pixel_stride(Npad, dummy) + Mpad * maxpix
+            + taps * Mpad * Npad)) * isz + (
+            taps * sizeof(Py_ssize_t) + T * (2 * maxpix + Mpad) * ptr)
+    elif path == PATH_DIRECT:
+        nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
+        Npad = round_up(Kg, nv * vlen(<floating>0))
+        Wp = padded_width(p)
+        R = direct_rows(p, 2 * KCmax)
+        rows_in = R + (p.KH - 1) * p.dh
+        ncmax = R * Wp
+        nchunks = grad_weight_chunks(p.B * ((p.OH + R - 1) // R), R * p.OW)
+        out["grad_weight"] = (p.G * nchunks * Kd * Kg + T * (
+            Cg * rows_in * Wp + ncmax + (p.KW - 1) * p.dw + ncmax * Npad + Mpad * Npad + ncmax)) * isz
+        out["grad_weight"] += T * (Kd + Mpad + ncmax) * ptr
+    else:
+        nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
+        Npad = round_up(Kg, nv * vlen(<floating>0))
+        nchunks = grad_weight_chunks(p.B * p.OH * p.OW, 1)
+        out["grad_weight"] = (p.G * nchunks * Kd * Kg + T * (
+            Mpad * (KCmax + vlen(<floating>0)) + KCmax * Npad + Mpad * Npad)) * isz + T * (Mpad + KCmax) * ptr
+    return out
+
+
+def conv2d_scratch_bytes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize, Py_ssize_t n_threads):
+    """Extra bytes per call of each conv2d direction (see scratch_bytes); params as for conv2d_forward."""
+    cdef ConvGeom p
+    fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
+    if itemsize == 4:
+        return scratch_bytes(&p, <float>0, n_threads)
+    return scratch_bytes(&p, <double>0, n_threads)
+
+
+cdef dict path_names(const ConvGeom* p, floating dummy):
+    """The strategy each conv2d direction takes for this geometry (grad_weight's direct path: for finite x)."""
+    cdef ConvGeom q
+    names = {PATH_DIRECT: "direct", PATH_IM2COL: "im2col", PATH_PIXELS: "pixels"}
+    if is_depthwise(p):
+        return {"forward": "depthwise", "grad_input": "depthwise", "grad_weight": "depthwise"}
+    if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
+        grad_input = "transposed " + ("smallc" if use_smallc(&q, dummy) else names[forward_path(&q, dummy)])
+    else:
+        grad_input = "col2im"
+    return {"forward": "smallc" if use_smallc(p, dummy) else names[forward_path(p, dummy)], "grad_input": grad_input,
+            "grad_weight": names[grad_weight_path(p, dummy)]}
+
+
+def conv2d_paths(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize):
+    """{'forward', 'grad_input', 'grad_weight'}: the strategy of each direction (params as for
+    conv2d_forward), under the current force_conv_path."""
+    cdef ConvGeom p
+    fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
+    if itemsize == 4:
+        return path_names(&p, <float>0)
+    return path_names(&p, <double>0)
