@@ -15,7 +15,7 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
     cdef Py_ssize_t Kd = Cg * p.KH * p.KW
     cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
     cdef Py_ssize_t Wp = padded_width(p)
-    cdef Py_ssize_t R = direct_rows(p, 8 * NR)
+    cdef Py_ssize_t R = direct_rows(p, block_columns(<floating>0))
     cdef Py_ssize_t rows_in = R + (p.KH - 1) * p.dh
     cdef Py_ssize_t nrb = (p.OH + R - 1) // R
     cdef Py_ssize_t ncmax = round_up(R * Wp, NR)
@@ -71,7 +71,7 @@ cdef int conv2d_forward_im2col(const floating* x, const floating* apack, Py_ssiz
     cdef fpstate fp, fps
     cdef int nv = CE_NV
     cdef Py_ssize_t NR = tile_n(<floating>0)
-    cdef Py_ssize_t NC = 8 * NR
+    cdef Py_ssize_t NC = block_columns(<floating>0)
     # row stride of the B block: one vector past NC so that its rows do not all map to the same L1 sets
     cdef Py_ssize_t LDB = NC + vlen(<floating>0)
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
@@ -151,7 +151,7 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
     cdef Py_ssize_t rows_in = window_rows(p, R)
     cdef Py_ssize_t ld_c = rows_in * Wpad
     cdef Py_ssize_t unit_len = Cg * ld_c
-    cdef Py_ssize_t upt = max(1, PIXELS_PER_TASK // (R * p.OW))
+    cdef Py_ssize_t upt = units_per_task(p, R)
     cdef Py_ssize_t nunits = p.B * nrb
     cdef Py_ssize_t ntasks = (nunits + upt - 1) // upt
     cdef Py_ssize_t maxpix = round_up(upt * R * p.OW, CE_MR)

@@ -200,7 +200,7 @@ cdef int conv2d_grad_input_col2im(const floating* dy, const floating* w, floatin
     cdef Py_ssize_t KC = balanced_block(Kg, block_k(<floating>0))
     cdef Py_ssize_t P = p.OH * p.OW
     cdef Py_ssize_t Mpad = round_up(Kd, CE_MR)
-    cdef Py_ssize_t NC = 8 * NR
+    cdef Py_ssize_t NC = block_columns(<floating>0)
     cdef Py_ssize_t LDB = NC + vlen(<floating>0)
     cdef Py_ssize_t per_task = max(1, min(p.B, NC // P))
     cdef Py_ssize_t runs = (p.B + per_task - 1) // per_task

@@ -313,7 +313,7 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
     cdef Py_ssize_t R = pixel_rows(p)
     cdef Py_ssize_t nrb = (p.OH + R - 1) // R
     cdef Py_ssize_t unit_len = window_rows(p, R) * Wpad * ldp
-    cdef Py_ssize_t upt = max(1, PIXELS_PER_TASK // (R * p.OW))
+    cdef Py_ssize_t upt = units_per_task(p, R)
     cdef Py_ssize_t maxpix = upt * R * p.OW
     cdef Py_ssize_t units = p.B * nrb
     cdef Py_ssize_t per_chunk = (units + nchunks - 1) // nchunks
@@ -415,7 +415,7 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
     if path == PATH_DIRECT and not all_finite(x, p.B * p.C * p.H * p.W):
         path = PATH_IM2COL
     if path == PATH_DIRECT:
-        R = direct_rows(p, 2 * block_k(<floating>0))
+        R = direct_rows(p, grad_weight_columns(<floating>0))
         nchunks = grad_weight_chunks(p.B * ((p.OH + R - 1) // R), R * p.OW)
     elif path == PATH_PIXELS:
         nchunks = pixel_chunks(p)

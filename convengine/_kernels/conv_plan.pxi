@@ -21,8 +21,49 @@
 # conv_grad_weight.pxi; depthwise.pxi for groups == channels.
 
 
-# Most elements of per-thread padded input the direct paths may ask for; larger goes the im2col / GEMM way.
+# ---------------------------------------------------------------------------------------------------------------
+# The thresholds that every choice below reads, in one place, each with what it trades off.
+
+# Most elements of per-thread padded input the direct paths may ask for; larger goes the im2col / GEMM way (a huge
+# dilation over a tiny image would ask for gigabytes: im2col's buffers do not grow with it).
 cdef Py_ssize_t MAX_DIRECT_SCRATCH = 1 << 24
+
+# Output pixels per task of the pixel path: enough 8-pixel panels that packing and the store are paid for, few
+# enough that a batch of small images still makes several tasks.
+cdef Py_ssize_t PIXELS_PER_TASK = 256
+
+# The pixel path reduces over the input channels of each tap: below 8 the tile's load and store are not paid for
+# (1-4 channel layers go to conv_smallc.pxi or im2col).
+cdef Py_ssize_t PIXEL_MIN_CHANNELS = 8
+
+# grad_weight's pixel path reduces over at most this many bytes of scattered B rows per block
+cdef Py_ssize_t KMAX_BYTES = 32768
+
+# GEMM column tiles per block of the direct and im2col forward and of col2im's W^T dY: 8 tiles of NR columns keep
+# the packed B block in L2 beside the A panel.
+cdef Py_ssize_t BLOCK_TILES = 8
+
+
+cdef inline Py_ssize_t block_columns(floating dummy) noexcept nogil:
+    """Columns of the C block that a direct, im2col or col2im task computes at once."""
+    return BLOCK_TILES * tile_n(<floating>0)
+
+
+cdef inline Py_ssize_t grad_weight_columns(floating dummy) noexcept nogil:
+    """Output pixels per row block of the direct grad_weight path: two K blocks of the GEMM's depth."""
+    return 2 * block_k(<floating>0)
+
+
+cdef inline bint mostly_used(Py_ssize_t used, Py_ssize_t padded) noexcept nogil:
+    """At least three quarters of a padded size does useful work: the rule for tile padding (output channels in
+    MR or NR tiles, the direct path's columns past the image edge). im2col wastes nothing but copies Kd values per
+    output pixel, measured at about a third of the GEMM time: a path that wastes more than a quarter loses to it."""
+    return 4 * used >= 3 * padded
+
+
+cdef inline Py_ssize_t units_per_task(const ConvGeom* p, Py_ssize_t R) noexcept nogil:
+    """Units (image, block of R output rows) per task of the pixel paths: about PIXELS_PER_TASK output pixels."""
+    return max(1, PIXELS_PER_TASK // (R * p.OW))
 
 
 cdef bint use_direct(const ConvGeom* p, Py_ssize_t NR, Py_ssize_t NC) noexcept nogil:
@@ -34,11 +75,9 @@ cdef bint use_direct(const ConvGeom* p, Py_ssize_t NR, Py_ssize_t NC) noexcept n
     if p.sh != 1 or p.sw != 1:
         return False
     R = direct_rows(p, NC)
-    # per-thread padded rows stay small (a huge dilation over a tiny image would ask for gigabytes: im2col's
-    # buffers do not grow with it)
     if (p.C // p.G) * (R + (p.KH - 1) * p.dh) > MAX_DIRECT_SCRATCH // padded_width(p):
         return False
-    return 4 * R * p.OW >= 3 * round_up(R * padded_width(p), NR)
+    return mostly_used(R * p.OW, round_up(R * padded_width(p), NR))
 
 
 # Forward strategies, in the order conv2d_forward_core tries them; `force_conv_path` pins one for the tests (a
@@ -52,11 +91,6 @@ cdef enum:
 
 
 cdef int forced_path = PATH_AUTO
-
-
-# Output pixels per task of the pixel path: enough 8-pixel panels that packing and the store are paid for, few
-# enough that a batch of small images still makes several tasks.
-cdef Py_ssize_t PIXELS_PER_TASK = 256
 
 
 def force_conv_path(str name):
@@ -77,7 +111,7 @@ cdef bint use_pixels(const ConvGeom* p, floating dummy) noexcept nogil:
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t VL = vlen(<floating>0)
     cdef Py_ssize_t NR = pick_nv((Kg + VL - 1) // VL) * VL
-    if Cg < 8 or 4 * Kg < 3 * round_up(Kg, NR):
+    if Cg < PIXEL_MIN_CHANNELS or not mostly_used(Kg, round_up(Kg, NR)):
         return False
     return Cg * window_rows(p, pixel_rows(p)) <= MAX_DIRECT_SCRATCH // window_width(p)
 
@@ -100,7 +134,7 @@ cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
     """The forward strategy for a (non-depthwise) shape: the direct path where its dropped columns are few,
     else the pixel path where it fits, else implicit im2col. A forced path is taken where it can be."""
     cdef Py_ssize_t NR = tile_n(<floating>0)
-    cdef bint direct = use_direct(p, NR, 8 * NR)
+    cdef bint direct = use_direct(p, NR, block_columns(<floating>0))
     if forced_path == PATH_DIRECT and direct:
         return PATH_DIRECT
     if forced_path == PATH_IM2COL:
@@ -144,7 +178,7 @@ cdef bint grad_input_as_conv(const ConvGeom* q, floating dummy) noexcept nogil:
     tile's MR rows (q's output channels) are mostly used, or by its pixel path."""
     cdef int path = forward_path(q, dummy)
     if path == PATH_DIRECT:
-        return 4 * (q.K // q.G) >= 3 * round_up(q.K // q.G, CE_MR)
+        return mostly_used(q.K // q.G, round_up(q.K // q.G, CE_MR))
     return path == PATH_PIXELS
 
 
@@ -172,7 +206,7 @@ cdef bint use_pixels_grad_weight(const ConvGeom* p, floating dummy) noexcept nog
     channels most of the MR-row tile, and one unit's padded rows stay small."""
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t Cgpad = round_up(Cg, channel_panel(p, dummy))
-    if 4 * Cg < 3 * Cgpad or 4 * Kg < 3 * round_up(Kg, CE_MR):
+    if not mostly_used(Cg, Cgpad) or not mostly_used(Kg, round_up(Kg, CE_MR)):
         return False
     return window_rows(p, pixel_rows(p)) * pixel_stride(Cgpad, dummy) <= MAX_DIRECT_SCRATCH // window_width(p)
 
@@ -185,10 +219,6 @@ cdef inline Py_ssize_t pixel_chunks(const ConvGeom* p) noexcept nogil:
     cdef Py_ssize_t units = p.B * ((p.OH + R - 1) // R)
     cdef Py_ssize_t per_chunk = (p.C // p.G) * p.KH * p.KW * p.K
     return pow2_floor(min(min(16, (1 << 20) // per_chunk), min(units, units * R * p.OW // PIXELS_PER_TASK)))
-
-
-# grad_weight's pixel path reduces over at most this many bytes of scattered B rows per block
-cdef Py_ssize_t KMAX_BYTES = 32768
 
 
 cdef inline Py_ssize_t pixel_stride(Py_ssize_t Cgpad, floating dummy) noexcept nogil:
@@ -204,7 +234,7 @@ cdef int grad_weight_path(const ConvGeom* p, floating dummy) noexcept nogil:
     """grad_weight's strategy: the pixel path where it fits (it wastes nothing and measured as fast as or faster
     than the others on every benchmark shape), else as forward_path chooses. The direct path needs finite inputs
     too, checked by the caller."""
-    cdef bint direct = use_direct(p, tile_n(<floating>0), 2 * block_k(<floating>0))
+    cdef bint direct = use_direct(p, tile_n(<floating>0), grad_weight_columns(<floating>0))
     if forced_path == PATH_DIRECT and direct:
         return PATH_DIRECT
     if forced_path == PATH_IM2COL:
@@ -221,7 +251,7 @@ cdef int grad_weight_path(const ConvGeom* p, floating dummy) noexcept nogil:
 cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T) noexcept nogil:
     """Bytes conv2d_forward_core allocates for geometry q with T threads, path by path."""
     cdef Py_ssize_t isz = sizeof(floating), ptr = sizeof(void*)
-    cdef Py_ssize_t NR = tile_n(<floating>0), NC = 8 * NR, LD = NC + vlen(<floating>0)
+    cdef Py_ssize_t NR = tile_n(<floating>0), NC = block_columns(<floating>0), LD = NC + vlen(<floating>0)
     cdef Py_ssize_t Cg = q.C // q.G, Kg = q.K // q.G, Kd = Cg * q.KH * q.KW, taps = q.KH * q.KW
     cdef Py_ssize_t KC = balanced_block(Kd, block_k(<floating>0))
     cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
@@ -232,7 +262,7 @@ cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T)
     if path == PATH_PIXELS:
         Npad = round_up(Kg, pick_nv((Kg + VL - 1) // VL) * VL)
         R = pixel_rows(q)
-        upt = max(1, PIXELS_PER_TASK // (R * q.OW))
+        upt = units_per_task(q, R)
         maxpix = round_up(upt * R * q.OW, CE_MR)
         return ((q.G * taps * Npad * Cg + T * (upt * Cg * window_rows(q, R) * window_width(q) + maxpix * Npad)) * isz
                 + taps * sizeof(Py_ssize_t) + T * (maxpix + CE_MR + taps * Cg) * ptr)
@@ -252,7 +282,7 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
     im2col matrix of the batch: everything per thread is bounded by the blocking constants and one block of
     padded input rows."""
     cdef Py_ssize_t isz = sizeof(floating), ptr = sizeof(void*)
-    cdef Py_ssize_t NR = tile_n(<floating>0), NC = 8 * NR, LD = NC + vlen(<floating>0)
+    cdef Py_ssize_t NR = tile_n(<floating>0), NC = block_columns(<floating>0), LD = NC + vlen(<floating>0)
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G, Kd = Cg * p.KH * p.KW, taps = p.KH * p.KW
     cdef Py_ssize_t KCmax = block_k(<floating>0), KC, Mpad, R, rows_in, ncmax, Wp, nchunks, Npad, nv, upt, maxpix
     cdef ConvGeom q
@@ -279,7 +309,7 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
         Npad = round_up(Cg, NR)
         Mpad = round_up(Kg, CE_MR)
         R = pixel_rows(p)
-        upt = max(1, PIXELS_PER_TASK // (R * p.OW))
+        upt = units_per_task(p, R)
         maxpix = upt * R * p.OW
         nchunks = pixel_chunks(p)
         out["grad_weight"] = (p.G * nchunks * Kd * Kg + T * (
