@@ -103,7 +103,7 @@ def measure_conv(case, ctx, scratch):
         if case.compute_bound and row["engine_rate"] is not None:
             row["pct_matmul"] = 100 * row["engine_rate"] / ctx.matmul_gflops
         if direction in scratch_bytes:
-            row["scratch_bytes"] = scratch_bytes[direction]
+            row["scratch_bytes"], row["path"] = scratch_bytes[direction]
         rows.append(row)
     return rows
 
@@ -133,9 +133,10 @@ def _row(op, case, direction, ms, samples, work, unit):
 
 
 def _scratch_probe():
-    """The extra bytes one engine call of each conv2d direction allocates (packed weights, per-thread panels and
-    padded rows, grad_weight's partial sums), from the kernels' own account of their path choices
-    (`conv2d_scratch_bytes`). None where the kernel module offers no such account."""
+    """(bytes, path) per conv2d direction: the strategy the kernels take (`conv2d_paths`) and the extra bytes one
+    call allocates (packed weights, per-thread panels and padded rows, grad_weight's partial sums), from the
+    kernels' own account of their path choices (`conv2d_scratch_bytes`). None where the kernel module offers no
+    such account."""
     from .._kernels import engine
     account = getattr(engine, "conv2d_scratch_bytes", None)
     if not callable(account):
@@ -146,8 +147,12 @@ def _scratch_probe():
         params = (g.stride_h, g.stride_w, g.pad_top, g.pad_left, g.dilation_h, g.dilation_w, g.groups, g.out_h,
                   g.out_w)
         by = account(case.x_shape, case.w_shape, params, 4, get_num_threads())
-        return {"forward": by["forward"], "grad_input": by["grad_input"], "grad_weight": by["grad_weight"],
-                "backward": max(by["grad_input"], by["grad_weight"])}
+        path = engine.conv2d_paths(case.x_shape, case.w_shape, params, 4)
+        return {"forward": (by["forward"], path["forward"]),
+                "grad_input": (by["grad_input"], path["grad_input"]),
+                "grad_weight": (by["grad_weight"], path["grad_weight"]),
+                "backward": (max(by["grad_input"], by["grad_weight"]),
+                             f"{path['grad_input']} + {path['grad_weight']}")}
     return scratch
 
 
@@ -201,8 +206,9 @@ def summary(result, ctx):
                      f"x_torch {num(v['vs_torch'], '{:.3g}'):>6}")
     scratch = [r for r in result["rows"] if "scratch_bytes" in r]
     if scratch:
-        lines += ["", "engine scratch per call (peak extra bytes beyond inputs and outputs)"]
-        lines += [f"  conv2d {r['shape']:<32} {r['direction']:<11} {fmt_bytes(r['scratch_bytes'])}" for r in scratch]
+        lines += ["", "engine path and scratch per call (peak extra bytes beyond inputs and outputs)"]
+        lines += [f"  conv2d {r['shape']:<32} {r['direction']:<11} {r['path']:<28} {fmt_bytes(r['scratch_bytes'])}"
+                  for r in scratch]
     return lines
 
 
