@@ -443,6 +443,8 @@ class FrozenModel:
         buffers a call uses (each concurrent call has its own pair)."""
         batch_size = _args.check_int(batch_size, "batch_size", 1)
         shape = tuple(input_shape) if input_shape is not None else self.input_shape
+        if shape is None and len(self._plans) == 1:
+            shape = next(iter(self._plans))             # the one input shape this model has been called with
         if shape is None:
             raise ValueError("the input shape is unknown: pass input_shape")
         plan = self.plan_for(tuple(shape))
