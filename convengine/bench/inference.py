@@ -24,6 +24,7 @@ count; --quick and the tiny run only the run's thread count (the tiny run at bat
 Runtime (with onnx, which the export needs) are optional: without them their columns are empty and the report
 says why.
 """
+import importlib.util
 import math
 import os
 import tempfile
@@ -164,9 +165,7 @@ def ort_module():
         import onnxruntime
     except ImportError:
         return None, ORT_MISSING
-    try:
-        import onnx  # noqa: F401  (convengine.onnx.export writes through it)
-    except ImportError:
+    if importlib.util.find_spec("onnx") is None:       # convengine.onnx.export writes through it
         return None, ONNX_MISSING
     return onnxruntime, None
 
