@@ -64,7 +64,9 @@ OMP = openmp_flags()
 BASE_CFLAGS = ["-O1", "-g"] if DEBUG or SANITIZE else ["-O3", "-g0"]
 # -fno-trapping-math: no code here reads FP exception flags, and without it gcc may not turn float compares into
 # selects (max pooling stayed branchy: 5x slower on real data)
-BASE_CFLAGS += ["-fno-strict-aliasing", "-fno-trapping-math"]
+# -fno-math-errno: no code here reads errno either, and with it gcc keeps every sqrt scalar behind a branch to the
+# library call (Adam's update: 3 ns per value instead of a vectorised loop)
+BASE_CFLAGS += ["-fno-strict-aliasing", "-fno-trapping-math", "-fno-math-errno"]
 LDFLAGS = list(OMP)
 if SANITIZE:
     BASE_CFLAGS += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
