@@ -291,6 +291,8 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
     if is_depthwise(p):
         out["forward"] = out["grad_input"] = out["grad_weight"] = T * (
             dw_padded_h(p) * dw_padded_w(p) + dw_slack(p) + p.OH * dw_padded_w(p)) * isz
+        if dw_phased(p):
+            out["forward"] = T * (dw_phased_len(p) + p.OH * dw_phase_w(p)) * isz
         return out
     out["forward"] = forward_scratch(p, dummy, T)
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):

@@ -70,6 +70,63 @@ cdef void depthwise_plane_forward(const floating* xpad, const floating* w, float
                         yrow[ow] += wv * src[ow * p.sw]
 
 
+cdef inline bint dw_phased(const ConvGeom* p) noexcept nogil:
+    """Stride 2 both ways, no dilation: the plane is split into its four (row, column) parity phases, so that every
+    tap reads a contiguous run (the strided loop ran at 2 GFLOP/s on 16x16 -> 8x8 planes)."""
+    return p.sh == 2 and p.sw == 2 and p.dh == 1 and p.dw == 1
+
+
+cdef inline Py_ssize_t dw_phase_h(const ConvGeom* p) noexcept nogil:
+    return (dw_padded_h(p) + 1) // 2
+
+
+cdef inline Py_ssize_t dw_phase_w(const ConvGeom* p) noexcept nogil:
+    return (dw_padded_w(p) + 1) // 2
+
+
+cdef inline Py_ssize_t dw_phased_len(const ConvGeom* p) noexcept nogil:
+    """Elements of the four phases, plus the slack that whole-row sweeps of the last taps may read."""
+    return 4 * dw_phase_h(p) * dw_phase_w(p) + dw_phase_w(p) + p.KW
+
+
+cdef void depthwise_plane_forward_phased(const floating* x, const floating* w, floating bias, floating* y,
+                                         floating* xq, floating* ypad, const ConvGeom* p) noexcept nogil:
+    """A stride-2 plane (see dw_phased): xq[(a*2 + b)*Hq*Wq + r*Wq + j] = padded x[2r + a, 2j + b], then for each
+    tap (kh, kw) one sweep over all OH rows of width Wq of phase (kh % 2, kw % 2) at offset (kh // 2, kw // 2), as
+    the stride-1 path does; the sums start from the bias and add the taps in (kh, kw) order, as the strided loop
+    did, so the results are the same."""
+    cdef Py_ssize_t Hq = dw_phase_h(p), Wq = dw_phase_w(p)
+    cdef Py_ssize_t a, b, r, j, j0, j1, ih, oh, kh, kw, t
+    cdef Py_ssize_t n = p.OH * Wq
+    cdef floating wv
+    cdef floating* dst
+    cdef const floating* src
+    memset(xq, 0, dw_phased_len(p) * sizeof(floating))
+    for a in range(2):
+        for r in range(Hq):
+            ih = 2 * r + a - p.pt
+            if ih < 0 or ih >= p.H:
+                continue
+            for b in range(2):
+                # columns j whose input column 2j + b - pl lies inside the image: [j0, j1)
+                j0 = max(0, (p.pl - b + 1) // 2)
+                j1 = min(Wq, (p.W - 1 + p.pl - b) // 2 + 1)
+                dst = xq + (a * 2 + b) * Hq * Wq + r * Wq
+                src = x + ih * p.W + b - p.pl
+                for j in range(j0, j1):
+                    dst[j] = src[2 * j]
+    for t in range(n):
+        ypad[t] = bias
+    for kh in range(p.KH):
+        for kw in range(p.KW):
+            wv = w[kh * p.KW + kw]
+            src = xq + ((kh % 2) * 2 + kw % 2) * Hq * Wq + (kh // 2) * Wq + kw // 2
+            for t in range(n):
+                ypad[t] += wv * src[t]
+    for oh in range(p.OH):
+        memcpy(y + oh * p.OW, ypad + oh * Wq, p.OW * sizeof(floating))
+
+
 cdef inline void finish_in_place(floating* y, Py_ssize_t n, const Epilogue* e, Py_ssize_t k) noexcept nogil:
     """The epilogue's steps after the bias (which the plane's sums start from) over y[:n], channel k."""
     cdef floating sc, sh, v
@@ -98,15 +155,24 @@ cdef int depthwise_forward(const floating* x, const floating* w, const Epilogue*
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
-        xpad = <floating*>calloc(plen + dw_slack(p), sizeof(floating))
-        ypad = <floating*>malloc(p.OH * dw_padded_w(p) * sizeof(floating))
+        if dw_phased(p):
+            xpad = <floating*>malloc(dw_phased_len(p) * sizeof(floating))
+            ypad = <floating*>malloc(p.OH * dw_phase_w(p) * sizeof(floating))
+        else:
+            xpad = <floating*>calloc(plen + dw_slack(p), sizeof(floating))
+            ypad = <floating*>malloc(p.OH * dw_padded_w(p) * sizeof(floating))
         for task in prange(p.B * p.C, schedule='static'):
             if xpad == NULL or ypad == NULL:
                 flag_failure(&failed)
                 continue
             c = task % p.C
-            pad_plane(x + task * HW, p, xpad)
-            depthwise_plane_forward(xpad, w + c * KHW, bias[c] if bias != NULL else 0, y + task * OHW, ypad, p)
+            if dw_phased(p):
+                depthwise_plane_forward_phased(x + task * HW, w + c * KHW, bias[c] if bias != NULL else 0,
+                                               y + task * OHW, xpad, ypad, p)
+            else:
+                pad_plane(x + task * HW, p, xpad)
+                depthwise_plane_forward(xpad, w + c * KHW, bias[c] if bias != NULL else 0, y + task * OHW, ypad,
+                                        p)
             if e.relu or e.scale != NULL:
                 finish_in_place(y + task * OHW, OHW, e, c)
         free(xpad)
