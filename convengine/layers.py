@@ -361,20 +361,20 @@ class ReLU(Layer):
 
     def __init__(self):
         super().__init__()
-        self._y = None
+        self._cache = None
 
     def forward(self, x, training=False):
         y = F.relu(x)
-        self._y = y if training else None
+        self._cache = y if training else None
         return y
 
     def _fused(self, y, training):
         """The layer before computed this ReLU's output y (Sequential's fusion); y _THROUGH when that layer also
         takes the gradient through it in its own backward."""
-        self._y = y if training else None
+        self._cache = y if training else None
 
     def backward(self, grad):
-        y = self._needs_cache(self._y)
+        y = self._needs_cache(self._cache)
         if y is _THROUGH:
             return grad
         return F.relu_backward(grad, y)

@@ -188,7 +188,7 @@ def test_training_buffers_are_reused_across_steps_and_never_returned():
     for _ in range(3):
         outs.append(model.forward(x, training=True))
         grads.append(model.backward(gy))
-        cached.append((model.layers[1]._cache[3], model.layers[3]._indices, model.layers[5]._y))
+        cached.append((model.layers[1]._cache[3], model.layers[3]._indices, model.layers[5]._cache))
     forward_arena, backward_arena = model._workspaces
     assert forward_arena.nbytes() >= 8 * 16 * 16 * 16 * 4 * 2 and backward_arena.nbytes() >= 8 * 16 * 16 * 16 * 4
     for a, b in zip(cached[1], cached[2]):
