@@ -183,7 +183,8 @@ class _Flatten(_Step):
 
 class _Linear(_Step):
     def __init__(self, weight, bias, relu=False):
-        self.weight_t = np.ascontiguousarray(weight).T       # a transposed view, as functional.linear passes it
+        # W^T stored contiguous: at batch 1 the GEMM then reads its rows in place, without packing (same bits)
+        self.weight_t = np.ascontiguousarray(weight.T)
         self.bias = None if bias is None else bias.copy()
         self.relu = relu
 

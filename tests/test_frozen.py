@@ -290,3 +290,18 @@ def test_predict_keeps_its_plan_until_any_weight_changes(rng):
         assert not np.array_equal(again, first)
         np.testing.assert_allclose(again, model.forward(x), rtol=1e-5, atol=1e-5)
         plan, first = model._frozen_for_predict[1], again
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("m,k,n", [(1, 400, 120), (3, 84, 10), (8, 1000, 333), (5, 7, 49), (1, 5000, 48), (9, 30, 20)])
+def test_matmul_of_a_few_rows_reads_contiguous_operands_in_place_with_the_same_bits(m, k, n, dtype, rng):
+    """A frozen Linear keeps W^T contiguous, so that at batch 1-8 the GEMM reads A's and B's rows without packing
+    them: each element must still be the same sum in the same order as the packed path's (functional.linear
+    passes W.T as a strided view, which is packed)."""
+    a, w = randn(rng, (m, k), dtype), randn(rng, (n, k), dtype)
+    packed, in_place = np.empty((m, n), dtype), np.empty((m, n), dtype)
+    engine.matmul(a, w.T, packed, 2)
+    engine.matmul(a, np.ascontiguousarray(w.T), in_place, 2)
+    assert_bitwise_equal(in_place, packed, f"{m}x{k} @ {k}x{n}")
+    np.testing.assert_allclose(in_place, a.astype(np.float64) @ w.T.astype(np.float64), rtol=RTOL[dtype] * 100,
+                               atol=RTOL[dtype] * 100)

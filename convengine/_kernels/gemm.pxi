@@ -244,7 +244,9 @@ cdef int gemm_strided(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
     cdef Py_ssize_t NC = 8 * NR
     cdef Py_ssize_t mblocks = (M + MC - 1) // MC
     cdef Py_ssize_t nblocks = (N + NC - 1) // NC
-    cdef Py_ssize_t task, mb, nb, m0, n0, mc, nc, k0, kc, i, j, mpanels, npanels
+    cdef Py_ssize_t task, mb, nb, m0, n0, mc, nc, k0, kc, i, j, mpanels, npanels, nfull
+    # one panel of rows, both operands contiguous along K and N: no packing (see the loop)
+    cdef bint unpacked = M <= CE_MR and a_cs == 1 and b_cs == 1
     cdef floating* apack
     cdef floating* bpack
     cdef floating* cbuf
@@ -281,11 +283,27 @@ cdef int gemm_strided(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
             k0 = 0
             while k0 < K:
                 kc = min(KC, K - k0)
-                pack_a_strided(a + m0 * a_rs + k0 * a_cs, a_rs, a_cs, mc, kc, apack)
-                pack_b_strided(b + k0 * b_rs + n0 * b_cs, b_rs, b_cs, kc, nc, NR, bpack)
-                row_table(brow, bpack, kc, NR)
-                packed_a_table(arow, apack, mpanels, kc)
-                macro_kernel(mpanels, npanels, kc, arow, CE_MR, brow, NR * kc, cbuf, NC, k0 > 0, nv)
+                if unpacked:
+                    # a few rows (batch 1 inference): the micro-kernel reads A's rows and B's rows where they are,
+                    # rows past mc repeating row 0 (computed, never stored); only a last partial column panel is
+                    # packed. Each element is the same sum in the same order as with packing: the same bits.
+                    for i in range(CE_MR):
+                        arow[i] = a + (m0 + min(i, mc - 1)) * a_rs + k0
+                    nfull = nc // NR
+                    if nfull > 0:
+                        for i in range(kc):
+                            brow[i] = b + (k0 + i) * b_rs + n0
+                        macro_kernel(1, nfull, kc, arow, 1, brow, NR, cbuf, NC, k0 > 0, nv)
+                    if nfull < npanels:
+                        pack_b_strided(b + k0 * b_rs + n0 + nfull * NR, b_rs, 1, kc, nc - nfull * NR, NR, bpack)
+                        row_table(brow, bpack, kc, NR)
+                        macro_kernel(1, 1, kc, arow, 1, brow, NR * kc, cbuf + nfull * NR, NC, k0 > 0, nv)
+                else:
+                    pack_a_strided(a + m0 * a_rs + k0 * a_cs, a_rs, a_cs, mc, kc, apack)
+                    pack_b_strided(b + k0 * b_rs + n0 * b_cs, b_rs, b_cs, kc, nc, NR, bpack)
+                    row_table(brow, bpack, kc, NR)
+                    packed_a_table(arow, apack, mpanels, kc)
+                    macro_kernel(mpanels, npanels, kc, arow, CE_MR, brow, NR * kc, cbuf, NC, k0 > 0, nv)
                 k0 = k0 + kc
             for i in range(mc):
                 for j in range(nc):
