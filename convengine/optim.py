@@ -35,10 +35,6 @@ def _number(value, name, minimum=0.0, maximum=math.inf, open_max=False):
     return value
 
 
-# (False only with kernels built from an older source than this module: then the NumPy rules run)
-_COMPILED = hasattr(_engine, "adam_step")
-
-
 def _threads_for(arrays):
     return _F._threads_for(sum(a.size for a in arrays), _F._SERIAL_ELEMENTS)
 
@@ -78,7 +74,7 @@ class Optimizer:
 
     def step(self):
         self.steps += 1
-        flat = self._flat_arrays() if self.fused and _COMPILED else None
+        flat = self._flat_arrays() if self.fused else None
         if flat is not None:
             try:
                 self._fused_step(*flat)     # checks everything before it writes anything
