@@ -73,6 +73,8 @@ def calls(dtype, rng, randn=randn):
         "conv2d_depthwise_backward": lambda: F.conv2d_backward(gy, x, w1, padding=1, groups=16),
         "conv2d_strided": lambda: F.conv2d(x, w, stride=2, padding=1),
         "conv2d_strided_backward": lambda: F.conv2d_backward(gy[:, :, :16, :17], x, w, stride=2, padding=1),
+        "conv2d_first_layer": lambda: F.conv2d(x[:, :3, :, :32], w[:, :3], padding=1),        # smallc
+        "conv2d_first_layer_backward": lambda: F.conv2d_backward(gy, x[:, :3], w[:, :3], padding=1),
         "max_pool2d": lambda: F.max_pool2d(x, 3, stride=2, padding=1),
         "max_pool2d_2x2": lambda: F.max_pool2d(x, 2),
         "max_pool2d_backward": lambda: F.max_pool2d_backward(y, idx, x.shape),

@@ -412,9 +412,11 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
     if is_depthwise(p):
         return depthwise_grad_weight(dy, x, dw, db, p, n_threads)
     path = grad_weight_path(p, <floating>0)
-    if path == PATH_DIRECT and not all_finite(x, p.B * p.C * p.H * p.W):
+    if (path == PATH_DIRECT or path == PATH_SMALLC) and not all_finite(x, p.B * p.C * p.H * p.W):
         path = PATH_IM2COL
-    if path == PATH_DIRECT:
+    if path == PATH_SMALLC:
+        nchunks = grad_weight_chunks(p.B, p.OH * p.OW)
+    elif path == PATH_DIRECT:
         R = direct_rows(p, grad_weight_columns(<floating>0))
         nchunks = grad_weight_chunks(p.B * ((p.OH + R - 1) // R), R * p.OW)
     elif path == PATH_PIXELS:
@@ -424,7 +426,12 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
     partial = <floating*>malloc(p.G * nchunks * Kd * Kg * sizeof(floating))
     if partial == NULL:
         return -1
-    if path == PATH_DIRECT:
+    if path == PATH_SMALLC:
+        if floating is float:
+            rc = conv2d_grad_weight_smallc(dy, x, partial, nchunks, p, n_threads)
+        else:
+            rc = -1           # (use_smallc_grad_weight takes float32 only)
+    elif path == PATH_DIRECT:
         rc = conv2d_grad_weight_direct(dy, x, partial, nchunks, p, n_threads)
     elif path == PATH_PIXELS:
         rc = conv2d_grad_weight_pixels(dy, x, partial, nchunks, p, n_threads)

@@ -230,11 +230,24 @@ cdef inline Py_ssize_t pixel_stride(Py_ssize_t Cgpad, floating dummy) noexcept n
     return Cgpad
 
 
+cdef inline bint use_smallc_grad_weight(const ConvGeom* p, floating dummy) noexcept nogil:
+    """grad_weight of 1-4 channel float32 first layers at stride 1 (conv_smallc.pxi), where its scratch is small;
+    the caller also needs finite inputs (the rows' zero-padded tails multiply x)."""
+    if floating is double:
+        return False
+    if forced_path != PATH_AUTO and forced_path != PATH_SMALLC:
+        return False
+    return (p.G == 1 and p.C <= 4 and p.sh == 1 and p.sw == 1 and p.dh == 1 and p.dw == 1
+            and smallc_gw_floats(p) <= MAX_DIRECT_SCRATCH)
+
+
 cdef int grad_weight_path(const ConvGeom* p, floating dummy) noexcept nogil:
     """grad_weight's strategy: the pixel path where it fits (it wastes nothing and measured as fast as or faster
     than the others on every benchmark shape), else as forward_path chooses. The direct path needs finite inputs
     too, checked by the caller."""
     cdef bint direct = use_direct(p, tile_n(<floating>0), grad_weight_columns(<floating>0))
+    if use_smallc_grad_weight(p, dummy):
+        return PATH_SMALLC
     if forced_path == PATH_DIRECT and direct:
         return PATH_DIRECT
     if forced_path == PATH_IM2COL:
@@ -306,7 +319,10 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
             out["grad_input"] += T * max(1, min(p.B, NC // (p.OH * p.OW))) * Cg * p.H * p.sw * phase_width(p) * isz
     Mpad = round_up(Kd, CE_MR)
     path = grad_weight_path(p, dummy)
-    if path == PATH_PIXELS:
+    if path == PATH_SMALLC:
+        nchunks = grad_weight_chunks(p.B, p.OH * p.OW)
+        out["grad_weight"] = (nchunks * Kd * Kg + T * smallc_gw_floats(p)) * isz
+    elif path == PATH_PIXELS:
         NR = channel_panel(p, dummy)
         Npad = round_up(Cg, NR)
         Mpad = round_up(Kg, CE_MR)
@@ -350,7 +366,7 @@ def conv2d_scratch_bytes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t 
 cdef dict path_names(const ConvGeom* p, floating dummy):
     """The strategy each conv2d direction takes for this geometry (grad_weight's direct path: for finite x)."""
     cdef ConvGeom q
-    names = {PATH_DIRECT: "direct", PATH_IM2COL: "im2col", PATH_PIXELS: "pixels"}
+    names = {PATH_DIRECT: "direct", PATH_IM2COL: "im2col", PATH_PIXELS: "pixels", PATH_SMALLC: "smallc"}
     if is_depthwise(p):
         return {"forward": "depthwise", "grad_input": "depthwise", "grad_weight": "depthwise"}
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):

@@ -169,3 +169,132 @@ cdef Py_ssize_t smallc_scratch(const ConvGeom* p, Py_ssize_t T) noexcept nogil:
     return (((p.K + CE_MR - 1) // CE_MR * p.C * p.KH * p.KW * CE_MR
              + T * p.C * rows_in * p.sw * smallc_row_width(p, VL, nv)) * sizeof(float)
             + p.C * p.KH * p.KW * sizeof(Py_ssize_t))
+
+
+# grad_weight of the same first layers (stride 1): dW[k, c, kh, kw] = sum over images and output pixels of
+# dY[b, k, oh, ow] * x[b, c, oh + kh - pt, ow + kw - pl]. The GEMM paths ran it at 8-17 GFLOP/s (a 6- or
+# 32-channel output, 27-75 taps: every tile is mostly padding). Here a task takes a fixed slice of the images
+# (grad_weight_chunks: a function of the shape only), copies each image's zero-padded rows and its dY rows (padded
+# to whole vectors with zeros), and keeps MR output channels x up to 3 taps of vector accumulators per (c, kh)
+# across all its images; the lanes are added in a fixed order at the end into the slice's partial sums, which
+# sum_partials adds in slice order. So results do not depend on the thread count.
+
+cdef inline Py_ssize_t smallc_gw_width(const ConvGeom* p) noexcept nogil:
+    """Output columns rounded up to whole vectors: the dY rows and the x windows a row reads."""
+    cdef Py_ssize_t VL = vlen(<float>0)
+    return (p.OW + VL - 1) // VL * VL
+
+
+cdef inline Py_ssize_t smallc_gw_xwidth(const ConvGeom* p) noexcept nogil:
+    """Columns of an image's padded rows: the widest window a tap reads, whole vectors."""
+    return smallc_gw_width(p) + p.KW - 1
+
+
+cdef inline Py_ssize_t smallc_gw_floats(const ConvGeom* p) noexcept nogil:
+    """Floats of one task's scratch: padded x rows, padded dY rows (K rounded up to MR), the accumulators."""
+    cdef Py_ssize_t VL = vlen(<float>0)
+    cdef Py_ssize_t Kpad = (p.K + CE_MR - 1) // CE_MR * CE_MR
+    return (p.C * (p.OH + p.KH - 1) * smallc_gw_xwidth(p) + Kpad * p.OH * smallc_gw_width(p)
+            + Kpad * p.C * p.KH * p.KW * VL)
+
+
+cdef void smallc_gw_rows(const float* dyp, Py_ssize_t dstride, const float* xrow, Py_ssize_t xstride,
+                         Py_ssize_t nrows, Py_ssize_t nvec, Py_ssize_t kw0, Py_ssize_t ntap, float* vacc,
+                         Py_ssize_t tap_stride) noexcept nogil:
+    """vacc[(t * MR + i) * VL ...] += sum over rows and vectors of dY(channel i) * x shifted by kw0 + t, for
+    t < ntap (at most 3) and the MR channels whose dY planes start dstride apart at dyp. Row r of channel i is
+    dyp + i * dstride + r * nvec * VL; row r of x is xrow + r * xstride. tap_stride: floats between taps in vacc."""
+    cdef vfloat acc[CE_MR][3]
+    cdef vfloat dv[CE_MR]
+    cdef vfloat xv[3]
+    cdef Py_ssize_t VL = CE_VBYTES // sizeof(float)
+    cdef Py_ssize_t i, t, r, v
+    for i in range(CE_MR):
+        for t in range(ntap):
+            acc[i][t] = (<const vfloat*>(vacc + t * tap_stride + i * VL))[0]
+    for r in range(nrows):
+        for v in range(nvec):
+            for i in range(CE_MR):
+                dv[i] = (<const vfloat*>(dyp + i * dstride + (r * nvec + v) * VL))[0]
+            for t in range(ntap):
+                xv[t] = (<const vfloat*>(xrow + r * xstride + v * VL + kw0 + t))[0]
+            for i in range(CE_MR):
+                for t in range(ntap):
+                    acc[i][t] += dv[i] * xv[t]
+    for i in range(CE_MR):
+        for t in range(ntap):
+            (<vfloat*>(vacc + t * tap_stride + i * VL))[0] = acc[i][t]
+
+
+cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* partial, Py_ssize_t nchunks,
+                                   const ConvGeom* p, int n_threads) noexcept nogil:
+    """partial[ch][r, k] (r = (c, kh, kw)) for each of the nchunks slices of the images; -1 on allocation
+    failure."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t VL = vlen(<float>0)
+    cdef Py_ssize_t OWp = smallc_gw_width(p), Wx = smallc_gw_xwidth(p)
+    cdef Py_ssize_t Hx = p.OH + p.KH - 1
+    cdef Py_ssize_t Kpad = (p.K + CE_MR - 1) // CE_MR * CE_MR
+    cdef Py_ssize_t taps = p.KH * p.KW
+    cdef Py_ssize_t Kd = p.C * taps
+    cdef Py_ssize_t per = (p.B + nchunks - 1) // nchunks
+    cdef Py_ssize_t chunk, b, b0, b1, c, kh, kw, kb, i, j, ih, oh, r, lane
+    cdef float* buf
+    cdef float* xp
+    cdef float* dyp
+    cdef float* vacc
+    cdef float* slot
+    cdef float s
+    cdef int failed = 0
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        buf = <float*>malloc(smallc_gw_floats(p) * sizeof(float))
+        for chunk in prange(nchunks, schedule='static'):
+            if buf == NULL:
+                flag_failure(&failed)
+                continue
+            xp = buf
+            dyp = xp + p.C * Hx * Wx
+            vacc = dyp + Kpad * p.OH * OWp
+            memset(vacc, 0, Kpad * Kd * VL * sizeof(float))
+            memset(xp, 0, p.C * Hx * Wx * sizeof(float))
+            memset(dyp, 0, Kpad * p.OH * OWp * sizeof(float))
+            b0 = chunk * per
+            b1 = min(p.B, b0 + per)
+            for b in range(b0, b1):
+                # the image's rows at offset (pt, pl) in zero rows of width Wx; dY rows padded to OWp
+                for c in range(p.C):
+                    for ih in range(p.H):
+                        if 0 <= ih + p.pt < Hx:
+                            memcpy(xp + (c * Hx + ih + p.pt) * Wx + p.pl, x + ((b * p.C + c) * p.H + ih) * p.W,
+                                   min(p.W, Wx - p.pl) * sizeof(float))
+                for i in range(p.K):
+                    for oh in range(p.OH):
+                        memcpy(dyp + (i * p.OH + oh) * OWp, dy + ((b * p.K + i) * p.OH + oh) * p.OW,
+                               p.OW * sizeof(float))
+                for kb in range(Kpad // CE_MR):
+                    for c in range(p.C):
+                        for kh in range(p.KH):
+                            kw = 0
+                            while kw < p.KW:
+                                smallc_gw_rows(dyp + kb * CE_MR * p.OH * OWp, p.OH * OWp,
+                                               xp + (c * Hx + kh) * Wx, Wx, p.OH, OWp // VL, kw,
+                                               min(3, p.KW - kw),
+                                               vacc + ((kb * Kd + (c * p.KH + kh) * p.KW + kw) * CE_MR) * VL,
+                                               CE_MR * VL)
+                                kw = kw + 3
+            # lanes added in a fixed order into the slice's partial sums [r, k]
+            slot = partial + chunk * Kd * p.K
+            for kb in range(Kpad // CE_MR):
+                for r in range(Kd):
+                    for i in range(CE_MR):
+                        if kb * CE_MR + i < p.K:
+                            s = 0
+                            for lane in range(VL):
+                                s = s + vacc[((kb * Kd + r) * CE_MR + i) * VL + lane]
+                            slot[r * p.K + kb * CE_MR + i] = s
+        free(buf)
+        fp_leave(fp)
+    fp_resume(fps)
+    return -failed
