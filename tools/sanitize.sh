@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 src="$(pwd)"
 python="${PYTHON:-python3}"
 
-read -r -a tests <<<"${SANITIZE_TESTS:-tests/test_functional.py tests/test_determinism.py tests/test_bad_input.py tests/test_fuzz.py tests/test_sizes.py}"
+read -r -a tests <<<"${SANITIZE_TESTS:-tests/test_functional.py tests/test_determinism.py tests/test_bad_input.py tests/test_fuzz.py tests/test_sizes.py tests/test_subnormal.py tests/test_frozen.py tests/test_fusion.py tests/test_optim_fused.py}"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/convengine-sanitize.XXXXXX")"
 cleanup() {
@@ -79,7 +79,7 @@ export PYTHONDONTWRITEBYTECODE=1
 export PYTHONMALLOC=malloc  # Python objects in malloc'd blocks, where ASan sees them
 
 if ! available="$(cd "$work" && LD_PRELOAD="$libasan" "$python" -c \
-    'from convengine._kernels import ISA, available_isas; print(ISA, *[i for i in available_isas() if i != ISA])')"; then
+    'import convengine; b = convengine.build_info(); print(b["simd"], *[i for i in b["simd_available"] if i != b["simd"]])')"; then
     echo "sanitize: FAILED: the sanitizer build does not import (see above; are convengine's dependencies installed?)"
     exit 1
 fi
