@@ -10,6 +10,7 @@ import pytest
 import convengine
 from convengine import reference as R
 from convengine._args import conv2d_args
+from convengine._threads import every_call_threaded
 from convengine._kernels import engine
 from convengine.functional import _conv_params
 from convengine.layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear, MaxPool2d,
@@ -168,14 +169,15 @@ def cifar_net(dtype="float32"):
 
 
 def test_frozen_results_do_not_depend_on_the_thread_count(rng):
-    """Batch 16 of 32x32 images: every conv and pool of the plan is above the serial threshold and splits."""
+    """Batch 16 of 32x32 images, with the one-thread threshold of small steps off: every step really splits."""
     convengine.manual_seed(0)
     frozen = randomise_batch_norms(cifar_net(), rng).freeze()
     x = randn(rng, (16, 3, 32, 32), np.float32)
     results = []
-    for n in (1, 2, 3):
-        convengine.set_num_threads(n)
-        results.append(frozen(x))
+    with every_call_threaded():
+        for n in (1, 2, 3):
+            convengine.set_num_threads(n)
+            results.append(frozen(x))
     for n, got in zip((2, 3), results[1:]):
         assert_bitwise_equal(got, results[0], f"{n} threads vs 1")
 
@@ -198,10 +200,11 @@ def test_concurrent_calls_from_four_threads_match_serial_results(rng):
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with every_call_threaded():                 # each call's steps on an OpenMP team of its own
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     assert not errors
     for k, want in enumerate(serial):
         for got in outputs[k]:
