@@ -176,3 +176,14 @@ def numerical_gradient(loss, a, eps=1e-6):
 def assert_gradient(analytic, loss, a, name):
     numeric = numerical_gradient(loss, a)
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7, err_msg=f"gradient of {name}")
+
+
+def stripes(rng, n=96):
+    """A small generated classification problem: n noisy 6x6 images (N, 1, 6, 6) with a bright row (class 0) or a
+    bright column (class 1), and their labels."""
+    y = rng.integers(0, 2, n)
+    x = rng.normal(0, 0.3, (n, 1, 6, 6)).astype(np.float32)
+    pos = rng.integers(0, 6, n)
+    x[y == 0, 0, pos[y == 0], :] += 1.5
+    x[y == 1, 0, :, pos[y == 1]] += 1.5
+    return x, y

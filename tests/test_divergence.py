@@ -19,14 +19,7 @@ from convengine.trainer import LearningRateScheduler, Trainer
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(convengine.__file__)))
 
-
-def stripes(rng, n=64):
-    y = rng.integers(0, 2, n)
-    x = rng.normal(0, 0.3, (n, 1, 6, 6)).astype(np.float32)
-    pos = rng.integers(0, 6, n)
-    x[y == 0, 0, pos[y == 0], :] += 1.5
-    x[y == 1, 0, :, pos[y == 1]] += 1.5
-    return x, y
+from conftest import stripes
 
 
 def make_trainer(lr=0.05, momentum=0.9):
@@ -41,7 +34,7 @@ def state(model):
 
 
 def test_one_nan_pixel_stops_fit_at_its_batch_and_undoes_it(rng):
-    x, y = stripes(rng)
+    x, y = stripes(rng, 64)
     x[37, 0, 2, 3] = np.nan  # batch 3 of 4 (batch size 16, no shuffle) in the second epoch
     trainer = make_trainer()
     trainer.fit(x[:32], y[:32], epochs=1, batch_size=16, shuffle=False, verbose=0)
@@ -57,7 +50,7 @@ def test_one_nan_pixel_stops_fit_at_its_batch_and_undoes_it(rng):
 
 
 def test_a_huge_learning_rate_stops_fit_instead_of_training_on_nan(rng):
-    x, y = stripes(rng)
+    x, y = stripes(rng, 64)
     trainer = make_trainer(lr=1e30)
     with pytest.raises(FloatingPointError, match=r"epoch 1, batch \d+ of 4: training diverged"):
         trainer.fit(x, y, epochs=3, batch_size=16, verbose=0)
@@ -65,7 +58,7 @@ def test_a_huge_learning_rate_stops_fit_instead_of_training_on_nan(rng):
 
 
 def test_warn_mode_warns_once_and_carries_on(rng):
-    x, y = stripes(rng)
+    x, y = stripes(rng, 64)
     x[20, 0, 0, 0] = np.inf
     trainer = make_trainer()
     trainer.on_nonfinite_loss = "warn"
@@ -103,7 +96,7 @@ def test_lr_setter_and_a_schedule_returning_inf_are_refused(rng):
     with pytest.raises(ValueError, match="finite"):
         opt.lr = float("inf")
     assert opt.lr == 0.1
-    x, y = stripes(rng)
+    x, y = stripes(rng, 64)
     trainer = make_trainer()
     with pytest.raises(ValueError, match="schedule returned inf for epoch 0"):
         trainer.fit(x, y, epochs=1, batch_size=16, verbose=0,
@@ -127,7 +120,7 @@ def rewrite_training(path, change):
 @pytest.mark.parametrize("key, value", [("lr", float("inf")), ("momentum", float("inf")),
                                         ("weight_decay", float("nan"))])
 def test_a_checkpoint_with_a_non_finite_hyper_parameter_is_refused(key, value, rng, tmp_path):
-    x, y = stripes(rng)
+    x, y = stripes(rng, 64)
     trainer = make_trainer()
     trainer.fit(x, y, epochs=1, batch_size=16, verbose=0)
     path = tmp_path / "ckpt.npz"

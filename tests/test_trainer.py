@@ -14,6 +14,8 @@ from convengine.model import Sequential, lenet
 from convengine import trainer as trainer_module
 from convengine.trainer import (Callback, EarlyStopping, LearningRateScheduler, ModelCheckpoint, Trainer)
 
+from conftest import stripes
+
 
 @pytest.fixture(autouse=True)
 def restore_threads():
@@ -26,16 +28,6 @@ def restore_threads():
 def digits():
     (x, y), (xt, yt) = load_digits()
     return x[:320], y[:320], xt[:100], yt[:100]
-
-
-def stripes(rng, n=96):
-    """A small generated problem: 6x6 images with a bright row (class 0) or column (class 1), plus noise."""
-    y = rng.integers(0, 2, n)
-    x = rng.normal(0, 0.3, (n, 1, 6, 6)).astype(np.float32)
-    pos = rng.integers(0, 6, n)
-    x[y == 0, 0, pos[y == 0], :] += 1.5
-    x[y == 1, 0, :, pos[y == 1]] += 1.5
-    return x, y
 
 
 def small_cnn():

@@ -10,15 +10,7 @@ from convengine.augment import Compose, RandomCrop, RandomFlip
 from convengine.model import Sequential
 from convengine.trainer import Callback, Trainer
 
-
-def stripes(rng, n=96):
-    """6x6 images with a bright row (class 0) or column (class 1), plus noise."""
-    y = rng.integers(0, 2, n)
-    x = rng.normal(0, 0.3, (n, 1, 6, 6)).astype(np.float32)
-    pos = rng.integers(0, 6, n)
-    x[y == 0, 0, pos[y == 0], :] += 1.5
-    x[y == 1, 0, :, pos[y == 1]] += 1.5
-    return x, y
+from conftest import stripes
 
 
 def small_cnn(outputs=2, extra=()):
