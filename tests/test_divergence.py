@@ -17,9 +17,9 @@ from convengine import losses, optim
 from convengine.model import Sequential
 from convengine.trainer import LearningRateScheduler, Trainer
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(convengine.__file__)))
-
 from conftest import stripes
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(convengine.__file__)))
 
 
 def make_trainer(lr=0.05, momentum=0.9):
