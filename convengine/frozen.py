@@ -46,7 +46,6 @@ _SERIAL_FLOPS = 16_000_000
 class _Step:
     in_place = False      # writes its output over its input (run(x, x, ...))
     view = False          # returns a view of its input (no buffer)
-    flops_per_sample = 0
 
     def prepare(self, shape):
         return None
@@ -278,11 +277,16 @@ def _fold_before(bn, w, b, groups):
     return w64 * k[channel][:, :, None, None], b64
 
 
+def _is(layer, cls):
+    """Exactly this layer type: a subclass may compute something else, and goes through its own forward."""
+    return type(layer) is cls
+
+
 def _rewrite(model_layers):
     """The plan's steps for a list of layers (see the module docstring for the rewrites). Each step's `origin` is
     (index, type name) of the model layer it starts with, for error messages. The steps hold copies of the arrays
     they use: nothing of the model is kept."""
-    kept = [(k, layer) for k, layer in enumerate(model_layers) if not isinstance(layer, Dropout)]
+    kept = [(k, layer) for k, layer in enumerate(model_layers) if not _is(layer, Dropout)]
     layers = [layer for _, layer in kept]
     steps = []
     i = 0
@@ -290,22 +294,22 @@ def _rewrite(model_layers):
         layer = layers[i]
         origin = (kept[i][0], type(layer[0] if isinstance(layer, tuple) else layer).__name__)
         nxt = layers[i + 1] if i + 1 < len(layers) else None
-        if isinstance(layer, BatchNorm2d) and isinstance(nxt, Conv2d) and _unpadded(nxt):
+        if _is(layer, BatchNorm2d) and _is(nxt, Conv2d) and _unpadded(nxt):
             w, b = _fold_before(layer, nxt.weight.data, nxt.bias.data if nxt.bias is not None else None, nxt.groups)
             layers[i + 1] = (nxt, w, b)      # a conv with folded arrays, picked up below
             i += 1
             continue
-        if isinstance(layer, Conv2d) or isinstance(layer, tuple):
+        if _is(layer, Conv2d) or isinstance(layer, tuple):
             conv, w, b = layer if isinstance(layer, tuple) else (layer, layer.weight.data,
                                                                  None if layer.bias is None else layer.bias.data)
             i += 1
-            if i < len(layers) and isinstance(layers[i], BatchNorm2d):
+            if i < len(layers) and _is(layers[i], BatchNorm2d):
                 w, b = _fold_after(w, b, layers[i])
                 i += 1
-            relu = i < len(layers) and isinstance(layers[i], ReLU)
+            relu = i < len(layers) and _is(layers[i], ReLU)
             i += relu
             scale = shift = None
-            if relu and i < len(layers) and isinstance(layers[i], BatchNorm2d):
+            if relu and i < len(layers) and _is(layers[i], BatchNorm2d):
                 k, s = _bn_coefficients(layers[i])
                 scale, shift = k.astype(conv.dtype), s.astype(conv.dtype)
                 i += 1
@@ -314,25 +318,25 @@ def _rewrite(model_layers):
                                conv.padding, conv.dilation, conv.groups, relu, scale, shift))
             steps[-1].origin = origin
             continue
-        if isinstance(layer, Linear):
-            relu = isinstance(nxt, ReLU)
+        if _is(layer, Linear):
+            relu = _is(nxt, ReLU)
             steps.append(_Linear(layer.weight.data.copy(), None if layer.bias is None else layer.bias.data, relu))
             steps[-1].origin = origin
             i += 1 + relu
             continue
-        if isinstance(layer, BatchNorm2d):
-            relu = isinstance(nxt, ReLU)
+        if _is(layer, BatchNorm2d):
+            relu = _is(nxt, ReLU)
             steps.append(_BatchNorm(layer, relu))
             steps[-1].origin = origin
             i += 1 + relu
             continue
-        if isinstance(layer, ReLU):
+        if _is(layer, ReLU):
             steps.append(_ReLU())
-        elif isinstance(layer, (MaxPool2d, AvgPool2d)):
+        elif _is(layer, MaxPool2d) or _is(layer, AvgPool2d):
             steps.append(_Pool(layer))
-        elif isinstance(layer, GlobalAvgPool2d):
+        elif _is(layer, GlobalAvgPool2d):
             steps.append(_GlobalAvgPool())
-        elif isinstance(layer, Flatten):
+        elif _is(layer, Flatten):
             steps.append(_Flatten())
         else:
             steps.append(_Layer(layer))

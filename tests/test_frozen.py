@@ -308,3 +308,17 @@ def test_matmul_of_a_few_rows_reads_contiguous_operands_in_place_with_the_same_b
     assert_bitwise_equal(in_place, packed, f"{m}x{k} @ {k}x{n}")
     np.testing.assert_allclose(in_place, a.astype(np.float64) @ w.T.astype(np.float64), rtol=RTOL[dtype] * 100,
                                atol=RTOL[dtype] * 100)
+
+
+def test_a_subclass_of_a_known_layer_runs_its_own_forward(rng):
+    """Rewrites match exact layer types: a Conv2d subclass that computes something else is not folded or fused."""
+    class DoubledConv(Conv2d):
+        def forward(self, x, training=False):
+            return 2 * super().forward(x, training)
+
+    convengine.manual_seed(0)
+    model = randomise_batch_norms(convengine.Sequential([DoubledConv(3, 4, 3), BatchNorm2d(4), ReLU()]), rng)
+    frozen = model.freeze()
+    assert [step.describe() for step in frozen.steps] == ["DoubledConv", "BatchNorm2d+ReLU"]
+    x = randn(rng, (2, 3, 8, 8), np.float32)
+    np.testing.assert_allclose(frozen(x), model.forward(x), rtol=1e-6, atol=1e-6)
