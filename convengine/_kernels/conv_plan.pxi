@@ -303,7 +303,8 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
     cdef dict out = {}
     if is_depthwise(p):
         out["forward"] = out["grad_input"] = out["grad_weight"] = T * (
-            dw_padded_h(p) * dw_padded_w(p) + dw_slack(p) + p.OH * dw_padded_w(p)) * isz
+            max(dw_padded_h(p) * dw_padded_w(p) + dw_slack(p), dw_phased_len(p) if dw_phased(p) else 0)
+            + p.OH * dw_padded_w(p)) * isz
         if dw_phased(p):
             out["forward"] = T * (dw_phased_len(p) + p.OH * dw_phase_w(p)) * isz
         return out

@@ -96,9 +96,27 @@ cdef void depthwise_plane_forward_phased(const floating* x, const floating* w, f
     the stride-1 path does; the sums start from the bias and add the taps in (kh, kw) order, as the strided loop
     did, so the results are the same."""
     cdef Py_ssize_t Hq = dw_phase_h(p), Wq = dw_phase_w(p)
-    cdef Py_ssize_t a, b, r, j, j0, j1, ih, oh, kh, kw, t
+    cdef Py_ssize_t oh, kh, kw, t
     cdef Py_ssize_t n = p.OH * Wq
     cdef floating wv
+    cdef const floating* src
+    phase_split(x, p, xq)
+    for t in range(n):
+        ypad[t] = bias
+    for kh in range(p.KH):
+        for kw in range(p.KW):
+            wv = w[kh * p.KW + kw]
+            src = xq + ((kh % 2) * 2 + kw % 2) * Hq * Wq + (kh // 2) * Wq + kw // 2
+            for t in range(n):
+                ypad[t] += wv * src[t]
+    for oh in range(p.OH):
+        memcpy(y + oh * p.OW, ypad + oh * Wq, p.OW * sizeof(floating))
+
+
+cdef void phase_split(const floating* x, const ConvGeom* p, floating* xq) noexcept nogil:
+    """xq[(a*2 + b)*Hq*Wq + r*Wq + j] = the zero-padded plane at (2r + a, 2j + b), zeros in the slack after."""
+    cdef Py_ssize_t Hq = dw_phase_h(p), Wq = dw_phase_w(p)
+    cdef Py_ssize_t a, b, r, j, j0, j1, ih
     cdef floating* dst
     cdef const floating* src
     memset(xq, 0, dw_phased_len(p) * sizeof(floating))
@@ -115,16 +133,41 @@ cdef void depthwise_plane_forward_phased(const floating* x, const floating* w, f
                 src = x + ih * p.W + b - p.pl
                 for j in range(j0, j1):
                     dst[j] = src[2 * j]
-    for t in range(n):
-        ypad[t] = bias
+
+
+cdef void phased_rows(const floating* g, const ConvGeom* p, floating* gq) noexcept nogil:
+    """gq (OH x Wq) = the plane's OH x OW output rows, zero columns after each."""
+    cdef Py_ssize_t Wq = dw_phase_w(p), oh
+    for oh in range(p.OH):
+        memcpy(gq + oh * Wq, g + oh * p.OW, p.OW * sizeof(floating))
+        memset(gq + oh * Wq + p.OW, 0, (Wq - p.OW) * sizeof(floating))
+
+
+cdef void depthwise_plane_grad_input_phased(const floating* dy, const floating* w, floating* dxq, floating* dyq,
+                                            floating* dx, const ConvGeom* p) noexcept nogil:
+    """grad_input of a stride-2 plane (dw_phased): each tap adds w * dY, laid out at width Wq, to its phase of the
+    padded input gradient in one sweep; then the phases are put back in place and cropped."""
+    cdef Py_ssize_t Hq = dw_phase_h(p), Wq = dw_phase_w(p)
+    cdef Py_ssize_t n = p.OH * Wq
+    cdef Py_ssize_t kh, kw, t, ih, iw, r, b
+    cdef floating wv
+    cdef floating* dst
+    cdef const floating* row
+    memset(dxq, 0, dw_phased_len(p) * sizeof(floating))
+    phased_rows(dy, p, dyq)
     for kh in range(p.KH):
         for kw in range(p.KW):
             wv = w[kh * p.KW + kw]
-            src = xq + ((kh % 2) * 2 + kw % 2) * Hq * Wq + (kh // 2) * Wq + kw // 2
+            dst = dxq + ((kh % 2) * 2 + kw % 2) * Hq * Wq + (kh // 2) * Wq + kw // 2
             for t in range(n):
-                ypad[t] += wv * src[t]
-    for oh in range(p.OH):
-        memcpy(y + oh * p.OW, ypad + oh * Wq, p.OW * sizeof(floating))
+                dst[t] += wv * dyq[t]
+    for ih in range(p.H):
+        r = ih + p.pt
+        for b in range(2):
+            # the columns iw of parity b in the padded plane: (iw + pl) % 2 == b
+            row = dxq + (((r % 2) * 2 + b) * Hq + r // 2) * Wq
+            for iw in range((b + p.pl) % 2, p.W, 2):
+                dx[ih * p.W + iw] = row[(iw + p.pl) // 2]
 
 
 cdef inline void finish_in_place(floating* y, Py_ssize_t n, const Epilogue* e, Py_ssize_t k) noexcept nogil:
@@ -234,13 +277,17 @@ cdef int depthwise_grad_input(const floating* dy, const floating* w, floating* d
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
-        buf = <floating*>malloc((plen + dw_slack(p)) * sizeof(floating))
+        buf = <floating*>malloc(max(plen + dw_slack(p), dw_phased_len(p)) * sizeof(floating))
         dyw = <floating*>malloc(p.OH * dw_padded_w(p) * sizeof(floating))
         for task in prange(p.B * p.C, schedule='static'):
             if buf == NULL or dyw == NULL:
                 flag_failure(&failed)
                 continue
-            depthwise_plane_grad_input(dy + task * OHW, w + (task % p.C) * KHW, buf, dyw, dx + task * HW, p)
+            if dw_phased(p):
+                depthwise_plane_grad_input_phased(dy + task * OHW, w + (task % p.C) * KHW, buf, dyw,
+                                                  dx + task * HW, p)
+            else:
+                depthwise_plane_grad_input(dy + task * OHW, w + (task % p.C) * KHW, buf, dyw, dx + task * HW, p)
         free(buf)
         free(dyw)
         fp_leave(fp)
@@ -311,8 +358,17 @@ cdef void depthwise_channel_grad_weight(const floating* dy, const floating* x, P
         dw[kh] = 0
     for b in range(p.B):
         xb = x + (b * p.C + c) * p.H * p.W
-        pad_plane(xb, p, xpad)
         g = dy + (b * p.C + c) * p.OH * p.OW
+        if dw_phased(p) and all_finite(xb, p.H * p.W):
+            # stride 2: each tap one long dot product of dY (at width Wq, zero columns) with its phase
+            phase_split(xb, p, xpad)
+            phased_rows(g, p, dyw)
+            for kh in range(p.KH):
+                for kw in range(p.KW):
+                    dw[kh * p.KW + kw] += lane_dot(dyw, xpad + ((kh % 2) * 2 + kw % 2) * dw_phase_h(p) * dw_phase_w(p)
+                                                   + (kh // 2) * dw_phase_w(p) + kw // 2, p.OH * dw_phase_w(p))
+            continue
+        pad_plane(xb, p, xpad)
         if p.sh != 1 or p.sw != 1 or not all_finite(xb, p.H * p.W):
             plane_grad_weight(g, xpad, dw, p)
             continue
@@ -335,7 +391,7 @@ cdef int depthwise_grad_weight(const floating* dy, const floating* x, floating* 
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
-        xpad = <floating*>calloc(plen + dw_slack(p), sizeof(floating))
+        xpad = <floating*>calloc(max(plen + dw_slack(p), dw_phased_len(p)), sizeof(floating))
         dyw = <floating*>malloc(p.OH * dw_padded_w(p) * sizeof(floating))
         for c in prange(p.C, schedule='static'):
             if xpad == NULL or dyw == NULL:
