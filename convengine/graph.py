@@ -304,15 +304,9 @@ class Graph:
     _known_input_shape = _model.Sequential._known_input_shape
     _shape = _model.Sequential.__dict__["_shape"]
     save = _model.Sequential.save
-
-    def __len__(self):
-        return len(self.layers)
-
-    def __getitem__(self, i):
-        return self.layers[i]
-
-    def __iter__(self):
-        return iter(self.layers)
+    __len__ = _model.Sequential.__len__
+    __getitem__ = _model.Sequential.__getitem__
+    __iter__ = _model.Sequential.__iter__
 
     def __repr__(self):
         inner = "".join(f"\n  ({i}) {layer!r} <- {_names(srcs)}" for i, (layer, srcs)

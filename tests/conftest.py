@@ -187,3 +187,15 @@ def stripes(rng, n=96):
     x[y == 0, 0, pos[y == 0], :] += 1.5
     x[y == 1, 0, :, pos[y == 1]] += 1.5
     return x, y
+
+
+def weights(model):
+    """Copies of every parameter and buffer (running statistics) of a model, in a fixed order."""
+    return [p.data.copy() for p in model.parameters()] + [a.copy() for a in model.buffers().values()]
+
+
+def assert_same_weights(a, b):
+    """Two weights() lists hold the same bits."""
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        assert u.tobytes() == v.tobytes()

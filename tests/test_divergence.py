@@ -17,7 +17,7 @@ from convengine import losses, optim
 from convengine.model import Sequential
 from convengine.trainer import LearningRateScheduler, Trainer
 
-from conftest import stripes
+from conftest import stripes, weights
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(convengine.__file__)))
 
@@ -29,20 +29,16 @@ def make_trainer(lr=0.05, momentum=0.9):
     return Trainer(model, losses.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=lr, momentum=momentum))
 
 
-def state(model):
-    return [p.data.copy() for p in model.parameters()] + [a.copy() for a in model.buffers().values()]
-
-
 def test_one_nan_pixel_stops_fit_at_its_batch_and_undoes_it(rng):
     x, y = stripes(rng, 64)
     x[37, 0, 2, 3] = np.nan  # batch 3 of 4 (batch size 16, no shuffle) in the second epoch
     trainer = make_trainer()
     trainer.fit(x[:32], y[:32], epochs=1, batch_size=16, shuffle=False, verbose=0)
-    before = state(trainer.model)
+    before = weights(trainer.model)
     with pytest.raises(FloatingPointError, match=r"epoch 2, batch 3 of 4.*learning rate.*this batch holds 1\)") as info:
         trainer.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0)
     assert "nan" in str(info.value)
-    after = state(trainer.model)
+    after = weights(trainer.model)
     assert all(np.isfinite(a).all() for a in after)
     # Batches 1 and 2 of the epoch were applied, the third was undone (BatchNorm's running statistics included).
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))

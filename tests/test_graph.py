@@ -15,7 +15,7 @@ from convengine.model import Sequential, load
 from convengine._threads import every_call_threaded
 from convengine.trainer import ModelCheckpoint, Trainer
 
-from conftest import numerical_gradient
+from conftest import assert_same_weights, numerical_gradient, weights
 
 
 @pytest.fixture(autouse=True)
@@ -44,16 +44,6 @@ def branchy(c=1, hw=8, width=8, classes=10, dtype="float32"):
 def digits():
     (x, y), _ = load_digits()
     return x[:192], y[:192]
-
-
-def weights(model):
-    return [p.data.copy() for p in model.parameters()] + [a.copy() for a in model.buffers().values()]
-
-
-def assert_same_weights(a, b):
-    assert len(a) == len(b)
-    for u, v in zip(a, b):
-        assert u.tobytes() == v.tobytes()
 
 
 def test_forward_matches_the_layers_wired_by_hand(rng):

@@ -14,7 +14,7 @@ from convengine.model import Sequential, lenet
 from convengine import trainer as trainer_module
 from convengine.trainer import (Callback, EarlyStopping, LearningRateScheduler, ModelCheckpoint, Trainer)
 
-from conftest import stripes
+from conftest import assert_same_weights, stripes, weights
 
 
 @pytest.fixture(autouse=True)
@@ -37,16 +37,6 @@ def small_cnn():
 def make_trainer(model=None, lr=0.05, momentum=0.9):
     model = model or lenet()
     return Trainer(model, losses.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=lr, momentum=momentum))
-
-
-def weights(model):
-    return [p.data.copy() for p in model.parameters()] + [a.copy() for a in model.buffers().values()]
-
-
-def assert_same_weights(a, b):
-    assert len(a) == len(b)
-    for u, v in zip(a, b):
-        assert u.tobytes() == v.tobytes()
 
 
 def test_loss_falls_on_a_small_generated_problem(rng):

@@ -10,21 +10,13 @@ from convengine.augment import Compose, RandomCrop, RandomFlip
 from convengine.model import Sequential
 from convengine.trainer import Callback, Trainer
 
-from conftest import stripes
+from conftest import assert_same_weights, stripes, weights
 
 
 def small_cnn(outputs=2, extra=()):
     convengine.manual_seed(0)
     return Sequential([L.Conv2d(1, 4, 3, padding=1), L.ReLU(), L.MaxPool2d(2), L.Flatten(), L.Linear(36, outputs),
                        *extra])
-
-
-def weights(model):
-    return [p.data.copy() for p in model.parameters()] + [a.copy() for a in model.buffers().values()]
-
-
-def assert_same_weights(a, b):
-    assert len(a) == len(b) and all(u.tobytes() == v.tobytes() for u, v in zip(a, b))
 
 
 class BatchSizes(Callback):
