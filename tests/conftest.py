@@ -95,7 +95,8 @@ def impl(request):
     return load_impl(request.param)
 
 
-CONV_PATHS = ["direct", "im2col", "pixels", "smallc"]   # smallc: forward of 1-4 channel float32 inputs
+# smallc: forward of 1-4 channel float32 inputs; pointwise: forward of 1x1 kernels at stride 1 without padding
+CONV_PATHS = ["direct", "im2col", "pixels", "smallc", "pointwise"]
 
 
 @pytest.fixture(params=CONV_PATHS)

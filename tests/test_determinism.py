@@ -80,6 +80,8 @@ PATH_CASES = [
     ((5, 40, 13, 11), (48, 40, 3, 3), dict(stride=2, padding=1)),
     ((3, 16, 40, 36), (32, 16, 3, 3), dict(padding=1)),
     ((3, 3, 40, 32), (16, 3, 3, 3), dict(padding=1)),        # smallc: rows per task depend on the thread count
+    ((1, 32, 8, 8), (72, 32, 1, 1), dict()),                  # pointwise: batch 1 splits channels by thread count
+    ((2, 16, 30, 30), (24, 16, 1, 1), dict()),                # pointwise: several column blocks per plane
 ]
 
 

@@ -125,22 +125,24 @@ def test_frozen_matches_layer_by_layer_and_reference(pattern, dtype, rng):
     np.testing.assert_array_equal(frozen.predict(x, batch_size=2), got)
 
 
-@pytest.mark.parametrize("path", ["direct", "pixels", "im2col"])
+@pytest.mark.parametrize("path", ["direct", "pixels", "im2col", "pointwise"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("relu,affine", [(False, False), (True, False), (False, True), (True, True)])
 def test_conv_epilogue_on_every_path(path, dtype, relu, affine, rng):
     engine.force_conv_path(path)
-    for x_shape, w_shape, stride, groups in [((2, 16, 12, 12), (32, 16, 3, 3), 1, 1),
-                                             ((2, 3, 20, 20), (16, 3, 3, 3), 1, 1),
-                                             ((2, 16, 9, 9), (24, 8, 3, 3), 2, 2),
-                                             ((2, 8, 10, 10), (8, 1, 3, 3), 1, 8)]:
+    for x_shape, w_shape, stride, groups, padding in [((2, 16, 12, 12), (32, 16, 3, 3), 1, 1, 1),
+                                                      ((2, 3, 20, 20), (16, 3, 3, 3), 1, 1, 1),
+                                                      ((2, 16, 9, 9), (24, 8, 3, 3), 2, 2, 1),
+                                                      ((2, 8, 10, 10), (8, 1, 3, 3), 1, 8, 1),
+                                                      ((2, 16, 8, 8), (36, 16, 1, 1), 1, 1, 0),
+                                                      ((1, 8, 30, 30), (16, 8, 1, 1), 1, 1, 0)]:
         x, w = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype)
         b, sc, sh = (randn(rng, (w_shape[0],), dtype) for _ in range(3))
-        geom = conv2d_args(x, w, b, stride, 1, 1, groups)
+        geom = conv2d_args(x, w, b, stride, padding, 1, groups)
         out = np.full(geom.out_shape, np.nan, dtype)
         engine.conv2d_forward(x, w, b, out, _conv_params(geom), 2, relu, sc if affine else None,
                               sh if affine else None)
-        want = R.conv2d(x, w, b, stride, 1, 1, groups)
+        want = R.conv2d(x, w, b, stride, padding, 1, groups)
         if relu:
             want = R.relu(want)
         if affine:

@@ -137,7 +137,7 @@ def test_conv2d_layouts(rng, layout, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Every conv2d strategy (direct, im2col, pixels), pinned in turn, on shapes each can take
+# Every conv2d strategy (direct, im2col, pixels, smallc, pointwise), pinned in turn, on shapes each can take
 # ---------------------------------------------------------------------------------------------------------------
 
 # Channel counts that the pixel path takes (>= 8 input channels per group, output channels filling most of a
@@ -168,6 +168,12 @@ PATH_SHAPES = [
     ((2, 3, 9, 90), (10, 3, 3, 3), dict(stride=2, padding=1)),
     ((2, 4, 7, 59), (9, 4, 2, 4), dict(stride=(2, 1), padding=(1, 2))),
     ((3, 2, 12, 40), (5, 2, 3, 5), dict(padding=(1, 2))),
+    # 1x1 kernels, the pointwise path: output channels past a whole tile, a last partial column panel, groups,
+    # and a plane of several column blocks (copied) with a partial last panel
+    ((2, 24, 8, 8), (36, 24, 1, 1), dict()),
+    ((3, 16, 6, 7), (20, 16, 1, 1), dict()),
+    ((2, 32, 12, 12), (24, 16, 1, 1), dict(groups=2)),
+    ((1, 8, 30, 30), (16, 8, 1, 1), dict()),
 ]
 
 
@@ -205,8 +211,9 @@ def test_every_path_is_exercised():
         _engine.force_conv_path("auto")
     for direction in ["forward", "grad_weight"]:
         for path in CONV_PATHS:
-            assert taken.get((direction, path), 0) >= 3, (direction, path, taken)
-    for name in ["col2im", "transposed direct", "transposed pixels"]:
+            if (direction, path) != ("grad_weight", "pointwise"):       # a forward path only
+                assert taken.get((direction, path), 0) >= 3, (direction, path, taken)
+    for name in ["col2im", "transposed direct", "transposed pixels", "transposed pointwise"]:
         assert taken.get(("grad_input", name), 0) >= 3, (name, taken)
 
 

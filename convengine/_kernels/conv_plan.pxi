@@ -9,7 +9,8 @@
 # Each split gives every output element to one task that reduces in a fixed order: results are bitwise the same
 # for any thread count.
 #
-# Three ways to run these GEMMs, chosen per shape and direction (forward_path, grad_weight_path):
+# Four ways to run these GEMMs, chosen per shape and direction (forward_path, grad_weight_path):
+#   pointwise 1x1 kernels at stride 1, no padding: B rows are the input planes, read in place (forward only)
 #   direct   stride 1: B rows read straight from zero-padded input rows at each tap's offset (no im2col)
 #   pixels   output pixels as the GEMM's rows, output channels (grad_weight: input channels) as its columns,
 #            tap by tap from zero-padded input rows: nothing wasted, for small and strided images
@@ -88,17 +89,18 @@ cdef enum:
     PATH_IM2COL = 2
     PATH_PIXELS = 3
     PATH_SMALLC = 4       # conv_smallc.pxi: forward of 1-4 channel float32 inputs
+    PATH_POINTWISE = 5    # 1x1, stride 1, no padding: the input planes are the GEMM's B rows, read in place
 
 
 cdef int forced_path = PATH_AUTO
 
 
 def force_conv_path(str name):
-    """Pin conv2d's forward strategy ('direct', 'im2col', 'pixels', 'smallc') for every later call, or restore the
-    automatic choice ('auto'). For tests and benchmarks: each path must give the same answers."""
+    """Pin conv2d's forward strategy ('direct', 'im2col', 'pixels', 'smallc', 'pointwise') for every later call, or
+    restore the automatic choice ('auto'). For tests and benchmarks: each path must give the same answers."""
     global forced_path
     paths = {"auto": PATH_AUTO, "direct": PATH_DIRECT, "im2col": PATH_IM2COL, "pixels": PATH_PIXELS,
-             "smallc": PATH_SMALLC}
+             "smallc": PATH_SMALLC, "pointwise": PATH_POINTWISE}
     if name not in paths:
         raise ValueError(f"unknown conv path {name!r}; expected one of {sorted(paths)}")
     forced_path = paths[name]
@@ -130,17 +132,44 @@ cdef inline bint use_smallc(const ConvGeom* p, floating dummy) noexcept nogil:
             and p.OW >= VL and 7 * ((p.OW + tile - 1) // tile * tile) <= 8 * p.OW)
 
 
+cdef inline bint use_pointwise(const ConvGeom* p, floating dummy) noexcept nogil:
+    """Whether the pointwise path takes the shape: a 1x1 kernel at stride 1 without padding (the GEMM's B rows are
+    then the input planes), planes that fill most of their column panels (a 4x4 plane would fill half of a
+    32-wide panel: the pixel path packs pixels across images), and a packed last panel of sane size."""
+    cdef Py_ssize_t VL = vlen(<floating>0)
+    cdef Py_ssize_t P = p.H * p.W
+    cdef Py_ssize_t NR = pick_nv((P + VL - 1) // VL) * VL
+    return (p.KH == 1 and p.KW == 1 and p.sh == 1 and p.sw == 1 and p.pt == 0 and p.pl == 0
+            and p.OH == p.H and p.OW == p.W and mostly_used(P, round_up(P, NR))
+            and (p.C // p.G) <= MAX_DIRECT_SCRATCH // NR)
+
+
+cdef inline Py_ssize_t pointwise_channel_blocks(Py_ssize_t units, Py_ssize_t mpanels, int n_threads) noexcept nogil:
+    """Blocks of output channel panels per (image, group, column block) unit of the pointwise path: one while the
+    units give every thread four tasks, else enough blocks that they do (batch 1). Which task computes an element
+    never changes its sum, so this may follow the thread count."""
+    if n_threads <= 1 or units >= 4 * n_threads:
+        return 1
+    return max(1, min(mpanels, (4 * n_threads + units - 1) // units))
+
+
 cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
-    """The forward strategy for a (non-depthwise) shape: the direct path where its dropped columns are few,
-    else the pixel path where it fits, else implicit im2col. A forced path is taken where it can be."""
+    """The forward strategy for a (non-depthwise) shape: the pointwise path for 1x1 kernels that it takes, the
+    direct path where its dropped columns are few, else the pixel path where it fits, else implicit im2col. A
+    forced path is taken where it can be."""
     cdef Py_ssize_t NR = tile_n(<floating>0)
     cdef bint direct = use_direct(p, NR, block_columns(<floating>0))
+    cdef bint pointwise = use_pointwise(p, dummy)
+    if forced_path == PATH_POINTWISE and pointwise:
+        return PATH_POINTWISE
     if forced_path == PATH_DIRECT and direct:
         return PATH_DIRECT
     if forced_path == PATH_IM2COL:
         return PATH_IM2COL
     if forced_path == PATH_PIXELS and use_pixels(p, dummy):
         return PATH_PIXELS
+    if pointwise:
+        return PATH_POINTWISE
     if direct:
         return PATH_DIRECT
     if use_pixels(p, dummy):
@@ -175,8 +204,10 @@ cdef bint transposed_geometry(const ConvGeom* p, ConvGeom* q) noexcept nogil:
 
 cdef bint grad_input_as_conv(const ConvGeom* q, floating dummy) noexcept nogil:
     """Whether grad_input goes as the forward conv of the transposed geometry q: by its direct path when the
-    tile's MR rows (q's output channels) are mostly used, or by its pixel path."""
+    tile's MR rows (q's output channels) are mostly used, or by its pixel or pointwise path."""
     cdef int path = forward_path(q, dummy)
+    if path == PATH_POINTWISE:
+        return True
     if path == PATH_DIRECT:
         return mostly_used(q.K // q.G, round_up(q.K // q.G, CE_MR))
     return path == PATH_PIXELS
@@ -279,6 +310,9 @@ cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T)
         maxpix = round_up(upt * R * q.OW, CE_MR)
         return ((q.G * taps * Npad * Cg + T * (upt * Cg * window_rows(q, R) * window_width(q) + maxpix * Npad)) * isz
                 + taps * sizeof(Py_ssize_t) + T * (maxpix + CE_MR + taps * Cg) * ptr)
+    if path == PATH_POINTWISE:
+        NR = pick_nv((q.H * q.W + VL - 1) // VL) * VL
+        return q.G * Mpad * Kd * isz + T * ((CE_MR * NR + Cg * (BLOCK_TILES * NR + VL)) * isz + (Cg + CE_MR) * ptr)
     if path == PATH_DIRECT:
         Wp = padded_width(q)
         R = direct_rows(q, NC)
@@ -367,7 +401,8 @@ def conv2d_scratch_bytes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t 
 cdef dict path_names(const ConvGeom* p, floating dummy):
     """The strategy each conv2d direction takes for this geometry (grad_weight's direct path: for finite x)."""
     cdef ConvGeom q
-    names = {PATH_DIRECT: "direct", PATH_IM2COL: "im2col", PATH_PIXELS: "pixels", PATH_SMALLC: "smallc"}
+    names = {PATH_DIRECT: "direct", PATH_IM2COL: "im2col", PATH_PIXELS: "pixels", PATH_SMALLC: "smallc",
+             PATH_POINTWISE: "pointwise"}
     if is_depthwise(p):
         return {"forward": "depthwise", "grad_input": "depthwise", "grad_weight": "depthwise"}
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
