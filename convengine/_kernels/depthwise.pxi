@@ -3,6 +3,26 @@
 # zero-padded copy of the plane, vectorised along output rows. grad_weight sums a channel over all images in a
 # fixed order (16 interleaved lanes), so results do not depend on the thread count.
 
+cdef extern from "depthwise.h":
+    void ce_dw_sweep_f(const float* src, Py_ssize_t n, const Py_ssize_t* off, const float* w, Py_ssize_t taps,
+                       float bias, bint relu, bint affine, float sc, float sh, float* out) nogil
+    void ce_dw_sweep_d(const double* src, Py_ssize_t n, const Py_ssize_t* off, const double* w, Py_ssize_t taps,
+                       double bias, bint relu, bint affine, double sc, double sh, double* out) nogil
+
+
+cdef inline void dw_sweep(const floating* src, Py_ssize_t n, const Py_ssize_t* off, const floating* w,
+                          Py_ssize_t taps, floating bias, const Epilogue* e, Py_ssize_t k, floating* out) noexcept nogil:
+    """out[t] = the epilogue of channel k applied to bias + sum over taps i of w[i] * src[off[i] + t], t < n (the
+    sums held in registers over all taps: depthwise.h)."""
+    cdef bint affine = e.scale != NULL
+    cdef floating sc = (<const floating*>e.scale)[k] if affine else 1
+    cdef floating sh = (<const floating*>e.shift)[k] if affine else 0
+    if floating is float:
+        ce_dw_sweep_f(src, n, off, w, taps, bias, e.relu, affine, sc, sh, out)
+    else:
+        ce_dw_sweep_d(src, n, off, w, taps, bias, e.relu, affine, sc, sh, out)
+
+
 cdef inline bint is_depthwise(const ConvGeom* p) noexcept nogil:
     """Depthwise, with a padded plane of sane size (else the GEMM path, whose buffers do not grow with dilation)."""
     return (p.G == p.C and p.G == p.K and p.G > 1
@@ -33,24 +53,19 @@ cdef inline Py_ssize_t dw_slack(const ConvGeom* p) noexcept nogil:
 
 
 cdef void depthwise_plane_forward(const floating* xpad, const floating* w, floating bias, floating* y,
-                                  floating* ypad, const ConvGeom* p) noexcept nogil:
+                                  floating* ypad, const ConvGeom* p, const Py_ssize_t* off, const Epilogue* e,
+                                  Py_ssize_t c) noexcept nogil:
+    """Plane c's output y from its zero-padded copy xpad, with the epilogue (finish_in_place after it where the
+    stride is neither 1 nor 2)."""
     cdef Py_ssize_t Wp = dw_padded_w(p)
-    cdef Py_ssize_t oh, ow, kh, kw, t, n
+    cdef Py_ssize_t oh, ow, kh, kw
     cdef floating wv
     cdef floating* yrow
     cdef const floating* src
     if p.sh == 1 and p.sw == 1:
-        # stride 1: sweep each tap over all OH rows of padded width at once (one long vector loop instead of
-        # short rows with scalar tails), then crop the OW valid columns
-        n = p.OH * Wp
-        for t in range(n):
-            ypad[t] = bias
-        for kh in range(p.KH):
-            for kw in range(p.KW):
-                wv = w[kh * p.KW + kw]
-                src = xpad + kh * p.dh * Wp + kw * p.dw
-                for t in range(n):
-                    ypad[t] += wv * src[t]
+        # stride 1: every tap swept over all OH rows of padded width at once (off: the taps' offsets; one long
+        # vector loop instead of short rows with scalar tails), then the OW valid columns cropped
+        dw_sweep(xpad, p.OH * Wp, off, w, p.KH * p.KW, bias, e, c, ypad)
         for oh in range(p.OH):
             memcpy(y + oh * p.OW, ypad + oh * Wp, p.OW * sizeof(floating))
         return
@@ -68,6 +83,18 @@ cdef void depthwise_plane_forward(const floating* xpad, const floating* w, float
                 else:
                     for ow in range(p.OW):
                         yrow[ow] += wv * src[ow * p.sw]
+
+
+cdef void dw_tap_offsets(const ConvGeom* p, Py_ssize_t* off) noexcept nogil:
+    """off[kh*KW + kw] = where tap (kh, kw) starts reading in the forward's swept buffer: the padded plane at
+    stride 1, the tap's parity phase (phase_split) at stride 2; unused otherwise."""
+    cdef Py_ssize_t Wp = dw_padded_w(p), Hq = dw_phase_h(p), Wq = dw_phase_w(p), kh, kw
+    for kh in range(p.KH):
+        for kw in range(p.KW):
+            if dw_phased(p):
+                off[kh * p.KW + kw] = ((kh % 2) * 2 + kw % 2) * Hq * Wq + (kh // 2) * Wq + kw // 2
+            else:
+                off[kh * p.KW + kw] = kh * p.dh * Wp + kw * p.dw
 
 
 cdef inline bint dw_phased(const ConvGeom* p) noexcept nogil:
@@ -90,25 +117,16 @@ cdef inline Py_ssize_t dw_phased_len(const ConvGeom* p) noexcept nogil:
 
 
 cdef void depthwise_plane_forward_phased(const floating* x, const floating* w, floating bias, floating* y,
-                                         floating* xq, floating* ypad, const ConvGeom* p) noexcept nogil:
+                                         floating* xq, floating* ypad, const ConvGeom* p, const Py_ssize_t* off,
+                                         const Epilogue* e, Py_ssize_t c) noexcept nogil:
     """A stride-2 plane (see dw_phased): xq[(a*2 + b)*Hq*Wq + r*Wq + j] = padded x[2r + a, 2j + b], then for each
-    tap (kh, kw) one sweep over all OH rows of width Wq of phase (kh % 2, kw % 2) at offset (kh // 2, kw // 2), as
-    the stride-1 path does; the sums start from the bias and add the taps in (kh, kw) order, as the strided loop
-    did, so the results are the same."""
-    cdef Py_ssize_t Hq = dw_phase_h(p), Wq = dw_phase_w(p)
-    cdef Py_ssize_t oh, kh, kw, t
-    cdef Py_ssize_t n = p.OH * Wq
-    cdef floating wv
-    cdef const floating* src
+    tap (kh, kw) reads all OH rows of width Wq of phase (kh % 2, kw % 2) at offset (kh // 2, kw // 2) (off: see
+    dw_tap_offsets), swept as the stride-1 path does; the sums start from the bias and add the taps in (kh, kw)
+    order, as the strided loop did, so the results are the same."""
+    cdef Py_ssize_t Wq = dw_phase_w(p)
+    cdef Py_ssize_t oh
     phase_split(x, p, xq)
-    for t in range(n):
-        ypad[t] = bias
-    for kh in range(p.KH):
-        for kw in range(p.KW):
-            wv = w[kh * p.KW + kw]
-            src = xq + ((kh % 2) * 2 + kw % 2) * Hq * Wq + (kh // 2) * Wq + kw // 2
-            for t in range(n):
-                ypad[t] += wv * src[t]
+    dw_sweep(xq, p.OH * Wq, off, w, p.KH * p.KW, bias, e, c, ypad)
     for oh in range(p.OH):
         memcpy(y + oh * p.OW, ypad + oh * Wq, p.OW * sizeof(floating))
 
@@ -194,7 +212,13 @@ cdef int depthwise_forward(const floating* x, const floating* w, const Epilogue*
     cdef const floating* bias = <const floating*>e.bias
     cdef floating* xpad
     cdef floating* ypad
+    cdef Py_ssize_t* off
+    cdef bint swept = (p.sh == 1 and p.sw == 1) or dw_phased(p)     # the epilogue is applied in the sweep
     cdef int failed = 0
+    off = <Py_ssize_t*>malloc(KHW * sizeof(Py_ssize_t))
+    if off == NULL:
+        return -1
+    dw_tap_offsets(p, off)
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
@@ -211,17 +235,18 @@ cdef int depthwise_forward(const floating* x, const floating* w, const Epilogue*
             c = task % p.C
             if dw_phased(p):
                 depthwise_plane_forward_phased(x + task * HW, w + c * KHW, bias[c] if bias != NULL else 0,
-                                               y + task * OHW, xpad, ypad, p)
+                                               y + task * OHW, xpad, ypad, p, off, e, c)
             else:
                 pad_plane(x + task * HW, p, xpad)
                 depthwise_plane_forward(xpad, w + c * KHW, bias[c] if bias != NULL else 0, y + task * OHW, ypad,
-                                        p)
-            if e.relu or e.scale != NULL:
+                                        p, off, e, c)
+            if not swept and (e.relu or e.scale != NULL):
                 finish_in_place(y + task * OHW, OHW, e, c)
         free(xpad)
         free(ypad)
         fp_leave(fp)
     fp_resume(fps)
+    free(off)
     return -failed
 
 
