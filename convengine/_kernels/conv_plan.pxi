@@ -336,11 +336,18 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
     cdef int path
     cdef dict out = {}
     if is_depthwise(p):
-        out["forward"] = out["grad_input"] = out["grad_weight"] = T * (
+        # per thread a padded plane (or its phases) and a row buffer; the taps' offsets; grad_weight's lanes;
+        # grad_input at stride 1 is the forward of the transposed geometry on reversed taps
+        out["forward"] = out["grad_input"] = T * (
             max(dw_padded_h(p) * dw_padded_w(p) + dw_slack(p), dw_phased_len(p) if dw_phased(p) else 0)
-            + p.OH * dw_padded_w(p)) * isz
+            + p.OH * dw_padded_w(p)) * isz + taps * sizeof(Py_ssize_t)
+        out["grad_weight"] = out["forward"] + T * 16 * taps * isz
         if dw_phased(p):
-            out["forward"] = T * (dw_phased_len(p) + p.OH * dw_phase_w(p)) * isz
+            out["forward"] = T * (dw_phased_len(p) + p.OH * dw_phase_w(p)) * isz + taps * sizeof(Py_ssize_t)
+        if transposed_geometry(p, &q) and is_depthwise(&q):
+            out["grad_input"] = p.C * taps * isz + T * (
+                dw_padded_h(&q) * dw_padded_w(&q) + dw_slack(&q) + q.OH * dw_padded_w(&q)) * isz + (
+                taps * sizeof(Py_ssize_t))
         return out
     out["forward"] = forward_scratch(p, dummy, T)
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):

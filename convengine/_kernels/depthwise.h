@@ -55,4 +55,35 @@ static inline void NAME(const T* src, ptrdiff_t n, const ptrdiff_t* off, const T
 CE_DW_SWEEP(ce_dw_sweep_f, float, ce_vf)
 CE_DW_SWEEP(ce_dw_sweep_d, double, ce_vd)
 
+/* grad_weight's per-tap dot products of one plane, several taps per sweep:
+ * lanes[k*16 + j] += g[t] * src[off[k] + t] summed over t < n16 (n rounded down to 16) with t % 16 == j, in
+ * increasing t; then the tail t >= n16 into lanes[k*16 + t - n16]. This is the 16-lane order that the
+ * one-tap-per-sweep dot products had, so the bits are the same; but NK taps share each load of g and keep their
+ * lanes in registers (CE_DW_TAPDOT(.., 9): a 3x3 kernel in one sweep instead of nine). */
+#define CE_DW_TAPDOT(NAME, T, VT, NK)                                                                         \
+static inline void NAME(const T* g, const T* src, ptrdiff_t n, const ptrdiff_t* off, T* lanes)                 \
+{                                                                                                              \
+    enum { VL = CE_VBYTES / sizeof(T), NV = 16 / (CE_VBYTES / sizeof(T)) };                                    \
+    VT acc[NK][NV];                                                                                            \
+    VT gv[NV];                                                                                                 \
+    ptrdiff_t n16 = n / 16 * 16, t;                                                                            \
+    int k, v;                                                                                                  \
+    for (k = 0; k < NK; k++)                                                                                   \
+        for (v = 0; v < NV; v++) acc[k][v] = *(const VT*)(lanes + k * 16 + v * VL);                           \
+    for (t = 0; t < n16; t += 16) {                                                                            \
+        for (v = 0; v < NV; v++) gv[v] = *(const VT*)(g + t + v * VL);                                        \
+        for (k = 0; k < NK; k++)                                                                               \
+            for (v = 0; v < NV; v++) acc[k][v] += gv[v] * *(const VT*)(src + off[k] + t + v * VL);            \
+    }                                                                                                          \
+    for (k = 0; k < NK; k++)                                                                                   \
+        for (v = 0; v < NV; v++) *(VT*)(lanes + k * 16 + v * VL) = acc[k][v];                                 \
+    for (k = 0; k < NK; k++)                                                                                   \
+        for (t = n16; t < n; t++) lanes[k * 16 + t - n16] += g[t] * src[off[k] + t];                          \
+}
+
+CE_DW_TAPDOT(ce_dw_tapdot9_f, float, ce_vf, 9)
+CE_DW_TAPDOT(ce_dw_tapdot1_f, float, ce_vf, 1)
+CE_DW_TAPDOT(ce_dw_tapdot9_d, double, ce_vd, 9)
+CE_DW_TAPDOT(ce_dw_tapdot1_d, double, ce_vd, 1)
+
 #endif

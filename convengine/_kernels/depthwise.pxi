@@ -1,13 +1,54 @@
 # Depthwise conv2d (groups == in_channels == out_channels): one KH x KW filter per plane. As a GEMM it would be
 # a 1-row matrix in an MR-row tile; here each (image, channel) plane is one task that slides its filter over a
-# zero-padded copy of the plane, vectorised along output rows. grad_weight sums a channel over all images in a
-# fixed order (16 interleaved lanes), so results do not depend on the thread count.
+# zero-padded copy of the plane (stride 2: over its four parity phases), vectorised along output rows with the
+# sums of all taps held in registers (depthwise.h). grad_input at stride 1 is the forward of the transposed
+# geometry; grad_weight sums a channel over all images in a fixed order (16 interleaved lanes per tap), so
+# results do not depend on the thread count.
 
 cdef extern from "depthwise.h":
     void ce_dw_sweep_f(const float* src, Py_ssize_t n, const Py_ssize_t* off, const float* w, Py_ssize_t taps,
                        float bias, bint relu, bint affine, float sc, float sh, float* out) nogil
     void ce_dw_sweep_d(const double* src, Py_ssize_t n, const Py_ssize_t* off, const double* w, Py_ssize_t taps,
                        double bias, bint relu, bint affine, double sc, double sh, double* out) nogil
+    void ce_dw_tapdot9_f(const float* g, const float* src, Py_ssize_t n, const Py_ssize_t* off, float* lanes) nogil
+    void ce_dw_tapdot1_f(const float* g, const float* src, Py_ssize_t n, const Py_ssize_t* off, float* lanes) nogil
+    void ce_dw_tapdot9_d(const double* g, const double* src, Py_ssize_t n, const Py_ssize_t* off,
+                         double* lanes) nogil
+    void ce_dw_tapdot1_d(const double* g, const double* src, Py_ssize_t n, const Py_ssize_t* off,
+                         double* lanes) nogil
+
+
+cdef void tap_dots(const floating* g, const floating* src, Py_ssize_t n, const Py_ssize_t* off, Py_ssize_t taps,
+                   floating* lanes) noexcept nogil:
+    """lanes[16*k + j] += the sum over t < n, t % 16 == j of g[t] * src[off[k] + t] for every tap k, in increasing
+    t (a tail shorter than 16 into the first lanes), nine taps per sweep (depthwise.h). The caller zeroes the
+    lanes, sweeps a channel's planes image by image into them, and adds the lanes in order (lanes_total): a
+    fixed order that vectorises."""
+    cdef Py_ssize_t k
+    k = 0
+    while k < taps:
+        if floating is float:
+            if taps - k >= 9:
+                ce_dw_tapdot9_f(g, src, n, off + k, lanes + 16 * k)
+            else:
+                ce_dw_tapdot1_f(g, src, n, off + k, lanes + 16 * k)
+        else:
+            if taps - k >= 9:
+                ce_dw_tapdot9_d(g, src, n, off + k, lanes + 16 * k)
+            else:
+                ce_dw_tapdot1_d(g, src, n, off + k, lanes + 16 * k)
+        k = k + (9 if taps - k >= 9 else 1)
+
+
+cdef void lanes_total(const floating* lanes, Py_ssize_t taps, floating* dw) noexcept nogil:
+    """dw[k] += the 16 lanes of tap k, added in order."""
+    cdef Py_ssize_t k, j
+    cdef floating acc
+    for k in range(taps):
+        acc = 0
+        for j in range(16):
+            acc += lanes[16 * k + j]
+        dw[k] += acc
 
 
 cdef inline void dw_sweep(const floating* src, Py_ssize_t n, const Py_ssize_t* off, const floating* w,
@@ -292,7 +333,27 @@ cdef void depthwise_plane_grad_input(const floating* dy, const floating* w, floa
 
 cdef int depthwise_grad_input(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
                               int n_threads) noexcept nogil:
+    """dx = the input gradient. At stride 1, where the padding is within the kernel's reach, the forward of the
+    transposed geometry with each channel's taps reversed (its sweeps keep the sums in registers); otherwise
+    plane by plane, each tap scattering w * dY into a padded buffer."""
     cdef fpstate fp, fps
+    cdef ConvGeom q
+    cdef Epilogue none
+    cdef floating* wf
+    cdef Py_ssize_t c, t
+    cdef int rc
+    if transposed_geometry(p, &q) and is_depthwise(&q):
+        wf = <floating*>malloc(p.C * p.KH * p.KW * sizeof(floating))
+        if wf == NULL:
+            return -1
+        for c in range(p.C):
+            for t in range(p.KH * p.KW):
+                wf[c * p.KH * p.KW + p.KH * p.KW - 1 - t] = w[c * p.KH * p.KW + t]
+        none.bias = none.scale = none.shift = NULL
+        none.relu = False
+        rc = depthwise_forward(dy, wf, &none, dx, &q, n_threads)
+        free(wf)
+        return rc
     cdef Py_ssize_t HW = p.H * p.W, OHW = p.OH * p.OW, KHW = p.KH * p.KW
     cdef Py_ssize_t plen = dw_padded_h(p) * dw_padded_w(p)
     cdef Py_ssize_t task
@@ -318,23 +379,6 @@ cdef int depthwise_grad_input(const floating* dy, const floating* w, floating* d
         fp_leave(fp)
     fp_resume(fps)
     return -failed
-
-
-cdef floating lane_dot(const floating* a, const floating* b, Py_ssize_t n) noexcept nogil:
-    """sum(a[t] * b[t]) in 16 interleaved lanes, then the lanes in order: a fixed order that vectorises."""
-    cdef floating lanes[16]
-    cdef floating acc = 0
-    cdef Py_ssize_t t, j, n16 = n // 16 * 16
-    for j in range(16):
-        lanes[j] = 0
-    for t in range(0, n16, 16):
-        for j in range(16):
-            lanes[j] += a[t + j] * b[t + j]
-    for t in range(n16, n):
-        lanes[t - n16] += a[t] * b[t]
-    for j in range(16):
-        acc += lanes[j]
-    return acc
 
 
 cdef void plane_grad_weight(const floating* g, const floating* xpad, floating* dw, const ConvGeom* p) noexcept nogil:
@@ -369,11 +413,13 @@ cdef void plane_grad_weight(const floating* g, const floating* xpad, floating* d
 
 
 cdef void depthwise_channel_grad_weight(const floating* dy, const floating* x, Py_ssize_t c, floating* xpad,
-                                        floating* dyw, floating* dw, const ConvGeom* p) noexcept nogil:
+                                        floating* dyw, floating* dw, const ConvGeom* p, const Py_ssize_t* off,
+                                        floating* lanes) noexcept nogil:
     """dw[kh, kw] = sum over images and output pixels of dY * the tap's input, for channel c, image by image.
     Stride 1 with a finite plane (the usual case): dY laid out at padded width with zero columns, each tap one
-    long dot product with the padded plane. Otherwise, and for a plane holding inf or NaN (whose products with
-    those zero columns would not be zero), plane_grad_weight."""
+    long dot product with the padded plane, into 16 lanes per tap that run over all the images and are added up
+    once at the end (stride 2: the same with the plane's phases). Otherwise, and for a plane holding inf or NaN
+    (whose products with those zero columns would not be zero), plane_grad_weight adds into dw directly."""
     cdef Py_ssize_t Wp = dw_padded_w(p)
     cdef Py_ssize_t n = p.OH * Wp
     cdef Py_ssize_t b, kh, kw, oh
@@ -381,6 +427,8 @@ cdef void depthwise_channel_grad_weight(const floating* dy, const floating* x, P
     cdef const floating* xb
     for kh in range(p.KH * p.KW):
         dw[kh] = 0
+    for kh in range(16 * p.KH * p.KW):
+        lanes[kh] = 0
     for b in range(p.B):
         xb = x + (b * p.C + c) * p.H * p.W
         g = dy + (b * p.C + c) * p.OH * p.OW
@@ -388,10 +436,7 @@ cdef void depthwise_channel_grad_weight(const floating* dy, const floating* x, P
             # stride 2: each tap one long dot product of dY (at width Wq, zero columns) with its phase
             phase_split(xb, p, xpad)
             phased_rows(g, p, dyw)
-            for kh in range(p.KH):
-                for kw in range(p.KW):
-                    dw[kh * p.KW + kw] += lane_dot(dyw, xpad + ((kh % 2) * 2 + kw % 2) * dw_phase_h(p) * dw_phase_w(p)
-                                                   + (kh // 2) * dw_phase_w(p) + kw // 2, p.OH * dw_phase_w(p))
+            tap_dots(dyw, xpad, p.OH * dw_phase_w(p), off, p.KH * p.KW, lanes)
             continue
         pad_plane(xb, p, xpad)
         if p.sh != 1 or p.sw != 1 or not all_finite(xb, p.H * p.W):
@@ -400,9 +445,8 @@ cdef void depthwise_channel_grad_weight(const floating* dy, const floating* x, P
         for oh in range(p.OH):
             memcpy(dyw + oh * Wp, g + oh * p.OW, p.OW * sizeof(floating))
             memset(dyw + oh * Wp + p.OW, 0, (Wp - p.OW) * sizeof(floating))
-        for kh in range(p.KH):
-            for kw in range(p.KW):
-                dw[kh * p.KW + kw] += lane_dot(dyw, xpad + kh * p.dh * Wp + kw * p.dw, n)
+        tap_dots(dyw, xpad, n, off, p.KH * p.KW, lanes)
+    lanes_total(lanes, p.KH * p.KW, dw)
 
 
 cdef int depthwise_grad_weight(const floating* dy, const floating* x, floating* dw, floating* db,
@@ -412,21 +456,30 @@ cdef int depthwise_grad_weight(const floating* dy, const floating* x, floating* 
     cdef Py_ssize_t c
     cdef floating* xpad
     cdef floating* dyw
+    cdef floating* lanes
+    cdef Py_ssize_t* off
     cdef int failed = 0
+    off = <Py_ssize_t*>malloc(p.KH * p.KW * sizeof(Py_ssize_t))
+    if off == NULL:
+        return -1
+    dw_tap_offsets(p, off)
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
         xpad = <floating*>calloc(max(plen + dw_slack(p), dw_phased_len(p)), sizeof(floating))
         dyw = <floating*>malloc(p.OH * dw_padded_w(p) * sizeof(floating))
+        lanes = <floating*>malloc(16 * p.KH * p.KW * sizeof(floating))
         for c in prange(p.C, schedule='static'):
-            if xpad == NULL or dyw == NULL:
+            if xpad == NULL or dyw == NULL or lanes == NULL:
                 flag_failure(&failed)
                 continue
-            depthwise_channel_grad_weight(dy, x, c, xpad, dyw, dw + c * p.KH * p.KW, p)
+            depthwise_channel_grad_weight(dy, x, c, xpad, dyw, dw + c * p.KH * p.KW, p, off, lanes)
         free(xpad)
         free(dyw)
+        free(lanes)
         fp_leave(fp)
     fp_resume(fps)
+    free(off)
     if failed == 0 and db != NULL:
         grad_bias(dy, p, db, n_threads)
     return -failed
