@@ -18,6 +18,7 @@ Environment switches:
   CONVENGINE_BUILD_CACHE=DIR  where built modules are kept (default: build/module-cache beside setup.py);
                          CONVENGINE_BUILD_CACHE=0 turns the cache off
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -177,20 +179,44 @@ class ParallelCachedBuildExt(build_ext):
         cached = os.path.join(folder, key, os.path.basename(target)) if key else None
         if cached and os.path.isfile(cached):
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            shutil.copy2(cached, target)
+            # A fresh modification time (shutil.copy, not copy2): the entry keeps the time it was built, and a
+            # target older than the module it replaces is "up to date" to distutils' copies and checks, e.g. the
+            # copy to the source tree that `build_ext --inplace` makes, which then kept the module of the build
+            # before. Through a temporary file, so that a process that has the old module loaded keeps its own.
+            partial = f"{target}.{os.getpid()}.{threading.get_ident()}.partial"
+            shutil.copy(cached, partial)
+            os.replace(partial, target)
             os.utime(os.path.dirname(cached))  # recently used
             print(f"{ext.name}: reused the module built before ({cached})", flush=True)
             return
+        if cached:
+            # Not in the cache, so something that goes into the module changed, and what is there was built
+            # from something else. distutils would skip the build when the target is newer than the sources
+            # (a change of flags, macros or compiler leaves the generated C as it was) and that old module would
+            # go into the cache under the new key. With the target gone the module is compiled now, and only a module
+            # compiled in this run is stored.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(target)
         super().build_extension(ext)
         if cached and os.path.isfile(target):
             try:
                 os.makedirs(os.path.dirname(cached), exist_ok=True)
-                partial = f"{cached}.{os.getpid()}.partial"
+                partial = f"{cached}.{os.getpid()}.{threading.get_ident()}.partial"
                 shutil.copy2(target, partial)
                 os.replace(partial, cached)
                 prune(folder, CACHE_KEEP)
             except OSError as e:  # a cache that cannot be written costs the next build time, nothing else
                 print(f"{ext.name}: not cached ({e})", flush=True)
+
+    def copy_extensions_to_source(self):
+        """`--inplace`: the built modules into the source tree, always. setuptools copies with distutils' update
+        rule, which skips a destination that is not older than the source, and a module taken from the cache
+        may well be older than the one in place."""
+        force, self.force = self.force, True
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.force = force
 
 
 def prune(folder, keep):

@@ -39,24 +39,35 @@ def setup_module():
     return module
 
 
-def _build(setup_module, folder, answer, source=SOURCE, extensions=1):
-    """Build the tiny module (and extensions - 1 copies) with the cached build_ext; return (path, printed)."""
+def _build(setup_module, folder, answer, source=SOURCE, extensions=1, inplace=False):
+    """Build the tiny module (and extensions - 1 copies) with the cached build_ext; return (path, printed, cmd).
+    A source that is already there with the same text is left alone (as cythonize leaves the generated C). With
+    inplace, as `build_ext --inplace`: the module is copied to folder/src, and that is the path returned."""
     from setuptools import Distribution, Extension
     folder.mkdir(exist_ok=True)
     exts = []
     for i in range(extensions):
         name = "cachedmod" if i == 0 else f"cachedmod{i}"
-        (folder / f"{name}.c").write_text(source.replace("cachedmod", name))
-        exts.append(Extension(name, [str(folder / f"{name}.c")], define_macros=[("ANSWER", str(answer))]))
-    dist = Distribution({"name": "cachedmod", "ext_modules": exts})
+        c = folder / f"{name}.c"
+        text = source.replace("cachedmod", name)
+        if not c.exists() or c.read_text() != text:
+            c.write_text(text)
+        exts.append(Extension(name, [str(c)], define_macros=[("ANSWER", str(answer))]))
+    (folder / "src").mkdir(exist_ok=True)
+    dist = Distribution({"name": "cachedmod", "ext_modules": exts, "package_dir": {"": str(folder / "src")}})
     cmd = setup_module.ParallelCachedBuildExt(dist)
     cmd.build_lib = str(folder / "lib")
     cmd.build_temp = str(folder / "tmp")
+    cmd.inplace = inplace
     cmd.ensure_finalized()
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         cmd.run()
-    return Path(cmd.get_ext_fullpath("cachedmod")), buf.getvalue(), cmd
+    path = Path(cmd.get_ext_fullpath("cachedmod"))
+    if inplace:
+        path = folder / "src" / path.name
+        assert path.exists()
+    return path, buf.getvalue(), cmd
 
 
 def _answer(path):
@@ -82,6 +93,33 @@ def test_a_module_is_reused_only_when_nothing_changed(setup_module, tmp_path, mo
     monkeypatch.setenv("CFLAGS", "-DUNUSED_FLAG=1")
     path, printed, _ = _build(setup_module, tmp_path / "e", 42)
     assert "reused" not in printed and _answer(path) == 42
+
+
+def test_a_change_that_leaves_the_source_as_it_was_is_compiled_and_cached_as_built(setup_module, tmp_path,
+                                                                                   monkeypatch):
+    """Another macro (or flag, or compiler) in the same build folder: the generated C is as it was, older than
+    the module built before, which distutils would call up to date and keep; it must not go into the cache under
+    the new key either."""
+    monkeypatch.setenv("CONVENGINE_BUILD_CACHE", str(tmp_path / "cache"))
+    path, printed, _ = _build(setup_module, tmp_path / "a", 41)
+    assert _answer(path) == 41
+    path, printed, _ = _build(setup_module, tmp_path / "a", 42)
+    assert "reused" not in printed and _answer(path) == 42
+    # What the cache holds for 42 is the module built with 42.
+    path, printed, _ = _build(setup_module, tmp_path / "b", 42)
+    assert "cachedmod: reused the module built before" in printed and _answer(path) == 42
+
+
+def test_inplace_builds_take_the_module_they_reuse(setup_module, tmp_path, monkeypatch):
+    """`build_ext --inplace` after an edit, its undoing, the edit again, in one tree: each time the module in the
+    source tree is the one of the current source, also when it comes from the cache (whose entry is older than
+    the module in place: the copy to the source tree must not skip it as up to date)."""
+    monkeypatch.setenv("CONVENGINE_BUILD_CACHE", str(tmp_path / "cache"))
+    edited = SOURCE.replace("ANSWER)", "ANSWER + 1)")
+    for i, (source, expected) in enumerate([(SOURCE, 41), (edited, 42), (SOURCE, 41), (edited, 42), (SOURCE, 41)]):
+        time.sleep(0.05)  # distinct modification times, as builds a while apart
+        path, printed, _ = _build(setup_module, tmp_path / "tree", 41, source, inplace=True)
+        assert ("reused" in printed) == (i >= 2) and _answer(path) == expected, (i, printed)
 
 
 def test_cache_keeps_the_most_recently_used(setup_module, tmp_path, monkeypatch):
