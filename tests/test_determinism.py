@@ -82,6 +82,8 @@ PATH_CASES = [
     ((3, 3, 40, 32), (16, 3, 3, 3), dict(padding=1)),        # smallc: rows per task depend on the thread count
     ((1, 32, 8, 8), (72, 32, 1, 1), dict()),                  # pointwise: batch 1 splits channels by thread count
     ((2, 16, 30, 30), (24, 16, 1, 1), dict()),                # pointwise: several column blocks per plane
+    ((1, 16, 20, 20), (48, 16, 3, 3), dict(padding=1)),       # batch 1: direct and pixel paths split channels
+    ((1, 32, 8, 8), (64, 32, 3, 3), dict(padding=1)),
 ]
 
 

@@ -7,7 +7,7 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
     """Stride-1 forward without im2col. A task (image, group, block of R output rows) copies the R + (KH-1)*dh
     input rows it needs into a zero-padded buffer of width Wp; B row r = (c, kh, kw) is that buffer at the tap's
     offset, and output pixel (oh, ow) of the block is column (oh - oh0)*Wp + ow (columns ow >= OW are computed
-    and dropped)."""
+    and dropped). With few tasks (batch 1) each also takes a block of output channel panels (channel_blocks)."""
     cdef fpstate fp, fps
     cdef int nv = CE_NV
     cdef Py_ssize_t NR = tile_n(<floating>0)
@@ -21,7 +21,10 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
     cdef Py_ssize_t ncmax = round_up(R * Wp, NR)
     # panels read up to ncmax columns from a tap's start: slack after the last channel keeps them in bounds
     cdef Py_ssize_t xlen = Cg * rows_in * Wp + ncmax + (p.KW - 1) * p.dw
-    cdef Py_ssize_t task, b, g, rb, oh0, nrows, ncpad, k0, kc, ri
+    cdef Py_ssize_t mpanels = Mpad // CE_MR
+    cdef Py_ssize_t msplit = channel_blocks(p.B * p.G * nrb, mpanels, n_threads)
+    cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
+    cdef Py_ssize_t task, u, b, g, rb, oh0, nrows, ncpad, k0, kc, ri, ip0, ip1, kk0, nk
     cdef floating* xblk
     cdef floating* cbuf
     cdef const floating** brow
@@ -34,13 +37,18 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
         cbuf = <floating*>malloc(Mpad * ncmax * sizeof(floating))
         brow = <const floating**>malloc(Kd * sizeof(floating*))
         arow = <const floating**>malloc(Mpad * sizeof(floating*))
-        for task in prange(p.B * p.G * nrb, schedule='static'):
+        for task in prange(p.B * p.G * nrb * msplit, schedule='static'):
             if xblk == NULL or cbuf == NULL or brow == NULL or arow == NULL:
                 flag_failure(&failed)
                 continue
-            b = task // (p.G * nrb)
-            g = (task // nrb) % p.G
-            rb = task % nrb
+            u = task // msplit
+            ip0 = (task - u * msplit) * mchunk
+            ip1 = min(mpanels, ip0 + mchunk)
+            if ip0 >= ip1:
+                continue
+            b = u // (p.G * nrb)
+            g = (u // nrb) % p.G
+            rb = u % nrb
             oh0 = rb * R
             nrows = min(R, p.OH - oh0)
             ncpad = round_up(nrows * Wp, NR)
@@ -49,12 +57,14 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
             k0 = 0
             while k0 < Kd:
                 kc = min(KC, Kd - k0)
-                packed_a_table(arow, apack + g * Mpad * Kd + k0 * Mpad, Mpad // CE_MR, kc)
-                macro_kernel(Mpad // CE_MR, ncpad // NR, kc, arow, CE_MR, brow + k0, NR, cbuf, ncmax, k0 > 0, nv)
+                packed_a_table(arow, apack + g * Mpad * Kd + k0 * Mpad + ip0 * CE_MR * kc, ip1 - ip0, kc)
+                macro_kernel(ip1 - ip0, ncpad // NR, kc, arow, CE_MR, brow + k0, NR, cbuf, ncmax, k0 > 0, nv)
                 k0 = k0 + kc
+            kk0 = g * Kg + ip0 * CE_MR                     # the block's first output channel
+            nk = min(Kg, ip1 * CE_MR) - ip0 * CE_MR
             for ri in range(nrows):
-                store_rows(cbuf + ri * Wp, ncmax, Kg, p.OW, e, g * Kg,
-                           y + ((b * p.K + g * Kg) * p.OH + oh0 + ri) * p.OW, p.OH * p.OW)
+                store_rows(cbuf + ri * Wp, ncmax, nk, p.OW, e, kk0,
+                           y + ((b * p.K + kk0) * p.OH + oh0 + ri) * p.OW, p.OH * p.OW)
         free(xblk)
         free(cbuf)
         free(brow)
@@ -138,7 +148,7 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
 
     Tasks are (image, group, block of column panels, block of channel panels). Every output element is one
     micro-kernel sum over the same k blocks in the same order whichever task computes it, so the channel split
-    may follow the thread count (pointwise_channel_blocks): batch 1 splits its few pixels' channels."""
+    may follow the thread count (channel_blocks): batch 1 splits its few pixels' channels."""
     cdef fpstate fp, fps
     cdef Py_ssize_t VL = vlen(<floating>0)
     cdef Py_ssize_t P = p.H * p.W
@@ -150,7 +160,7 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
     cdef Py_ssize_t npanels = (P + NR - 1) // NR
     cdef Py_ssize_t nblocks = (npanels + BLOCK_TILES - 1) // BLOCK_TILES
     cdef Py_ssize_t units = p.B * p.G * nblocks
-    cdef Py_ssize_t msplit = pointwise_channel_blocks(units, mpanels, n_threads)
+    cdef Py_ssize_t msplit = channel_blocks(units, mpanels, n_threads)
     cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
     cdef Py_ssize_t task, u, b, g, nb, ms, jp, ip, q0, ncols, k, k0, kc, nrows, c, qb, ncb
     cdef bint full
@@ -238,7 +248,8 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
     rows, and points row i of A at pixel i's window origin plus the tap's offset; column c of A is then input
     channel c, a fixed stride away. Nothing is wasted (im2col copies KH*KW values per pixel; the direct path
     computes dropped columns), which matters for small images: a 4x4 image has 16 pixels and 8 dropped columns
-    per tap row in the direct path."""
+    per tap row in the direct path. With few tasks (batch 1) each also takes a block of the output channels'
+    column panels (channel_blocks)."""
     cdef fpstate fp, fps
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t T = p.KH * p.KW
@@ -257,7 +268,9 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
     cdef Py_ssize_t nunits = p.B * nrb
     cdef Py_ssize_t ntasks = (nunits + upt - 1) // upt
     cdef Py_ssize_t maxpix = round_up(upt * R * p.OW, CE_MR)
-    cdef Py_ssize_t task, g, u, u0, u1, b, oh0, nrows, npix, ro, ow, ip, t, i, k, q, n
+    cdef Py_ssize_t nsplit = channel_blocks(p.G * ntasks, npan, n_threads)
+    cdef Py_ssize_t nchunk = (npan + nsplit - 1) // nsplit
+    cdef Py_ssize_t task, g, u, u0, u1, b, oh0, nrows, npix, ro, ow, ip, t, i, k, q, n, j0, j1
     cdef floating* bpack
     cdef floating* xblk
     cdef floating* cbuf
@@ -287,15 +300,19 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
         pix = <const floating**>malloc(maxpix * sizeof(floating*))
         arow = <const floating**>malloc(CE_MR * sizeof(floating*))
         brow = <const floating**>malloc(T * Cg * sizeof(floating*))
-        for task in prange(p.G * ntasks, schedule='static'):
+        for task in prange(p.G * ntasks * nsplit, schedule='static'):
             if xblk == NULL or cbuf == NULL or pix == NULL or arow == NULL or brow == NULL:
                 flag_failure(&failed)
                 continue
-            g = task // ntasks
-            u0 = (task - g * ntasks) * upt
+            j0 = (task % nsplit) * nchunk                  # this task's column panels (output channels)
+            j1 = min(npan, j0 + nchunk)
+            if j0 >= j1:
+                continue
+            g = (task // nsplit) // ntasks
+            u0 = ((task // nsplit) - g * ntasks) * upt
             u1 = min(nunits, u0 + upt)
             for t in range(T):
-                row_table(brow + t * Cg, bpack + (g * T + t) * Npad * Cg, Cg, NR)
+                row_table(brow + t * Cg, bpack + ((g * T + t) * Npad + j0 * NR) * Cg, Cg, NR)
             npix = 0
             for u in range(u0, u1):
                 b = u // nrb
@@ -314,15 +331,15 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
                 for t in range(T):
                     for i in range(CE_MR):
                         arow[i] = pix[ip * CE_MR + i] + tapoff[t]
-                    macro_kernel(1, npan, Cg, arow, ld_c, brow + t * Cg, Cg * NR, cbuf + ip * CE_MR * Npad, Npad,
-                                 t > 0, nv)
+                    macro_kernel(1, j1 - j0, Cg, arow, ld_c, brow + t * Cg, Cg * NR, cbuf + ip * CE_MR * Npad + j0 * NR,
+                                 Npad, t > 0, nv)
             # y[b, g*Kg + k, oh0 + ro, ow] = epilogue of cbuf[q, k], unit by unit
             q = 0
             for u in range(u0, u1):
                 b = u // nrb
                 oh0 = (u - b * nrb) * R
                 n = min(R, p.OH - oh0) * p.OW
-                for k in range(Kg):
+                for k in range(j0 * NR, min(Kg, j1 * NR)):
                     store_span(cbuf + q * Npad + k, Npad, y + ((b * p.K + g * Kg + k) * p.OH + oh0) * p.OW, n, e,
                                g * Kg + k)
                 q = q + n

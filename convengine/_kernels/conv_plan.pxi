@@ -144,9 +144,10 @@ cdef inline bint use_pointwise(const ConvGeom* p, floating dummy) noexcept nogil
             and (p.C // p.G) <= MAX_DIRECT_SCRATCH // NR)
 
 
-cdef inline Py_ssize_t pointwise_channel_blocks(Py_ssize_t units, Py_ssize_t mpanels, int n_threads) noexcept nogil:
-    """Blocks of output channel panels per (image, group, column block) unit of the pointwise path: one while the
-    units give every thread four tasks, else enough blocks that they do (batch 1). Which task computes an element
+cdef inline Py_ssize_t channel_blocks(Py_ssize_t units, Py_ssize_t mpanels, int n_threads) noexcept nogil:
+    """Blocks of output channel panels per unit (image, group, block of rows or columns) of the pointwise, direct
+    and pixel paths: one while the units give every thread four tasks, else enough blocks that they do (batch 1:
+    a 16x16 image was one task of the pixel path, and its second thread idle). Which task computes an element
     never changes its sum, so this may follow the thread count."""
     if n_threads <= 1 or units >= 4 * n_threads:
         return 1
