@@ -333,6 +333,7 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
     cdef Py_ssize_t NR = tile_n(<floating>0), NC = block_columns(<floating>0), LD = NC + vlen(<floating>0)
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G, Kd = Cg * p.KH * p.KW, taps = p.KH * p.KW
     cdef Py_ssize_t KCmax = block_k(<floating>0), KC, Mpad, R, rows_in, ncmax, Wp, nchunks, Npad, nv, upt, maxpix
+    cdef Py_ssize_t VL = vlen(<floating>0)
     cdef ConvGeom q
     cdef int path
     cdef dict out = {}
@@ -344,10 +345,12 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
             + p.OH * dw_padded_w(p)) * isz + taps * sizeof(Py_ssize_t)
         out["grad_weight"] = out["forward"] + T * 16 * taps * isz
         if dw_phased(p):
-            out["forward"] = T * (dw_phased_len(p) + p.OH * dw_phase_w(p)) * isz + taps * sizeof(Py_ssize_t)
+            out["forward"] = T * (dw_phased_len(p) + p.OH * dw_phase_w(p) + 2 * VL) * isz + taps * sizeof(Py_ssize_t)
+        else:
+            out["forward"] += T * 2 * VL * isz
         if transposed_geometry(p, &q) and is_depthwise(&q):
             out["grad_input"] = p.C * taps * isz + T * (
-                dw_padded_h(&q) * dw_padded_w(&q) + dw_slack(&q) + q.OH * dw_padded_w(&q)) * isz + (
+                dw_padded_h(&q) * dw_padded_w(&q) + dw_slack(&q) + q.OH * dw_padded_w(&q) + 2 * VL) * isz + (
                 taps * sizeof(Py_ssize_t))
         return out
     out["forward"] = forward_scratch(p, dummy, T)

@@ -79,13 +79,23 @@ cdef inline Py_ssize_t dw_padded_w(const ConvGeom* p) noexcept nogil:
     return max(p.pl + p.W, (p.OW - 1) * p.sw + (p.KW - 1) * p.dw + 1)
 
 
-cdef void pad_plane(const floating* x, const ConvGeom* p, floating* out) noexcept nogil:
-    """out (Hp x Wp) = the H x W plane x at offset (pt, pl), zeros elsewhere."""
+cdef inline void copy_rows(const floating* src, Py_ssize_t src_stride, floating* dst, Py_ssize_t dst_stride,
+                           Py_ssize_t rows, Py_ssize_t n) noexcept nogil:
+    """dst row r = src row r (n values each): an inline loop, since a plane's rows are short (a libc memcpy call
+    per 16-value row cost about as much as the whole 3x3 sweep of the row)."""
+    cdef Py_ssize_t r, j
+    for r in range(rows):
+        for j in range(n):
+            dst[r * dst_stride + j] = src[r * src_stride + j]
+
+
+cdef void pad_plane(const floating* x, const ConvGeom* p, floating* out, bint clear=True) noexcept nogil:
+    """out (Hp x Wp) = the H x W plane x at offset (pt, pl), zeros elsewhere (clear=False: the border is already
+    zero, as in a buffer that only ever holds padded planes of this geometry)."""
     cdef Py_ssize_t Hp = dw_padded_h(p), Wp = dw_padded_w(p)
-    cdef Py_ssize_t ih
-    memset(out, 0, Hp * Wp * sizeof(floating))
-    for ih in range(p.H):
-        memcpy(out + (ih + p.pt) * Wp + p.pl, x + ih * p.W, p.W * sizeof(floating))
+    if clear:
+        memset(out, 0, Hp * Wp * sizeof(floating))
+    copy_rows(x, p.W, out + p.pt * Wp + p.pl, Wp, p.H, p.W)
 
 
 cdef inline Py_ssize_t dw_slack(const ConvGeom* p) noexcept nogil:
@@ -106,9 +116,8 @@ cdef void depthwise_plane_forward(const floating* xpad, const floating* w, float
     if p.sh == 1 and p.sw == 1:
         # stride 1: every tap swept over all OH rows of padded width at once (off: the taps' offsets; one long
         # vector loop instead of short rows with scalar tails), then the OW valid columns cropped
-        dw_sweep(xpad, p.OH * Wp, off, w, p.KH * p.KW, bias, e, c, ypad)
-        for oh in range(p.OH):
-            memcpy(y + oh * p.OW, ypad + oh * Wp, p.OW * sizeof(floating))
+        dw_sweep(xpad, round_up(p.OH * Wp, vlen(<floating>0)), off, w, p.KH * p.KW, bias, e, c, ypad)
+        copy_rows(ypad, Wp, y, p.OW, p.OH, p.OW)
         return
     for oh in range(p.OH):
         yrow = y + oh * p.OW
@@ -167,9 +176,8 @@ cdef void depthwise_plane_forward_phased(const floating* x, const floating* w, f
     cdef Py_ssize_t Wq = dw_phase_w(p)
     cdef Py_ssize_t oh
     phase_split(x, p, xq)
-    dw_sweep(xq, p.OH * Wq, off, w, p.KH * p.KW, bias, e, c, ypad)
-    for oh in range(p.OH):
-        memcpy(y + oh * p.OW, ypad + oh * Wq, p.OW * sizeof(floating))
+    dw_sweep(xq, round_up(p.OH * Wq, vlen(<floating>0)), off, w, p.KH * p.KW, bias, e, c, ypad)
+    copy_rows(ypad, Wq, y, p.OW, p.OH, p.OW)
 
 
 cdef void phase_split(const floating* x, const ConvGeom* p, floating* xq) noexcept nogil:
@@ -263,12 +271,14 @@ cdef int depthwise_forward(const floating* x, const floating* w, const Epilogue*
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
+        # the sweeps run in whole vectors (a scalar tail of 8 outputs x 9 taps cost as much as 64 outputs in
+        # vectors): the rounded-up outputs, never stored, read up to a vector past the plane, zeroed slack
         if dw_phased(p):
-            xpad = <floating*>malloc(dw_phased_len(p) * sizeof(floating))
-            ypad = <floating*>malloc(p.OH * dw_phase_w(p) * sizeof(floating))
+            xpad = <floating*>calloc(dw_phased_len(p) + vlen(<floating>0), sizeof(floating))
+            ypad = <floating*>malloc((p.OH * dw_phase_w(p) + vlen(<floating>0)) * sizeof(floating))
         else:
-            xpad = <floating*>calloc(plen + dw_slack(p), sizeof(floating))
-            ypad = <floating*>malloc(p.OH * dw_padded_w(p) * sizeof(floating))
+            xpad = <floating*>calloc(plen + dw_slack(p) + vlen(<floating>0), sizeof(floating))
+            ypad = <floating*>malloc((p.OH * dw_padded_w(p) + vlen(<floating>0)) * sizeof(floating))
         for task in prange(p.B * p.C, schedule='static'):
             if xpad == NULL or ypad == NULL:
                 flag_failure(&failed)
@@ -278,7 +288,7 @@ cdef int depthwise_forward(const floating* x, const floating* w, const Epilogue*
                 depthwise_plane_forward_phased(x + task * HW, w + c * KHW, bias[c] if bias != NULL else 0,
                                                y + task * OHW, xpad, ypad, p, off, e, c)
             else:
-                pad_plane(x + task * HW, p, xpad)
+                pad_plane(x + task * HW, p, xpad, False)     # xpad: calloc'd, its border stays zero
                 depthwise_plane_forward(xpad, w + c * KHW, bias[c] if bias != NULL else 0, y + task * OHW, ypad,
                                         p, off, e, c)
             if not swept and (e.relu or e.scale != NULL):
