@@ -80,6 +80,7 @@ PATH_CASES = [
     ((5, 40, 13, 11), (48, 40, 3, 3), dict(stride=2, padding=1)),
     ((3, 16, 40, 36), (32, 16, 3, 3), dict(padding=1)),
     ((3, 3, 40, 32), (16, 3, 3, 3), dict(padding=1)),        # smallc: rows per task depend on the thread count
+    ((3, 3, 32, 32), (32, 3, 3, 3), dict(stride=2, padding=1)),  # smallc, 16-pixel rows
     ((1, 32, 8, 8), (72, 32, 1, 1), dict()),                  # pointwise: batch 1 splits channels by thread count
     ((2, 16, 30, 30), (24, 16, 1, 1), dict()),                # pointwise: several column blocks per plane
     ((1, 16, 20, 20), (48, 16, 3, 3), dict(padding=1)),       # batch 1: direct and pixel paths split channels

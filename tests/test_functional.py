@@ -168,6 +168,7 @@ PATH_SHAPES = [
     ((2, 3, 9, 90), (10, 3, 3, 3), dict(stride=2, padding=1)),
     ((2, 4, 7, 59), (9, 4, 2, 4), dict(stride=(2, 1), padding=(1, 2))),
     ((3, 2, 12, 40), (5, 2, 3, 5), dict(padding=(1, 2))),
+    ((2, 3, 32, 32), (12, 3, 3, 3), dict(stride=2, padding=1)),     # 16-pixel rows: a one-vector tile on AVX-512
     # 1x1 kernels, the pointwise path: output channels past a whole tile, a last partial column panel, groups,
     # and a plane of several column blocks (copied) with a partial last panel
     ((2, 24, 8, 8), (36, 24, 1, 1), dict()),

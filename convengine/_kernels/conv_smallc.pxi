@@ -11,6 +11,29 @@
 # Each output value is one sum over its taps in (c, kh, kw) order whatever the tiling, so results do not depend on
 # the thread count or on how tasks split the rows.
 
+# The tile widths of the first-layer kernel: the GEMM's two, and one vector (a 16-pixel row of a stride-2 layer
+# on AVX-512, which the narrow tile padded to 32).
+cdef struct single_tile:
+    char unused
+ctypedef fused smallc_width:
+    wide_tile
+    narrow_tile
+    single_tile
+
+
+cdef inline int smallc_nv(Py_ssize_t OW, Py_ssize_t VL) noexcept nogil:
+    """Vectors per tile along an output row: the widest of CE_NV, CE_NV_ALT and 1 that pads OW least."""
+    cdef int best = CE_NV, nv, i
+    cdef Py_ssize_t padded, least = (OW + CE_NV * VL - 1) // (CE_NV * VL) * CE_NV * VL
+    for i in range(2):
+        nv = CE_NV_ALT if i == 0 else 1
+        padded = (OW + nv * VL - 1) // (nv * VL) * nv * VL
+        if padded < least:
+            best = nv
+            least = padded
+    return best
+
+
 cdef inline Py_ssize_t smallc_row_width(const ConvGeom* p, Py_ssize_t VL, int nv) noexcept nogil:
     """Columns per phase of a task's padded input rows: every tile of nv*VL outputs reads whole vectors inside."""
     cdef Py_ssize_t tiles = (p.OW + nv * VL - 1) // (nv * VL)
@@ -19,7 +42,7 @@ cdef inline Py_ssize_t smallc_row_width(const ConvGeom* p, Py_ssize_t VL, int nv
 
 cdef void smallc_tile(const float* xq, const Py_ssize_t* tapoff, Py_ssize_t taps, const float* wk,
                       const ConvGeom* p, const Epilogue* e, Py_ssize_t k0, Py_ssize_t nk, float* y,
-                      Py_ssize_t nvalid, tile_width* width) noexcept nogil:
+                      Py_ssize_t nvalid, smallc_width* width) noexcept nogil:
     """y[i*OH*OW + t] for channels k0 + i < k0 + nk (at most MR) and t < nvalid pixels of one output row: tap t
     reads xq (this tile's first input row and column) + tapoff[t]; wk holds the MR weights of each tap, zero past
     nk."""
@@ -36,10 +59,12 @@ cdef void smallc_tile(const float* xq, const Py_ssize_t* tapoff, Py_ssize_t taps
     cdef const float* scale = <const float*>e.scale
     cdef const float* shift = <const float*>e.shift
     cdef int nv
-    if tile_width is wide_tile:
+    if smallc_width is wide_tile:
         nv = CE_NV
-    else:
+    elif smallc_width is narrow_tile:
         nv = CE_NV_ALT
+    else:
+        nv = 1
     for i in range(CE_MR):
         for j in range(nv):
             acc[i][j] = ce_vf_zero()
@@ -81,7 +106,7 @@ cdef int conv2d_forward_smallc(const float* x, const float* w, const Epilogue* e
     """The first-layer forward (see the top of this file), float32. Returns -1 on allocation failure."""
     cdef fpstate fp, fps
     cdef Py_ssize_t VL = vlen(<float>0)
-    cdef int nv = pick_nv((p.OW + VL - 1) // VL)
+    cdef int nv = smallc_nv(p.OW, VL)
     cdef Py_ssize_t Wq = smallc_row_width(p, VL, nv)
     cdef Py_ssize_t taps = p.C * p.KH * p.KW
     cdef Py_ssize_t kblocks = (p.K + CE_MR - 1) // CE_MR
@@ -147,11 +172,16 @@ cdef int conv2d_forward_smallc(const float* x, const float* w, const Epilogue* e
                                         wpk + kb * taps * CE_MR, p, e, kb * CE_MR, min(CE_MR, p.K - kb * CE_MR),
                                         y + ((b * p.K + kb * CE_MR) * p.OH + oh0 + ro) * p.OW + ow0,
                                         min(nv * VL, p.OW - ow0), <wide_tile*>NULL)
-                        else:
+                        elif nv == CE_NV_ALT:
                             smallc_tile(xq + ro * p.sh * p.sw * Wq + ow0, tapoff, taps,
                                         wpk + kb * taps * CE_MR, p, e, kb * CE_MR, min(CE_MR, p.K - kb * CE_MR),
                                         y + ((b * p.K + kb * CE_MR) * p.OH + oh0 + ro) * p.OW + ow0,
                                         min(nv * VL, p.OW - ow0), <narrow_tile*>NULL)
+                        else:
+                            smallc_tile(xq + ro * p.sh * p.sw * Wq + ow0, tapoff, taps,
+                                        wpk + kb * taps * CE_MR, p, e, kb * CE_MR, min(CE_MR, p.K - kb * CE_MR),
+                                        y + ((b * p.K + kb * CE_MR) * p.OH + oh0 + ro) * p.OW + ow0,
+                                        min(nv * VL, p.OW - ow0), <single_tile*>NULL)
         free(xq)
         fp_leave(fp)
     fp_resume(fps)
@@ -163,7 +193,7 @@ cdef int conv2d_forward_smallc(const float* x, const float* w, const Epilogue* e
 cdef Py_ssize_t smallc_scratch(const ConvGeom* p, Py_ssize_t T) noexcept nogil:
     """Bytes conv2d_forward_smallc allocates with T threads (float32)."""
     cdef Py_ssize_t VL = vlen(<float>0)
-    cdef int nv = pick_nv((p.OW + VL - 1) // VL)
+    cdef int nv = smallc_nv(p.OW, VL)
     cdef Py_ssize_t R = smallc_rows(p, T)
     cdef Py_ssize_t rows_in = (R - 1) * p.sh + p.KH
     return (((p.K + CE_MR - 1) // CE_MR * p.C * p.KH * p.KW * CE_MR
