@@ -365,6 +365,28 @@ class _Plan:
         self.largest = max(math.prod(s) for s in self.shapes[1:])
 
 
+_IN_PLACE = object()      # an arena's mark for a step that writes over its input
+
+
+class _Arena:
+    """The two activation buffers of one call of a (per-sample shape, batch size), and each step's output in
+    them, worked out once: None for a step that returns a view, _IN_PLACE for one that writes over its input."""
+
+    def __init__(self, steps, plan, n, dtype):
+        self.buffers = [np.empty(n * plan.largest, dtype), np.empty(n * plan.largest, dtype)]
+        self.outs = []
+        where = None                          # which buffer the current activation is in (None: the caller's x)
+        for step, shape in zip(steps, plan.shapes[1:]):
+            if step.view:
+                self.outs.append(None)
+            elif step.in_place and where is not None:
+                self.outs.append(_IN_PLACE)
+            else:
+                where = 0 if where != 0 else 1
+                self.outs.append(self.buffers[where][:n * math.prod(shape)].reshape((n,) + shape))
+        self.holds_result = where is not None
+
+
 class FrozenModel:
     """An inference plan of a Sequential model (see the module docstring): `frozen(x)` or `frozen.predict(x,
     batch_size)` give what `model.predict(x)` gives, within float rounding, for NCHW arrays of the model's dtype.
@@ -407,7 +429,7 @@ class FrozenModel:
             free = self._arenas.setdefault(key, [])
             if free:
                 return free.pop()
-        return [np.empty(n * plan.largest, self.dtype), np.empty(n * plan.largest, self.dtype)]
+        return _Arena(self.steps, plan, n, self.dtype)
 
     def _give_arena(self, sample_shape, n, arena):
         with self._lock:
@@ -418,18 +440,9 @@ class FrozenModel:
         arena = self._take_arena(x.shape[1:], n, plan)
         try:
             current = np.ascontiguousarray(x)
-            where = None                          # which arena buffer holds `current` (None: the caller's x)
-            for step, prepared, shape in zip(self.steps, plan.prepared, plan.shapes[1:]):
-                if step.view:
-                    current = step.run(current, None, prepared)
-                    continue
-                if step.in_place and where is not None:
-                    current = step.run(current, current, prepared)
-                    continue
-                where = 0 if where != 0 else 1
-                out = arena[where][:n * math.prod(shape)].reshape((n,) + shape)
-                current = step.run(current, out, prepared)
-            return current.copy() if where is not None else np.array(current)
+            for step, prepared, out in zip(self.steps, plan.prepared, arena.outs):
+                current = step.run(current, current if out is _IN_PLACE else out, prepared)
+            return current.copy() if arena.holds_result else np.array(current)
         finally:
             self._give_arena(x.shape[1:], n, arena)
 
