@@ -157,6 +157,95 @@ cdef void ukernel_d(Py_ssize_t kc, const double** arow, Py_ssize_t a_cs, const d
                 (<vdouble*>(c + i * ldc + j * VL))[0] = acc[i][j]
 
 
+cdef void gemv_row_f(Py_ssize_t kc, const float* a, const float* b, Py_ssize_t ldb, Py_ssize_t n, float* c,
+                     bint accumulate, float* tail) noexcept nogil:
+    """c[j] (+)= sum over p < kc of a[p] * b[p*ldb + j], j < n: one row of A times a row-major B, read in place.
+    Each sum starts from zero and adds the products in increasing p, as the micro-kernel does for each element,
+    so a row comes out with the same bits as through the packed GEMM; but no MR-row tile is filled with copies of
+    one row (batch 1: 8x the work). tail: (kc + 1) * VL scratch for the last partial vector of columns."""
+    cdef vfloat acc[4]
+    cdef Py_ssize_t VL = CE_VBYTES // sizeof(float)
+    cdef Py_ssize_t j = 0, p, v
+    while j + 4 * VL <= n:
+        for v in range(4):
+            acc[v] = ce_vf_zero()
+        for p in range(kc):
+            for v in range(4):
+                acc[v] += a[p] * (<const vfloat*>(b + p * ldb + j + v * VL))[0]
+        for v in range(4):
+            if accumulate:
+                (<vfloat*>(c + j + v * VL))[0] += acc[v]
+            else:
+                (<vfloat*>(c + j + v * VL))[0] = acc[v]
+        j += 4 * VL
+    while j + VL <= n:
+        acc[0] = ce_vf_zero()
+        for p in range(kc):
+            acc[0] += a[p] * (<const vfloat*>(b + p * ldb + j))[0]
+        if accumulate:
+            (<vfloat*>(c + j))[0] += acc[0]
+        else:
+            (<vfloat*>(c + j))[0] = acc[0]
+        j += VL
+    if j < n:
+        # the last columns as one vector over a zero-padded copy (scalar sums did not round as the vector lanes)
+        for p in range(kc):
+            for v in range(VL):
+                tail[p * VL + v] = b[p * ldb + j + v] if j + v < n else 0
+        acc[0] = ce_vf_zero()
+        for p in range(kc):
+            acc[0] += a[p] * (<const vfloat*>(tail + p * VL))[0]
+        (<vfloat*>(tail + kc * VL))[0] = acc[0]
+        for v in range(n - j):
+            if accumulate:
+                c[j + v] += tail[kc * VL + v]
+            else:
+                c[j + v] = tail[kc * VL + v]
+
+
+cdef void gemv_row_d(Py_ssize_t kc, const double* a, const double* b, Py_ssize_t ldb, Py_ssize_t n, double* c,
+                     bint accumulate, double* tail) noexcept nogil:
+    """The float64 twin of gemv_row_f."""
+    cdef vdouble acc[4]
+    cdef Py_ssize_t VL = CE_VBYTES // sizeof(double)
+    cdef Py_ssize_t j = 0, p, v
+    while j + 4 * VL <= n:
+        for v in range(4):
+            acc[v] = ce_vd_zero()
+        for p in range(kc):
+            for v in range(4):
+                acc[v] += a[p] * (<const vdouble*>(b + p * ldb + j + v * VL))[0]
+        for v in range(4):
+            if accumulate:
+                (<vdouble*>(c + j + v * VL))[0] += acc[v]
+            else:
+                (<vdouble*>(c + j + v * VL))[0] = acc[v]
+        j += 4 * VL
+    while j + VL <= n:
+        acc[0] = ce_vd_zero()
+        for p in range(kc):
+            acc[0] += a[p] * (<const vdouble*>(b + p * ldb + j))[0]
+        if accumulate:
+            (<vdouble*>(c + j))[0] += acc[0]
+        else:
+            (<vdouble*>(c + j))[0] = acc[0]
+        j += VL
+    if j < n:
+        # the last columns as one vector over a zero-padded copy (scalar sums did not round as the vector lanes)
+        for p in range(kc):
+            for v in range(VL):
+                tail[p * VL + v] = b[p * ldb + j + v] if j + v < n else 0
+        acc[0] = ce_vd_zero()
+        for p in range(kc):
+            acc[0] += a[p] * (<const vdouble*>(tail + p * VL))[0]
+        (<vdouble*>(tail + kc * VL))[0] = acc[0]
+        for v in range(n - j):
+            if accumulate:
+                c[j + v] += tail[kc * VL + v]
+            else:
+                c[j + v] = tail[kc * VL + v]
+
+
 cdef void macro_kernel(Py_ssize_t mpanels, Py_ssize_t npanels, Py_ssize_t kc,
                        const floating** arow, Py_ssize_t a_cs, const floating** brow, Py_ssize_t b_panel,
                        floating* c, Py_ssize_t ldc, bint accumulate, int nv) noexcept nogil:
@@ -284,20 +373,15 @@ cdef int gemm_strided(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
             while k0 < K:
                 kc = min(KC, K - k0)
                 if unpacked:
-                    # a few rows (batch 1 inference): the micro-kernel reads A's rows and B's rows where they are,
-                    # rows past mc repeating row 0 (computed, never stored); only a last partial column panel is
-                    # packed. Each element is the same sum in the same order as with packing: the same bits.
-                    for i in range(CE_MR):
-                        arow[i] = a + (m0 + min(i, mc - 1)) * a_rs + k0
-                    nfull = nc // NR
-                    if nfull > 0:
-                        for i in range(kc):
-                            brow[i] = b + (k0 + i) * b_rs + n0
-                        macro_kernel(1, nfull, kc, arow, 1, brow, NR, cbuf, NC, k0 > 0, nv)
-                    if nfull < npanels:
-                        pack_b_strided(b + k0 * b_rs + n0 + nfull * NR, b_rs, 1, kc, nc - nfull * NR, NR, bpack)
-                        row_table(brow, bpack, kc, NR)
-                        macro_kernel(1, 1, kc, arow, 1, brow, NR * kc, cbuf + nfull * NR, NC, k0 > 0, nv)
+                    # a few rows (batch 1 inference): each row of C straight from A's row and B's rows where they
+                    # are, into C (gemv_row: the same sums in the same order as the packed path, the same bits)
+                    for i in range(mc):
+                        if floating is float:
+                            gemv_row_f(kc, a + (m0 + i) * a_rs + k0, b + k0 * b_rs + n0, b_rs, nc,
+                                       c + (m0 + i) * ldc + n0, k0 > 0, bpack)
+                        else:
+                            gemv_row_d(kc, a + (m0 + i) * a_rs + k0, b + k0 * b_rs + n0, b_rs, nc,
+                                       c + (m0 + i) * ldc + n0, k0 > 0, bpack)
                 else:
                     pack_a_strided(a + m0 * a_rs + k0 * a_cs, a_rs, a_cs, mc, kc, apack)
                     pack_b_strided(b + k0 * b_rs + n0 * b_cs, b_rs, b_cs, kc, nc, NR, bpack)
@@ -305,9 +389,10 @@ cdef int gemm_strided(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                     packed_a_table(arow, apack, mpanels, kc)
                     macro_kernel(mpanels, npanels, kc, arow, CE_MR, brow, NR * kc, cbuf, NC, k0 > 0, nv)
                 k0 = k0 + kc
-            for i in range(mc):
-                for j in range(nc):
-                    c[(m0 + i) * ldc + n0 + j] = cbuf[i * NC + j]
+            if not unpacked:
+                for i in range(mc):
+                    for j in range(nc):
+                        c[(m0 + i) * ldc + n0 + j] = cbuf[i * NC + j]
         free(apack)
         free(bpack)
         free(cbuf)
