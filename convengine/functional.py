@@ -12,7 +12,7 @@ from ._kernels import engine as _engine
 from ._threads import get_num_threads
 
 __all__ = ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
-           "relu", "relu_backward", "linear", "linear_backward", "batch_norm2d", "batch_norm2d_training",
+           "global_avg_pool2d", "relu", "relu_backward", "linear", "linear_backward", "batch_norm2d", "batch_norm2d_training",
            "batch_norm2d_backward"]
 
 
@@ -129,6 +129,16 @@ def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding
     _engine.avg_pool2d_backward(_contiguous(grad_out), grad_x, _pool_params(geom), count_include_pad,
                                 _threads_for(grad_x.size, _SERIAL_ELEMENTS))
     return grad_x
+
+
+def global_avg_pool2d(x):
+    """The mean of each feature map: (N, C, H, W) -> (N, C), for non-empty maps."""
+    _args.check_array(x, "x", 4)
+    if x.shape[2] * x.shape[3] == 0:
+        raise ValueError(f"global_avg_pool2d needs non-empty feature maps, got x shape {x.shape}")
+    out = _workspace.empty(x.shape[:2], dtype=x.dtype)
+    _engine.global_avg_pool2d_forward(np.ascontiguousarray(x), out, _threads_for(x.size, _SERIAL_ELEMENTS))
+    return out
 
 
 def relu(x):

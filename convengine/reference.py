@@ -234,6 +234,11 @@ def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding
 # Activation and fully connected layer
 # ---------------------------------------------------------------------------------------------------------------
 
+def global_avg_pool2d(x):
+    """The mean of each feature map: (N, C, H, W) -> (N, C)."""
+    return x.mean(axis=(2, 3))
+
+
 def relu(x):
     """max(x, 0) elementwise, any shape. NaN stays NaN."""
     check_array(x, "x")

@@ -587,3 +587,36 @@ def test_avg_pool2d_hypothesis(config, count_include_pad, dtype, seed):
     check_avg_pool2d(x, go_seed=seed, count_include_pad=count_include_pad, **params)
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# global_avg_pool2d: the compiled mean per plane (16 lanes, a tree, then the division)
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 2, 3, 5), (4, 8, 8, 8), (2, 5, 7, 7), (1, 3, 17, 13),
+                                   (2, 2, 33, 33), (0, 3, 4, 4), (3, 0, 2, 2)])
+def test_global_avg_pool2d_matches_reference(rng, shape, dtype):
+    x = randn(rng, shape, dtype) + 3          # an offset, so that a sum in the wrong order or count shows
+    got = F.global_avg_pool2d(x)
+    assert got.dtype == dtype and got.shape == shape[:2]
+    assert_close(got, R.global_avg_pool2d(x), "global_avg_pool2d")
+
+
+def test_global_avg_pool2d_takes_any_layout_and_keeps_nan_and_inf(rng):
+    x = randn(rng, (2, 3, 6, 5), np.float64)
+    view = np.asfortranarray(x)
+    assert_close(F.global_avg_pool2d(view), R.global_avg_pool2d(x), "global_avg_pool2d of a Fortran-ordered array")
+    x[0, 1, 2, 3] = np.nan
+    x[1, 2, 0, 0] = np.inf
+    got = F.global_avg_pool2d(x)
+    assert np.isnan(got[0, 1]) and got[1, 2] == np.inf
+    assert np.isfinite(np.delete(got.reshape(-1), [1, 5])).all()
+
+
+def test_global_avg_pool2d_refuses_bad_input():
+    with pytest.raises(ValueError, match="4-D"):
+        F.global_avg_pool2d(np.zeros((2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="non-empty"):
+        F.global_avg_pool2d(np.zeros((2, 3, 0, 4), np.float32))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        F.global_avg_pool2d(np.zeros((2, 3, 4, 4), np.int32))

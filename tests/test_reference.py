@@ -258,6 +258,13 @@ def test_avg_pool2d_matches_torch(torch, rng, kernel_size, stride, padding, ceil
     assert_close(gx, numpy(xt.grad), "grad_x")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_global_avg_pool2d_matches_torch(torch, rng, dtype):
+    x = randn(rng, (3, 4, 7, 5), dtype)
+    assert_close(R.global_avg_pool2d(x), numpy(torch.nn.functional.adaptive_avg_pool2d(tensor(torch, x), 1))[:, :, 0, 0],
+                 "global_avg_pool2d")
+
+
 @pytest.mark.parametrize("x_hw,kernel_size,stride,padding", [
     ((1, 1), 1, None, 0),
     ((1, 1), 2, 1, 1),
