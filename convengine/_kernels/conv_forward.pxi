@@ -152,7 +152,7 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
     cdef fpstate fp, fps
     cdef Py_ssize_t VL = vlen(<floating>0)
     cdef Py_ssize_t P = p.H * p.W
-    cdef int nv = pick_nv((P + VL - 1) // VL)
+    cdef int nv = pointwise_nv(P, VL)
     cdef Py_ssize_t NR = nv * VL
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)

@@ -151,6 +151,17 @@ cdef inline bint use_smallc(const ConvGeom* p, floating dummy) noexcept nogil:
             and p.OW >= VL and 7 * ((p.OW + tile - 1) // tile * tile) <= 8 * p.OW)
 
 
+cdef inline int pointwise_nv(Py_ssize_t P, Py_ssize_t VL) noexcept nogil:
+    """Vectors per tile row of the pointwise path for planes of P pixels: the wide tile while it pads P by at most
+    a sixteenth (its 3 loads per 8 broadcasts feed 24 FMAs, the narrow tile's 2 only 16: 64x64x32x32 -> 64 ran at
+    53 GFLOP/s narrow, 57 wide, Zen 4, 1 thread; 16x16 planes, padded by an eighth, ran faster narrow: 81 against
+    76), else the one that pads least (8x8 planes: 64 columns in 2 x 32, not 2 x 48)."""
+    cdef Py_ssize_t wide = CE_NV * VL
+    if 16 * P >= 15 * round_up(P, wide):
+        return CE_NV
+    return pick_nv((P + VL - 1) // VL)
+
+
 cdef inline bint use_pointwise(const ConvGeom* p, floating dummy) noexcept nogil:
     """Whether the pointwise path takes the shape: a 1x1 kernel at stride 1 without padding (the GEMM's B rows are
     then the input planes), planes that fill most of their column panels (a 4x4 plane would fill half of a
@@ -159,7 +170,7 @@ cdef inline bint use_pointwise(const ConvGeom* p, floating dummy) noexcept nogil
     direct and pixel paths and 55-64 on im2col."""
     cdef Py_ssize_t VL = vlen(<floating>0)
     cdef Py_ssize_t P = p.H * p.W
-    cdef Py_ssize_t NR = pick_nv((P + VL - 1) // VL) * VL
+    cdef Py_ssize_t NR = pointwise_nv(P, VL) * VL
     return (p.KH == 1 and p.KW == 1 and p.sh == 1 and p.sw == 1 and p.pt == 0 and p.pl == 0
             and p.OH == p.H and p.OW == p.W and mostly_used(P, round_up(P, NR))
             and (p.C // p.G) <= MAX_DIRECT_SCRATCH // NR)
@@ -336,7 +347,7 @@ cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T)
         return ((q.G * taps * Npad * Cg + T * (upt * Cg * window_rows(q, R) * window_width(q) + maxpix * Npad)) * isz
                 + taps * sizeof(Py_ssize_t) + T * (maxpix + CE_MR + taps * Cg) * ptr)
     if path == PATH_POINTWISE:
-        NR = pick_nv((q.H * q.W + VL - 1) // VL) * VL
+        NR = pointwise_nv(q.H * q.W, VL) * VL
         return q.G * Mpad * Kd * isz + T * ((CE_MR * NR + Cg * (BLOCK_TILES * NR + VL)) * isz + (Cg + CE_MR) * ptr)
     if path == PATH_DIRECT:
         Wp = padded_width(q)
