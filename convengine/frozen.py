@@ -76,14 +76,22 @@ class _Conv(_Step):
 
     def prepare(self, shape):
         geom = self._geometry(shape)
-        return _conv_params(geom), _args.flops_conv2d(geom), math.prod(shape) + math.prod(geom.out_shape[1:])
+        params = _conv_params(geom)
+        # the weights packed once for the kernel this shape takes (every call packed them again: 5-45 us per conv,
+        # much of a batch-1 call)
+        packed = None
+        length = _engine.conv2d_pack_length((1,) + tuple(shape), self.weight.shape, params, self.weight.itemsize)
+        if length:
+            buffer = np.empty(length, self.weight.dtype)
+            packed = (_engine.conv2d_pack((1,) + tuple(shape), self.weight, params, buffer), buffer)
+        return params, _args.flops_conv2d(geom), math.prod(shape) + math.prod(geom.out_shape[1:]), packed
 
     def run(self, x, out, prepared):
         # threads for enough arithmetic, or for enough memory traffic: a depthwise conv of a batch of 64 does
         # little arithmetic (9.4 MFLOP for 32 channels of 16x16) over 4 MB, and ran on one thread
-        params, flops, elements = prepared
+        params, flops, elements, packed = prepared
         n = max(_threads_for(flops * x.shape[0], _SERIAL_FLOPS), _threads_for(elements * x.shape[0], _SERIAL_ELEMENTS))
-        _engine.conv2d_forward(x, self.weight, self.bias, out, params, n, self.relu, self.scale, self.shift)
+        _engine.conv2d_forward(x, self.weight, self.bias, out, params, n, self.relu, self.scale, self.shift, packed)
         return out
 
 

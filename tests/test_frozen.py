@@ -324,3 +324,40 @@ def test_a_subclass_of_a_known_layer_runs_its_own_forward(rng):
     assert [step.describe() for step in frozen.steps] == ["DoubledConv", "BatchNorm2d+ReLU"]
     x = randn(rng, (2, 3, 8, 8), np.float32)
     np.testing.assert_allclose(frozen(x), model.forward(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["direct", "pixels", "im2col", "pointwise"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_weights_packed_once_give_the_same_bits_as_packing_per_call(path, dtype, rng):
+    """A frozen conv packs its weights once (conv2d_pack) for the path its shape takes; the forward with them must
+    be the very same computation as packing on each call, and weights packed for another path are not used."""
+    for x_shape, w_shape, padding, groups in [((3, 16, 12, 12), (24, 16, 3, 3), 1, 1),
+                                              ((2, 32, 8, 8), (36, 16, 3, 3), 1, 2),
+                                              ((2, 24, 8, 8), (40, 24, 1, 1), 0, 1)]:
+        x, w, b = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype), randn(rng, (w_shape[0],), dtype)
+        geom = conv2d_args(x, w, b, 1, padding, 1, groups)
+        params = _conv_params(geom)
+        engine.force_conv_path(path)
+        try:
+            length = engine.conv2d_pack_length((1,) + x_shape[1:], w_shape, params, x.itemsize)
+            assert length > 0
+            buffer = np.full(length, np.nan, dtype)
+            packed = (engine.conv2d_pack((1,) + x_shape[1:], w, params, buffer), buffer)
+            assert not np.isnan(buffer).any(), "conv2d_pack left part of its buffer unwritten"
+            want, got = np.empty(geom.out_shape, dtype), np.empty(geom.out_shape, dtype)
+            engine.conv2d_forward(x, w, b, want, params, 2, True)
+            engine.conv2d_forward(x, w, b, got, params, 2, True, None, None, packed)
+            assert_bitwise_equal(got, want, f"{path} {x_shape} {w_shape}")
+            # and they are what the kernel reads: zero weights leave relu(bias)
+            engine.conv2d_forward(x, w, b, got, params, 2, True, None, None, (packed[0], np.zeros_like(buffer)))
+            np.testing.assert_array_equal(got, np.broadcast_to(np.maximum(b, 0)[:, None, None], got.shape[1:])[None]
+                                          .repeat(got.shape[0], 0))
+            # packed for this path, used under another: ignored, not misread
+            engine.force_conv_path("im2col" if path != "im2col" else "direct")
+            engine.conv2d_forward(x, w, b, want, params, 2, True)
+            engine.conv2d_forward(x, w, b, got, params, 2, True, None, None, packed)
+            assert_bitwise_equal(got, want, f"{path} weights under another path, {x_shape} {w_shape}")
+        finally:
+            engine.force_conv_path("auto")
+        with pytest.raises(ValueError, match="another geometry"):
+            engine.conv2d_forward(x, w, b, got, params, 2, True, None, None, (packed[0], buffer[:-1]))

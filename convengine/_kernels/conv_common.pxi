@@ -66,21 +66,31 @@ cdef void im2col_block(const floating* x, const ConvGeom* p, Py_ssize_t g, Py_ss
             out[rr * ldo + t] = 0
 
 
-cdef int pack_weights(const floating* w, const ConvGeom* p, Py_ssize_t KC, floating** out) noexcept nogil:
+cdef inline Py_ssize_t packed_weights_len(const ConvGeom* p) noexcept nogil:
+    """Elements of pack_weights' result."""
+    return p.G * round_up(p.K // p.G, CE_MR) * (p.C // p.G) * p.KH * p.KW
+
+
+cdef void pack_weights_into(const floating* w, const ConvGeom* p, Py_ssize_t KC, floating* out) noexcept nogil:
     """Pack W[g] (Kg x Kd, all groups) into MR-row panels, in k-blocks of KC: block (g, k0) at g*Mpad*Kd + k0*Mpad."""
     cdef Py_ssize_t Kg = p.K // p.G
     cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
     cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
     cdef Py_ssize_t g, k0, kc
-    out[0] = <floating*>malloc(p.G * Mpad * Kd * sizeof(floating))
-    if out[0] == NULL:
-        return -1
     for g in range(p.G):
         k0 = 0
         while k0 < Kd:
             kc = min(KC, Kd - k0)
-            pack_a_strided(w + g * Kg * Kd + k0, Kd, 1, Kg, kc, out[0] + g * Mpad * Kd + k0 * Mpad)
+            pack_a_strided(w + g * Kg * Kd + k0, Kd, 1, Kg, kc, out + g * Mpad * Kd + k0 * Mpad)
             k0 += kc
+
+
+cdef int pack_weights(const floating* w, const ConvGeom* p, Py_ssize_t KC, floating** out) noexcept nogil:
+    """pack_weights_into a new buffer (out[0], the caller frees it); -1 when it cannot be allocated."""
+    out[0] = <floating*>malloc(packed_weights_len(p) * sizeof(floating))
+    if out[0] == NULL:
+        return -1
+    pack_weights_into(w, p, KC, out[0])
     return 0
 
 

@@ -239,8 +239,26 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
     return -failed
 
 
+cdef inline Py_ssize_t pixel_weights_len(const ConvGeom* p, floating dummy) noexcept nogil:
+    """Elements of the pixel path's packed weights (pack_pixel_weights)."""
+    cdef Py_ssize_t Kg = p.K // p.G, VL = vlen(<floating>0)
+    return p.G * p.KH * p.KW * round_up(Kg, pick_nv((Kg + VL - 1) // VL) * VL) * (p.C // p.G)
+
+
+cdef void pack_pixel_weights(const floating* w, const ConvGeom* p, floating* bpack) noexcept nogil:
+    """bpack[((g*T + t)*npan + jp)*Cg*NR + c*NR + j] = w[g*Kg + jp*NR + j, c, kh, kw], zero past Kg: the pixel
+    path's B operand, tap by tap."""
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G, T = p.KH * p.KW, VL = vlen(<floating>0)
+    cdef Py_ssize_t NR = pick_nv((Kg + VL - 1) // VL) * VL
+    cdef Py_ssize_t Npad = round_up(Kg, NR)
+    cdef Py_ssize_t g, t
+    for g in range(p.G):
+        for t in range(T):
+            pack_b_strided(w + g * Kg * Cg * T + t, T, Cg * T, Cg, Kg, NR, bpack + (g * T + t) * Npad * Cg)
+
+
 cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilogue* e, floating* y,
-                               const ConvGeom* p, int n_threads) noexcept nogil:
+                               const ConvGeom* p, int n_threads, const floating* prepacked) noexcept nogil:
     """Forward with output pixels as the GEMM's rows and output channels as its columns, for any stride:
     y^T (pixels x Kg) = sum over taps t = (kh, kw) of X_t (pixels x Cg) . W_t (Cg x Kg).
 
@@ -249,7 +267,7 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
     channel c, a fixed stride away. Nothing is wasted (im2col copies KH*KW values per pixel; the direct path
     computes dropped columns), which matters for small images: a 4x4 image has 16 pixels and 8 dropped columns
     per tap row in the direct path. With few tasks (batch 1) each also takes a block of the output channels'
-    column panels (channel_blocks)."""
+    column panels (channel_blocks). prepacked: pack_pixel_weights' result, or NULL to pack here."""
     cdef fpstate fp, fps
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t T = p.KH * p.KW
@@ -271,7 +289,8 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
     cdef Py_ssize_t nsplit = channel_blocks(p.G * ntasks, npan, n_threads)
     cdef Py_ssize_t nchunk = (npan + nsplit - 1) // nsplit
     cdef Py_ssize_t task, g, u, u0, u1, b, oh0, nrows, npix, ro, ow, ip, t, i, k, q, n, j0, j1
-    cdef floating* bpack
+    cdef const floating* bpack
+    cdef floating* owned = NULL
     cdef floating* xblk
     cdef floating* cbuf
     cdef floating* blk
@@ -280,18 +299,20 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
     cdef const floating** brow
     cdef Py_ssize_t* tapoff
     cdef int failed = 0
-    # B: bpack[((g*T + t)*npan + jp)*Cg*NR + c*NR + j] = w[g*Kg + jp*NR + j, c, kh, kw], zero past Kg
-    bpack = <floating*>malloc(p.G * T * Npad * Cg * sizeof(floating))
     tapoff = <Py_ssize_t*>malloc(T * sizeof(Py_ssize_t))
-    if bpack == NULL or tapoff == NULL:
-        free(bpack)
+    if prepacked == NULL:
+        owned = <floating*>malloc(pixel_weights_len(p, <floating>0) * sizeof(floating))
+    if tapoff == NULL or (prepacked == NULL and owned == NULL):
+        free(owned)
         free(tapoff)
         return -1
     for t in range(T):
         tapoff[t] = (t // p.KW) * p.dh * Wpad + (t % p.KW) * p.dw
-    for g in range(p.G):
-        for t in range(T):
-            pack_b_strided(w + g * Kg * Cg * T + t, T, Cg * T, Cg, Kg, NR, bpack + (g * T + t) * Npad * Cg)
+    if prepacked == NULL:
+        pack_pixel_weights(w, p, owned)
+        bpack = owned
+    else:
+        bpack = prepacked
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
@@ -350,14 +371,17 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
         free(brow)
         fp_leave(fp)
     fp_resume(fps)
-    free(bpack)
+    free(owned)
     free(tapoff)
     return -failed
 
 
 cdef int conv2d_forward_core(const floating* x, const floating* w, const Epilogue* e, floating* y,
-                             const ConvGeom* p, int n_threads) noexcept nogil:
-    """y = epilogue(conv2d(x, w)), all C-contiguous NCHW / KCRS. Returns -1 on allocation failure."""
+                             const ConvGeom* p, int n_threads, const floating* prepacked=NULL,
+                             int prepacked_path=PATH_AUTO) noexcept nogil:
+    """y = epilogue(conv2d(x, w)), all C-contiguous NCHW / KCRS. prepacked: the weights as conv2d_pack packed them
+    for path prepacked_path, used where the shape takes that path now (else packed here). Returns -1 on
+    allocation failure."""
     cdef Py_ssize_t NR = tile_n(<floating>0)
     cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
     cdef Py_ssize_t KC = balanced_block(Kd, block_k(<floating>0))
@@ -369,17 +393,24 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const Epilogu
     if floating is float:
         if use_smallc(p, <float>0):
             return conv2d_forward_smallc(x, w, e, y, p, n_threads)
+    cdef const floating* packed
     path = forward_path(p, <floating>0)
+    if prepacked_path != path:
+        prepacked = NULL
     if path == PATH_PIXELS:
-        return conv2d_forward_pixels(x, w, e, y, p, n_threads)
-    if pack_weights(w, p, KC, &apack):
+        return conv2d_forward_pixels(x, w, e, y, p, n_threads, prepacked)
+    if prepacked != NULL:
+        packed = prepacked
+    elif pack_weights(w, p, KC, &apack):
         return -1
-    if path == PATH_POINTWISE:
-        rc = conv2d_forward_pointwise(x, apack, KC, e, y, p, n_threads)
-    elif path == PATH_DIRECT:
-        rc = conv2d_forward_direct(x, apack, KC, e, y, p, n_threads)
     else:
-        rc = conv2d_forward_im2col(x, apack, KC, e, y, p, n_threads)
+        packed = apack
+    if path == PATH_POINTWISE:
+        rc = conv2d_forward_pointwise(x, packed, KC, e, y, p, n_threads)
+    elif path == PATH_DIRECT:
+        rc = conv2d_forward_direct(x, packed, KC, e, y, p, n_threads)
+    else:
+        rc = conv2d_forward_im2col(x, packed, KC, e, y, p, n_threads)
     free(apack)
     return rc
 
@@ -390,17 +421,27 @@ def conv2d_forward(const floating[:, :, :, ::1] x,        # IN  (B, C, H, W)
                    floating[:, :, :, ::1] out,            # OUT (B, K, OH, OW)
                    tuple params, int n_threads,
                    bint relu=False,                       # epilogue: max(., 0) after the bias
-                   scale=None, shift=None):               # IN  (K,) each or None: then * scale + shift
+                   scale=None, shift=None,                # IN  (K,) each or None: then * scale + shift
+                   packed=None):                          # IN  conv2d_pack's result for these weights, or None
     """params = (sh, sw, pad_top, pad_left, dh, dw, groups, OH, OW); shapes already validated. The epilogue (see
-    Epilogue) is applied as each output tile is stored."""
+    Epilogue) is applied as each output tile is stored. packed (a frozen plan's): the weights packed once by
+    conv2d_pack for this geometry, used where the shape still takes the path they were packed for."""
     cdef fpstate fp, fps
     cdef ConvGeom p
     cdef Epilogue e
     cdef const floating[::1] bias_v
     cdef const floating[::1] scale_v
     cdef const floating[::1] shift_v
+    cdef const floating[::1] packed_v
+    cdef const floating* prepacked = NULL
+    cdef int prepacked_path = PATH_AUTO
     cdef int rc
     fill_geom(&p, (x.shape[0], x.shape[1], x.shape[2], x.shape[3]), weight.shape[0], weight.shape[2], weight.shape[3], params)
+    if packed is not None:
+        prepacked_path, packed_v = packed
+        if packed_v.shape[0] != packed_length(&p, prepacked_path, <floating>0):
+            raise ValueError("conv2d: packed weights of another geometry")
+        prepacked = &packed_v[0]
     e.bias = e.scale = e.shift = NULL
     e.relu = relu
     if bias is not None:
@@ -419,7 +460,50 @@ def conv2d_forward(const floating[:, :, :, ::1] x,        # IN  (B, C, H, W)
         return
     with nogil:
         fp = fp_enter_call()
-        rc = conv2d_forward_core(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], &e, &out[0, 0, 0, 0], &p, n_threads)
+        rc = conv2d_forward_core(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], &e, &out[0, 0, 0, 0], &p, n_threads,
+                                 prepacked, prepacked_path)
         fp_leave_call(fp)
     if rc:
         raise MemoryError("conv2d: could not allocate packing buffers")
+
+
+cdef Py_ssize_t packed_length(const ConvGeom* p, int path, floating dummy) noexcept nogil:
+    """Elements of conv2d_pack's weights for path (0 for a path that packs none of its own)."""
+    if path == PATH_PIXELS:
+        return pixel_weights_len(p, dummy)
+    if path == PATH_POINTWISE or path == PATH_DIRECT or path == PATH_IM2COL:
+        return packed_weights_len(p)
+    return 0
+
+
+def conv2d_pack(tuple x_shape,                            # (B, C, H, W) of the inputs (any B)
+                const floating[:, :, :, ::1] weight,      # IN  (K, C/G, KH, KW)
+                tuple params,
+                floating[::1] out):                       # OUT conv2d_pack_length elements
+    """Pack the weights once, as the forward path of this geometry packs them on every call; returns that path,
+    to pass as conv2d_forward(..., packed=(path, out)). (A frozen plan's weights do not change: batch 1 paid 5-45
+    us per conv for packing them again.)"""
+    cdef ConvGeom p
+    cdef int path
+    fill_geom(&p, x_shape, weight.shape[0], weight.shape[2], weight.shape[3], params)
+    path = forward_path(&p, <floating>0)
+    if out.shape[0] != packed_length(&p, path, <floating>0) or out.shape[0] == 0:
+        raise ValueError("conv2d_pack: out has the wrong length (see conv2d_pack_length)")
+    if path == PATH_PIXELS:
+        pack_pixel_weights(&weight[0, 0, 0, 0], &p, &out[0])
+    else:
+        pack_weights_into(&weight[0, 0, 0, 0], &p, balanced_block((p.C // p.G) * p.KH * p.KW, block_k(<floating>0)),
+                          &out[0])
+    return path
+
+
+def conv2d_pack_length(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize):
+    """Elements of conv2d_pack's result for this geometry; 0 where the forward packs no weights worth keeping (a
+    depthwise conv, the first-layer path)."""
+    cdef ConvGeom p
+    fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
+    if is_depthwise(&p) or (itemsize == 4 and use_smallc(&p, <float>0)):
+        return 0
+    if itemsize == 4:
+        return packed_length(&p, forward_path(&p, <float>0), <float>0)
+    return packed_length(&p, forward_path(&p, <double>0), <double>0)
