@@ -86,4 +86,65 @@ CE_DW_TAPDOT(ce_dw_tapdot1_f, float, ce_vf, 1)
 CE_DW_TAPDOT(ce_dw_tapdot9_d, double, ce_vd, 9)
 CE_DW_TAPDOT(ce_dw_tapdot1_d, double, ce_vd, 1)
 
+/* Stride-2 depthwise: one input row into its two column phases, even[j] = prow[2j] and odd[j] = prow[2j + 1] for
+ * j < nq, where prow is the row zero-padded by pl columns on the left (zeros past its W values). On AVX-512:
+ * masked loads straight from the row (the masked-off lanes are the padding, read nothing and cannot fault), two-
+ * source permutes, masked stores of exactly nq values (the rows of a phase lie end to end). The strided scalar
+ * copy it replaces took three quarters of a stride-2 layer's time: 64x64x16x16 at batch 64, 1 thread, 1.01 ->
+ * 0.62 ms (Zen 4); a version through a zero-padded row buffer (memset + memcpy per row) was slower than the
+ * scalar copy. Elsewhere the scalar copy: returns 0 where it does not apply. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define CE_DW_SPLIT 1
+/* lanes l < n of a mask of nl lanes with lo <= base + l < hi */
+static inline unsigned ce_dw_lanes(ptrdiff_t base, ptrdiff_t lo, ptrdiff_t hi, int nl)
+{
+    ptrdiff_t first = lo - base, last = hi - base;
+    unsigned all = nl == 16 ? 0xFFFFu : 0xFFu;
+    if (first < 0) first = 0;
+    if (last > nl) last = nl;
+    if (last <= first) return 0;
+    return (all >> (nl - (last - first))) << first;
+}
+static inline int ce_dw_split_row_f(const float* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, float* even,
+                                    float* odd)
+{
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    ptrdiff_t j, k;
+    for (j = 0; j < nq; j += 16) {
+        k = 2 * j - pl;                          /* the input column of padded column 2j */
+        /* masked-off lanes read nothing (and cannot fault): the zero padding of both sides */
+        __m512 v0 = _mm512_maskz_loadu_ps((__mmask16)ce_dw_lanes(k, 0, W, 16), x + k);
+        __m512 v1 = _mm512_maskz_loadu_ps((__mmask16)ce_dw_lanes(k + 16, 0, W, 16), x + k + 16);
+        __mmask16 m = (__mmask16)ce_dw_lanes(j, 0, nq, 16);
+        _mm512_mask_storeu_ps(even + j, m, _mm512_permutex2var_ps(v0, ie, v1));
+        _mm512_mask_storeu_ps(odd + j, m, _mm512_permutex2var_ps(v0, io, v1));
+    }
+    return 1;
+}
+static inline int ce_dw_split_row_d(const double* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, double* even,
+                                    double* odd)
+{
+    const __m512i ie = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m512i io = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+    ptrdiff_t j, k;
+    for (j = 0; j < nq; j += 8) {
+        k = 2 * j - pl;
+        __m512d v0 = _mm512_maskz_loadu_pd((__mmask8)ce_dw_lanes(k, 0, W, 8), x + k);
+        __m512d v1 = _mm512_maskz_loadu_pd((__mmask8)ce_dw_lanes(k + 8, 0, W, 8), x + k + 8);
+        __mmask8 m = (__mmask8)ce_dw_lanes(j, 0, nq, 8);
+        _mm512_mask_storeu_pd(even + j, m, _mm512_permutex2var_pd(v0, ie, v1));
+        _mm512_mask_storeu_pd(odd + j, m, _mm512_permutex2var_pd(v0, io, v1));
+    }
+    return 1;
+}
+#else
+#define CE_DW_SPLIT 0
+static inline int ce_dw_split_row_f(const float* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, float* even,
+                                    float* odd) { (void)x; (void)W; (void)pl; (void)nq; (void)even; (void)odd; return 0; }
+static inline int ce_dw_split_row_d(const double* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, double* even,
+                                    double* odd) { (void)x; (void)W; (void)pl; (void)nq; (void)even; (void)odd; return 0; }
+#endif
+
 #endif

@@ -10,6 +10,11 @@ cdef extern from "depthwise.h":
                        float bias, bint relu, bint affine, float sc, float sh, float* out) nogil
     void ce_dw_sweep_d(const double* src, Py_ssize_t n, const Py_ssize_t* off, const double* w, Py_ssize_t taps,
                        double bias, bint relu, bint affine, double sc, double sh, double* out) nogil
+    int ce_dw_split_row_f(const float* x, Py_ssize_t W, Py_ssize_t pl, Py_ssize_t nq, float* even,
+                          float* odd) nogil
+    int ce_dw_split_row_d(const double* x, Py_ssize_t W, Py_ssize_t pl, Py_ssize_t nq, double* even,
+                          double* odd) nogil
+    enum: CE_DW_SPLIT
     void ce_dw_tapdot9_f(const float* g, const float* src, Py_ssize_t n, const Py_ssize_t* off, float* lanes) nogil
     void ce_dw_tapdot1_f(const float* g, const float* src, Py_ssize_t n, const Py_ssize_t* off, float* lanes) nogil
     void ce_dw_tapdot9_d(const double* g, const double* src, Py_ssize_t n, const Py_ssize_t* off,
@@ -186,7 +191,24 @@ cdef void phase_split(const floating* x, const ConvGeom* p, floating* xq) noexce
     cdef Py_ssize_t a, b, r, j, j0, j1, ih
     cdef floating* dst
     cdef const floating* src
+    cdef int done
     memset(xq, 0, dw_phased_len(p) * sizeof(floating))
+    if CE_DW_SPLIT:
+        # each input row split into its two column phases by vector permutes (depthwise.h); the rows of padding
+        # stay zero
+        for ih in range(p.H):
+            a = (ih + p.pt) % 2
+            r = (ih + p.pt) // 2
+            dst = xq + (a * 2) * Hq * Wq + r * Wq
+            if floating is float:
+                done = ce_dw_split_row_f(x + ih * p.W, p.W, p.pl, Wq, dst, dst + Hq * Wq)
+            else:
+                done = ce_dw_split_row_d(x + ih * p.W, p.W, p.pl, Wq, dst, dst + Hq * Wq)
+            if not done:
+                break
+        else:
+            return
+        memset(xq, 0, dw_phased_len(p) * sizeof(floating))
     for a in range(2):
         for r in range(Hq):
             ih = 2 * r + a - p.pt
