@@ -139,8 +139,46 @@ static inline int ce_dw_split_row_d(const double* x, ptrdiff_t W, ptrdiff_t pl, 
     }
     return 1;
 }
+/* The inverse, for the stride-2 grad_input: out[iw] = prow[iw + pl] for iw < W, where prow[2j] = even[j] and
+ * prow[2j + 1] = odd[j] (j < nq): two-source permutes interleave a vector of each, masked stores keep the row's
+ * W columns (the padding columns are never written). */
+static inline int ce_dw_merge_row_f(const float* even, const float* odd, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W,
+                                    float* out)
+{
+    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    ptrdiff_t j, k;
+    for (j = 0; j < nq; j += 16) {
+        __mmask16 m = (__mmask16)ce_dw_lanes(j, 0, nq, 16);
+        __m512 e = _mm512_maskz_loadu_ps(m, even + j), o = _mm512_maskz_loadu_ps(m, odd + j);
+        k = 2 * j - pl;                          /* the output column of padded column 2j */
+        _mm512_mask_storeu_ps(out + k, (__mmask16)ce_dw_lanes(k, 0, W, 16), _mm512_permutex2var_ps(e, lo, o));
+        _mm512_mask_storeu_ps(out + k + 16, (__mmask16)ce_dw_lanes(k + 16, 0, W, 16),
+                              _mm512_permutex2var_ps(e, hi, o));
+    }
+    return 1;
+}
+static inline int ce_dw_merge_row_d(const double* even, const double* odd, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W,
+                                    double* out)
+{
+    const __m512i lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+    const __m512i hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+    ptrdiff_t j, k;
+    for (j = 0; j < nq; j += 8) {
+        __mmask8 m = (__mmask8)ce_dw_lanes(j, 0, nq, 8);
+        __m512d e = _mm512_maskz_loadu_pd(m, even + j), o = _mm512_maskz_loadu_pd(m, odd + j);
+        k = 2 * j - pl;
+        _mm512_mask_storeu_pd(out + k, (__mmask8)ce_dw_lanes(k, 0, W, 8), _mm512_permutex2var_pd(e, lo, o));
+        _mm512_mask_storeu_pd(out + k + 8, (__mmask8)ce_dw_lanes(k + 8, 0, W, 8), _mm512_permutex2var_pd(e, hi, o));
+    }
+    return 1;
+}
 #else
 #define CE_DW_SPLIT 0
+static inline int ce_dw_merge_row_f(const float* even, const float* odd, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W,
+                                    float* out) { (void)even; (void)odd; (void)nq; (void)pl; (void)W; (void)out; return 0; }
+static inline int ce_dw_merge_row_d(const double* even, const double* odd, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W,
+                                    double* out) { (void)even; (void)odd; (void)nq; (void)pl; (void)W; (void)out; return 0; }
 static inline int ce_dw_split_row_f(const float* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, float* even,
                                     float* odd) { (void)x; (void)W; (void)pl; (void)nq; (void)even; (void)odd; return 0; }
 static inline int ce_dw_split_row_d(const double* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, double* even,

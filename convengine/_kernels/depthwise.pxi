@@ -14,6 +14,10 @@ cdef extern from "depthwise.h":
                           float* odd) nogil
     int ce_dw_split_row_d(const double* x, Py_ssize_t W, Py_ssize_t pl, Py_ssize_t nq, double* even,
                           double* odd) nogil
+    int ce_dw_merge_row_f(const float* even, const float* odd, Py_ssize_t nq, Py_ssize_t pl, Py_ssize_t W,
+                          float* out) nogil
+    int ce_dw_merge_row_d(const double* even, const double* odd, Py_ssize_t nq, Py_ssize_t pl, Py_ssize_t W,
+                          double* out) nogil
     enum: CE_DW_SPLIT
     void ce_dw_tapdot9_f(const float* g, const float* src, Py_ssize_t n, const Py_ssize_t* off, float* lanes) nogil
     void ce_dw_tapdot1_f(const float* g, const float* src, Py_ssize_t n, const Py_ssize_t* off, float* lanes) nogil
@@ -252,6 +256,14 @@ cdef void depthwise_plane_grad_input_phased(const floating* dy, const floating* 
                 dst[t] += wv * dyq[t]
     for ih in range(p.H):
         r = ih + p.pt
+        row = dxq + (((r % 2) * 2) * Hq + r // 2) * Wq
+        if CE_DW_SPLIT:
+            # the row's two column phases interleaved back by vector permutes (depthwise.h)
+            if floating is float:
+                ce_dw_merge_row_f(row, row + Hq * Wq, Wq, p.pl, p.W, dx + ih * p.W)
+            else:
+                ce_dw_merge_row_d(row, row + Hq * Wq, Wq, p.pl, p.W, dx + ih * p.W)
+            continue
         for b in range(2):
             # the columns iw of parity b in the padded plane: (iw + pl) % 2 == b
             row = dxq + (((r % 2) * 2 + b) * Hq + r // 2) * Wq
