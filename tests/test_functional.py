@@ -620,3 +620,32 @@ def test_global_avg_pool2d_refuses_bad_input():
         F.global_avg_pool2d(np.zeros((2, 3, 0, 4), np.float32))
     with pytest.raises(TypeError, match="float32 or float64"):
         F.global_avg_pool2d(np.zeros((2, 3, 4, 4), np.int32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# depthwise convs (groups == in == out channels: depthwise.pxi): stride 1 sweeps, stride 2 through the column
+# phases (rows split and merged by vector permutes on AVX-512), odd and even sizes, every padding side, rows of
+# several vectors
+
+DEPTHWISE_CASES = [
+    ((2, 5, 16, 16), 3, dict(stride=2, padding=1)),
+    ((2, 5, 17, 15), 3, dict(stride=2, padding=1)),
+    ((1, 3, 16, 16), 3, dict(stride=2, padding=0)),
+    ((2, 4, 9, 40), 3, dict(stride=2, padding=(1, 2))),
+    ((1, 4, 12, 70), 5, dict(stride=2, padding=2)),
+    ((2, 3, 8, 8), 2, dict(stride=2, padding=(0, 1))),
+    ((2, 3, 7, 33), 3, dict(stride=2, padding=(2, 0))),
+    ((2, 6, 8, 8), 3, dict(padding=1)),
+    ((1, 4, 16, 37), 5, dict(padding=2)),
+    ((2, 3, 11, 10), 3, dict(padding="same", dilation=2)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("x_shape,k,params", DEPTHWISE_CASES, ids=[f"{x}-{k}-{p}" for x, k, p in DEPTHWISE_CASES])
+def test_depthwise_conv2d_matches_reference(rng, x_shape, k, params, dtype):
+    C = x_shape[1]
+    x, w, b = randn(rng, x_shape, dtype), randn(rng, (C, 1, k, k), dtype), randn(rng, C, dtype)
+    assert conv_paths(x, w, dict(params, groups=C))["forward"] == "depthwise"
+    y = R.conv2d(x, w, b, groups=C, **params)
+    check_conv2d(x, w, b, randn(rng, y.shape, dtype), groups=C, **params)
