@@ -106,73 +106,56 @@ static inline unsigned ce_dw_lanes(ptrdiff_t base, ptrdiff_t lo, ptrdiff_t hi, i
     if (last <= first) return 0;
     return (all >> (nl - (last - first))) << first;
 }
-static inline int ce_dw_split_row_f(const float* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, float* even,
-                                    float* odd)
-{
-    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    ptrdiff_t j, k;
-    for (j = 0; j < nq; j += 16) {
-        k = 2 * j - pl;                          /* the input column of padded column 2j */
-        /* masked-off lanes read nothing (and cannot fault): the zero padding of both sides */
-        __m512 v0 = _mm512_maskz_loadu_ps((__mmask16)ce_dw_lanes(k, 0, W, 16), x + k);
-        __m512 v1 = _mm512_maskz_loadu_ps((__mmask16)ce_dw_lanes(k + 16, 0, W, 16), x + k + 16);
-        __mmask16 m = (__mmask16)ce_dw_lanes(j, 0, nq, 16);
-        _mm512_mask_storeu_ps(even + j, m, _mm512_permutex2var_ps(v0, ie, v1));
-        _mm512_mask_storeu_ps(odd + j, m, _mm512_permutex2var_ps(v0, io, v1));
-    }
-    return 1;
+/* One template per routine, instantiated for float (16 lanes) and double (8 lanes) below. */
+#define CE_DW_SPLIT_ROW(NAME, T, VEC, NL, MASK, LOADZ, STOREM, PERM, EVEN, ODD)                                \
+static inline int NAME(const T* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, T* even, T* odd)                   \
+{                                                                                                              \
+    const __m512i ie = EVEN, io = ODD;                                                                         \
+    ptrdiff_t j, k;                                                                                            \
+    for (j = 0; j < nq; j += NL) {                                                                             \
+        k = 2 * j - pl;                          /* the input column of padded column 2j */                    \
+        /* masked-off lanes read nothing (and cannot fault): the zero padding of both sides */                 \
+        VEC v0 = LOADZ((MASK)ce_dw_lanes(k, 0, W, NL), x + k);                                                 \
+        VEC v1 = LOADZ((MASK)ce_dw_lanes(k + NL, 0, W, NL), x + k + NL);                                       \
+        MASK m = (MASK)ce_dw_lanes(j, 0, nq, NL);                                                              \
+        STOREM(even + j, m, PERM(v0, ie, v1));                                                                 \
+        STOREM(odd + j, m, PERM(v0, io, v1));                                                                  \
+    }                                                                                                          \
+    return 1;                                                                                                  \
 }
-static inline int ce_dw_split_row_d(const double* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, double* even,
-                                    double* odd)
-{
-    const __m512i ie = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
-    const __m512i io = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
-    ptrdiff_t j, k;
-    for (j = 0; j < nq; j += 8) {
-        k = 2 * j - pl;
-        __m512d v0 = _mm512_maskz_loadu_pd((__mmask8)ce_dw_lanes(k, 0, W, 8), x + k);
-        __m512d v1 = _mm512_maskz_loadu_pd((__mmask8)ce_dw_lanes(k + 8, 0, W, 8), x + k + 8);
-        __mmask8 m = (__mmask8)ce_dw_lanes(j, 0, nq, 8);
-        _mm512_mask_storeu_pd(even + j, m, _mm512_permutex2var_pd(v0, ie, v1));
-        _mm512_mask_storeu_pd(odd + j, m, _mm512_permutex2var_pd(v0, io, v1));
-    }
-    return 1;
-}
+
 /* The inverse, for the stride-2 grad_input: out[iw] = prow[iw + pl] for iw < W, where prow[2j] = even[j] and
  * prow[2j + 1] = odd[j] (j < nq): two-source permutes interleave a vector of each, masked stores keep the row's
  * W columns (the padding columns are never written). */
-static inline int ce_dw_merge_row_f(const float* even, const float* odd, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W,
-                                    float* out)
-{
-    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    ptrdiff_t j, k;
-    for (j = 0; j < nq; j += 16) {
-        __mmask16 m = (__mmask16)ce_dw_lanes(j, 0, nq, 16);
-        __m512 e = _mm512_maskz_loadu_ps(m, even + j), o = _mm512_maskz_loadu_ps(m, odd + j);
-        k = 2 * j - pl;                          /* the output column of padded column 2j */
-        _mm512_mask_storeu_ps(out + k, (__mmask16)ce_dw_lanes(k, 0, W, 16), _mm512_permutex2var_ps(e, lo, o));
-        _mm512_mask_storeu_ps(out + k + 16, (__mmask16)ce_dw_lanes(k + 16, 0, W, 16),
-                              _mm512_permutex2var_ps(e, hi, o));
-    }
-    return 1;
+#define CE_DW_MERGE_ROW(NAME, T, VEC, NL, MASK, LOADZ, STOREM, PERM, LO, HI)                                    \
+static inline int NAME(const T* even, const T* odd, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W, T* out)           \
+{                                                                                                              \
+    const __m512i lo = LO, hi = HI;                                                                            \
+    ptrdiff_t j, k;                                                                                            \
+    for (j = 0; j < nq; j += NL) {                                                                             \
+        MASK m = (MASK)ce_dw_lanes(j, 0, nq, NL);                                                              \
+        VEC e = LOADZ(m, even + j), o = LOADZ(m, odd + j);                                                     \
+        k = 2 * j - pl;                          /* the output column of padded column 2j */                   \
+        STOREM(out + k, (MASK)ce_dw_lanes(k, 0, W, NL), PERM(e, lo, o));                                       \
+        STOREM(out + k + NL, (MASK)ce_dw_lanes(k + NL, 0, W, NL), PERM(e, hi, o));                             \
+    }                                                                                                          \
+    return 1;                                                                                                  \
 }
-static inline int ce_dw_merge_row_d(const double* even, const double* odd, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W,
-                                    double* out)
-{
-    const __m512i lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
-    const __m512i hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
-    ptrdiff_t j, k;
-    for (j = 0; j < nq; j += 8) {
-        __mmask8 m = (__mmask8)ce_dw_lanes(j, 0, nq, 8);
-        __m512d e = _mm512_maskz_loadu_pd(m, even + j), o = _mm512_maskz_loadu_pd(m, odd + j);
-        k = 2 * j - pl;
-        _mm512_mask_storeu_pd(out + k, (__mmask8)ce_dw_lanes(k, 0, W, 8), _mm512_permutex2var_pd(e, lo, o));
-        _mm512_mask_storeu_pd(out + k + 8, (__mmask8)ce_dw_lanes(k + 8, 0, W, 8), _mm512_permutex2var_pd(e, hi, o));
-    }
-    return 1;
-}
+
+CE_DW_SPLIT_ROW(ce_dw_split_row_f, float, __m512, 16, __mmask16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps,
+                _mm512_permutex2var_ps,
+                _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31))
+CE_DW_SPLIT_ROW(ce_dw_split_row_d, double, __m512d, 8, __mmask8, _mm512_maskz_loadu_pd, _mm512_mask_storeu_pd,
+                _mm512_permutex2var_pd, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14),
+                _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15))
+CE_DW_MERGE_ROW(ce_dw_merge_row_f, float, __m512, 16, __mmask16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps,
+                _mm512_permutex2var_ps,
+                _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+                _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31))
+CE_DW_MERGE_ROW(ce_dw_merge_row_d, double, __m512d, 8, __mmask8, _mm512_maskz_loadu_pd, _mm512_mask_storeu_pd,
+                _mm512_permutex2var_pd, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11),
+                _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15))
 #else
 #define CE_DW_SPLIT 0
 static inline int ce_dw_merge_row_f(const float* even, const float* odd, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W,
