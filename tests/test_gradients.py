@@ -28,6 +28,9 @@ CONV_GRAD_CASES = [
     dict(x=(2, 3, 4, 4), w=(6, 1, 3, 3), bias=True, padding=(2, 0), groups=3),
     dict(x=(1, 2, 9, 8), w=(2, 2, 3, 2), bias=True, stride=3, padding=3, dilation=2),
     dict(x=(2, 3, 3, 3), w=(2, 3, 1, 1), bias=False),
+    dict(x=(2, 8, 8, 8), w=(12, 8, 1, 1), bias=True),                        # the pointwise path
+    dict(x=(2, 4, 8, 9), w=(4, 1, 3, 3), bias=True, stride=2, padding=1, groups=4),   # depthwise, phases
+    dict(x=(1, 3, 7, 10), w=(3, 1, 5, 5), bias=False, padding=2, groups=3),   # depthwise, stride 1
 ]
 POOL_GRAD_CASES = [
     dict(x=(2, 2, 5, 6), kernel_size=2),
