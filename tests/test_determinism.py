@@ -83,6 +83,7 @@ PATH_CASES = [
     ((3, 3, 32, 32), (32, 3, 3, 3), dict(stride=2, padding=1)),  # smallc, 16-pixel rows
     ((1, 32, 8, 8), (72, 32, 1, 1), dict()),                  # pointwise: batch 1 splits channels by thread count
     ((2, 16, 30, 30), (24, 16, 1, 1), dict()),                # pointwise: several column blocks per plane
+    ((9, 36, 16, 17), (22, 36, 1, 1), dict()),                # pointwise grad_weight: chunks, partial tiles
     ((1, 16, 20, 20), (48, 16, 3, 3), dict(padding=1)),       # batch 1: direct and pixel paths split channels
     ((1, 32, 8, 8), (64, 32, 3, 3), dict(padding=1)),
 ]
