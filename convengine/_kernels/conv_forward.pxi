@@ -241,15 +241,14 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
 
 cdef inline Py_ssize_t pixel_weights_len(const ConvGeom* p, floating dummy) noexcept nogil:
     """Elements of the pixel path's packed weights (pack_pixel_weights)."""
-    cdef Py_ssize_t Kg = p.K // p.G, VL = vlen(<floating>0)
-    return p.G * p.KH * p.KW * round_up(Kg, pick_nv((Kg + VL - 1) // VL) * VL) * (p.C // p.G)
+    return p.G * p.KH * p.KW * round_up(p.K // p.G, output_panel_nv(p, dummy) * vlen(<floating>0)) * (p.C // p.G)
 
 
 cdef void pack_pixel_weights(const floating* w, const ConvGeom* p, floating* bpack) noexcept nogil:
     """bpack[((g*T + t)*npan + jp)*Cg*NR + c*NR + j] = w[g*Kg + jp*NR + j, c, kh, kw], zero past Kg: the pixel
     path's B operand, tap by tap."""
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G, T = p.KH * p.KW, VL = vlen(<floating>0)
-    cdef Py_ssize_t NR = pick_nv((Kg + VL - 1) // VL) * VL
+    cdef Py_ssize_t NR = output_panel_nv(p, <floating>0) * VL
     cdef Py_ssize_t Npad = round_up(Kg, NR)
     cdef Py_ssize_t g, t
     for g in range(p.G):
@@ -272,7 +271,7 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t T = p.KH * p.KW
     cdef Py_ssize_t VL = vlen(<floating>0)
-    cdef int nv = pick_nv((Kg + VL - 1) // VL)
+    cdef int nv = output_panel_nv(p, <floating>0)
     cdef Py_ssize_t NR = nv * VL
     cdef Py_ssize_t npan = (Kg + NR - 1) // NR
     cdef Py_ssize_t Npad = npan * NR
@@ -382,9 +381,7 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const Epilogu
     """y = epilogue(conv2d(x, w)), all C-contiguous NCHW / KCRS. prepacked: the weights as conv2d_pack packed them
     for path prepacked_path, used where the shape takes that path now (else packed here). Returns -1 on
     allocation failure."""
-    cdef Py_ssize_t NR = tile_n(<floating>0)
-    cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
-    cdef Py_ssize_t KC = balanced_block(Kd, block_k(<floating>0))
+    cdef Py_ssize_t KC = weight_block(p, <floating>0)
     cdef floating* apack = NULL
     cdef int rc
     cdef int path
@@ -492,8 +489,7 @@ def conv2d_pack(tuple x_shape,                            # (B, C, H, W) of the 
     if path == PATH_PIXELS:
         pack_pixel_weights(&weight[0, 0, 0, 0], &p, &out[0])
     else:
-        pack_weights_into(&weight[0, 0, 0, 0], &p, balanced_block((p.C // p.G) * p.KH * p.KW, block_k(<floating>0)),
-                          &out[0])
+        pack_weights_into(&weight[0, 0, 0, 0], &p, weight_block(&p, <floating>0), &out[0])
     return path
 
 

@@ -132,13 +132,24 @@ def force_conv_path(str name):
     forced_path = paths[name]
 
 
+cdef inline int output_panel_nv(const ConvGeom* p, floating dummy) noexcept nogil:
+    """Vectors per column panel of the pixel path, whose GEMM columns are a group's output channels (NR =
+    output_panel_nv * VL): the tile that pads them least."""
+    return pick_nv((p.K // p.G + vlen(<floating>0) - 1) // vlen(<floating>0))
+
+
+cdef inline Py_ssize_t weight_block(const ConvGeom* p, floating dummy) noexcept nogil:
+    """KC, the depth of the k blocks in which the forward packs W (pack_weights): the forward's kernels and a
+    frozen plan's weights packed once (conv2d_pack) must agree on it."""
+    return balanced_block((p.C // p.G) * p.KH * p.KW, block_k(<floating>0))
+
+
 cdef bint use_pixels(const ConvGeom* p, floating dummy) noexcept nogil:
     """Whether the pixel path can take the shape well: the output channels fill most of their NR-wide panels,
     each tap reduces over enough input channels to amortise the tile's load and store, and the padded rows of
     one unit stay small."""
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
-    cdef Py_ssize_t VL = vlen(<floating>0)
-    cdef Py_ssize_t NR = pick_nv((Kg + VL - 1) // VL) * VL
+    cdef Py_ssize_t NR = output_panel_nv(p, dummy) * vlen(<floating>0)
     if Cg < PIXEL_MIN_CHANNELS or not mostly_used(Kg, round_up(Kg, NR)):
         return False
     return Cg * window_rows(p, pixel_rows(p)) <= MAX_DIRECT_SCRATCH // window_width(p)
@@ -201,8 +212,6 @@ cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
     cdef Py_ssize_t NR = tile_n(<floating>0)
     cdef bint direct = use_direct(p, NR, block_columns(<floating>0))
     cdef bint pointwise = use_pointwise(p, dummy)
-    if forced_path == PATH_POINTWISE and pointwise:
-        return PATH_POINTWISE
     if forced_path == PATH_DIRECT and direct:
         return PATH_DIRECT
     if forced_path == PATH_IM2COL:
@@ -345,14 +354,14 @@ cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T)
     cdef Py_ssize_t isz = sizeof(floating), ptr = sizeof(void*)
     cdef Py_ssize_t NR = tile_n(<floating>0), NC = block_columns(<floating>0), LD = NC + vlen(<floating>0)
     cdef Py_ssize_t Cg = q.C // q.G, Kg = q.K // q.G, Kd = Cg * q.KH * q.KW, taps = q.KH * q.KW
-    cdef Py_ssize_t KC = balanced_block(Kd, block_k(<floating>0))
+    cdef Py_ssize_t KC = weight_block(q, dummy)
     cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
     cdef Py_ssize_t Wp, R, rows_in, ncmax, upt, maxpix, Npad, VL = vlen(<floating>0)
     cdef int path = forward_path(q, dummy)
     if use_smallc(q, dummy):
         return smallc_scratch(q, T)
     if path == PATH_PIXELS:
-        Npad = round_up(Kg, pick_nv((Kg + VL - 1) // VL) * VL)
+        Npad = round_up(Kg, output_panel_nv(q, dummy) * VL)
         R = pixel_rows(q)
         upt = units_per_task(q, R)
         maxpix = round_up(upt * R * q.OW, CE_MR)

@@ -92,7 +92,7 @@ CE_DW_TAPDOT(ce_dw_tapdot1_d, double, ce_vd, 1)
  * source permutes, masked stores of exactly nq values (the rows of a phase lie end to end). The strided scalar
  * copy it replaces took three quarters of a stride-2 layer's time: 64x64x16x16 at batch 64, 1 thread, 1.01 ->
  * 0.62 ms (Zen 4); a version through a zero-padded row buffer (memset + memcpy per row) was slower than the
- * scalar copy. Elsewhere the scalar copy: returns 0 where it does not apply. */
+ * scalar copy. Other ISAs keep the scalar copy (CE_DW_SPLIT 0). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define CE_DW_SPLIT 1
@@ -108,7 +108,7 @@ static inline unsigned ce_dw_lanes(ptrdiff_t base, ptrdiff_t lo, ptrdiff_t hi, i
 }
 /* One template per routine, instantiated for float (16 lanes) and double (8 lanes) below. */
 #define CE_DW_SPLIT_ROW(NAME, T, VEC, NL, MASK, LOADZ, STOREM, PERM, EVEN, ODD)                                \
-static inline int NAME(const T* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, T* even, T* odd)                   \
+static inline void NAME(const T* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, T* even, T* odd)                   \
 {                                                                                                              \
     const __m512i ie = EVEN, io = ODD;                                                                         \
     ptrdiff_t j, k;                                                                                            \
@@ -121,14 +121,13 @@ static inline int NAME(const T* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, T* e
         STOREM(even + j, m, PERM(v0, ie, v1));                                                                 \
         STOREM(odd + j, m, PERM(v0, io, v1));                                                                  \
     }                                                                                                          \
-    return 1;                                                                                                  \
 }
 
 /* The inverse, for the stride-2 grad_input: out[iw] = prow[iw + pl] for iw < W, where prow[2j] = even[j] and
  * prow[2j + 1] = odd[j] (j < nq): two-source permutes interleave a vector of each, masked stores keep the row's
  * W columns (the padding columns are never written). */
 #define CE_DW_MERGE_ROW(NAME, T, VEC, NL, MASK, LOADZ, STOREM, PERM, LO, HI)                                    \
-static inline int NAME(const T* even, const T* odd, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W, T* out)           \
+static inline void NAME(const T* even, const T* odd, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W, T* out)           \
 {                                                                                                              \
     const __m512i lo = LO, hi = HI;                                                                            \
     ptrdiff_t j, k;                                                                                            \
@@ -139,7 +138,6 @@ static inline int NAME(const T* even, const T* odd, ptrdiff_t nq, ptrdiff_t pl, 
         STOREM(out + k, (MASK)ce_dw_lanes(k, 0, W, NL), PERM(e, lo, o));                                       \
         STOREM(out + k + NL, (MASK)ce_dw_lanes(k + NL, 0, W, NL), PERM(e, hi, o));                             \
     }                                                                                                          \
-    return 1;                                                                                                  \
 }
 
 CE_DW_SPLIT_ROW(ce_dw_split_row_f, float, __m512, 16, __mmask16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps,
@@ -157,15 +155,12 @@ CE_DW_MERGE_ROW(ce_dw_merge_row_d, double, __m512d, 8, __mmask8, _mm512_maskz_lo
                 _mm512_permutex2var_pd, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11),
                 _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15))
 #else
+/* Other ISAs take the scalar copies in depthwise.pxi (CE_DW_SPLIT 0); these are never called. */
 #define CE_DW_SPLIT 0
-static inline int ce_dw_merge_row_f(const float* even, const float* odd, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W,
-                                    float* out) { (void)even; (void)odd; (void)nq; (void)pl; (void)W; (void)out; return 0; }
-static inline int ce_dw_merge_row_d(const double* even, const double* odd, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W,
-                                    double* out) { (void)even; (void)odd; (void)nq; (void)pl; (void)W; (void)out; return 0; }
-static inline int ce_dw_split_row_f(const float* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, float* even,
-                                    float* odd) { (void)x; (void)W; (void)pl; (void)nq; (void)even; (void)odd; return 0; }
-static inline int ce_dw_split_row_d(const double* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, double* even,
-                                    double* odd) { (void)x; (void)W; (void)pl; (void)nq; (void)even; (void)odd; return 0; }
+static inline void ce_dw_split_row_f(const float* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, float* e, float* o) {}
+static inline void ce_dw_split_row_d(const double* x, ptrdiff_t W, ptrdiff_t pl, ptrdiff_t nq, double* e, double* o) {}
+static inline void ce_dw_merge_row_f(const float* e, const float* o, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W, float* y) {}
+static inline void ce_dw_merge_row_d(const double* e, const double* o, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W, double* y) {}
 #endif
 
 #endif

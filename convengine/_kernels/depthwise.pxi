@@ -10,14 +10,14 @@ cdef extern from "depthwise.h":
                        float bias, bint relu, bint affine, float sc, float sh, float* out) nogil
     void ce_dw_sweep_d(const double* src, Py_ssize_t n, const Py_ssize_t* off, const double* w, Py_ssize_t taps,
                        double bias, bint relu, bint affine, double sc, double sh, double* out) nogil
-    int ce_dw_split_row_f(const float* x, Py_ssize_t W, Py_ssize_t pl, Py_ssize_t nq, float* even,
-                          float* odd) nogil
-    int ce_dw_split_row_d(const double* x, Py_ssize_t W, Py_ssize_t pl, Py_ssize_t nq, double* even,
-                          double* odd) nogil
-    int ce_dw_merge_row_f(const float* even, const float* odd, Py_ssize_t nq, Py_ssize_t pl, Py_ssize_t W,
-                          float* out) nogil
-    int ce_dw_merge_row_d(const double* even, const double* odd, Py_ssize_t nq, Py_ssize_t pl, Py_ssize_t W,
-                          double* out) nogil
+    void ce_dw_split_row_f(const float* x, Py_ssize_t W, Py_ssize_t pl, Py_ssize_t nq, float* even,
+                           float* odd) nogil
+    void ce_dw_split_row_d(const double* x, Py_ssize_t W, Py_ssize_t pl, Py_ssize_t nq, double* even,
+                           double* odd) nogil
+    void ce_dw_merge_row_f(const float* even, const float* odd, Py_ssize_t nq, Py_ssize_t pl, Py_ssize_t W,
+                           float* out) nogil
+    void ce_dw_merge_row_d(const double* even, const double* odd, Py_ssize_t nq, Py_ssize_t pl, Py_ssize_t W,
+                           double* out) nogil
     enum: CE_DW_SPLIT
     void ce_dw_tapdot9_f(const float* g, const float* src, Py_ssize_t n, const Py_ssize_t* off, float* lanes) nogil
     void ce_dw_tapdot1_f(const float* g, const float* src, Py_ssize_t n, const Py_ssize_t* off, float* lanes) nogil
@@ -195,7 +195,6 @@ cdef void phase_split(const floating* x, const ConvGeom* p, floating* xq) noexce
     cdef Py_ssize_t a, b, r, j, j0, j1, ih
     cdef floating* dst
     cdef const floating* src
-    cdef int done
     memset(xq, 0, dw_phased_len(p) * sizeof(floating))
     if CE_DW_SPLIT:
         # each input row split into its two column phases by vector permutes (depthwise.h); the rows of padding
@@ -205,14 +204,10 @@ cdef void phase_split(const floating* x, const ConvGeom* p, floating* xq) noexce
             r = (ih + p.pt) // 2
             dst = xq + (a * 2) * Hq * Wq + r * Wq
             if floating is float:
-                done = ce_dw_split_row_f(x + ih * p.W, p.W, p.pl, Wq, dst, dst + Hq * Wq)
+                ce_dw_split_row_f(x + ih * p.W, p.W, p.pl, Wq, dst, dst + Hq * Wq)
             else:
-                done = ce_dw_split_row_d(x + ih * p.W, p.W, p.pl, Wq, dst, dst + Hq * Wq)
-            if not done:
-                break
-        else:
-            return
-        memset(xq, 0, dw_phased_len(p) * sizeof(floating))
+                ce_dw_split_row_d(x + ih * p.W, p.W, p.pl, Wq, dst, dst + Hq * Wq)
+        return
     for a in range(2):
         for r in range(Hq):
             ih = 2 * r + a - p.pt
@@ -378,26 +373,12 @@ cdef void depthwise_plane_grad_input(const floating* dy, const floating* w, floa
 cdef int depthwise_grad_input(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
                               int n_threads) noexcept nogil:
     """dx = the input gradient. At stride 1, where the padding is within the kernel's reach, the forward of the
-    transposed geometry with each channel's taps reversed (its sweeps keep the sums in registers); otherwise
-    plane by plane, each tap scattering w * dY into a padded buffer."""
+    transposed geometry with each channel's taps reversed (conv2d_grad_input_direct, whose forward is this file's
+    register sweeps); otherwise plane by plane, each tap scattering w * dY into a padded buffer."""
     cdef fpstate fp, fps
     cdef ConvGeom q
-    cdef Epilogue none
-    cdef floating* wf
-    cdef Py_ssize_t c, t
-    cdef int rc
     if transposed_geometry(p, &q) and is_depthwise(&q):
-        wf = <floating*>malloc(p.C * p.KH * p.KW * sizeof(floating))
-        if wf == NULL:
-            return -1
-        for c in range(p.C):
-            for t in range(p.KH * p.KW):
-                wf[c * p.KH * p.KW + p.KH * p.KW - 1 - t] = w[c * p.KH * p.KW + t]
-        none.bias = none.scale = none.shift = NULL
-        none.relu = False
-        rc = depthwise_forward(dy, wf, &none, dx, &q, n_threads)
-        free(wf)
-        return rc
+        return conv2d_grad_input_direct(dy, w, dx, &q, n_threads)
     cdef Py_ssize_t HW = p.H * p.W, OHW = p.OH * p.OW, KHW = p.KH * p.KW
     cdef Py_ssize_t plen = dw_padded_h(p) * dw_padded_w(p)
     cdef Py_ssize_t task

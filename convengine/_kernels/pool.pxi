@@ -508,28 +508,8 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, OH,
     fp_resume(fps)
 
 
-# Global average pooling: each plane's mean. One plane is one task, so any thread count gives the same bits.
-
-cdef inline floating plane_mean(const floating* x, Py_ssize_t n) noexcept nogil:
-    """The mean of x[:n]: sums in 16 interleaved lanes (t % 16, in increasing t), the lanes added pairwise as a
-    tree (8 + 8, 4 + 4, 2 + 2, 1 + 1), then divided by n. A fixed order that vectorises; the tree keeps the last
-    additions off one serial chain (an 8x8 plane: 4 vector adds, then the reduction)."""
-    cdef floating lanes[16]
-    cdef Py_ssize_t t, j, n16 = n // 16 * 16, half
-    for j in range(16):
-        lanes[j] = 0
-    for t in range(0, n16, 16):
-        for j in range(16):
-            lanes[j] += x[t + j]
-    for t in range(n16, n):
-        lanes[t - n16] += x[t]
-    half = 8
-    while half > 0:
-        for j in range(half):
-            lanes[j] = lanes[j] + lanes[j + half]
-        half = half // 2
-    return lanes[0] / n
-
+# Global average pooling: each plane's mean, its sum in grad_bias's fixed 16-lane order (channel_sum) divided by
+# the count. One plane is one task, so any thread count gives the same bits.
 
 def global_avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W), H*W > 0
                               floating[:, ::1] out,             # OUT (B, C)
@@ -546,6 +526,6 @@ def global_avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, 
     with nogil, parallel(num_threads=n_threads):
         fp = fp_enter()
         for pl in prange(planes, schedule='static'):
-            ybase[pl] = plane_mean(xbase + pl * HW, HW)
+            ybase[pl] = channel_sum(xbase + pl * HW, 1, HW, HW) / HW
         fp_leave(fp)
     fp_resume(fps)
