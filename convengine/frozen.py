@@ -33,9 +33,10 @@ from .model import model_input
 __all__ = ["FrozenModel"]
 
 # A conv or linear step below this many FLOPs runs on one thread. Higher than functional's 4 MFLOP: a plan's steps
-# follow each other within microseconds, and with the passive OpenMP wait policy the second thread must be woken
-# for each (measured on AMD EPYC Zen 4, 2 vCPUs: the CIFAR-shaped net at batch 1, whose convs are 9.4 MFLOP and
-# split into one task, took 0.48 ms at 2 threads and 0.31 ms at 1).
+# follow each other within microseconds, longer than the OpenMP workers spin (_kernels.SPIN_COUNT), so the second
+# thread must be woken for each (measured on AMD EPYC Zen 4, 2 vCPUs: the CIFAR-shaped net at batch 1, whose convs
+# are 9.4 MFLOP and split into one task, took 0.48 ms at 2 threads and 0.31 ms at 1 under the passive policy; with
+# the short spin, 0.36 ms with a 4 MFLOP threshold and 0.27 ms with this one).
 _SERIAL_FLOPS = 16_000_000
 
 

@@ -160,10 +160,12 @@ def test_release_builds_carry_no_debug_information(setup_module):
     assert "-g0" in setup_module.BASE_CFLAGS and "-g" not in setup_module.BASE_CFLAGS
 
 
-def test_openmp_waits_passively_unless_the_user_says_otherwise():
-    """libgomp reads OMP_WAIT_POLICY once, when the engine module loads it: the kernels' passive policy must be in
-    force then (GOMP_SPINCOUNT 0), and gone from the environment afterwards; a user's own setting wins."""
-    code = "import os, convengine; print('left', os.environ.get('OMP_WAIT_POLICY'))"
+def test_openmp_spins_briefly_unless_the_user_says_otherwise():
+    """libgomp reads its spin count once, when the engine module loads it: the kernels' short spin
+    (_kernels.SPIN_COUNT) must be in force then, and gone from the environment afterwards; a user's own
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
+    from convengine import _kernels
+    code = "import os, convengine; print('left', os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["OMP_DISPLAY_ENV"] = "verbose"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__import__("convengine").__file__).parents[1]),
@@ -171,7 +173,11 @@ def test_openmp_waits_passively_unless_the_user_says_otherwise():
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     if "GOMP_SPINCOUNT" not in run.stderr:
         pytest.skip("not GNU OpenMP (libgomp)")
-    assert "GOMP_SPINCOUNT = '0'" in run.stderr and "left None" in run.stdout
-    env["OMP_WAIT_POLICY"] = "active"
+    assert f"GOMP_SPINCOUNT = '{_kernels.SPIN_COUNT}'" in run.stderr and "left None None" in run.stdout
+    env["OMP_WAIT_POLICY"] = "passive"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert "GOMP_SPINCOUNT = '0'" not in run.stderr and "left active" in run.stdout
+    assert "GOMP_SPINCOUNT = '0'" in run.stderr and "left None passive" in run.stdout
+    del env["OMP_WAIT_POLICY"]
+    env["GOMP_SPINCOUNT"] = "20000"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "GOMP_SPINCOUNT = '20000'" in run.stderr and "left 20000 None" in run.stdout
