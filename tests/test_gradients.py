@@ -95,7 +95,7 @@ def check_relu_gradients(mod, rng):
     assert_gradient(gx, lambda: float(np.sum(mod.relu(x) * v)), x, "relu x")
 
 
-BATCH_NORM_GRAD_SHAPES = [(3, 2, 2, 3), (2, 3, 1, 1), (1, 2, 4, 1)]
+BATCH_NORM_GRAD_SHAPES = [(3, 2, 2, 3), (2, 3, 1, 1), (1, 2, 4, 1), (2, 2, 4, 4), (2, 3, 4, 5)]  # last two: plane by plane
 
 
 def check_batch_norm2d_gradients(mod, shape, rng):
