@@ -51,6 +51,11 @@ class _Step:
     def prepare(self, shape):
         return None
 
+    def compile(self, program, prepared, shape, n, src, dst):
+        """Append this step for a batch of n inputs of per-sample shape `shape` to the compiled program (operands
+        src and dst, see _kernels/frozen.pxi), with the thread counts run() would use; False where it cannot."""
+        return False
+
 
 class _Conv(_Step):
     def __init__(self, weight, bias, stride, padding, dilation, groups, relu=False, scale=None, shift=None):
@@ -87,13 +92,24 @@ class _Conv(_Step):
             packed = (_engine.conv2d_pack((1,) + tuple(shape), self.weight, params, buffer), buffer)
         return params, _args.flops_conv2d(geom), math.prod(shape) + math.prod(geom.out_shape[1:]), packed
 
-    def run(self, x, out, prepared):
+    @staticmethod
+    def threads(prepared, n):
         # threads for enough arithmetic, or for enough memory traffic: a depthwise conv of a batch of 64 does
         # little arithmetic (9.4 MFLOP for 32 channels of 16x16) over 4 MB, and ran on one thread
-        params, flops, elements, packed = prepared
-        n = max(_threads_for(flops * x.shape[0], _SERIAL_FLOPS), _threads_for(elements * x.shape[0], _SERIAL_ELEMENTS))
-        _engine.conv2d_forward(x, self.weight, self.bias, out, params, n, self.relu, self.scale, self.shift, packed)
+        _, flops, elements, _ = prepared
+        return max(_threads_for(flops * n, _SERIAL_FLOPS), _threads_for(elements * n, _SERIAL_ELEMENTS))
+
+    def run(self, x, out, prepared):
+        params, _, _, packed = prepared
+        _engine.conv2d_forward(x, self.weight, self.bias, out, params, self.threads(prepared, x.shape[0]), self.relu,
+                               self.scale, self.shift, packed)
         return out
+
+    def compile(self, program, prepared, shape, n, src, dst):
+        params, _, _, packed = prepared
+        program.conv(src, dst, self.threads(prepared, n), (n,) + tuple(shape), self.weight, self.bias, params,
+                     self.relu, self.scale, self.shift, packed)
+        return True
 
 
 class _BatchNorm(_Step):
@@ -118,10 +134,14 @@ class _BatchNorm(_Step):
 
     def run(self, x, out, prepared):
         n = _threads_for(x.size, _SERIAL_ELEMENTS)
-        _engine.batch_norm2d_forward(x, self.gamma, self.beta, self.mean, self.var, False, self.eps, out, n)
-        if self.relu:
-            _engine.relu_forward(out.reshape(-1), out.reshape(-1), n)
+        _engine.batch_norm2d_forward(x, self.gamma, self.beta, self.mean, self.var, False, self.eps, out, n,
+                                     relu=self.relu)
         return out
+
+    def compile(self, program, prepared, shape, n, src, dst):
+        program.batch_norm(src, dst, _threads_for(n * math.prod(shape), _SERIAL_ELEMENTS), n, shape[0],
+                           math.prod(shape[1:]), self.gamma, self.beta, self.mean, self.var, self.eps, self.relu)
+        return True
 
 
 class _ReLU(_Step):
@@ -137,6 +157,11 @@ class _ReLU(_Step):
         flat = out.reshape(-1)
         _engine.relu_forward(x.reshape(-1), flat, _threads_for(x.size, _SERIAL_ELEMENTS))
         return out
+
+    def compile(self, program, prepared, shape, n, src, dst):
+        size = n * math.prod(shape)
+        program.relu(src, dst, _threads_for(size, _SERIAL_ELEMENTS), size)
+        return True
 
 
 class _Pool(_Step):
@@ -167,6 +192,11 @@ class _Pool(_Step):
             _engine.avg_pool2d_forward(x, out, params, self.count_include_pad, n)
         return out
 
+    def compile(self, program, params, shape, n, src, dst):
+        program.pool(src, dst, _threads_for(n * math.prod(shape), _SERIAL_ELEMENTS), self.kind == "max",
+                     n * shape[0], shape[1], shape[2], params, self.count_include_pad)
+        return True
+
 
 class _GlobalAvgPool(_Step):
     def describe(self):
@@ -179,6 +209,11 @@ class _GlobalAvgPool(_Step):
         # the compiled mean per plane (one plane a task: the same bits for any thread count)
         _engine.global_avg_pool2d_forward(x, out, _threads_for(x.size, _SERIAL_ELEMENTS))
         return out
+
+    def compile(self, program, prepared, shape, n, src, dst):
+        program.global_avg_pool(src, dst, _threads_for(n * math.prod(shape), _SERIAL_ELEMENTS), n * shape[0],
+                                shape[1] * shape[2])
+        return True
 
 
 class _Flatten(_Step):
@@ -218,6 +253,11 @@ class _Linear(_Step):
             flat = out.reshape(-1)
             _engine.relu_forward(flat, flat, _threads_for(out.size, _SERIAL_ELEMENTS))
         return out
+
+    def compile(self, program, prepared, shape, n, src, dst):
+        program.linear(src, dst, _threads_for(2 * n * self.weight_t.size, _SERIAL_FLOPS), n, self.weight_t,
+                       self.bias, self.relu, _threads_for(n * self.weight_t.shape[1], _SERIAL_ELEMENTS))
+        return True
 
 
 class _Layer(_Step):
@@ -376,11 +416,14 @@ _IN_PLACE = object()      # an arena's mark for a step that writes over its inpu
 
 class _Arena:
     """The two activation buffers of one call of a (per-sample shape, batch size), and each step's output in
-    them, worked out once: None for a step that returns a view, _IN_PLACE for one that writes over its input."""
+    them, worked out once: None for a step that returns a view, _IN_PLACE for one that writes over its input.
+    `program`: the steps compiled into one loop over these buffers (_kernels/frozen.pxi), or None where a step
+    cannot be (a layer run through its own forward); `result`: the final output's view of its buffer."""
 
     def __init__(self, steps, plan, n, dtype):
         self.buffers = [np.empty(n * plan.largest, dtype), np.empty(n * plan.largest, dtype)]
         self.outs = []
+        self.written = []                     # per step: the buffer its output is in (None: the caller's x)
         where = None                          # which buffer the current activation is in (None: the caller's x)
         for step, shape in zip(steps, plan.shapes[1:]):
             if step.view:
@@ -390,7 +433,29 @@ class _Arena:
             else:
                 where = 0 if where != 0 else 1
                 self.outs.append(self.buffers[where][:n * math.prod(shape)].reshape((n,) + shape))
+            self.written.append(where)
         self.holds_result = where is not None
+        self.result = self.buffers[where][:n * math.prod(plan.shapes[-1])].reshape((n,) + plan.shapes[-1]) \
+            if self.holds_result else None
+        self.program = self._compile(steps, plan, n, dtype) if self.holds_result else None
+
+    def _compile(self, steps, plan, n, dtype):
+        if not all(_compilable(a, dtype) for step in steps for a in vars(step).values() if isinstance(a, np.ndarray)):
+            return None
+        program = _engine.Program(np.dtype(dtype) == np.float64, n * math.prod(plan.shapes[0]), self.buffers)
+        operand = 0                           # 0: the caller's x; 1, 2: buffers[0], buffers[1]
+        for step, prepared, shape, out, where in zip(steps, plan.prepared, plan.shapes, self.outs, self.written):
+            if out is None:
+                continue
+            dst = where + 1
+            if not step.compile(program, prepared, shape, n, operand, dst):
+                return None
+            operand = dst
+        return program
+
+
+def _compilable(array, dtype):
+    return array.dtype == dtype and array.flags.c_contiguous
 
 
 class FrozenModel:
@@ -441,11 +506,17 @@ class FrozenModel:
         with self._lock:
             self._arenas[(sample_shape, n)].append(arena)
 
+    # False: run the steps one Python call each, as before the compiled loop (the tests compare the two)
+    compiled = True
+
     def _run(self, x, plan):
         n = x.shape[0]
         arena = self._take_arena(x.shape[1:], n, plan)
         try:
             current = np.ascontiguousarray(x)
+            if arena.program is not None and self.compiled:
+                arena.program.run(current)
+                return arena.result.copy()
             for step, prepared, out in zip(self.steps, plan.prepared, arena.outs):
                 current = step.run(current, current if out is _IN_PLACE else out, prepared)
             return current.copy() if arena.holds_result else np.array(current)

@@ -125,6 +125,47 @@ def test_frozen_matches_layer_by_layer_and_reference(pattern, dtype, rng):
     np.testing.assert_array_equal(frozen.predict(x, batch_size=2), got)
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_compiled_steps_give_the_bits_of_the_python_loop(pattern, dtype, batch, rng):
+    """The steps compiled into one loop (_kernels/frozen.pxi) call the same kernels with the same thread counts as
+    the Python loop over the steps: the same bits, on every pattern (only a layer run through its own forward, the
+    Sigmoid here, keeps the whole plan in Python)."""
+    make, _ = PATTERNS[pattern]
+    convengine.manual_seed(5)
+    model = randomise_batch_norms(convengine.Sequential(make(np.dtype(dtype).name)), rng)
+    frozen = model.freeze()
+    x = randn(rng, (batch, 3, 16, 16), dtype)
+    compiled = frozen(x)
+    (arena,) = frozen._arenas[((3, 16, 16), batch)]
+    assert (arena.program is None) == any(type(step).__name__ == "_Layer" for step in frozen.steps)
+    frozen.compiled = False
+    looped = frozen(x)
+    assert_bitwise_equal(compiled, looped)
+    assert np.max(np.abs(compiled - model.forward(x, training=False))) <= RTOL[dtype] * (np.max(np.abs(looped)) + 1)
+
+
+def test_compiled_program_checks_its_input_and_reports_scratch_failure(rng):
+    model = convengine.Sequential([Conv2d(3, 8, 3, padding=1), ReLU(), MaxPool2d(2), GlobalAvgPool2d(),
+                                   Linear(8, 4)])
+    frozen = model.freeze()
+    x = randn(rng, (2, 3, 16, 16), np.float32)
+    want = frozen(x)
+    (arena,) = frozen._arenas[((3, 16, 16), 2)]
+    with pytest.raises(ValueError, match="wrong size or dtype"):
+        arena.program.run(x[:1])
+    with pytest.raises(ValueError, match="wrong size or dtype"):
+        arena.program.run(x.astype(np.float64))
+    old = engine.fail_allocation_after(0)
+    try:
+        with pytest.raises(MemoryError):
+            frozen(x)
+    finally:
+        engine.fail_allocation_after(old)
+    assert_bitwise_equal(frozen(x), want)
+
+
 @pytest.mark.parametrize("path", ["direct", "pixels", "im2col", "pointwise"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("relu,affine", [(False, False), (True, False), (False, True), (True, True)])

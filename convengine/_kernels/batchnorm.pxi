@@ -327,6 +327,50 @@ cdef void backward_planes(const floating* g, const floating* x, const floating* 
         fp_leave(fp)
     fp_resume(fps)
 
+cdef int batch_norm2d_forward_core(const floating* x, floating* out, Py_ssize_t B, Py_ssize_t C, Py_ssize_t P,
+                                   const floating* weight, const floating* bias, floating* mean, floating* var,
+                                   bint training, floating eps, int relu, int n_threads) noexcept nogil:
+    """batch_norm2d_forward on raw pointers (also a frozen plan's step); -1 when scratch could not be allocated."""
+    cdef Py_ssize_t L = C * P
+    cdef Py_ssize_t c
+    cdef floating m = B * P
+    cdef floating* vecs
+    cdef floating* coef
+    if C == 0 or B * P == 0:
+        return 0
+    if P >= BN_PLANE:
+        vecs = <floating*>malloc(B * C * sizeof(floating))
+        coef = <floating*>malloc(C * sizeof(floating))
+        if vecs != NULL and coef != NULL:
+            forward_planes(x, out, B, C, P, mean, var, training, weight, bias, eps, relu, vecs, coef, n_threads)
+        free(vecs)
+        free(coef)
+        return 0 if vecs != NULL and coef != NULL else -1
+    vecs = <floating*>malloc(4 * L * sizeof(floating))
+    coef = <floating*>malloc(2 * C * sizeof(floating))
+    if vecs == NULL or coef == NULL:
+        free(vecs)
+        free(coef)
+        return -1
+    if training:
+        sum_images(x, NULL, NULL, NULL, B, C, P, 0, vecs + L, coef, n_threads, NULL, NULL)
+        for c in range(C):
+            mean[c] = coef[c] / m
+        expand(mean, C, P, vecs)
+        sum_images(x, NULL, vecs, NULL, B, C, P, 1, vecs + L, coef, n_threads, NULL, NULL)
+        for c in range(C):
+            var[c] = coef[c] / m
+    for c in range(C):
+        coef[c] = weight[c] * inv_std_of(var[c], eps)
+    expand(mean, C, P, vecs)
+    expand(coef, C, P, vecs + L)
+    expand(bias, C, P, vecs + 2 * L)
+    map_images(x, NULL, out, vecs, B, L, relu, NULL, n_threads)
+    free(vecs)
+    free(coef)
+    return 0
+
+
 def batch_norm2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
                          const floating[::1] weight,       # IN  (C,)
                          const floating[::1] bias,         # IN  (C,)
@@ -338,55 +382,18 @@ def batch_norm2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
                          bint relu=False):                 # then max(., 0): batch norm and ReLU fused
     """out = (x - mean) * (weight / sqrt(var + eps)) + bias per channel (then max(out, 0) with relu); with training,
     mean and var are first computed from x (var biased) and written."""
-    cdef fpstate fp, fps
+    cdef fpstate fp
     cdef Py_ssize_t B = x.shape[0], C = x.shape[1], P = x.shape[2] * x.shape[3]
-    cdef Py_ssize_t L = C * P
-    cdef Py_ssize_t c
-    cdef floating m = B * P
-    cdef floating* vecs
-    cdef floating* coef
+    cdef int rc
     if C == 0 or B * P == 0:
         return
-    if P >= BN_PLANE:
-        vecs = <floating*>malloc(B * C * sizeof(floating))
-        coef = <floating*>malloc(C * sizeof(floating))
-        if vecs == NULL or coef == NULL:
-            free(vecs)
-            free(coef)
-            raise MemoryError("batch_norm2d: could not allocate scratch")
-        with nogil:
-            fp = fp_enter_call()
-            forward_planes(&x[0, 0, 0, 0], &out[0, 0, 0, 0], B, C, P, &mean[0], &var[0], training, &weight[0],
-                           &bias[0], eps, relu, vecs, coef, n_threads)
-            fp_leave_call(fp)
-        free(vecs)
-        free(coef)
-        return
-    vecs = <floating*>malloc(4 * L * sizeof(floating))
-    coef = <floating*>malloc(2 * C * sizeof(floating))
-    if vecs == NULL or coef == NULL:
-        free(vecs)
-        free(coef)
-        raise MemoryError("batch_norm2d: could not allocate scratch")
     with nogil:
         fp = fp_enter_call()
-        if training:
-            sum_images(&x[0, 0, 0, 0], NULL, NULL, NULL, B, C, P, 0, vecs + L, coef, n_threads, NULL, NULL)
-            for c in range(C):
-                mean[c] = coef[c] / m
-            expand(&mean[0], C, P, vecs)
-            sum_images(&x[0, 0, 0, 0], NULL, vecs, NULL, B, C, P, 1, vecs + L, coef, n_threads, NULL, NULL)
-            for c in range(C):
-                var[c] = coef[c] / m
-        for c in range(C):
-            coef[c] = weight[c] * inv_std_of(var[c], eps)
-        expand(&mean[0], C, P, vecs)
-        expand(coef, C, P, vecs + L)
-        expand(&bias[0], C, P, vecs + 2 * L)
-        map_images(&x[0, 0, 0, 0], NULL, &out[0, 0, 0, 0], vecs, B, L, relu, NULL, n_threads)
+        rc = batch_norm2d_forward_core(&x[0, 0, 0, 0], &out[0, 0, 0, 0], B, C, P, &weight[0], &bias[0], &mean[0],
+                                       &var[0], training, eps, relu, n_threads)
         fp_leave_call(fp)
-    free(vecs)
-    free(coef)
+    if rc:
+        raise MemoryError("batch_norm2d: could not allocate scratch")
 
 
 def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H, W)

@@ -270,22 +270,32 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
                        indices,                          # OUT int64 (B, C, OH, OW) or None
                        tuple params, int n_threads):
     """params = (KH, KW, sh, sw, ph, pw, OH, OW)."""
-    cdef fpstate fp, fps
     cdef PoolGeom g
     cdef long long[:, :, :, ::1] idx_v
     cdef long long* idx = NULL
-    cdef Py_ssize_t pl, HW, OHW
-    cdef bint fast, rows
-    cdef const floating* xbase
-    cdef floating* ybase
+    cdef int rc
     fill_pool_geom(&g, x.shape[0] * x.shape[1], x.shape[2], x.shape[3], params)
     if g.planes == 0:
         return
     if indices is not None:
         idx_v = indices
         idx = &idx_v[0, 0, 0, 0]
-    xbase = &x[0, 0, 0, 0]
-    ybase = &out[0, 0, 0, 0]
+    with nogil:
+        rc = max_pool2d_forward_core(&x[0, 0, 0, 0], &out[0, 0, 0, 0], idx, &g, n_threads)
+    if rc:
+        raise MemoryError("max_pool2d: could not allocate row buffers")
+
+
+cdef int max_pool2d_forward_core(const floating* xbase, floating* ybase, long long* idx, const PoolGeom* gp,
+                                 int n_threads) noexcept nogil:
+    """max_pool2d_forward on raw pointers (also a frozen plan's step); idx NULL for no indices; -1 when a row
+    buffer could not be allocated."""
+    cdef fpstate fp, fps
+    cdef PoolGeom g = gp[0]
+    cdef Py_ssize_t pl, HW, OHW
+    cdef bint fast, rows
+    if g.planes == 0:
+        return 0
     HW = g.H * g.W
     OHW = g.OH * g.OW
     # 2x2/2 windows inside planes with an even number of rows: the batch as one tall image, in blocks of rows
@@ -304,7 +314,7 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
     cdef int failed = 0
     if fast:
         fps = fp_suspend()
-        with nogil, parallel(num_threads=n_threads):
+        with parallel(num_threads=n_threads):
             fp = fp_enter()
             for pl in prange((nrows_out + rblk - 1) // rblk, schedule='static'):
                 if g.OW >= vlen(<floating>0):
@@ -315,9 +325,9 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
                                             g.W)
             fp_leave(fp)
         fp_resume(fps)
-        return
+        return 0
     fps = fp_suspend()
-    with nogil, parallel(num_threads=n_threads):
+    with parallel(num_threads=n_threads):
         fp = fp_enter()
         row = <floating*>malloc(pool_row_width(&g) * sizeof(floating))
         m = <floating*>malloc(2 * g.OW * sizeof(floating))
@@ -337,8 +347,7 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
         free(best)
         fp_leave(fp)
     fp_resume(fps)
-    if failed:
-        raise MemoryError("max_pool2d: could not allocate row buffers")
+    return -1 if failed else 0
 
 
 cdef Py_ssize_t max_pool_plane_backward(const floating* dy, const long long* idx, Py_ssize_t OHW, floating* dx,
@@ -467,21 +476,24 @@ cdef void avg_pool_plane_backward(const floating* dy, floating* dx, const PoolGe
 def avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
                        floating[:, :, :, ::1] out,       # OUT (B, C, OH, OW)
                        tuple params, bint count_include_pad, int n_threads):
-    cdef fpstate fp, fps
     cdef PoolGeom g
-    cdef Py_ssize_t pl
-    cdef const floating* xbase
-    cdef floating* ybase
     fill_pool_geom(&g, x.shape[0] * x.shape[1], x.shape[2], x.shape[3], params)
     if g.planes == 0:
         return
-    xbase = &x[0, 0, 0, 0]
-    ybase = &out[0, 0, 0, 0]
+    with nogil:
+        avg_pool2d_forward_core(&x[0, 0, 0, 0], &out[0, 0, 0, 0], &g, count_include_pad, n_threads)
+
+
+cdef void avg_pool2d_forward_core(const floating* xbase, floating* ybase, const PoolGeom* g, bint count_include_pad,
+                                  int n_threads) noexcept nogil:
+    """avg_pool2d_forward on raw pointers (also a frozen plan's step)."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t pl
     fps = fp_suspend()
-    with nogil, parallel(num_threads=n_threads):
+    with parallel(num_threads=n_threads):
         fp = fp_enter()
         for pl in prange(g.planes, schedule='static'):
-            avg_pool_plane(xbase + pl * g.H * g.W, ybase + pl * g.OH * g.OW, &g, count_include_pad)
+            avg_pool_plane(xbase + pl * g.H * g.W, ybase + pl * g.OH * g.OW, g, count_include_pad)
         fp_leave(fp)
     fp_resume(fps)
 
@@ -514,16 +526,20 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, OH,
 def global_avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W), H*W > 0
                               floating[:, ::1] out,             # OUT (B, C)
                               int n_threads):
-    cdef fpstate fp, fps
-    cdef Py_ssize_t planes = x.shape[0] * x.shape[1], HW = x.shape[2] * x.shape[3], pl
-    cdef const floating* xbase
-    cdef floating* ybase
+    cdef Py_ssize_t planes = x.shape[0] * x.shape[1], HW = x.shape[2] * x.shape[3]
     if planes == 0 or HW == 0:
         return
-    xbase = &x[0, 0, 0, 0]
-    ybase = &out[0, 0]
+    with nogil:
+        global_avg_pool2d_core(&x[0, 0, 0, 0], &out[0, 0], planes, HW, n_threads)
+
+
+cdef void global_avg_pool2d_core(const floating* xbase, floating* ybase, Py_ssize_t planes, Py_ssize_t HW,
+                                 int n_threads) noexcept nogil:
+    """global_avg_pool2d_forward on raw pointers (also a frozen plan's step)."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t pl
     fps = fp_suspend()
-    with nogil, parallel(num_threads=n_threads):
+    with parallel(num_threads=n_threads):
         fp = fp_enter()
         for pl in prange(planes, schedule='static'):
             ybase[pl] = channel_sum(xbase + pl * HW, 1, HW, HW) / HW
