@@ -15,7 +15,9 @@ transformers (each rewrite matches one pattern; running the plan is separate fro
 Activations live in buffers planned per input shape and batch size and reused across calls (no fresh multi-MB
 arrays, whose first touch page-faults); each call takes a free set of buffers from a small pool, so a frozen model
 may be called from several threads at once. Arguments are validated when the plan is built; each call checks only
-its input. Results are bitwise identical whatever the thread count, and agree with the model's own `predict` within
+its input. Each set of buffers carries its steps compiled into one loop over them (_kernels/frozen.pxi: one Python
+call per batch instead of one per step, the same kernels and thread counts, the same bits); a plan with a layer
+run through its own forward keeps the Python loop. Results are bitwise identical whatever the thread count, and agree with the model's own `predict` within
 float rounding (folding reorders the arithmetic: about 1e-6 relative in float32).
 """
 import copy
