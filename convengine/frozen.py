@@ -26,7 +26,7 @@ import threading
 
 import numpy as np
 
-from . import _args
+from . import _args, _threads
 from ._kernels import engine as _engine
 from .functional import _SERIAL_ELEMENTS, _conv_params, _pool_params, _threads_for
 from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, ReLU
@@ -439,7 +439,18 @@ class _Arena:
         self.holds_result = where is not None
         self.result = self.buffers[where][:n * math.prod(plan.shapes[-1])].reshape((n,) + plan.shapes[-1]) \
             if self.holds_result else None
-        self.program = self._compile(steps, plan, n, dtype) if self.holds_result else None
+        self.steps, self.plan, self.n, self.dtype = steps, plan, n, dtype
+        self.threading = None
+        self.program = None
+
+    def compiled(self):
+        """The program for the thread setting now (each op's thread count is fixed when it is built, as run()
+        would choose it now), built again when that setting has changed; None where the plan cannot compile."""
+        threading_now = (_threads.get_num_threads(), _threads._serial_small_calls)
+        if threading_now != self.threading and self.holds_result:
+            self.program = self._compile(self.steps, self.plan, self.n, self.dtype)
+            self.threading = threading_now
+        return self.program
 
     def _compile(self, steps, plan, n, dtype):
         if not all(_compilable(a, dtype) for step in steps for a in vars(step).values() if isinstance(a, np.ndarray)):
@@ -516,8 +527,9 @@ class FrozenModel:
         arena = self._take_arena(x.shape[1:], n, plan)
         try:
             current = np.ascontiguousarray(x)
-            if arena.program is not None and self.compiled:
-                arena.program.run(current)
+            program = arena.compiled() if self.compiled else None
+            if program is not None:
+                program.run(current)
                 return arena.result.copy()
             for step, prepared, out in zip(self.steps, plan.prepared, arena.outs):
                 current = step.run(current, current if out is _IN_PLACE else out, prepared)

@@ -139,7 +139,7 @@ def test_compiled_steps_give_the_bits_of_the_python_loop(pattern, dtype, batch, 
     x = randn(rng, (batch, 3, 16, 16), dtype)
     compiled = frozen(x)
     (arena,) = frozen._arenas[((3, 16, 16), batch)]
-    assert (arena.program is None) == any(type(step).__name__ == "_Layer" for step in frozen.steps)
+    assert (arena.compiled() is None) == any(type(step).__name__ == "_Layer" for step in frozen.steps)
     frozen.compiled = False
     looped = frozen(x)
     assert_bitwise_equal(compiled, looped)
@@ -154,9 +154,9 @@ def test_compiled_program_checks_its_input_and_reports_scratch_failure(rng):
     want = frozen(x)
     (arena,) = frozen._arenas[((3, 16, 16), 2)]
     with pytest.raises(ValueError, match="wrong size or dtype"):
-        arena.program.run(x[:1])
+        arena.compiled().run(x[:1])
     with pytest.raises(ValueError, match="wrong size or dtype"):
-        arena.program.run(x.astype(np.float64))
+        arena.compiled().run(x.astype(np.float64))
     old = engine.fail_allocation_after(0)
     try:
         with pytest.raises(MemoryError):
@@ -223,6 +223,27 @@ def test_frozen_results_do_not_depend_on_the_thread_count(rng):
             results.append(frozen(x))
     for n, got in zip((2, 3), results[1:]):
         assert_bitwise_equal(got, results[0], f"{n} threads vs 1")
+
+
+def test_compiled_steps_take_the_thread_count_of_each_call(rng, monkeypatch):
+    """The compiled loop fixes each op's thread count when it is built: a later set_num_threads (or the tests'
+    every_call_threaded) must rebuild it, or the thread-count tests above would run one thread throughout."""
+    frozen = cifar_net().freeze()
+    x = randn(rng, (2, 3, 32, 32), np.float32)
+    seen = []
+    real = engine.Program.conv
+    monkeypatch.setattr(engine, "Program", type("Recording", (engine.Program,), {
+        "conv": lambda self, src, dst, n_threads, *rest: (seen.append(n_threads), real(self, src, dst, n_threads,
+                                                                                        *rest))[1]}))
+    convengine.set_num_threads(1)
+    frozen(x)
+    with every_call_threaded():
+        convengine.set_num_threads(2)
+        frozen(x)
+        frozen(x)
+        convengine.set_num_threads(3)
+        frozen(x)
+    assert seen == [1] * 3 + [2] * 3 + [3] * 3
 
 
 def test_concurrent_calls_from_four_threads_match_serial_results(rng):
