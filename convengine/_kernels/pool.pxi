@@ -153,6 +153,10 @@ cdef void max_pool_rows_2x2_short(const floating* x, floating* y, long long* idx
                 best = pick_eq(c, m, W, W + 1)
                 best = pick_eq(b, m, 1, best)
                 best = pick_eq(a, m, 0, best)
+                # the value where the index points: of a -0.0 and a 0.0 tied for the maximum, m may hold either
+                # (gcc 12 swaps the operands of the maxss in gtmax, and maxss returns its second on equal values),
+                # and the rule wants the first in window order (-0.0 from [-0.0, 0.0, 0.0, -0.0] came out 0.0)
+                m = t[2 * ow + best]
             y[r * OW + ow] = m
             if idx != NULL:
                 idx[r * OW + ow] = base + 2 * ow + best
