@@ -395,10 +395,10 @@ def test_max_pool2d_nan_and_inf(rng, kernel_size, stride, padding, ceil_mode, dt
     assert np.isnan(F.max_pool2d(x, kernel_size, stride, padding, ceil_mode)[0, 0, 0, 0])
 
 
-# 2x2 stride-2 windows on rows of fewer outputs than a vector holds (16 floats, 8 doubles on AVX-512), which the
-# batch as one tall image of output rows takes through max_pool_rows_2x2_short. Every width below 16 with W even
-# and odd (the last column unread), and (N, C, OH) that put a vector of outputs across rows and planes and leave
-# the last one partial.
+# 2x2 stride-2 windows on rows of fewer outputs than a vector holds (16 floats, 8 doubles on AVX-512): one vector
+# spans several output rows, read by masked loads from the batch as one tall image (pool.h); a scalar loop on
+# other ISAs. Widths below 16 with W even and odd (the last column unread), and (N, C, OH) that put a
+# vector across rows and planes and leave the last one partial.
 SHORT_ROW_WIDTHS = [1, 2, 3, 4, 5, 7, 8, 12, 14, 15]
 SHORT_ROW_PLANES = [(1, 1, 1), (2, 3, 1), (3, 5, 2), (2, 3, 3), (1, 7, 5), (4, 3, 8)]
 
