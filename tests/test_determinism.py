@@ -113,6 +113,8 @@ POOL_CASES = [
     ((8, 16, 20, 20), dict(kernel_size=2)),
     ((6, 13, 21, 19), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
     ((8, 16, 20, 20), dict(kernel_size=3, stride=1, padding=1)),
+    # 2x2 windows on 7-window rows (pool.h on AVX-512: two rows a vector), blocks of rows that start inside planes
+    ((16, 24, 14, 15), dict(kernel_size=2)),
 ]
 
 

@@ -11,12 +11,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import convengine
 from convengine import _args
 from convengine import functional as F
 from convengine import reference as R
 from convengine._kernels import engine as _engine
+from convengine._threads import every_call_threaded
 
-from conftest import CONV_PATHS, DTYPE_IDS, DTYPES, LAYOUTS, as_layout, assert_close, randn
+from conftest import CONV_PATHS, DTYPE_IDS, DTYPES, LAYOUTS, as_layout, assert_bitwise_equal, assert_close, randn
 
 
 def check_conv2d(x, w, b, go=None, need_input_grad=True, **params):
@@ -391,6 +393,78 @@ def test_max_pool2d_nan_and_inf(rng, kernel_size, stride, padding, ceil_mode, dt
     x[1, 1, 4:6, 4:6] = np.inf
     check_max_pool2d(x, kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
     assert np.isnan(F.max_pool2d(x, kernel_size, stride, padding, ceil_mode)[0, 0, 0, 0])
+
+
+# 2x2 stride-2 windows on rows of fewer outputs than a vector holds (16 floats, 8 doubles on AVX-512): one vector
+# spans several output rows, read by masked loads from the batch as one tall image (pool.h); a scalar loop on
+# other ISAs. Widths below 16 with W even and odd (the last column unread), and (N, C, OH) that put a
+# vector across rows and planes and leave the last one partial.
+SHORT_ROW_WIDTHS = [1, 2, 3, 4, 5, 7, 8, 12, 14, 15]
+SHORT_ROW_PLANES = [(1, 1, 1), (2, 3, 1), (3, 5, 2), (2, 3, 3), (1, 7, 5), (4, 3, 8)]
+
+
+def special_values(rng, shape, dtype):
+    """Values where max pooling's rules show: ties among 1.0, among -0.0 and 0.0, +-inf, and two NaNs of
+    different bits (which of several NaNs in a window won shows in the value, not only in the index)."""
+    bits = np.uint32 if dtype == np.float32 else np.uint64
+    other_nan = np.array([np.nan], dtype).view(bits) ^ bits(1)  # a quiet NaN with another payload
+    values = np.array([0.0, -0.0, 1.0, 1.0, -1.0, np.inf, -np.inf, np.nan, np.nan], dtype)
+    values[-1] = other_nan.view(dtype)[0]
+    return rng.choice(values, shape)
+
+
+def assert_max_pool2d_bitwise(x, **params):
+    """Values (as bits: signs of zero and NaN payloads), indices, and values without indices, against the
+    reference."""
+    label = f"x{x.shape} {x.dtype} {params}"
+    y, idx = F.max_pool2d(x, return_indices=True, **params)
+    y_ref, idx_ref = R.max_pool2d(x, return_indices=True, **params)
+    np.testing.assert_array_equal(idx, idx_ref, err_msg=f"max_pool2d indices, {label}")
+    assert_bitwise_equal(y, y_ref, f"max_pool2d y, {label}")
+    assert_bitwise_equal(F.max_pool2d(x, **params), y_ref, f"max_pool2d y w/o indices, {label}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("odd", [False, True], ids=["W=2OW", "W=2OW+1"])
+@pytest.mark.parametrize("ow", SHORT_ROW_WIDTHS)
+def test_max_pool2d_2x2_short_rows(rng, ow, odd, dtype):
+    for n, c, oh in SHORT_ROW_PLANES:
+        shape = (n, c, 2 * oh, 2 * ow + odd)
+        assert_max_pool2d_bitwise(randn(rng, shape, dtype), kernel_size=2)
+        assert_max_pool2d_bitwise(special_values(rng, shape, dtype), kernel_size=2)
+        assert_max_pool2d_bitwise(rng.integers(0, 2, shape).astype(dtype), kernel_size=2)  # ties everywhere
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_max_pool2d_2x2_short_rows_each_window_rule(dtype):
+    """One window per case, placed at every position of a vector of 16 outputs (OW = 4: four output rows per
+    vector, planes of two): ties go to the first in window order (a, b, c, d), -0.0 and 0.0 tie, a NaN wins over
+    any number and a later NaN over an earlier one."""
+    nan2 = (np.array([np.nan], dtype).view(np.uint32 if dtype == np.float32 else np.uint64) ^ 1).view(dtype)[0]
+    cases = [  # a, b, c, d (top-left, top-right, bottom-left, bottom-right)
+        [1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0], [-0.0, 0.0, 0.0, -0.0],
+        [0.0, -0.0, -0.0, 0.0], [-1.0, -0.0, 0.0, -1.0], [-np.inf, -np.inf, -np.inf, -np.inf],
+        [np.inf, np.inf, 1.0, np.inf], [np.nan, np.inf, 1.0, 2.0], [1.0, np.inf, np.nan, np.inf],
+        [np.nan, 1.0, nan2, 2.0], [1.0, nan2, 2.0, np.nan], [np.nan, nan2, np.nan, 0.0], [1.0, 2.0, 3.0, np.nan],
+    ]
+    for case in cases:
+        for pos in range(16):
+            x = np.full((2, 2, 4, 8), -5.0, dtype)  # 16 windows; the case at window `pos`
+            plane, row, col = pos // 8, pos % 8 // 4, pos % 4
+            x.reshape(4, 4, 8)[plane, 2 * row:2 * row + 2, 2 * col:2 * col + 2] = np.array(case, dtype).reshape(2, 2)
+            assert_max_pool2d_bitwise(x, kernel_size=2)
+
+
+def test_max_pool2d_2x2_short_rows_threaded(rng):
+    """Tasks of many rows that start inside planes (OH = 7, a block of rows is not a multiple of it) on 2 threads."""
+    convengine_threads = convengine.get_num_threads()
+    try:
+        convengine.set_num_threads(2)
+        with every_call_threaded():
+            for dtype in DTYPES:
+                assert_max_pool2d_bitwise(special_values(rng, (16, 24, 14, 15), dtype), kernel_size=2)
+    finally:
+        convengine.set_num_threads(convengine_threads)
 
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.uint64])
