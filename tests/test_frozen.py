@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import convengine
+from convengine import frozen as frozen_module
 from convengine import reference as R
 from convengine._args import conv2d_args
 from convengine._threads import every_call_threaded
@@ -244,6 +245,30 @@ def test_compiled_steps_take_the_thread_count_of_each_call(rng, monkeypatch):
         convengine.set_num_threads(3)
         frozen(x)
     assert seen == [1] * 3 + [2] * 3 + [3] * 3
+
+
+@pytest.mark.parametrize("policy,spins", [("GOMP_SPINCOUNT=500", False), ("passive", False), ("active", True),
+                                          ("ACTIVE", True), ("GOMP_SPINCOUNT=20000", True),
+                                          ("GOMP_SPINCOUNT=infinite", True), ("GOMP_SPINCOUNT=4999", False)])
+def test_whole_team_plans_follow_the_wait_policy(policy, spins):
+    assert frozen_module._workers_keep_spinning(policy) is spins
+
+
+def test_a_whole_team_plan_gives_the_same_bits_on_any_thread_count(rng, monkeypatch):
+    """With workers that keep spinning every op of a compiled plan runs on the whole team, even at batch 1."""
+    monkeypatch.setattr(frozen_module, "_TEAM_PLAN", True)
+    frozen = randomise_batch_norms(cifar_net(), rng).freeze()
+    x = randn(rng, (1, 3, 32, 32), np.float32)
+    results = []
+    for n in (1, 2, 3):
+        convengine.set_num_threads(n)
+        results.append(frozen(x))
+        (arena,) = frozen._arenas[((3, 32, 32), 1)]
+        assert arena.compiled().team == n
+    frozen.compiled = False
+    results.append(frozen(x))
+    for got in results[1:]:
+        assert_bitwise_equal(got, results[0])
 
 
 def test_concurrent_calls_from_four_threads_match_serial_results(rng):

@@ -56,6 +56,7 @@ cdef class Program:
     cdef Py_ssize_t input_size
     cdef void* operands[3]
     cdef list keep
+    cdef public int team           # > 0: every op runs on this many threads (the whole call keeps the team busy)
 
     def __cinit__(self, bint is_double, Py_ssize_t input_size, buffers):
         self.is_double = is_double
@@ -66,6 +67,7 @@ cdef class Program:
         self.operands[2] = <void*>_address(buffers[1])
         self.ops = NULL
         self.n_ops = self.capacity = 0
+        self.team = 0
 
     def __dealloc__(self):
         free(self.ops)
@@ -160,9 +162,9 @@ cdef class Program:
             with nogil:
                 fp = fp_enter_call()
                 if self.is_double:
-                    rc = run_ops(<double>0, self.ops, self.n_ops, self.operands)
+                    rc = run_ops(<double>0, self.ops, self.n_ops, self.operands, self.team)
                 else:
-                    rc = run_ops(<float>0, self.ops, self.n_ops, self.operands)
+                    rc = run_ops(<float>0, self.ops, self.n_ops, self.operands, self.team)
                 fp_leave_call(fp)
         finally:
             self.operands[0] = NULL
@@ -171,9 +173,9 @@ cdef class Program:
             raise MemoryError("frozen model: could not allocate kernel scratch")
 
 
-cdef int run_ops(floating dummy, const Op* ops, int n_ops, void** operands) noexcept nogil:
-    """Each op in turn; nonzero as soon as one fails (scratch allocation)."""
-    cdef int i, rc = 0
+cdef int run_ops(floating dummy, const Op* ops, int n_ops, void** operands, int team) noexcept nogil:
+    """Each op in turn (on `team` threads each, if positive); nonzero as soon as one fails (scratch allocation)."""
+    cdef int i, rc = 0, nt
     cdef const Op* op
     cdef const floating* x
     cdef floating* y
@@ -182,30 +184,31 @@ cdef int run_ops(floating dummy, const Op* ops, int n_ops, void** operands) noex
         op = &ops[i]
         x = <const floating*>operands[op.src]
         y = <floating*>operands[op.dst]
+        nt = team if team > 0 else op.n_threads
         if op.kind == OP_CONV:
-            rc = conv2d_forward_core(x, <const floating*>op.weight, &op.epilogue, y, &op.conv, op.n_threads,
+            rc = conv2d_forward_core(x, <const floating*>op.weight, &op.epilogue, y, &op.conv, nt,
                                      <const floating*>op.packed, op.packed_path)
         elif op.kind == OP_MAX_POOL:
-            rc = max_pool2d_forward_core(x, y, NULL, &op.pool, op.n_threads)
+            rc = max_pool2d_forward_core(x, y, NULL, &op.pool, nt)
         elif op.kind == OP_AVG_POOL:
-            avg_pool2d_forward_core(x, y, &op.pool, op.count_include_pad, op.n_threads)
+            avg_pool2d_forward_core(x, y, &op.pool, op.count_include_pad, nt)
         elif op.kind == OP_RELU:
-            relu_core(x, y, op.rows, op.n_threads)
+            relu_core(x, y, op.rows, nt)
         elif op.kind == OP_GLOBAL_AVG_POOL:
-            global_avg_pool2d_core(x, y, op.rows, op.cols, op.n_threads)
+            global_avg_pool2d_core(x, y, op.rows, op.cols, nt)
         elif op.kind == OP_LINEAR:
             rc = gemm_strided(op.rows, op.cols, op.inner, x, op.inner, 1, <const floating*>op.weight, op.cols, 1,
-                              y, op.cols, op.n_threads)
+                              y, op.cols, nt)
             if rc == 0 and op.bias != NULL:
                 for r in range(op.rows):
                     for j in range(op.cols):
                         y[r * op.cols + j] = y[r * op.cols + j] + (<const floating*>op.bias)[j]
             if rc == 0 and op.relu:
-                relu_core(y, y, op.rows * op.cols, op.relu_threads)
+                relu_core(y, y, op.rows * op.cols, (team if team > 0 else op.relu_threads))
         elif op.kind == OP_BATCH_NORM:
             rc = batch_norm2d_forward_core(x, y, op.rows, op.channels, op.cols, <const floating*>op.weight,
                                            <const floating*>op.bias, <floating*>op.mean, <floating*>op.var, False,
-                                           <floating>op.eps, op.relu, op.n_threads)
+                                           <floating>op.eps, op.relu, nt)
         if rc:
             return rc
     return 0
