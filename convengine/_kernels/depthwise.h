@@ -55,6 +55,37 @@ static inline void NAME(const T* src, ptrdiff_t n, const ptrdiff_t* off, const T
 CE_DW_SWEEP(ce_dw_sweep_f, float, ce_vf)
 CE_DW_SWEEP(ce_dw_sweep_d, double, ce_vd)
 
+/* dst row r = src row r, n values each, for rows r < rows (strides ss, ds): a plane copied into its padded buffer,
+ * or a swept output cropped out of it. The rows are short (8-32 values), and gcc turned the plain loop into a
+ * libc memcpy call per row, which cost about as much as the 3x3 sweep of the row: on AVX-512 each row is whole
+ * vectors with a masked tail; elsewhere the loop is kept a loop. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define CE_DW_COPY_ROWS(NAME, T, NL, MASK, LOADZ, STOREM)                                                     \
+static inline void NAME(const T* src, ptrdiff_t ss, T* dst, ptrdiff_t ds, ptrdiff_t rows, ptrdiff_t n)        \
+{                                                                                                              \
+    ptrdiff_t r, j;                                                                                            \
+    for (r = 0; r < rows; r++)                                                                                 \
+        for (j = 0; j < n; j += NL) {                                                                          \
+            MASK m = (MASK)(n - j >= NL ? (MASK)~0 : (MASK)((1u << (n - j)) - 1u));                           \
+            STOREM(dst + r * ds + j, m, LOADZ(m, src + r * ss + j));                                           \
+        }                                                                                                      \
+}
+CE_DW_COPY_ROWS(ce_dw_copy_rows_f, float, 16, __mmask16, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps)
+CE_DW_COPY_ROWS(ce_dw_copy_rows_d, double, 8, __mmask8, _mm512_maskz_loadu_pd, _mm512_mask_storeu_pd)
+#else
+#define CE_DW_COPY_ROWS(NAME, T)                                                                              \
+__attribute__((optimize("no-tree-loop-distribute-patterns")))                                                  \
+static inline void NAME(const T* src, ptrdiff_t ss, T* dst, ptrdiff_t ds, ptrdiff_t rows, ptrdiff_t n)        \
+{                                                                                                              \
+    ptrdiff_t r, j;                                                                                            \
+    for (r = 0; r < rows; r++)                                                                                 \
+        for (j = 0; j < n; j++) dst[r * ds + j] = src[r * ss + j];                                             \
+}
+CE_DW_COPY_ROWS(ce_dw_copy_rows_f, float)
+CE_DW_COPY_ROWS(ce_dw_copy_rows_d, double)
+#endif
+
 /* grad_weight's per-tap dot products of one plane, several taps per sweep:
  * lanes[k*16 + j] += g[t] * src[off[k] + t] summed over t < n16 (n rounded down to 16) with t % 16 == j, in
  * increasing t; then the tail t >= n16 into lanes[k*16 + t - n16]. This is the 16-lane order that the

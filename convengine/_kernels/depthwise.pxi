@@ -19,6 +19,10 @@ cdef extern from "depthwise.h":
     void ce_dw_merge_row_d(const double* even, const double* odd, Py_ssize_t nq, Py_ssize_t pl, Py_ssize_t W,
                            double* out) nogil
     enum: CE_DW_SPLIT
+    void ce_dw_copy_rows_f(const float* src, Py_ssize_t ss, float* dst, Py_ssize_t ds, Py_ssize_t rows,
+                           Py_ssize_t n) nogil
+    void ce_dw_copy_rows_d(const double* src, Py_ssize_t ss, double* dst, Py_ssize_t ds, Py_ssize_t rows,
+                           Py_ssize_t n) nogil
     void ce_dw_tapdot9_f(const float* g, const float* src, Py_ssize_t n, const Py_ssize_t* off, float* lanes) nogil
     void ce_dw_tapdot1_f(const float* g, const float* src, Py_ssize_t n, const Py_ssize_t* off, float* lanes) nogil
     void ce_dw_tapdot9_d(const double* g, const double* src, Py_ssize_t n, const Py_ssize_t* off,
@@ -90,12 +94,12 @@ cdef inline Py_ssize_t dw_padded_w(const ConvGeom* p) noexcept nogil:
 
 cdef inline void copy_rows(const floating* src, Py_ssize_t src_stride, floating* dst, Py_ssize_t dst_stride,
                            Py_ssize_t rows, Py_ssize_t n) noexcept nogil:
-    """dst row r = src row r (n values each): an inline loop, since a plane's rows are short (a libc memcpy call
-    per 16-value row cost about as much as the whole 3x3 sweep of the row)."""
-    cdef Py_ssize_t r, j
-    for r in range(rows):
-        for j in range(n):
-            dst[r * dst_stride + j] = src[r * src_stride + j]
+    """dst row r = src row r (n values each), rows short enough that a libc call per row would cost as much as
+    the row's sweep (depthwise.h)."""
+    if floating is float:
+        ce_dw_copy_rows_f(src, src_stride, dst, dst_stride, rows, n)
+    else:
+        ce_dw_copy_rows_d(src, src_stride, dst, dst_stride, rows, n)
 
 
 cdef void pad_plane(const floating* x, const ConvGeom* p, floating* out, bint clear=True) noexcept nogil:
