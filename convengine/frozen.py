@@ -17,8 +17,9 @@ arrays, whose first touch page-faults); each call takes a free set of buffers fr
 may be called from several threads at once. Arguments are validated when the plan is built; each call checks only
 its input. Each set of buffers carries its steps compiled into one loop over them (_kernels/frozen.pxi: one Python
 call per batch instead of one per step, the same kernels and thread counts, the same bits); a plan with a layer
-run through its own forward keeps the Python loop. Results are bitwise identical whatever the thread count, and agree with the model's own `predict` within
-float rounding (folding reorders the arithmetic: about 1e-6 relative in float32).
+run through its own forward keeps the Python loop. Results are bitwise identical whatever the thread count, and
+agree with the model's own `predict` within float rounding (folding reorders the arithmetic: about 1e-6 relative
+in float32).
 """
 import copy
 import math
@@ -40,7 +41,6 @@ __all__ = ["FrozenModel"]
 # are 9.4 MFLOP and split into one task, took 0.48 ms at 2 threads and 0.31 ms at 1 under the passive policy; with
 # the short spin, 0.36 ms with a 4 MFLOP threshold and 0.27 ms with this one).
 _SERIAL_FLOPS = 16_000_000
-
 
 
 def _workers_keep_spinning(policy):
