@@ -158,6 +158,8 @@ def test_compiled_program_checks_its_input_and_reports_scratch_failure(rng):
         arena.compiled().run(x[:1])
     with pytest.raises(ValueError, match="wrong size or dtype"):
         arena.compiled().run(x.astype(np.float64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        arena.compiled().run(np.asfortranarray(x))
     old = engine.fail_allocation_after(0)
     try:
         with pytest.raises(MemoryError):

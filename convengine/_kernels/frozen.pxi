@@ -9,7 +9,7 @@
 # Operands are numbered: 0 the call's input, 1 and 2 the arena's two activation buffers (frozen.py's _Arena), whose
 # outputs always start at the buffer's start.
 
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_ANY_CONTIGUOUS
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS
 from libc.stdlib cimport realloc
 
 cdef enum:
@@ -154,7 +154,7 @@ cdef class Program:
         cdef fpstate fp
         cdef int rc
         cdef size_t itemsize = sizeof(double) if self.is_double else sizeof(float)
-        PyObject_GetBuffer(x, &view, PyBUF_ANY_CONTIGUOUS)
+        PyObject_GetBuffer(x, &view, PyBUF_C_CONTIGUOUS)
         try:
             if <size_t>view.len != self.input_size * itemsize or <size_t>view.itemsize != itemsize:
                 raise ValueError("frozen program: input of the wrong size or dtype")
