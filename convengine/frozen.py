@@ -511,6 +511,18 @@ class FrozenModel:
     def __repr__(self):
         return f"FrozenModel({' -> '.join(step.describe() for step in self.steps)})"
 
+    def __getstate__(self):
+        # copies and pickles keep the steps and plans; the buffer sets (with their compiled loops, which point
+        # into them) and the lock are made afresh
+        state = dict(self.__dict__)
+        del state["_arenas"], state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._arenas = {}
+        self._lock = threading.Lock()
+
     def plan_for(self, sample_shape):
         """The plan for inputs of per-sample shape sample_shape (built on first use); ValueError naming the layer
         where the shape does not fit."""

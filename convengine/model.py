@@ -254,6 +254,12 @@ class Sequential:
 
     _SETTINGS = (bool, int, float, str, tuple)      # the layer attributes that are its configuration
 
+    def __getstate__(self):
+        # predict's cached frozen plan is keyed by the ids of this model's arrays: a copy builds its own
+        state = dict(self.__dict__)
+        state.pop("_frozen_for_predict", None)
+        return state
+
     def _predict_plan(self):
         """(frozen plan, input shapes and batch sizes checked to fit in memory) that predict uses, kept between
         calls while the model is unchanged: a checksum of

@@ -2,6 +2,8 @@
 makes against the model run layer by layer and against the NumPy reference, in float32 and float64; results that
 do not depend on the thread count; concurrent calls; weights taken at freeze time and never stale in predict.
 """
+import copy
+import pickle
 import threading
 
 import numpy as np
@@ -271,6 +273,24 @@ def test_a_whole_team_plan_gives_the_same_bits_on_any_thread_count(rng, monkeypa
     results.append(frozen(x))
     for got in results[1:]:
         assert_bitwise_equal(got, results[0])
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_models_and_frozen_models_copy_and_pickle_after_use(how, rng):
+    """predict caches a frozen plan on the model, and a frozen plan keeps buffers, compiled loops pointing into
+    them, and a lock: none of that may stop a copy or a pickle, and a copy computes on buffers of its own."""
+    clone = copy.deepcopy if how == "deepcopy" else (lambda obj: pickle.loads(pickle.dumps(obj)))
+    model = randomise_batch_norms(cifar_net(), rng)
+    x = randn(rng, (3, 3, 32, 32), np.float32)
+    want = model.predict(x)
+    frozen = model.freeze()
+    got = frozen(x)
+    model_copy, frozen_copy = clone(model), clone(frozen)
+    assert_bitwise_equal(model_copy.predict(x), want)
+    assert_bitwise_equal(frozen_copy(x), got)
+    other = randn(rng, x.shape, np.float32)
+    frozen_copy(other)                              # its own buffers: the original's result stays as it was
+    assert_bitwise_equal(frozen(x), got)
 
 
 def test_concurrent_calls_from_four_threads_match_serial_results(rng):
