@@ -78,6 +78,12 @@ class _Step:
         src and dst, see _kernels/frozen.pxi), with the thread counts run() would use; False where it cannot."""
         return False
 
+    @staticmethod
+    def elementwise_threads(n, shape):
+        """Threads of an elementwise step (pool, batch norm, ReLU, global mean) on n samples of shape `shape`: the
+        one rule that run() and compile() share."""
+        return _threads_for(n * math.prod(shape), _SERIAL_ELEMENTS)
+
 
 class _Conv(_Step):
     def __init__(self, weight, bias, stride, padding, dilation, groups, relu=False, scale=None, shift=None):
@@ -155,13 +161,12 @@ class _BatchNorm(_Step):
         return tuple(shape)
 
     def run(self, x, out, prepared):
-        n = _threads_for(x.size, _SERIAL_ELEMENTS)
-        _engine.batch_norm2d_forward(x, self.gamma, self.beta, self.mean, self.var, False, self.eps, out, n,
-                                     relu=self.relu)
+        _engine.batch_norm2d_forward(x, self.gamma, self.beta, self.mean, self.var, False, self.eps, out,
+                                     self.elementwise_threads(x.shape[0], x.shape[1:]), relu=self.relu)
         return out
 
     def compile(self, program, prepared, shape, n, src, dst):
-        program.batch_norm(src, dst, _threads_for(n * math.prod(shape), _SERIAL_ELEMENTS), n, shape[0],
+        program.batch_norm(src, dst, self.elementwise_threads(n, shape), n, shape[0],
                            math.prod(shape[1:]), self.gamma, self.beta, self.mean, self.var, self.eps, self.relu)
         return True
 
@@ -177,12 +182,11 @@ class _ReLU(_Step):
 
     def run(self, x, out, prepared):
         flat = out.reshape(-1)
-        _engine.relu_forward(x.reshape(-1), flat, _threads_for(x.size, _SERIAL_ELEMENTS))
+        _engine.relu_forward(x.reshape(-1), flat, self.elementwise_threads(x.shape[0], x.shape[1:]))
         return out
 
     def compile(self, program, prepared, shape, n, src, dst):
-        size = n * math.prod(shape)
-        program.relu(src, dst, _threads_for(size, _SERIAL_ELEMENTS), size)
+        program.relu(src, dst, self.elementwise_threads(n, shape), n * math.prod(shape))
         return True
 
 
@@ -207,7 +211,7 @@ class _Pool(_Step):
         return _pool_params(self._geometry(shape))
 
     def run(self, x, out, params):
-        n = _threads_for(x.size, _SERIAL_ELEMENTS)
+        n = self.elementwise_threads(x.shape[0], x.shape[1:])
         if self.kind == "max":
             _engine.max_pool2d_forward(x, out, None, params, n)
         else:
@@ -215,7 +219,7 @@ class _Pool(_Step):
         return out
 
     def compile(self, program, params, shape, n, src, dst):
-        program.pool(src, dst, _threads_for(n * math.prod(shape), _SERIAL_ELEMENTS), self.kind == "max",
+        program.pool(src, dst, self.elementwise_threads(n, shape), self.kind == "max",
                      n * shape[0], shape[1], shape[2], params, self.count_include_pad)
         return True
 
@@ -229,11 +233,11 @@ class _GlobalAvgPool(_Step):
 
     def run(self, x, out, prepared):
         # the compiled mean per plane (one plane a task: the same bits for any thread count)
-        _engine.global_avg_pool2d_forward(x, out, _threads_for(x.size, _SERIAL_ELEMENTS))
+        _engine.global_avg_pool2d_forward(x, out, self.elementwise_threads(x.shape[0], x.shape[1:]))
         return out
 
     def compile(self, program, prepared, shape, n, src, dst):
-        program.global_avg_pool(src, dst, _threads_for(n * math.prod(shape), _SERIAL_ELEMENTS), n * shape[0],
+        program.global_avg_pool(src, dst, self.elementwise_threads(n, shape), n * shape[0],
                                 shape[1] * shape[2])
         return True
 
@@ -267,18 +271,24 @@ class _Linear(_Step):
                              f"shape {tuple(shape)}")
         return (self.weight_t.shape[1],)
 
+    def threads(self, n):
+        """Threads of the product and of the ReLU after it, for n samples (run() and compile() alike)."""
+        return (_threads_for(2 * n * self.weight_t.size, _SERIAL_FLOPS),
+                self.elementwise_threads(n, self.weight_t.shape[1:]))
+
     def run(self, x, out, prepared):
-        _engine.matmul(x, self.weight_t, out, _threads_for(2 * x.shape[0] * self.weight_t.size, _SERIAL_FLOPS))
+        product_threads, relu_threads = self.threads(x.shape[0])
+        _engine.matmul(x, self.weight_t, out, product_threads)
         if self.bias is not None:
             out += self.bias
         if self.relu:
             flat = out.reshape(-1)
-            _engine.relu_forward(flat, flat, _threads_for(out.size, _SERIAL_ELEMENTS))
+            _engine.relu_forward(flat, flat, relu_threads)
         return out
 
     def compile(self, program, prepared, shape, n, src, dst):
-        program.linear(src, dst, _threads_for(2 * n * self.weight_t.size, _SERIAL_FLOPS), n, self.weight_t,
-                       self.bias, self.relu, _threads_for(n * self.weight_t.shape[1], _SERIAL_ELEMENTS))
+        product_threads, relu_threads = self.threads(n)
+        program.linear(src, dst, product_threads, n, self.weight_t, self.bias, self.relu, relu_threads)
         return True
 
 
@@ -460,19 +470,20 @@ class _Arena:
         self.result = self.buffers[where][:n * math.prod(plan.shapes[-1])].reshape((n,) + plan.shapes[-1]) \
             if self.holds_result else None
         self.steps, self.plan, self.n, self.dtype = steps, plan, n, dtype
-        self.threading = None
+        self.thread_setting = None
         self.program = None
 
     def compiled(self):
         """The program for the thread setting now (each op's thread count is fixed when it is built, as run()
         would choose it now), built again when that setting has changed; None where the plan cannot compile."""
-        threading_now = (_threads.get_num_threads(), _threads._serial_small_calls)
-        if threading_now != self.threading and self.holds_result:
-            self.program = self._compile(self.steps, self.plan, self.n, self.dtype)
-            self.threading = threading_now
+        setting = (_threads.get_num_threads(), _threads._serial_small_calls)
+        if setting != self.thread_setting and self.holds_result:
+            self.program = self._compile()
+            self.thread_setting = setting
         return self.program
 
-    def _compile(self, steps, plan, n, dtype):
+    def _compile(self):
+        steps, plan, n, dtype = self.steps, self.plan, self.n, self.dtype
         if not all(_compilable(a, dtype) for step in steps for a in vars(step).values() if isinstance(a, np.ndarray)):
             return None
         program = _engine.Program(np.dtype(dtype) == np.float64, n * math.prod(plan.shapes[0]), self.buffers)

@@ -327,6 +327,7 @@ cdef void backward_planes(const floating* g, const floating* x, const floating* 
         fp_leave(fp)
     fp_resume(fps)
 
+
 cdef int batch_norm2d_forward_core(const floating* x, floating* out, Py_ssize_t B, Py_ssize_t C, Py_ssize_t P,
                                    const floating* weight, const floating* bias, floating* mean, floating* var,
                                    bint training, floating eps, int relu, int n_threads) noexcept nogil:
@@ -339,19 +340,20 @@ cdef int batch_norm2d_forward_core(const floating* x, floating* out, Py_ssize_t 
     if C == 0 or B * P == 0:
         return 0
     if P >= BN_PLANE:
-        vecs = <floating*>malloc(B * C * sizeof(floating))
+        vecs = <floating*>malloc(B * C * sizeof(floating))       # the per-plane partial sums
         coef = <floating*>malloc(C * sizeof(floating))
-        if vecs != NULL and coef != NULL:
-            forward_planes(x, out, B, C, P, mean, var, training, weight, bias, eps, relu, vecs, coef, n_threads)
-        free(vecs)
-        free(coef)
-        return 0 if vecs != NULL and coef != NULL else -1
-    vecs = <floating*>malloc(4 * L * sizeof(floating))
-    coef = <floating*>malloc(2 * C * sizeof(floating))
+    else:
+        vecs = <floating*>malloc(4 * L * sizeof(floating))       # the expanded per-position vectors
+        coef = <floating*>malloc(2 * C * sizeof(floating))
     if vecs == NULL or coef == NULL:
         free(vecs)
         free(coef)
         return -1
+    if P >= BN_PLANE:
+        forward_planes(x, out, B, C, P, mean, var, training, weight, bias, eps, relu, vecs, coef, n_threads)
+        free(vecs)
+        free(coef)
+        return 0
     if training:
         sum_images(x, NULL, NULL, NULL, B, C, P, 0, vecs + L, coef, n_threads, NULL, NULL)
         for c in range(C):
