@@ -61,6 +61,23 @@ def _workers_keep_spinning(policy):
 # 39; with the default spin the whole team gained nothing (251 -> 237, 95 -> 103, 46 -> 49).
 _TEAM_PLAN = _workers_keep_spinning(_WAIT_POLICY)
 
+# Split programs: below this many FLOPs per call a program runs on one thread (tuned below); "on"/"off" force.
+_SPLIT_FLOPS = 4_000_000
+_SPLIT_MODE = "auto"
+
+
+def _ranges(total, parts, align=1):
+    """range(total) in at most `parts` contiguous pieces of near-equal size whose inner bounds are multiples of
+    align (fewer pieces where total holds fewer aligned ones)."""
+    blocks = -(-total // align)
+    parts = max(1, min(parts, blocks))
+    bounds = [min(total, (blocks * i // parts) * align) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _part(array, start, stop):
+    return None if array is None else array[start:stop]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Steps: what the plan runs. Each has output_shape(sample shape), prepare(sample shape) -> arguments that do not
@@ -77,6 +94,26 @@ class _Step:
         """Append this step for a batch of n inputs of per-sample shape `shape` to the compiled program (operands
         src and dst, see _kernels/frozen.pxi), with the thread counts run() would use; False where it cannot."""
         return False
+
+    def flops(self, prepared):
+        """Multiply-adds x 2 per sample (convs and linears; 0 for the rest)."""
+        return 0
+
+    def compile_split(self, program, prepared, shape, n, src, dst, parts):
+        """Append this step as one stage of a split program: up to `parts` slices over disjoint images (n > 1) or
+        channels (n == 1, compile_channels), each a whole kernel call on one thread; False where it cannot."""
+        if n == 1:
+            return self.compile_channels(program, prepared, shape, src, dst, parts)
+        size, out = math.prod(shape), math.prod(self.output_shape(shape))
+        for i0, i1 in _ranges(n, parts):
+            if not self.compile(program, prepared, shape, i1 - i0, src, dst):
+                return False
+            program.place(i0 * size, i0 * out)
+        return True
+
+    def compile_channels(self, program, prepared, shape, src, dst, parts):
+        """One sample's step in slices over its channels; by default one slice, the whole step."""
+        return self.compile(program, prepared, shape, 1, src, dst)
 
     @staticmethod
     def elementwise_threads(n, shape):
@@ -139,6 +176,36 @@ class _Conv(_Step):
                      self.relu, self.scale, self.shift, packed)
         return True
 
+    def flops(self, prepared):
+        return prepared[1]
+
+    def compile_channels(self, program, prepared, shape, src, dst, parts):
+        # slices of the output channels (of whole groups where grouped), each with its weights packed for the
+        # whole conv's path (forced: a slice's shape alone might choose another, with other bits); a dense conv's
+        # slices hold whole 16-channel blocks, so that no tile is split
+        params, _, _, packed = prepared
+        C, H, W = shape
+        K, G = self.weight.shape[0], self.hyper["groups"]
+        _, OH, OW = self.output_shape(shape)
+        Cg, Kg = C // G, K // G
+        ranges = _ranges(K, parts, 16) if G == 1 else [(g0 * Kg, g1 * Kg) for g0, g1 in _ranges(G, parts)]
+        if len(ranges) == 1:
+            return self.compile(program, prepared, shape, 1, src, dst)
+        for k0, k1 in ranges:
+            g0, g1 = (0, 1) if G == 1 else (k0 // Kg, k1 // Kg)
+            sliced = params[:6] + (g1 - g0,) + params[7:]
+            x_shape = (1, (g1 - g0) * Cg, H, W)
+            weight = self.weight[k0:k1]
+            part = None
+            if packed is not None:
+                buffer = np.empty(_engine.conv2d_pack_length(x_shape, weight.shape, sliced, weight.itemsize,
+                                                             packed[0]), weight.dtype)
+                part = (_engine.conv2d_pack(x_shape, weight, sliced, buffer, packed[0]), buffer)
+            program.conv(src, dst, 1, x_shape, weight, _part(self.bias, k0, k1), sliced, self.relu,
+                         _part(self.scale, k0, k1), _part(self.shift, k0, k1), part, forced=True)
+            program.place(g0 * Cg * H * W, k0 * OH * OW)
+        return True
+
 
 class _BatchNorm(_Step):
     """A per-channel affine that could not be folded: the inference batch norm kernel, with ReLU after it."""
@@ -170,6 +237,14 @@ class _BatchNorm(_Step):
                            math.prod(shape[1:]), self.gamma, self.beta, self.mean, self.var, self.eps, self.relu)
         return True
 
+    def compile_channels(self, program, prepared, shape, src, dst, parts):
+        plane = math.prod(shape[1:])
+        for c0, c1 in _ranges(shape[0], parts):
+            program.batch_norm(src, dst, 1, 1, c1 - c0, plane, self.gamma[c0:c1], self.beta[c0:c1],
+                               self.mean[c0:c1], self.var[c0:c1], self.eps, self.relu)
+            program.place(c0 * plane, c0 * plane)
+        return True
+
 
 class _ReLU(_Step):
     in_place = True
@@ -187,6 +262,12 @@ class _ReLU(_Step):
 
     def compile(self, program, prepared, shape, n, src, dst):
         program.relu(src, dst, self.elementwise_threads(n, shape), n * math.prod(shape))
+        return True
+
+    def compile_channels(self, program, prepared, shape, src, dst, parts):
+        for i0, i1 in _ranges(math.prod(shape), parts, 16):
+            program.relu(src, dst, 1, i1 - i0)
+            program.place(i0, i0)
         return True
 
 
@@ -223,6 +304,14 @@ class _Pool(_Step):
                      n * shape[0], shape[1], shape[2], params, self.count_include_pad)
         return True
 
+    def compile_channels(self, program, params, shape, src, dst, parts):
+        _, OH, OW = self.output_shape(shape)
+        for c0, c1 in _ranges(shape[0], parts):
+            program.pool(src, dst, 1, self.kind == "max", c1 - c0, shape[1], shape[2], params,
+                         self.count_include_pad)
+            program.place(c0 * shape[1] * shape[2], c0 * OH * OW)
+        return True
+
 
 class _GlobalAvgPool(_Step):
     def describe(self):
@@ -239,6 +328,12 @@ class _GlobalAvgPool(_Step):
     def compile(self, program, prepared, shape, n, src, dst):
         program.global_avg_pool(src, dst, self.elementwise_threads(n, shape), n * shape[0],
                                 shape[1] * shape[2])
+        return True
+
+    def compile_channels(self, program, prepared, shape, src, dst, parts):
+        for c0, c1 in _ranges(shape[0], parts):
+            program.global_avg_pool(src, dst, 1, c1 - c0, shape[1] * shape[2])
+            program.place(c0 * shape[1] * shape[2], c0)
         return True
 
 
@@ -289,6 +384,15 @@ class _Linear(_Step):
     def compile(self, program, prepared, shape, n, src, dst):
         product_threads, relu_threads = self.threads(n)
         program.linear(src, dst, product_threads, n, self.weight_t, self.bias, self.relu, relu_threads)
+        return True
+
+    def flops(self, prepared):
+        return 2 * self.weight_t.size
+
+    def compile_channels(self, program, prepared, shape, src, dst, parts):
+        # slices of the output columns, whole vectors each (the product reads W^T's rows in place: same bits)
+        for j0, j1 in _ranges(self.weight_t.shape[1], parts, 16):
+            program.linear(src, dst, 1, 1, self.weight_t, self.bias, self.relu, 1, j0, j1 - j0)
         return True
 
 
@@ -487,17 +591,33 @@ class _Arena:
         if not all(_compilable(a, dtype) for step in steps for a in vars(step).values() if isinstance(a, np.ndarray)):
             return None
         program = _engine.Program(np.dtype(dtype) == np.float64, n * math.prod(plan.shapes[0]), self.buffers)
+        parts = self._split_parts()
         operand = 0                           # 0: the caller's x; 1, 2: buffers[0], buffers[1]
         for step, prepared, shape, out, where in zip(steps, plan.prepared, plan.shapes, self.outs, self.written):
             if out is None:
                 continue
             dst = where + 1
-            if not step.compile(program, prepared, shape, n, operand, dst):
+            if parts > 1:
+                if not step.compile_split(program, prepared, shape, n, operand, dst, parts):
+                    return None
+                program.end_stage()
+            elif not step.compile(program, prepared, shape, n, operand, dst):
                 return None
             operand = dst
-        if _TEAM_PLAN:
+        program.finish(parts)
+        if _TEAM_PLAN and parts == 1:
             program.team = _threads.get_num_threads()
         return program
+
+    def _split_parts(self):
+        """Threads of a split program (frozen.pxi run_split), or 1 for a program of whole steps."""
+        threads = _threads.get_num_threads()
+        if threads == 1 or _TEAM_PLAN or _SPLIT_MODE == "off":
+            return 1
+        if _SPLIT_MODE == "on":
+            return threads
+        flops = self.n * sum(step.flops(prepared) for step, prepared in zip(self.steps, self.plan.prepared))
+        return threads if flops >= _SPLIT_FLOPS or not _threads._serial_small_calls else 1
 
 
 def _compilable(array, dtype):

@@ -231,15 +231,14 @@ def test_frozen_results_do_not_depend_on_the_thread_count(rng):
 
 
 def test_compiled_steps_take_the_thread_count_of_each_call(rng, monkeypatch):
-    """The compiled loop fixes each op's thread count when it is built: a later set_num_threads (or the tests'
+    """The compiled loop fixes its thread counts when it is built: a later set_num_threads (or the tests'
     every_call_threaded) must rebuild it, or the thread-count tests above would run one thread throughout."""
     frozen = cifar_net().freeze()
     x = randn(rng, (2, 3, 32, 32), np.float32)
     seen = []
-    real = engine.Program.conv
+    real = engine.Program.finish
     monkeypatch.setattr(engine, "Program", type("Recording", (engine.Program,), {
-        "conv": lambda self, src, dst, n_threads, *rest: (seen.append(n_threads), real(self, src, dst, n_threads,
-                                                                                        *rest))[1]}))
+        "finish": lambda self, n_threads: (seen.append(n_threads), real(self, n_threads))[1]}))
     convengine.set_num_threads(1)
     frozen(x)
     with every_call_threaded():
@@ -248,7 +247,86 @@ def test_compiled_steps_take_the_thread_count_of_each_call(rng, monkeypatch):
         frozen(x)
         convengine.set_num_threads(3)
         frozen(x)
-    assert seen == [1] * 3 + [2] * 3 + [3] * 3
+    assert seen == [1, 2, 3]
+    (arena,) = frozen._arenas[((3, 32, 32), 2)]
+    assert arena.compiled().split == 3
+
+
+def split_nets(dtype):
+    """Nets whose steps split into several slices: dense convs of 32-64 channels (slices of whole 16-channel
+    blocks, the pixel path's 64 -> 48 on 8x8 among them, whose 16-channel slice alone would take another path),
+    depthwise and grouped convs, an unfolded batch norm, pools, a linear of 40 columns and the bench's nets."""
+    from convengine.bench import inference
+    wide = [Conv2d(3, 32, 3, padding=1, dtype=dtype), BatchNorm2d(32, dtype=dtype), ReLU(), MaxPool2d(2),
+            Conv2d(32, 64, 3, padding=1, dtype=dtype), ReLU(), MaxPool2d(2),
+            Conv2d(64, 48, 3, padding=1, dtype=dtype), ReLU(), BatchNorm2d(48, dtype=dtype), ReLU(),
+            Conv2d(48, 48, 3, padding=1, groups=48, dtype=dtype), BatchNorm2d(48, dtype=dtype),
+            Conv2d(48, 64, 1, groups=4, dtype=dtype), AvgPool2d(3, 1, padding=1), ReLU(),
+            Conv2d(64, 40, 1, dtype=dtype), GlobalAvgPool2d(), Linear(40, 40, dtype=dtype), ReLU(),
+            Linear(40, 10, dtype=dtype)]
+    nets = {"wide": wide}
+    if dtype == "float32":
+        nets.update((name, make()) for name, make in inference.NETS.items() if name != "vgg")
+    return nets
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_split_programs_give_the_bits_of_one_thread(dtype, rng, monkeypatch):
+    """A split program (frozen.pxi run_split: each step's slices over images, or over channels at batch 1, shared
+    by the caller and the pool's workers) gives the bits of the one-thread program at any thread count."""
+    monkeypatch.setattr(frozen_module, "_SPLIT_MODE", "on")
+    name = np.dtype(dtype).name
+    for net, layers in split_nets(name).items():
+        convengine.manual_seed(7)
+        model = randomise_batch_norms(convengine.Sequential(layers, input_shape=(3, 32, 32)), rng)
+        frozen = model.freeze()
+        for batch in (1, 2, 3):
+            x = randn(rng, (batch, 3, 32, 32), dtype)
+            convengine.set_num_threads(1)
+            want = frozen(x)
+            for n in (2, 3):
+                convengine.set_num_threads(n)
+                for _ in range(3):
+                    assert_bitwise_equal(frozen(x), want, f"{net}, batch {batch}, {n} threads")
+                (arena,) = frozen._arenas[((3, 32, 32), batch)]
+                program = arena.compiled()
+                assert program.split == n
+                assert program.slices() > program.stages(), net      # some steps really split
+            looped = model.forward(x, training=False)
+            assert np.max(np.abs(want - looped)) <= RTOL[dtype] * (np.max(np.abs(looped)) + 1)
+
+
+def test_split_programs_run_on_a_busy_pool_and_report_scratch_failure(rng, monkeypatch):
+    """Calls from several Python threads share one pool: a call finding it busy runs its program alone, with the
+    same bits; an allocation failure in any slice is a MemoryError, and the next call is whole again."""
+    monkeypatch.setattr(frozen_module, "_SPLIT_MODE", "on")
+    convengine.manual_seed(8)
+    frozen = randomise_batch_norms(convengine.Sequential(split_nets("float32")["wide"], input_shape=(3, 32, 32)),
+                                   rng).freeze()
+    inputs = [randn(rng, (n, 3, 32, 32), np.float32) for n in (1, 2, 1, 5)]
+    convengine.set_num_threads(1)
+    want = [frozen(x) for x in inputs]
+    convengine.set_num_threads(2)
+    got = [[None] * 20 for _ in inputs]
+
+    def work(i):
+        for k in range(20):
+            got[i][k] = frozen(inputs[i])
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, results in enumerate(got):
+        for result in results:
+            assert_bitwise_equal(result, want[i])
+    previous = engine.fail_allocation_after(3)
+    try:
+        with pytest.raises(MemoryError, match="scratch"):
+            frozen(inputs[1])
+    finally:
+        engine.fail_allocation_after(previous)
+    assert_bitwise_equal(frozen(inputs[1]), want[1])
 
 
 @pytest.mark.parametrize("policy,spins", [("GOMP_SPINCOUNT=500", False), ("passive", False), ("active", True),

@@ -377,10 +377,11 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
 
 cdef int conv2d_forward_core(const floating* x, const floating* w, const Epilogue* e, floating* y,
                              const ConvGeom* p, int n_threads, const floating* prepacked=NULL,
-                             int prepacked_path=PATH_AUTO) noexcept nogil:
+                             int prepacked_path=PATH_AUTO, bint forced=False) noexcept nogil:
     """y = epilogue(conv2d(x, w)), all C-contiguous NCHW / KCRS. prepacked: the weights as conv2d_pack packed them
-    for path prepacked_path, used where the shape takes that path now (else packed here). Returns -1 on
-    allocation failure."""
+    for path prepacked_path, used where the shape takes that path now (else packed here), or always where forced
+    (a frozen plan's slice of the output channels takes the path of the whole conv, and so its bits). Returns -1
+    on allocation failure."""
     cdef Py_ssize_t KC = weight_block(p, <floating>0)
     cdef floating* apack = NULL
     cdef int rc
@@ -391,7 +392,7 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const Epilogu
         if use_smallc(p, <float>0):
             return conv2d_forward_smallc(x, w, e, y, p, n_threads)
     cdef const floating* packed
-    path = forward_path(p, <floating>0)
+    path = prepacked_path if forced and prepacked != NULL else forward_path(p, <floating>0)
     if prepacked_path != path:
         prepacked = NULL
     if path == PATH_PIXELS:
@@ -476,14 +477,18 @@ cdef Py_ssize_t packed_length(const ConvGeom* p, int path, floating dummy) noexc
 def conv2d_pack(tuple x_shape,                            # (B, C, H, W) of the inputs (any B)
                 const floating[:, :, :, ::1] weight,      # IN  (K, C/G, KH, KW)
                 tuple params,
-                floating[::1] out):                       # OUT conv2d_pack_length elements
+                floating[::1] out,                        # OUT conv2d_pack_length elements
+                int path=PATH_AUTO):                      # a path returned before for these weights' whole conv
     """Pack the weights once, as the forward path of this geometry packs them on every call; returns that path,
     to pass as conv2d_forward(..., packed=(path, out)). (A frozen plan's weights do not change: batch 1 paid 5-45
-    us per conv for packing them again.)"""
+    us per conv for packing them again.) path: pack for that path instead (a slice of a conv's output channels
+    packed for the whole conv's path)."""
     cdef ConvGeom p
-    cdef int path
     fill_geom(&p, x_shape, weight.shape[0], weight.shape[2], weight.shape[3], params)
-    path = forward_path(&p, <floating>0)
+    if path == PATH_AUTO:
+        path = forward_path(&p, <floating>0)
+    elif path not in (PATH_DIRECT, PATH_IM2COL, PATH_PIXELS, PATH_POINTWISE):
+        raise ValueError(f"conv2d_pack: no packed path {path}")
     if out.shape[0] != packed_length(&p, path, <floating>0) or out.shape[0] == 0:
         raise ValueError("conv2d_pack: out has the wrong length (see conv2d_pack_length)")
     if path == PATH_PIXELS:
@@ -493,13 +498,15 @@ def conv2d_pack(tuple x_shape,                            # (B, C, H, W) of the 
     return path
 
 
-def conv2d_pack_length(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize):
-    """Elements of conv2d_pack's result for this geometry; 0 where the forward packs no weights worth keeping (a
-    depthwise conv, the first-layer path)."""
+def conv2d_pack_length(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize, int path=PATH_AUTO):
+    """Elements of conv2d_pack's result for this geometry (packed for `path`, if given); 0 where the forward
+    packs no weights worth keeping (a depthwise conv, the first-layer path)."""
     cdef ConvGeom p
     fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
     if is_depthwise(&p) or (itemsize == 4 and use_smallc(&p, <float>0)):
         return 0
+    if path != PATH_AUTO:
+        return packed_length(&p, path, <float>0) if itemsize == 4 else packed_length(&p, path, <double>0)
     if itemsize == 4:
         return packed_length(&p, forward_path(&p, <float>0), <float>0)
     return packed_length(&p, forward_path(&p, <double>0), <double>0)

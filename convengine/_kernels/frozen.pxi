@@ -12,6 +12,16 @@
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS
 from libc.stdlib cimport realloc
 
+cdef extern from "frozen.h":
+    int stage_claim "ce_stage_claim"(int* claimed) noexcept nogil
+    void stage_done "ce_stage_done"(int* done) noexcept nogil
+    void stage_wait "ce_stage_wait"(int* done, int n) noexcept nogil
+    int stage_failed "ce_stage_failed"(int* failed) noexcept nogil
+    void stage_fail "ce_stage_fail"(int* failed) noexcept nogil
+    ctypedef void (*job_fn "ce_job_fn")(void* ctx) noexcept nogil
+    void pool_run "ce_pool_run"(job_fn fn, void* ctx, int workers) noexcept nogil
+
+
 cdef enum:
     OP_CONV = 1
     OP_MAX_POOL = 2
@@ -25,6 +35,7 @@ cdef enum:
 cdef struct Op:
     int kind
     int src, dst                    # operand numbers (above)
+    Py_ssize_t src_off, dst_off     # where the op's input and output start in them (elements): a slice's part
     int n_threads
     int relu                        # linear, batch norm: ReLU after
     int relu_threads                # linear: threads of that ReLU (frozen.py's choice for an elementwise op)
@@ -33,7 +44,9 @@ cdef struct Op:
     PoolGeom pool                   # pools
     int count_include_pad           # avg pool
     int packed_path                 # conv: the path `packed` was packed for
+    int forced                      # conv: take that path even where this (sliced) shape alone would not
     Py_ssize_t rows, cols, inner    # linear: M, N, K; relu: rows values; global avg pool: rows planes of cols
+    Py_ssize_t col0, ld             # linear: the slice's first column of the whole product, and its row length
     Py_ssize_t channels             # batch norm: (rows images, channels, cols values per plane)
     double eps                      # batch norm
     const void* weight              # conv weights; linear W^T (K x N); batch norm gamma
@@ -57,6 +70,11 @@ cdef class Program:
     cdef void* operands[3]
     cdef list keep
     cdef public int team           # > 0: every op runs on this many threads (the whole call keeps the team busy)
+    cdef public int split          # > 1: a split program (run_split) on this many threads
+    cdef list bounds               # a split program's stage boundaries: ops[bounds[s]:bounds[s + 1]]
+    cdef int* stage_start
+    cdef int* counters             # per stage: slices claimed, slices done
+    cdef int n_stages
 
     def __cinit__(self, bint is_double, Py_ssize_t input_size, buffers):
         self.is_double = is_double
@@ -68,9 +86,16 @@ cdef class Program:
         self.ops = NULL
         self.n_ops = self.capacity = 0
         self.team = 0
+        self.split = 0
+        self.bounds = [0]
+        self.stage_start = NULL
+        self.counters = NULL
+        self.n_stages = 0
 
     def __dealloc__(self):
         free(self.ops)
+        free(self.stage_start)
+        free(self.counters)
 
     cdef Op* _add(self, int kind, int src, int dst, int n_threads) except NULL:
         cdef Op* grown
@@ -96,8 +121,48 @@ cdef class Program:
         self.keep.append(array)
         return <const void*>_address(array)
 
+    def end_stage(self):
+        """Close a split program's stage: the ops added since the last one are slices that may run at once, and
+        the next stage starts when they are all done."""
+        if self.n_ops > self.bounds[len(self.bounds) - 1]:
+            self.bounds.append(self.n_ops)
+
+    def place(self, Py_ssize_t src_off, Py_ssize_t dst_off):
+        """The last op's input and output start src_off and dst_off elements into its operands."""
+        if self.n_ops == 0 or src_off < 0 or dst_off < 0:
+            raise ValueError("frozen program: place() needs an op and offsets >= 0")
+        self.ops[self.n_ops - 1].src_off = src_off
+        self.ops[self.n_ops - 1].dst_off = dst_off
+
+    def finish(self, int n_threads):
+        """Run as a split program on n_threads (> 1): every stage's slices shared among them; else op by op."""
+        cdef int i, n
+        self.end_stage()
+        n = len(self.bounds)
+        if n_threads <= 1:
+            self.split = 0
+            return
+        free(self.stage_start)
+        free(self.counters)
+        self.stage_start = <int*>malloc(n * sizeof(int))
+        self.counters = <int*>malloc(2 * n * sizeof(int))
+        if self.stage_start == NULL or self.counters == NULL:
+            raise MemoryError()
+        for i in range(n):
+            self.stage_start[i] = self.bounds[i]
+        self.n_stages = n - 1
+        self.split = n_threads
+
+    def stages(self):
+        """Steps of a split program (after finish)."""
+        return len(self.bounds) - 1
+
+    def slices(self):
+        """Kernel calls per run: a split program's slices, else its steps."""
+        return self.n_ops
+
     def conv(self, int src, int dst, int n_threads, tuple x_shape, weight, bias, tuple params, bint relu, scale,
-             shift, packed):
+             shift, packed, bint forced=False):
         cdef Op* op = self._add(OP_CONV, src, dst, n_threads)
         fill_geom(&op.conv, x_shape, weight.shape[0], weight.shape[2], weight.shape[3], params)
         op.weight = self._hold(weight)
@@ -109,6 +174,7 @@ cdef class Program:
         if packed is not None:
             op.packed_path = packed[0]
             op.packed = self._hold(packed[1])
+        op.forced = forced and packed is not None
 
     def pool(self, int src, int dst, int n_threads, bint is_max, Py_ssize_t planes, Py_ssize_t H, Py_ssize_t W,
              tuple params, bint count_include_pad):
@@ -125,11 +191,17 @@ cdef class Program:
         op.rows = planes
         op.cols = plane_size
 
-    def linear(self, int src, int dst, int n_threads, Py_ssize_t rows, weight_t, bias, bint relu, int relu_threads):
+    def linear(self, int src, int dst, int n_threads, Py_ssize_t rows, weight_t, bias, bint relu, int relu_threads,
+               Py_ssize_t col0=0, Py_ssize_t cols=-1):
+        """y = x @ weight_t (+ bias, ReLU); a slice computes columns col0 to col0 + cols of each row only."""
         cdef Op* op = self._add(OP_LINEAR, src, dst, n_threads)
         op.rows = rows
         op.inner = weight_t.shape[0]
-        op.cols = weight_t.shape[1]
+        op.ld = weight_t.shape[1]
+        op.cols = op.ld if cols < 0 else cols
+        op.col0 = col0
+        if col0 < 0 or col0 + op.cols > op.ld:
+            raise ValueError("frozen program: linear columns out of range")
         op.weight = self._hold(weight_t)
         op.bias = self._hold(bias)
         op.relu = relu
@@ -161,7 +233,14 @@ cdef class Program:
             self.operands[0] = view.buf
             with nogil:
                 fp = fp_enter_call()
-                if self.is_double:
+                if self.split > 1:
+                    if self.is_double:
+                        rc = run_split(<double>0, self.ops, self.stage_start, self.n_stages, self.operands,
+                                       self.split, self.counters)
+                    else:
+                        rc = run_split(<float>0, self.ops, self.stage_start, self.n_stages, self.operands,
+                                       self.split, self.counters)
+                elif self.is_double:
                     rc = run_ops(<double>0, self.ops, self.n_ops, self.operands, self.team)
                 else:
                     rc = run_ops(<float>0, self.ops, self.n_ops, self.operands, self.team)
@@ -173,42 +252,114 @@ cdef class Program:
             raise MemoryError("frozen model: could not allocate kernel scratch")
 
 
+cdef int run_op(floating dummy, const Op* op, void** operands, int nt, int relu_nt) noexcept nogil:
+    """One op on nt threads (a linear's ReLU on relu_nt); nonzero where it failed (scratch allocation)."""
+    cdef int rc = 0
+    cdef const floating* x = <const floating*>operands[op.src] + op.src_off
+    cdef floating* y = <floating*>operands[op.dst] + op.dst_off
+    cdef floating* yr
+    cdef const floating* bias
+    cdef Py_ssize_t r, j
+    if op.kind == OP_CONV:
+        rc = conv2d_forward_core(x, <const floating*>op.weight, &op.epilogue, y, &op.conv, nt,
+                                 <const floating*>op.packed, op.packed_path, op.forced)
+    elif op.kind == OP_MAX_POOL:
+        rc = max_pool2d_forward_core(x, y, NULL, &op.pool, nt)
+    elif op.kind == OP_AVG_POOL:
+        avg_pool2d_forward_core(x, y, &op.pool, op.count_include_pad, nt)
+    elif op.kind == OP_RELU:
+        relu_core(x, y, op.rows, nt)
+    elif op.kind == OP_GLOBAL_AVG_POOL:
+        global_avg_pool2d_core(x, y, op.rows, op.cols, nt)
+    elif op.kind == OP_LINEAR:
+        y = y + op.col0
+        rc = gemm_strided(op.rows, op.cols, op.inner, x, op.inner, 1, <const floating*>op.weight + op.col0, op.ld, 1,
+                          y, op.ld, nt)
+        if rc == 0 and op.bias != NULL:
+            bias = <const floating*>op.bias + op.col0
+            for r in range(op.rows):
+                yr = y + r * op.ld
+                for j in range(op.cols):
+                    yr[j] = yr[j] + bias[j]
+        if rc == 0 and op.relu:
+            if op.cols == op.ld:
+                relu_core(y, y, op.rows * op.cols, relu_nt)
+            else:
+                for r in range(op.rows):
+                    relu_core(y + r * op.ld, y + r * op.ld, op.cols, 1)
+    elif op.kind == OP_BATCH_NORM:
+        rc = batch_norm2d_forward_core(x, y, op.rows, op.channels, op.cols, <const floating*>op.weight,
+                                       <const floating*>op.bias, <floating*>op.mean, <floating*>op.var, False,
+                                       <floating>op.eps, op.relu, nt)
+    return rc
+
+
 cdef int run_ops(floating dummy, const Op* ops, int n_ops, void** operands, int team) noexcept nogil:
     """Each op in turn (on `team` threads each, if positive); nonzero as soon as one fails (scratch allocation)."""
-    cdef int i, rc = 0, nt
+    cdef int i, rc
     cdef const Op* op
-    cdef const floating* x
-    cdef floating* y
-    cdef Py_ssize_t r, j
     for i in range(n_ops):
         op = &ops[i]
-        x = <const floating*>operands[op.src]
-        y = <floating*>operands[op.dst]
-        nt = team if team > 0 else op.n_threads
-        if op.kind == OP_CONV:
-            rc = conv2d_forward_core(x, <const floating*>op.weight, &op.epilogue, y, &op.conv, nt,
-                                     <const floating*>op.packed, op.packed_path)
-        elif op.kind == OP_MAX_POOL:
-            rc = max_pool2d_forward_core(x, y, NULL, &op.pool, nt)
-        elif op.kind == OP_AVG_POOL:
-            avg_pool2d_forward_core(x, y, &op.pool, op.count_include_pad, nt)
-        elif op.kind == OP_RELU:
-            relu_core(x, y, op.rows, nt)
-        elif op.kind == OP_GLOBAL_AVG_POOL:
-            global_avg_pool2d_core(x, y, op.rows, op.cols, nt)
-        elif op.kind == OP_LINEAR:
-            rc = gemm_strided(op.rows, op.cols, op.inner, x, op.inner, 1, <const floating*>op.weight, op.cols, 1,
-                              y, op.cols, nt)
-            if rc == 0 and op.bias != NULL:
-                for r in range(op.rows):
-                    for j in range(op.cols):
-                        y[r * op.cols + j] = y[r * op.cols + j] + (<const floating*>op.bias)[j]
-            if rc == 0 and op.relu:
-                relu_core(y, y, op.rows * op.cols, (team if team > 0 else op.relu_threads))
-        elif op.kind == OP_BATCH_NORM:
-            rc = batch_norm2d_forward_core(x, y, op.rows, op.channels, op.cols, <const floating*>op.weight,
-                                           <const floating*>op.bias, <floating*>op.mean, <floating*>op.var, False,
-                                           <floating>op.eps, op.relu, nt)
+        rc = run_op(dummy, op, operands, team if team > 0 else op.n_threads, team if team > 0 else op.relu_threads)
         if rc:
             return rc
     return 0
+
+
+cdef struct SplitJob:
+    const Op* ops
+    const int* start
+    int n_stages
+    void** operands
+    int* counters
+    int failed
+
+
+cdef void run_stages(floating dummy, SplitJob* job) noexcept nogil:
+    """The calling thread's share of a split program: in each stage, slices claimed one at a time until none is
+    left, then a wait until the others' are done. After a failure the remaining slices are claimed and skipped."""
+    cdef int s, k, n
+    cdef fpstate fp = fp_enter()
+    for s in range(job.n_stages):
+        n = job.start[s + 1] - job.start[s]
+        while True:
+            k = stage_claim(&job.counters[2 * s])
+            if k >= n:
+                break
+            if not stage_failed(&job.failed):
+                if run_op(dummy, &job.ops[job.start[s] + k], job.operands, 1, 1):
+                    stage_fail(&job.failed)
+            stage_done(&job.counters[2 * s + 1])
+        stage_wait(&job.counters[2 * s + 1], n)
+    fp_leave(fp)
+
+
+cdef void run_stages_float(void* job) noexcept nogil:
+    run_stages(<float>0, <SplitJob*>job)
+
+
+cdef void run_stages_double(void* job) noexcept nogil:
+    run_stages(<double>0, <SplitJob*>job)
+
+
+cdef int run_split(floating dummy, const Op* ops, const int* start, int n_stages, void** operands, int n_threads,
+                   int* counters) noexcept nogil:
+    """A split program: every stage's slices (parts of one step over disjoint images or channels, each a whole
+    kernel call on one thread) shared between the caller and n_threads - 1 workers of frozen.h's pool. Which
+    thread runs a slice never changes its bits; the caller alone runs whatever no worker took."""
+    cdef SplitJob job
+    cdef fpstate fps
+    job.ops = ops
+    job.start = start
+    job.n_stages = n_stages
+    job.operands = operands
+    job.counters = counters
+    job.failed = 0
+    memset(counters, 0, 2 * n_stages * sizeof(int))
+    fps = fp_suspend()
+    if floating is float:
+        pool_run(run_stages_float, &job, n_threads - 1)
+    else:
+        pool_run(run_stages_double, &job, n_threads - 1)
+    fp_resume(fps)
+    return job.failed
