@@ -16,8 +16,10 @@ Activations live in buffers planned per input shape and batch size and reused ac
 arrays, whose first touch page-faults); each call takes a free set of buffers from a small pool, so a frozen model
 may be called from several threads at once. Arguments are validated when the plan is built; each call checks only
 its input. Each set of buffers carries its steps compiled into one loop over them (_kernels/frozen.pxi: one Python
-call per batch instead of one per step, the same kernels and thread counts, the same bits); a plan with a layer
-run through its own forward keeps the Python loop. Results are bitwise identical whatever the thread count, and
+call per batch instead of one per step, the same kernels and thread counts, the same bits); on two or more threads
+the loop is split: each step's slices (images, or channels at batch 1) shared by the caller and a small pool of
+workers (see _SPLIT_FLOPS below). A plan with a layer run through its own forward keeps the Python loop. Results
+are bitwise identical whatever the thread count, and
 agree with the model's own `predict` within float rounding (folding reorders the arithmetic: about 1e-6 relative
 in float32).
 """
@@ -53,17 +55,31 @@ def _workers_keep_spinning(policy):
     return policy == "active"
 
 
-# With workers that keep spinning, a compiled plan runs every step on the whole team however small (a batch of 1):
-# the steps follow each other within a microsecond, and no step pays a sleeping worker's wake-up (30-50 us under a
-# hypervisor). With the default short spin they sleep between calls, and the first step of each call would pay it:
-# steps below the thresholds above then stay on one thread. Measured on AMD EPYC Zen 4, 2 threads, batch 1, calls
-# back to back, OMP_WAIT_POLICY=active: CIFAR-shaped net 248 -> 174 us, depthwise-separable 93 -> 74, LeNet-5 43 ->
-# 39; with the default spin the whole team gained nothing (251 -> 237, 95 -> 103, 46 -> 49).
-_TEAM_PLAN = _workers_keep_spinning(_WAIT_POLICY)
-
-# Split programs: below this many FLOPs per call a program runs on one thread (tuned below); "on"/"off" force.
+# On two or more threads a compiled plan is a split program (_kernels/frozen.pxi run_split): each step cut into
+# slices over its images (over its channels at batch 1), each slice a whole kernel call on one thread, shared by
+# the caller and workers of the engine's own pool (frozen.h), which spin between steps and for a while after a call.
+# OpenMP could not do this: its workers sleep between steps (a 30-50 us wake-up each under a hypervisor), a
+# region's end waits for a worker still waking, and one-thread regions nested in a team cost 2.6 us each. Measured
+# on AMD EPYC Zen 4, 2 threads, calls back to back, whole-step program -> split program: batch 1, CIFAR-shaped net
+# 0.292 -> 0.177 ms, VGG-style 2.10 -> 1.28; batch 4, CIFAR-shaped 1.29 -> 0.59, separable 0.63 -> 0.21; batch 64,
+# CIFAR-shaped 9.9 -> 8.2, separable 5.9 -> 2.7, LeNet-5 1.71 -> 0.91, VGG-style 69 either way. Under
+# OMP_WAIT_POLICY=active, where every op of a plan used to run on the spinning OpenMP team, the split program is as
+# fast or faster (CIFAR-shaped batch 1 0.175 -> 0.154 ms, VGG-style 1.29 -> 1.14). Below _SPLIT_FLOPS per call a
+# plan stays on one thread (LeNet-5 at batch 1, 1.3 MFLOP: 47 us split, 44 whole); "on"/"off" force it (tests).
 _SPLIT_FLOPS = 4_000_000
 _SPLIT_MODE = "auto"
+
+
+def _pool_spin_ns(policy):
+    """How long the split programs' idle workers spin before they sleep, after the wait policy: none when the
+    user asked for passive workers, a second for active ones, else 200 us (long enough for back-to-back calls
+    from Python, a few microseconds apart; short enough that an idle server gives the core back at once)."""
+    if policy.strip().lower() == "passive":
+        return 0
+    return 1_000_000_000 if _workers_keep_spinning(policy) else 200_000
+
+
+_engine.set_pool_spin(_pool_spin_ns(_WAIT_POLICY))
 
 
 def _ranges(total, parts, align=1):
@@ -605,14 +621,12 @@ class _Arena:
                 return None
             operand = dst
         program.finish(parts)
-        if _TEAM_PLAN and parts == 1:
-            program.team = _threads.get_num_threads()
         return program
 
     def _split_parts(self):
         """Threads of a split program (frozen.pxi run_split), or 1 for a program of whole steps."""
         threads = _threads.get_num_threads()
-        if threads == 1 or _TEAM_PLAN or _SPLIT_MODE == "off":
+        if threads == 1 or _SPLIT_MODE == "off":
             return 1
         if _SPLIT_MODE == "on":
             return threads

@@ -296,10 +296,21 @@ def test_split_programs_give_the_bits_of_one_thread(dtype, rng, monkeypatch):
             assert np.max(np.abs(want - looped)) <= RTOL[dtype] * (np.max(np.abs(looped)) + 1)
 
 
-def test_split_programs_run_on_a_busy_pool_and_report_scratch_failure(rng, monkeypatch):
+@pytest.mark.parametrize("policy,spin", [("GOMP_SPINCOUNT=500", 200_000), ("passive", 0), (" Passive", 0),
+                                         ("active", 10 ** 9), ("GOMP_SPINCOUNT=20000", 10 ** 9)])
+def test_split_workers_spin_after_the_wait_policy(policy, spin):
+    assert frozen_module._pool_spin_ns(policy) == spin
+
+
+@pytest.mark.parametrize("spin", ["spinning", "sleeping"])
+def test_split_programs_run_on_a_busy_pool_and_report_scratch_failure(spin, rng, monkeypatch, request):
     """Calls from several Python threads share one pool: a call finding it busy runs its program alone, with the
-    same bits; an allocation failure in any slice is a MemoryError, and the next call is whole again."""
+    same bits; an allocation failure in any slice is a MemoryError, and the next call is whole again. Workers
+    that sleep at once (the passive policy) join each call late, or after it is over: the same bits."""
     monkeypatch.setattr(frozen_module, "_SPLIT_MODE", "on")
+    if spin == "sleeping":
+        engine.set_pool_spin(0)
+        request.addfinalizer(lambda: engine.set_pool_spin(frozen_module._pool_spin_ns(frozen_module._WAIT_POLICY)))
     convengine.manual_seed(8)
     frozen = randomise_batch_norms(convengine.Sequential(split_nets("float32")["wide"], input_shape=(3, 32, 32)),
                                    rng).freeze()
@@ -327,30 +338,14 @@ def test_split_programs_run_on_a_busy_pool_and_report_scratch_failure(rng, monke
     finally:
         engine.fail_allocation_after(previous)
     assert_bitwise_equal(frozen(inputs[1]), want[1])
+    assert engine.split_workers() >= 1
 
 
 @pytest.mark.parametrize("policy,spins", [("GOMP_SPINCOUNT=500", False), ("passive", False), ("active", True),
                                           ("ACTIVE", True), ("GOMP_SPINCOUNT=20000", True),
                                           ("GOMP_SPINCOUNT=infinite", True), ("GOMP_SPINCOUNT=4999", False)])
-def test_whole_team_plans_follow_the_wait_policy(policy, spins):
+def test_wait_policies_that_keep_workers_spinning(policy, spins):
     assert frozen_module._workers_keep_spinning(policy) is spins
-
-
-def test_a_whole_team_plan_gives_the_same_bits_on_any_thread_count(rng, monkeypatch):
-    """With workers that keep spinning every op of a compiled plan runs on the whole team, even at batch 1."""
-    monkeypatch.setattr(frozen_module, "_TEAM_PLAN", True)
-    frozen = randomise_batch_norms(cifar_net(), rng).freeze()
-    x = randn(rng, (1, 3, 32, 32), np.float32)
-    results = []
-    for n in (1, 2, 3):
-        convengine.set_num_threads(n)
-        results.append(frozen(x))
-        (arena,) = frozen._arenas[((3, 32, 32), 1)]
-        assert arena.compiled().team == n
-    frozen.compiled = False
-    results.append(frozen(x))
-    for got in results[1:]:
-        assert_bitwise_equal(got, results[0])
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

@@ -12,12 +12,13 @@
  * threads; AMD EPYC Zen 4, 2 vCPUs, libgomp 12), and an OpenMP region's end waits for every thread of the team,
  * also one still waking. A job here is posted to the workers and run by the caller at the same time; a worker
  * that has not entered by the time the caller is done never enters (the job is closed), so a call never waits
- * for a wake-up. Idle workers spin for CE_POOL_SPIN_NS after their last job, then sleep on a condition variable.
+ * for a wake-up. Idle workers spin for ce_pool_spin_ns after their last job, then sleep on a condition variable.
  */
 #ifndef CE_FROZEN_H
 #define CE_FROZEN_H
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <time.h>
 
@@ -35,9 +36,21 @@ static inline void ce_stage_done(int* done) {
     __atomic_fetch_add(done, 1, __ATOMIC_RELEASE);
 }
 
-static inline void ce_stage_wait(int* done, int n) {
-    while (__atomic_load_n(done, __ATOMIC_ACQUIRE) < n)
+/* One poll of a wait: spin, and after about 100 us of polls yield the core instead: more threads than cores
+ * (set_num_threads above the core count) must not spin against the thread they wait for. */
+static inline void ce_backoff(int* polls) {
+    if (*polls < 4096) {
         ce_pause();
+        ++*polls;
+    } else {
+        sched_yield();
+    }
+}
+
+static inline void ce_stage_wait(int* done, int n) {
+    int polls = 0;
+    while (__atomic_load_n(done, __ATOMIC_ACQUIRE) < n)
+        ce_backoff(&polls);
 }
 
 static inline int ce_stage_failed(int* failed) {
@@ -51,7 +64,9 @@ static inline void ce_stage_fail(int* failed) {
 /* ---- the pool ---------------------------------------------------------------------------------------------- */
 
 #define CE_POOL_MAX 64
-#define CE_POOL_SPIN_NS 200000LL
+
+/* How long an idle worker spins before it sleeps (frozen.pxi's set_pool_spin sets it from the wait policy). */
+static long long ce_pool_spin_ns = 200000LL;
 
 typedef void (*ce_job_fn)(void* ctx);
 
@@ -88,7 +103,7 @@ static void* ce_pool_worker(void* arg) {
     int index = (int)(size_t)arg;
     unsigned seen = __atomic_load_n(&ce_pool.seq, __ATOMIC_ACQUIRE);
     for (;;) {
-        long long spin_until = ce_now_ns() + CE_POOL_SPIN_NS;
+        long long spin_until = ce_now_ns() + __atomic_load_n(&ce_pool_spin_ns, __ATOMIC_RELAXED);
         int polls = 0;
         while (__atomic_load_n(&ce_pool.seq, __ATOMIC_ACQUIRE) == seen) {
             ce_pause();
@@ -149,7 +164,7 @@ static int ce_pool_start(int n) {
  * returned and every worker that entered has left. fn must finish the whole job on the caller alone if no worker
  * comes (the stages above do). Another job already running: the caller runs this one alone. */
 static void ce_pool_run(ce_job_fn fn, void* ctx, int workers) {
-    int s;
+    int polls;
     if (workers > 0) workers = ce_pool_start(workers);
     if (workers <= 0 || __atomic_exchange_n(&ce_pool.busy, 1, __ATOMIC_ACQUIRE)) {
         fn(ctx);
@@ -167,11 +182,19 @@ static void ce_pool_run(ce_job_fn fn, void* ctx, int workers) {
     }
     fn(ctx);
     /* close the job, then wait for the workers inside it (they are finishing its last stage or passing through) */
-    s = __atomic_fetch_and(&ce_pool.state, ~1, __ATOMIC_ACQ_REL);
+    __atomic_fetch_and(&ce_pool.state, ~1, __ATOMIC_ACQ_REL);
+    polls = 0;
     while (__atomic_load_n(&ce_pool.state, __ATOMIC_ACQUIRE) != 0)
-        ce_pause();
-    (void)s;
+        ce_backoff(&polls);
     __atomic_store_n(&ce_pool.busy, 0, __ATOMIC_RELEASE);
+}
+
+static inline void ce_pool_set_spin(long long ns) {
+    __atomic_store_n(&ce_pool_spin_ns, ns < 0 ? 0 : ns, __ATOMIC_RELAXED);
+}
+
+static inline int ce_pool_workers(void) {
+    return __atomic_load_n(&ce_pool.started, __ATOMIC_ACQUIRE);
 }
 
 #endif

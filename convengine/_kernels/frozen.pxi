@@ -5,9 +5,12 @@
 # workers spin, so a batch-1 call could not use a second thread. A Program holds each step of one (per-sample
 # shape, batch size) as a C struct with its arrays' pointers, validated when it is built, and runs them back to back
 # without the GIL, calling the same kernel cores as the Python steps with the same thread counts: the same bits.
+# On two or more threads it is a split program instead (run_split, at the end): each step a stage of slices over
+# disjoint images or channels, each slice one kernel call on one thread, shared by the caller and the workers of
+# frozen.h's pool; the same bits again, since which thread runs a slice never changes its arithmetic.
 #
-# Operands are numbered: 0 the call's input, 1 and 2 the arena's two activation buffers (frozen.py's _Arena), whose
-# outputs always start at the buffer's start.
+# Operands are numbered: 0 the call's input, 1 and 2 the arena's two activation buffers (frozen.py's _Arena); an
+# op reads and writes at its offsets into them (a slice's part; 0 for whole steps).
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS
 from libc.stdlib cimport realloc
@@ -20,6 +23,18 @@ cdef extern from "frozen.h":
     void stage_fail "ce_stage_fail"(int* failed) noexcept nogil
     ctypedef void (*job_fn "ce_job_fn")(void* ctx) noexcept nogil
     void pool_run "ce_pool_run"(job_fn fn, void* ctx, int workers) noexcept nogil
+    void pool_set_spin "ce_pool_set_spin"(long long ns) noexcept nogil
+    int pool_workers "ce_pool_workers"() noexcept nogil
+
+
+def set_pool_spin(long long ns):
+    """How long the split programs' idle workers spin before they sleep (frozen.h), in nanoseconds."""
+    pool_set_spin(ns)
+
+
+def split_workers():
+    """Workers of the split programs' pool started so far (they start with the first split program run)."""
+    return pool_workers()
 
 
 cdef enum:
@@ -69,7 +84,6 @@ cdef class Program:
     cdef Py_ssize_t input_size
     cdef void* operands[3]
     cdef list keep
-    cdef public int team           # > 0: every op runs on this many threads (the whole call keeps the team busy)
     cdef public int split          # > 1: a split program (run_split) on this many threads
     cdef list bounds               # a split program's stage boundaries: ops[bounds[s]:bounds[s + 1]]
     cdef int* stage_start
@@ -85,7 +99,6 @@ cdef class Program:
         self.operands[2] = <void*>_address(buffers[1])
         self.ops = NULL
         self.n_ops = self.capacity = 0
-        self.team = 0
         self.split = 0
         self.bounds = [0]
         self.stage_start = NULL
@@ -241,9 +254,9 @@ cdef class Program:
                         rc = run_split(<float>0, self.ops, self.stage_start, self.n_stages, self.operands,
                                        self.split, self.counters)
                 elif self.is_double:
-                    rc = run_ops(<double>0, self.ops, self.n_ops, self.operands, self.team)
+                    rc = run_ops(<double>0, self.ops, self.n_ops, self.operands)
                 else:
-                    rc = run_ops(<float>0, self.ops, self.n_ops, self.operands, self.team)
+                    rc = run_ops(<float>0, self.ops, self.n_ops, self.operands)
                 fp_leave_call(fp)
         finally:
             self.operands[0] = NULL
@@ -294,13 +307,13 @@ cdef int run_op(floating dummy, const Op* op, void** operands, int nt, int relu_
     return rc
 
 
-cdef int run_ops(floating dummy, const Op* ops, int n_ops, void** operands, int team) noexcept nogil:
-    """Each op in turn (on `team` threads each, if positive); nonzero as soon as one fails (scratch allocation)."""
+cdef int run_ops(floating dummy, const Op* ops, int n_ops, void** operands) noexcept nogil:
+    """Each op in turn on its own thread count; nonzero as soon as one fails (scratch allocation)."""
     cdef int i, rc
     cdef const Op* op
     for i in range(n_ops):
         op = &ops[i]
-        rc = run_op(dummy, op, operands, team if team > 0 else op.n_threads, team if team > 0 else op.relu_threads)
+        rc = run_op(dummy, op, operands, op.n_threads, op.relu_threads)
         if rc:
             return rc
     return 0
