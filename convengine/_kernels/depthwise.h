@@ -213,6 +213,11 @@ static inline void ce_dw_merge_row_d(const double* e, const double* o, ptrdiff_t
  *   ce_dw3x3p1s2_w16_f: W = 16, stride 2, OW = 8, any OH (rows past the plane read as zero). Two output rows per
  *                       vector; each tap row's two input rows give their even, odd and odd-shifted-by-one columns
  *                       to one vector by vpermt2ps.
+ * Tried and not kept (Zen 4, batch 64, 1 thread): 8-wide planes with rows q and q + H/2 in one vector (2 loads
+ * and 2 valignd per vector instead of 1 load and 5 shuffles: 0.159 -> 0.181 ms for 64x128x8x8) or with every
+ * tap's operand read by a masked unaligned load (no shuffles: 0.179 ms); stride 2 with rows q and q + OH/2 (4
+ * vpermt2ps and 2 valignd per vector instead of 9 vpermt2ps: no faster, 0.10 ms either way; 64x64x16x16 at
+ * batch 64 then streams about 50 GB/s of input and output).
  */
 #if defined(__AVX512F__)
 #define CE_DW_SMALL 1

@@ -101,10 +101,12 @@ cdef inline int dw_small_kernel(const ConvGeom* p, floating dummy) noexcept nogi
     """The forward's kernel for a plane of this geometry: the whole-plane register kernels of depthwise.h where
     they apply (float32, AVX-512 builds; 3x3, top and left padding 1, dilation 1; width 8 or 16 at stride 1 with
     the output as large as the input, width 16 -> 8 at stride 2), else the general sweep.
-    Measured on AMD EPYC (Zen 4), 1 thread, functional.conv2d with bias, batch 64, general -> whole-plane:
-    (64,32,16,16) s1 0.31 -> 0.13 ms, (64,64,16,16) s2 0.61 -> 0.15 ms, (64,128,8,8) s1 0.52 -> 0.11 ms (the
-    depthwise layers of the separable benchmark net). Bitwise the same results, so no threshold: every such
-    plane takes them."""
+    Measured on AMD EPYC (Zen 4), 1 thread, conv2d forward with bias, general sweep -> whole-plane kernel, in
+    one process, medians: batch 64 (64,32,16,16) s1 0.317 -> 0.094 ms (30 -> 100 GFLOP/s), (64,64,16,16) s2
+    0.673 -> 0.098 ms (7 -> 48), (64,128,8,8) s1 0.520 -> 0.159 ms (18 -> 59), the depthwise layers of the
+    separable benchmark net; batch 1 of the same 2.1x, 3.4x, 2.4x. Their stride-1 grad_input (the same kernels
+    on the transposed geometry) gains as much. Bitwise the same results as the sweep, so no threshold: every
+    such plane takes them."""
     if floating is float:
         if CE_DW_SMALL and p.KH == 3 and p.KW == 3 and p.dh == 1 and p.dw == 1 and p.pt == 1 and p.pl == 1:
             if p.sh == 1 and p.sw == 1 and p.OH == p.H and p.OW == p.W and p.W == 8:
