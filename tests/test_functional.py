@@ -719,6 +719,86 @@ DEPTHWISE_CASES = [
 def test_depthwise_conv2d_matches_reference(rng, x_shape, k, params, dtype):
     C = x_shape[1]
     x, w, b = randn(rng, x_shape, dtype), randn(rng, (C, 1, k, k), dtype), randn(rng, C, dtype)
-    assert conv_paths(x, w, dict(params, groups=C))["forward"] == "depthwise"
+    assert conv_paths(x, w, dict(params, groups=C))["forward"].startswith("depthwise")
     y = R.conv2d(x, w, b, groups=C, **params)
     check_conv2d(x, w, b, randn(rng, y.shape, dtype), groups=C, **params)
+
+
+# the whole-plane register kernels (depthwise.h: float32 on AVX-512 builds; other builds take the general sweep for
+# the same shapes): 3x3, padding 1, 8 or 16 wide at stride 1, 16 -> 8 wide at stride 2; odd heights (a half-empty
+# last vector), one row, batch 1 and more. grad_input at stride 1 is the same kernel on the transposed geometry.
+DW_SMALL_CASES = [
+    ((2, 6, 8, 8), 1, "depthwise 3x3s1 w8"),
+    ((1, 3, 7, 8), 1, "depthwise 3x3s1 w8"),
+    ((3, 2, 1, 8), 1, "depthwise 3x3s1 w8"),
+    ((2, 2, 2, 8), 1, "depthwise 3x3s1 w8"),
+    ((1, 4, 16, 16), 1, "depthwise 3x3s1 w16"),
+    ((2, 3, 5, 16), 1, "depthwise 3x3s1 w16"),
+    ((2, 2, 1, 16), 1, "depthwise 3x3s1 w16"),
+    ((2, 5, 16, 16), 2, "depthwise 3x3s2 w16"),
+    ((1, 3, 17, 16), 2, "depthwise 3x3s2 w16"),
+    ((2, 2, 6, 16), 2, "depthwise 3x3s2 w16"),
+    ((2, 2, 3, 16), 2, "depthwise 3x3s2 w16"),
+    ((1, 2, 1, 16), 2, "depthwise 3x3s2 w16"),
+]
+DW_SMALL_IDS = [f"{x}-s{s}" for x, s, _ in DW_SMALL_CASES]
+
+
+def dw_small_expected(kernel):
+    """The path conv2d_paths should report for a whole-plane case in this build."""
+    return kernel if convengine.build_info()["simd"] == "avx512" else "depthwise"
+
+
+def dw_forward(x, w, b, stride, relu, scale, shift, padding=1):
+    """The engine's conv2d forward with an epilogue (as fused and frozen models call it), 1 thread."""
+    geom = _args.conv2d_args(x, w, b, stride, padding, 1, x.shape[1])
+    out = np.full(geom.out_shape, np.nan, x.dtype)
+    _engine.conv2d_forward(x, w, b, out, F._conv_params(geom), 1, relu, scale, shift)
+    return out
+
+
+@pytest.mark.parametrize("relu,affine", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["plain", "relu", "affine", "relu-affine"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("x_shape,stride,kernel", DW_SMALL_CASES, ids=DW_SMALL_IDS)
+def test_depthwise_whole_plane_kernels(rng, x_shape, stride, kernel, bias, relu, affine):
+    C = x_shape[1]
+    x, w = randn(rng, x_shape, np.float32), randn(rng, (C, 1, 3, 3), np.float32)
+    b = randn(rng, C, np.float32) if bias else None
+    sc, sh = (randn(rng, C, np.float32) if affine else None for _ in range(2))
+    paths = conv_paths(x, w, dict(stride=stride, padding=1, groups=C))
+    assert paths["forward"] == dw_small_expected(kernel)
+    want = R.conv2d(x, w, b, stride=stride, padding=1, groups=C)
+    if relu:
+        want = R.relu(want)
+    if affine:
+        want = want * sc[:, None, None] + sh[:, None, None]
+    assert_close(dw_forward(x, w, b, stride, relu, sc, sh), want, f"{kernel} {x_shape} relu={relu} affine={affine}")
+    if not relu and not affine:
+        if stride == 1:
+            assert paths["grad_input"] == "transposed " + dw_small_expected(kernel)
+        check_conv2d(x, w, b, randn(rng, want.shape, np.float32), stride=stride, padding=1, groups=C)
+
+
+@pytest.mark.parametrize("x_shape,stride,kernel", DW_SMALL_CASES, ids=DW_SMALL_IDS)
+def test_depthwise_whole_plane_kernels_match_the_sweep_bitwise(rng, x_shape, stride, kernel):
+    """The whole-plane kernels add the same products in the same order as the general sweep, padding taps
+    included, so they agree bit for bit (fused, frozen and plain calls stay bitwise equal to each other): the
+    general sweep is reached by one more zero column on the right (width 9 or 17, whose extra output column is
+    dropped). Inputs hold signed zeros, infinities and NaN."""
+    C = x_shape[1]
+    x, w = randn(rng, x_shape, np.float32), randn(rng, (C, 1, 3, 3), np.float32)
+    b, sc, sh = (randn(rng, C, np.float32) for _ in range(3))
+    x[..., 0, :3] = -0.0
+    w[0, 0, 1, 1] = -0.0
+    if x.size > 40:
+        x.reshape(-1)[[5, 17, 33]] = [np.inf, -np.inf, np.nan]
+    wide = np.concatenate([x, np.zeros(x.shape[:3] + (1,), np.float32)], axis=3)
+    assert conv_paths(wide, w, dict(stride=stride, padding=1, groups=C))["forward"] == "depthwise"
+    for relu, scale, shift in [(False, None, None), (True, None, None), (True, sc, sh)]:
+        got = dw_forward(x, w, b, stride, relu, scale, shift)
+        want = dw_forward(wide, w, b, stride, relu, scale, shift)[..., :got.shape[3]]
+        np.testing.assert_array_equal(got, want, err_msg=f"{kernel} {x_shape} relu={relu}")
+        number = ~np.isnan(want)
+        np.testing.assert_array_equal(np.signbit(got[number]), np.signbit(want[number]),
+                                      err_msg=f"{kernel} signed zeros")

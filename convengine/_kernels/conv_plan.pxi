@@ -475,7 +475,11 @@ cdef dict path_names(const ConvGeom* p, floating dummy):
     names = {PATH_DIRECT: "direct", PATH_IM2COL: "im2col", PATH_PIXELS: "pixels", PATH_SMALLC: "smallc",
              PATH_POINTWISE: "pointwise"}
     if is_depthwise(p):
-        return {"forward": "depthwise", "grad_input": "depthwise", "grad_weight": "depthwise"}
+        # grad_input at stride 1 runs the forward of the transposed geometry (depthwise_grad_input)
+        grad_input = "depthwise"
+        if transposed_geometry(p, &q) and is_depthwise(&q):
+            grad_input = "transposed " + dw_path_name(&q, dummy)
+        return {"forward": dw_path_name(p, dummy), "grad_input": grad_input, "grad_weight": "depthwise"}
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
         grad_input = "transposed " + ("smallc" if use_smallc(&q, dummy) else names[forward_path(&q, dummy)])
     else:

@@ -194,4 +194,177 @@ static inline void ce_dw_merge_row_f(const float* e, const float* o, ptrdiff_t n
 static inline void ce_dw_merge_row_d(const double* e, const double* o, ptrdiff_t nq, ptrdiff_t pl, ptrdiff_t W, double* y) {}
 #endif
 
+/* Whole-plane register kernels: float32 depthwise 3x3, padding 1 (top and left), dilation 1, on planes 8 or 16
+ * wide, any height. Each keeps the plane's rows in zmm registers and builds every tap's operand by in-register
+ * shifts with zeros shifted in at the borders, so there is no padded copy, no phase split, no junk columns and no
+ * crop (the general path's per-plane overhead: an 8x8 plane took ~250 cycles there, of which the 36 FMAs are a
+ * seventh). The sums are exactly the general sweep's: bias, then fma(w[k], tap k's input, sum) for k = kh*3 + kw
+ * in order, the taps that fall on padding included (as 0 * w[k], as the sweep reads them from the padded copy);
+ * then the epilogue in its order (relu as `0 if v <= 0 else v`, then fma(v, scale, shift)). So results are
+ * bitwise those of ce_dw_sweep_f, and fused, frozen and plain calls stay bitwise equal to each other.
+ * The same shapes XNNPACK covers with its f32-dwconv2d-chw 3x3p1 / 3x3s2p1 kernels (rows shifted in registers,
+ * edge lanes masked); written here for the engine's NCHW planes and epilogue.
+ *
+ *   ce_dw3x3p1s1_w16_f: W = 16, stride 1, OH = H. One row per vector; columns j-1 and j+1 by valignd with a zero
+ *                       vector; three input rows (each with its two shifts) roll down the plane.
+ *   ce_dw3x3p1s1_w8_f:  W = 8, stride 1, OH = H. Two rows per vector (the last one half zero when H is odd); the
+ *                       rows above / below a vector by valignd across adjacent vectors, columns by valignd within
+ *                       the 8-lane halves with the edge lanes zeroed by a mask.
+ *   ce_dw3x3p1s2_w16_f: W = 16, stride 2, OW = 8, any OH (rows past the plane read as zero). Two output rows per
+ *                       vector; each tap row's two input rows give their even, odd and odd-shifted-by-one columns
+ *                       to one vector by vpermt2ps.
+ * Tried and not kept (Zen 4, batch 64, 1 thread): 8-wide planes with rows q and q + H/2 in one vector (2 loads
+ * and 2 valignd per vector instead of 1 load and 5 shuffles: 0.159 -> 0.181 ms for 64x128x8x8) or with every
+ * tap's operand read by a masked unaligned load (no shuffles: 0.179 ms); stride 2 with rows q and q + OH/2 (4
+ * vpermt2ps and 2 valignd per vector instead of 9 vpermt2ps: no faster, 0.10 ms either way; 64x64x16x16 at
+ * batch 64 then streams about 50 GB/s of input and output).
+ */
+#if defined(__AVX512F__)
+#define CE_DW_SMALL 1
+
+static inline __m512 ce_dw_small_finish(__m512 a, int relu, int affine, __m512 sc, __m512 sh)
+{
+    /* NLE_UQ: true for v > 0 and for NaN, so NaN stays NaN and -0 becomes +0, as in the sweep */
+    if (relu) a = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NLE_UQ), a);
+    if (affine) a = _mm512_fmadd_ps(a, sc, sh);
+    return a;
+}
+
+/* valignd on floats: lanes imm.. of the 32-lane hi:lo, masked to zero where k is clear */
+#define CE_DW_ALIGN(K, HI, LO, IMM) _mm512_castsi512_ps(_mm512_maskz_alignr_epi32((__mmask16)(K),               \
+        _mm512_castps_si512(HI), _mm512_castps_si512(LO), (IMM)))
+
+static inline void ce_dw3x3p1s1_w16_f(const float* x, ptrdiff_t H, const float* w, float bias, int relu,
+                                      int affine, float scale, float shift, float* y)
+{
+    const __m512 z = _mm512_setzero_ps(), b = _mm512_set1_ps(bias);
+    const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
+    __m512 wk[9];
+    __m512 aL = z, aM = z, aR = z, cL, cM, cR, dL, dM, dR, acc;
+    ptrdiff_t r;
+    int k;
+    for (k = 0; k < 9; k++) wk[k] = _mm512_set1_ps(w[k]);
+    cM = _mm512_loadu_ps(x);
+    cL = CE_DW_ALIGN(0xFFFF, cM, z, 15);            /* column j - 1, 0 at j = 0 */
+    cR = CE_DW_ALIGN(0xFFFF, z, cM, 1);             /* column j + 1, 0 at j = 15 */
+    for (r = 0; r < H; r++) {
+        dM = r + 1 < H ? _mm512_loadu_ps(x + (r + 1) * 16) : z;
+        dL = CE_DW_ALIGN(0xFFFF, dM, z, 15);
+        dR = CE_DW_ALIGN(0xFFFF, z, dM, 1);
+        acc = _mm512_fmadd_ps(wk[0], aL, b);
+        acc = _mm512_fmadd_ps(wk[1], aM, acc);
+        acc = _mm512_fmadd_ps(wk[2], aR, acc);
+        acc = _mm512_fmadd_ps(wk[3], cL, acc);
+        acc = _mm512_fmadd_ps(wk[4], cM, acc);
+        acc = _mm512_fmadd_ps(wk[5], cR, acc);
+        acc = _mm512_fmadd_ps(wk[6], dL, acc);
+        acc = _mm512_fmadd_ps(wk[7], dM, acc);
+        acc = _mm512_fmadd_ps(wk[8], dR, acc);
+        _mm512_storeu_ps(y + r * 16, ce_dw_small_finish(acc, relu, affine, sc, sh));
+        aL = cL; aM = cM; aR = cR;
+        cL = dL; cM = dM; cR = dR;
+    }
+}
+
+static inline void ce_dw3x3p1s1_w8_f(const float* x, ptrdiff_t H, const float* w, float bias, int relu,
+                                     int affine, float scale, float shift, float* y)
+{
+    const __m512 z = _mm512_setzero_ps(), b = _mm512_set1_ps(bias);
+    const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
+    const ptrdiff_t nv = (H + 1) / 2;
+    __m512 wk[9];
+    /* c*: vector i (rows 2i, 2i+1), n*: vector i+1, u*: rows 2i-1, 2i (above), d*: rows 2i+1, 2i+2 (below);
+     * L / M / R: columns j-1, j, j+1 within each row (8-lane half) */
+    __m512 cL, cM, cR, nL, nM, nR, uL, uM, uR, dL, dM, dR, acc;
+    __mmask16 m;
+    ptrdiff_t i;
+    int k;
+    for (k = 0; k < 9; k++) wk[k] = _mm512_set1_ps(w[k]);
+    m = (__mmask16)(H >= 2 ? 0xFFFF : 0x00FF);
+    cM = _mm512_maskz_loadu_ps(m, x);
+    cL = CE_DW_ALIGN(0xFEFE, cM, z, 15);
+    cR = CE_DW_ALIGN(0x7F7F, z, cM, 1);
+    uL = CE_DW_ALIGN(0xFFFF, cL, z, 8);             /* row -1 is padding */
+    uM = CE_DW_ALIGN(0xFFFF, cM, z, 8);
+    uR = CE_DW_ALIGN(0xFFFF, cR, z, 8);
+    for (i = 0; i < nv; i++) {
+        if (i + 1 < nv) {
+            m = (__mmask16)(2 * i + 3 < H ? 0xFFFF : 0x00FF);
+            nM = _mm512_maskz_loadu_ps(m, x + (i + 1) * 16);
+        } else {
+            nM = z;
+        }
+        nL = CE_DW_ALIGN(0xFEFE, nM, z, 15);
+        nR = CE_DW_ALIGN(0x7F7F, z, nM, 1);
+        dL = CE_DW_ALIGN(0xFFFF, nL, cL, 8);
+        dM = CE_DW_ALIGN(0xFFFF, nM, cM, 8);
+        dR = CE_DW_ALIGN(0xFFFF, nR, cR, 8);
+        acc = _mm512_fmadd_ps(wk[0], uL, b);
+        acc = _mm512_fmadd_ps(wk[1], uM, acc);
+        acc = _mm512_fmadd_ps(wk[2], uR, acc);
+        acc = _mm512_fmadd_ps(wk[3], cL, acc);
+        acc = _mm512_fmadd_ps(wk[4], cM, acc);
+        acc = _mm512_fmadd_ps(wk[5], cR, acc);
+        acc = _mm512_fmadd_ps(wk[6], dL, acc);
+        acc = _mm512_fmadd_ps(wk[7], dM, acc);
+        acc = _mm512_fmadd_ps(wk[8], dR, acc);
+        m = (__mmask16)(2 * i + 1 < H ? 0xFFFF : 0x00FF);
+        _mm512_mask_storeu_ps(y + i * 16, m, ce_dw_small_finish(acc, relu, affine, sc, sh));
+        uL = dL; uM = dM; uR = dR;
+        cL = nL; cM = nM; cR = nR;
+    }
+}
+
+/* input row r of a 16-wide plane of H rows, zeros outside */
+static inline __m512 ce_dw_row16(const float* x, ptrdiff_t H, ptrdiff_t r)
+{
+    return r >= 0 && r < H ? _mm512_loadu_ps(x + r * 16) : _mm512_setzero_ps();
+}
+
+static inline void ce_dw3x3p1s2_w16_f(const float* x, ptrdiff_t H, ptrdiff_t OH, const float* w, float bias,
+                                      int relu, int affine, float scale, float shift, float* y)
+{
+    const __m512 b = _mm512_set1_ps(bias);
+    const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
+    /* lanes 0-7 from the first row, 8-15 from the second: columns 2j (even), 2j+1 (odd), 2j-1 (left; lanes 0 and
+     * 8 are the padding column -1, zeroed by the mask) */
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i il = _mm512_setr_epi32(0, 1, 3, 5, 7, 9, 11, 13, 0, 17, 19, 21, 23, 25, 27, 29);
+    __m512 wk[9];
+    __m512 r0, r1, r2, r3, r4, acc;
+    ptrdiff_t q;
+    int k;
+    for (k = 0; k < 9; k++) wk[k] = _mm512_set1_ps(w[k]);
+    for (q = 0; q < (OH + 1) / 2; q++) {
+        /* output rows 2q and 2q+1 read input rows 4q-1 .. 4q+1 and 4q+1 .. 4q+3 */
+        r0 = ce_dw_row16(x, H, 4 * q - 1);
+        r1 = ce_dw_row16(x, H, 4 * q);
+        r2 = ce_dw_row16(x, H, 4 * q + 1);
+        r3 = ce_dw_row16(x, H, 4 * q + 2);
+        r4 = ce_dw_row16(x, H, 4 * q + 3);
+        acc = _mm512_fmadd_ps(wk[0], _mm512_maskz_permutex2var_ps(0xFEFE, r0, il, r2), b);
+        acc = _mm512_fmadd_ps(wk[1], _mm512_permutex2var_ps(r0, ie, r2), acc);
+        acc = _mm512_fmadd_ps(wk[2], _mm512_permutex2var_ps(r0, io, r2), acc);
+        acc = _mm512_fmadd_ps(wk[3], _mm512_maskz_permutex2var_ps(0xFEFE, r1, il, r3), acc);
+        acc = _mm512_fmadd_ps(wk[4], _mm512_permutex2var_ps(r1, ie, r3), acc);
+        acc = _mm512_fmadd_ps(wk[5], _mm512_permutex2var_ps(r1, io, r3), acc);
+        acc = _mm512_fmadd_ps(wk[6], _mm512_maskz_permutex2var_ps(0xFEFE, r2, il, r4), acc);
+        acc = _mm512_fmadd_ps(wk[7], _mm512_permutex2var_ps(r2, ie, r4), acc);
+        acc = _mm512_fmadd_ps(wk[8], _mm512_permutex2var_ps(r2, io, r4), acc);
+        _mm512_mask_storeu_ps(y + q * 16, (__mmask16)(2 * q + 1 < OH ? 0xFFFF : 0x00FF),
+                              ce_dw_small_finish(acc, relu, affine, sc, sh));
+    }
+}
+#else
+/* Other ISAs take the general sweep (CE_DW_SMALL 0); these are never called. */
+#define CE_DW_SMALL 0
+static inline void ce_dw3x3p1s1_w16_f(const float* x, ptrdiff_t H, const float* w, float bias, int relu,
+                                      int affine, float scale, float shift, float* y) {}
+static inline void ce_dw3x3p1s1_w8_f(const float* x, ptrdiff_t H, const float* w, float bias, int relu,
+                                     int affine, float scale, float shift, float* y) {}
+static inline void ce_dw3x3p1s2_w16_f(const float* x, ptrdiff_t H, ptrdiff_t OH, const float* w, float bias,
+                                      int relu, int affine, float scale, float shift, float* y) {}
+#endif
+
 #endif

@@ -29,6 +29,13 @@ cdef extern from "depthwise.h":
                          double* lanes) nogil
     void ce_dw_tapdot1_d(const double* g, const double* src, Py_ssize_t n, const Py_ssize_t* off,
                          double* lanes) nogil
+    enum: CE_DW_SMALL
+    void ce_dw3x3p1s1_w16_f(const float* x, Py_ssize_t H, const float* w, float bias, bint relu, bint affine,
+                            float scale, float shift, float* y) nogil
+    void ce_dw3x3p1s1_w8_f(const float* x, Py_ssize_t H, const float* w, float bias, bint relu, bint affine,
+                           float scale, float shift, float* y) nogil
+    void ce_dw3x3p1s2_w16_f(const float* x, Py_ssize_t H, Py_ssize_t OH, const float* w, float bias, bint relu,
+                            bint affine, float scale, float shift, float* y) nogil
 
 
 cdef void tap_dots(const floating* g, const floating* src, Py_ssize_t n, const Py_ssize_t* off, Py_ssize_t taps,
@@ -81,6 +88,58 @@ cdef inline bint is_depthwise(const ConvGeom* p) noexcept nogil:
     """Depthwise, with a padded plane of sane size (else the GEMM path, whose buffers do not grow with dilation)."""
     return (p.G == p.C and p.G == p.K and p.G > 1
             and dw_padded_h(p) <= MAX_DIRECT_SCRATCH // dw_padded_w(p))
+
+
+cdef enum:
+    DW_GENERAL = 0      # padded copy, register sweep along padded rows, crop (stride 2: four parity phases)
+    DW_3X3S1_W8 = 1     # whole-plane register kernels (depthwise.h)
+    DW_3X3S1_W16 = 2
+    DW_3X3S2_W16 = 3
+
+
+cdef inline int dw_small_kernel(const ConvGeom* p, floating dummy) noexcept nogil:
+    """The forward's kernel for a plane of this geometry: the whole-plane register kernels of depthwise.h where
+    they apply (float32, AVX-512 builds; 3x3, top and left padding 1, dilation 1; width 8 or 16 at stride 1 with
+    the output as large as the input, width 16 -> 8 at stride 2), else the general sweep.
+    Measured on AMD EPYC (Zen 4), 1 thread, conv2d forward with bias, general sweep -> whole-plane kernel, in
+    one process, medians: batch 64 (64,32,16,16) s1 0.317 -> 0.094 ms (30 -> 100 GFLOP/s), (64,64,16,16) s2
+    0.673 -> 0.098 ms (7 -> 48), (64,128,8,8) s1 0.520 -> 0.159 ms (18 -> 59), the depthwise layers of the
+    separable benchmark net; batch 1 of the same 2.1x, 3.4x, 2.4x. Their stride-1 grad_input (the same kernels
+    on the transposed geometry) gains as much. Bitwise the same results as the sweep, so no threshold: every
+    such plane takes them."""
+    if floating is float:
+        if CE_DW_SMALL and p.KH == 3 and p.KW == 3 and p.dh == 1 and p.dw == 1 and p.pt == 1 and p.pl == 1:
+            if p.sh == 1 and p.sw == 1 and p.OH == p.H and p.OW == p.W and p.W == 8:
+                return DW_3X3S1_W8
+            if p.sh == 1 and p.sw == 1 and p.OH == p.H and p.OW == p.W and p.W == 16:
+                return DW_3X3S1_W16
+            if p.sh == 2 and p.sw == 2 and p.W == 16 and p.OW == 8:
+                return DW_3X3S2_W16
+    return DW_GENERAL
+
+
+cdef str dw_path_name(const ConvGeom* p, floating dummy):
+    """The forward's depthwise kernel as conv2d_paths reports it: 'depthwise' (the general sweep) or the
+    whole-plane kernel, e.g. 'depthwise 3x3s1 w8'."""
+    return {DW_GENERAL: "depthwise", DW_3X3S1_W8: "depthwise 3x3s1 w8", DW_3X3S1_W16: "depthwise 3x3s1 w16",
+            DW_3X3S2_W16: "depthwise 3x3s2 w16"}[dw_small_kernel(p, dummy)]
+
+
+cdef inline void dw_small_plane(int kernel, const floating* x, const floating* w, const Epilogue* e,
+                                Py_ssize_t c, floating* y, const ConvGeom* p) noexcept nogil:
+    """Plane c's output y, epilogue included, by the whole-plane kernel chosen by dw_small_kernel (float32)."""
+    cdef const floating* bias = <const floating*>e.bias
+    cdef bint affine = e.scale != NULL
+    cdef floating b = bias[c] if bias != NULL else 0
+    cdef floating sc = (<const floating*>e.scale)[c] if affine else 1
+    cdef floating sh = (<const floating*>e.shift)[c] if affine else 0
+    if floating is float:
+        if kernel == DW_3X3S1_W8:
+            ce_dw3x3p1s1_w8_f(x, p.H, w, b, e.relu, affine, sc, sh, y)
+        elif kernel == DW_3X3S1_W16:
+            ce_dw3x3p1s1_w16_f(x, p.H, w, b, e.relu, affine, sc, sh, y)
+        else:
+            ce_dw3x3p1s2_w16_f(x, p.H, p.OH, w, b, e.relu, affine, sc, sh, y)
 
 
 cdef inline Py_ssize_t dw_padded_h(const ConvGeom* p) noexcept nogil:
@@ -297,6 +356,18 @@ cdef int depthwise_forward(const floating* x, const floating* w, const Epilogue*
     cdef Py_ssize_t* off
     cdef bint swept = (p.sh == 1 and p.sw == 1) or dw_phased(p)     # the epilogue is applied in the sweep
     cdef int failed = 0
+    cdef int small = dw_small_kernel(p, <floating>0)
+    if small != DW_GENERAL:
+        # whole planes in registers, straight from x into y: no scratch
+        fps = fp_suspend()
+        with parallel(num_threads=n_threads):
+            fp = fp_enter()
+            for task in prange(p.B * p.C, schedule='static'):
+                c = task % p.C
+                dw_small_plane(small, x + task * HW, w + c * KHW, e, c, y + task * OHW, p)
+            fp_leave(fp)
+        fp_resume(fps)
+        return 0
     off = <Py_ssize_t*>malloc(KHW * sizeof(Py_ssize_t))
     if off == NULL:
         return -1
