@@ -410,6 +410,25 @@ def test_weights_are_taken_at_freeze_time_and_predict_is_never_stale(rng):
     np.testing.assert_array_equal(after, model.freeze()(x))
 
 
+def test_the_weights_checksum_sees_any_one_changed_value(rng):
+    """predict's test for changed weights (_kernels/checksum.h): any one element changed, at any position of arrays
+    of any length (whole 64-byte blocks, tails, empty arrays between), changes the sum; equal bytes, equal sums."""
+    for length in (1, 2, 15, 16, 17, 31, 100, 1000):
+        arrays = [randn(rng, (length,), np.float32), np.zeros(0, np.float32), randn(rng, (3, length), np.float64)]
+        base = engine.checksum(arrays)
+        assert engine.checksum([a.copy() for a in arrays]) == base
+        assert engine.checksum(arrays[::-1]) != base
+        for a in (arrays[0], arrays[2].reshape(-1)):
+            for i in {0, a.size // 2, a.size - 1}:
+                old = a[i]
+                a[i] = np.nextafter(old, np.inf)
+                assert engine.checksum(arrays) != base, (length, i)
+                a[i] = old
+        assert engine.checksum(arrays) == base
+    with pytest.raises(ValueError):
+        engine.checksum([np.zeros((4, 4), np.float32)[:, ::2]])
+
+
 def test_predict_after_training_and_load_uses_the_new_weights(tmp_path, rng):
     from convengine.losses import CrossEntropyLoss
     from convengine.optim import SGD

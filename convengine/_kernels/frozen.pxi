@@ -376,3 +376,22 @@ cdef int run_split(floating dummy, const Op* ops, const int* start, int n_stages
         pool_run(run_stages_double, &job, n_threads - 1)
     fp_resume(fps)
     return job.failed
+
+
+cdef extern from "checksum.h":
+    unsigned long long c_checksum "ce_checksum"(const unsigned char* p, size_t n, unsigned long long seed) nogil
+
+
+def checksum(arrays):
+    """A 64-bit checksum of the bytes of every array in `arrays`, in order (checksum.h): Sequential.predict's test
+    that no weight changed since its frozen plan was built. Each must be C-contiguous."""
+    cdef unsigned long long h = 0
+    cdef Py_buffer view
+    for a in arrays:
+        PyObject_GetBuffer(a, &view, PyBUF_C_CONTIGUOUS)
+        try:
+            with nogil:
+                h = c_checksum(<const unsigned char*>view.buf, <size_t>view.len, h)
+        finally:
+            PyBuffer_Release(&view)
+    return h
