@@ -68,6 +68,7 @@ def _workers_keep_spinning(policy):
 # plan stays on one thread (LeNet-5 at batch 1, 1.3 MFLOP: 47 us split, 44 whole); "on"/"off" force it (tests).
 _SPLIT_FLOPS = 4_000_000
 _SPLIT_MODE = "auto"
+_IMAGES_PER_SLICE = 8
 
 
 def _pool_spin_ns(policy):
@@ -115,21 +116,18 @@ class _Step:
         """Multiply-adds x 2 per sample (convs and linears; 0 for the rest)."""
         return 0
 
-    def compile_split(self, program, prepared, shape, n, src, dst, parts):
-        """Append this step as one stage of a split program: up to `parts` slices over disjoint images (n > 1) or
-        channels (n == 1, compile_channels), each a whole kernel call on one thread; False where it cannot."""
-        if n == 1:
-            return self.compile_channels(program, prepared, shape, src, dst, parts)
-        size, out = math.prod(shape), math.prod(self.output_shape(shape))
-        for i0, i1 in _ranges(n, parts):
-            if not self.compile(program, prepared, shape, i1 - i0, src, dst):
-                return False
-            program.place(i0 * size, i0 * out)
-        return True
+    # Output channel c depends on input channel c alone: at batch 1 such a step continues its predecessor's slices
+    # of channels on the same threads, without a wait between them.
+    channelwise = False
 
-    def compile_channels(self, program, prepared, shape, src, dst, parts):
-        """One sample's step in slices over its channels; by default one slice, the whole step."""
-        return self.compile(program, prepared, shape, 1, src, dst)
+    def channelwise_for(self, shape):
+        return self.channelwise
+
+    def channel_slices(self, program, prepared, shape, src, dst, parts, ranges=None):
+        """At batch 1, in a split program: (the output channel ranges of the slices, one callable per slice that
+        appends its ops and returns False where it cannot). A channelwise step takes `ranges` where given (its
+        predecessor's); by default one slice, the whole step."""
+        return None, [lambda: self.compile(program, prepared, shape, 1, src, dst)]
 
     @staticmethod
     def elementwise_threads(n, shape):
@@ -195,31 +193,44 @@ class _Conv(_Step):
     def flops(self, prepared):
         return prepared[1]
 
-    def compile_channels(self, program, prepared, shape, src, dst, parts):
+    def channel_slices(self, program, prepared, shape, src, dst, parts, ranges=None):
         # slices of the output channels (of whole groups where grouped), each with its weights packed for the
         # whole conv's path (forced: a slice's shape alone might choose another, with other bits); a dense conv's
-        # slices hold whole 16-channel blocks, so that no tile is split
+        # slices hold whole 16-channel blocks, so that no tile is split. A depthwise conv is channelwise.
+        K, G = self.weight.shape[0], self.hyper["groups"]
+        Kg = K // G
+        if self.channelwise_for(shape) and ranges is not None:
+            pass
+        elif G == 1:
+            ranges = _ranges(K, parts, 16)
+        else:
+            ranges = [(g0 * Kg, g1 * Kg) for g0, g1 in _ranges(G, parts)]
+        if len(ranges) == 1:
+            return ranges, [lambda: self.compile(program, prepared, shape, 1, src, dst)]
+        return ranges, [lambda k0=k0, k1=k1: self._slice(program, prepared, shape, src, dst, k0, k1)
+                        for k0, k1 in ranges]
+
+    def channelwise_for(self, shape):
+        return self.hyper["groups"] == shape[0] == self.weight.shape[0]
+
+    def _slice(self, program, prepared, shape, src, dst, k0, k1):
         params, _, _, packed = prepared
         C, H, W = shape
         K, G = self.weight.shape[0], self.hyper["groups"]
         _, OH, OW = self.output_shape(shape)
         Cg, Kg = C // G, K // G
-        ranges = _ranges(K, parts, 16) if G == 1 else [(g0 * Kg, g1 * Kg) for g0, g1 in _ranges(G, parts)]
-        if len(ranges) == 1:
-            return self.compile(program, prepared, shape, 1, src, dst)
-        for k0, k1 in ranges:
-            g0, g1 = (0, 1) if G == 1 else (k0 // Kg, k1 // Kg)
-            sliced = params[:6] + (g1 - g0,) + params[7:]
-            x_shape = (1, (g1 - g0) * Cg, H, W)
-            weight = self.weight[k0:k1]
-            part = None
-            if packed is not None:
-                buffer = np.empty(_engine.conv2d_pack_length(x_shape, weight.shape, sliced, weight.itemsize,
-                                                             packed[0]), weight.dtype)
-                part = (_engine.conv2d_pack(x_shape, weight, sliced, buffer, packed[0]), buffer)
-            program.conv(src, dst, 1, x_shape, weight, _part(self.bias, k0, k1), sliced, self.relu,
-                         _part(self.scale, k0, k1), _part(self.shift, k0, k1), part, forced=True)
-            program.place(g0 * Cg * H * W, k0 * OH * OW)
+        g0, g1 = (0, 1) if G == 1 else (k0 // Kg, k1 // Kg)
+        sliced = params[:6] + (g1 - g0,) + params[7:]
+        x_shape = (1, (g1 - g0) * Cg, H, W)
+        weight = self.weight[k0:k1]
+        part = None
+        if packed is not None:
+            buffer = np.empty(_engine.conv2d_pack_length(x_shape, weight.shape, sliced, weight.itemsize, packed[0]),
+                              weight.dtype)
+            part = (_engine.conv2d_pack(x_shape, weight, sliced, buffer, packed[0]), buffer)
+        program.conv(src, dst, 1, x_shape, weight, _part(self.bias, k0, k1), sliced, self.relu,
+                     _part(self.scale, k0, k1), _part(self.shift, k0, k1), part, forced=True)
+        program.place(g0 * Cg * H * W, k0 * OH * OW)
         return True
 
 
@@ -253,13 +264,17 @@ class _BatchNorm(_Step):
                            math.prod(shape[1:]), self.gamma, self.beta, self.mean, self.var, self.eps, self.relu)
         return True
 
-    def compile_channels(self, program, prepared, shape, src, dst, parts):
+    channelwise = True
+
+    def channel_slices(self, program, prepared, shape, src, dst, parts, ranges=None):
         plane = math.prod(shape[1:])
-        for c0, c1 in _ranges(shape[0], parts):
+        ranges = ranges or _ranges(shape[0], parts)
+
+        def part(c0, c1):
             program.batch_norm(src, dst, 1, 1, c1 - c0, plane, self.gamma[c0:c1], self.beta[c0:c1],
                                self.mean[c0:c1], self.var[c0:c1], self.eps, self.relu)
             program.place(c0 * plane, c0 * plane)
-        return True
+        return ranges, [lambda c0=c0, c1=c1: part(c0, c1) for c0, c1 in ranges]
 
 
 class _ReLU(_Step):
@@ -280,11 +295,17 @@ class _ReLU(_Step):
         program.relu(src, dst, self.elementwise_threads(n, shape), n * math.prod(shape))
         return True
 
-    def compile_channels(self, program, prepared, shape, src, dst, parts):
-        for i0, i1 in _ranges(math.prod(shape), parts, 16):
+    channelwise = True
+
+    def channel_slices(self, program, prepared, shape, src, dst, parts, ranges=None):
+        # whole vectors of values, or the planes of the given channels
+        plane = math.prod(shape[1:]) if len(shape) > 1 else 1
+        pieces = [(c0 * plane, c1 * plane) for c0, c1 in ranges] if ranges else _ranges(math.prod(shape), parts, 16)
+
+        def part(i0, i1):
             program.relu(src, dst, 1, i1 - i0)
             program.place(i0, i0)
-        return True
+        return ranges, [lambda i0=i0, i1=i1: part(i0, i1) for i0, i1 in pieces]
 
 
 class _Pool(_Step):
@@ -320,13 +341,16 @@ class _Pool(_Step):
                      n * shape[0], shape[1], shape[2], params, self.count_include_pad)
         return True
 
-    def compile_channels(self, program, params, shape, src, dst, parts):
+    channelwise = True
+
+    def channel_slices(self, program, params, shape, src, dst, parts, ranges=None):
         _, OH, OW = self.output_shape(shape)
-        for c0, c1 in _ranges(shape[0], parts):
-            program.pool(src, dst, 1, self.kind == "max", c1 - c0, shape[1], shape[2], params,
-                         self.count_include_pad)
+        ranges = ranges or _ranges(shape[0], parts)
+
+        def part(c0, c1):
+            program.pool(src, dst, 1, self.kind == "max", c1 - c0, shape[1], shape[2], params, self.count_include_pad)
             program.place(c0 * shape[1] * shape[2], c0 * OH * OW)
-        return True
+        return ranges, [lambda c0=c0, c1=c1: part(c0, c1) for c0, c1 in ranges]
 
 
 class _GlobalAvgPool(_Step):
@@ -346,11 +370,15 @@ class _GlobalAvgPool(_Step):
                                 shape[1] * shape[2])
         return True
 
-    def compile_channels(self, program, prepared, shape, src, dst, parts):
-        for c0, c1 in _ranges(shape[0], parts):
+    channelwise = True
+
+    def channel_slices(self, program, prepared, shape, src, dst, parts, ranges=None):
+        ranges = ranges or _ranges(shape[0], parts)
+
+        def part(c0, c1):
             program.global_avg_pool(src, dst, 1, c1 - c0, shape[1] * shape[2])
             program.place(c0 * shape[1] * shape[2], c0)
-        return True
+        return ranges, [lambda c0=c0, c1=c1: part(c0, c1) for c0, c1 in ranges]
 
 
 class _Flatten(_Step):
@@ -405,11 +433,11 @@ class _Linear(_Step):
     def flops(self, prepared):
         return 2 * self.weight_t.size
 
-    def compile_channels(self, program, prepared, shape, src, dst, parts):
+    def channel_slices(self, program, prepared, shape, src, dst, parts, ranges=None):
         # slices of the output columns, whole vectors each (the product reads W^T's rows in place: same bits)
-        for j0, j1 in _ranges(self.weight_t.shape[1], parts, 16):
-            program.linear(src, dst, 1, 1, self.weight_t, self.bias, self.relu, 1, j0, j1 - j0)
-        return True
+        ranges = _ranges(self.weight_t.shape[1], parts, 16)
+        return ranges, [lambda j0=j0, j1=j1: program.linear(src, dst, 1, 1, self.weight_t, self.bias, self.relu, 1,
+                                                            j0, j1 - j0) for j0, j1 in ranges]
 
 
 class _Layer(_Step):
@@ -608,18 +636,52 @@ class _Arena:
             return None
         program = _engine.Program(np.dtype(dtype) == np.float64, n * math.prod(plan.shapes[0]), self.buffers)
         parts = self._split_parts()
+        work = []                             # (step, prepared, per-sample input shape, src, dst) of each kernel step
         operand = 0                           # 0: the caller's x; 1, 2: buffers[0], buffers[1]
         for step, prepared, shape, out, where in zip(steps, plan.prepared, plan.shapes, self.outs, self.written):
-            if out is None:
-                continue
-            dst = where + 1
-            if parts > 1:
-                if not step.compile_split(program, prepared, shape, n, operand, dst, parts):
-                    return None
-                program.end_stage()
-            elif not step.compile(program, prepared, shape, n, operand, dst):
+            if out is not None:
+                work.append((step, prepared, shape, operand, where + 1))
+                operand = where + 1
+        if parts == 1:
+            if not all(step.compile(program, prepared, shape, n, src, dst) for step, prepared, shape, src, dst in work):
                 return None
-            operand = dst
+        elif n > 1:
+            # slices of images, each through every step in order: one stage, no waits, and a slice's activations
+            # stay in its thread's cache from step to step. A slice keeps to its own region of each buffer (images
+            # i0 to i1 of the largest activation: the steps' own sizes would overlap the next slice's), and the
+            # last step writes the program's own output array (operand 3)
+            program.set_result(np.empty((n,) + plan.shapes[-1], dtype))
+            for i0, i1 in _ranges(n, max(parts, -(-n // _IMAGES_PER_SLICE))):
+                for k, (step, prepared, shape, src, dst) in enumerate(work):
+                    if not step.compile(program, prepared, shape, i1 - i0, src, 3 if k == len(work) - 1 else dst):
+                        return None
+                    program.place(i0 * (math.prod(shape) if src == 0 else plan.largest),
+                                  i0 * (math.prod(plan.shapes[-1]) if k == len(work) - 1 else plan.largest))
+                program.end_slice()
+        else:
+            # batch 1: each step in slices of its channels; a channelwise step continues the slices before it
+            # into a buffer that no step of the stage has touched yet (the other threads may still read it whole, as
+            # a dense conv does, or hold its other channels at another step's plane size)
+            stages, ranges, touched = [], None, set()
+            for step, prepared, shape, src, dst in work:
+                chained = ranges is not None and step.channelwise_for(shape) and dst not in touched
+                ranges, parts_of_step = step.channel_slices(program, prepared, shape, src, dst, parts,
+                                                            ranges if chained else None)
+                if chained and len(parts_of_step) == len(stages[-1]):
+                    for slice_, part in zip(stages[-1], parts_of_step):
+                        slice_.append(part)
+                else:
+                    stages.append([[part] for part in parts_of_step])
+                    touched = set()
+                touched |= {src, dst}
+                if ranges is not None and len(ranges) < 2:
+                    ranges = None
+            for stage in stages:
+                for slice_ in stage:
+                    if any(part() is False for part in slice_):
+                        return None
+                    program.end_slice()
+                program.end_stage()
         program.finish(parts)
         return program
 
@@ -709,7 +771,7 @@ class FrozenModel:
             program = arena.compiled() if self.compiled else None
             if program is not None:
                 program.run(current)
-                return arena.result.copy()
+                return (arena.result if program.result is None else program.result).copy()
             for step, prepared, out in zip(self.steps, plan.prepared, arena.outs):
                 current = step.run(current, current if out is _IN_PLACE else out, prepared)
             return current.copy() if arena.holds_result else np.array(current)

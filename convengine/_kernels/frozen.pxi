@@ -9,8 +9,9 @@
 # disjoint images or channels, each slice one kernel call on one thread, shared by the caller and the workers of
 # frozen.h's pool; the same bits again, since which thread runs a slice never changes its arithmetic.
 #
-# Operands are numbered: 0 the call's input, 1 and 2 the arena's two activation buffers (frozen.py's _Arena); an
-# op reads and writes at its offsets into them (a slice's part; 0 for whole steps).
+# Operands are numbered: 0 the call's input, 1 and 2 the arena's two activation buffers (frozen.py's _Arena), 3 a
+# program's own output array where it has one; an op reads and writes at its offsets into them (a slice's part; 0
+# for whole steps).
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS
 from libc.stdlib cimport realloc
@@ -82,11 +83,14 @@ cdef class Program:
     cdef int n_ops, capacity
     cdef bint is_double
     cdef Py_ssize_t input_size
-    cdef void* operands[3]
+    cdef void* operands[4]
+    cdef public object result      # operand 3, where a program of image slices leaves its output (else None)
     cdef list keep
     cdef public int split          # > 1: a split program (run_split) on this many threads
-    cdef list bounds               # a split program's stage boundaries: ops[bounds[s]:bounds[s + 1]]
+    cdef list slice_bounds         # a split program's slices: ops[slice_bounds[j]:slice_bounds[j + 1]]
+    cdef list bounds               # and its stages: slices bounds[s] to bounds[s + 1]
     cdef int* stage_start
+    cdef int* slice_start
     cdef int* counters             # per stage: slices claimed, slices done
     cdef int n_stages
 
@@ -97,17 +101,22 @@ cdef class Program:
         self.operands[0] = NULL
         self.operands[1] = <void*>_address(buffers[0])
         self.operands[2] = <void*>_address(buffers[1])
+        self.operands[3] = NULL
+        self.result = None
         self.ops = NULL
         self.n_ops = self.capacity = 0
         self.split = 0
         self.bounds = [0]
+        self.slice_bounds = [0]
         self.stage_start = NULL
+        self.slice_start = NULL
         self.counters = NULL
         self.n_stages = 0
 
     def __dealloc__(self):
         free(self.ops)
         free(self.stage_start)
+        free(self.slice_start)
         free(self.counters)
 
     cdef Op* _add(self, int kind, int src, int dst, int n_threads) except NULL:
@@ -134,11 +143,22 @@ cdef class Program:
         self.keep.append(array)
         return <const void*>_address(array)
 
+    def end_slice(self):
+        """Close a split program's slice: the ops added since the last one run in order on one thread."""
+        if self.n_ops > self.slice_bounds[len(self.slice_bounds) - 1]:
+            self.slice_bounds.append(self.n_ops)
+
     def end_stage(self):
-        """Close a split program's stage: the ops added since the last one are slices that may run at once, and
-        the next stage starts when they are all done."""
-        if self.n_ops > self.bounds[len(self.bounds) - 1]:
-            self.bounds.append(self.n_ops)
+        """Close a split program's stage: its slices may run at once, and the next stage starts when they are all
+        done."""
+        self.end_slice()
+        if len(self.slice_bounds) - 1 > self.bounds[len(self.bounds) - 1]:
+            self.bounds.append(len(self.slice_bounds) - 1)
+
+    def set_result(self, array):
+        """Operand 3: an array of its own for the output (C-contiguous, of the program's dtype), held here."""
+        self.result = array
+        self.operands[3] = <void*>_address(array)
 
     def place(self, Py_ssize_t src_off, Py_ssize_t dst_off):
         """The last op's input and output start src_off and dst_off elements into its operands."""
@@ -149,20 +169,25 @@ cdef class Program:
 
     def finish(self, int n_threads):
         """Run as a split program on n_threads (> 1): every stage's slices shared among them; else op by op."""
-        cdef int i, n
+        cdef int i, n, m
         self.end_stage()
-        n = len(self.bounds)
         if n_threads <= 1:
             self.split = 0
             return
+        n = len(self.bounds)
+        m = len(self.slice_bounds)
         free(self.stage_start)
+        free(self.slice_start)
         free(self.counters)
         self.stage_start = <int*>malloc(n * sizeof(int))
+        self.slice_start = <int*>malloc(m * sizeof(int))
         self.counters = <int*>malloc(2 * n * sizeof(int))
-        if self.stage_start == NULL or self.counters == NULL:
+        if self.stage_start == NULL or self.slice_start == NULL or self.counters == NULL:
             raise MemoryError()
         for i in range(n):
             self.stage_start[i] = self.bounds[i]
+        for i in range(m):
+            self.slice_start[i] = self.slice_bounds[i]
         self.n_stages = n - 1
         self.split = n_threads
 
@@ -171,7 +196,10 @@ cdef class Program:
         return len(self.bounds) - 1
 
     def slices(self):
-        """Kernel calls per run: a split program's slices, else its steps."""
+        """Slices of a split program (after finish)."""
+        return len(self.slice_bounds) - 1
+
+    def kernel_calls(self):
         return self.n_ops
 
     def conv(self, int src, int dst, int n_threads, tuple x_shape, weight, bias, tuple params, bint relu, scale,
@@ -248,10 +276,10 @@ cdef class Program:
                 fp = fp_enter_call()
                 if self.split > 1:
                     if self.is_double:
-                        rc = run_split(<double>0, self.ops, self.stage_start, self.n_stages, self.operands,
+                        rc = run_split(<double>0, self.ops, self.stage_start, self.slice_start, self.n_stages, self.operands,
                                        self.split, self.counters)
                     else:
-                        rc = run_split(<float>0, self.ops, self.stage_start, self.n_stages, self.operands,
+                        rc = run_split(<float>0, self.ops, self.stage_start, self.slice_start, self.n_stages, self.operands,
                                        self.split, self.counters)
                 elif self.is_double:
                     rc = run_ops(<double>0, self.ops, self.n_ops, self.operands)
@@ -321,7 +349,8 @@ cdef int run_ops(floating dummy, const Op* ops, int n_ops, void** operands) noex
 
 cdef struct SplitJob:
     const Op* ops
-    const int* start
+    const int* stage_start          # stage s: slices stage_start[s] to stage_start[s + 1]
+    const int* slice_start          # slice j: ops slice_start[j] to slice_start[j + 1], in order
     int n_stages
     void** operands
     int* counters
@@ -330,17 +359,21 @@ cdef struct SplitJob:
 
 cdef void run_stages(floating dummy, SplitJob* job) noexcept nogil:
     """The calling thread's share of a split program: in each stage, slices claimed one at a time until none is
-    left, then a wait until the others' are done. After a failure the remaining slices are claimed and skipped."""
-    cdef int s, k, n
+    left (a slice's ops run in order), then a wait until the others' are done. After a failure the remaining
+    slices are claimed and skipped."""
+    cdef int s, k, n, j, i
     cdef fpstate fp = fp_enter()
     for s in range(job.n_stages):
-        n = job.start[s + 1] - job.start[s]
+        n = job.stage_start[s + 1] - job.stage_start[s]
         while True:
             k = stage_claim(&job.counters[2 * s])
             if k >= n:
                 break
-            if not stage_failed(&job.failed):
-                if run_op(dummy, &job.ops[job.start[s] + k], job.operands, 1, 1):
+            j = job.stage_start[s] + k
+            for i in range(job.slice_start[j], job.slice_start[j + 1]):
+                if stage_failed(&job.failed):
+                    break
+                if run_op(dummy, &job.ops[i], job.operands, 1, 1):
                     stage_fail(&job.failed)
             stage_done(&job.counters[2 * s + 1])
         stage_wait(&job.counters[2 * s + 1], n)
@@ -355,15 +388,16 @@ cdef void run_stages_double(void* job) noexcept nogil:
     run_stages(<double>0, <SplitJob*>job)
 
 
-cdef int run_split(floating dummy, const Op* ops, const int* start, int n_stages, void** operands, int n_threads,
-                   int* counters) noexcept nogil:
-    """A split program: every stage's slices (parts of one step over disjoint images or channels, each a whole
+cdef int run_split(floating dummy, const Op* ops, const int* stage_start, const int* slice_start, int n_stages,
+                   void** operands, int n_threads, int* counters) noexcept nogil:
+    """A split program: every stage's slices (runs of steps over disjoint images or channels, each op a whole
     kernel call on one thread) shared between the caller and n_threads - 1 workers of frozen.h's pool. Which
     thread runs a slice never changes its bits; the caller alone runs whatever no worker took."""
     cdef SplitJob job
     cdef fpstate fps
     job.ops = ops
-    job.start = start
+    job.stage_start = stage_start
+    job.slice_start = slice_start
     job.n_stages = n_stages
     job.operands = operands
     job.counters = counters
