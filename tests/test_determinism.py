@@ -73,6 +73,33 @@ def test_conv2d_thread_count_invariant(rng, x_shape, w_shape, params, dtype):
                                       "conv2d_backward without grad_x")
 
 
+# The depthwise whole-plane kernels (float32, AVX-512: depthwise.h) in every direction, 13 channels over 3
+# threads; grad_weight is a channel's sum over all images on one thread, in the kernel's own order.
+DW_SMALL_CASES = [
+    ((8, 13, 16, 16), 1, "depthwise 3x3s1 w16"),
+    ((8, 13, 16, 16), 2, "depthwise 3x3s2 w16"),
+    ((8, 13, 8, 8), 1, "depthwise 3x3s1 w8"),
+    ((6, 13, 9, 8), 1, "depthwise 3x3s1 w8"),
+    ((6, 13, 11, 16), 2, "depthwise 3x3s2 w16"),
+]
+
+
+@pytest.mark.parametrize("x_shape,stride,kernel", DW_SMALL_CASES, ids=[f"{x}-s{s}" for x, s, _ in DW_SMALL_CASES])
+def test_depthwise_whole_plane_kernels_thread_count_invariant(rng, x_shape, stride, kernel):
+    from convengine import _args
+    from convengine._kernels import engine as _engine
+    C = x_shape[1]
+    x, w, b = (randn(rng, s, np.float32) for s in (x_shape, (C, 1, 3, 3), C))
+    params = dict(stride=stride, padding=1, groups=C)
+    geom = _args.conv2d_args(x, w, None, stride, 1, 1, C)
+    paths = _engine.conv2d_paths(x.shape, w.shape, F._conv_params(geom), 4)
+    if convengine.build_info()["simd"] == "avx512":
+        assert paths["forward"] == paths["grad_weight"] == kernel
+    go = randn(rng, geom.out_shape, np.float32)
+    assert_same_for_all_thread_counts(lambda: F.conv2d(x, w, b, **params), "conv2d")
+    assert_same_for_all_thread_counts(lambda: F.conv2d_backward(go, x, w, **params), "conv2d_backward")
+
+
 # Shapes where each pinned strategy splits the work several ways: the pixel path's tasks of several small images
 # and its grad_weight chunks, the direct path's row blocks, im2col's column blocks.
 PATH_CASES = [

@@ -775,9 +775,92 @@ def test_depthwise_whole_plane_kernels(rng, x_shape, stride, kernel, bias, relu,
         want = want * sc[:, None, None] + sh[:, None, None]
     assert_close(dw_forward(x, w, b, stride, relu, sc, sh), want, f"{kernel} {x_shape} relu={relu} affine={affine}")
     if not relu and not affine:
+        # backward: grad_weight on the same kernels' geometry, grad_input at stride 2 too (stride 1: transposed)
+        assert paths["grad_weight"] == dw_small_expected(kernel)
         if stride == 1:
             assert paths["grad_input"] == "transposed " + dw_small_expected(kernel)
+        else:
+            assert paths["grad_input"] == dw_small_expected(kernel)
         check_conv2d(x, w, b, randn(rng, want.shape, np.float32), stride=stride, padding=1, groups=C)
+
+
+def dw_small_grad_weight_order(go, x, stride):
+    """(grad_weight, grad_bias) of a 3x3 pad-1 depthwise conv summed in the whole-plane kernels' order
+    (depthwise.h), float32 rounding emulated step by step: per channel and tap 16 lanes, lane j holding the output
+    pixels (oh, ow) with (oh % R) * OW + ow == j (R = 16 // OW output rows per vector), added as fma(dY, input,
+    lane) image by image, vector by vector (oh // R) from zero; then ((0 + lane 0) + lane 1) + ... + lane 15.
+    The bias the same with plain adds of dY. fma is a float64 product (exact for float32 operands) plus the
+    lane, rounded to float32 (a double rounding that differs from fma's single one about once in 2**29)."""
+    B, C, H, W = x.shape
+    OH, OW = go.shape[2:]
+    R = 16 // OW
+    nvec = -(-OH // R)
+    lane = np.arange(16)
+    xp = np.zeros((B, C, nvec * R * stride + 3, W + 2), np.float32)
+    xp[:, :, 1:H + 1, 1:W + 1] = x
+    lw = np.zeros((C, 9, 16), np.float32)
+    lb = np.zeros((C, 16), np.float32)
+    for b in range(B):
+        for v in range(nvec):
+            oh, ow = v * R + lane // OW, lane % OW
+            live = oh < OH
+            g = go[b][:, np.minimum(oh, OH - 1), ow]                              # (C, 16)
+            for k in range(9):
+                op = xp[b][:, oh * stride + k // 3, ow * stride + k % 3]
+                fma = (g.astype(np.float64) * op + lw[:, k]).astype(np.float32)
+                lw[:, k] = np.where(live, fma, lw[:, k])
+            lb = np.where(live, lb + g, lb)
+    dw, db = np.zeros((C, 9), np.float32), np.zeros(C, np.float32)
+    for j in range(16):
+        dw, db = dw + lw[..., j], db + lb[..., j]
+    return dw.reshape(C, 1, 3, 3), db
+
+
+@pytest.mark.parametrize("x_shape,stride,kernel", DW_SMALL_CASES, ids=DW_SMALL_IDS)
+def test_depthwise_whole_plane_grad_weight_order(rng, x_shape, stride, kernel):
+    """The whole-plane kernels' grad_weight sums in its own fixed order, not the general path's (so its bits
+    differ from that path's by rounding): bitwise the emulation of that order, grad_bias included (which is
+    grad_bias's usual order); every call, fused or plain, 1 thread or several, gives these bits. Batch 1 and
+    several images, odd heights (a half-empty last vector, whose lanes past the plane are masked off: with inf in
+    x's last row a product there with the zero dY would make NaN)."""
+    if convengine.build_info()["simd"] != "avx512":
+        pytest.skip("the whole-plane kernels are AVX-512 only; other builds sum in the general path's order")
+    C = x_shape[1]
+    x, w = randn(rng, x_shape, np.float32), randn(rng, (C, 1, 3, 3), np.float32)
+    go = randn(rng, R.conv2d(x, w, stride=stride, padding=1, groups=C).shape, np.float32)
+    _, got_w, got_b = F.conv2d_backward(go, x, w, stride=stride, padding=1, groups=C, need_input_grad=False)
+    want_w, want_b = dw_small_grad_weight_order(go, x, stride)
+    assert_bitwise_equal(got_w, want_w, f"{kernel} {x_shape} grad_weight")
+    assert_bitwise_equal(got_b, want_b, f"{kernel} {x_shape} grad_bias")
+    # x's last row inf: the top taps (kh = 0) read it only at output rows past the plane (the masked lanes of a
+    # half-empty last vector), so they stay finite and keep their bits
+    x[:, :, -1, :] = np.inf
+    _, got_w, _ = F.conv2d_backward(go, x, w, stride=stride, padding=1, groups=C, need_input_grad=False)
+    with np.errstate(invalid="ignore"):
+        want_w, _ = dw_small_grad_weight_order(go, x, stride)
+    assert np.isfinite(want_w[:, :, 0]).all()
+    assert_bitwise_equal(got_w[:, :, 0], want_w[:, :, 0], f"{kernel} {x_shape} kh=0 taps, inf in x's last row")
+
+
+@pytest.mark.parametrize("x_shape,stride,kernel", [c for c in DW_SMALL_CASES if c[1] == 2],
+                         ids=[i for i, c in zip(DW_SMALL_IDS, DW_SMALL_CASES) if c[1] == 2])
+def test_depthwise_whole_plane_grad_input_matches_the_phased_path_bitwise(rng, x_shape, stride, kernel):
+    """The stride-2 whole-plane grad_input adds the phased path's products in its order (depthwise.h): bitwise
+    equal, signed zeros, infinities and NaN included. The phased path is reached by one more input column (width
+    17, 9 output columns): dY's extra column zero, it adds only zero products, and dx's extra column is dropped."""
+    C = x_shape[1]
+    x, w = randn(rng, x_shape, np.float32), randn(rng, (C, 1, 3, 3), np.float32)
+    w[0, 0, 1, 1] = -0.0
+    go = randn(rng, R.conv2d(x, w, stride=2, padding=1, groups=C).shape, np.float32)
+    go[..., 0, :3] = -0.0
+    if go.size > 40:
+        go.reshape(-1)[[5, 17, 33]] = [np.inf, -np.inf, np.nan]
+    wide = np.concatenate([x, np.zeros(x.shape[:3] + (1,), np.float32)], axis=3)
+    go_wide = np.concatenate([go, np.zeros(go.shape[:3] + (1,), np.float32)], axis=3)
+    assert conv_paths(wide, w, dict(stride=2, padding=1, groups=C))["grad_input"] == "depthwise"
+    got = F.conv2d_backward(go, x, w, stride=2, padding=1, groups=C)[0]
+    want = F.conv2d_backward(go_wide, wide, w, stride=2, padding=1, groups=C)[0][..., :16]
+    assert_bitwise_equal(got, want, f"{kernel} {x_shape} grad_input")
 
 
 @pytest.mark.parametrize("x_shape,stride,kernel", DW_SMALL_CASES, ids=DW_SMALL_IDS)

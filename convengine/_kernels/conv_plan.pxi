@@ -476,10 +476,13 @@ cdef dict path_names(const ConvGeom* p, floating dummy):
              PATH_POINTWISE: "pointwise"}
     if is_depthwise(p):
         # grad_input at stride 1 runs the forward of the transposed geometry (depthwise_grad_input)
+        # grad_weight takes the forward's whole-plane kernels' geometries, grad_input only the stride-2 one
         grad_input = "depthwise"
         if transposed_geometry(p, &q) and is_depthwise(&q):
             grad_input = "transposed " + dw_path_name(&q, dummy)
-        return {"forward": dw_path_name(p, dummy), "grad_input": grad_input, "grad_weight": "depthwise"}
+        elif dw_small_kernel(p, dummy) == DW_3X3S2_W16:
+            grad_input = dw_path_name(p, dummy)
+        return {"forward": dw_path_name(p, dummy), "grad_input": grad_input, "grad_weight": dw_path_name(p, dummy)}
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
         grad_input = "transposed " + ("smallc" if use_smallc(&q, dummy) else names[forward_path(&q, dummy)])
     else:

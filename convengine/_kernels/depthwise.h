@@ -356,6 +356,204 @@ static inline void ce_dw3x3p1s2_w16_f(const float* x, ptrdiff_t H, ptrdiff_t OH,
                               ce_dw_small_finish(acc, relu, affine, sc, sh));
     }
 }
+
+/* Whole-plane grad_weight of the same three geometries: dw[k] = sum over the B images (planes bs apart, dY planes
+ * gs apart) and the output pixels of dY * tap k's input, tap k's operand built by exactly the forward kernel's
+ * shifts and permutes (zeros at the padding, no padded copy, no junk columns). Summation order (fixed: it depends
+ * on the geometry only, never on threads or on how channels are split among them): tap k keeps a 16-lane vector
+ * sum, lane j holding the output pixels at lane j of the forward kernel's vectors (w16: column j of each row;
+ * w8 and s2 16->8: row 2i + j/8, column j%8 of each row pair i), added as fma(dY, input, sum) image by image,
+ * vector by vector in order from zero; then dw[k] = ((0 + lane 0) + lane 1) + ... + lane 15. Lanes of output
+ * rows past the plane (an odd last row pair) are masked off, so no product but the pixels' own is ever formed
+ * (a 0 * inf there would make NaN). The general path's order (16 lanes along rows of the zero-padded width)
+ * differs, so its bits differ from these by rounding. The bias gradient (db non-NULL) comes from the same loads,
+ * db[0] = the same 16 lanes of plain sums of dY, then the lanes in order: channel_sum's order exactly (lane j
+ * holds the plane's flat positions t % 16 == j; an odd last row pair is its 8-value tail), so its bits are
+ * grad_bias's. */
+static inline float ce_dw_lanes_total(__m512 v)
+{
+    float l[16], s = 0;
+    int j;
+    _mm512_storeu_ps(l, v);
+    for (j = 0; j < 16; j++) s += l[j];
+    return s;
+}
+
+/* dw[k] and (db non-NULL) db[0] from the lane sums */
+#define CE_DW_GW_TOTAL(DW, DB)                                                                                 \
+    do {                                                                                                       \
+        (DW)[0] = ce_dw_lanes_total(a0); (DW)[1] = ce_dw_lanes_total(a1); (DW)[2] = ce_dw_lanes_total(a2);    \
+        (DW)[3] = ce_dw_lanes_total(a3); (DW)[4] = ce_dw_lanes_total(a4); (DW)[5] = ce_dw_lanes_total(a5);    \
+        (DW)[6] = ce_dw_lanes_total(a6); (DW)[7] = ce_dw_lanes_total(a7); (DW)[8] = ce_dw_lanes_total(a8);    \
+        if (DB) (DB)[0] = ce_dw_lanes_total(ab);                                                               \
+    } while (0)
+
+/* a<k> += gv * operand k in the lanes of m, for the nine taps in order, and ab += gv (the bias). The sums are
+ * named registers, not an array: gcc stored an array's nine vectors to the stack on every iteration. */
+#define CE_DW_GW9(M, G, O0, O1, O2, O3, O4, O5, O6, O7, O8)                                                  \
+    do {                                                                                                       \
+        a0 = _mm512_mask3_fmadd_ps(G, O0, a0, M); a1 = _mm512_mask3_fmadd_ps(G, O1, a1, M);                  \
+        a2 = _mm512_mask3_fmadd_ps(G, O2, a2, M); a3 = _mm512_mask3_fmadd_ps(G, O3, a3, M);                  \
+        a4 = _mm512_mask3_fmadd_ps(G, O4, a4, M); a5 = _mm512_mask3_fmadd_ps(G, O5, a5, M);                  \
+        a6 = _mm512_mask3_fmadd_ps(G, O6, a6, M); a7 = _mm512_mask3_fmadd_ps(G, O7, a7, M);                  \
+        a8 = _mm512_mask3_fmadd_ps(G, O8, a8, M); ab = _mm512_mask_add_ps(ab, M, ab, G);                     \
+    } while (0)
+
+static inline void ce_dw3x3p1s1_w16_gw_f(const float* x, const float* g, ptrdiff_t B, ptrdiff_t bs,
+                                         ptrdiff_t gs, ptrdiff_t H, float* dw, float* db)
+{
+    const __m512 z = _mm512_setzero_ps();
+    __m512 a0 = z, a1 = z, a2 = z, a3 = z, a4 = z, a5 = z, a6 = z, a7 = z, a8 = z, ab = z;
+    __m512 aL, aM, aR, cL, cM, cR, dL, dM, dR, gv;
+    ptrdiff_t b, r;
+    for (b = 0; b < B; b++) {
+        const float* xb = x + b * bs;
+        const float* gb = g + b * gs;
+        aL = aM = aR = z;
+        cM = _mm512_loadu_ps(xb);
+        cL = CE_DW_ALIGN(0xFFFF, cM, z, 15);
+        cR = CE_DW_ALIGN(0xFFFF, z, cM, 1);
+        for (r = 0; r < H; r++) {
+            dM = r + 1 < H ? _mm512_loadu_ps(xb + (r + 1) * 16) : z;
+            dL = CE_DW_ALIGN(0xFFFF, dM, z, 15);
+            dR = CE_DW_ALIGN(0xFFFF, z, dM, 1);
+            gv = _mm512_loadu_ps(gb + r * 16);
+            CE_DW_GW9(0xFFFF, gv, aL, aM, aR, cL, cM, cR, dL, dM, dR);
+            aL = cL; aM = cM; aR = cR;
+            cL = dL; cM = dM; cR = dR;
+        }
+    }
+    CE_DW_GW_TOTAL(dw, db);
+}
+
+static inline void ce_dw3x3p1s1_w8_gw_f(const float* x, const float* g, ptrdiff_t B, ptrdiff_t bs,
+                                        ptrdiff_t gs, ptrdiff_t H, float* dw, float* db)
+{
+    const __m512 z = _mm512_setzero_ps();
+    const ptrdiff_t nv = (H + 1) / 2;
+    __m512 a0 = z, a1 = z, a2 = z, a3 = z, a4 = z, a5 = z, a6 = z, a7 = z, a8 = z, ab = z;
+    __m512 cL, cM, cR, nL, nM, nR, uL, uM, uR, dL, dM, dR, gv;
+    __mmask16 m;
+    ptrdiff_t b, i;
+    for (b = 0; b < B; b++) {
+        const float* xb = x + b * bs;
+        const float* gb = g + b * gs;
+        m = (__mmask16)(H >= 2 ? 0xFFFF : 0x00FF);
+        cM = _mm512_maskz_loadu_ps(m, xb);
+        cL = CE_DW_ALIGN(0xFEFE, cM, z, 15);
+        cR = CE_DW_ALIGN(0x7F7F, z, cM, 1);
+        uL = CE_DW_ALIGN(0xFFFF, cL, z, 8);
+        uM = CE_DW_ALIGN(0xFFFF, cM, z, 8);
+        uR = CE_DW_ALIGN(0xFFFF, cR, z, 8);
+        for (i = 0; i < nv; i++) {
+            if (i + 1 < nv) {
+                m = (__mmask16)(2 * i + 3 < H ? 0xFFFF : 0x00FF);
+                nM = _mm512_maskz_loadu_ps(m, xb + (i + 1) * 16);
+            } else {
+                nM = z;
+            }
+            nL = CE_DW_ALIGN(0xFEFE, nM, z, 15);
+            nR = CE_DW_ALIGN(0x7F7F, z, nM, 1);
+            dL = CE_DW_ALIGN(0xFFFF, nL, cL, 8);
+            dM = CE_DW_ALIGN(0xFFFF, nM, cM, 8);
+            dR = CE_DW_ALIGN(0xFFFF, nR, cR, 8);
+            m = (__mmask16)(2 * i + 1 < H ? 0xFFFF : 0x00FF);
+            gv = _mm512_maskz_loadu_ps(m, gb + i * 16);
+            CE_DW_GW9(m, gv, uL, uM, uR, cL, cM, cR, dL, dM, dR);
+            uL = dL; uM = dM; uR = dR;
+            cL = nL; cM = nM; cR = nR;
+        }
+    }
+    CE_DW_GW_TOTAL(dw, db);
+}
+
+static inline void ce_dw3x3p1s2_w16_gw_f(const float* x, const float* g, ptrdiff_t B, ptrdiff_t bs,
+                                         ptrdiff_t gs, ptrdiff_t H, ptrdiff_t OH, float* dw, float* db)
+{
+    const __m512 z = _mm512_setzero_ps();
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i il = _mm512_setr_epi32(0, 1, 3, 5, 7, 9, 11, 13, 0, 17, 19, 21, 23, 25, 27, 29);
+    __m512 a0 = z, a1 = z, a2 = z, a3 = z, a4 = z, a5 = z, a6 = z, a7 = z, a8 = z, ab = z;
+    __m512 r0, r1, r2, r3, r4, gv;
+    __mmask16 m;
+    ptrdiff_t b, q;
+    for (b = 0; b < B; b++) {
+        const float* xb = x + b * bs;
+        const float* gb = g + b * gs;
+        for (q = 0; q < (OH + 1) / 2; q++) {
+            r0 = ce_dw_row16(xb, H, 4 * q - 1);
+            r1 = ce_dw_row16(xb, H, 4 * q);
+            r2 = ce_dw_row16(xb, H, 4 * q + 1);
+            r3 = ce_dw_row16(xb, H, 4 * q + 2);
+            r4 = ce_dw_row16(xb, H, 4 * q + 3);
+            m = (__mmask16)(2 * q + 1 < OH ? 0xFFFF : 0x00FF);
+            gv = _mm512_maskz_loadu_ps(m, gb + q * 16);
+            CE_DW_GW9(m, gv,
+                      _mm512_maskz_permutex2var_ps(0xFEFE, r0, il, r2), _mm512_permutex2var_ps(r0, ie, r2),
+                      _mm512_permutex2var_ps(r0, io, r2),
+                      _mm512_maskz_permutex2var_ps(0xFEFE, r1, il, r3), _mm512_permutex2var_ps(r1, ie, r3),
+                      _mm512_permutex2var_ps(r1, io, r3),
+                      _mm512_maskz_permutex2var_ps(0xFEFE, r2, il, r4), _mm512_permutex2var_ps(r2, ie, r4),
+                      _mm512_permutex2var_ps(r2, io, r4));
+        }
+    }
+    CE_DW_GW_TOTAL(dw, db);
+}
+
+/* Whole-plane grad_input of the stride-2 geometry (16 wide -> 8, any H and OH): dx[ih, iw] = the sum over the
+ * taps (kh, kw), in increasing k = kh*3 + kw, of w[k] * dY[oh, ow] with 2*oh + kh - 1 = ih and 2*ow + kw - 1 = iw,
+ * oh < OH, added as fma(w[k], dY, sum) from zero: even rows take kh = 1 (dY row ih/2), odd rows kh = 0 (row
+ * (ih+1)/2) and then kh = 2 (row (ih-1)/2), a row past dY adding nothing; within a row even columns take kw = 1,
+ * odd ones kw = 0 (dY column (iw+1)/2, the zero column 8 at iw = 15) and then kw = 2 (column (iw-1)/2), each by
+ * a masked FMA onto a dY row spread over 16 lanes by one vpermps (D: lane l = dY[l/2], S: lane l = dY[(l+1)/2]).
+ * The phased general path adds the same products in the same order per element (each tap one pass over the
+ * phases, from zero, dY's zero column 8 included), so the bits are the same; it spent most of its time on the
+ * phase buffers' memset, layout and merge, not on the 72 FMAs of a plane. */
+static inline void ce_dw3x3p1s2_w16_gi_f(const float* g, ptrdiff_t H, ptrdiff_t OH, const float* w, float* dx)
+{
+    const __m512 z = _mm512_setzero_ps();
+    const __m512i iD = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i iS = _mm512_setr_epi32(0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8);
+    const __mmask16 EV = 0x5555, OD = 0xAAAA;
+    __m512 wk[9];
+    __m512 v, D, S, acc;
+    ptrdiff_t ih, j;
+    int k;
+    for (k = 0; k < 9; k++) wk[k] = _mm512_set1_ps(w[k]);
+    for (ih = 0; ih < H; ih++) {
+        acc = z;
+        j = ih / 2;
+        if (ih % 2 == 0) {
+            if (j < OH) {
+                v = _mm512_maskz_loadu_ps(0x00FF, g + j * 8);    /* lanes 8-15 zero: dY column 8 */
+                D = _mm512_permutexvar_ps(iD, v);
+                S = _mm512_permutexvar_ps(iS, v);
+                acc = _mm512_mask3_fmadd_ps(wk[3], S, acc, OD);
+                acc = _mm512_mask3_fmadd_ps(wk[4], D, acc, EV);
+                acc = _mm512_mask3_fmadd_ps(wk[5], D, acc, OD);
+            }
+        } else {
+            if (j + 1 < OH) {
+                v = _mm512_maskz_loadu_ps(0x00FF, g + (j + 1) * 8);
+                D = _mm512_permutexvar_ps(iD, v);
+                S = _mm512_permutexvar_ps(iS, v);
+                acc = _mm512_mask3_fmadd_ps(wk[0], S, acc, OD);
+                acc = _mm512_mask3_fmadd_ps(wk[1], D, acc, EV);
+                acc = _mm512_mask3_fmadd_ps(wk[2], D, acc, OD);
+            }
+            if (j < OH) {
+                v = _mm512_maskz_loadu_ps(0x00FF, g + j * 8);
+                D = _mm512_permutexvar_ps(iD, v);
+                S = _mm512_permutexvar_ps(iS, v);
+                acc = _mm512_mask3_fmadd_ps(wk[6], S, acc, OD);
+                acc = _mm512_mask3_fmadd_ps(wk[7], D, acc, EV);
+                acc = _mm512_mask3_fmadd_ps(wk[8], D, acc, OD);
+            }
+        }
+        _mm512_storeu_ps(dx + ih * 16, acc);
+    }
+}
 #else
 /* Other ISAs take the general sweep (CE_DW_SMALL 0); these are never called. */
 #define CE_DW_SMALL 0
@@ -365,6 +563,13 @@ static inline void ce_dw3x3p1s1_w8_f(const float* x, ptrdiff_t H, const float* w
                                      int affine, float scale, float shift, float* y) {}
 static inline void ce_dw3x3p1s2_w16_f(const float* x, ptrdiff_t H, ptrdiff_t OH, const float* w, float bias,
                                       int relu, int affine, float scale, float shift, float* y) {}
+static inline void ce_dw3x3p1s1_w16_gw_f(const float* x, const float* g, ptrdiff_t B, ptrdiff_t bs,
+                                         ptrdiff_t gs, ptrdiff_t H, float* dw, float* db) {}
+static inline void ce_dw3x3p1s1_w8_gw_f(const float* x, const float* g, ptrdiff_t B, ptrdiff_t bs,
+                                        ptrdiff_t gs, ptrdiff_t H, float* dw, float* db) {}
+static inline void ce_dw3x3p1s2_w16_gw_f(const float* x, const float* g, ptrdiff_t B, ptrdiff_t bs,
+                                         ptrdiff_t gs, ptrdiff_t H, ptrdiff_t OH, float* dw, float* db) {}
+static inline void ce_dw3x3p1s2_w16_gi_f(const float* g, ptrdiff_t H, ptrdiff_t OH, const float* w, float* dx) {}
 #endif
 
 #endif
