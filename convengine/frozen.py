@@ -55,20 +55,26 @@ def _workers_keep_spinning(policy):
     return policy == "active"
 
 
-# On two or more threads a compiled plan is a split program (_kernels/frozen.pxi run_split): each step cut into
-# slices over its images (over its channels at batch 1), each slice a whole kernel call on one thread, shared by
-# the caller and workers of the engine's own pool (frozen.h), which spin between steps and for a while after a call.
-# OpenMP could not do this: its workers sleep between steps (a 30-50 us wake-up each under a hypervisor), a
-# region's end waits for a worker still waking, and one-thread regions nested in a team cost 2.6 us each. Measured
-# on AMD EPYC Zen 4, 2 threads, calls back to back, whole-step program -> split program: batch 1, CIFAR-shaped net
-# 0.292 -> 0.177 ms, VGG-style 2.10 -> 1.28; batch 4, CIFAR-shaped 1.29 -> 0.59, separable 0.63 -> 0.21; batch 64,
-# CIFAR-shaped 9.9 -> 8.2, separable 5.9 -> 2.7, LeNet-5 1.71 -> 0.91, VGG-style 69 either way. Under
-# OMP_WAIT_POLICY=active, where every op of a plan used to run on the spinning OpenMP team, the split program is as
-# fast or faster (CIFAR-shaped batch 1 0.175 -> 0.154 ms, VGG-style 1.29 -> 1.14). Below _SPLIT_FLOPS per call a
-# plan stays on one thread (LeNet-5 at batch 1, 1.3 MFLOP: 47 us split, 44 whole); "on"/"off" force it (tests).
+# On two or more threads a compiled plan is a split program (_kernels/frozen.pxi run_split): slices of at most
+# _IMAGES_PER_SLICE images, each through every step in order, or at batch 1 each step cut into slices of its
+# channels (a channelwise step continuing the slices of the step before); each op a whole kernel call on one
+# thread, the slices shared by the caller and workers of the engine's own pool (frozen.h), which spin between
+# steps and for a while after a call. OpenMP could not do this: its workers sleep between steps (a 30-50 us
+# wake-up each under a hypervisor), a region's end waits for a worker still waking, and one-thread regions nested
+# in a team cost 2.6 us each. Measured on AMD EPYC Zen 4, 2 threads, calls back to back (best of 9), whole-step
+# program -> split program: batch 1, CIFAR-shaped net 0.246 -> 0.144 ms, separable 0.074 -> 0.056, VGG-style 1.91
+# -> 1.11; batch 4, CIFAR-shaped 1.28 -> 0.50, separable 0.53 -> 0.14; batch 64, CIFAR-shaped 9.4 -> 8.0,
+# separable 4.2 -> 2.0, LeNet-5 1.72 -> 0.96, VGG-style 69.5 -> 68. Under OMP_WAIT_POLICY=active, where every op
+# of a plan used to run on the spinning OpenMP team, the split program is as fast or faster (CIFAR-shaped batch 1
+# 0.175 -> 0.154 ms, VGG-style 1.29 -> 1.14). Below _SPLIT_FLOPS per call a plan stays on one thread (LeNet-5 at
+# batch 1, 1.3 MFLOP: 47 us split, 44 whole); "on"/"off" force it (tests).
 _SPLIT_FLOPS = 4_000_000
 _SPLIT_MODE = "auto"
-_IMAGES_PER_SLICE = 8
+# Images per slice, batch 64 at 2 threads, ms for 2 / 4 / 8 / 16 / 32 (Zen 4, best of 7): CIFAR-shaped 8.13 /
+# 8.03 / 7.86 / 7.87 / 7.79, separable 2.50 / 2.33 / 2.43 / 2.00 / 1.97, LeNet-5 1.11 / 0.98 / 0.94 / 0.76 / 0.75,
+# VGG-style 67.7 / 67.1 / 67.4 / 67.9 / 68.1: few kernel calls pay, and more slices than threads still share out
+# the work when one thread is slowed.
+_IMAGES_PER_SLICE = 16
 
 
 def _pool_spin_ns(policy):
