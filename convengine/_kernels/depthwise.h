@@ -234,6 +234,24 @@ static inline __m512 ce_dw_small_finish(__m512 a, int relu, int affine, __m512 s
 #define CE_DW_ALIGN(K, HI, LO, IMM) _mm512_castsi512_ps(_mm512_maskz_alignr_epi32((__mmask16)(K),               \
         _mm512_castps_si512(HI), _mm512_castps_si512(LO), (IMM)))
 
+/* Width-8 planes, two rows per vector (ce_dw3x3p1s1_w8_f and its grad_weight): CE_DW8_ROW loads vector I of the
+ * plane (rows 2I, 2I+1; zeros past the plane or at I == NV) into M, with its columns j-1 and j+1 within each row
+ * into L and R; CE_DW8_SHIFT(H*, L*) puts the last row of L* and the first of H* into O*: with H* a vector and
+ * L* zeros, the rows above it (row -1 is padding); with H* the next vector and L* a vector, the rows below it. */
+#define CE_DW8_ROW(X, I, NV, H, Z, M, L, R)                                                                    \
+    do {                                                                                                       \
+        M = (I) < (NV) ? _mm512_maskz_loadu_ps((__mmask16)(2 * (I) + 1 < (H) ? 0xFFFF : 0x00FF), (X) + (I) * 16) \
+                       : (Z);                                                                                  \
+        L = CE_DW_ALIGN(0xFEFE, M, Z, 15);                                                                     \
+        R = CE_DW_ALIGN(0x7F7F, Z, M, 1);                                                                      \
+    } while (0)
+#define CE_DW8_SHIFT(HL, HM, HR, LL, LM, LR, OL, OM, OR)                                                       \
+    do {                                                                                                       \
+        OL = CE_DW_ALIGN(0xFFFF, HL, LL, 8);                                                                   \
+        OM = CE_DW_ALIGN(0xFFFF, HM, LM, 8);                                                                   \
+        OR = CE_DW_ALIGN(0xFFFF, HR, LR, 8);                                                                   \
+    } while (0)
+
 static inline void ce_dw3x3p1s1_w16_f(const float* x, ptrdiff_t H, const float* w, float bias, int relu,
                                       int affine, float scale, float shift, float* y)
 {
@@ -280,25 +298,11 @@ static inline void ce_dw3x3p1s1_w8_f(const float* x, ptrdiff_t H, const float* w
     ptrdiff_t i;
     int k;
     for (k = 0; k < 9; k++) wk[k] = _mm512_set1_ps(w[k]);
-    m = (__mmask16)(H >= 2 ? 0xFFFF : 0x00FF);
-    cM = _mm512_maskz_loadu_ps(m, x);
-    cL = CE_DW_ALIGN(0xFEFE, cM, z, 15);
-    cR = CE_DW_ALIGN(0x7F7F, z, cM, 1);
-    uL = CE_DW_ALIGN(0xFFFF, cL, z, 8);             /* row -1 is padding */
-    uM = CE_DW_ALIGN(0xFFFF, cM, z, 8);
-    uR = CE_DW_ALIGN(0xFFFF, cR, z, 8);
+    CE_DW8_ROW(x, 0, nv, H, z, cM, cL, cR);
+    CE_DW8_SHIFT(cL, cM, cR, z, z, z, uL, uM, uR);          /* row -1 is padding */
     for (i = 0; i < nv; i++) {
-        if (i + 1 < nv) {
-            m = (__mmask16)(2 * i + 3 < H ? 0xFFFF : 0x00FF);
-            nM = _mm512_maskz_loadu_ps(m, x + (i + 1) * 16);
-        } else {
-            nM = z;
-        }
-        nL = CE_DW_ALIGN(0xFEFE, nM, z, 15);
-        nR = CE_DW_ALIGN(0x7F7F, z, nM, 1);
-        dL = CE_DW_ALIGN(0xFFFF, nL, cL, 8);
-        dM = CE_DW_ALIGN(0xFFFF, nM, cM, 8);
-        dR = CE_DW_ALIGN(0xFFFF, nR, cR, 8);
+        CE_DW8_ROW(x, i + 1, nv, H, z, nM, nL, nR);
+        CE_DW8_SHIFT(nL, nM, nR, cL, cM, cR, dL, dM, dR);
         acc = _mm512_fmadd_ps(wk[0], uL, b);
         acc = _mm512_fmadd_ps(wk[1], uM, acc);
         acc = _mm512_fmadd_ps(wk[2], uR, acc);
@@ -438,25 +442,11 @@ static inline void ce_dw3x3p1s1_w8_gw_f(const float* x, const float* g, ptrdiff_
     for (b = 0; b < B; b++) {
         const float* xb = x + b * bs;
         const float* gb = g + b * gs;
-        m = (__mmask16)(H >= 2 ? 0xFFFF : 0x00FF);
-        cM = _mm512_maskz_loadu_ps(m, xb);
-        cL = CE_DW_ALIGN(0xFEFE, cM, z, 15);
-        cR = CE_DW_ALIGN(0x7F7F, z, cM, 1);
-        uL = CE_DW_ALIGN(0xFFFF, cL, z, 8);
-        uM = CE_DW_ALIGN(0xFFFF, cM, z, 8);
-        uR = CE_DW_ALIGN(0xFFFF, cR, z, 8);
+        CE_DW8_ROW(xb, 0, nv, H, z, cM, cL, cR);
+        CE_DW8_SHIFT(cL, cM, cR, z, z, z, uL, uM, uR);
         for (i = 0; i < nv; i++) {
-            if (i + 1 < nv) {
-                m = (__mmask16)(2 * i + 3 < H ? 0xFFFF : 0x00FF);
-                nM = _mm512_maskz_loadu_ps(m, xb + (i + 1) * 16);
-            } else {
-                nM = z;
-            }
-            nL = CE_DW_ALIGN(0xFEFE, nM, z, 15);
-            nR = CE_DW_ALIGN(0x7F7F, z, nM, 1);
-            dL = CE_DW_ALIGN(0xFFFF, nL, cL, 8);
-            dM = CE_DW_ALIGN(0xFFFF, nM, cM, 8);
-            dR = CE_DW_ALIGN(0xFFFF, nR, cR, 8);
+            CE_DW8_ROW(xb, i + 1, nv, H, z, nM, nL, nR);
+            CE_DW8_SHIFT(nL, nM, nR, cL, cM, cR, dL, dM, dR);
             m = (__mmask16)(2 * i + 1 < H ? 0xFFFF : 0x00FF);
             gv = _mm512_maskz_loadu_ps(m, gb + i * 16);
             CE_DW_GW9(m, gv, uL, uM, uR, cL, cM, cR, dL, dM, dR);
