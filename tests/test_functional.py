@@ -750,6 +750,40 @@ def dw_small_expected(kernel):
     return kernel if convengine.build_info()["simd"] == "avx512" else "depthwise"
 
 
+@pytest.mark.parametrize("x_shape,stride,kernel", DW_SMALL_CASES, ids=DW_SMALL_IDS)
+def test_depthwise_whole_plane_kernels_need_no_scratch(rng, x_shape, stride, kernel):
+    """The whole-plane kernels read x and write y directly: with every scratch allocation failing they still run
+    (forward, grad_weight, and grad_input at stride 2; at stride 1 it reverses the taps into one buffer), and the
+    scratch report says so."""
+    if dw_small_expected(kernel) == "depthwise":
+        pytest.skip("the whole-plane kernels are AVX-512 builds' only")
+    C = x_shape[1]
+    x, w = randn(rng, x_shape, np.float32), randn(rng, (C, 1, 3, 3), np.float32)
+    geom = _args.conv2d_args(x, w, None, stride, 1, 1, C)
+    params = F._conv_params(geom)
+    go = randn(rng, geom.out_shape, np.float32)
+    report = _engine.conv2d_scratch_bytes(x.shape, w.shape, params, 4, 2)
+    assert report["forward"] == report["grad_weight"] == 0
+    assert report["grad_input"] == (0 if stride == 2 else C * 9 * 4)
+    want_y = F.conv2d(x, w, None, stride=stride, padding=1, groups=C)
+    want = F.conv2d_backward(go, x, w, stride=stride, padding=1, groups=C)
+    previous = _engine.fail_allocation_after(0)
+    try:
+        y = np.empty(geom.out_shape, np.float32)
+        _engine.conv2d_forward(x, w, None, y, params, 1)
+        gw, gb = np.empty_like(w), np.empty(C, np.float32)
+        _engine.conv2d_grad_weight(go, x, gw, gb, params, 1)
+        if stride == 2:
+            gx = np.empty_like(x)
+            _engine.conv2d_grad_input(go, w, gx, params, 1)
+    finally:
+        _engine.fail_allocation_after(previous)
+    assert_bitwise_equal(y, want_y)
+    assert_bitwise_equal(gw, want[1])
+    if stride == 2:
+        assert_bitwise_equal(gx, want[0])
+
+
 def dw_forward(x, w, b, stride, relu, scale, shift, padding=1):
     """The engine's conv2d forward with an epilogue (as fused and frozen models call it), 1 thread."""
     geom = _args.conv2d_args(x, w, b, stride, padding, 1, x.shape[1])

@@ -408,6 +408,13 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
             out["grad_input"] = p.C * taps * isz + T * (
                 dw_padded_h(&q) * dw_padded_w(&q) + dw_slack(&q) + q.OH * dw_padded_w(&q) + 2 * VL) * isz + (
                 taps * sizeof(Py_ssize_t))
+            if dw_small_kernel(&q, dummy) != DW_GENERAL:
+                out["grad_input"] = p.C * taps * isz        # the reversed taps only
+        # the whole-plane kernels read x and write y directly
+        if dw_small_kernel(p, dummy) != DW_GENERAL:
+            out["forward"] = out["grad_weight"] = 0
+            if dw_small_kernel(p, dummy) == DW_3X3S2_W16:
+                out["grad_input"] = 0
         return out
     out["forward"] = forward_scratch(p, dummy, T)
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
