@@ -171,6 +171,13 @@ PATH_SHAPES = [
     ((2, 32, 6, 16), (16, 32, 3, 3), dict(padding=1)),
     ((2, 8, 9, 16), (8, 8, 3, 3), dict(padding=2, dilation=2)),
     ((2, 16, 6, 16), (24, 8, 3, 3), dict(padding=1, groups=2)),
+    # output planes of whole vectors with shorter rows: the row-vector kernel on KW shifted copies of the rows
+    # (vectors run across output rows), blocks starting mid-image, 5-wide kernels, padding past the kernel's reach
+    ((6, 8, 10, 8), (16, 8, 3, 3), dict(padding=1)),
+    ((3, 16, 12, 12), (20, 16, 3, 3), dict(padding=1)),
+    ((2, 8, 8, 12), (8, 8, 3, 3), dict(padding=2, dilation=2)),
+    ((2, 8, 4, 12), (16, 8, 5, 5), dict(padding=2)),
+    ((2, 8, 6, 4), (8, 8, 3, 3), dict(padding=(1, 3))),
     # first layers: 1-4 input channels, the smallc path (float32), with strides and uneven padding
     ((2, 3, 20, 32), (16, 3, 3, 3), dict(padding=1)),
     ((1, 1, 30, 28), (6, 1, 5, 5), dict(padding=2)),
@@ -751,13 +758,16 @@ DW_SMALL_CASES = [
 DW_SMALL_IDS = [f"{x}-s{s}" for x, s, _ in DW_SMALL_CASES]
 
 
-# The float32 direct path's row-vector kernel (OW a multiple of 16, conv_forward.pxi ukernel_rows_f) applies the
-# epilogue from registers with its last k block: each epilogue, with and without bias, against the reference, on
-# one k block and on two (32 input channels: 288 > KC rows), with a partial channel panel and one-vector tails.
+# The float32 direct path's row-vector kernel (OW or OH*OW a multiple of 16, conv_forward.pxi ukernel_rows_f)
+# applies the epilogue from registers with its last k block: each epilogue, with and without bias, against the
+# reference, on one k block and on two (32 input channels: 288 > KC rows), with a partial channel panel and one-vector
+# tails.
 ROWS_CASES = [
     ((3, 8, 7, 16), (20, 8, 3, 3)),
     ((2, 32, 5, 32), (24, 32, 3, 3)),
     ((1, 16, 16, 16), (64, 16, 3, 3)),
+    ((3, 16, 8, 8), (40, 16, 3, 3)),      # shifted rows (8-pixel rows, 64-pixel planes)
+    ((2, 32, 4, 4), (24, 32, 3, 3)),
 ]
 
 

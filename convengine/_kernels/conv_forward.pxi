@@ -83,17 +83,19 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
     cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
     cdef Py_ssize_t mpanels = Mpad // CE_MR
     cdef Py_ssize_t P = p.OH * p.OW
-    cdef Py_ssize_t Wp = padded_width(p)
-    cdef Py_ssize_t R = max(1, block_columns(<float>0) // p.OW)
+    cdef bint shifted = rows_shifted(p)
+    cdef Py_ssize_t Wr = rows_len(p)
+    cdef Py_ssize_t R = direct_rows_rows(p)
     cdef Py_ssize_t nblk = (p.B * p.OH + R - 1) // R
     cdef Py_ssize_t rows_in = min(R, p.OH) + (p.KH - 1) * p.dh
-    cdef Py_ssize_t seglen = Cg * rows_in * Wp
+    cdef Py_ssize_t seglen = Cg * rows_copies(p) * rows_in * Wr
     # images a block of R rows touches: R // OH + 2 at most
     cdef Py_ssize_t nseg = min(p.B, R // p.OH + 2)
     cdef Py_ssize_t maxvec = R * p.OW // VL
     cdef Py_ssize_t msplit = channel_blocks(p.G * nblk, mpanels, n_threads)
     cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
-    cdef Py_ssize_t task, u, g, rb, r0, r1, r, b, oh, s, nvec, nfull, v, jp, ip, ip0, ip1, k0, kc, kk, ow, seg_r0
+    cdef Py_ssize_t task, u, g, rb, r0, r1, b, s, nvec, nfull, v, jp, ip, ip0, ip1, k0, kc, kk, q, seg_r0, seg_r1
+    cdef Py_ssize_t kh, kw, t
     cdef const Epilogue* last
     cdef float* xblk
     cdef Py_ssize_t* boffs
@@ -121,22 +123,33 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
             r0 = rb * R
             r1 = min(p.B * p.OH, r0 + R)
             # one segment per image: its rows of the block and the KH-1 around them; vector offsets
+            # vector q // VL of a segment: its pixels q.. in the segment's rows, row-major
             nvec = 0
             s = 0
-            r = r0
-            while r < r1:
-                b = r // p.OH
-                seg_r0 = r - b * p.OH
-                oh = min(r1 - b * p.OH, p.OH)             # the segment's end row in image b
-                fill_padded_rows(x, p, b, g, seg_r0, oh - seg_r0 + (p.KH - 1) * p.dh, rows_in, xblk + s * seglen)
-                while r < r1 and r // p.OH == b:
-                    for ow in range(p.OW // VL):
-                        boffs[nvec] = s * seglen + (r - b * p.OH - seg_r0) * Wp + ow * VL
-                        coffs[nvec] = b * p.K * P + (r - b * p.OH) * p.OW + ow * VL
-                        nvec = nvec + 1
-                    r = r + 1
+            b = r0 // p.OH
+            while b * p.OH < r1:
+                seg_r0 = max(r0, b * p.OH) - b * p.OH
+                seg_r1 = min(r1 - b * p.OH, p.OH)
+                if shifted:
+                    fill_shifted_rows(x, p, b, g, seg_r0, seg_r1 - seg_r0 + (p.KH - 1) * p.dh, rows_in,
+                                      xblk + s * seglen)
+                else:
+                    fill_padded_rows(x, p, b, g, seg_r0, seg_r1 - seg_r0 + (p.KH - 1) * p.dh, rows_in,
+                                     xblk + s * seglen)
+                for v in range((seg_r1 - seg_r0) * p.OW // VL):
+                    q = v * VL
+                    boffs[nvec] = s * seglen + (q // p.OW) * Wr + q % p.OW
+                    coffs[nvec] = b * p.K * P + seg_r0 * p.OW + q
+                    nvec = nvec + 1
                 s = s + 1
-            tap_rows(p, xblk, rows_in, brow)
+                b = b + 1
+            if shifted:
+                for t in range(Kd):
+                    kh = (t // p.KW) % p.KH
+                    kw = t % p.KW
+                    brow[t] = xblk + (((t // (p.KH * p.KW)) * p.KW + kw) * rows_in + kh * p.dh) * p.OW
+            else:
+                tap_rows(p, xblk, rows_in, brow)
             nfull = nvec // CE_NV
             k0 = 0
             while k0 < Kd:
@@ -192,7 +205,7 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
     cdef const floating** arow
     cdef int failed = 0
     if floating is float:
-        if p.OW % vlen(<float>0) == 0:
+        if use_direct_rows(p):
             return conv2d_forward_direct_rows(x, apack, KC, e, y, p, n_threads)
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
