@@ -165,7 +165,7 @@ PATH_SHAPES = [
     ((2, 16, 20, 24), (16, 16, 3, 3), dict(padding=1)),
     ((1, 24, 12, 40), (32, 24, 5, 3), dict(padding=(2, 1))),
     # rows of whole vectors (OW a multiple of 16), the float32 direct path's row-vector kernel: blocks of rows
-    # across images starting mid-image, a partial channel panel, one-vector tails, two k blocks, dilation, groups
+    # across images starting mid-image, a partial channel panel, one-vector tails, dilation, groups
     ((5, 8, 10, 16), (20, 8, 3, 3), dict(padding=1)),
     ((2, 8, 5, 32), (16, 8, 3, 3), dict(padding=1)),
     ((2, 32, 6, 16), (16, 32, 3, 3), dict(padding=1)),
@@ -760,14 +760,15 @@ DW_SMALL_IDS = [f"{x}-s{s}" for x, s, _ in DW_SMALL_CASES]
 
 # The float32 direct path's row-vector kernel (OW or OH*OW a multiple of 16, conv_forward.pxi ukernel_rows_f)
 # applies the epilogue from registers with its last k block: each epilogue, with and without bias, against the
-# reference, on one k block and on two (32 input channels: 288 > KC rows), with a partial channel panel and one-vector
-# tails.
+# reference, with a partial channel panel and one-vector tails; its kernels of several taps reduce in one k block,
+# a 1x1 kernel with padding (not the pointwise path) over 300 input channels in two.
 ROWS_CASES = [
     ((3, 8, 7, 16), (20, 8, 3, 3)),
     ((2, 32, 5, 32), (24, 32, 3, 3)),
     ((1, 16, 16, 16), (64, 16, 3, 3)),
     ((3, 16, 8, 8), (40, 16, 3, 3)),      # shifted rows (8-pixel rows, 64-pixel planes)
     ((2, 32, 4, 4), (24, 32, 3, 3)),
+    ((1, 300, 14, 14), (24, 300, 1, 1)),  # 16-pixel rows, KC = 150
 ]
 
 

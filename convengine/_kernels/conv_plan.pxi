@@ -124,6 +124,13 @@ cdef inline bint use_direct_rows(const ConvGeom* p) noexcept nogil:
         MAX_DIRECT_SCRATCH // rows_len(p))
 
 
+cdef inline bint direct_rows_taken(const ConvGeom* p) noexcept nogil:
+    """Whether forward_path takes the row-vector direct kernel, unforced, for a float32 shape it can take
+    (use_direct_rows): kernels of more than one tap (1x1 kernels keep the pointwise, direct or pixel paths'
+    choice). A function of the geometry, not of K (see weight_block)."""
+    return p.KH * p.KW > 1 and use_direct_rows(p)
+
+
 cdef inline Py_ssize_t rows_copies(const ConvGeom* p) noexcept nogil:
     """Copies of each input row the row-vector direct kernel keeps: KW shifted ones, or one zero-padded."""
     return p.KW if rows_shifted(p) else 1
@@ -178,6 +185,14 @@ cdef inline int output_panel_nv(const ConvGeom* p, floating dummy) noexcept nogi
 cdef inline Py_ssize_t weight_block(const ConvGeom* p, floating dummy) noexcept nogil:
     """KC, the depth of the k blocks in which the forward packs W (pack_weights): the forward's kernels and a
     frozen plan's weights packed once (conv2d_pack) must agree on it."""
+    if floating is float:
+        # the row-vector direct kernel (direct_rows_taken) reduces all of Kd per tile in registers: its C tile no
+        # longer goes to y and back per k block, and the B panel (Kd rows x CE_NV vectors) streams from L2 well
+        # (Zen 4, 1 thread, batch 64, GFLOP/s, KC <= 256 -> Kd: 64x32x32 -> 64 100 -> 104, 128x16x16 -> 128
+        # 105 -> 109; batch 1 +3%). A function of the geometry but not of K: a plan's slices of the output
+        # channels pack and sum as the whole conv does.
+        if direct_rows_taken(p):
+            return (p.C // p.G) * p.KH * p.KW
     return balanced_block((p.C // p.G) * p.KH * p.KW, block_k(<floating>0))
 
 
@@ -252,7 +267,7 @@ cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
     cdef bint pixels = use_pixels(p, dummy)
     cdef bint rows = False
     if floating is float:
-        rows = use_direct_rows(p)
+        rows = direct_rows_taken(p)
     if forced_path == PATH_DIRECT and (direct or rows):
         return PATH_DIRECT
     if forced_path == PATH_IM2COL:
@@ -261,11 +276,12 @@ cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
         return PATH_PIXELS
     if pointwise:
         return PATH_POINTWISE
-    # the row-vector direct kernel (float32, output rows or planes of whole vectors) where the direct or the pixel
-    # path would go: no dropped columns, the whole tile reduced per k block (the pixel path reloads its tile per
-    # tap). Zen 4, 1 thread, batch 64 / batch 1, pixels -> direct rows, GFLOP/s: 64x8x8 -> 128 93 -> 99 / 71 ->
-    # 88; 128x8x8 -> 128 96 -> 100; 128x4x4 -> 256 95 -> 101 / 36 -> 66; 64x12x12 -> 64 77 -> 97
-    if direct or (rows and pixels):
+    # the row-vector direct kernel (float32, output rows or planes of whole vectors) wherever it can go: no
+    # dropped columns, the whole reduction in registers (the pixel path reloads its tile per tap), KW copies of
+    # the input per pixel (im2col copies KH*KW). Zen 4, 1 thread, batch 64 / batch 1, pixels -> direct rows,
+    # GFLOP/s: 64x8x8 -> 128 93 -> 99 / 71 -> 88; 128x8x8 -> 128 96 -> 100; 128x4x4 -> 256 95 -> 101 / 36 -> 66;
+    # 64x12x12 -> 64 77 -> 97 (with k blocks of <= 256; see weight_block for one block)
+    if direct or rows:
         return PATH_DIRECT
     if pixels:
         return PATH_PIXELS
