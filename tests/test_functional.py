@@ -760,8 +760,8 @@ DW_SMALL_IDS = [f"{x}-s{s}" for x, s, _ in DW_SMALL_CASES]
 
 # The float32 direct path's row-vector kernel (OW or OH*OW a multiple of 16, conv_forward.pxi ukernel_rows_f)
 # applies the epilogue from registers with its last k block: each epilogue, with and without bias, against the
-# reference, with a partial channel panel and one-vector tails; its kernels of several taps reduce in one k block,
-# a 1x1 kernel with padding (not the pointwise path) over 300 input channels in two.
+# reference, with a partial channel panel and one-vector tails, on one k block and on two (32 input channels: 288 >
+# KC rows; a 1x1 kernel with padding, not the pointwise path, over 300 input channels).
 ROWS_CASES = [
     ((3, 8, 7, 16), (20, 8, 3, 3)),
     ((2, 32, 5, 32), (24, 32, 3, 3)),

@@ -127,7 +127,7 @@ cdef inline bint use_direct_rows(const ConvGeom* p) noexcept nogil:
 cdef inline bint direct_rows_taken(const ConvGeom* p) noexcept nogil:
     """Whether forward_path takes the row-vector direct kernel, unforced, for a float32 shape it can take
     (use_direct_rows): kernels of more than one tap (1x1 kernels keep the pointwise, direct or pixel paths'
-    choice). A function of the geometry, not of K (see weight_block)."""
+    choice)."""
     return p.KH * p.KW > 1 and use_direct_rows(p)
 
 
@@ -185,14 +185,10 @@ cdef inline int output_panel_nv(const ConvGeom* p, floating dummy) noexcept nogi
 cdef inline Py_ssize_t weight_block(const ConvGeom* p, floating dummy) noexcept nogil:
     """KC, the depth of the k blocks in which the forward packs W (pack_weights): the forward's kernels and a
     frozen plan's weights packed once (conv2d_pack) must agree on it."""
-    if floating is float:
-        # the row-vector direct kernel (direct_rows_taken) reduces all of Kd per tile in registers: its C tile no
-        # longer goes to y and back per k block, and the B panel (Kd rows x CE_NV vectors) streams from L2 well
-        # (Zen 4, 1 thread, batch 64, GFLOP/s, KC <= 256 -> Kd: 64x32x32 -> 64 100 -> 104, 128x16x16 -> 128
-        # 105 -> 109; batch 1 +3%). A function of the geometry but not of K: a plan's slices of the output
-        # channels pack and sum as the whole conv does.
-        if direct_rows_taken(p):
-            return (p.C // p.G) * p.KH * p.KW
+    # Not Kd for the row-vector direct kernel, though one k block ran faster (Zen 4, 1 thread, batch 64, GFLOP/s:
+    # 64x32x32 -> 64 100 -> 104, 128x16x16 -> 128 105 -> 109; batch 1 +3%): one sequential chain of Kd products
+    # rounds worse, and LeNet-8x8's predict moved from forward by up to 4.3e-6 (20 seeds), against 2.4e-6 with
+    # these blocks, past test_model's 1e-6 on a logit near zero.
     return balanced_block((p.C // p.G) * p.KH * p.KW, block_k(<floating>0))
 
 
@@ -277,10 +273,10 @@ cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
     if pointwise:
         return PATH_POINTWISE
     # the row-vector direct kernel (float32, output rows or planes of whole vectors) wherever it can go: no
-    # dropped columns, the whole reduction in registers (the pixel path reloads its tile per tap), KW copies of
+    # dropped columns, each k block reduced in registers (the pixel path reloads its tile per tap), KW copies of
     # the input per pixel (im2col copies KH*KW). Zen 4, 1 thread, batch 64 / batch 1, pixels -> direct rows,
     # GFLOP/s: 64x8x8 -> 128 93 -> 99 / 71 -> 88; 128x8x8 -> 128 96 -> 100; 128x4x4 -> 256 95 -> 101 / 36 -> 66;
-    # 64x12x12 -> 64 77 -> 97 (with k blocks of <= 256; see weight_block for one block)
+    # 64x12x12 -> 64 77 -> 97; im2col -> direct rows: 16x8x8 -> 20 32 -> 57, 8x8x8 -> 20 34 -> 58
     if direct or rows:
         return PATH_DIRECT
     if pixels:
