@@ -114,7 +114,7 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
     # images a block of R rows touches: R // OH + 2 at most
     cdef Py_ssize_t nseg = min(p.B, R // p.OH + 2)
     cdef Py_ssize_t maxvec = R * p.OW // VL
-    cdef Py_ssize_t msplit = channel_blocks(p.G * nblk, mpanels, n_threads)
+    cdef Py_ssize_t msplit = min(n_threads, channel_blocks(p.G * nblk, mpanels, n_threads))
     cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
     cdef Py_ssize_t task, u, g, rb, r0, r1, b, s, nvec, nfull, v, jp, ip, ip0, ip1, k0, kc, kk, q, seg_r0, seg_r1
     cdef Py_ssize_t kh, kw, t
