@@ -113,6 +113,10 @@ PATH_CASES = [
     ((9, 36, 16, 17), (22, 36, 1, 1), dict()),                # pointwise grad_weight: chunks, partial tiles
     ((1, 16, 20, 20), (48, 16, 3, 3), dict(padding=1)),       # batch 1: direct and pixel paths split channels
     ((1, 32, 8, 8), (64, 32, 3, 3), dict(padding=1)),
+    ((6, 24, 10, 32), (40, 24, 3, 3), dict(padding=1)),     # direct, rows of whole vectors: blocks across images
+    ((1, 32, 16, 16), (64, 32, 3, 3), dict(padding=1)),     # the same at batch 1: channels split
+    ((9, 16, 8, 8), (40, 16, 3, 3), dict(padding=1)),       # direct, shifted rows: two blocks, one mid-image
+    ((2, 64, 8, 8), (96, 64, 3, 3), dict(padding=1)),       # the same in one block: channels split
 ]
 
 

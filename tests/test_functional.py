@@ -165,6 +165,20 @@ PATH_SHAPES = [
     ((1, 8, 40, 40), (8, 8, 5, 5), dict(stride=3, padding=2)),
     ((2, 16, 20, 24), (16, 16, 3, 3), dict(padding=1)),
     ((1, 24, 12, 40), (32, 24, 5, 3), dict(padding=(2, 1))),
+    # rows of whole vectors (OW a multiple of 16), the float32 direct path's row-vector kernel: blocks of rows
+    # across images starting mid-image, a partial channel panel, one-vector tails, dilation, groups
+    ((5, 8, 10, 16), (20, 8, 3, 3), dict(padding=1)),
+    ((2, 8, 5, 32), (16, 8, 3, 3), dict(padding=1)),
+    ((2, 32, 6, 16), (16, 32, 3, 3), dict(padding=1)),
+    ((2, 8, 9, 16), (8, 8, 3, 3), dict(padding=2, dilation=2)),
+    ((2, 16, 6, 16), (24, 8, 3, 3), dict(padding=1, groups=2)),
+    # output planes of whole vectors with shorter rows: the row-vector kernel on KW shifted copies of the rows
+    # (vectors run across output rows), blocks starting mid-image, 5-wide kernels, padding past the kernel's reach
+    ((6, 8, 10, 8), (16, 8, 3, 3), dict(padding=1)),
+    ((3, 16, 12, 12), (20, 16, 3, 3), dict(padding=1)),
+    ((2, 8, 8, 12), (8, 8, 3, 3), dict(padding=2, dilation=2)),
+    ((2, 8, 4, 12), (16, 8, 5, 5), dict(padding=2)),
+    ((2, 8, 6, 4), (8, 8, 3, 3), dict(padding=(1, 3))),
     # first layers: 1-4 input channels, the smallc path (float32), with strides and uneven padding
     ((2, 3, 20, 32), (16, 3, 3, 3), dict(padding=1)),
     ((1, 1, 30, 28), (6, 1, 5, 5), dict(padding=2)),
@@ -743,6 +757,42 @@ DW_SMALL_CASES = [
     ((1, 2, 1, 16), 2, "depthwise 3x3s2 w16"),
 ]
 DW_SMALL_IDS = [f"{x}-s{s}" for x, s, _ in DW_SMALL_CASES]
+
+
+# The float32 direct path's row-vector kernel (OW or OH*OW a multiple of 16, conv_forward.pxi ukernel_rows_f)
+# applies the epilogue from registers with its last k block: each epilogue, with and without bias, against the
+# reference, with a partial channel panel and one-vector tails, on one k block and on two (32 input channels: 288 >
+# KC rows; a 1x1 kernel with padding, not the pointwise path, over 300 input channels).
+ROWS_CASES = [
+    ((3, 8, 7, 16), (20, 8, 3, 3)),
+    ((2, 32, 5, 32), (24, 32, 3, 3)),
+    ((1, 16, 16, 16), (64, 16, 3, 3)),
+    ((3, 16, 8, 8), (40, 16, 3, 3)),      # shifted rows (8-pixel rows, 64-pixel planes)
+    ((2, 32, 4, 4), (24, 32, 3, 3)),
+    ((1, 300, 14, 14), (24, 300, 1, 1)),  # 16-pixel rows, KC = 150
+]
+
+
+@pytest.mark.parametrize("relu,affine", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["plain", "relu", "affine", "relu-affine"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("x_shape,w_shape", ROWS_CASES, ids=[f"{x}-{w}" for x, w in ROWS_CASES])
+def test_direct_row_vector_kernel_epilogues(rng, x_shape, w_shape, bias, relu, affine):
+    x, w = randn(rng, x_shape, np.float32), randn(rng, w_shape, np.float32)
+    K = w_shape[0]
+    b = randn(rng, K, np.float32) if bias else None
+    sc, sh = (randn(rng, K, np.float32) if affine else None for _ in range(2))
+    assert conv_paths(x, w, dict(padding=1))["forward"] == "direct"
+    want = R.conv2d(x, w, b, padding=1)
+    if relu:
+        want = R.relu(want)
+    if affine:
+        want = want * sc[:, None, None] + sh[:, None, None]
+    for n_threads in (1, 2):
+        geom = _args.conv2d_args(x, w, b, 1, 1, 1, 1)
+        out = np.full(geom.out_shape, np.nan, np.float32)
+        _engine.conv2d_forward(x, w, b, out, F._conv_params(geom), n_threads, relu, sc, sh)
+        assert_close(out, want, f"direct rows {x_shape} relu={relu} affine={affine} threads={n_threads}")
 
 
 def dw_small_expected(kernel):

@@ -2,6 +2,202 @@
 # (and to conv_smallc.pxi and depthwise.pxi), and the def entry.
 
 
+# Tags of the row-vector micro-kernel's width (see ukernel_rows_f): CE_NV vectors, or one for a block's last vectors.
+cdef struct single_tile:
+    char unused
+ctypedef fused rows_width:
+    wide_tile
+    single_tile
+
+
+cdef void ukernel_rows_f(Py_ssize_t kc, const float* apanel, const float** brow, const Py_ssize_t* boff,
+                         float* c, const Py_ssize_t* coff, Py_ssize_t ldc, Py_ssize_t mrows, bint accumulate,
+                         const Epilogue* e, Py_ssize_t k0, rows_width* width) noexcept nogil:
+    """c[i*ldc + coff[j] : +VL] (+)= sum over p < kc of apanel[p*MR + i] * (brow[p] + boff[j])[0:VL], for rows
+    i < mrows and the tile's vectors j; then, where e is not NULL, the epilogue of channel k0 + i from registers.
+
+    ukernel_f with each B vector (and its C vector) at its own offset: vector j of the tile is VL output pixels of
+    one output row wherever that row lies (another row, another image), so a tile never computes the padded
+    columns past an output row's end. Each element is ukernel_f's sum: zero, + a*b for p in order, then added to
+    c (c + acc, the same bits as acc + c): the direct path's bits whichever kernel computes it."""
+    cdef vfloat acc[CE_MR][CE_NV]
+    cdef vfloat bv[CE_NV]
+    cdef vfloat v
+    cdef vfloat* dst
+    cdef Py_ssize_t bo[CE_NV]
+    cdef Py_ssize_t i, j, p
+    cdef float bval, sc, sh
+    cdef int nv
+    if rows_width is wide_tile:
+        nv = CE_NV
+    else:
+        nv = 1
+    for j in range(nv):
+        bo[j] = boff[j]
+    for i in range(CE_MR):
+        for j in range(nv):
+            acc[i][j] = ce_vf_zero()
+    for p in range(kc):
+        for j in range(nv):
+            bv[j] = (<const vfloat*>(brow[p] + bo[j]))[0]
+        for i in range(CE_MR):
+            for j in range(nv):
+                acc[i][j] += apanel[p * CE_MR + i] * bv[j]
+    for i in range(CE_MR):
+        if i < mrows:
+            if e != NULL:
+                # store_span's arithmetic, in its order (bias 0 where absent: -0 + 0 = +0 there too)
+                bval = (<const float*>e.bias)[k0 + i] if e.bias != NULL else 0
+                sc = (<const float*>e.scale)[k0 + i] if e.scale != NULL else 1
+                sh = (<const float*>e.shift)[k0 + i] if e.scale != NULL else 0
+            for j in range(nv):
+                dst = <vfloat*>(c + i * ldc + coff[j])
+                v = acc[i][j]
+                if accumulate:
+                    v = dst[0] + v
+                if e != NULL:
+                    v = v + bval
+                    if e.relu:
+                        v = ce_vf_relu(v)
+                    if e.scale != NULL:
+                        v = v * sc + sh
+                dst[0] = v
+
+
+cdef inline Py_ssize_t balanced_rows(const ConvGeom* p, Py_ssize_t R, int n_threads) noexcept nogil:
+    """Rows per block of the row-vector direct kernel for n_threads: from R down to R/2 in whole-vector steps, the
+    size whose blocks load the busiest thread least (64 8x8 images: 11 blocks of 48 rows left one of 2 threads a
+    block more, 0.965x the pixel path; 16 of 32 share evenly). Blocks never change a sum: bits stay the same."""
+    cdef Py_ssize_t VL = vlen(<float>0)
+    cdef Py_ssize_t rows = p.B * p.OH
+    cdef Py_ssize_t step = 1, Rt, best = R, cost, best_cost
+    if n_threads <= 1:
+        return R
+    while (step * p.OW) % VL != 0:
+        step = step + 1
+    best_cost = ((rows + R - 1) // R + n_threads - 1) // n_threads * R
+    Rt = R - step
+    while Rt >= step and 2 * Rt >= R:
+        cost = ((rows + Rt - 1) // Rt + n_threads - 1) // n_threads * Rt
+        if cost < best_cost:
+            best = Rt
+            best_cost = cost
+        Rt = Rt - step
+    return best
+
+
+cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize_t KC, const Epilogue* e,
+                                    float* y, const ConvGeom* p, int n_threads) noexcept nogil:
+    """The direct path (see conv2d_forward_direct) for float32 rows of whole vectors (OW a multiple of VL), its
+    columns being output pixels only. A block is R consecutive output rows of the batch (row b*OH + oh), across
+    images; it copies the zero-padded input rows each of its images needs into segments of the same layout, and
+    tile vector j is VL pixels of one output row, read from the segment at each tap's offset (ukernel_rows_f) and
+    written straight into y, the epilogue applied from registers with the last k block.
+
+    The same k blocks of the same packed weights, each element the same sum in the same order as
+    conv2d_forward_direct: the same bits. What it saves (Zen 4, 1 thread, batch 64): the padded columns (16 of 18
+    on 16-pixel rows were useful, 32 of 34 on 32-pixel rows, then rounded up to whole 48-column panels) and the
+    second pass over a C buffer for the epilogue (5-8% of the time in perf)."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t VL = vlen(<float>0)
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t Kd = Cg * p.KH * p.KW
+    cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
+    cdef Py_ssize_t mpanels = Mpad // CE_MR
+    cdef Py_ssize_t P = p.OH * p.OW
+    cdef bint shifted = rows_shifted(p)
+    cdef Py_ssize_t Wr = rows_len(p)
+    cdef Py_ssize_t R = balanced_rows(p, direct_rows_rows(p), n_threads)
+    cdef Py_ssize_t nblk = (p.B * p.OH + R - 1) // R
+    cdef Py_ssize_t rows_in = min(R, p.OH) + (p.KH - 1) * p.dh
+    cdef Py_ssize_t seglen = Cg * rows_copies(p) * rows_in * Wr
+    # images a block of R rows touches: R // OH + 2 at most
+    cdef Py_ssize_t nseg = min(p.B, R // p.OH + 2)
+    cdef Py_ssize_t maxvec = R * p.OW // VL
+    cdef Py_ssize_t msplit = min(n_threads, channel_blocks(p.G * nblk, mpanels, n_threads))
+    cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
+    cdef Py_ssize_t task, u, g, rb, r0, r1, b, s, nvec, nfull, v, jp, ip, ip0, ip1, k0, kc, kk, q, seg_r0, seg_r1
+    cdef Py_ssize_t kh, kw, t
+    cdef const Epilogue* last
+    cdef float* xblk
+    cdef Py_ssize_t* boffs
+    cdef Py_ssize_t* coffs
+    cdef const float** brow
+    cdef int failed = 0
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        xblk = <float*>malloc(nseg * seglen * sizeof(float))
+        boffs = <Py_ssize_t*>malloc(2 * maxvec * sizeof(Py_ssize_t))
+        brow = <const float**>malloc(Kd * sizeof(float*))
+        for task in prange(p.G * nblk * msplit, schedule='static'):
+            if xblk == NULL or boffs == NULL or brow == NULL:
+                flag_failure(&failed)
+                continue
+            coffs = boffs + maxvec
+            u = task // msplit
+            ip0 = (task - u * msplit) * mchunk
+            ip1 = min(mpanels, ip0 + mchunk)
+            if ip0 >= ip1:
+                continue
+            g = u // nblk
+            rb = u - g * nblk
+            r0 = rb * R
+            r1 = min(p.B * p.OH, r0 + R)
+            # one segment per image: its rows of the block and the KH-1 around them; vector offsets
+            # vector q // VL of a segment: its pixels q.. in the segment's rows, row-major
+            nvec = 0
+            s = 0
+            b = r0 // p.OH
+            while b * p.OH < r1:
+                seg_r0 = max(r0, b * p.OH) - b * p.OH
+                seg_r1 = min(r1 - b * p.OH, p.OH)
+                if shifted:
+                    fill_shifted_rows(x, p, b, g, seg_r0, seg_r1 - seg_r0 + (p.KH - 1) * p.dh, rows_in,
+                                      xblk + s * seglen)
+                else:
+                    fill_padded_rows(x, p, b, g, seg_r0, seg_r1 - seg_r0 + (p.KH - 1) * p.dh, rows_in,
+                                     xblk + s * seglen)
+                for v in range((seg_r1 - seg_r0) * p.OW // VL):
+                    q = v * VL
+                    boffs[nvec] = s * seglen + (q // p.OW) * Wr + q % p.OW
+                    coffs[nvec] = b * p.K * P + seg_r0 * p.OW + q
+                    nvec = nvec + 1
+                s = s + 1
+                b = b + 1
+            if shifted:
+                for t in range(Kd):
+                    kh = (t // p.KW) % p.KH
+                    kw = t % p.KW
+                    brow[t] = xblk + (((t // (p.KH * p.KW)) * p.KW + kw) * rows_in + kh * p.dh) * p.OW
+            else:
+                tap_rows(p, xblk, rows_in, brow)
+            nfull = nvec // CE_NV
+            k0 = 0
+            while k0 < Kd:
+                kc = min(KC, Kd - k0)
+                last = e if k0 + kc == Kd else NULL
+                for jp in range(nfull):
+                    for ip in range(ip0, ip1):
+                        kk = g * Kg + ip * CE_MR
+                        ukernel_rows_f(kc, apack + g * Mpad * Kd + k0 * Mpad + ip * CE_MR * kc, brow + k0,
+                                       boffs + jp * CE_NV, y + kk * P, coffs + jp * CE_NV, P,
+                                       min(CE_MR, Kg - ip * CE_MR), k0 > 0, last, kk, <wide_tile*>NULL)
+                for v in range(nfull * CE_NV, nvec):
+                    for ip in range(ip0, ip1):
+                        kk = g * Kg + ip * CE_MR
+                        ukernel_rows_f(kc, apack + g * Mpad * Kd + k0 * Mpad + ip * CE_MR * kc, brow + k0,
+                                       boffs + v, y + kk * P, coffs + v, P,
+                                       min(CE_MR, Kg - ip * CE_MR), k0 > 0, last, kk, <single_tile*>NULL)
+                k0 = k0 + kc
+        free(xblk)
+        free(boffs)
+        free(brow)
+        fp_leave(fp)
+    fp_resume(fps)
+    return -failed
+
+
 cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssize_t KC, const Epilogue* e,
                                floating* y, const ConvGeom* p, int n_threads) noexcept nogil:
     """Stride-1 forward without im2col. A task (image, group, block of R output rows) copies the R + (KH-1)*dh
@@ -30,6 +226,9 @@ cdef int conv2d_forward_direct(const floating* x, const floating* apack, Py_ssiz
     cdef const floating** brow
     cdef const floating** arow
     cdef int failed = 0
+    if floating is float:
+        if use_direct_rows(p):
+            return conv2d_forward_direct_rows(x, apack, KC, e, y, p, n_threads)
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()

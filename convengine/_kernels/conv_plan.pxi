@@ -107,6 +107,50 @@ cdef bint use_direct(const ConvGeom* p, Py_ssize_t NR, Py_ssize_t NC) noexcept n
     return direct_columns_used(p, NR, NC, True)
 
 
+cdef inline bint rows_shifted(const ConvGeom* p) noexcept nogil:
+    """Whether the row-vector direct kernel reads KW column-shifted copies of the input rows (rows of OW, no
+    padding columns: a vector may then run on into the next output row) rather than zero-padded rows (whose
+    vectors must each lie within one output row: OW a multiple of VL)."""
+    return p.OW % vlen(<float>0) != 0
+
+
+cdef inline bint use_direct_rows(const ConvGeom* p) noexcept nogil:
+    """Whether a float32 stride-1 shape can take the row-vector direct kernel (conv2d_forward_direct_rows): its
+    output rows, or else its output planes, are whole vectors, and one block's input copies stay small."""
+    cdef Py_ssize_t VL = vlen(<float>0)
+    if p.sh != 1 or p.sw != 1 or (p.OW % VL != 0 and (p.OH * p.OW) % VL != 0):
+        return False
+    return (p.C // p.G) * rows_copies(p) * (min(direct_rows_rows(p), p.OH) + (p.KH - 1) * p.dh) <= (
+        MAX_DIRECT_SCRATCH // rows_len(p))
+
+
+cdef inline bint direct_rows_taken(const ConvGeom* p) noexcept nogil:
+    """Whether forward_path takes the row-vector direct kernel, unforced, for a float32 shape it can take
+    (use_direct_rows): kernels of more than one tap (1x1 kernels keep the pointwise, direct or pixel paths'
+    choice)."""
+    return p.KH * p.KW > 1 and use_direct_rows(p)
+
+
+cdef inline Py_ssize_t rows_copies(const ConvGeom* p) noexcept nogil:
+    """Copies of each input row the row-vector direct kernel keeps: KW shifted ones, or one zero-padded."""
+    return p.KW if rows_shifted(p) else 1
+
+
+cdef inline Py_ssize_t rows_len(const ConvGeom* p) noexcept nogil:
+    """Length of those copies: OW (shifted) or padded_width."""
+    return p.OW if rows_shifted(p) else padded_width(p)
+
+
+cdef inline Py_ssize_t direct_rows_rows(const ConvGeom* p) noexcept nogil:
+    """Output rows per block of the row-vector direct kernel: about block_columns pixels, R*OW a multiple of VL
+    (so that no vector crosses a block's or an image's end; OH*OW is one where rows are shifted)."""
+    cdef Py_ssize_t VL = vlen(<float>0)
+    cdef Py_ssize_t step = 1
+    while (step * p.OW) % VL != 0:
+        step = step + 1
+    return max(step, max(1, block_columns(<float>0) // p.OW) // step * step)
+
+
 # Forward strategies, in the order conv2d_forward_core tries them; `force_conv_path` pins one for the tests (a
 # path that cannot take the shape falls back to the automatic choice).
 cdef enum:
@@ -141,6 +185,10 @@ cdef inline int output_panel_nv(const ConvGeom* p, floating dummy) noexcept nogi
 cdef inline Py_ssize_t weight_block(const ConvGeom* p, floating dummy) noexcept nogil:
     """KC, the depth of the k blocks in which the forward packs W (pack_weights): the forward's kernels and a
     frozen plan's weights packed once (conv2d_pack) must agree on it."""
+    # Not Kd for the row-vector direct kernel, though one k block ran faster (Zen 4, 1 thread, batch 64, GFLOP/s:
+    # 64x32x32 -> 64 100 -> 104, 128x16x16 -> 128 105 -> 109; batch 1 +3%): one sequential chain of Kd products
+    # rounds worse, and LeNet-8x8's predict moved from forward by up to 4.3e-6 (20 seeds), against 2.4e-6 with
+    # these blocks, past test_model's 1e-6 on a logit near zero.
     return balanced_block((p.C // p.G) * p.KH * p.KW, block_k(<floating>0))
 
 
@@ -212,17 +260,26 @@ cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
     cdef Py_ssize_t NR = tile_n(<floating>0)
     cdef bint direct = use_direct(p, NR, block_columns(<floating>0))
     cdef bint pointwise = use_pointwise(p, dummy)
-    if forced_path == PATH_DIRECT and direct:
+    cdef bint pixels = use_pixels(p, dummy)
+    cdef bint rows = False
+    if floating is float:
+        rows = direct_rows_taken(p)
+    if forced_path == PATH_DIRECT and (direct or rows):
         return PATH_DIRECT
     if forced_path == PATH_IM2COL:
         return PATH_IM2COL
-    if forced_path == PATH_PIXELS and use_pixels(p, dummy):
+    if forced_path == PATH_PIXELS and pixels:
         return PATH_PIXELS
     if pointwise:
         return PATH_POINTWISE
-    if direct:
+    # the row-vector direct kernel (float32, output rows or planes of whole vectors) wherever it can go: no
+    # dropped columns, each k block reduced in registers (the pixel path reloads its tile per tap), KW copies of
+    # the input per pixel (im2col copies KH*KW). Zen 4, 1 thread, batch 64 / batch 1, pixels -> direct rows,
+    # GFLOP/s: 64x8x8 -> 128 93 -> 99 / 71 -> 88; 128x8x8 -> 128 96 -> 100; 128x4x4 -> 256 95 -> 101 / 36 -> 66;
+    # 64x12x12 -> 64 77 -> 97; im2col -> direct rows: 16x8x8 -> 20 32 -> 57, 8x8x8 -> 20 34 -> 58
+    if direct or rows:
         return PATH_DIRECT
-    if use_pixels(p, dummy):
+    if pixels:
         return PATH_PIXELS
     return PATH_IM2COL
 
@@ -259,6 +316,10 @@ cdef bint grad_input_as_conv(const ConvGeom* q, floating dummy) noexcept nogil:
     if path == PATH_POINTWISE:
         return True
     if path == PATH_DIRECT:
+        if floating is float:
+            # the row-vector kernel wastes no columns; it also takes the shapes the pixel path took
+            if use_direct_rows(q):
+                return mostly_used(q.K // q.G, round_up(q.K // q.G, CE_MR)) or use_pixels(q, dummy)
         # three quarters of the columns (the transposed conv of LeNet-5's 6 -> 16 layer, 10 of 14 useful, was
         # slower than col2im: 1.31 against 1.20 ms)
         return (mostly_used(q.K // q.G, round_up(q.K // q.G, CE_MR))
@@ -370,6 +431,12 @@ cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T)
     if path == PATH_POINTWISE:
         NR = pointwise_nv(q.H * q.W, VL) * VL
         return q.G * Mpad * Kd * isz + T * ((CE_MR * NR + Cg * (BLOCK_TILES * NR + VL)) * isz + (Cg + CE_MR) * ptr)
+    if path == PATH_DIRECT and floating is float and use_direct_rows(q):
+        # conv2d_forward_direct_rows: per thread a block's segments of input rows, two offsets per vector, the taps
+        R = direct_rows_rows(q)
+        return (q.G * Mpad * Kd + T * min(q.B, R // q.OH + 2) * Cg * rows_copies(q) * (
+            min(R, q.OH) + (q.KH - 1) * q.dh) * rows_len(q)) * isz + T * (
+            2 * (R * q.OW // VL) * sizeof(Py_ssize_t) + Kd * ptr)
     if path == PATH_DIRECT:
         Wp = padded_width(q)
         R = direct_rows(q, NC)
