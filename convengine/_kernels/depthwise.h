@@ -252,6 +252,21 @@ static inline __m512 ce_dw_small_finish(__m512 a, int relu, int affine, __m512 s
         OR = CE_DW_ALIGN(0xFFFF, HR, LR, 8);                                                                   \
     } while (0)
 
+/* b + the nine taps' products, added as fma(w[k], tap k, sum) in increasing k: every forward kernel's order. */
+static inline __m512 ce_dw_sum9(const __m512* wk, __m512 b, __m512 t0, __m512 t1, __m512 t2, __m512 t3,
+                                __m512 t4, __m512 t5, __m512 t6, __m512 t7, __m512 t8)
+{
+    __m512 acc = _mm512_fmadd_ps(wk[0], t0, b);
+    acc = _mm512_fmadd_ps(wk[1], t1, acc);
+    acc = _mm512_fmadd_ps(wk[2], t2, acc);
+    acc = _mm512_fmadd_ps(wk[3], t3, acc);
+    acc = _mm512_fmadd_ps(wk[4], t4, acc);
+    acc = _mm512_fmadd_ps(wk[5], t5, acc);
+    acc = _mm512_fmadd_ps(wk[6], t6, acc);
+    acc = _mm512_fmadd_ps(wk[7], t7, acc);
+    return _mm512_fmadd_ps(wk[8], t8, acc);
+}
+
 static inline void ce_dw3x3p1s1_w16_f(const float* x, ptrdiff_t H, const float* w, float bias, int relu,
                                       int affine, float scale, float shift, float* y)
 {
@@ -269,15 +284,7 @@ static inline void ce_dw3x3p1s1_w16_f(const float* x, ptrdiff_t H, const float* 
         dM = r + 1 < H ? _mm512_loadu_ps(x + (r + 1) * 16) : z;
         dL = CE_DW_ALIGN(0xFFFF, dM, z, 15);
         dR = CE_DW_ALIGN(0xFFFF, z, dM, 1);
-        acc = _mm512_fmadd_ps(wk[0], aL, b);
-        acc = _mm512_fmadd_ps(wk[1], aM, acc);
-        acc = _mm512_fmadd_ps(wk[2], aR, acc);
-        acc = _mm512_fmadd_ps(wk[3], cL, acc);
-        acc = _mm512_fmadd_ps(wk[4], cM, acc);
-        acc = _mm512_fmadd_ps(wk[5], cR, acc);
-        acc = _mm512_fmadd_ps(wk[6], dL, acc);
-        acc = _mm512_fmadd_ps(wk[7], dM, acc);
-        acc = _mm512_fmadd_ps(wk[8], dR, acc);
+        acc = ce_dw_sum9(wk, b, aL, aM, aR, cL, cM, cR, dL, dM, dR);
         _mm512_storeu_ps(y + r * 16, ce_dw_small_finish(acc, relu, affine, sc, sh));
         aL = cL; aM = cM; aR = cR;
         cL = dL; cM = dM; cR = dR;
@@ -303,15 +310,7 @@ static inline void ce_dw3x3p1s1_w8_f(const float* x, ptrdiff_t H, const float* w
     for (i = 0; i < nv; i++) {
         CE_DW8_ROW(x, i + 1, nv, H, z, nM, nL, nR);
         CE_DW8_SHIFT(nL, nM, nR, cL, cM, cR, dL, dM, dR);
-        acc = _mm512_fmadd_ps(wk[0], uL, b);
-        acc = _mm512_fmadd_ps(wk[1], uM, acc);
-        acc = _mm512_fmadd_ps(wk[2], uR, acc);
-        acc = _mm512_fmadd_ps(wk[3], cL, acc);
-        acc = _mm512_fmadd_ps(wk[4], cM, acc);
-        acc = _mm512_fmadd_ps(wk[5], cR, acc);
-        acc = _mm512_fmadd_ps(wk[6], dL, acc);
-        acc = _mm512_fmadd_ps(wk[7], dM, acc);
-        acc = _mm512_fmadd_ps(wk[8], dR, acc);
+        acc = ce_dw_sum9(wk, b, uL, uM, uR, cL, cM, cR, dL, dM, dR);
         m = (__mmask16)(2 * i + 1 < H ? 0xFFFF : 0x00FF);
         _mm512_mask_storeu_ps(y + i * 16, m, ce_dw_small_finish(acc, relu, affine, sc, sh));
         uL = dL; uM = dM; uR = dR;
@@ -324,6 +323,25 @@ static inline __m512 ce_dw_row16(const float* x, ptrdiff_t H, ptrdiff_t r)
 {
     return r >= 0 && r < H ? _mm512_loadu_ps(x + r * 16) : _mm512_setzero_ps();
 }
+
+/* Stride 2, 16 -> 8 wide: output rows 2Q and 2Q+1 read input rows 4Q-1 .. 4Q+1 and 4Q+1 .. 4Q+3 (R0..R4), and
+ * CE_DW_S2_TAPS lists the nine taps' operands of that row pair, k = kh*3 + kw in order (IL, IE, IO: the left,
+ * even and odd column permutes). */
+#define CE_DW_S2_ROWS(X, H, Q, R0, R1, R2, R3, R4)                                                             \
+    do {                                                                                                       \
+        R0 = ce_dw_row16(X, H, 4 * (Q) - 1);                                                                   \
+        R1 = ce_dw_row16(X, H, 4 * (Q));                                                                       \
+        R2 = ce_dw_row16(X, H, 4 * (Q) + 1);                                                                   \
+        R3 = ce_dw_row16(X, H, 4 * (Q) + 2);                                                                   \
+        R4 = ce_dw_row16(X, H, 4 * (Q) + 3);                                                                   \
+    } while (0)
+#define CE_DW_S2_TAPS(R0, R1, R2, R3, R4, IL, IE, IO)                                                          \
+    _mm512_maskz_permutex2var_ps(0xFEFE, R0, IL, R2), _mm512_permutex2var_ps(R0, IE, R2),                      \
+    _mm512_permutex2var_ps(R0, IO, R2),                                                                        \
+    _mm512_maskz_permutex2var_ps(0xFEFE, R1, IL, R3), _mm512_permutex2var_ps(R1, IE, R3),                      \
+    _mm512_permutex2var_ps(R1, IO, R3),                                                                        \
+    _mm512_maskz_permutex2var_ps(0xFEFE, R2, IL, R4), _mm512_permutex2var_ps(R2, IE, R4),                      \
+    _mm512_permutex2var_ps(R2, IO, R4)
 
 static inline void ce_dw3x3p1s2_w16_f(const float* x, ptrdiff_t H, ptrdiff_t OH, const float* w, float bias,
                                       int relu, int affine, float scale, float shift, float* y)
@@ -341,21 +359,8 @@ static inline void ce_dw3x3p1s2_w16_f(const float* x, ptrdiff_t H, ptrdiff_t OH,
     int k;
     for (k = 0; k < 9; k++) wk[k] = _mm512_set1_ps(w[k]);
     for (q = 0; q < (OH + 1) / 2; q++) {
-        /* output rows 2q and 2q+1 read input rows 4q-1 .. 4q+1 and 4q+1 .. 4q+3 */
-        r0 = ce_dw_row16(x, H, 4 * q - 1);
-        r1 = ce_dw_row16(x, H, 4 * q);
-        r2 = ce_dw_row16(x, H, 4 * q + 1);
-        r3 = ce_dw_row16(x, H, 4 * q + 2);
-        r4 = ce_dw_row16(x, H, 4 * q + 3);
-        acc = _mm512_fmadd_ps(wk[0], _mm512_maskz_permutex2var_ps(0xFEFE, r0, il, r2), b);
-        acc = _mm512_fmadd_ps(wk[1], _mm512_permutex2var_ps(r0, ie, r2), acc);
-        acc = _mm512_fmadd_ps(wk[2], _mm512_permutex2var_ps(r0, io, r2), acc);
-        acc = _mm512_fmadd_ps(wk[3], _mm512_maskz_permutex2var_ps(0xFEFE, r1, il, r3), acc);
-        acc = _mm512_fmadd_ps(wk[4], _mm512_permutex2var_ps(r1, ie, r3), acc);
-        acc = _mm512_fmadd_ps(wk[5], _mm512_permutex2var_ps(r1, io, r3), acc);
-        acc = _mm512_fmadd_ps(wk[6], _mm512_maskz_permutex2var_ps(0xFEFE, r2, il, r4), acc);
-        acc = _mm512_fmadd_ps(wk[7], _mm512_permutex2var_ps(r2, ie, r4), acc);
-        acc = _mm512_fmadd_ps(wk[8], _mm512_permutex2var_ps(r2, io, r4), acc);
+        CE_DW_S2_ROWS(x, H, q, r0, r1, r2, r3, r4);
+        acc = ce_dw_sum9(wk, b, CE_DW_S2_TAPS(r0, r1, r2, r3, r4, il, ie, io));
         _mm512_mask_storeu_ps(y + q * 16, (__mmask16)(2 * q + 1 < OH ? 0xFFFF : 0x00FF),
                               ce_dw_small_finish(acc, relu, affine, sc, sh));
     }
@@ -402,6 +407,7 @@ static inline float ce_dw_lanes_total(__m512 v)
         a6 = _mm512_mask3_fmadd_ps(G, O6, a6, M); a7 = _mm512_mask3_fmadd_ps(G, O7, a7, M);                  \
         a8 = _mm512_mask3_fmadd_ps(G, O8, a8, M); ab = _mm512_mask_add_ps(ab, M, ab, G);                     \
     } while (0)
+#define CE_DW_GW9_OF(...) CE_DW_GW9(__VA_ARGS__)          /* the nine operands from one macro (CE_DW_S2_TAPS) */
 
 static inline void ce_dw3x3p1s1_w16_gw_f(const float* x, const float* g, ptrdiff_t B, ptrdiff_t bs,
                                          ptrdiff_t gs, ptrdiff_t H, float* dw, float* db)
@@ -472,20 +478,10 @@ static inline void ce_dw3x3p1s2_w16_gw_f(const float* x, const float* g, ptrdiff
         const float* xb = x + b * bs;
         const float* gb = g + b * gs;
         for (q = 0; q < (OH + 1) / 2; q++) {
-            r0 = ce_dw_row16(xb, H, 4 * q - 1);
-            r1 = ce_dw_row16(xb, H, 4 * q);
-            r2 = ce_dw_row16(xb, H, 4 * q + 1);
-            r3 = ce_dw_row16(xb, H, 4 * q + 2);
-            r4 = ce_dw_row16(xb, H, 4 * q + 3);
+            CE_DW_S2_ROWS(xb, H, q, r0, r1, r2, r3, r4);
             m = (__mmask16)(2 * q + 1 < OH ? 0xFFFF : 0x00FF);
             gv = _mm512_maskz_loadu_ps(m, gb + q * 16);
-            CE_DW_GW9(m, gv,
-                      _mm512_maskz_permutex2var_ps(0xFEFE, r0, il, r2), _mm512_permutex2var_ps(r0, ie, r2),
-                      _mm512_permutex2var_ps(r0, io, r2),
-                      _mm512_maskz_permutex2var_ps(0xFEFE, r1, il, r3), _mm512_permutex2var_ps(r1, ie, r3),
-                      _mm512_permutex2var_ps(r1, io, r3),
-                      _mm512_maskz_permutex2var_ps(0xFEFE, r2, il, r4), _mm512_permutex2var_ps(r2, ie, r4),
-                      _mm512_permutex2var_ps(r2, io, r4));
+            CE_DW_GW9_OF(m, gv, CE_DW_S2_TAPS(r0, r1, r2, r3, r4, il, ie, io));
         }
     }
     CE_DW_GW_TOTAL(dw, db);
