@@ -24,6 +24,7 @@ agree with the model's own `predict` within float rounding (folding reorders the
 in float32).
 """
 import copy
+import functools
 import math
 import threading
 
@@ -100,6 +101,11 @@ def _ranges(total, parts, align=1):
 
 def _part(array, start, stop):
     return None if array is None else array[start:stop]
+
+
+def _per_range(append, ranges):
+    """One callable per (start, stop) in ranges, calling append(start, stop): a split step's slices."""
+    return [functools.partial(append, start, stop) for start, stop in ranges]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,17 +210,11 @@ class _Conv(_Step):
         # whole conv's path (forced: a slice's shape alone might choose another, with other bits); a dense conv's
         # slices hold whole 16-channel blocks, so that no tile is split. A depthwise conv is channelwise.
         K, G = self.weight.shape[0], self.hyper["groups"]
-        Kg = K // G
-        if self.channelwise_for(shape) and ranges is not None:
-            pass
-        elif G == 1:
-            ranges = _ranges(K, parts, 16)
-        else:
-            ranges = [(g0 * Kg, g1 * Kg) for g0, g1 in _ranges(G, parts)]
+        if ranges is None or not self.channelwise_for(shape):
+            ranges = _ranges(K, parts, 16) if G == 1 else [(g0 * K // G, g1 * K // G) for g0, g1 in _ranges(G, parts)]
         if len(ranges) == 1:
             return ranges, [lambda: self.compile(program, prepared, shape, 1, src, dst)]
-        return ranges, [lambda k0=k0, k1=k1: self._slice(program, prepared, shape, src, dst, k0, k1)
-                        for k0, k1 in ranges]
+        return ranges, _per_range(functools.partial(self._slice, program, prepared, shape, src, dst), ranges)
 
     def channelwise_for(self, shape):
         return self.hyper["groups"] == shape[0] == self.weight.shape[0]
@@ -280,7 +280,7 @@ class _BatchNorm(_Step):
             program.batch_norm(src, dst, 1, 1, c1 - c0, plane, self.gamma[c0:c1], self.beta[c0:c1],
                                self.mean[c0:c1], self.var[c0:c1], self.eps, self.relu)
             program.place(c0 * plane, c0 * plane)
-        return ranges, [lambda c0=c0, c1=c1: part(c0, c1) for c0, c1 in ranges]
+        return ranges, _per_range(part, ranges)
 
 
 class _ReLU(_Step):
@@ -311,7 +311,7 @@ class _ReLU(_Step):
         def part(i0, i1):
             program.relu(src, dst, 1, i1 - i0)
             program.place(i0, i0)
-        return ranges, [lambda i0=i0, i1=i1: part(i0, i1) for i0, i1 in pieces]
+        return ranges, _per_range(part, pieces)
 
 
 class _Pool(_Step):
@@ -356,7 +356,7 @@ class _Pool(_Step):
         def part(c0, c1):
             program.pool(src, dst, 1, self.kind == "max", c1 - c0, shape[1], shape[2], params, self.count_include_pad)
             program.place(c0 * shape[1] * shape[2], c0 * OH * OW)
-        return ranges, [lambda c0=c0, c1=c1: part(c0, c1) for c0, c1 in ranges]
+        return ranges, _per_range(part, ranges)
 
 
 class _GlobalAvgPool(_Step):
@@ -384,7 +384,7 @@ class _GlobalAvgPool(_Step):
         def part(c0, c1):
             program.global_avg_pool(src, dst, 1, c1 - c0, shape[1] * shape[2])
             program.place(c0 * shape[1] * shape[2], c0)
-        return ranges, [lambda c0=c0, c1=c1: part(c0, c1) for c0, c1 in ranges]
+        return ranges, _per_range(part, ranges)
 
 
 class _Flatten(_Step):
@@ -441,9 +441,10 @@ class _Linear(_Step):
 
     def channel_slices(self, program, prepared, shape, src, dst, parts, ranges=None):
         # slices of the output columns, whole vectors each (the product reads W^T's rows in place: same bits)
+        def part(j0, j1):
+            program.linear(src, dst, 1, 1, self.weight_t, self.bias, self.relu, 1, j0, j1 - j0)
         ranges = _ranges(self.weight_t.shape[1], parts, 16)
-        return ranges, [lambda j0=j0, j1=j1: program.linear(src, dst, 1, 1, self.weight_t, self.bias, self.relu, 1,
-                                                            j0, j1 - j0) for j0, j1 in ranges]
+        return ranges, _per_range(part, ranges)
 
 
 class _Layer(_Step):

@@ -199,9 +199,6 @@ cdef class Program:
         """Slices of a split program (after finish)."""
         return len(self.slice_bounds) - 1
 
-    def kernel_calls(self):
-        return self.n_ops
-
     def conv(self, int src, int dst, int n_threads, tuple x_shape, weight, bias, tuple params, bint relu, scale,
              shift, packed, bint forced=False):
         cdef Op* op = self._add(OP_CONV, src, dst, n_threads)
