@@ -296,6 +296,30 @@ def test_split_programs_give_the_bits_of_one_thread(dtype, rng, monkeypatch):
             assert np.max(np.abs(want - looped)) <= RTOL[dtype] * (np.max(np.abs(looped)) + 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_one_thread_programs_in_image_slices_give_the_bits_of_whole_steps(dtype, rng, monkeypatch):
+    """On one thread a batch whose largest activation exceeds 2 x _SLICE_BYTES runs in slices of images, each
+    through every step (frozen._Arena._images_per_slice): the bits of the program of whole steps."""
+    convengine.set_num_threads(1)
+    monkeypatch.setattr(frozen_module, "_SLICE_BYTES", 64 * 1024)
+    name = np.dtype(dtype).name
+    for net, layers in split_nets(name).items():
+        convengine.manual_seed(7)
+        model = randomise_batch_norms(convengine.Sequential(layers, input_shape=(3, 32, 32)), rng)
+        frozen = model.freeze()
+        x = randn(rng, (9, 3, 32, 32), dtype)
+        got = frozen(x)
+        program = frozen._arenas[((3, 32, 32), 9)][0].compiled()
+        assert program.split == 0 and program.slices() >= 3, net     # one thread, several slices
+        monkeypatch.setattr(frozen_module, "_SPLIT_MODE", "off")
+        whole = model.freeze()
+        want = whole(x)
+        assert whole._arenas[((3, 32, 32), 9)][0].compiled().slices() == 1
+        monkeypatch.setattr(frozen_module, "_SPLIT_MODE", "auto")
+        assert_bitwise_equal(got, want, net)
+        assert_bitwise_equal(frozen(x[:1]), want[:1], net)              # batch 1 stays whole
+
+
 @pytest.mark.parametrize("policy,spin", [("GOMP_SPINCOUNT=500", 200_000), ("passive", 0), (" Passive", 0),
                                          ("active", 10 ** 9), ("GOMP_SPINCOUNT=20000", 10 ** 9)])
 def test_split_workers_spin_after_the_wait_policy(policy, spin):

@@ -9,6 +9,9 @@
 # disjoint images or channels, each slice one kernel call on one thread, shared by the caller and the workers of
 # frozen.h's pool; the same bits again, since which thread runs a slice never changes its arithmetic.
 #
+# On one thread a large batch may also run in slices of images (frozen.py's _SLICE_BYTES): ops placed at offsets
+# into the operands and run in order by run_ops.
+#
 # Operands are numbered: 0 the call's input, 1 and 2 the arena's two activation buffers (frozen.py's _Arena), 3 a
 # program's own output array where it has one; an op reads and writes at its offsets into them (a slice's part; 0
 # for whole steps).
