@@ -232,29 +232,50 @@ cdef inline Py_ssize_t smallc_gw_floats(const ConvGeom* p) noexcept nogil:
             + Kpad * p.C * p.KH * p.KW * VL)
 
 
+# Tags of smallc_gw_rows's tap count, so that each count compiles to its own loop (a run-time count kept a compare
+# and branch per FMA group in the inner loop: perf, Zen 4).
+cdef struct one_tap:
+    char unused
+cdef struct two_taps:
+    char unused
+cdef struct three_taps:
+    char unused
+ctypedef fused gw_taps:
+    one_tap
+    two_taps
+    three_taps
+
+
 cdef void smallc_gw_rows(const float* dyp, Py_ssize_t dstride, const float* xrow, Py_ssize_t xstride,
-                         Py_ssize_t nrows, Py_ssize_t nvec, Py_ssize_t kw0, Py_ssize_t ntap, float* vacc,
-                         Py_ssize_t tap_stride) noexcept nogil:
+                         Py_ssize_t nrows, Py_ssize_t nvec, Py_ssize_t kw0, float* vacc,
+                         Py_ssize_t tap_stride, gw_taps* ntaps) noexcept nogil:
     """vacc[(t * MR + i) * VL ...] += sum over rows and vectors of dY(channel i) * x shifted by kw0 + t, for
-    t < ntap (at most 3) and the MR channels whose dY planes start dstride apart at dyp. Row r of channel i is
-    dyp + i * dstride + r * nvec * VL; row r of x is xrow + r * xstride. tap_stride: floats between taps in vacc."""
+    t < ntap (1, 2 or 3, from the tag) and the MR channels whose dY planes start dstride apart at dyp. Row r of
+    channel i is dyp + i * dstride + r * nvec * VL; row r of x is xrow + r * xstride. tap_stride: floats between
+    taps in vacc."""
     cdef vfloat acc[CE_MR][3]
-    cdef vfloat dv[CE_MR]
+    cdef vfloat dv
     cdef vfloat xv[3]
     cdef Py_ssize_t VL = CE_VBYTES // sizeof(float)
     cdef Py_ssize_t i, t, r, v
+    cdef int ntap
+    if gw_taps is one_tap:
+        ntap = 1
+    elif gw_taps is two_taps:
+        ntap = 2
+    else:
+        ntap = 3
     for i in range(CE_MR):
         for t in range(ntap):
             acc[i][t] = (<const vfloat*>(vacc + t * tap_stride + i * VL))[0]
     for r in range(nrows):
         for v in range(nvec):
-            for i in range(CE_MR):
-                dv[i] = (<const vfloat*>(dyp + i * dstride + (r * nvec + v) * VL))[0]
             for t in range(ntap):
                 xv[t] = (<const vfloat*>(xrow + r * xstride + v * VL + kw0 + t))[0]
-            for i in range(CE_MR):
+            for i in range(CE_MR):      # one dY vector at a time: 24 accumulators + 3 x + 1 dY registers
+                dv = ce_vf_load_reg(dyp + i * dstride + (r * nvec + v) * VL)
                 for t in range(ntap):
-                    acc[i][t] += dv[i] * xv[t]
+                    acc[i][t] += dv * xv[t]
     for i in range(CE_MR):
         for t in range(ntap):
             (<vfloat*>(vacc + t * tap_stride + i * VL))[0] = acc[i][t]
@@ -278,6 +299,9 @@ cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* parti
     cdef float* dyp
     cdef float* vacc
     cdef float* slot
+    cdef float* dst_acc
+    cdef const float* src_x
+    cdef const float* src_dy
     cdef float s
     cdef int failed = 0
     fps = fp_suspend()
@@ -312,11 +336,18 @@ cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* parti
                         for kh in range(p.KH):
                             kw = 0
                             while kw < p.KW:
-                                smallc_gw_rows(dyp + kb * CE_MR * p.OH * OWp, p.OH * OWp,
-                                               xp + (c * Hx + kh) * Wx, Wx, p.OH, OWp // VL, kw,
-                                               min(3, p.KW - kw),
-                                               vacc + ((kb * Kd + (c * p.KH + kh) * p.KW + kw) * CE_MR) * VL,
-                                               CE_MR * VL)
+                                dst_acc = vacc + ((kb * Kd + (c * p.KH + kh) * p.KW + kw) * CE_MR) * VL
+                                src_x = xp + (c * Hx + kh) * Wx
+                                src_dy = dyp + kb * CE_MR * p.OH * OWp
+                                if p.KW - kw >= 3:
+                                    smallc_gw_rows(src_dy, p.OH * OWp, src_x, Wx, p.OH, OWp // VL, kw, dst_acc,
+                                                   CE_MR * VL, <three_taps*>NULL)
+                                elif p.KW - kw == 2:
+                                    smallc_gw_rows(src_dy, p.OH * OWp, src_x, Wx, p.OH, OWp // VL, kw, dst_acc,
+                                                   CE_MR * VL, <two_taps*>NULL)
+                                else:
+                                    smallc_gw_rows(src_dy, p.OH * OWp, src_x, Wx, p.OH, OWp // VL, kw, dst_acc,
+                                                   CE_MR * VL, <one_tap*>NULL)
                                 kw = kw + 3
             # lanes added in a fixed order into the slice's partial sums [r, k]
             slot = partial + chunk * Kd * p.K

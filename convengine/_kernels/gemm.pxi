@@ -19,6 +19,7 @@ cdef extern from "simd.h":
     ctypedef float vfloat "ce_vf"
     ctypedef double vdouble "ce_vd"
     vfloat ce_vf_zero() nogil
+    vfloat ce_vf_load_reg(const float* p) nogil
     vfloat ce_vf_relu(vfloat v) nogil
     vdouble ce_vd_zero() nogil
 
