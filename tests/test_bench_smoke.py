@@ -430,3 +430,20 @@ def test_subnormal_training_step_really_is_subnormal():
             assert convengine.get_flush_denormal() is flag
     finally:
         convengine.set_flush_denormal(before)
+
+
+def test_time_interleaved_takes_turns_in_rounds(monkeypatch):
+    """rounds=3 cuts each implementation's repeats into three turns, each after a park and one untimed call, so a
+    slow spell of the machine falls on every implementation; every repeat is timed once."""
+    from convengine.bench import timing
+    log, parks = [], []
+    monkeypatch.setattr(timing.time, "sleep", parks.append)
+    calls = {"a": lambda: log.append("a"), ("b", 1): lambda: log.append("b1"), ("b", 2): lambda: log.append("b2")}
+    times = timing.time_interleaved(calls, {"a": 6, ("b", 1): 6, ("b", 2): 3}, warmup=2, park=0.5, rounds=3)
+    assert {name: len(t) for name, t in times.items()} == {"a": 6, ("b", 1): 6, ("b", 2): 3}
+    assert parks == [0.5] * 6
+    runs = [name for i, name in enumerate(log) if i == 0 or log[i - 1][0] != name[0]]
+    assert [r[0] for r in runs] == ["a", "b"] * 3                     # three turns each, alternating
+    assert log.count("a") == 2 + 6 + 2 and log.count("b2") == 2 + 3 + 2
+    one = timing.time_interleaved(calls, {"a": 6, ("b", 1): 6, ("b", 2): 3}, warmup=1, park=0)
+    assert {name: len(t) for name, t in one.items()} == {"a": 6, ("b", 1): 6, ("b", 2): 3}

@@ -231,7 +231,7 @@ def measure_case(name, batch, threads, model, frozen, torch_net, session, matmul
     expected = np.asarray(model.forward(x, training=False), np.float64)
     errors = relative_errors(calls, expected)
     repeats = calls_for_seconds(calls, repeat, seconds)
-    times = time_interleaved(calls, repeats, warmup=1, park=park)
+    times = time_interleaved(calls, repeats, warmup=1, park=park, rounds=3)
     ms = {impl: median_ms(times[impl]) if impl in times else None for impl in IMPLS}
     work = flops(model) * batch / 1e9
     rate = {impl: (work / (v / 1e3) if v else None) for impl, v in ms.items()}

@@ -59,7 +59,7 @@ class SameThreads:
         set_num_threads(self._engine)
 
 
-def time_interleaved(calls, repeats, warmup=1, park=None):
+def time_interleaved(calls, repeats, warmup=1, park=None, rounds=1):
     """Seconds of each call in `calls` (name -> callable), `repeats[name]` times each. Calls of one implementation
     (the first item of a tuple name, else the name) are interleaved: round r runs them one after another from a
     rotating offset. Implementations run one after another, not mixed: each brings its own thread pool (the
@@ -68,25 +68,35 @@ def time_interleaved(calls, repeats, warmup=1, park=None):
     Before each implementation the previous one's workers get `park` seconds (default PARK_SECONDS) to stop
     spinning and sleep (OpenBLAS spins about 0.1 s after a call: the engine's backward read twice its time right
     after the reference's).
+    `rounds` > 1 cuts the repeats into that many turns of every implementation, each turn after its own park and
+    one untimed call: a slow spell of a shared machine (seconds long) then falls on all of them, not on whichever
+    ran during it (LeNet-5 training steps at 2 threads read engine / PyTorch 1.0 in one run and 0.6 in the next).
     `warmup`: untimed calls first, an int or a dict by name. Returns name -> list of seconds."""
     names = [n for n in calls if repeats[n] > 0]
     groups = {}
     for name in names:
         groups.setdefault(name[0] if isinstance(name, tuple) else name, []).append(name)
     times = {name: [] for name in names}
-    for group in groups.values():
-        if len(groups) > 1:
-            time.sleep(PARK_SECONDS if park is None else park)
-        for name in group:
-            for _ in range(warmup.get(name, 1) if isinstance(warmup, dict) else warmup):
-                calls[name]()
-        for r in range(max(repeats[n] for n in group)):
-            shift = r % len(group)
-            for name in group[shift:] + group[:shift]:
-                if r < repeats[name]:
-                    t0 = time.perf_counter()
+    rounds = max(1, min(rounds, max((repeats[n] for n in names), default=1)))
+    for turn in range(rounds):
+        for group in groups.values():
+            if len(groups) > 1:
+                time.sleep(PARK_SECONDS if park is None else park)
+            for name in group:
+                if turn == 0:
+                    untimed = warmup.get(name, 1) if isinstance(warmup, dict) else warmup
+                else:
+                    untimed = 1 if repeats[name] > turn else 0
+                for _ in range(untimed):
                     calls[name]()
-                    times[name].append(time.perf_counter() - t0)
+            most = max(repeats[n] for n in group)
+            for r in range(turn * most // rounds, (turn + 1) * most // rounds):
+                shift = r % len(group)
+                for name in group[shift:] + group[:shift]:
+                    if r < repeats[name]:
+                        t0 = time.perf_counter()
+                        calls[name]()
+                        times[name].append(time.perf_counter() - t0)
     return times
 
 

@@ -171,7 +171,7 @@ def step_rows(threads, repeats=9, batch=STEP_BATCH, nets=STEP_NETS, use_torch=Tr
             calls = {"engine": run}
             if use_torch and torch_module() is not None:
                 calls["torch"] = torch_step(model, batch)
-            times = time_interleaved(calls, {c: repeats for c in calls}, warmup=2)
+            times = time_interleaved(calls, {c: repeats for c in calls}, warmup=2, rounds=3)
             engine_ms = median_ms(times["engine"])
             torch_ms = median_ms(times["torch"]) if "torch" in times else None
             gflops = step_flops(model, batch) / (engine_ms * 1e6)
