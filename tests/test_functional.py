@@ -186,6 +186,11 @@ PATH_SHAPES = [
     ((2, 4, 7, 59), (9, 4, 2, 4), dict(stride=(2, 1), padding=(1, 2))),
     ((3, 2, 12, 40), (5, 2, 3, 5), dict(padding=(1, 2))),
     ((2, 3, 32, 32), (12, 3, 3, 3), dict(stride=2, padding=1)),     # 16-pixel rows: a one-vector tile on AVX-512
+    # grad_input with dY's channels in the lanes (float32, stride 1, K a multiple of the vector length): LeNet-5's
+    # second layer, channels not a multiple of the tile's 3, rows not a multiple of its pixels, uneven padding
+    ((3, 6, 14, 14), (16, 6, 5, 5), dict()),
+    ((2, 5, 11, 13), (32, 5, 3, 3), dict(padding=(2, 1))),
+    ((2, 7, 9, 19), (16, 7, 4, 2), dict(padding=(1, 0))),
     # 1x1 kernels, the pointwise path: output channels past a whole tile, a last partial column panel, groups,
     # and a plane of several column blocks (copied) with a partial last panel
     ((2, 24, 8, 8), (36, 24, 1, 1), dict()),
@@ -230,7 +235,7 @@ def test_every_path_is_exercised():
     for direction in ["forward", "grad_weight"]:
         for path in CONV_PATHS:
             assert taken.get((direction, path), 0) >= 3, (direction, path, taken)
-    for name in ["col2im", "transposed direct", "transposed pixels", "transposed pointwise"]:
+    for name in ["col2im", "transposed direct", "transposed pixels", "transposed pointwise", "lanes"]:
         assert taken.get(("grad_input", name), 0) >= 3, (name, taken)
 
 

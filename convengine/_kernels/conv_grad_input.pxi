@@ -171,6 +171,110 @@ cdef int conv2d_grad_input_direct(const floating* dy, const floating* w, floatin
     return rc
 
 
+# grad_input with dY's channels in the vector lanes, for the shapes col2im took whose input channels are few (an
+# early layer: LeNet-5's 6 -> 16 5x5) and whose output channels fill whole vectors: stride 1, dilation 1, one
+# group, float32. dx[c, ih, iw] = sum over kh, kw of the lanes of W[:, c, kh, kw] * dY[:, ih + pt - kh,
+# iw + pl - kw] (k in the lanes). A task takes one image: it copies dY channels-last into zero-bordered rows T (so
+# every tap reads whole vectors, no edge tests) and packs nothing else; each tile is CE_GI_CB input channels x
+# CE_GI_NP pixels of a row, accumulated over (kh, kw, k vector) in that order, then each accumulator's lanes are
+# added in ce_vf_hsum's fixed order. Col2im's GEMM had K = 16 products per dcol element and then a scatter-add of
+# 25 columns per pixel (26 GFLOP/s on LeNet-5's layer, Zen 4, 1 thread).
+
+cdef void grad_input_lanes_row(const float* trow, Py_ssize_t tstride, const float* wt, const ConvGeom* p,
+                               float* dx, Py_ssize_t nc) noexcept nogil:
+    """One row of dx for CE_GI_CB channels (nc of them real, planes H*W apart from dx): trow is the T row of
+    output row ih + pt + KH - 1 (taps kh read tstride * kh before it), wt the channels' packed weights."""
+    cdef vfloat acc[CE_GI_CB][CE_GI_NP]
+    cdef vfloat wv[CE_GI_CB]
+    cdef vfloat tv
+    cdef float sums[CE_GI_NP]
+    cdef Py_ssize_t VL = vlen(<float>0)
+    cdef Py_ssize_t K = p.K, KHW = p.KH * p.KW
+    cdef Py_ssize_t iw0 = 0, kh, kw, kv, i, j, nvalid
+    cdef const float* tp
+    cdef const float* wp
+    cdef float* dst
+    while iw0 < p.W:
+        for i in range(CE_GI_CB):
+            for j in range(CE_GI_NP):
+                acc[i][j] = ce_vf_zero()
+        for kh in range(p.KH):
+            for kw in range(p.KW):
+                # pixel iw0 + j reads T column iw0 + j + pl + KW - 1 - kw
+                tp = trow - kh * tstride + (iw0 + p.pl + p.KW - 1 - kw) * K
+                wp = wt + (kh * p.KW + kw) * K
+                for kv in range(K // VL):
+                    for i in range(CE_GI_CB):
+                        wv[i] = ce_vf_load_reg(wp + i * KHW * K + kv * VL)
+                    for j in range(CE_GI_NP):
+                        tv = ce_vf_load_reg(tp + j * K + kv * VL)
+                        for i in range(CE_GI_CB):
+                            acc[i][j] += wv[i] * tv
+        nvalid = min(CE_GI_NP, p.W - iw0)
+        for i in range(CE_GI_CB):
+            if i < nc:
+                dst = dx + i * p.H * p.W + iw0
+                if nvalid == CE_GI_NP:
+                    ce_vf_hsum_np(&acc[i][0], dst)
+                else:
+                    ce_vf_hsum_np(&acc[i][0], sums)
+                    for j in range(nvalid):
+                        dst[j] = sums[j]
+        iw0 = iw0 + CE_GI_NP
+
+
+cdef int conv2d_grad_input_lanes(const float* dy, const float* w, float* dx, const ConvGeom* p,
+                                 int n_threads) noexcept nogil:
+    """dx = conv2d's input gradient (overwritten) by the lane-reduction kernel (see above). -1 on allocation
+    failure."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t VL = vlen(<float>0)
+    cdef Py_ssize_t K = p.K, KHW = p.KH * p.KW
+    cdef Py_ssize_t Cp = round_up(p.C, CE_GI_CB)
+    cdef Py_ssize_t TR = p.OH + 2 * (p.KH - 1), TC = grad_input_lanes_cols(p)
+    cdef Py_ssize_t b, c, k, t, oh, ow, ih, cb
+    cdef float* wt
+    cdef float* tbuf
+    cdef float* trow
+    cdef const float* src
+    cdef int failed = 0
+    # weights channels-last: wt[((c * KH + kh) * KW + kw) * K + k] = w[k, c, kh, kw], zero for c >= C
+    wt = <float*>malloc(Cp * KHW * K * sizeof(float))
+    if wt == NULL:
+        return -1
+    for c in range(Cp):
+        for t in range(KHW):
+            for k in range(K):
+                wt[(c * KHW + t) * K + k] = w[(k * p.C + c) * KHW + t] if c < p.C else 0
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        tbuf = <float*>malloc(grad_input_lanes_floats(p) * sizeof(float))
+        for b in prange(p.B, schedule='static'):
+            if tbuf == NULL:
+                flag_failure(&failed)
+                continue
+            # T[oh + KH - 1, ow + KW - 1, k] = dY[b, k, oh, ow], zero elsewhere
+            memset(tbuf, 0, grad_input_lanes_floats(p) * sizeof(float))
+            for k in range(K):
+                src = dy + (b * K + k) * p.OH * p.OW
+                for oh in range(p.OH):
+                    trow = tbuf + ((oh + p.KH - 1) * TC + p.KW - 1) * K + k
+                    for ow in range(p.OW):
+                        trow[ow * K] = src[oh * p.OW + ow]
+            for cb in range(Cp // CE_GI_CB):
+                for ih in range(p.H):
+                    grad_input_lanes_row(tbuf + (ih + p.pt + p.KH - 1) * TC * K, TC * K,
+                                         wt + cb * CE_GI_CB * KHW * K, p,
+                                         dx + ((b * p.C + cb * CE_GI_CB) * p.H + ih) * p.W,
+                                         min(CE_GI_CB, p.C - cb * CE_GI_CB))
+        free(tbuf)
+        fp_leave(fp)
+    fp_resume(fps)
+    free(wt)
+    return -failed
+
+
 cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating* dx, const ConvGeom* p,
                                 int n_threads) noexcept nogil:
     """dx = conv2d's input gradient (overwritten)."""
@@ -183,6 +287,9 @@ cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating*
     # or of the NR-wide panel (pixel path), and W^T dY + col2im wastes nothing
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, <floating>0):
         return conv2d_grad_input_direct(dy, w, dx, &q, n_threads)
+    if floating is float:
+        if use_grad_input_lanes(p, <float>0):
+            return conv2d_grad_input_lanes(dy, w, dx, p, n_threads)
     return conv2d_grad_input_col2im(dy, w, dx, p, n_threads)
 
 

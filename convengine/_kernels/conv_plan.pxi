@@ -327,6 +327,25 @@ cdef bint grad_input_as_conv(const ConvGeom* q, floating dummy) noexcept nogil:
     return path == PATH_PIXELS
 
 
+cdef inline bint use_grad_input_lanes(const ConvGeom* p, floating dummy) noexcept nogil:
+    """Whether grad_input goes by the lane-reduction kernel: float32, stride 1, dilation 1, one group, K a multiple
+    of the vector length, a kernel of at least 2x2 and input channels few enough that col2im's MR-row tile of the
+    transposed direct path would be mostly empty (the caller tries that path first)."""
+    return (floating is float and p.G == 1 and p.sh == 1 and p.sw == 1 and p.dh == 1 and p.dw == 1
+            and p.K % vlen(<float>0) == 0 and p.KH * p.KW >= 4 and p.C <= 4 * CE_GI_CB
+            and p.OH >= 1 and p.OW >= 1)
+
+
+cdef inline Py_ssize_t grad_input_lanes_cols(const ConvGeom* p) noexcept nogil:
+    """Columns of the channels-last dY rows: every tile's taps read inside (pixels padded to whole tiles)."""
+    return max(p.OW + 2 * (p.KW - 1), round_up(p.W, CE_GI_NP) + p.pl + p.KW - 1)
+
+
+cdef inline Py_ssize_t grad_input_lanes_floats(const ConvGeom* p) noexcept nogil:
+    """Floats of one task's scratch: the channels-last, zero-bordered dY rows of one image."""
+    return (p.OH + 2 * (p.KH - 1)) * grad_input_lanes_cols(p) * p.K
+
+
 cdef inline bint col2im_phased(const ConvGeom* p, floating dummy) noexcept nogil:
     """Whether grad_input's col2im scatters through phase-split planes (see col2im_add_phased): column stride > 1
     and the planes of a task's images within MAX_DIRECT_SCRATCH elements."""
@@ -487,6 +506,9 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
         # the flipped weights, then the forward of the transposed geometry
         out["grad_input"] = p.K * Kd * isz + forward_scratch(&q, dummy, T)
+    elif use_grad_input_lanes(p, dummy):
+        # the channels-last weights (channels rounded up to CE_GI_CB), per thread one image's dY rows
+        out["grad_input"] = (round_up(p.C, CE_GI_CB) * taps * p.K + T * grad_input_lanes_floats(p)) * isz
     else:
         Mpad = round_up(Kd, CE_MR)
         KC = balanced_block(Kg, KCmax)
@@ -559,6 +581,8 @@ cdef dict path_names(const ConvGeom* p, floating dummy):
         return {"forward": dw_path_name(p, dummy), "grad_input": grad_input, "grad_weight": dw_path_name(p, dummy)}
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
         grad_input = "transposed " + ("smallc" if use_smallc(&q, dummy) else names[forward_path(&q, dummy)])
+    elif use_grad_input_lanes(p, dummy):
+        grad_input = "lanes"
     else:
         grad_input = "col2im"
     return {"forward": "smallc" if use_smallc(p, dummy) else names[forward_path(p, dummy)], "grad_input": grad_input,

@@ -14,17 +14,23 @@
 #define CE_MR 8
 #define CE_NV 3
 #define CE_NV_ALT 2
+#define CE_GI_NP 8
 #elif defined(__AVX__)
 #define CE_VBYTES 32
 #define CE_MR 6
 #define CE_NV 2
 #define CE_NV_ALT 1
+#define CE_GI_NP 4
 #else
 #define CE_VBYTES 16
 #define CE_MR 6
 #define CE_NV 2
 #define CE_NV_ALT 1
+#define CE_GI_NP 4
 #endif
+/* CE_GI_NP: output pixels per tile of the lane-reduction grad_input (conv_grad_input.pxi), 3 channels each: 3 x 8
+   accumulators + 3 weight vectors + 1 dY vector of AVX-512's 32 registers, 3 x 4 + 4 of 16 otherwise. */
+#define CE_GI_CB 3
 
 typedef float ce_vf __attribute__((vector_size(CE_VBYTES), aligned(4)));
 typedef double ce_vd __attribute__((vector_size(CE_VBYTES), aligned(8)));
@@ -40,5 +46,50 @@ static inline ce_vf ce_vf_load_reg(const float* p) { ce_vf v = *(const ce_vf*)p;
 typedef int ce_vi __attribute__((vector_size(CE_VBYTES)));
 static inline ce_vf ce_vf_relu(ce_vf v) { return (ce_vf)((ce_vi)v & ~(ce_vi)(v <= 0)); }
 static inline ce_vd ce_vd_zero(void) { ce_vd z = {0}; return z; }
+
+/* The sums of the lanes of each of CE_GI_NP vectors, into out[0..CE_GI_NP), each in one fixed order. On AVX-512 the
+   eight vectors are reduced together, transposing as they are added (pairs within 128-bit blocks, then blocks):
+   22 shuffles and adds for the eight, where one vector's own halving took ~8 and a trip through memory (perf: the
+   lane sums took as long as the FMAs of LeNet-5's grad_input). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline void ce_vf_hsum_np(const ce_vf* v, float* out) {
+    __m512 u01 = _mm512_add_ps(_mm512_unpacklo_ps((__m512)v[0], (__m512)v[1]), _mm512_unpackhi_ps((__m512)v[0], (__m512)v[1]));
+    __m512 u23 = _mm512_add_ps(_mm512_unpacklo_ps((__m512)v[2], (__m512)v[3]), _mm512_unpackhi_ps((__m512)v[2], (__m512)v[3]));
+    __m512 u45 = _mm512_add_ps(_mm512_unpacklo_ps((__m512)v[4], (__m512)v[5]), _mm512_unpackhi_ps((__m512)v[4], (__m512)v[5]));
+    __m512 u67 = _mm512_add_ps(_mm512_unpacklo_ps((__m512)v[6], (__m512)v[7]), _mm512_unpackhi_ps((__m512)v[6], (__m512)v[7]));
+    /* per 128-bit block: [u01: v0 v1 v0 v1] -> [v0 v1 v2 v3] of that block's four lanes */
+    __m512 w03 = _mm512_add_ps(_mm512_shuffle_ps(u01, u23, 0x44), _mm512_shuffle_ps(u01, u23, 0xEE));
+    __m512 w47 = _mm512_add_ps(_mm512_shuffle_ps(u45, u67, 0x44), _mm512_shuffle_ps(u45, u67, 0xEE));
+    /* blocks: [w03 b0 + b1, w03 b2 + b3, w47 b0 + b1, w47 b2 + b3] */
+    __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(w03, w47, 0x88), _mm512_shuffle_f32x4(w03, w47, 0xDD));
+    /* [x b0 + b1 (v0..v3), x b2 + b3 (v4..v7)] in the low 256 bits */
+    __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(x, x, 0x08), _mm512_shuffle_f32x4(x, x, 0x0D));
+    _mm256_storeu_ps(out, _mm512_castps512_ps256(y));
+}
+#else
+static inline void ce_vf_hsum_np(const ce_vf* v, float* out) {
+    float a[CE_VBYTES / sizeof(float)];
+    int w, i, j;
+    for (j = 0; j < CE_GI_NP; j++) {
+        __builtin_memcpy(a, &v[j], sizeof v[j]);
+        for (w = CE_VBYTES / sizeof(float) / 2; w >= 1; w /= 2)
+            for (i = 0; i < w; i++)
+                a[i] += a[i + w];
+        out[j] = a[0];
+    }
+}
+#endif
+
+/* The sum of a vector's lanes in one fixed order: halves added pairwise (lane i + lane i + VL/2, ...). */
+static inline float ce_vf_hsum(ce_vf v) {
+    float a[CE_VBYTES / sizeof(float)];
+    int w, i;
+    __builtin_memcpy(a, &v, sizeof v);
+    for (w = CE_VBYTES / sizeof(float) / 2; w >= 1; w /= 2)
+        for (i = 0; i < w; i++)
+            a[i] += a[i + w];
+    return a[0];
+}
 
 #endif
