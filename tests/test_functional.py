@@ -239,6 +239,36 @@ def test_every_path_is_exercised():
         assert taken.get(("grad_input", name), 0) >= 3, (name, taken)
 
 
+# float32 shapes whose grad_input and grad_weight take dY's 16 channels in the vector lanes in the automatic choice
+# (conv_grad_input.pxi, conv_grad_weight.pxi): LeNet-5's second layer, kernels 2 to 5 wide, uneven padding, rows
+# and channels that do not fill the tiles
+LANE_SHAPES = [
+    ((3, 6, 14, 14), (16, 6, 5, 5), dict()),
+    ((2, 5, 11, 13), (16, 5, 3, 3), dict(padding=(2, 1))),
+    ((2, 5, 9, 19), (16, 5, 4, 2), dict(padding=(1, 0))),
+    ((3, 8, 6, 9), (16, 8, 2, 4), dict(padding=1)),
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,params", LANE_SHAPES, ids=[f"{x}-{w}-{p}" for x, w, p in LANE_SHAPES])
+def test_conv2d_backward_with_channels_in_lanes(rng, x_shape, w_shape, params):
+    """grad_input and grad_weight with dY's channels in the lanes give the reference's gradients, with inf and NaN
+    where the reference has them."""
+    x, w, b = randn(rng, x_shape, np.float32), randn(rng, w_shape, np.float32), randn(rng, w_shape[0], np.float32)
+    paths = conv_paths(x, w, params)
+    assert paths["grad_weight"] == "lanes", paths
+    # (grad_input's lanes on AVX-512; AVX2's and SSE's 6-row tiles are mostly full with 5 or 6 channels, and those
+    # take the transposed conv)
+    want = ("lanes",) if convengine.build_info()["simd"] == "avx512" else ("lanes", "transposed direct")
+    assert paths["grad_input"] in want, paths
+    y = R.conv2d(x, w, b, **params)
+    check_conv2d(x, w, b, randn(rng, y.shape, np.float32), **params)
+    check_conv2d(x, w, None, randn(rng, y.shape, np.float32), need_input_grad=False, **params)
+    x[1, 2, 3, 4] = np.inf
+    x[0, 0, 0, 1] = np.nan
+    check_conv2d(x, w, b, randn(rng, y.shape, np.float32), **params)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_conv2d_first_layer_non_finite_inputs(rng, conv_path, dtype):
     """inf and NaN in a 3-channel image: the first-layer paths (whose rows have zero-padded tails) give the

@@ -473,6 +473,142 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
     return -failed
 
 
+# grad_weight with dY's channels in the vector lanes (use_grad_weight_lanes: few input channels, K a multiple of the
+# vector length): dW[:, r] (K lanes) = sum over images and output pixels q of x_r(q) * dY[:, q], r = (c, kh, kw).
+# A task takes a fixed slice of the images (grad_weight_chunks); per image it copies x into zero-bordered planes
+# and dY channels-last; a tile is `rows` (c, kh) rows of KW taps each, one vector accumulator per tap kept across
+# the image's pixels: per pixel one dY vector and a broadcast of x per tap, read where the row lies (a pointer
+# per row, the tap's kw a constant offset), no lanes to add at the end. Each dW element is one sum over the slice's
+# images and pixels in order, the slices added in order (sum_partials): independent of the thread count.
+
+# Tags of the tile's kernel width, so that the rows x KW accumulators are compile-time registers.
+cdef struct kw2:
+    char unused
+cdef struct kw3:
+    char unused
+cdef struct kw4:
+    char unused
+cdef struct kw5:
+    char unused
+ctypedef fused gw_kw:
+    kw2
+    kw3
+    kw4
+    kw5
+
+
+cdef void grad_weight_lanes_tile(const float** xr, Py_ssize_t nrows, const float* dycl, const ConvGeom* p,
+                                 Py_ssize_t Wx, float* acc_mem, gw_kw* width) noexcept nogil:
+    """acc_mem[(j*KW + kw)*K : +VL] += sum over output pixels (oh, ow) of xr[j][oh*Wx + ow + kw] * dycl[(oh*OW +
+    ow)*K : +VL], for rows j < nrows (of CE_GW_T // KW; the others compute on xr[0] and are not stored)."""
+    cdef vfloat acc[12][5]
+    cdef vfloat dv
+    cdef const float* r[12]
+    cdef Py_ssize_t K = p.K
+    cdef Py_ssize_t oh, ow, j, kw, off, q = 0
+    cdef int KW, R
+    if gw_kw is kw2:
+        KW = 2
+    elif gw_kw is kw3:
+        KW = 3
+    elif gw_kw is kw4:
+        KW = 4
+    else:
+        KW = 5
+    R = CE_GW_T // KW
+    for j in range(R):
+        r[j] = xr[j] if j < nrows else xr[0]
+        for kw in range(KW):
+            acc[j][kw] = (<const vfloat*>(acc_mem + (j * KW + kw) * K))[0] if j < nrows else ce_vf_zero()
+    for oh in range(p.OH):
+        for ow in range(p.OW):
+            dv = ce_vf_load_reg(dycl + q * K)
+            off = oh * Wx + ow
+            for j in range(R):
+                for kw in range(KW):
+                    acc[j][kw] += r[j][off + kw] * dv
+            q = q + 1
+    for j in range(R):
+        if j < nrows:
+            for kw in range(KW):
+                (<vfloat*>(acc_mem + (j * KW + kw) * K))[0] = acc[j][kw]
+
+
+cdef int conv2d_grad_weight_lanes(const float* dy, const float* x, float* partial, Py_ssize_t nchunks,
+                                  const ConvGeom* p, int n_threads) noexcept nogil:
+    """partial[ch][r, k] for each of the nchunks slices of the images; -1 on allocation failure."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t VL = vlen(<float>0)
+    cdef Py_ssize_t K = p.K, P = p.OH * p.OW
+    cdef Py_ssize_t Kd = p.C * p.KH * p.KW
+    cdef Py_ssize_t Hx = p.OH + p.KH - 1, Wx = p.OW + p.KW - 1
+    cdef Py_ssize_t rows = CE_GW_T // p.KW
+    cdef Py_ssize_t per = (p.B + nchunks - 1) // nchunks
+    cdef Py_ssize_t chunk, b, b0, b1, c, ih, k, q, g0, j, kv, n, i0, i1
+    cdef float* buf
+    cdef float* xp
+    cdef float* dycl
+    cdef float* accm
+    cdef const float* src
+    cdef const float** xr          # a thread's row pointers (a C array here would be shared by the threads)
+    cdef int failed = 0
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        buf = <float*>malloc(grad_weight_lanes_floats(p) * sizeof(float))
+        xr = <const float**>malloc(12 * sizeof(float*))
+        for chunk in prange(nchunks, schedule='static'):
+            if buf == NULL or xr == NULL:
+                flag_failure(&failed)
+                continue
+            xp = buf
+            dycl = xp + p.C * Hx * Wx
+            accm = dycl + P * K
+            memset(accm, 0, Kd * K * sizeof(float))
+            memset(xp, 0, p.C * Hx * Wx * sizeof(float))
+            # the columns of x an output pixel reads: iw - pl in [0, W) within [0, Wx)
+            i0 = max(0, p.pl)
+            i1 = min(Wx, p.W + p.pl)
+            b0 = chunk * per
+            b1 = min(p.B, b0 + per)
+            for b in range(b0, b1):
+                # x at (pt, pl) in zero planes of Hx x Wx (rows and columns no output pixel reads left out)
+                for c in range(p.C):
+                    for ih in range(Hx):
+                        if 0 <= ih - p.pt < p.H and i1 > i0:
+                            memcpy(xp + (c * Hx + ih) * Wx + i0, x + ((b * p.C + c) * p.H + ih - p.pt) * p.W + i0 - p.pl,
+                                   (i1 - i0) * sizeof(float))
+                for k in range(K):
+                    src = dy + (b * K + k) * P
+                    for q in range(P):
+                        dycl[q * K + k] = src[q]
+                for kv in range(K // VL):
+                    g0 = 0
+                    while g0 < p.C * p.KH:
+                        n = min(rows, p.C * p.KH - g0)
+                        for j in range(n):       # row g0 + j is (c, kh) = divmod(g0 + j, KH)
+                            xr[j] = xp + ((g0 + j) // p.KH * Hx + (g0 + j) % p.KH) * Wx
+                        if p.KW == 2:
+                            grad_weight_lanes_tile(xr, n, dycl + kv * VL, p, Wx, accm + g0 * p.KW * K + kv * VL,
+                                                   <kw2*>NULL)
+                        elif p.KW == 3:
+                            grad_weight_lanes_tile(xr, n, dycl + kv * VL, p, Wx, accm + g0 * p.KW * K + kv * VL,
+                                                   <kw3*>NULL)
+                        elif p.KW == 4:
+                            grad_weight_lanes_tile(xr, n, dycl + kv * VL, p, Wx, accm + g0 * p.KW * K + kv * VL,
+                                                   <kw4*>NULL)
+                        else:
+                            grad_weight_lanes_tile(xr, n, dycl + kv * VL, p, Wx, accm + g0 * p.KW * K + kv * VL,
+                                                   <kw5*>NULL)
+                        g0 = g0 + rows
+            memcpy(partial + chunk * Kd * K, accm, Kd * K * sizeof(float))
+        free(buf)
+        free(xr)
+        fp_leave(fp)
+    fp_resume(fps)
+    return -failed
+
+
 cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating* dw, floating* db,
                                  const ConvGeom* p, int n_threads) noexcept nogil:
     """dw (K, Cg, KH, KW) and db (K,) or NULL, overwritten."""
@@ -487,7 +623,7 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
     path = grad_weight_path(p, <floating>0)
     if (path == PATH_DIRECT or path == PATH_SMALLC) and not all_finite(x, p.B * p.C * p.H * p.W):
         path = PATH_IM2COL
-    if path == PATH_SMALLC:
+    if path == PATH_SMALLC or path == PATH_LANES:
         nchunks = grad_weight_chunks(p.B, p.OH * p.OW)
     elif path == PATH_DIRECT:
         R = direct_rows(p, grad_weight_columns(<floating>0))
@@ -506,6 +642,11 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
             rc = conv2d_grad_weight_smallc(dy, x, partial, nchunks, p, n_threads)
         else:
             rc = -1           # (use_smallc_grad_weight takes float32 only)
+    elif path == PATH_LANES:
+        if floating is float:
+            rc = conv2d_grad_weight_lanes(dy, x, partial, nchunks, p, n_threads)
+        else:
+            rc = -1           # (use_grad_weight_lanes takes float32 only)
     elif path == PATH_DIRECT:
         rc = conv2d_grad_weight_direct(dy, x, partial, nchunks, p, n_threads)
     elif path == PATH_PIXELS:

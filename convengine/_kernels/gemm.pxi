@@ -24,6 +24,7 @@ cdef extern from "simd.h":
     void ce_vf_hsum_np(const vfloat* v, float* out) nogil
     enum: CE_GI_NP
     enum: CE_GI_CB
+    enum: CE_GW_T
     vfloat ce_vf_relu(vfloat v) nogil
     vdouble ce_vd_zero() nogil
 

@@ -15,22 +15,26 @@
 #define CE_NV 3
 #define CE_NV_ALT 2
 #define CE_GI_NP 8
+#define CE_GW_T 24
 #elif defined(__AVX__)
 #define CE_VBYTES 32
 #define CE_MR 6
 #define CE_NV 2
 #define CE_NV_ALT 1
 #define CE_GI_NP 4
+#define CE_GW_T 12
 #else
 #define CE_VBYTES 16
 #define CE_MR 6
 #define CE_NV 2
 #define CE_NV_ALT 1
 #define CE_GI_NP 4
+#define CE_GW_T 12
 #endif
 /* CE_GI_NP: output pixels per tile of the lane-reduction grad_input (conv_grad_input.pxi), 3 channels each: 3 x 8
    accumulators + 3 weight vectors + 1 dY vector of AVX-512's 32 registers, 3 x 4 + 4 of 16 otherwise. */
 #define CE_GI_CB 3
+/* CE_GW_T: taps per tile of the lane grad_weight (conv_grad_weight.pxi): one accumulator each, + the dY vector. */
 
 typedef float ce_vf __attribute__((vector_size(CE_VBYTES), aligned(4)));
 typedef double ce_vd __attribute__((vector_size(CE_VBYTES), aligned(8)));
