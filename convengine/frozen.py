@@ -19,10 +19,9 @@ its input. Each set of buffers carries its steps compiled into one loop over the
 call per batch instead of one per step, the same kernels and thread counts, the same bits); on two or more threads
 the loop is split: each step's slices (images, or channels at batch 1) shared by the caller and a small pool of
 workers (see _SPLIT_FLOPS below); on one thread a large batch runs in slices of images, each through every
-step, so that activations stay in cache (_SLICE_BYTES). A plan with a layer run through its own forward keeps the Python loop. Results
-are bitwise identical whatever the thread count, and
-agree with the model's own `predict` within float rounding (folding reorders the arithmetic: about 1e-6 relative
-in float32).
+step, so that activations stay in cache (_SLICE_BYTES). A plan with a layer run through its own forward keeps the
+Python loop. Results are bitwise identical whatever the thread count, and agree with the model's own `predict`
+within float rounding (folding reorders the arithmetic: about 1e-6 relative in float32).
 """
 import copy
 import functools
@@ -77,13 +76,14 @@ _SPLIT_MODE = "auto"
 # VGG-style 67.7 / 67.1 / 67.4 / 67.9 / 68.1: few kernel calls pay, and more slices than threads still share out
 # the work when one thread is slowed.
 _IMAGES_PER_SLICE = 16
-# On one thread, a batch whose largest activation takes more than 2 x _SLICE_BYTES goes through in slices of about
-# _SLICE_BYTES of it (a core's L2 on Zen 4 is 1 MiB), so that a step reads what the step before wrote while it is
-# still in cache. Batch 64, 1 thread, ms whole / slices of 2, 4, 8, 16 images (Zen 4, best of 25): CIFAR-shaped
-# (128 KiB per image) 14.37 / 14.11, 13.88, 13.77, 13.79; separable (64 KiB) 3.99 / 4.43, 3.95, 3.90, 3.84;
-# VGG-style (256 KiB) 120.5 / 118.1, 117.3, 118.7, 119.8; LeNet-5 (18 KiB, 1.2 MiB in all: stays whole) 1.45 /
-# 2.09, 1.91, 1.83, 1.51 (its linears want the whole batch).
-_SLICE_BYTES = 1 << 20
+# On one thread, a batch whose largest activation takes more than _SLICE_ABOVE goes through in slices of about
+# _SLICE_BYTES of it, all in the same place at the start of the buffers, so that a step reads what the step before
+# wrote while it is still in cache (a core's L2 is 1 MiB on Zen 4, 2 MiB on recent Xeons). Batch 64, 1 thread, calls
+# back to back, ms whole / slices of 512 KiB / 1 MiB (Zen 4, best of 5 medians): CIFAR-shaped (128 KiB per image)
+# 14.0 / 13.7 / 13.8; separable (64 KiB) 4.15 / 3.96 / 3.92; VGG-style (256 KiB) 121.6 / 117.5 / 119.3. LeNet-5
+# (18 KiB, 1.2 MiB in all) stays whole: its linears want the whole batch (slices of 16 images: 1.45 -> 1.51 ms).
+_SLICE_ABOVE = 2 << 20
+_SLICE_BYTES = 1 << 19
 
 
 def _pool_spin_ns(policy):
@@ -663,16 +663,19 @@ class _Arena:
                 return None
         elif n > 1:
             # slices of images, each through every step in order: one stage, no waits, and a slice's activations
-            # stay in its thread's cache from step to step. A slice keeps to its own region of each buffer (images
-            # i0 to i1 of the largest activation: the steps' own sizes would overlap the next slice's), and the
-            # last step writes the program's own output array (operand 3)
+            # stay in its thread's cache from step to step. On several threads a slice keeps to its own region of
+            # each buffer (images i0 to i1 of the largest activation: the steps' own sizes would overlap the next
+            # slice's); on one, where they run one after another, all use the start of the buffers, which stays in
+            # cache (batch 64, back to back, own regions -> shared: CIFAR-shaped 14.0 -> 13.8 ms, separable 4.2 ->
+            # 3.9, VGG-style 121 -> 118). The last step writes the program's own output array (operand 3)
             program.set_result(np.empty((n,) + plan.shapes[-1], dtype))
             for i0, i1 in _ranges(n, max(parts, -(-n // per))):
                 for k, (step, prepared, shape, src, dst) in enumerate(work):
                     if not step.compile(program, prepared, shape, i1 - i0, src, 3 if k == len(work) - 1 else dst):
                         return None
-                    program.place(i0 * (math.prod(shape) if src == 0 else plan.largest),
-                                  i0 * (math.prod(plan.shapes[-1]) if k == len(work) - 1 else plan.largest))
+                    region = i0 * plan.largest if parts > 1 else 0
+                    program.place(i0 * math.prod(shape) if src == 0 else region,
+                                  i0 * math.prod(plan.shapes[-1]) if k == len(work) - 1 else region)
                 program.end_slice()
         else:
             # batch 1: each step in slices of its channels; a channelwise step continues the slices before it
@@ -703,11 +706,11 @@ class _Arena:
 
     def _images_per_slice(self, parts):
         """Images per slice of a batch: _IMAGES_PER_SLICE on several threads, on one a slice of about
-        _SLICE_BYTES of the largest activation where the whole batch's is more than twice that (else all)."""
+        _SLICE_BYTES of the largest activation where the whole batch's is more than _SLICE_ABOVE (else all)."""
         if parts > 1:
             return _IMAGES_PER_SLICE
         image = self.plan.largest * np.dtype(self.dtype).itemsize
-        if _SPLIT_MODE == "off" or self.n * image <= 2 * _SLICE_BYTES:
+        if _SPLIT_MODE == "off" or self.n * image <= _SLICE_ABOVE:
             return self.n
         return max(1, _SLICE_BYTES // image)
 

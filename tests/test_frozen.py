@@ -298,10 +298,11 @@ def test_split_programs_give_the_bits_of_one_thread(dtype, rng, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_one_thread_programs_in_image_slices_give_the_bits_of_whole_steps(dtype, rng, monkeypatch):
-    """On one thread a batch whose largest activation exceeds 2 x _SLICE_BYTES runs in slices of images, each
-    through every step (frozen._Arena._images_per_slice): the bits of the program of whole steps."""
+    """On one thread a batch whose largest activation exceeds _SLICE_ABOVE runs in slices of images, each through
+    every step in the same place (frozen._Arena._images_per_slice): the bits of the program of whole steps."""
     convengine.set_num_threads(1)
     monkeypatch.setattr(frozen_module, "_SLICE_BYTES", 64 * 1024)
+    monkeypatch.setattr(frozen_module, "_SLICE_ABOVE", 128 * 1024)
     name = np.dtype(dtype).name
     for net, layers in split_nets(name).items():
         convengine.manual_seed(7)

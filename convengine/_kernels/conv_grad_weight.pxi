@@ -576,8 +576,8 @@ cdef int conv2d_grad_weight_lanes(const float* dy, const float* x, float* partia
                 for c in range(p.C):
                     for ih in range(Hx):
                         if 0 <= ih - p.pt < p.H and i1 > i0:
-                            memcpy(xp + (c * Hx + ih) * Wx + i0, x + ((b * p.C + c) * p.H + ih - p.pt) * p.W + i0 - p.pl,
-                                   (i1 - i0) * sizeof(float))
+                            src = x + ((b * p.C + c) * p.H + ih - p.pt) * p.W + i0 - p.pl
+                            memcpy(xp + (c * Hx + ih) * Wx + i0, src, (i1 - i0) * sizeof(float))
                 for k in range(K):
                     src = dy + (b * K + k) * P
                     for q in range(P):

@@ -58,10 +58,11 @@ static inline ce_vd ce_vd_zero(void) { ce_vd z = {0}; return z; }
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static inline void ce_vf_hsum_np(const ce_vf* v, float* out) {
-    __m512 u01 = _mm512_add_ps(_mm512_unpacklo_ps((__m512)v[0], (__m512)v[1]), _mm512_unpackhi_ps((__m512)v[0], (__m512)v[1]));
-    __m512 u23 = _mm512_add_ps(_mm512_unpacklo_ps((__m512)v[2], (__m512)v[3]), _mm512_unpackhi_ps((__m512)v[2], (__m512)v[3]));
-    __m512 u45 = _mm512_add_ps(_mm512_unpacklo_ps((__m512)v[4], (__m512)v[5]), _mm512_unpackhi_ps((__m512)v[4], (__m512)v[5]));
-    __m512 u67 = _mm512_add_ps(_mm512_unpacklo_ps((__m512)v[6], (__m512)v[7]), _mm512_unpackhi_ps((__m512)v[6], (__m512)v[7]));
+#define CE_PAIR_SUM(a, b) _mm512_add_ps(_mm512_unpacklo_ps((__m512)(a), (__m512)(b)), \
+                                       _mm512_unpackhi_ps((__m512)(a), (__m512)(b)))
+    __m512 u01 = CE_PAIR_SUM(v[0], v[1]), u23 = CE_PAIR_SUM(v[2], v[3]);
+    __m512 u45 = CE_PAIR_SUM(v[4], v[5]), u67 = CE_PAIR_SUM(v[6], v[7]);
+#undef CE_PAIR_SUM
     /* per 128-bit block: [u01: v0 v1 v0 v1] -> [v0 v1 v2 v3] of that block's four lanes */
     __m512 w03 = _mm512_add_ps(_mm512_shuffle_ps(u01, u23, 0x44), _mm512_shuffle_ps(u01, u23, 0xEE));
     __m512 w47 = _mm512_add_ps(_mm512_shuffle_ps(u45, u67, 0x44), _mm512_shuffle_ps(u45, u67, 0xEE));
