@@ -177,7 +177,7 @@ cdef int conv2d_grad_input_direct(const floating* dy, const floating* w, floatin
 # iw + pl - kw] (k in the lanes). A task takes one image: it copies dY channels-last into zero-bordered rows T (so
 # every tap reads whole vectors, no edge tests) and packs nothing else; each tile is CE_GI_CB input channels x
 # CE_GI_NP pixels of a row, accumulated over (kh, kw, k vector) in that order, then each accumulator's lanes are
-# added in ce_vf_hsum's fixed order. Col2im's GEMM had K = 16 products per dcol element and then a scatter-add of
+# added in ce_vf_hsum_np's fixed order. Col2im's GEMM had K = 16 products per dcol element and then a scatter-add of
 # 25 columns per pixel (26 GFLOP/s on LeNet-5's layer, Zen 4, 1 thread).
 
 cdef void grad_input_lanes_row(const float* trow, Py_ssize_t tstride, const float* wt, const ConvGeom* p,

@@ -20,7 +20,6 @@ cdef extern from "simd.h":
     ctypedef double vdouble "ce_vd"
     vfloat ce_vf_zero() nogil
     vfloat ce_vf_load_reg(const float* p) nogil
-    float ce_vf_hsum(vfloat v) nogil
     void ce_vf_hsum_np(const vfloat* v, float* out) nogil
     enum: CE_GI_NP
     enum: CE_GI_CB

@@ -57,6 +57,9 @@ static inline ce_vd ce_vd_zero(void) { ce_vd z = {0}; return z; }
    lane sums took as long as the FMAs of LeNet-5's grad_input). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#if CE_GI_NP != 8
+#error "ce_vf_hsum_np reduces eight vectors on AVX-512"
+#endif
 static inline void ce_vf_hsum_np(const ce_vf* v, float* out) {
 #define CE_PAIR_SUM(a, b) _mm512_add_ps(_mm512_unpacklo_ps((__m512)(a), (__m512)(b)), \
                                        _mm512_unpackhi_ps((__m512)(a), (__m512)(b)))
@@ -85,16 +88,5 @@ static inline void ce_vf_hsum_np(const ce_vf* v, float* out) {
     }
 }
 #endif
-
-/* The sum of a vector's lanes in one fixed order: halves added pairwise (lane i + lane i + VL/2, ...). */
-static inline float ce_vf_hsum(ce_vf v) {
-    float a[CE_VBYTES / sizeof(float)];
-    int w, i;
-    __builtin_memcpy(a, &v, sizeof v);
-    for (w = CE_VBYTES / sizeof(float) / 2; w >= 1; w /= 2)
-        for (i = 0; i < w; i++)
-            a[i] += a[i + w];
-    return a[0];
-}
 
 #endif
