@@ -189,7 +189,7 @@ PATH_SHAPES = [
     # grad_input with dY's channels in the lanes (float32, stride 1, K a multiple of the vector length): LeNet-5's
     # second layer, channels not a multiple of the tile's 3, rows not a multiple of its pixels, uneven padding
     ((3, 6, 14, 14), (16, 6, 5, 5), dict()),
-    ((2, 5, 11, 13), (32, 5, 3, 3), dict(padding=(2, 1))),
+    ((2, 5, 11, 13), (16, 5, 3, 3), dict(padding=(2, 1))),
     ((2, 7, 9, 19), (16, 7, 4, 2), dict(padding=(1, 0))),
     # 1x1 kernels, the pointwise path: output channels past a whole tile, a last partial column panel, groups,
     # and a plane of several column blocks (copied) with a partial last panel

@@ -329,11 +329,14 @@ cdef bint grad_input_as_conv(const ConvGeom* q, floating dummy) noexcept nogil:
 
 
 cdef inline bint use_grad_input_lanes(const ConvGeom* p, floating dummy) noexcept nogil:
-    """Whether grad_input goes by the lane-reduction kernel: float32, stride 1, dilation 1, one group, K a multiple
-    of the vector length, a kernel of at least 2x2 and input channels few enough that col2im's MR-row tile of the
-    transposed direct path would be mostly empty (the caller tries that path first)."""
+    """Whether grad_input goes by the lane-reduction kernel: float32, stride 1, dilation 1, one group, 16 or fewer
+    output channels filling whole vectors, a kernel of at least 2x2, and 3 to 12 input channels (the caller tries
+    the transposed direct path first, which takes those that fill its MR-row tile). Zen 4, batch 64, 1 thread, ms
+    col2im -> lanes: 6x14x14 <- 16 5x5 (LeNet-5) 1.17 -> 0.91-1.0, 3x32x32 <- 16 3x3 1.75 -> 1.64; but 1x28x28 <- 16
+    5x5 1.3 -> 2.1-2.6 (two of the tile's three channels empty), and with 32 or 64 output channels the
+    channels-last rows leave L2 and the copy into them costs more (3x32x32 <- 64: 5.45 -> 6.5)."""
     return (floating is float and p.G == 1 and p.sh == 1 and p.sw == 1 and p.dh == 1 and p.dw == 1
-            and p.K % vlen(<float>0) == 0 and p.KH * p.KW >= 4 and p.C <= 4 * CE_GI_CB
+            and p.K % vlen(<float>0) == 0 and p.K <= 16 and p.KH * p.KW >= 4 and 3 <= p.C <= 4 * CE_GI_CB
             and p.OH >= 1 and p.OW >= 1)
 
 
