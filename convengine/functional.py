@@ -62,13 +62,20 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups=1, need_input_grad=True):
     """Gradients of conv2d: (grad_x or None when need_input_grad is False, grad_weight, grad_bias)."""
+    return _conv2d_backward(grad_out, x, weight, stride, padding, dilation, groups, need_input_grad)
+
+
+def _conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups=1, need_input_grad=True,
+                     need_bias_grad=True):
+    """conv2d_backward; need_bias_grad=False (a conv without bias) skips grad_bias's pass over grad_out and gives
+    None for it."""
     geom = _args.conv2d_backward_args(grad_out, x, weight, stride, padding, dilation, groups)
     need_input_grad = _args.check_bool(need_input_grad, "need_input_grad")
     grad_out = _contiguous(grad_out)
     params = _conv_params(geom)
     n_threads = _threads_for(_args.flops_conv2d(geom), _SERIAL_FLOPS)
     grad_w = _workspace.empty(weight.shape, dtype=x.dtype)
-    grad_b = _workspace.empty(weight.shape[0], dtype=x.dtype)
+    grad_b = _workspace.empty(weight.shape[0], dtype=x.dtype) if need_bias_grad else None
     _engine.conv2d_grad_weight(grad_out, _contiguous(x), grad_w, grad_b, params, n_threads)
     grad_x = None
     if need_input_grad:

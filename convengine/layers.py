@@ -221,8 +221,8 @@ class Conv2d(_Weighted):
 
     def backward(self, grad):
         x = self._needs_cache(self._x)
-        gx, gw, gb = F.conv2d_backward(grad, x, self.weight.data, need_input_grad=self.need_input_grad,
-                                       **self._hyper())
+        gx, gw, gb = F._conv2d_backward(grad, x, self.weight.data, need_input_grad=self.need_input_grad,
+                                        need_bias_grad=self.bias is not None, **self._hyper())
         self.weight.grad += gw
         if self.bias is not None:
             self.bias.grad += gb

@@ -1020,3 +1020,26 @@ def test_depthwise_whole_plane_kernels_match_the_sweep_bitwise(rng, x_shape, str
         number = ~np.isnan(want)
         np.testing.assert_array_equal(np.signbit(got[number]), np.signbit(want[number]),
                                       err_msg=f"{kernel} signed zeros")
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv2d_backward_skips_the_bias_gradient_of_a_conv_without_bias(rng, groups):
+    """A Conv2d without bias does not pay grad_bias's pass over grad_out (functional._conv2d_backward with
+    need_bias_grad=False): None for it, and the other gradients bit for bit those of conv2d_backward."""
+    x = randn(rng, (5, 8, 9, 9), np.float32)
+    w = randn(rng, (16, 8 // groups, 3, 3), np.float32)
+    go = randn(rng, (5, 16, 9, 9), np.float32)
+    want = F.conv2d_backward(go, x, w, padding=1, groups=groups)
+    got = F._conv2d_backward(go, x, w, padding=1, groups=groups, need_bias_grad=False)
+    assert got[2] is None
+    assert_bitwise_equal(got[0], want[0], "grad_x")
+    assert_bitwise_equal(got[1], want[1], "grad_w")
+    layer = convengine.layers.Conv2d(8, 16, 3, padding=1, groups=groups, bias=False)
+    layer.weight.data[...] = w
+    layer.forward(x, training=True)
+    layer.weight.grad[...] = 0
+    assert_bitwise_equal(layer.backward(go), want[0], "layer grad_x")
+    assert_bitwise_equal(layer.weight.grad, want[1], "layer grad_w")
+    with pytest.raises(ValueError, match="one value per output channel"):
+        _engine.conv2d_grad_weight(go, x, np.empty_like(w), np.empty(3, np.float32),
+                                   (1, 1, 1, 1, 1, 1, groups, 9, 9), 1)

@@ -666,19 +666,25 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
 def conv2d_grad_weight(const floating[:, :, :, ::1] grad_out,  # IN  (B, K, OH, OW)
                        const floating[:, :, :, ::1] x,         # IN  (B, C, H, W)
                        floating[:, :, :, ::1] grad_w,          # OUT (K, C/G, KH, KW)
-                       floating[::1] grad_b,                   # OUT (K,)
+                       floating[::1] grad_b,                   # OUT (K,), or None: not computed
                        tuple params, int n_threads):
     cdef fpstate fp, fps
     cdef ConvGeom p
     cdef int rc
+    cdef floating* db = NULL
     fill_geom(&p, (x.shape[0], x.shape[1], x.shape[2], x.shape[3]), grad_w.shape[0], grad_w.shape[2], grad_w.shape[3], params)
+    if grad_b is not None:
+        if grad_b.shape[0] != grad_w.shape[0]:
+            raise ValueError("conv2d_grad_weight: grad_b must hold one value per output channel")
+        db = &grad_b[0]
     if p.B == 0:
         grad_w[...] = 0
-        grad_b[...] = 0
+        if grad_b is not None:
+            grad_b[...] = 0
         return
     with nogil:
         fp = fp_enter_call()
-        rc = conv2d_grad_weight_core(&grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_w[0, 0, 0, 0], &grad_b[0], &p,
+        rc = conv2d_grad_weight_core(&grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_w[0, 0, 0, 0], db, &p,
                                      n_threads)
         fp_leave_call(fp)
     if rc:
