@@ -12,6 +12,7 @@ import statistics
 import types
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -439,7 +440,7 @@ def test_time_interleaved_takes_turns_in_rounds(monkeypatch):
     log, parks = [], []
     monkeypatch.setattr(timing.time, "sleep", parks.append)
     calls = {"a": lambda: log.append("a"), ("b", 1): lambda: log.append("b1"), ("b", 2): lambda: log.append("b2")}
-    times = timing.time_interleaved(calls, {"a": 6, ("b", 1): 6, ("b", 2): 3}, warmup=2, park=0.5, rounds=3)
+    times = timing.time_interleaved(calls, {"a": 6, ("b", 1): 6, ("b", 2): 3}, warmup=2, park=0.5, rounds=3, warm=0)
     assert {name: len(t) for name, t in times.items()} == {"a": 6, ("b", 1): 6, ("b", 2): 3}
     assert parks == [0.5] * 6
     runs = [name for i, name in enumerate(log) if i == 0 or log[i - 1][0] != name[0]]
@@ -447,3 +448,24 @@ def test_time_interleaved_takes_turns_in_rounds(monkeypatch):
     assert log.count("a") == 2 + 6 + 2 and log.count("b2") == 2 + 3 + 2
     one = timing.time_interleaved(calls, {"a": 6, ("b", 1): 6, ("b", 2): 3}, warmup=1, park=0)
     assert {name: len(t) for name, t in one.items()} == {"a": 6, ("b", 1): 6, ("b", 2): 3}
+
+
+def test_time_interleaved_warms_up_after_each_park(monkeypatch):
+    """After a park the cores wake slowly, so each turn first runs its calls untimed for `warm` seconds (by
+    default after parks of 0.1 s and more); a 2 ms call with warm=0.02 runs about ten times more per turn."""
+    from convengine.bench import timing
+    monkeypatch.setattr(timing.time, "sleep", lambda s: None)
+    counts = {"a": 0, "b": 0}
+
+    def call(name):
+        counts[name] += 1
+        end = time.perf_counter() + 0.002
+        while time.perf_counter() < end:
+            pass
+    calls = {"a": lambda: call("a"), "b": lambda: call("b")}
+    times = timing.time_interleaved(calls, {"a": 3, "b": 3}, warmup=1, park=0.5, rounds=3, warm=0.02)
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+    assert counts["a"] >= 3 + 3 * 8 and counts["b"] >= 3 + 3 * 8
+    counts.update(a=0, b=0)
+    timing.time_interleaved(calls, {"a": 3, "b": 3}, warmup=1, park=0.01, rounds=3)   # short park: no warm-up
+    assert counts == {"a": 6, "b": 6}

@@ -11,6 +11,11 @@ from .._threads import get_num_threads, set_num_threads
 MATMUL_SIZE = 1024
 # Seconds for thread pools that spin after a call (OpenBLAS, PyTorch's OpenMP) to go to sleep.
 PARK_SECONDS = 0.25
+# Seconds of untimed calls after such a park: the cores come back slowly from it (AMD EPYC Zen 4 under KVM, LeNet-5
+# training steps after a 0.25 s sleep: 7-8.5 ms against 5.0 warm at 1 thread for the first 3-10 steps, 6.3-8.5
+# against 3.4-4.5 at 2 threads for the first 10-30, about 0.2 s), so a turn timed straight after one measured the
+# machine waking up (LeNet-5 at 2 threads read 6.4 ms in the report, 3.4-4.2 back to back).
+WARM_SECONDS = 0.3
 
 
 def torch_module():
@@ -59,7 +64,7 @@ class SameThreads:
         set_num_threads(self._engine)
 
 
-def time_interleaved(calls, repeats, warmup=1, park=None, rounds=1):
+def time_interleaved(calls, repeats, warmup=1, park=None, rounds=1, warm=None):
     """Seconds of each call in `calls` (name -> callable), `repeats[name]` times each. Calls of one implementation
     (the first item of a tuple name, else the name) are interleaved: round r runs them one after another from a
     rotating offset. Implementations run one after another, not mixed: each brings its own thread pool (the
@@ -71,6 +76,9 @@ def time_interleaved(calls, repeats, warmup=1, park=None, rounds=1):
     `rounds` > 1 cuts the repeats into that many turns of every implementation, each turn after its own park and
     one untimed call: a slow spell of a shared machine (seconds long) then falls on all of them, not on whichever
     ran during it (LeNet-5 training steps at 2 threads read engine / PyTorch 1.0 in one run and 0.6 in the next).
+    After each park the implementation runs untimed for `warm` seconds (default WARM_SECONDS after a park of 0.1 s
+    or more, else none) on top of its untimed calls, round robin over its calls, so that its turn is timed on
+    cores that are awake again.
     `warmup`: untimed calls first, an int or a dict by name. Returns name -> list of seconds."""
     names = [n for n in calls if repeats[n] > 0]
     groups = {}
@@ -78,16 +86,24 @@ def time_interleaved(calls, repeats, warmup=1, park=None, rounds=1):
         groups.setdefault(name[0] if isinstance(name, tuple) else name, []).append(name)
     times = {name: [] for name in names}
     rounds = max(1, min(rounds, max((repeats[n] for n in names), default=1)))
+    park = PARK_SECONDS if park is None else park
+    if warm is None:
+        warm = WARM_SECONDS if park >= 0.1 else 0.0
     for turn in range(rounds):
         for group in groups.values():
-            if len(groups) > 1:
-                time.sleep(PARK_SECONDS if park is None else park)
+            parked = len(groups) > 1
+            if parked:
+                time.sleep(park)
+            start = time.perf_counter()
             for name in group:
                 if turn == 0:
                     untimed = warmup.get(name, 1) if isinstance(warmup, dict) else warmup
                 else:
                     untimed = 1 if repeats[name] > turn else 0
                 for _ in range(untimed):
+                    calls[name]()
+            while parked and time.perf_counter() - start < warm:
+                for name in group:
                     calls[name]()
             most = max(repeats[n] for n in group)
             for r in range(turn * most // rounds, (turn + 1) * most // rounds):
