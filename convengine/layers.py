@@ -617,7 +617,8 @@ class BatchNorm2d(Layer):
             self.update_running_stats(mean, var, m)
         else:
             self._stats_hook(mean, var, m)
-        self._cache = (x, mean, var, y if relu else None)
+        # with the fused ReLU, the bias it saw (backward recomputes the ReLU's sign from x with it)
+        self._cache = (x, mean, var, y if relu else None, beta.copy() if relu else None)
         return y
 
     def update_running_stats(self, mean, var, count):
@@ -632,14 +633,14 @@ class BatchNorm2d(Layer):
         self.running_var += mom * var * self.dtype.type(count / (count - 1))
 
     def backward(self, grad):
-        x, mean, var, relu_out = self._needs_cache(self._cache)
+        x, mean, var, relu_out, beta = self._needs_cache(self._cache)
         if relu_out is None:
             grad_x, grad_gamma, grad_beta = F.batch_norm2d_backward(grad, x, self._params["weight"].data, mean, var,
                                                                      self.eps)
         else:   # the gradient of the fused ReLU's output
             grad_x, grad_gamma, grad_beta = F._batch_norm2d_relu_backward(grad, x, relu_out,
                                                                           self._params["weight"].data, mean, var,
-                                                                          self.eps)
+                                                                          self.eps, bias=beta)
         self._params["weight"].grad += grad_gamma
         self._params["bias"].grad += grad_beta
         return grad_x

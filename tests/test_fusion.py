@@ -150,18 +150,27 @@ def test_fused_and_unfused_training_give_the_same_weights(net):
     assert any(np.abs(a - s).max() > 1e-3 for a, s in zip(weights[0], start))
 
 
-def test_batch_norm_relu_kernels_are_the_two_ops_in_a_row(rng):
-    x = randn(rng, (4, 5, 6, 7), np.float32)
-    g = randn(rng, x.shape, np.float32)
-    w, b = randn(rng, (5,), np.float32), randn(rng, (5,), np.float32)
+@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (3, 5, 3, 3)], ids=["planes", "positions"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_batch_norm_relu_kernels_are_the_two_ops_in_a_row(rng, shape, dtype):
+    """The fused kernels give the bits of batch norm then ReLU; the backward also when it takes the ReLU's sign
+    from x and the forward's bias (planes of 16 values and more) instead of the stored output."""
+    x = randn(rng, shape, dtype)
+    g = randn(rng, x.shape, dtype)
+    w, b = randn(rng, (5,), dtype), randn(rng, (5,), dtype)
     y, mean, var = F.batch_norm2d_training(x, w, b)
     fy, fmean, fvar = F._batch_norm2d_relu_training(x, w, b)
     assert_bitwise_equal(fy, F.relu(y))
     assert_bitwise_equal(fmean, mean)
     assert_bitwise_equal(fvar, var)
+    assert 0 < np.count_nonzero(fy) < fy.size
     expected = F.batch_norm2d_backward(F.relu_backward(g, fy), x, w, mean, var)
     for a, e in zip(F._batch_norm2d_relu_backward(g, x, fy, w, mean, var), expected):
         assert_bitwise_equal(a, e)
+    for a, e in zip(F._batch_norm2d_relu_backward(g, x, fy, w, mean, var, bias=b), expected):
+        assert_bitwise_equal(a, e)
+    with pytest.raises(ValueError, match="relu_bias"):
+        F._batch_norm2d_relu_backward(g, x, fy, w, mean, var, bias=b[:3])
     assert_bitwise_equal(F._batch_norm2d_relu(x, w, b, mean, var), F.relu(F.batch_norm2d(x, w, b, mean, var)))
     with pytest.raises(ValueError, match="relu_out"):
         F._batch_norm2d_relu_backward(g, x, fy[:2], w, mean, var)

@@ -204,6 +204,18 @@ cdef inline void gate_plane(const floating* g, const floating* y, floating* out,
         out[i] = through_relu(g[i], y[i])
 
 
+cdef inline void gate_plane_from_x(const floating* g, const floating* x, floating mu, floating k, floating s,
+                                   floating* out, Py_ssize_t P) noexcept nogil:
+    """gate_plane for the ReLU output of forward_planes (relu): its value v = (x - mu) * k + s recomputed by the
+    same expression, so the same bits and the same sign (0 where v <= 0, g elsewhere, NaN included), without
+    reading the stored output."""
+    cdef Py_ssize_t i
+    cdef floating v
+    for i in range(P):
+        v = (x[i] - mu) * k + s
+        out[i] = 0 if v <= 0 else g[i]
+
+
 cdef void per_channel_totals(const floating* partial, Py_ssize_t B, Py_ssize_t C, floating* total) noexcept nogil:
     """total[c] = sum over b, in order, of partial[b * C + c]."""
     cdef Py_ssize_t b, c
@@ -269,14 +281,17 @@ cdef void forward_planes(const floating* x, floating* out, Py_ssize_t B, Py_ssiz
     fp_resume(fps)
 
 
-cdef void backward_planes(const floating* g, const floating* x, const floating* y, floating* gx, Py_ssize_t B,
-                          Py_ssize_t C, Py_ssize_t P, const floating* mean, const floating* var,
-                          const floating* weight, floating eps, floating* grad_weight, floating* grad_bias,
-                          floating* partial, floating* coef, floating* gated, int n_threads) noexcept nogil:
+cdef void backward_planes(const floating* g, const floating* x, const floating* y, const floating* beta,
+                          floating* gx, Py_ssize_t B, Py_ssize_t C, Py_ssize_t P, const floating* mean,
+                          const floating* var, const floating* weight, floating eps, floating* grad_weight,
+                          floating* grad_bias, floating* partial, floating* coef, floating* gated,
+                          int n_threads) noexcept nogil:
     """batch_norm2d_backward plane by plane (partial: 2*B*C scratch, coef: 3*C). With y (the fused ReLU's output,
     else NULL) each plane of g is first passed through the ReLU into this thread's P values of `gated`, and the
     same loops read it: one copy of the arithmetic, so the fused layers give the bits of the two in a row (a select
-    inside the loops let gcc contract their multiply-adds differently, 1 ulp apart)."""
+    inside the loops let gcc contract their multiply-adds differently, 1 ulp apart). With beta (the forward's
+    bias) the ReLU's sign is recomputed from x instead of read from y (gate_plane_from_x): one array fewer to
+    stream in each of the two passes."""
     cdef fpstate fp, fps
     cdef Py_ssize_t q, c, i
     cdef floating m = B * P
@@ -285,13 +300,19 @@ cdef void backward_planes(const floating* g, const floating* x, const floating* 
     cdef const floating* xb
     cdef floating* dst
     cdef floating* mine
+    for c in range(C):      # forward_planes's coefficient: weight * inv_std
+        coef[2 * C + c] = weight[c] * inv_std_of(var[c], eps)
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
         mine = gated + threadid() * P if gated != NULL else NULL
         for q in prange(B * C, schedule='static'):
             gb = g + q * P
-            if y != NULL:
+            if beta != NULL:
+                c = q % C
+                gate_plane_from_x(gb, x + q * P, mean[c], coef[2 * C + c], beta[c], mine, P)
+                gb = mine
+            elif y != NULL:
                 gate_plane(gb, y + q * P, mine, P)
                 gb = mine
             plane_gradient_sums(gb, x + q * P, mean[q % C], P, &partial[q], &partial[B * C + q])
@@ -317,7 +338,10 @@ cdef void backward_planes(const floating* g, const floating* x, const floating* 
             s = coef[C + c]
             k = coef[2 * C + c]
             gb = g + q * P
-            if y != NULL:
+            if beta != NULL:
+                gate_plane_from_x(gb, x + q * P, mu, k, beta[c], mine, P)
+                gb = mine
+            elif y != NULL:
                 gate_plane(gb, y + q * P, mine, P)
                 gb = mine
             xb = x + q * P
@@ -408,10 +432,12 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
                           floating[::1] grad_weight,              # OUT (C,)
                           floating[::1] grad_bias,                # OUT (C,)
                           int n_threads,
-                          relu_out=None):                         # IN  (B, C, H, W) or None
+                          relu_out=None,                          # IN  (B, C, H, W) or None
+                          relu_bias=None):                        # IN  (C,) or None: the forward's bias
     """Gradients of the training-mode forward, whose mean and variance depend on x; with relu_out, of the fused
     forward (relu=True) whose output that was: grad_out is first passed through that ReLU (0 where relu_out <= 0).
-    Without it:
+    With relu_bias too (the forward's bias, weight the same as its weight), planes of 16 values and more take that
+    ReLU's sign from x, recomputed as the forward computed it, and do not read relu_out. Without relu_out:
     grad_x = k * (g - mean(g) - xhat * mean(g * xhat)), k = weight * inv_std, xhat = (x - mean) * inv_std,
     computed as (x - mean) * a + s + g * k with a = -k * inv_std^2 * sum(g * (x - mean)) / m, s = -k * sum(g) / m."""
     cdef fpstate fp, fps
@@ -423,13 +449,21 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
     cdef floating* vecs
     cdef floating* coef
     cdef const floating[:, :, :, ::1] y_v
+    cdef const floating[::1] beta_v
     cdef const floating* y = NULL
+    cdef const floating* beta = NULL
     if relu_out is not None:
         y_v = relu_out
         if y_v.shape[0] != B or y_v.shape[1] != C or y_v.shape[2] * y_v.shape[3] != P:
             raise ValueError("batch_norm2d_backward: relu_out must have x's shape")
         if B * P > 0:
             y = &y_v[0, 0, 0, 0]
+        if relu_bias is not None:
+            beta_v = relu_bias
+            if beta_v.shape[0] != C:
+                raise ValueError("batch_norm2d_backward: relu_bias must hold one value per channel")
+            if C > 0 and P >= BN_PLANE:
+                beta = &beta_v[0]
     if C == 0:
         return
     if P >= BN_PLANE and B > 0:
@@ -441,7 +475,7 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
             raise MemoryError("batch_norm2d_backward: could not allocate scratch")
         with nogil:
             fp = fp_enter_call()
-            backward_planes(&grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], y, &grad_x[0, 0, 0, 0], B, C, P, &mean[0],
+            backward_planes(&grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], y, beta, &grad_x[0, 0, 0, 0], B, C, P, &mean[0],
                             &var[0], &weight[0], eps, &grad_weight[0], &grad_bias[0], vecs, coef,
                             vecs + 2 * B * C if y != NULL else NULL, n_threads)
             fp_leave_call(fp)
