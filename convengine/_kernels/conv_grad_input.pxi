@@ -180,6 +180,21 @@ cdef int conv2d_grad_input_direct(const floating* dy, const floating* w, floatin
 # added in ce_vf_hsum_np's fixed order. Col2im's GEMM had K = 16 products per dcol element and then a scatter-add of
 # 25 columns per pixel (26 GFLOP/s on LeNet-5's layer, Zen 4, 1 thread).
 
+cdef void dy_channels_last(const float* dy, Py_ssize_t K, Py_ssize_t OH, Py_ssize_t OW, float* dst,
+                           Py_ssize_t ld) noexcept nogil:
+    """One image's dY (K planes of OH x OW) channels-last: dst[oh * ld + ow * K + k] = dy[(k * OH + oh) * OW + ow]
+    (the lanes kernels of grad_input and grad_weight)."""
+    cdef Py_ssize_t k, oh, ow
+    cdef const float* src
+    cdef float* row
+    for k in range(K):
+        src = dy + k * OH * OW
+        for oh in range(OH):
+            row = dst + oh * ld + k
+            for ow in range(OW):
+                row[ow * K] = src[oh * OW + ow]
+
+
 cdef void grad_input_lanes_row(const float* trow, Py_ssize_t tstride, const float* wt, const ConvGeom* p,
                                float* dx, Py_ssize_t nc) noexcept nogil:
     """One row of dx for CE_GI_CB channels (nc of them real, planes H*W apart from dx): trow is the T row of
@@ -231,12 +246,10 @@ cdef int conv2d_grad_input_lanes(const float* dy, const float* w, float* dx, con
     cdef Py_ssize_t VL = vlen(<float>0)
     cdef Py_ssize_t K = p.K, KHW = p.KH * p.KW
     cdef Py_ssize_t Cp = round_up(p.C, CE_GI_CB)
-    cdef Py_ssize_t TR = p.OH + 2 * (p.KH - 1), TC = grad_input_lanes_cols(p)
-    cdef Py_ssize_t b, c, k, t, oh, ow, ih, cb
+    cdef Py_ssize_t TC = grad_input_lanes_cols(p)
+    cdef Py_ssize_t b, c, k, t, ih, cb
     cdef float* wt
     cdef float* tbuf
-    cdef float* trow
-    cdef const float* src
     cdef int failed = 0
     # weights channels-last: wt[((c * KH + kh) * KW + kw) * K + k] = w[k, c, kh, kw], zero for c >= C
     wt = <float*>malloc(Cp * KHW * K * sizeof(float))
@@ -256,12 +269,8 @@ cdef int conv2d_grad_input_lanes(const float* dy, const float* w, float* dx, con
                 continue
             # T[oh + KH - 1, ow + KW - 1, k] = dY[b, k, oh, ow], zero elsewhere
             memset(tbuf, 0, grad_input_lanes_floats(p) * sizeof(float))
-            for k in range(K):
-                src = dy + (b * K + k) * p.OH * p.OW
-                for oh in range(p.OH):
-                    trow = tbuf + ((oh + p.KH - 1) * TC + p.KW - 1) * K + k
-                    for ow in range(p.OW):
-                        trow[ow * K] = src[oh * p.OW + ow]
+            dy_channels_last(dy + b * K * p.OH * p.OW, K, p.OH, p.OW, tbuf + ((p.KH - 1) * TC + p.KW - 1) * K,
+                             TC * K)
             for cb in range(Cp // CE_GI_CB):
                 for ih in range(p.H):
                     grad_input_lanes_row(tbuf + (ih + p.pt + p.KH - 1) * TC * K, TC * K,

@@ -544,7 +544,7 @@ cdef int conv2d_grad_weight_lanes(const float* dy, const float* x, float* partia
     cdef Py_ssize_t Hx = p.OH + p.KH - 1, Wx = p.OW + p.KW - 1
     cdef Py_ssize_t rows = CE_GW_T // p.KW
     cdef Py_ssize_t per = (p.B + nchunks - 1) // nchunks
-    cdef Py_ssize_t chunk, b, b0, b1, c, ih, k, q, g0, j, kv, n, i0, i1
+    cdef Py_ssize_t chunk, b, b0, b1, c, ih, g0, j, kv, n, i0, i1
     cdef float* buf
     cdef float* xp
     cdef float* dycl
@@ -578,10 +578,7 @@ cdef int conv2d_grad_weight_lanes(const float* dy, const float* x, float* partia
                         if 0 <= ih - p.pt < p.H and i1 > i0:
                             src = x + ((b * p.C + c) * p.H + ih - p.pt) * p.W + i0 - p.pl
                             memcpy(xp + (c * Hx + ih) * Wx + i0, src, (i1 - i0) * sizeof(float))
-                for k in range(K):
-                    src = dy + (b * K + k) * P
-                    for q in range(P):
-                        dycl[q * K + k] = src[q]
+                dy_channels_last(dy + b * K * P, K, p.OH, p.OW, dycl, p.OW * K)
                 for kv in range(K // VL):
                     g0 = 0
                     while g0 < p.C * p.KH:
