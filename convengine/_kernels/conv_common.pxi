@@ -104,6 +104,19 @@ cdef inline Py_ssize_t direct_rows(const ConvGeom* p, Py_ssize_t NC) noexcept no
     return balanced_block(p.OH, max(1, min(p.OH, NC // padded_width(p))))
 
 
+cdef inline void copy_plane_rows(const float* xc, const ConvGeom* p, Py_ssize_t ih0, Py_ssize_t nrows, float* dst,
+                                 Py_ssize_t ld, Py_ssize_t n, Py_ssize_t shift, Py_ssize_t lo,
+                                 Py_ssize_t hi) noexcept nogil:
+    """dst[ri*ld + t] = xc[(ih0 + ri)*W + t - shift] for lo <= t < hi where input row ih0 + ri lies in the image
+    (xc: one input plane), zero for the other t < n and for rows outside: a run of rows in one ce_copy_rows."""
+    cdef Py_ssize_t r0 = min(nrows, max(0, -ih0))
+    cdef Py_ssize_t r1 = max(r0, min(nrows, p.H - ih0))
+    ce_copy_rows(dst, ld, dst, 0, r0, n, 0, 0)
+    if r1 > r0:
+        ce_copy_rows(dst + r0 * ld, ld, xc + (ih0 + r0) * p.W - shift, p.W, r1 - r0, n, lo, hi)
+    ce_copy_rows(dst + r1 * ld, ld, dst, 0, nrows - r1, n, 0, 0)
+
+
 cdef void fill_padded_rows(const floating* x, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t oh0,
                            Py_ssize_t nrows_in, Py_ssize_t rows_in, floating* xblk) noexcept nogil:
     """xblk[c, ri, :] = row oh0 + ri - pt of input channel g*Cg + c, zero-padded to padded_width (zero rows
@@ -114,15 +127,19 @@ cdef void fill_padded_rows(const floating* x, const ConvGeom* p, Py_ssize_t b, P
     cdef Py_ssize_t c, ri, ih
     cdef floating* dst
     for c in range(Cg):
-        for ri in range(nrows_in):
-            dst = xblk + (c * rows_in + ri) * Wp
-            ih = oh0 + ri - p.pt
-            if ih < 0 or ih >= p.H:
-                memset(dst, 0, Wp * sizeof(floating))
-            else:
-                memset(dst, 0, p.pl * sizeof(floating))
-                memcpy(dst + p.pl, x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W, iw_n * sizeof(floating))
-                memset(dst + p.pl + iw_n, 0, (Wp - p.pl - iw_n) * sizeof(floating))
+        if floating is float:
+            copy_plane_rows(x + (b * p.C + g * Cg + c) * p.H * p.W, p, oh0 - p.pt, nrows_in, xblk + c * rows_in * Wp,
+                            Wp, Wp, p.pl, p.pl, p.pl + iw_n)
+        else:
+            for ri in range(nrows_in):
+                dst = xblk + (c * rows_in + ri) * Wp
+                ih = oh0 + ri - p.pt
+                if ih < 0 or ih >= p.H:
+                    memset(dst, 0, Wp * sizeof(floating))
+                else:
+                    memset(dst, 0, p.pl * sizeof(floating))
+                    memcpy(dst + p.pl, x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W, iw_n * sizeof(floating))
+                    memset(dst + p.pl + iw_n, 0, (Wp - p.pl - iw_n) * sizeof(floating))
 
 
 cdef void fill_shifted_rows(const float* x, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t oh0,
@@ -131,28 +148,13 @@ cdef void fill_shifted_rows(const float* x, const ConvGeom* p, Py_ssize_t b, Py_
     image: for each kw the input rows shifted by that tap's column, OW wide, so that tap (c, kh, kw) of output
     pixels q, q+1, ... of a row block is one run, across rows. ri < nrows_in of rows_in rows are filled."""
     cdef Py_ssize_t Cg = p.C // p.G
-    cdef Py_ssize_t c, kw, ri, ih, lo, hi, ow
-    cdef float* dst
-    cdef const float* src
-    # plain loops, not memset/memcpy: the rows are short (8 pixels: the calls took 5% of a 64x8x8 -> 128 conv)
+    cdef Py_ssize_t c, kw, lo, hi
     for c in range(Cg):
         for kw in range(p.KW):
             lo = min(p.OW, max(0, p.pl - kw * p.dw))
             hi = max(lo, min(p.OW, p.W + p.pl - kw * p.dw))
-            for ri in range(nrows_in):
-                dst = xblk + ((c * p.KW + kw) * rows_in + ri) * p.OW
-                ih = oh0 + ri - p.pt
-                if ih < 0 or ih >= p.H:
-                    for ow in range(p.OW):
-                        dst[ow] = 0
-                else:
-                    src = x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W - p.pl + kw * p.dw
-                    for ow in range(lo):
-                        dst[ow] = 0
-                    for ow in range(lo, hi):
-                        dst[ow] = src[ow]
-                    for ow in range(hi, p.OW):
-                        dst[ow] = 0
+            copy_plane_rows(x + (b * p.C + g * Cg + c) * p.H * p.W, p, oh0 - p.pt, nrows_in,
+                            xblk + (c * p.KW + kw) * rows_in * p.OW, p.OW, p.OW, p.pl - kw * p.dw, lo, hi)
 
 
 cdef inline void tap_rows(const ConvGeom* p, const floating* xblk, Py_ssize_t rows_in,
@@ -195,15 +197,19 @@ cdef void fill_window_rows(const floating* x, const ConvGeom* p, Py_ssize_t b, P
     cdef Py_ssize_t c, ri, ih
     cdef floating* dst
     for c in range(Cg):
-        for ri in range(nrows):
-            dst = xblk + c * ld_c + ri * Wpad
-            ih = ih0 + ri
-            if ih < 0 or ih >= p.H:
-                memset(dst, 0, Wpad * sizeof(floating))
-            else:
-                memset(dst, 0, lo * sizeof(floating))
-                memcpy(dst + lo, x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W, n * sizeof(floating))
-                memset(dst + lo + n, 0, (Wpad - lo - n) * sizeof(floating))
+        if floating is float:
+            copy_plane_rows(x + (b * p.C + g * Cg + c) * p.H * p.W, p, ih0, nrows, xblk + c * ld_c, Wpad, Wpad, lo,
+                            lo, lo + n)
+        else:
+            for ri in range(nrows):
+                dst = xblk + c * ld_c + ri * Wpad
+                ih = ih0 + ri
+                if ih < 0 or ih >= p.H:
+                    memset(dst, 0, Wpad * sizeof(floating))
+                else:
+                    memset(dst, 0, lo * sizeof(floating))
+                    memcpy(dst + lo, x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W, n * sizeof(floating))
+                    memset(dst + lo + n, 0, (Wpad - lo - n) * sizeof(floating))
 
 
 cdef inline Py_ssize_t pow2_floor(Py_ssize_t n) noexcept nogil:

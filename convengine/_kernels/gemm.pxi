@@ -26,6 +26,8 @@ cdef extern from "simd.h":
     enum: CE_GW_T
     vfloat ce_vf_relu(vfloat v) nogil
     vdouble ce_vd_zero() nogil
+    void ce_copy_rows(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n, long lo,
+                      long hi) nogil
 
 # Tags selecting the micro-kernel's width at compile time (see ukernel_f).
 cdef struct wide_tile:
