@@ -12,7 +12,7 @@ import pytest
 import convengine
 from convengine import frozen as frozen_module
 from convengine import reference as R
-from convengine._args import conv2d_args
+from convengine._args import conv2d_args, conv2d_geometry
 from convengine._threads import every_call_threaded
 from convengine._kernels import engine
 from convengine.functional import _conv_params
@@ -294,6 +294,28 @@ def test_split_programs_give_the_bits_of_one_thread(dtype, rng, monkeypatch):
                 assert program.slices() > program.stages(), net      # some steps really split
             looped = model.forward(x, training=False)
             assert np.max(np.abs(want - looped)) <= RTOL[dtype] * (np.max(np.abs(looped)) + 1)
+
+
+def test_channel_slices_of_a_first_layer_conv_keep_the_whole_convs_path(rng, monkeypatch):
+    """At batch 1 a split program cuts a conv into slices of its output channels. A 4-channel 9x9 conv of 24
+    output channels takes the first-layer path (smallc), whose sum over its 324 taps is one block; a slice of 16
+    or 8 channels alone would take the row-vector direct kernel (rows_beat_smallc: at most 16 channels), which
+    sums the taps in two blocks, other bits. The slices keep the whole conv's path: the bits of one thread."""
+    monkeypatch.setattr(frozen_module, "_SPLIT_MODE", "on")
+    conv = Conv2d(4, 24, 9, padding=4)
+    for channels, path in ((24, "smallc"), (16, "direct"), (8, "direct")):
+        w_shape = (channels, 4, 9, 9)
+        params = _conv_params(conv2d_geometry((1, 4, 32, 32), w_shape, 1, 4, 1, 1))
+        assert engine.conv2d_paths((1, 4, 32, 32), w_shape, params, 4)["forward"] == path
+    model = convengine.Sequential([conv, ReLU(), GlobalAvgPool2d(), Linear(24, 10)], input_shape=(4, 32, 32))
+    frozen = model.freeze()
+    x = randn(rng, (1, 4, 32, 32), np.float32)
+    convengine.set_num_threads(1)
+    want = frozen(x)
+    convengine.set_num_threads(2)
+    assert_bitwise_equal(frozen(x), want, "2 threads")
+    (arena,) = frozen._arenas[((4, 32, 32), 1)]
+    assert arena.compiled().slices() > arena.compiled().stages()     # the conv really split
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())

@@ -588,7 +588,9 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const Epilogu
     if is_depthwise(p):
         return depthwise_forward(x, w, e, y, p, n_threads)
     if floating is float:
-        if use_smallc(p, <float>0):
+        # a forced call without packed weights is a slice of a conv that took smallc (the only packing-free path
+        # here): it takes smallc too, whatever its own channel count would choose (rows_beat_smallc)
+        if (smallc_fits(p, <float>0) and prepacked == NULL) if forced else use_smallc(p, <float>0):
             return conv2d_forward_smallc(x, w, e, y, p, n_threads)
     cdef const floating* packed
     path = prepacked_path if forced and prepacked != NULL else forward_path(p, <floating>0)

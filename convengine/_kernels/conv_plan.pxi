@@ -204,8 +204,8 @@ cdef bint use_pixels(const ConvGeom* p, floating dummy) noexcept nogil:
     return Cg * window_rows(p, pixel_rows(p)) <= MAX_DIRECT_SCRATCH // window_width(p)
 
 
-# Whether a shape takes the first-layer path of conv_smallc.pxi (forward only; float64 keeps the GEMM paths).
-cdef inline bint use_smallc(const ConvGeom* p, floating dummy) noexcept nogil:
+# Whether a shape can take the first-layer path of conv_smallc.pxi (forward only; float64 keeps the GEMM paths).
+cdef inline bint smallc_fits(const ConvGeom* p, floating dummy) noexcept nogil:
     if floating is double:
         return False
     if forced_path != PATH_AUTO and forced_path != PATH_SMALLC:
@@ -217,6 +217,31 @@ cdef inline bint use_smallc(const ConvGeom* p, floating dummy) noexcept nogil:
     cdef Py_ssize_t tile = smallc_nv(p.OW, VL) * VL
     return (p.G == 1 and p.C <= 4 and p.dh == 1 and p.dw == 1 and p.sw <= 2 and p.KW <= 16
             and p.OW >= VL and 7 * ((p.OW + tile - 1) // tile * tile) <= 8 * p.OW)
+
+
+cdef inline bint rows_beat_smallc(const ConvGeom* p) noexcept nogil:
+    """Whether a stride-1 shape that smallc could take runs faster on the row-vector direct kernel: output rows
+    that smallc's tiles pad (the direct kernel's vectors run on across rows), or at most 16 output channels over
+    27 or more taps (smallc's tile of output rows x channels then has few channels to share each input load). Zen
+    4, 1 thread, batch 1 / 16 / 64, us smallc -> direct rows: 28-pixel rows: 1x28x28 -> 32 3x3 13.0 -> 9.4 / 178 ->
+    127 / 798 -> 507, 3x32x32 -> 6 5x5 (LeNet-5) 17.6 -> 15.6 / 217 -> 215 / 869 -> 858, 3x32x32 -> 32 5x5 49 ->
+    41 / 714 -> 617 / 2860 -> 2616; 32-pixel rows: 3 -> 8 3x3 9.7 -> 9.9 / 133 -> 100 / 446 -> 409, 3 -> 16 3x3
+    14.8 -> 13.1 / - / 752 -> 723. Left to smallc: fewer taps (1x16x16 -> 16 3x3 3.2 -> 3.3 / 17 -> 22 / 68 -> 86;
+    2 -> 16 3x3 b64 516 -> 544) and 32-pixel rows of more channels at large batches (3 -> 32 3x3 b64 1354 ->
+    1489, 3 -> 64 5x5 6229 -> 7894: the direct kernel's stores into many 4 KiB-apart planes). It depends on the
+    output channels: a frozen plan's channel slices follow the whole conv (conv2d_forward_core)."""
+    cdef Py_ssize_t VL = vlen(<float>0)
+    cdef Py_ssize_t tile = smallc_nv(p.OW, VL) * VL
+    return (p.sh == 1 and p.sw == 1 and use_direct_rows(p)
+            and (p.OW % tile != 0 or (p.K // p.G <= 16 and (p.C // p.G) * p.KH * p.KW >= 27)))
+
+
+cdef inline bint use_smallc(const ConvGeom* p, floating dummy) noexcept nogil:
+    """Whether a shape takes the first-layer path of conv_smallc.pxi: where it fits, unless the row-vector direct
+    kernel is faster there (and smallc is not forced)."""
+    if not smallc_fits(p, dummy):
+        return False
+    return forced_path == PATH_SMALLC or not rows_beat_smallc(p)
 
 
 cdef inline int pointwise_nv(Py_ssize_t P, Py_ssize_t VL) noexcept nogil:

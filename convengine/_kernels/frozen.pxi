@@ -63,7 +63,7 @@ cdef struct Op:
     PoolGeom pool                   # pools
     int count_include_pad           # avg pool
     int packed_path                 # conv: the path `packed` was packed for
-    int forced                      # conv: take that path even where this (sliced) shape alone would not
+    int forced                      # conv: a slice: take the whole conv's path (packed_path; smallc if unpacked)
     Py_ssize_t rows, cols, inner    # linear: M, N, K; relu: rows values; global avg pool: rows planes of cols
     Py_ssize_t col0, ld             # linear: the slice's first column of the whole product, and its row length
     Py_ssize_t channels             # batch norm: (rows images, channels, cols values per plane)
@@ -215,7 +215,7 @@ cdef class Program:
         if packed is not None:
             op.packed_path = packed[0]
             op.packed = self._hold(packed[1])
-        op.forced = forced and packed is not None
+        op.forced = forced
 
     def pool(self, int src, int dst, int n_threads, bint is_max, Py_ssize_t planes, Py_ssize_t H, Py_ssize_t W,
              tuple params, bint count_include_pad):
