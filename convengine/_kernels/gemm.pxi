@@ -19,6 +19,7 @@ cdef extern from "simd.h":
     ctypedef float vfloat "ce_vf"
     ctypedef double vdouble "ce_vd"
     vfloat ce_vf_zero() nogil
+    vfloat ce_vf_load_first(const float* p, long n) nogil
     vfloat ce_vf_load_reg(const float* p) nogil
     void ce_vf_hsum_np(const vfloat* v, float* out) nogil
     enum: CE_GI_NP
@@ -169,7 +170,7 @@ cdef void gemv_row_f(Py_ssize_t kc, const float* a, const float* b, Py_ssize_t l
     """c[j] (+)= sum over p < kc of a[p] * b[p*ldb + j], j < n: one row of A times a row-major B, read in place.
     Each sum starts from zero and adds the products in increasing p, as the micro-kernel does for each element,
     so a row comes out with the same bits as through the packed GEMM; but no MR-row tile is filled with copies of
-    one row (batch 1: 8x the work). tail: (kc + 1) * VL scratch for the last partial vector of columns."""
+    one row (batch 1: 8x the work). tail: unused (gemv_row_d's scratch)."""
     cdef vfloat acc[4]
     cdef Py_ssize_t VL = CE_VBYTES // sizeof(float)
     cdef Py_ssize_t j = 0, p, v
@@ -195,19 +196,17 @@ cdef void gemv_row_f(Py_ssize_t kc, const float* a, const float* b, Py_ssize_t l
             (<vfloat*>(c + j))[0] = acc[0]
         j += VL
     if j < n:
-        # the last columns as one vector over a zero-padded copy (scalar sums did not round as the vector lanes)
-        for p in range(kc):
-            for v in range(VL):
-                tail[p * VL + v] = b[p * ldb + j + v] if j + v < n else 0
+        # the last columns as one vector whose other lanes are zero (scalar sums did not round as the vector
+        # lanes); the loads masked, not a zero-padded copy of those columns (which took half of a 400 -> 120
+        # linear at batch 1)
         acc[0] = ce_vf_zero()
         for p in range(kc):
-            acc[0] += a[p] * (<const vfloat*>(tail + p * VL))[0]
-        (<vfloat*>(tail + kc * VL))[0] = acc[0]
+            acc[0] += a[p] * ce_vf_load_first(b + p * ldb + j, n - j)
         for v in range(n - j):
             if accumulate:
-                c[j + v] += tail[kc * VL + v]
+                c[j + v] += (<float*>&acc[0])[v]
             else:
-                c[j + v] = tail[kc * VL + v]
+                c[j + v] = (<float*>&acc[0])[v]
 
 
 cdef void gemv_row_d(Py_ssize_t kc, const double* a, const double* b, Py_ssize_t ldb, Py_ssize_t n, double* c,
@@ -356,6 +355,18 @@ cdef int gemm_strided(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
             for j in range(N):
                 c[i * ldc + j] = 0
         return 0
+    if floating is float:
+        if unpacked and (n_threads <= 1 or mblocks * nblocks == 1):
+            # one task (batch 1 inference): no team, no scratch; the rows as the loop below computes them
+            fp = fp_enter()
+            k0 = 0
+            while k0 < K:
+                kc = min(KC, K - k0)
+                for i in range(M):
+                    gemv_row_f(kc, a + i * a_rs + k0, b + k0 * b_rs, b_rs, N, c + i * ldc, k0 > 0, NULL)
+                k0 = k0 + kc
+            fp_leave(fp)
+            return 0
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()

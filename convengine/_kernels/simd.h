@@ -144,4 +144,23 @@ static inline void ce_copy_rows(float* dst, long ld_dst, const float* src, long 
 }
 #endif
 
+/* The first n < VL floats at p in a vector, the other lanes zero; nothing past p[n - 1] is read. */
+#if defined(__AVX512F__)
+static inline ce_vf ce_vf_load_first(const float* p, long n) {
+    return (ce_vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+}
+#elif defined(__AVX2__)
+static inline ce_vf ce_vf_load_first(const float* p, long n) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return (ce_vf)_mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane));
+}
+#else
+static inline ce_vf ce_vf_load_first(const float* p, long n) {
+    ce_vf v = {0};
+    long i;
+    for (i = 0; i < n; i++) v[i] = p[i];
+    return v;
+}
+#endif
+
 #endif
