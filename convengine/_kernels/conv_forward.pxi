@@ -369,6 +369,18 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
     # panel's 64 rows fall into a few L1 sets (Zen 4, 64x64x32x32 -> 64: 47 against 44 GFLOP/s; one-block planes
     # read in place: 94 against 87 on 128x8x8 -> 128)
     cdef bint copied = npanels > BLOCK_TILES
+    # float32 planes of whole vectors read in place: the row-vector micro-kernel (ukernel_rows_f) writes each tile
+    # straight into y with the epilogue from registers (no second pass for bias and ReLU), its wide tile 8 x 48
+    # against the GEMM's 8 x 32 on 16x16 planes; the same sums, the same bits. Zen 4, 1 thread, best of 7 x 3,
+    # GFLOP/s GEMM tiles -> row vectors: batch 1 32x16x16 -> 64 74 -> 77, 64x8x8 -> 128 77 -> 80, 128x8x8 -> 128 87
+    # -> 91; batch 64 32x16x16 -> 64 88 -> 91, 128x8x8 -> 128 102 -> 109
+    cdef bint rows_tiles = False
+    cdef Py_ssize_t nvec = P // VL, nfull = 0, v
+    cdef Py_ssize_t* offs = NULL
+    cdef const Epilogue* last
+    if floating is float:
+        rows_tiles = not copied and P % VL == 0
+        nfull = nvec // CE_NV
     cdef floating* tile
     cdef floating* bpack
     cdef floating* dst
@@ -383,8 +395,9 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
         bpack = <floating*>malloc(Cg * (BLOCK_TILES * NR + VL) * sizeof(floating))
         brow = <const floating**>malloc(Cg * sizeof(floating*))
         arow = <const floating**>malloc(CE_MR * sizeof(floating*))
+        offs = <Py_ssize_t*>malloc((nvec + 1) * sizeof(Py_ssize_t))
         for task in prange(units * msplit, schedule='static'):
-            if tile == NULL or bpack == NULL or brow == NULL or arow == NULL:
+            if tile == NULL or bpack == NULL or brow == NULL or arow == NULL or offs == NULL:
                 flag_failure(&failed)
                 continue
             u = task // msplit
@@ -393,6 +406,33 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
             g = (u // nblocks) % p.G
             nb = u % nblocks
             xb = x + (b * p.C + g * Cg) * P
+            if floating is float:
+                if rows_tiles:
+                    # the plane's vectors in tiles of CE_NV, then one by one; vector v at offset v*VL of every
+                    # input plane and output plane
+                    for v in range(nvec):
+                        offs[v] = v * VL
+                    for c in range(Cg):
+                        brow[c] = xb + c * P
+                    for jp in range(nfull + nvec - nfull * CE_NV):
+                        v = jp * CE_NV if jp < nfull else nfull * CE_NV + jp - nfull
+                        for ip in range(ms * mchunk, min(mpanels, (ms + 1) * mchunk)):
+                            k = ip * CE_MR
+                            dst = y + (b * p.K + g * Kg + k) * P
+                            k0 = 0
+                            while k0 < Cg:
+                                kc = min(KC, Cg - k0)
+                                last = e if k0 + kc == Cg else NULL
+                                if jp < nfull:
+                                    ukernel_rows_f(kc, apack + g * Mpad * Cg + k0 * Mpad + ip * CE_MR * kc,
+                                                   brow + k0, offs + v, dst, offs + v, P, min(CE_MR, Kg - k),
+                                                   k0 > 0, last, g * Kg + k, <wide_tile*>NULL)
+                                else:
+                                    ukernel_rows_f(kc, apack + g * Mpad * Cg + k0 * Mpad + ip * CE_MR * kc,
+                                                   brow + k0, offs + v, dst, offs + v, P, min(CE_MR, Kg - k),
+                                                   k0 > 0, last, g * Kg + k, <single_tile*>NULL)
+                                k0 = k0 + kc
+                    continue
             if copied:
                 qb = nb * BLOCK_TILES * NR
                 ncb = min(P - qb, BLOCK_TILES * NR)
@@ -433,6 +473,7 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
         free(bpack)
         free(brow)
         free(arow)
+        free(offs)
         fp_leave(fp)
     fp_resume(fps)
     return -failed
