@@ -794,10 +794,12 @@ DW_SMALL_CASES = [
 DW_SMALL_IDS = [f"{x}-s{s}" for x, s, _ in DW_SMALL_CASES]
 
 
-# The float32 direct path's row-vector kernel (OW or OH*OW a multiple of 16, conv_forward.pxi ukernel_rows_f)
-# applies the epilogue from registers with its last k block: each epilogue, with and without bias, against the
-# reference, with a partial channel panel and one-vector tails, on one k block and on two (32 input channels: 288 >
-# KC rows; a 1x1 kernel with padding, not the pointwise path, over 300 input channels).
+# The float32 direct path's row-vector kernel (OW or OH*OW a multiple of 16, or planes that fill 7/8 of their
+# vectors; conv_forward.pxi ukernel_rows_f) applies the epilogue from registers with its last k block: each
+# epilogue, with and without bias, against the reference, with a partial channel panel and one-vector tails, on one
+# k block and on two (32 input channels: 288 > KC rows; a 1x1 kernel with padding, not the pointwise path, over 300
+# input channels), and on planes whose last vector is partial (10x10, 14x14 and 11x11 outputs: blocks of whole
+# images, the last vector's pixels only written, also when a second k block adds to them).
 ROWS_CASES = [
     ((3, 8, 7, 16), (20, 8, 3, 3)),
     ((2, 32, 5, 32), (24, 32, 3, 3)),
@@ -805,6 +807,9 @@ ROWS_CASES = [
     ((3, 16, 8, 8), (40, 16, 3, 3)),      # shifted rows (8-pixel rows, 64-pixel planes)
     ((2, 32, 4, 4), (24, 32, 3, 3)),
     ((1, 300, 14, 14), (24, 300, 1, 1)),  # 16-pixel rows, KC = 150
+    ((3, 6, 10, 10), (16, 6, 3, 3)),      # partial last vectors: 100-pixel planes
+    ((2, 32, 14, 14), (20, 32, 3, 3)),    # 196-pixel planes, two k blocks
+    ((5, 6, 11, 11), (24, 6, 3, 3)),      # 121-pixel planes: one pixel in the last vector
 ]
 
 

@@ -11,10 +11,13 @@ ctypedef fused rows_width:
 
 
 cdef void ukernel_rows_f(Py_ssize_t kc, const float* apanel, const float** brow, const Py_ssize_t* boff,
-                         float* c, const Py_ssize_t* coff, Py_ssize_t ldc, Py_ssize_t mrows, bint accumulate,
-                         const Epilogue* e, Py_ssize_t k0, rows_width* width) noexcept nogil:
+                         float* c, const Py_ssize_t* coff, const Py_ssize_t* lanes, Py_ssize_t ldc,
+                         Py_ssize_t mrows, bint accumulate, const Epilogue* e, Py_ssize_t k0,
+                         rows_width* width) noexcept nogil:
     """c[i*ldc + coff[j] : +VL] (+)= sum over p < kc of apanel[p*MR + i] * (brow[p] + boff[j])[0:VL], for rows
     i < mrows and the tile's vectors j; then, where e is not NULL, the epilogue of channel k0 + i from registers.
+    lanes: NULL, or the lanes of each vector that are output pixels (VL but for the last vector of a plane that
+    does not end on a whole vector): only those are read and written in c.
 
     ukernel_f with each B vector (and its C vector) at its own offset: vector j of the tile is VL output pixels of
     one output row wherever that row lies (another row, another image), so a tile never computes the padded
@@ -25,7 +28,9 @@ cdef void ukernel_rows_f(Py_ssize_t kc, const float* apanel, const float** brow,
     cdef vfloat v
     cdef vfloat* dst
     cdef Py_ssize_t bo[CE_NV]
+    cdef Py_ssize_t ln[CE_NV]
     cdef Py_ssize_t i, j, p
+    cdef Py_ssize_t VL = CE_VBYTES // sizeof(float)
     cdef float bval, sc, sh
     cdef int nv
     if rows_width is wide_tile:
@@ -34,6 +39,7 @@ cdef void ukernel_rows_f(Py_ssize_t kc, const float* apanel, const float** brow,
         nv = 1
     for j in range(nv):
         bo[j] = boff[j]
+        ln[j] = VL if lanes == NULL else lanes[j]
     for i in range(CE_MR):
         for j in range(nv):
             acc[i][j] = ce_vf_zero()
@@ -54,14 +60,20 @@ cdef void ukernel_rows_f(Py_ssize_t kc, const float* apanel, const float** brow,
                 dst = <vfloat*>(c + i * ldc + coff[j])
                 v = acc[i][j]
                 if accumulate:
-                    v = dst[0] + v
+                    if ln[j] == VL:
+                        v = dst[0] + v
+                    else:
+                        v = ce_vf_load_first(<float*>dst, ln[j]) + v
                 if e != NULL:
                     v = v + bval
                     if e.relu:
                         v = ce_vf_relu(v)
                     if e.scale != NULL:
                         v = v * sc + sh
-                dst[0] = v
+                if ln[j] == VL:
+                    dst[0] = v
+                else:
+                    ce_vf_store_first(<float*>dst, v, ln[j])
 
 
 cdef inline Py_ssize_t balanced_rows(const ConvGeom* p, Py_ssize_t R, int n_threads) noexcept nogil:
@@ -73,7 +85,9 @@ cdef inline Py_ssize_t balanced_rows(const ConvGeom* p, Py_ssize_t R, int n_thre
     cdef Py_ssize_t step = 1, Rt, best = R, cost, best_cost
     if n_threads <= 1:
         return R
-    while (step * p.OW) % VL != 0:
+    if rows_partial(p):
+        step = p.OH
+    while (step * p.OW) % VL != 0 and not rows_partial(p):
         step = step + 1
     best_cost = ((rows + R - 1) // R + n_threads - 1) // n_threads * R
     Rt = R - step
@@ -92,7 +106,10 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
     columns being output pixels only. A block is R consecutive output rows of the batch (row b*OH + oh), across
     images; it copies the zero-padded input rows each of its images needs into segments of the same layout, and
     tile vector j is VL pixels of one output row, read from the segment at each tap's offset (ukernel_rows_f) and
-    written straight into y, the epilogue applied from registers with the last k block.
+    written straight into y, the epilogue applied from registers with the last k block. Where rows are shifted
+    copies (rows_shifted) a vector runs on across output rows; where a plane does not end on a whole vector
+    (rows_partial: LeNet-5's 10x10), blocks are whole images and each plane's last vector has only its pixels
+    read and written (its other lanes compute on what follows in the segment, or on its zeroed slack).
 
     The same k blocks of the same packed weights, each element the same sum in the same order as
     conv2d_forward_direct: the same bits. What it saves (Zen 4, 1 thread, batch 64): the padded columns (16 of 18
@@ -111,9 +128,13 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
     cdef Py_ssize_t nblk = (p.B * p.OH + R - 1) // R
     cdef Py_ssize_t rows_in = min(R, p.OH) + (p.KH - 1) * p.dh
     cdef Py_ssize_t seglen = Cg * rows_copies(p) * rows_in * Wr
-    # images a block of R rows touches: R // OH + 2 at most
+    # images a block of R rows touches: R // OH + 2 at most; each segment followed by VL zeros that a plane's last,
+    # partial vector may read past the last copy
     cdef Py_ssize_t nseg = min(p.B, R // p.OH + 2)
-    cdef Py_ssize_t maxvec = R * p.OW // VL
+    cdef Py_ssize_t segstride = seglen + VL
+    cdef Py_ssize_t maxvec = R * p.OW // VL + nseg
+    cdef Py_ssize_t npix, zs
+    cdef Py_ssize_t* lanes
     cdef Py_ssize_t msplit = min(n_threads, channel_blocks(p.G * nblk, mpanels, n_threads))
     cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
     cdef Py_ssize_t task, u, g, rb, r0, r1, b, s, nvec, nfull, v, jp, ip, ip0, ip1, k0, kc, kk, q, seg_r0, seg_r1
@@ -127,14 +148,18 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
-        xblk = <float*>malloc(nseg * seglen * sizeof(float))
-        boffs = <Py_ssize_t*>malloc(2 * maxvec * sizeof(Py_ssize_t))
+        xblk = <float*>malloc(nseg * segstride * sizeof(float))
+        boffs = <Py_ssize_t*>malloc(3 * maxvec * sizeof(Py_ssize_t))
         brow = <const float**>malloc(Kd * sizeof(float*))
+        if xblk != NULL:
+            for zs in range(nseg):
+                memset(xblk + zs * segstride + seglen, 0, VL * sizeof(float))
         for task in prange(p.G * nblk * msplit, schedule='static'):
             if xblk == NULL or boffs == NULL or brow == NULL:
                 flag_failure(&failed)
                 continue
             coffs = boffs + maxvec
+            lanes = boffs + 2 * maxvec
             u = task // msplit
             ip0 = (task - u * msplit) * mchunk
             ip1 = min(mpanels, ip0 + mchunk)
@@ -154,14 +179,16 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
                 seg_r1 = min(r1 - b * p.OH, p.OH)
                 if shifted:
                     fill_shifted_rows(x, p, b, g, seg_r0, seg_r1 - seg_r0 + (p.KH - 1) * p.dh, rows_in,
-                                      xblk + s * seglen)
+                                      xblk + s * segstride)
                 else:
                     fill_padded_rows(x, p, b, g, seg_r0, seg_r1 - seg_r0 + (p.KH - 1) * p.dh, rows_in,
-                                     xblk + s * seglen)
-                for v in range((seg_r1 - seg_r0) * p.OW // VL):
+                                     xblk + s * segstride)
+                npix = (seg_r1 - seg_r0) * p.OW
+                for v in range((npix + VL - 1) // VL):
                     q = v * VL
-                    boffs[nvec] = s * seglen + (q // p.OW) * Wr + q % p.OW
+                    boffs[nvec] = s * segstride + (q // p.OW) * Wr + q % p.OW
                     coffs[nvec] = b * p.K * P + seg_r0 * p.OW + q
+                    lanes[nvec] = min(VL, npix - q)
                     nvec = nvec + 1
                 s = s + 1
                 b = b + 1
@@ -181,13 +208,13 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
                     for ip in range(ip0, ip1):
                         kk = g * Kg + ip * CE_MR
                         ukernel_rows_f(kc, apack + g * Mpad * Kd + k0 * Mpad + ip * CE_MR * kc, brow + k0,
-                                       boffs + jp * CE_NV, y + kk * P, coffs + jp * CE_NV, P,
+                                       boffs + jp * CE_NV, y + kk * P, coffs + jp * CE_NV, lanes + jp * CE_NV, P,
                                        min(CE_MR, Kg - ip * CE_MR), k0 > 0, last, kk, <wide_tile*>NULL)
                 for v in range(nfull * CE_NV, nvec):
                     for ip in range(ip0, ip1):
                         kk = g * Kg + ip * CE_MR
                         ukernel_rows_f(kc, apack + g * Mpad * Kd + k0 * Mpad + ip * CE_MR * kc, brow + k0,
-                                       boffs + v, y + kk * P, coffs + v, P,
+                                       boffs + v, y + kk * P, coffs + v, lanes + v, P,
                                        min(CE_MR, Kg - ip * CE_MR), k0 > 0, last, kk, <single_tile*>NULL)
                 k0 = k0 + kc
         free(xblk)
@@ -425,11 +452,11 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
                                 last = e if k0 + kc == Cg else NULL
                                 if jp < nfull:
                                     ukernel_rows_f(kc, apack + g * Mpad * Cg + k0 * Mpad + ip * CE_MR * kc,
-                                                   brow + k0, offs + v, dst, offs + v, P, min(CE_MR, Kg - k),
+                                                   brow + k0, offs + v, dst, offs + v, NULL, P, min(CE_MR, Kg - k),
                                                    k0 > 0, last, g * Kg + k, <wide_tile*>NULL)
                                 else:
                                     ukernel_rows_f(kc, apack + g * Mpad * Cg + k0 * Mpad + ip * CE_MR * kc,
-                                                   brow + k0, offs + v, dst, offs + v, P, min(CE_MR, Kg - k),
+                                                   brow + k0, offs + v, dst, offs + v, NULL, P, min(CE_MR, Kg - k),
                                                    k0 > 0, last, g * Kg + k, <single_tile*>NULL)
                                 k0 = k0 + kc
                     continue

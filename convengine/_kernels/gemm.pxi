@@ -20,6 +20,7 @@ cdef extern from "simd.h":
     ctypedef double vdouble "ce_vd"
     vfloat ce_vf_zero() nogil
     vfloat ce_vf_load_first(const float* p, long n) nogil
+    void ce_vf_store_first(float* p, vfloat v, long n) nogil
     vfloat ce_vf_load_reg(const float* p) nogil
     void ce_vf_hsum_np(const vfloat* v, float* out) nogil
     enum: CE_GI_NP

@@ -144,15 +144,23 @@ static inline void ce_copy_rows(float* dst, long ld_dst, const float* src, long 
 }
 #endif
 
-/* The first n < VL floats at p in a vector, the other lanes zero; nothing past p[n - 1] is read. */
+/* The first n < VL floats at p in a vector, the other lanes zero; nothing past p[n - 1] is read. And its twin
+   that stores the first n lanes of v at p, nothing past p[n - 1] written. */
 #if defined(__AVX512F__)
 static inline ce_vf ce_vf_load_first(const float* p, long n) {
     return (ce_vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+}
+static inline void ce_vf_store_first(float* p, ce_vf v, long n) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)v);
 }
 #elif defined(__AVX2__)
 static inline ce_vf ce_vf_load_first(const float* p, long n) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return (ce_vf)_mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane));
+}
+static inline void ce_vf_store_first(float* p, ce_vf v, long n) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane), (__m256)v);
 }
 #else
 static inline ce_vf ce_vf_load_first(const float* p, long n) {
@@ -160,6 +168,10 @@ static inline ce_vf ce_vf_load_first(const float* p, long n) {
     long i;
     for (i = 0; i < n; i++) v[i] = p[i];
     return v;
+}
+static inline void ce_vf_store_first(float* p, ce_vf v, long n) {
+    long i;
+    for (i = 0; i < n; i++) p[i] = v[i];
 }
 #endif
 
