@@ -602,21 +602,36 @@ class _Plan:
                 self.shapes.append(tuple(step.output_shape(self.shapes[-1])))
             except ValueError as e:            # (message, the shapes so far): FrozenModel names the layer
                 raise ValueError(str(e), list(self.shapes)) from e
-        # ping-pong between two buffers: each step that computes writes into the one its input is not in
+        # buffers in turn (_Arena): each step that computes writes into one its input is not in
         self.largest = max(math.prod(s) for s in self.shapes[1:])
 
 
 _IN_PLACE = object()      # an arena's mark for a step that writes over its input
 
 
+def _buffer_count(n):
+    """Activation buffers of a call of n samples: two, in turn; three at batch 1, whose split programs cut each
+    step into channel slices: there a channelwise step after a dense one writes into a buffer that neither has
+    touched, so that its slices continue the dense step's in the same stage instead of waiting for all of them
+    (a wait per pool, depthwise conv or global average pool: the CIFAR-shaped net's split program has 4 stages
+    instead of 6)."""
+    return 3 if n == 1 else 2
+
+
+def _operand(where):
+    """frozen.pxi's operand number of activation buffer `where` (0, 1, 2)."""
+    return (1, 2, 4)[where]
+
+
 class _Arena:
-    """The two activation buffers of one call of a (per-sample shape, batch size), and each step's output in
-    them, worked out once: None for a step that returns a view, _IN_PLACE for one that writes over its input.
-    `program`: the steps compiled into one loop over these buffers (_kernels/frozen.pxi), or None where a step
-    cannot be (a layer run through its own forward); `result`: the final output's view of its buffer."""
+    """The activation buffers of one call of a (per-sample shape, batch size) (_buffer_count), and each step's
+    output in them, worked out once: None for a step that returns a view, _IN_PLACE for one that writes over its
+    input. `program`: the steps compiled into one loop over these buffers (_kernels/frozen.pxi), or None where a
+    step cannot be (a layer run through its own forward); `result`: the final output's view of its buffer."""
 
     def __init__(self, steps, plan, n, dtype):
-        self.buffers = [np.empty(n * plan.largest, dtype), np.empty(n * plan.largest, dtype)]
+        count = _buffer_count(n)
+        self.buffers = [np.empty(n * plan.largest, dtype) for _ in range(count)]
         self.outs = []
         self.written = []                     # per step: the buffer its output is in (None: the caller's x)
         where = None                          # which buffer the current activation is in (None: the caller's x)
@@ -626,7 +641,7 @@ class _Arena:
             elif step.in_place and where is not None:
                 self.outs.append(_IN_PLACE)
             else:
-                where = 0 if where != 0 else 1
+                where = 0 if where is None else (where + 1) % count
                 self.outs.append(self.buffers[where][:n * math.prod(shape)].reshape((n,) + shape))
             self.written.append(where)
         self.holds_result = where is not None
@@ -652,11 +667,11 @@ class _Arena:
         program = _engine.Program(np.dtype(dtype) == np.float64, n * math.prod(plan.shapes[0]), self.buffers)
         parts = self._split_parts()
         work = []                             # (step, prepared, per-sample input shape, src, dst) of each kernel step
-        operand = 0                           # 0: the caller's x; 1, 2: buffers[0], buffers[1]
+        operand = 0                           # 0: the caller's x; 1, 2, 4: buffers[0], [1], [2] (_operand)
         for step, prepared, shape, out, where in zip(steps, plan.prepared, plan.shapes, self.outs, self.written):
             if out is not None:
-                work.append((step, prepared, shape, operand, where + 1))
-                operand = where + 1
+                work.append((step, prepared, shape, operand, _operand(where)))
+                operand = _operand(where)
         per = self._images_per_slice(parts)
         if parts == 1 and per >= n:
             if not all(step.compile(program, prepared, shape, n, src, dst) for step, prepared, shape, src, dst in work):
@@ -826,8 +841,8 @@ class FrozenModel:
     __call__ = predict
 
     def memory_bytes(self, batch_size, input_shape=None):
-        """Bytes this plan holds for one call of batch_size samples: the weights it keeps plus the two activation
-        buffers a call uses (each concurrent call has its own pair)."""
+        """Bytes this plan holds for one call of batch_size samples: the weights it keeps plus the activation
+        buffers a call uses (two, three at batch 1; each concurrent call has its own)."""
         batch_size = _args.check_int(batch_size, "batch_size", 1)
         shape = tuple(input_shape) if input_shape is not None else self.input_shape
         if shape is None and len(self._plans) == 1:
@@ -836,4 +851,4 @@ class FrozenModel:
             raise ValueError("the input shape is unknown: pass input_shape")
         plan = self.plan_for(tuple(shape))
         weights = sum(a.nbytes for step in self.steps for a in vars(step).values() if isinstance(a, np.ndarray))
-        return weights + 2 * batch_size * plan.largest * np.dtype(self.dtype).itemsize
+        return weights + _buffer_count(batch_size) * batch_size * plan.largest * np.dtype(self.dtype).itemsize

@@ -506,6 +506,29 @@ def test_buffers_are_reused_and_reported(rng):
     largest = 16 * 32 * 32                          # the first conv's output per image
     weights = sum(p.data.nbytes for p in cifar_net().parameters()) - 2 * 4 * (16 + 32 + 64)   # BN folded away
     assert frozen.memory_bytes(8) == weights + 2 * 8 * largest * 4
+    # batch 1 keeps a third buffer (frozen._buffer_count), counted too
+    frozen(x[:1])
+    (single,) = frozen._arenas[((3, 32, 32), 1)]
+    assert len(single.buffers) == 3 and frozen.memory_bytes(1) == weights + sum(b.nbytes for b in single.buffers)
+
+
+def test_batch_one_split_programs_continue_channelwise_steps_in_the_stage_before(rng, monkeypatch):
+    """At batch 1 a split program cuts steps into channel slices; with three buffers a pool, depthwise conv or
+    global average pool after a dense conv writes into one that neither has touched, so its slices continue the
+    conv's in one stage (no wait between them): the bench's CIFAR-shaped net is one stage per dense conv and one
+    for its linear, with the bits of one thread."""
+    from convengine.bench import inference
+    monkeypatch.setattr(frozen_module, "_SPLIT_MODE", "on")
+    convengine.manual_seed(3)
+    model = randomise_batch_norms(convengine.Sequential(inference.cifar_net(), input_shape=(3, 32, 32)), rng)
+    frozen = model.freeze()
+    x = randn(rng, (1, 3, 32, 32), np.float32)
+    convengine.set_num_threads(1)
+    want = frozen(x)
+    convengine.set_num_threads(2)
+    assert_bitwise_equal(frozen(x), want, "2 threads")
+    program = frozen._arenas[((3, 32, 32), 1)][0].compiled()
+    assert program.stages() == 4 and program.slices() == 7
 
 
 def test_frozen_input_errors_name_the_problem(rng):

@@ -12,9 +12,9 @@
 # On one thread a large batch may also run in slices of images (frozen.py's _SLICE_BYTES): ops placed at offsets
 # into the operands and run in order by run_ops.
 #
-# Operands are numbered: 0 the call's input, 1 and 2 the arena's two activation buffers (frozen.py's _Arena), 3 a
-# program's own output array where it has one; an op reads and writes at its offsets into them (a slice's part; 0
-# for whole steps).
+# Operands are numbered: 0 the call's input, 1 and 2 the arena's first two activation buffers (frozen.py's
+# _Arena), 3 a program's own output array where it has one, 4 the arena's third buffer where it has one (batch 1);
+# an op reads and writes at its offsets into them (a slice's part; 0 for whole steps).
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_C_CONTIGUOUS
 from libc.stdlib cimport realloc
@@ -86,7 +86,7 @@ cdef class Program:
     cdef int n_ops, capacity
     cdef bint is_double
     cdef Py_ssize_t input_size
-    cdef void* operands[4]
+    cdef void* operands[5]
     cdef public object result      # operand 3, where a program of image slices leaves its output (else None)
     cdef list keep
     cdef public int split          # > 1: a split program (run_split) on this many threads
@@ -105,6 +105,7 @@ cdef class Program:
         self.operands[1] = <void*>_address(buffers[0])
         self.operands[2] = <void*>_address(buffers[1])
         self.operands[3] = NULL
+        self.operands[4] = <void*>_address(buffers[2]) if len(buffers) > 2 else NULL
         self.result = None
         self.ops = NULL
         self.n_ops = self.capacity = 0
