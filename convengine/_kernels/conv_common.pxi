@@ -160,14 +160,14 @@ cdef void fill_shifted_rows(const float* x, const ConvGeom* p, Py_ssize_t b, Py_
 cdef inline void tap_rows(const ConvGeom* p, const floating* xblk, Py_ssize_t rows_in,
                           const floating** table) noexcept nogil:
     """table[r] = start of tap r = (c, kh, kw) in a padded row block: xblk + (c*rows_in + kh*dh)*Wp + kw*dw."""
-    cdef Py_ssize_t Kd = (p.C // p.G) * p.KH * p.KW
     cdef Py_ssize_t Wp = padded_width(p)
-    cdef Py_ssize_t r, c, kh, kw
-    for r in range(Kd):
-        c = r // (p.KH * p.KW)
-        kh = (r // p.KW) % p.KH
-        kw = r % p.KW
-        table[r] = xblk + (c * rows_in + kh * p.dh) * Wp + kw * p.dw
+    cdef Py_ssize_t r = 0, c, kh, kw
+    # nested loops, not r // (KH*KW) etc.: four 64-bit divisions per tap were 5-10% of a batch-1 3x3 conv
+    for c in range(p.C // p.G):
+        for kh in range(p.KH):
+            for kw in range(p.KW):
+                table[r] = xblk + (c * rows_in + kh * p.dh) * Wp + kw * p.dw
+                r = r + 1
 
 
 cdef inline Py_ssize_t window_width(const ConvGeom* p) noexcept nogil:

@@ -76,6 +76,18 @@ cdef void ukernel_rows_f(Py_ssize_t kc, const float* apanel, const float** brow,
                     ce_vf_store_first(<float*>dst, v, ln[j])
 
 
+cdef void shifted_tap_rows(const ConvGeom* p, const float* xblk, Py_ssize_t rows_in,
+                           const float** table) noexcept nogil:
+    """table[r] = start of tap r = (c, kh, kw) in a block of shifted row copies (fill_shifted_rows):
+    xblk + ((c*KW + kw)*rows_in + kh*dh)*OW (tap_rows' twin; nested loops, no divisions)."""
+    cdef Py_ssize_t r = 0, c, kh, kw
+    for c in range(p.C // p.G):
+        for kh in range(p.KH):
+            for kw in range(p.KW):
+                table[r] = xblk + ((c * p.KW + kw) * rows_in + kh * p.dh) * p.OW
+                r = r + 1
+
+
 cdef inline Py_ssize_t balanced_rows(const ConvGeom* p, Py_ssize_t R, int n_threads) noexcept nogil:
     """Rows per block of the row-vector direct kernel for n_threads: from R down to R/2 in whole-vector steps, the
     size whose blocks load the busiest thread least (64 8x8 images: 11 blocks of 48 rows left one of 2 threads a
@@ -193,10 +205,7 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
                 s = s + 1
                 b = b + 1
             if shifted:
-                for t in range(Kd):
-                    kh = (t // p.KW) % p.KH
-                    kw = t % p.KW
-                    brow[t] = xblk + (((t // (p.KH * p.KW)) * p.KW + kw) * rows_in + kh * p.dh) * p.OW
+                shifted_tap_rows(p, xblk, rows_in, brow)
             else:
                 tap_rows(p, xblk, rows_in, brow)
             nfull = nvec // CE_NV
