@@ -46,6 +46,8 @@ def check_pixels(shape, name):
 
 def check_int(value, name, minimum):
     """An integer (not bool) >= minimum."""
+    if type(value) is int and value >= minimum:       # the common case, without the ABC checks (1 us a call)
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     value = int(value)

@@ -115,6 +115,9 @@ def set_num_threads(n):
 def get_num_threads():
     """The thread count the kernels use: set_num_threads(), else OMP_NUM_THREADS, else the usable cores."""
     global _num_threads
+    n = _num_threads                  # set once, then only replaced whole: read without the lock
+    if n is not None:
+        return n
     with _lock:
         if _num_threads is None:
             _num_threads = _default_threads()
