@@ -264,11 +264,17 @@ class Sequential:
         calls while the model is unchanged: a checksum of every parameter's and buffer's bytes (in-place edits count
         too, as do training steps and load; _kernels/checksum.h) and the layers' configurations decide. Freezing
         costs about as much as a batch-1 forward; the checksum a few microseconds."""
-        arrays = [p.data for p in self.parameters()] + list(self.buffers().values())
+        # one pass over the layers: their arrays, and their settings in attribute order (an attribute deleted and
+        # set again reorders them: a new key, a plan rebuilt, never a stale one). Sorting the settings and naming
+        # the buffers took most of a batch-1 call (LeNet-5: 69 us, 31 of them the frozen plan)
+        arrays, settings = [], []
+        for layer in self.layers:
+            arrays += [p.data for p in layer.parameters()]
+            arrays += layer.buffers().values()
+            settings.append((id(layer), tuple([(k, v) for k, v in vars(layer).items()
+                                               if isinstance(v, Sequential._SETTINGS)])))
         crc = _kernels.engine.checksum([np.ascontiguousarray(a) for a in arrays])
-        key = (crc, tuple((id(a), a.shape, a.dtype.str) for a in arrays),
-               tuple((id(layer), tuple(sorted((k, v) for k, v in vars(layer).items() if isinstance(v, Sequential._SETTINGS))))
-                     for layer in self.layers))
+        key = (crc, tuple([(id(a), a.shape, a.dtype.str) for a in arrays]), tuple(settings))
         cached = self.__dict__.get("_frozen_for_predict")
         if cached is not None and cached[0] == key:
             return cached[1:]
