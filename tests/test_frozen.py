@@ -296,6 +296,13 @@ def test_split_programs_give_the_bits_of_one_thread(dtype, rng, monkeypatch):
             assert np.max(np.abs(want - looped)) <= RTOL[dtype] * (np.max(np.abs(looped)) + 1)
 
 
+def assert_two_threads_give_the_bits_of_one(frozen, x):
+    convengine.set_num_threads(1)
+    want = frozen(x)
+    convengine.set_num_threads(2)
+    assert_bitwise_equal(frozen(x), want, "2 threads")
+
+
 def test_channel_slices_of_a_first_layer_conv_keep_the_whole_convs_path(rng, monkeypatch):
     """At batch 1 a split program cuts a conv into slices of its output channels. A 4-channel 9x9 conv of 24
     output channels takes the first-layer path (smallc), whose sum over its 324 taps is one block; a slice of 16
@@ -309,11 +316,7 @@ def test_channel_slices_of_a_first_layer_conv_keep_the_whole_convs_path(rng, mon
         assert engine.conv2d_paths((1, 4, 32, 32), w_shape, params, 4)["forward"] == path
     model = convengine.Sequential([conv, ReLU(), GlobalAvgPool2d(), Linear(24, 10)], input_shape=(4, 32, 32))
     frozen = model.freeze()
-    x = randn(rng, (1, 4, 32, 32), np.float32)
-    convengine.set_num_threads(1)
-    want = frozen(x)
-    convengine.set_num_threads(2)
-    assert_bitwise_equal(frozen(x), want, "2 threads")
+    assert_two_threads_give_the_bits_of_one(frozen, randn(rng, (1, 4, 32, 32), np.float32))
     (arena,) = frozen._arenas[((4, 32, 32), 1)]
     assert arena.compiled().slices() > arena.compiled().stages()     # the conv really split
 
@@ -522,11 +525,7 @@ def test_batch_one_split_programs_continue_channelwise_steps_in_the_stage_before
     convengine.manual_seed(3)
     model = randomise_batch_norms(convengine.Sequential(inference.cifar_net(), input_shape=(3, 32, 32)), rng)
     frozen = model.freeze()
-    x = randn(rng, (1, 3, 32, 32), np.float32)
-    convengine.set_num_threads(1)
-    want = frozen(x)
-    convengine.set_num_threads(2)
-    assert_bitwise_equal(frozen(x), want, "2 threads")
+    assert_two_threads_give_the_bits_of_one(frozen, randn(rng, (1, 3, 32, 32), np.float32))
     program = frozen._arenas[((3, 32, 32), 1)][0].compiled()
     assert program.stages() == 4 and program.slices() == 7
 
