@@ -150,7 +150,6 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
     cdef Py_ssize_t msplit = min(n_threads, channel_blocks(p.G * nblk, mpanels, n_threads))
     cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
     cdef Py_ssize_t task, u, g, rb, r0, r1, b, s, nvec, nfull, v, jp, ip, ip0, ip1, k0, kc, kk, q, seg_r0, seg_r1
-    cdef Py_ssize_t kh, kw, t
     cdef const Epilogue* last
     cdef float* xblk
     cdef Py_ssize_t* boffs
