@@ -293,7 +293,7 @@ cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* parti
     cdef Py_ssize_t taps = p.KH * p.KW
     cdef Py_ssize_t Kd = p.C * taps
     cdef Py_ssize_t per = (p.B + nchunks - 1) // nchunks
-    cdef Py_ssize_t chunk, b, b0, b1, c, kh, kw, kb, i, j, ih, oh, r, lane
+    cdef Py_ssize_t chunk, b, b0, b1, c, kh, kw, kb, i, r, lane
     cdef float* buf
     cdef float* xp
     cdef float* dyp
@@ -316,21 +316,17 @@ cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* parti
             dyp = xp + p.C * Hx * Wx
             vacc = dyp + Kpad * p.OH * OWp
             memset(vacc, 0, Kpad * Kd * VL * sizeof(float))
-            memset(xp, 0, p.C * Hx * Wx * sizeof(float))
-            memset(dyp, 0, Kpad * p.OH * OWp * sizeof(float))
+            memset(dyp, 0, Kpad * p.OH * OWp * sizeof(float))       # the channels past K stay zero
             b0 = chunk * per
             b1 = min(p.B, b0 + per)
             for b in range(b0, b1):
                 # the image's rows at offset (pt, pl) in zero rows of width Wx; dY rows padded to OWp
                 for c in range(p.C):
-                    for ih in range(p.H):
-                        if 0 <= ih + p.pt < Hx:
-                            memcpy(xp + (c * Hx + ih + p.pt) * Wx + p.pl, x + ((b * p.C + c) * p.H + ih) * p.W,
-                                   min(p.W, Wx - p.pl) * sizeof(float))
+                    copy_plane_rows(x + (b * p.C + c) * p.H * p.W, p, -p.pt, Hx, xp + c * Hx * Wx, Wx, Wx, p.pl,
+                                    p.pl, p.pl + min(p.W, Wx - p.pl))
                 for i in range(p.K):
-                    for oh in range(p.OH):
-                        memcpy(dyp + (i * p.OH + oh) * OWp, dy + ((b * p.K + i) * p.OH + oh) * p.OW,
-                               p.OW * sizeof(float))
+                    ce_copy_rows(dyp + i * p.OH * OWp, OWp, dy + (b * p.K + i) * p.OH * p.OW, p.OW, p.OH, OWp, 0,
+                                 p.OW)
                 for kb in range(Kpad // CE_MR):
                     for c in range(p.C):
                         for kh in range(p.KH):

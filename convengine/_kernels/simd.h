@@ -96,14 +96,16 @@ static inline void ce_vf_hsum_np(const ce_vf* v, float* out) {
    calls for plain copy loops) took 4-9% of a 3x3 conv's forward on 8- to 32-float rows (Zen 4, 64x64x8x8 -> 128,
    64x32x16x16 -> 64), most of it the calls' fixed cost. */
 #if defined(__AVX512F__)
+/* The mask of a vector's first n lanes (0 <= n <= VL). */
+static inline __mmask16 ce_mask_first(long n) { return (__mmask16)((1u << n) - 1u); }
 static inline void ce_copy_rows(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n,
                                 long lo, long hi) {
     long o, a, b, r;
     for (o = 0; o < n; o += 16) {
         a = lo - o < 0 ? 0 : (lo - o > 16 ? 16 : lo - o);
         b = hi - o < 0 ? 0 : (hi - o > 16 ? 16 : hi - o);
-        __mmask16 live = (__mmask16)(((1u << b) - 1u) & ~((1u << a) - 1u));
-        __mmask16 keep = (__mmask16)(n - o >= 16 ? 0xFFFFu : (1u << (n - o)) - 1u);
+        __mmask16 live = (__mmask16)(ce_mask_first(b) & ~ce_mask_first(a));
+        __mmask16 keep = ce_mask_first(n - o > 16 ? 16 : n - o);
         if (live == 0) {
             for (r = 0; r < nrows; r++)
                 _mm512_mask_storeu_ps(dst + r * ld_dst + o, keep, _mm512_setzero_ps());
@@ -115,18 +117,19 @@ static inline void ce_copy_rows(float* dst, long ld_dst, const float* src, long 
 }
 #elif defined(__AVX2__)
 #include <immintrin.h>
+/* The mask of a vector's first n lanes (0 <= n <= VL). */
+static inline __m256i ce_mask_first(long n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
 static inline void ce_copy_rows(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n,
                                 long lo, long hi) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    long o, a, b, m, r;
+    long o, a, b, r;
     for (o = 0; o < n; o += 8) {
         a = lo - o < 0 ? 0 : (lo - o > 8 ? 8 : lo - o);
         b = hi - o < 0 ? 0 : (hi - o > 8 ? 8 : hi - o);
-        m = n - o > 8 ? 8 : n - o;
-        /* lanes a <= i < b are read, lanes i < m written */
-        __m256i live = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)a), lane),
-                                           _mm256_cmpgt_epi32(_mm256_set1_epi32((int)b), lane));
-        __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)m), lane);
+        /* lanes a <= i < b are read, the first n - o written */
+        __m256i live = _mm256_andnot_si256(ce_mask_first(a), ce_mask_first(b));
+        __m256i keep = ce_mask_first(n - o > 8 ? 8 : n - o);
         for (r = 0; r < nrows; r++)
             _mm256_maskstore_ps(dst + r * ld_dst + o, keep,
                                 a < b ? _mm256_maskload_ps(src + r * ld_src + o, live) : _mm256_setzero_ps());
@@ -148,19 +151,17 @@ static inline void ce_copy_rows(float* dst, long ld_dst, const float* src, long 
    that stores the first n lanes of v at p, nothing past p[n - 1] written. */
 #if defined(__AVX512F__)
 static inline ce_vf ce_vf_load_first(const float* p, long n) {
-    return (ce_vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+    return (ce_vf)_mm512_maskz_loadu_ps(ce_mask_first(n), p);
 }
 static inline void ce_vf_store_first(float* p, ce_vf v, long n) {
-    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)v);
+    _mm512_mask_storeu_ps(p, ce_mask_first(n), (__m512)v);
 }
 #elif defined(__AVX2__)
 static inline ce_vf ce_vf_load_first(const float* p, long n) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return (ce_vf)_mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane));
+    return (ce_vf)_mm256_maskload_ps(p, ce_mask_first(n));
 }
 static inline void ce_vf_store_first(float* p, ce_vf v, long n) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane), (__m256)v);
+    _mm256_maskstore_ps(p, ce_mask_first(n), (__m256)v);
 }
 #else
 static inline ce_vf ce_vf_load_first(const float* p, long n) {
