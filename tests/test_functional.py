@@ -835,6 +835,44 @@ def test_direct_row_vector_kernel_epilogues(rng, x_shape, w_shape, bias, relu, a
         assert_close(out, want, f"direct rows {x_shape} relu={relu} affine={affine} threads={n_threads}")
 
 
+STRIDED_ROWS_CASES = [
+    ((3, 16, 32, 32), (24, 16, 3, 3), dict(stride=2, padding=1)),    # 16-pixel output rows, two k blocks
+    ((2, 8, 15, 17), (20, 8, 3, 3), dict(stride=2, padding=1)),      # odd sizes: 8x9 output, edge columns
+    ((2, 8, 17, 16), (16, 8, 3, 3), dict(stride=2)),                 # no padding: the last input row unread
+    ((2, 6, 16, 17), (12, 6, 5, 5), dict(stride=(2, 1), padding=2)),  # row stride only
+    ((2, 6, 16, 33), (12, 6, 3, 3), dict(stride=(1, 2), padding=1)),  # column stride only
+    ((2, 4, 19, 20), (8, 4, 3, 3), dict(stride=2, padding=2, dilation=2)),
+    ((1, 32, 16, 16), (64, 32, 3, 3), dict(stride=2, padding=1)),    # one 8x8 plane, split by channels
+    ((4, 8, 20, 20), (16, 8, 3, 3), dict(stride=2, padding=1)),      # 10x10 planes end in a partial vector
+]
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("x_shape,w_shape,params", STRIDED_ROWS_CASES,
+                         ids=[f"{x}-{w}-{p}" for x, w, p in STRIDED_ROWS_CASES])
+def test_strided_row_vector_kernel(rng, x_shape, w_shape, params, relu):
+    """Strides of 2 on the row-vector kernel (every sw-th column of each row phase copied, fill_shifted_rows):
+    the reference's result with bias and ReLU from registers, the same bits at 1, 2 and 3 threads (blocks and
+    channel splits follow the thread count, balanced_rows), and the same bits again when the second call finds
+    the first one's scratch."""
+    x, w = randn(rng, x_shape, np.float32), randn(rng, w_shape, np.float32)
+    b = randn(rng, w_shape[0], np.float32)
+    assert conv_paths(x, w, params)["forward"] == "direct"
+    want = R.conv2d(x, w, b, **params)
+    if relu:
+        want = R.relu(want)
+    full = dict(dict(stride=1, padding=0, dilation=1, groups=1), **params)
+    geom = _args.conv2d_args(x, w, b, **full)
+    outs = []
+    for n_threads in (1, 2, 3, 2):
+        out = np.full(geom.out_shape, np.nan, np.float32)
+        _engine.conv2d_forward(x, w, b, out, F._conv_params(geom), n_threads, relu, None, None)
+        assert_close(out, want, f"strided rows {x_shape} {params} threads={n_threads}")
+        outs.append(out)
+    for n_threads, out in zip((2, 3, 2), outs[1:]):
+        assert_bitwise_equal(out, outs[0], f"strided rows {x_shape} {params}: {n_threads} threads vs 1")
+
+
 def dw_small_expected(kernel):
     """The path conv2d_paths should report for a whole-plane case in this build."""
     return kernel if convengine.build_info()["simd"] == "avx512" else "depthwise"

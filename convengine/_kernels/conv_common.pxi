@@ -144,17 +144,43 @@ cdef void fill_padded_rows(const floating* x, const ConvGeom* p, Py_ssize_t b, P
 
 cdef void fill_shifted_rows(const float* x, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t oh0,
                             Py_ssize_t nrows_in, Py_ssize_t rows_in, float* xblk) noexcept nogil:
-    """xblk[((c*KW + kw)*rows_in + ri)*OW + ow] = x[b, g*Cg + c, oh0 + ri - pt, ow - pl + kw*dw], zero outside the
-    image: for each kw the input rows shifted by that tap's column, OW wide, so that tap (c, kh, kw) of output
-    pixels q, q+1, ... of a row block is one run, across rows. ri < nrows_in of rows_in rows are filled."""
+    """xblk[(((c*KW + kw)*A + a)*rows_in + ri)*OW + ow] = x[b, g*Cg + c, (oh0 + ri)*sh + a - pt, ow*sw - pl +
+    kw*dw], zero outside the image (A = rows_phases: 1 at stride 1): for each kw (and row phase a) the input rows
+    shifted by that tap's column, OW wide, so that tap (c, kh, kw) of output pixels q, q+1, ... of a row block is
+    one run, across rows. ri < nrows_in of rows_in rows are filled."""
     cdef Py_ssize_t Cg = p.C // p.G
-    cdef Py_ssize_t c, kw, lo, hi
+    cdef Py_ssize_t A = rows_phases(p)
+    cdef Py_ssize_t c, kw, a, lo, hi, off, ih0, r0, r1
+    cdef const float* xc
+    cdef const float* src
+    cdef float* dst
     for c in range(Cg):
+        xc = x + (b * p.C + g * Cg + c) * p.H * p.W
         for kw in range(p.KW):
-            lo = min(p.OW, max(0, p.pl - kw * p.dw))
-            hi = max(lo, min(p.OW, p.W + p.pl - kw * p.dw))
-            copy_plane_rows(x + (b * p.C + g * Cg + c) * p.H * p.W, p, oh0 - p.pt, nrows_in,
-                            xblk + (c * p.KW + kw) * rows_in * p.OW, p.OW, p.OW, p.pl - kw * p.dw, lo, hi)
+            off = kw * p.dw - p.pl
+            if p.sh == 1 and p.sw == 1:
+                lo = min(p.OW, max(0, -off))
+                hi = max(lo, min(p.OW, p.W - off))
+                copy_plane_rows(xc, p, oh0 - p.pt, nrows_in, xblk + (c * p.KW + kw) * rows_in * p.OW, p.OW, p.OW,
+                                -off, lo, hi)
+                continue
+            # output columns ow whose input column ow*sw + off lies in the image: lo <= ow < hi
+            lo = min(p.OW, 0 if off >= 0 else (-off + p.sw - 1) // p.sw)
+            hi = max(lo, min(p.OW, 0 if off >= p.W else (p.W - off + p.sw - 1) // p.sw))
+            for a in range(A):
+                # copy rows ri of input rows ih = ih0 + ri*sh, inside the image for r0 <= ri < r1
+                ih0 = oh0 * p.sh + a - p.pt
+                r0 = min(nrows_in, 0 if ih0 >= 0 else (-ih0 + p.sh - 1) // p.sh)
+                r1 = max(r0, min(nrows_in, 0 if ih0 >= p.H else (p.H - ih0 + p.sh - 1) // p.sh))
+                dst = xblk + ((c * p.KW + kw) * A + a) * rows_in * p.OW
+                ce_copy_rows(dst, p.OW, dst, 0, r0, p.OW, 0, 0)
+                if r1 > r0:
+                    src = xc + (ih0 + r0 * p.sh) * p.W + off
+                    if p.sw == 1:
+                        ce_copy_rows(dst + r0 * p.OW, p.OW, src, p.sh * p.W, r1 - r0, p.OW, lo, hi)
+                    else:  # sw == 2: use_direct_rows takes no larger stride
+                        ce_copy_rows_s2(dst + r0 * p.OW, p.OW, src, p.sh * p.W, r1 - r0, p.OW, lo, hi)
+                ce_copy_rows(dst + r1 * p.OW, p.OW, dst, 0, nrows_in - r1, p.OW, 0, 0)
 
 
 cdef inline void tap_rows(const ConvGeom* p, const floating* xblk, Py_ssize_t rows_in,

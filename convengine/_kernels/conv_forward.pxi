@@ -79,32 +79,63 @@ cdef void ukernel_rows_f(Py_ssize_t kc, const float* apanel, const float** brow,
 cdef void shifted_tap_rows(const ConvGeom* p, const float* xblk, Py_ssize_t rows_in,
                            const float** table) noexcept nogil:
     """table[r] = start of tap r = (c, kh, kw) in a block of shifted row copies (fill_shifted_rows):
-    xblk + ((c*KW + kw)*rows_in + kh*dh)*OW (tap_rows' twin; nested loops, no divisions)."""
-    cdef Py_ssize_t r = 0, c, kh, kw
+    xblk + (((c*KW + kw)*A + a)*rows_in + i)*OW with a, i = (kh*dh) % sh, (kh*dh) // sh and A = rows_phases
+    (tap_rows' twin; nested loops, no division per tap)."""
+    cdef Py_ssize_t r = 0, c, kh, kw, a, i
+    cdef Py_ssize_t A = rows_phases(p)
     for c in range(p.C // p.G):
         for kh in range(p.KH):
+            a = kh * p.dh % p.sh
+            i = kh * p.dh // p.sh
             for kw in range(p.KW):
-                table[r] = xblk + ((c * p.KW + kw) * rows_in + kh * p.dh) * p.OW
+                table[r] = xblk + (((c * p.KW + kw) * A + a) * rows_in + i) * p.OW
                 r = r + 1
 
 
+cdef Py_ssize_t busiest_thread_load(Py_ssize_t rows, Py_ssize_t R, Py_ssize_t G, Py_ssize_t mpanels,
+                                    int n_threads) noexcept nogil:
+    """Output rows x channel panels that the busiest of n_threads computes in conv2d_forward_direct_rows with blocks
+    of R rows (the last one shorter): its G * blocks * msplit tasks handed out as OpenMP's static schedule does
+    (contiguous runs, the first tasks % n_threads threads one task more)."""
+    cdef Py_ssize_t nblk = (rows + R - 1) // R
+    cdef Py_ssize_t msplit = min(n_threads, channel_blocks(G * nblk, mpanels, n_threads))
+    cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
+    cdef Py_ssize_t ntask = G * nblk * msplit
+    cdef Py_ssize_t t, task, u, rb, ip0, load, worst = 0, t0 = 0, cnt
+    for t in range(n_threads):
+        cnt = ntask // n_threads + (1 if t < ntask % n_threads else 0)
+        load = 0
+        for task in range(t0, t0 + cnt):
+            u = task // msplit
+            rb = u % nblk
+            ip0 = (task - u * msplit) * mchunk
+            load = load + max(0, min(mpanels, ip0 + mchunk) - ip0) * (min(rows, (rb + 1) * R) - rb * R)
+        worst = max(worst, load)
+        t0 = t0 + cnt
+    return worst
+
+
 cdef inline Py_ssize_t balanced_rows(const ConvGeom* p, Py_ssize_t R, int n_threads) noexcept nogil:
-    """Rows per block of the row-vector direct kernel for n_threads: from R down to R/2 in whole-vector steps, the
-    size whose blocks load the busiest thread least (64 8x8 images: 11 blocks of 48 rows left one of 2 threads a
-    block more, 0.965x the pixel path; 16 of 32 share evenly). Blocks never change a sum: bits stay the same."""
+    """Rows per block of the row-vector direct kernel for n_threads: from R down in whole-vector steps (to R/2, or
+    to one step when the batch's rows make fewer than two blocks per thread), the size whose tasks load the
+    busiest thread least (busiest_thread_load), the largest such. 64 8x8 images: 11 blocks of 48 rows left one of
+    2 threads a block more, 0.965x the pixel path; 16 of 32 share evenly. One 16x16 image: blocks of 12 and 4 rows
+    gave one thread three quarters of the work, 8 and 8 share it. Blocks never change a sum: bits stay the same."""
     cdef Py_ssize_t VL = vlen(<float>0)
     cdef Py_ssize_t rows = p.B * p.OH
-    cdef Py_ssize_t step = 1, Rt, best = R, cost, best_cost
+    cdef Py_ssize_t mpanels = round_up(p.K // p.G, CE_MR) // CE_MR
+    cdef Py_ssize_t step = 1, Rt, best = R, cost, best_cost, lowest
     if n_threads <= 1:
         return R
     if rows_partial(p):
         step = p.OH
     while (step * p.OW) % VL != 0 and not rows_partial(p):
         step = step + 1
-    best_cost = ((rows + R - 1) // R + n_threads - 1) // n_threads * R
+    lowest = step if rows < 2 * n_threads * R else max(step, (R + 1) // 2)
+    best_cost = busiest_thread_load(rows, R, p.G, mpanels, n_threads)
     Rt = R - step
-    while Rt >= step and 2 * Rt >= R:
-        cost = ((rows + Rt - 1) // Rt + n_threads - 1) // n_threads * Rt
+    while Rt >= lowest:
+        cost = busiest_thread_load(rows, Rt, p.G, mpanels, n_threads)
         if cost < best_cost:
             best = Rt
             best_cost = cost
@@ -138,7 +169,7 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
     cdef Py_ssize_t Wr = rows_len(p)
     cdef Py_ssize_t R = balanced_rows(p, direct_rows_rows(p), n_threads)
     cdef Py_ssize_t nblk = (p.B * p.OH + R - 1) // R
-    cdef Py_ssize_t rows_in = min(R, p.OH) + (p.KH - 1) * p.dh
+    cdef Py_ssize_t rows_in = min(R, p.OH) + rows_reach(p)
     cdef Py_ssize_t seglen = Cg * rows_copies(p) * rows_in * Wr
     # images a block of R rows touches: R // OH + 2 at most; each segment followed by VL zeros that a plane's last,
     # partial vector may read past the last copy
@@ -160,8 +191,12 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
     with parallel(num_threads=n_threads):
         fp = fp_enter()
         xblk = <float*>malloc(nseg * segstride * sizeof(float))
-        boffs = <Py_ssize_t*>malloc(3 * maxvec * sizeof(Py_ssize_t))
+        # boffs[3*maxvec]: the unit whose segments, offsets and taps this thread holds, boffs[3*maxvec + 1] its
+        # vectors (a unit's msplit tasks are consecutive: a thread given several of them copies its rows once)
+        boffs = <Py_ssize_t*>malloc((3 * maxvec + 2) * sizeof(Py_ssize_t))
         brow = <const float**>malloc(Kd * sizeof(float*))
+        if boffs != NULL:
+            boffs[3 * maxvec] = -1
         if xblk != NULL:
             for zs in range(nseg):
                 memset(xblk + zs * segstride + seglen, 0, VL * sizeof(float))
@@ -178,35 +213,39 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
                 continue
             g = u // nblk
             rb = u - g * nblk
-            r0 = rb * R
-            r1 = min(p.B * p.OH, r0 + R)
-            # one segment per image: its rows of the block and the KH-1 around them; vector offsets
-            # vector q // VL of a segment: its pixels q.. in the segment's rows, row-major
-            nvec = 0
-            s = 0
-            b = r0 // p.OH
-            while b * p.OH < r1:
-                seg_r0 = max(r0, b * p.OH) - b * p.OH
-                seg_r1 = min(r1 - b * p.OH, p.OH)
+            if boffs[3 * maxvec] != u:
+                r0 = rb * R
+                r1 = min(p.B * p.OH, r0 + R)
+                # one segment per image: its rows of the block and the KH-1 around them; vector offsets
+                # vector q // VL of a segment: its pixels q.. in the segment's rows, row-major
+                nvec = 0
+                s = 0
+                b = r0 // p.OH
+                while b * p.OH < r1:
+                    seg_r0 = max(r0, b * p.OH) - b * p.OH
+                    seg_r1 = min(r1 - b * p.OH, p.OH)
+                    if shifted:
+                        fill_shifted_rows(x, p, b, g, seg_r0, seg_r1 - seg_r0 + rows_reach(p), rows_in,
+                                          xblk + s * segstride)
+                    else:
+                        fill_padded_rows(x, p, b, g, seg_r0, seg_r1 - seg_r0 + rows_reach(p), rows_in,
+                                         xblk + s * segstride)
+                    npix = (seg_r1 - seg_r0) * p.OW
+                    for v in range((npix + VL - 1) // VL):
+                        q = v * VL
+                        boffs[nvec] = s * segstride + (q // p.OW) * Wr + q % p.OW
+                        coffs[nvec] = b * p.K * P + seg_r0 * p.OW + q
+                        lanes[nvec] = min(VL, npix - q)
+                        nvec = nvec + 1
+                    s = s + 1
+                    b = b + 1
                 if shifted:
-                    fill_shifted_rows(x, p, b, g, seg_r0, seg_r1 - seg_r0 + (p.KH - 1) * p.dh, rows_in,
-                                      xblk + s * segstride)
+                    shifted_tap_rows(p, xblk, rows_in, brow)
                 else:
-                    fill_padded_rows(x, p, b, g, seg_r0, seg_r1 - seg_r0 + (p.KH - 1) * p.dh, rows_in,
-                                     xblk + s * segstride)
-                npix = (seg_r1 - seg_r0) * p.OW
-                for v in range((npix + VL - 1) // VL):
-                    q = v * VL
-                    boffs[nvec] = s * segstride + (q // p.OW) * Wr + q % p.OW
-                    coffs[nvec] = b * p.K * P + seg_r0 * p.OW + q
-                    lanes[nvec] = min(VL, npix - q)
-                    nvec = nvec + 1
-                s = s + 1
-                b = b + 1
-            if shifted:
-                shifted_tap_rows(p, xblk, rows_in, brow)
-            else:
-                tap_rows(p, xblk, rows_in, brow)
+                    tap_rows(p, xblk, rows_in, brow)
+                boffs[3 * maxvec] = u
+                boffs[3 * maxvec + 1] = nvec
+            nvec = boffs[3 * maxvec + 1]
             nfull = nvec // CE_NV
             k0 = 0
             while k0 < Kd:

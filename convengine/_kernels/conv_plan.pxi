@@ -110,8 +110,20 @@ cdef bint use_direct(const ConvGeom* p, Py_ssize_t NR, Py_ssize_t NC) noexcept n
 cdef inline bint rows_shifted(const ConvGeom* p) noexcept nogil:
     """Whether the row-vector direct kernel reads KW column-shifted copies of the input rows (rows of OW, no
     padding columns: a vector may then run on into the next output row) rather than zero-padded rows (whose
-    vectors must each lie within one output row: OW a multiple of VL)."""
-    return p.OW % vlen(<float>0) != 0
+    vectors must each lie within one output row: OW a multiple of VL). Always for strides above 1: the copies
+    then hold every sw-th column, one set per row phase (rows_phases)."""
+    return p.OW % vlen(<float>0) != 0 or p.sh != 1 or p.sw != 1
+
+
+cdef inline Py_ssize_t rows_phases(const ConvGeom* p) noexcept nogil:
+    """Row phases of the shifted copies: tap kh reads input rows oh*sh + kh*dh - pt, that is row oh + (kh*dh)//sh
+    of the copy of rows i*sh + (kh*dh)%sh; one phase at stride 1."""
+    return min(p.sh, (p.KH - 1) * p.dh + 1)
+
+
+cdef inline Py_ssize_t rows_reach(const ConvGeom* p) noexcept nogil:
+    """Copy rows past a block's output rows that its taps read: (KH-1)*dh at stride 1."""
+    return (p.KH - 1) * p.dh // p.sh
 
 
 cdef inline bint rows_partial(const ConvGeom* p) noexcept nogil:
@@ -130,11 +142,11 @@ cdef inline bint use_direct_rows(const ConvGeom* p) noexcept nogil:
     1267."""
     cdef Py_ssize_t VL = vlen(<float>0)
     cdef Py_ssize_t P = p.OH * p.OW
-    if p.sh != 1 or p.sw != 1:
+    if p.sh > 2 or p.sw > 2:
         return False
     if rows_partial(p) and 8 * P < 7 * round_up(P, VL):
         return False
-    return (p.C // p.G) * rows_copies(p) * (min(direct_rows_rows(p), p.OH) + (p.KH - 1) * p.dh) <= (
+    return (p.C // p.G) * rows_copies(p) * (min(direct_rows_rows(p), p.OH) + rows_reach(p)) <= (
         MAX_DIRECT_SCRATCH // rows_len(p))
 
 
@@ -146,8 +158,9 @@ cdef inline bint direct_rows_taken(const ConvGeom* p) noexcept nogil:
 
 
 cdef inline Py_ssize_t rows_copies(const ConvGeom* p) noexcept nogil:
-    """Copies of each input row the row-vector direct kernel keeps: KW shifted ones, or one zero-padded."""
-    return p.KW if rows_shifted(p) else 1
+    """Copies of each input row the row-vector direct kernel keeps: KW shifted ones per row phase, or one
+    zero-padded."""
+    return p.KW * rows_phases(p) if rows_shifted(p) else 1
 
 
 cdef inline Py_ssize_t rows_len(const ConvGeom* p) noexcept nogil:
@@ -526,8 +539,8 @@ cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T)
         # conv2d_forward_direct_rows: per thread a block's segments of input rows, two offsets per vector, the taps
         R = direct_rows_rows(q)
         return (q.G * Mpad * Kd + T * min(q.B, R // q.OH + 2) * (Cg * rows_copies(q) * (
-            min(R, q.OH) + (q.KH - 1) * q.dh) * rows_len(q) + VL)) * isz + T * (
-            3 * (R * q.OW // VL + min(q.B, R // q.OH + 2)) * sizeof(Py_ssize_t) + Kd * ptr)
+            min(R, q.OH) + rows_reach(q)) * rows_len(q) + VL)) * isz + T * (
+            (3 * (R * q.OW // VL + min(q.B, R // q.OH + 2)) + 2) * sizeof(Py_ssize_t) + Kd * ptr)
     if path == PATH_DIRECT:
         Wp = padded_width(q)
         R = direct_rows(q, NC)

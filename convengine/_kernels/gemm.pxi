@@ -30,6 +30,9 @@ cdef extern from "simd.h":
     vdouble ce_vd_zero() nogil
     void ce_copy_rows(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n, long lo,
                       long hi) nogil
+    void ce_prefetch "__builtin_prefetch"(const void* p) nogil
+    void ce_copy_rows_s2(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n, long lo,
+                         long hi) nogil
 
 # Tags selecting the micro-kernel's width at compile time (see ukernel_f).
 cdef struct wide_tile:
