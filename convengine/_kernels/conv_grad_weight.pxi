@@ -360,6 +360,9 @@ cdef void fill_window_rows_hwc(const floating* x, const ConvGeom* p, Py_ssize_t 
         for c in range(Cg):
             src = x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W
             dst = xblk + (ri * Wpad + lo) * Cgpad + c
+            if ri + 2 < nrows and ih + 2 < p.H:
+                ce_prefetch(src + 2 * p.W)
+                ce_prefetch(src + 2 * p.W + n - 1)
             for iw in range(n):
                 dst[iw * Cgpad] = src[iw]
 
