@@ -873,6 +873,39 @@ def test_strided_row_vector_kernel(rng, x_shape, w_shape, params, relu):
         assert_bitwise_equal(out, outs[0], f"strided rows {x_shape} {params}: {n_threads} threads vs 1")
 
 
+PHASE_CASES = [
+    ((3, 16, 32, 32), (24, 16, 3, 3), 1, 1),
+    ((2, 16, 15, 17), (16, 16, 3, 3), 1, 1),   # odd sizes: the phases differ in rows and columns
+    ((2, 16, 16, 16), (16, 16, 3, 3), 0, 1),   # padding 0: the even phases pad below and right only
+    ((2, 16, 17, 16), (12, 16, 5, 5), 2, 1),
+    ((2, 16, 12, 12), (16, 16, 4, 4), 1, 1),   # even kernel: 2x2 taps in every phase
+    ((2, 16, 9, 9), (16, 16, 1, 1), 0, 1),     # 1x1: three phases without taps, zero
+    ((2, 32, 8, 8), (32, 16, 3, 3), 1, 2),     # groups
+    ((1, 16, 3, 2), (16, 16, 3, 3), 1, 1),     # one-pixel phases
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,pad,groups", PHASE_CASES, ids=[str(c) for c in PHASE_CASES])
+def test_stride_two_grad_input_by_phases(rng, x_shape, w_shape, pad, groups):
+    """grad_input of a float32 stride-2 conv as four stride-1 convs, one per parity of the input pixels
+    (conv2d_grad_input_phases): the reference's gradient, and the same bits at 1, 2 and 3 threads."""
+    x, w = randn(rng, x_shape, np.float32), randn(rng, w_shape, np.float32)
+    geom = _args.conv2d_args(x, w, None, stride=2, padding=pad, dilation=1, groups=groups)
+    params = F._conv_params(geom)
+    assert _engine.conv2d_paths(x.shape, w.shape, params, 4)["grad_input"] == "phases"
+    dy = randn(rng, geom.out_shape, np.float32)
+    want = R.conv2d_backward(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), stride=2,
+                             padding=pad, groups=groups)[0].astype(np.float32)
+    outs = []
+    for n_threads in (1, 2, 3):
+        gx = np.full(x_shape, np.nan, np.float32)
+        _engine.conv2d_grad_input(dy, w, gx, params, n_threads)
+        assert_close(gx, want, f"phases {x_shape} {w_shape} pad={pad} threads={n_threads}")
+        outs.append(gx)
+    for n_threads, gx in zip((2, 3), outs[1:]):
+        assert_bitwise_equal(gx, outs[0], f"phases {x_shape} {w_shape}: {n_threads} threads vs 1")
+
+
 def dw_small_expected(kernel):
     """The path conv2d_paths should report for a whole-plane case in this build."""
     return kernel if convengine.build_info()["simd"] == "avx512" else "depthwise"

@@ -388,6 +388,23 @@ cdef bint grad_input_as_conv(const ConvGeom* q, floating dummy) noexcept nogil:
     return path == PATH_PIXELS
 
 
+cdef inline bint use_grad_input_phases(const ConvGeom* p) noexcept nogil:
+    """Whether float32 grad_input goes as four stride-1 convs, one per parity of the input pixels
+    (conv2d_grad_input_phases): stride 2 both ways, dilation 1, every phase's padding non-negative (padding at
+    most the kernel's reach, as transposed_geometry asks at stride 1), and enough input channels for the MR-row
+    tile (an RGB layer's 3 would fill 3 of its 8 rows: col2im wastes nothing there)."""
+    cdef ConvGeom q
+    cdef Py_ssize_t kh0, kw0, a
+    if p.sh != 2 or p.sw != 2 or p.dh != 1 or p.dw != 1 or p.H < 2 or p.W < 2 or is_depthwise(p):
+        return False
+    if not mostly_used(p.C // p.G, round_up(p.C // p.G, CE_MR)):
+        return False
+    for a in range(4):
+        if not phase_geometry(p, a // 2, a % 2, &q, &kh0, &kw0):
+            return False
+    return True
+
+
 cdef inline bint use_grad_input_lanes(const ConvGeom* p, floating dummy) noexcept nogil:
     """Whether grad_input goes by the lane-reduction kernel: float32, stride 1, dilation 1, one group, 16 or fewer
     output channels filling whole vectors, a kernel of at least 2x2, and 3 to 12 input channels (the caller tries
@@ -551,6 +568,26 @@ cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T)
     return (q.G * Mpad * Kd + T * (KC * LD + Mpad * NC)) * isz + T * (KC + Mpad) * ptr
 
 
+cdef Py_ssize_t grad_input_phases_scratch(const ConvGeom* p, Py_ssize_t T) noexcept nogil:
+    """conv2d_grad_input_phases: the phase outputs of a few images and each phase's taps, then the largest of the
+    phase convs' own scratch (they run one after another)."""
+    cdef ConvGeom q
+    cdef Py_ssize_t kh0, kw0, a, nb = phase_images(p), total, most = 0
+    total = nb * p.C * p.H * p.W * sizeof(float)
+    for a in range(4):
+        phase_geometry(p, a // 2, a % 2, &q, &kh0, &kw0)
+        if q.KH > 0 and q.KW > 0:
+            q.B = nb
+            total = total + p.C * (p.K // p.G) * q.KH * q.KW * sizeof(float)
+            most = max(most, forward_scratch(&q, <float>0, T))
+    return total + most
+
+
+cdef inline Py_ssize_t phase_images(const ConvGeom* p) noexcept nogil:
+    """Images per round of conv2d_grad_input_phases: their four phase outputs about 1 MiB of float32."""
+    return max(1, min(p.B, (1 << 18) // max(1, p.C * p.H * p.W)))
+
+
 cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
     """Bytes each conv2d direction allocates per call with T threads, following the same path choices as the
     kernels (packed weights, per-thread panels and padded rows, grad_weight's per-chunk partial sums). Never the
@@ -591,6 +628,8 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
         # the flipped weights, then the forward of the transposed geometry
         out["grad_input"] = p.K * Kd * isz + forward_scratch(&q, dummy, T)
+    elif floating is float and use_grad_input_phases(p):
+        out["grad_input"] = grad_input_phases_scratch(p, T)
     elif use_grad_input_lanes(p, dummy):
         # the channels-last weights (channels rounded up to CE_GI_CB), per thread one image's dY rows
         out["grad_input"] = (round_up(p.C, CE_GI_CB) * taps * p.K + T * grad_input_lanes_floats(p)) * isz
@@ -670,6 +709,8 @@ cdef dict path_names(const ConvGeom* p, floating dummy):
         return {"forward": dw_path_name(p, dummy), "grad_input": grad_input, "grad_weight": dw_path_name(p, dummy)}
     if transposed_geometry(p, &q) and grad_input_as_conv(&q, dummy):
         grad_input = "transposed " + ("smallc" if use_smallc(&q, dummy) else names[forward_path(&q, dummy)])
+    elif floating is float and use_grad_input_phases(p):
+        grad_input = "phases"
     elif use_grad_input_lanes(p, dummy):
         grad_input = "lanes"
     else:
