@@ -38,6 +38,9 @@ cdef Py_ssize_t PIXELS_PER_TASK = 256
 # (1-4 channel layers go to conv_smallc.pxi or im2col).
 cdef Py_ssize_t PIXEL_MIN_CHANNELS = 8
 
+# Deepest k block of the row-vector direct kernel (weight_block)
+cdef Py_ssize_t ROWS_KMAX = 1152
+
 # grad_weight's pixel path reduces over at most this many bytes of scattered B rows per block
 cdef Py_ssize_t KMAX_BYTES = 32768
 
@@ -216,10 +219,15 @@ cdef inline int output_panel_nv(const ConvGeom* p, floating dummy) noexcept nogi
 cdef inline Py_ssize_t weight_block(const ConvGeom* p, floating dummy) noexcept nogil:
     """KC, the depth of the k blocks in which the forward packs W (pack_weights): the forward's kernels and a
     frozen plan's weights packed once (conv2d_pack) must agree on it."""
-    # Not Kd for the row-vector direct kernel, though one k block ran faster (Zen 4, 1 thread, batch 64, GFLOP/s:
-    # 64x32x32 -> 64 100 -> 104, 128x16x16 -> 128 105 -> 109; batch 1 +3%): one sequential chain of Kd products
-    # rounds worse, and LeNet-8x8's predict moved from forward by up to 4.3e-6 (20 seeds), against 2.4e-6 with
-    # these blocks, past test_model's 1e-6 on a logit near zero.
+    # The row-vector direct kernel takes blocks of up to ROWS_KMAX (one for every 3x3 conv of up to 128 input
+    # channels): each k block after the first reloads and stores its C tile, a tenth of the micro-kernel's time
+    # outside its FMA loop. Zen 4, 1 thread, batch 64, A/B, GFLOP/s: 32x16x16 -> 64 93-95 -> 96-100, 64x8x8 -> 128
+    # 95-102 -> 106-107 (earlier: 64x32x32 -> 64 100 -> 104, 128x16x16 -> 128 105 -> 109). A longer chain of
+    # products rounds a little differently: LeNet-8x8's predict differs from forward by ~1e-6 of its logits' scale
+    # (2.4e-6 at most over 20 seeds with KC 256 blocks, 4.3e-6 with one block).
+    if floating is float:
+        if direct_rows_taken(p):
+            return balanced_block((p.C // p.G) * p.KH * p.KW, ROWS_KMAX)
     return balanced_block((p.C // p.G) * p.KH * p.KW, block_k(<floating>0))
 
 
