@@ -357,12 +357,18 @@ cdef void fill_window_rows_hwc(const floating* x, const ConvGeom* p, Py_ssize_t 
         ih = ih0 + ri
         if ih < 0 or ih >= p.H:
             continue
+        if ri + 2 < nrows and ih + 2 < p.H:
+            for c in range(Cg):
+                src = x + ((b * p.C + g * Cg + c) * p.H + ih + 2) * p.W
+                ce_prefetch(src)
+                ce_prefetch(src + n - 1)
+        if floating is float:
+            ce_transpose_rows(xblk + (ri * Wpad + lo) * Cgpad, Cgpad, x + ((b * p.C + g * Cg) * p.H + ih) * p.W,
+                              p.H * p.W, Cg, n)
+            continue
         for c in range(Cg):
             src = x + ((b * p.C + g * Cg + c) * p.H + ih) * p.W
             dst = xblk + (ri * Wpad + lo) * Cgpad + c
-            if ri + 2 < nrows and ih + 2 < p.H:
-                ce_prefetch(src + 2 * p.W)
-                ce_prefetch(src + 2 * p.W + n - 1)
             for iw in range(n):
                 dst[iw * Cgpad] = src[iw]
 

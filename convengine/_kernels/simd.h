@@ -216,6 +216,61 @@ static inline void ce_copy_rows_s2(float* dst, long ld_dst, const float* src, lo
 }
 #endif
 
+/* A channels-last copy: dst[t*ld_dst + c] = src[c*ld_src + t] for c < nch, t < n (grad_weight's pixel path copies
+   each input row of all channels so). On AVX-512 by 16 x 16 blocks transposed in registers (unpacks, then 128-bit
+   lane shuffles), partial blocks under masks: a scalar store per element, each to another pixel's line, took 7-9%
+   of a stride-1 3x3 grad_weight and 19% of a stride-2 one (Zen 4). */
+#if defined(__AVX512F__)
+static inline void ce_transpose16(__m512 r[16]) {
+    __m512 t[16];
+    int i, j;
+    for (i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (i = 0; i < 4; i++) {
+        __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (i = 0; i < 2; i++)
+        for (j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+            t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+        }
+    for (j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+static inline void ce_transpose_rows(float* dst, long ld_dst, const float* src, long ld_src, long nch, long n) {
+    __m512 r[16];
+    long c0, t0, i, mc, mt;
+    for (c0 = 0; c0 < nch; c0 += 16) {
+        mc = nch - c0 > 16 ? 16 : nch - c0;
+        for (t0 = 0; t0 < n; t0 += 16) {
+            mt = n - t0 > 16 ? 16 : n - t0;
+            for (i = 0; i < 16; i++)
+                r[i] = i < mc ? _mm512_maskz_loadu_ps(ce_mask_first(mt), src + (c0 + i) * ld_src + t0)
+                              : _mm512_setzero_ps();
+            ce_transpose16(r);
+            for (i = 0; i < mt; i++)
+                _mm512_mask_storeu_ps(dst + (t0 + i) * ld_dst + c0, ce_mask_first(mc), r[i]);
+        }
+    }
+}
+#else
+static inline void ce_transpose_rows(float* dst, long ld_dst, const float* src, long ld_src, long nch, long n) {
+    long c, t;
+    for (c = 0; c < nch; c++)
+        for (t = 0; t < n; t++)
+            dst[t * ld_dst + c] = src[c * ld_src + t];
+}
+#endif
+
 /* The first n < VL floats at p in a vector, the other lanes zero; nothing past p[n - 1] is read. And its twin
    that stores the first n lanes of v at p, nothing past p[n - 1] written. */
 #if defined(__AVX512F__)
