@@ -102,6 +102,9 @@ cdef Py_ssize_t busiest_thread_load(Py_ssize_t rows, Py_ssize_t R, Py_ssize_t G,
     cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
     cdef Py_ssize_t ntask = G * nblk * msplit
     cdef Py_ssize_t t, task, u, rb, ip0, load, worst = 0, t0 = 0, cnt
+    if msplit == 1:
+        # four or more blocks per thread: whole blocks of R rows, the busiest thread's share rounded up
+        return (ntask + n_threads - 1) // n_threads * R * mpanels
     for t in range(n_threads):
         cnt = ntask // n_threads + (1 if t < ntask % n_threads else 0)
         load = 0
