@@ -72,10 +72,12 @@ cdef inline Py_ssize_t units_per_task(const ConvGeom* p, Py_ssize_t R) noexcept 
 
 
 # Pixels per plane from which 1x1 grad_weight takes the pointwise (dot-product) path: its 4 x 4 tiles read whole
-# planes of both operands in place, which pays on large planes (Zen 4, 1 thread, batch 64: 64x32x32 -> 64 57
-# GFLOP/s against 36 on the pixel path and 43 on im2col; 32x16x16 -> 64 69 against 60); on 8x8 planes the pixel
-# path stays ahead (69-73 against 58-63).
-cdef Py_ssize_t POINTWISE_GRAD_WEIGHT_PIXELS = 256
+# planes of both operands in place, which pays on large planes (Zen 4, 1 thread, batch 64, GFLOP/s pointwise /
+# pixels: 64x32x32 -> 64 58-65 / 44-57, 64x28x28 -> 64 72-73 / 61, 32x24x24 -> 64 56-59 / 54-55, 64x20x20 -> 64
+# 59-60 / 59-62). Since the pixel path's channels-last copy is transposed in registers (ce_transpose_rows) it
+# leads below that: 32x16x16 -> 64 77 / 79, 128x16x16 -> 128 55-59 / 72 (at 2 threads 83-112 / 138-143); 8x8
+# planes 58-63 / 69-85.
+cdef Py_ssize_t POINTWISE_GRAD_WEIGHT_PIXELS = 400
 
 
 # Output channels per group up to which the direct path may waste a third of its columns (not a quarter): im2col
