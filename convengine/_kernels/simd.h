@@ -98,13 +98,17 @@ static inline void ce_vf_hsum_np(const ce_vf* v, float* out) {
 #if defined(__AVX512F__)
 /* The mask of a vector's first n lanes (0 <= n <= VL). */
 static inline __mmask16 ce_mask_first(long n) { return (__mmask16)((1u << n) - 1u); }
+/* The mask of lanes lo <= i < hi of a vector, either bound clamped to [0, 16]. */
+static inline __mmask16 ce_mask_range(long lo, long hi) {
+    lo = lo < 0 ? 0 : (lo > 16 ? 16 : lo);
+    hi = hi < 0 ? 0 : (hi > 16 ? 16 : hi);
+    return (__mmask16)(ce_mask_first(hi) & ~ce_mask_first(lo));
+}
 static inline void ce_copy_rows(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n,
                                 long lo, long hi) {
-    long o, a, b, r;
+    long o, r;
     for (o = 0; o < n; o += 16) {
-        a = lo - o < 0 ? 0 : (lo - o > 16 ? 16 : lo - o);
-        b = hi - o < 0 ? 0 : (hi - o > 16 ? 16 : hi - o);
-        __mmask16 live = (__mmask16)(ce_mask_first(b) & ~ce_mask_first(a));
+        __mmask16 live = ce_mask_range(lo - o, hi - o);
         __mmask16 keep = ce_mask_first(n - o > 16 ? 16 : n - o);
         if (live == 0) {
             for (r = 0; r < nrows; r++)
@@ -136,14 +140,19 @@ static inline void ce_copy_rows(float* dst, long ld_dst, const float* src, long 
     }
 }
 #else
-static inline void ce_copy_rows(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n,
-                                long lo, long hi) {
+/* ce_copy_rows reading every step-th column (ce_copy_rows_s2's fallback too) */
+static inline void ce_copy_rows_step(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n,
+                                     long lo, long hi, long step) {
     long i, r;
     for (r = 0; r < nrows; r++) {
         for (i = 0; i < lo; i++) dst[r * ld_dst + i] = 0;
-        for (i = lo; i < hi; i++) dst[r * ld_dst + i] = src[r * ld_src + i];
+        for (i = lo; i < hi; i++) dst[r * ld_dst + i] = src[r * ld_src + step * i];
         for (i = hi; i < n; i++) dst[r * ld_dst + i] = 0;
     }
+}
+static inline void ce_copy_rows(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n,
+                                long lo, long hi) {
+    ce_copy_rows_step(dst, ld_dst, src, ld_src, nrows, n, lo, hi, 1);
 }
 #endif
 
@@ -161,11 +170,9 @@ static inline __mmask16 ce_mask_spread(unsigned m) {
 static inline void ce_copy_rows_s2(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n,
                                    long lo, long hi) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    long o, a, b, r;
+    long o, r;
     for (o = 0; o < n; o += 16) {
-        a = lo - o < 0 ? 0 : (lo - o > 16 ? 16 : lo - o);
-        b = hi - o < 0 ? 0 : (hi - o > 16 ? 16 : hi - o);
-        unsigned live = (unsigned)(ce_mask_first(b) & ~ce_mask_first(a));
+        unsigned live = ce_mask_range(lo - o, hi - o);
         __mmask16 keep = ce_mask_first(n - o > 16 ? 16 : n - o);
         __mmask16 ml = ce_mask_spread(live & 0xFFu), mh = ce_mask_spread(live >> 8);
         for (r = 0; r < nrows; r++) {
@@ -207,12 +214,7 @@ static inline void ce_copy_rows_s2(float* dst, long ld_dst, const float* src, lo
 #else
 static inline void ce_copy_rows_s2(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n,
                                    long lo, long hi) {
-    long i, r;
-    for (r = 0; r < nrows; r++) {
-        for (i = 0; i < lo; i++) dst[r * ld_dst + i] = 0;
-        for (i = lo; i < hi; i++) dst[r * ld_dst + i] = src[r * ld_src + 2 * i];
-        for (i = hi; i < n; i++) dst[r * ld_dst + i] = 0;
-    }
+    ce_copy_rows_step(dst, ld_dst, src, ld_src, nrows, n, lo, hi, 2);
 }
 #endif
 
