@@ -153,7 +153,8 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
     images; it copies the zero-padded input rows each of its images needs into segments of the same layout, and
     tile vector j is VL pixels of one output row, read from the segment at each tap's offset (ukernel_rows_f) and
     written straight into y, the epilogue applied from registers with the last k block. Where rows are shifted
-    copies (rows_shifted) a vector runs on across output rows; where a plane does not end on a whole vector
+    copies (rows_shifted: also every stride of 2, whose copies hold every sw-th column of each row phase) a vector
+    runs on across output rows; where a plane does not end on a whole vector
     (rows_partial: LeNet-5's 10x10), blocks are whole images and each plane's last vector has only its pixels
     read and written (its other lanes compute on what follows in the segment, or on its zeroed slack).
 

@@ -214,10 +214,7 @@ cdef int conv2d_grad_input_phases(const float* dy, const float* w, float* dx, co
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t HW = p.H * p.W
     cdef Py_ssize_t nb = phase_images(p)
-    cdef Py_ssize_t ph, a, bb, g, c, k, u, v, b0, nimg, off, r, i, j, rows, Ha, Wb
-    cdef float* t0
-    cdef float* t1
-    cdef float* dst
+    cdef Py_ssize_t ph, g, c, k, u, v, b0, nimg, off, r, rows
     cdef Epilogue none
     cdef int rc = 0
     none.bias = none.scale = none.shift = NULL
