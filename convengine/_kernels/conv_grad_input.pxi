@@ -213,7 +213,7 @@ cdef int conv2d_grad_input_phases(const float* dy, const float* w, float* dx, co
     cdef float* tmp
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t HW = p.H * p.W
-    cdef Py_ssize_t nb = phase_images(p)
+    cdef Py_ssize_t nb = phase_images(p, n_threads)
     cdef Py_ssize_t ph, g, c, k, u, v, b0, nimg, off, r, rows
     cdef Epilogue none
     cdef int rc = 0

@@ -582,7 +582,7 @@ cdef Py_ssize_t grad_input_phases_scratch(const ConvGeom* p, Py_ssize_t T) noexc
     """conv2d_grad_input_phases: the phase outputs of a few images and each phase's taps, then the largest of the
     phase convs' own scratch (they run one after another)."""
     cdef ConvGeom q
-    cdef Py_ssize_t kh0, kw0, a, nb = phase_images(p), total, most = 0
+    cdef Py_ssize_t kh0, kw0, a, nb = phase_images(p, T), total, most = 0
     total = nb * p.C * p.H * p.W * sizeof(float)
     for a in range(4):
         phase_geometry(p, a // 2, a % 2, &q, &kh0, &kw0)
@@ -593,9 +593,10 @@ cdef Py_ssize_t grad_input_phases_scratch(const ConvGeom* p, Py_ssize_t T) noexc
     return total + most
 
 
-cdef inline Py_ssize_t phase_images(const ConvGeom* p) noexcept nogil:
-    """Images per round of conv2d_grad_input_phases: their four phase outputs about 1 MiB of float32."""
-    return max(1, min(p.B, (1 << 18) // max(1, p.C * p.H * p.W)))
+cdef inline Py_ssize_t phase_images(const ConvGeom* p, Py_ssize_t n_threads) noexcept nogil:
+    """Images per round of conv2d_grad_input_phases: their four phase outputs about 1 MiB of float32 per thread
+    (each round is five OpenMP regions; a larger share left L2 at 1 thread)."""
+    return max(1, min(p.B, (1 << 18) * max(1, n_threads) // max(1, p.C * p.H * p.W)))
 
 
 cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
