@@ -844,6 +844,8 @@ STRIDED_ROWS_CASES = [
     ((2, 4, 19, 20), (8, 4, 3, 3), dict(stride=2, padding=2, dilation=2)),
     ((1, 32, 16, 16), (64, 32, 3, 3), dict(stride=2, padding=1)),    # one 8x8 plane, split by channels
     ((4, 8, 20, 20), (16, 8, 3, 3), dict(stride=2, padding=1)),      # 10x10 planes end in a partial vector
+    ((2, 3, 32, 32), (16, 3, 3, 3), dict(stride=2, padding=1)),      # an RGB stem: rows_beat_smallc
+    ((2, 3, 56, 56), (32, 3, 3, 3), dict(stride=2, padding=1)),      # 28-pixel rows, which smallc's tiles pad
 ]
 
 

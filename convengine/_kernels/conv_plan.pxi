@@ -260,7 +260,7 @@ cdef inline bint smallc_fits(const ConvGeom* p, floating dummy) noexcept nogil:
 
 
 cdef inline bint rows_beat_smallc(const ConvGeom* p) noexcept nogil:
-    """Whether a stride-1 shape that smallc could take runs faster on the row-vector direct kernel: output rows
+    """Whether a shape that smallc could take runs faster on the row-vector direct kernel: output rows
     that smallc's tiles pad (the direct kernel's vectors run on across rows), or at most 16 output channels over
     27 or more taps (smallc's tile of output rows x channels then has few channels to share each input load). Zen
     4, 1 thread, batch 1 / 16 / 64, us smallc -> direct rows: 28-pixel rows: 1x28x28 -> 32 3x3 13.0 -> 9.4 / 178 ->
@@ -268,11 +268,15 @@ cdef inline bint rows_beat_smallc(const ConvGeom* p) noexcept nogil:
     41 / 714 -> 617 / 2860 -> 2616; 32-pixel rows: 3 -> 8 3x3 9.7 -> 9.9 / 133 -> 100 / 446 -> 409, 3 -> 16 3x3
     14.8 -> 13.1 / - / 752 -> 723. Left to smallc: fewer taps (1x16x16 -> 16 3x3 3.2 -> 3.3 / 17 -> 22 / 68 -> 86;
     2 -> 16 3x3 b64 516 -> 544) and 32-pixel rows of more channels at large batches (3 -> 32 3x3 b64 1354 ->
-    1489, 3 -> 64 5x5 6229 -> 7894: the direct kernel's stores into many 4 KiB-apart planes). It depends on the
-    output channels: a frozen plan's channel slices follow the whole conv (conv2d_forward_core)."""
+    1489, 3 -> 64 5x5 6229 -> 7894: the direct kernel's stores into many 4 KiB-apart planes). The same rule holds
+    at stride 2 (the direct kernel's strided copies), 3 x 3, batch 64 / 1: 3x56x56 -> 32 (28-pixel rows) 1.74-1.84
+    -> 1.47-1.51 ms / 27.9 -> 20.4 us, 3x56x56 -> 16 0.98-1.0 -> 0.68 ms, 3x32x32 -> 16 350 -> 303 us, 3x32x32 ->
+    8 182 -> 137 us; left to smallc: 3x32x32 -> 32 514 -> 521-537 us (8.9 -> 8.3 at batch 1), 3x64x64 -> 64 3.1-3.3
+    -> 4.1-4.4 ms. It depends on the output channels: a frozen plan's channel slices follow the whole conv
+    (conv2d_forward_core)."""
     cdef Py_ssize_t VL = vlen(<float>0)
     cdef Py_ssize_t tile = smallc_nv(p.OW, VL) * VL
-    return (p.sh == 1 and p.sw == 1 and use_direct_rows(p)
+    return (use_direct_rows(p)
             and (p.OW % tile != 0 or (p.K // p.G <= 16 and (p.C // p.G) * p.KH * p.KW >= 27)))
 
 
