@@ -109,11 +109,25 @@ cdef inline void copy_plane_rows(const float* xc, const ConvGeom* p, Py_ssize_t 
                                  Py_ssize_t hi) noexcept nogil:
     """dst[ri*ld + t] = xc[(ih0 + ri)*W + t - shift] for lo <= t < hi where input row ih0 + ri lies in the image
     (xc: one input plane), zero for the other t < n and for rows outside: a run of rows in one ce_copy_rows."""
-    cdef Py_ssize_t r0 = min(nrows, max(0, -ih0))
-    cdef Py_ssize_t r1 = max(r0, min(nrows, p.H - ih0))
+    copy_plane_rows_step(xc, p, ih0, nrows, 1, dst, ld, n, -shift, 1, lo, hi)
+
+
+cdef inline void copy_plane_rows_step(const float* xc, const ConvGeom* p, Py_ssize_t ih0, Py_ssize_t nrows,
+                                      Py_ssize_t row_step, float* dst, Py_ssize_t ld, Py_ssize_t n, Py_ssize_t off,
+                                      Py_ssize_t col_step, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """copy_plane_rows reading every row_step-th input row and col_step-th column (1 or 2): dst[ri*ld + t] =
+    xc[(ih0 + ri*row_step)*W + t*col_step + off] for lo <= t < hi where that input row lies in the image."""
+    # rows ri < r0 lie above the image, rows ri >= r1 below it
+    cdef Py_ssize_t r0 = min(nrows, 0 if ih0 >= 0 else (-ih0 + row_step - 1) // row_step)
+    cdef Py_ssize_t r1 = max(r0, min(nrows, 0 if ih0 >= p.H else (p.H - ih0 + row_step - 1) // row_step))
+    cdef const float* src
     ce_copy_rows(dst, ld, dst, 0, r0, n, 0, 0)
     if r1 > r0:
-        ce_copy_rows(dst + r0 * ld, ld, xc + (ih0 + r0) * p.W - shift, p.W, r1 - r0, n, lo, hi)
+        src = xc + (ih0 + r0 * row_step) * p.W + off
+        if col_step == 1:
+            ce_copy_rows(dst + r0 * ld, ld, src, row_step * p.W, r1 - r0, n, lo, hi)
+        else:
+            ce_copy_rows_s2(dst + r0 * ld, ld, src, row_step * p.W, r1 - r0, n, lo, hi)
     ce_copy_rows(dst + r1 * ld, ld, dst, 0, nrows - r1, n, 0, 0)
 
 
@@ -150,37 +164,20 @@ cdef void fill_shifted_rows(const float* x, const ConvGeom* p, Py_ssize_t b, Py_
     one run, across rows. ri < nrows_in of rows_in rows are filled."""
     cdef Py_ssize_t Cg = p.C // p.G
     cdef Py_ssize_t A = rows_phases(p)
-    cdef Py_ssize_t c, kw, a, lo, hi, off, ih0, r0, r1
+    cdef Py_ssize_t c, kw, a, lo, hi, off
     cdef const float* xc
-    cdef const float* src
-    cdef float* dst
     for c in range(Cg):
         xc = x + (b * p.C + g * Cg + c) * p.H * p.W
         for kw in range(p.KW):
+            # output columns ow whose input column ow*sw + off lies in the image: lo <= ow < hi (use_direct_rows
+            # takes strides of 1 and 2 only)
             off = kw * p.dw - p.pl
-            if p.sh == 1 and p.sw == 1:
-                lo = min(p.OW, max(0, -off))
-                hi = max(lo, min(p.OW, p.W - off))
-                copy_plane_rows(xc, p, oh0 - p.pt, nrows_in, xblk + (c * p.KW + kw) * rows_in * p.OW, p.OW, p.OW,
-                                -off, lo, hi)
-                continue
-            # output columns ow whose input column ow*sw + off lies in the image: lo <= ow < hi
             lo = min(p.OW, 0 if off >= 0 else (-off + p.sw - 1) // p.sw)
             hi = max(lo, min(p.OW, 0 if off >= p.W else (p.W - off + p.sw - 1) // p.sw))
             for a in range(A):
-                # copy rows ri of input rows ih = ih0 + ri*sh, inside the image for r0 <= ri < r1
-                ih0 = oh0 * p.sh + a - p.pt
-                r0 = min(nrows_in, 0 if ih0 >= 0 else (-ih0 + p.sh - 1) // p.sh)
-                r1 = max(r0, min(nrows_in, 0 if ih0 >= p.H else (p.H - ih0 + p.sh - 1) // p.sh))
-                dst = xblk + ((c * p.KW + kw) * A + a) * rows_in * p.OW
-                ce_copy_rows(dst, p.OW, dst, 0, r0, p.OW, 0, 0)
-                if r1 > r0:
-                    src = xc + (ih0 + r0 * p.sh) * p.W + off
-                    if p.sw == 1:
-                        ce_copy_rows(dst + r0 * p.OW, p.OW, src, p.sh * p.W, r1 - r0, p.OW, lo, hi)
-                    else:  # sw == 2: use_direct_rows takes no larger stride
-                        ce_copy_rows_s2(dst + r0 * p.OW, p.OW, src, p.sh * p.W, r1 - r0, p.OW, lo, hi)
-                ce_copy_rows(dst + r1 * p.OW, p.OW, dst, 0, nrows_in - r1, p.OW, 0, 0)
+                copy_plane_rows_step(xc, p, oh0 * p.sh + a - p.pt, nrows_in, p.sh,
+                                     xblk + ((c * p.KW + kw) * A + a) * rows_in * p.OW, p.OW, p.OW, off, p.sw, lo,
+                                     hi)
 
 
 cdef inline void tap_rows(const ConvGeom* p, const floating* xblk, Py_ssize_t rows_in,

@@ -453,7 +453,7 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
     # GFLOP/s GEMM tiles -> row vectors: batch 1 32x16x16 -> 64 74 -> 77, 64x8x8 -> 128 77 -> 80, 128x8x8 -> 128 87
     # -> 91; batch 64 32x16x16 -> 64 88 -> 91, 128x8x8 -> 128 102 -> 109
     cdef bint rows_tiles = False
-    cdef Py_ssize_t nvec = P // VL, nfull = 0, v
+    cdef Py_ssize_t nvec = P // VL, nfull = 0, v, iv
     cdef Py_ssize_t* offs = NULL
     cdef const Epilogue* last
     if floating is float:
@@ -473,7 +473,11 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
         bpack = <floating*>malloc(Cg * (BLOCK_TILES * NR + VL) * sizeof(floating))
         brow = <const floating**>malloc(Cg * sizeof(floating*))
         arow = <const floating**>malloc(CE_MR * sizeof(floating*))
+        # vector v at offset v*VL of every input and output plane (the row-vector tiles)
         offs = <Py_ssize_t*>malloc((nvec + 1) * sizeof(Py_ssize_t))
+        if offs != NULL:
+            for iv in range(nvec):
+                offs[iv] = iv * VL
         for task in prange(units * msplit, schedule='static'):
             if tile == NULL or bpack == NULL or brow == NULL or arow == NULL or offs == NULL:
                 flag_failure(&failed)
@@ -486,10 +490,7 @@ cdef int conv2d_forward_pointwise(const floating* x, const floating* apack, Py_s
             xb = x + (b * p.C + g * Cg) * P
             if floating is float:
                 if rows_tiles:
-                    # the plane's vectors in tiles of CE_NV, then one by one; vector v at offset v*VL of every
-                    # input plane and output plane
-                    for v in range(nvec):
-                        offs[v] = v * VL
+                    # the plane's vectors in tiles of CE_NV, then one by one
                     for c in range(Cg):
                         brow[c] = xb + c * P
                     for jp in range(nfull + nvec - nfull * CE_NV):
