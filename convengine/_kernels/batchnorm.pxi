@@ -9,14 +9,14 @@
 # count. Statistics are two-pass (the mean, then the mean of squared deviations), as in the reference.
 #
 # Planes of at least BN_PLANE values go plane by plane instead: each pass streams the planes in memory order with
-# the channel's constants as scalars, and each sum is taken per plane (16 interleaved lanes, then the lanes in
-# order: channel_sum's order) into an array of B x C partial sums, then per channel over the images in order:
-# fixed whatever the thread count.
+# the channel's constants as scalars, and each sum is taken per plane (16 interleaved lanes, then the lanes
+# pairwise: batchnorm.h) into an array of B x C partial sums, then per channel over the images in order: fixed
+# whatever the thread count.
 #
 # Batch norm followed by ReLU runs fused (oneDNN's fuse_norm_relu): the forward applies max(., 0) as it stores,
-# and the backward reads the gradient through the sign of that stored output y (0 where y <= 0, as relu_backward),
-# inside the same sums and mapping, so neither the ReLU's input nor its gradient is ever written out. The values
-# are those of the two layers one after the other, bit for bit.
+# and the backward reads the gradient through the ReLU (0 where its output is <= 0, as relu_backward), its sign
+# recomputed from x and the forward's coefficients inside the same sums and mapping, so neither the ReLU's input
+# nor its gradient is ever written out. The values are those of the two layers one after the other, bit for bit.
 
 from libc.math cimport sqrt
 
@@ -172,29 +172,55 @@ cdef void map_images(const floating* x, const floating* g, floating* out, const 
 
 
 cdef extern from "batchnorm.h":
-    float square_deviations_f "ce_bn_square_deviations_f"(const float* x, float mu, Py_ssize_t n) nogil
-    double square_deviations_d "ce_bn_square_deviations_d"(const double* x, double mu, Py_ssize_t n) nogil
-    void gradient_sums_f "ce_bn_gradient_sums_f"(const float* g, const float* x, float mu, Py_ssize_t n,
-                                                 float* sum_g, float* sum_h) nogil
+    float plane_sum_f "ce_bn_sum_f"(const float* x, Py_ssize_t n) nogil
+    double plane_sum_d "ce_bn_sum_d"(const double* x, Py_ssize_t n) nogil
+    void sum_m2_f "ce_bn_sum_m2_f"(const float* x, Py_ssize_t n, float* sum, float* m2) nogil
+    void sum_m2_d "ce_bn_sum_m2_d"(const double* x, Py_ssize_t n, double* sum, double* m2) nogil
+    void gradient_sums_f "ce_bn_gradient_sums_f"(const float* g, const float* x, float mu, Py_ssize_t n, int relu,
+                                                 float k, float s, float* sum_g, float* sum_h) nogil
     void gradient_sums_d "ce_bn_gradient_sums_d"(const double* g, const double* x, double mu, Py_ssize_t n,
-                                                 double* sum_g, double* sum_h) nogil
+                                                 int relu, double k, double s, double* sum_g, double* sum_h) nogil
+    void backward_map_f "ce_bn_backward_map_f"(const float* g, const float* x, float* out, float mu, float a,
+                                               float c, float kg, Py_ssize_t n, int relu, float k, float s) nogil
+    void backward_map_d "ce_bn_backward_map_d"(const double* g, const double* x, double* out, double mu, double a,
+                                               double c, double kg, Py_ssize_t n, int relu, double k,
+                                               double s) nogil
 
 
-cdef inline floating plane_square_deviations(const floating* x, floating mu, Py_ssize_t P) noexcept nogil:
-    """Sum over a plane of (x - mu)^2, in channel_sum's 16-lane order (batchnorm.h)."""
+cdef inline floating plane_sum(const floating* x, Py_ssize_t P) noexcept nogil:
+    """Sum over a plane, in batchnorm.h's 16-lane order."""
     if floating is float:
-        return square_deviations_f(x, mu, P)
+        return plane_sum_f(x, P)
     else:
-        return square_deviations_d(x, mu, P)
+        return plane_sum_d(x, P)
 
 
-cdef inline void plane_gradient_sums(const floating* g, const floating* x, floating mu, Py_ssize_t P,
-                                     floating* sum_g, floating* sum_h) noexcept nogil:
-    """Sums over a plane of g and of g * (x - mu), each in channel_sum's 16-lane order (batchnorm.h)."""
+cdef inline void plane_sum_m2(const floating* x, Py_ssize_t P, floating* sum, floating* m2) noexcept nogil:
+    """A plane's sum and the sum of its squared deviations from its own mean (batchnorm.h's order)."""
     if floating is float:
-        gradient_sums_f(g, x, mu, P, sum_g, sum_h)
+        sum_m2_f(x, P, sum, m2)
     else:
-        gradient_sums_d(g, x, mu, P, sum_g, sum_h)
+        sum_m2_d(x, P, sum, m2)
+
+
+cdef inline void plane_gradient_sums(const floating* g, const floating* x, floating mu, Py_ssize_t P, int relu,
+                                     floating k, floating s, floating* sum_g, floating* sum_h) noexcept nogil:
+    """Sums over a plane of g and of g * (x - mu), each in batchnorm.h's 16-lane order; with relu, g passed
+    through the ReLU whose output is (x - mu) * k + s (forward_planes' expression, so the same sign)."""
+    if floating is float:
+        gradient_sums_f(g, x, mu, P, relu, k, s, sum_g, sum_h)
+    else:
+        gradient_sums_d(g, x, mu, P, relu, k, s, sum_g, sum_h)
+
+
+cdef inline void plane_backward_map(const floating* g, const floating* x, floating* out, floating mu, floating a,
+                                    floating c, floating kg, Py_ssize_t P, int relu, floating k,
+                                    floating s) noexcept nogil:
+    """out = (x - mu) * a + c + g * kg over a plane, g passed through the ReLU as plane_gradient_sums does."""
+    if floating is float:
+        backward_map_f(g, x, out, mu, a, c, kg, P, relu, k, s)
+    else:
+        backward_map_d(g, x, out, mu, a, c, kg, P, relu, k, s)
 
 
 cdef inline void gate_plane(const floating* g, const floating* y, floating* out, Py_ssize_t P) noexcept nogil:
@@ -202,18 +228,6 @@ cdef inline void gate_plane(const floating* g, const floating* y, floating* out,
     cdef Py_ssize_t i
     for i in range(P):
         out[i] = through_relu(g[i], y[i])
-
-
-cdef inline void gate_plane_from_x(const floating* g, const floating* x, floating mu, floating k, floating s,
-                                   floating* out, Py_ssize_t P) noexcept nogil:
-    """gate_plane for the ReLU output of forward_planes (relu): its value v = (x - mu) * k + s recomputed by the
-    same expression, so the same bits and the same sign (0 where v <= 0, g elsewhere, NaN included), without
-    reading the stored output."""
-    cdef Py_ssize_t i
-    cdef floating v
-    for i in range(P):
-        v = (x[i] - mu) * k + s
-        out[i] = 0 if v <= 0 else g[i]
 
 
 cdef void per_channel_totals(const floating* partial, Py_ssize_t B, Py_ssize_t C, floating* total) noexcept nogil:
@@ -229,12 +243,15 @@ cdef void per_channel_totals(const floating* partial, Py_ssize_t B, Py_ssize_t C
 cdef void forward_planes(const floating* x, floating* out, Py_ssize_t B, Py_ssize_t C, Py_ssize_t P,
                          floating* mean, floating* var, bint training, const floating* weight, const floating* bias,
                          floating eps, int relu, floating* partial, floating* coef, int n_threads) noexcept nogil:
-    """batch_norm2d_forward plane by plane: with training the statistics (two passes of per-plane sums, partial:
-    B*C scratch), then the mapping with coef (C scratch) = weight * inv_std."""
+    """batch_norm2d_forward plane by plane: with training the statistics (partial: 2*B*C scratch), then the
+    mapping with coef (C scratch) = weight * inv_std. One pass gives each plane's sum and the squared deviations
+    from its own mean (plane_sum_m2: the plane re-read from L1); the mean is the planes' sums over the images in
+    order, the variance the planes' deviations moved to that mean, sum over b of m2 + P * (sum / P - mean)^2
+    (Chan, Golub & LeVeque), in order: one pass over x, not two, for the two-pass formula's accuracy."""
     cdef fpstate fp, fps
-    cdef Py_ssize_t q, c, i
+    cdef Py_ssize_t q, b, c, i
     cdef floating m = B * P
-    cdef floating mu, k, s, v
+    cdef floating mu, k, s, v, d
     cdef const floating* src
     cdef floating* dst
     if training:
@@ -242,20 +259,17 @@ cdef void forward_planes(const floating* x, floating* out, Py_ssize_t B, Py_ssiz
         with parallel(num_threads=n_threads):
             fp = fp_enter()
             for q in prange(B * C, schedule='static'):
-                partial[q] = channel_sum(x + q * P, 1, P, P)
+                plane_sum_m2(x + q * P, P, &partial[q], &partial[B * C + q])
             fp_leave(fp)
         fp_resume(fps)
         per_channel_totals(partial, B, C, mean)
         for c in range(C):
             mean[c] = mean[c] / m
-        fps = fp_suspend()
-        with parallel(num_threads=n_threads):
-            fp = fp_enter()
-            for q in prange(B * C, schedule='static'):
-                partial[q] = plane_square_deviations(x + q * P, mean[q % C], P)
-            fp_leave(fp)
-        fp_resume(fps)
-        per_channel_totals(partial, B, C, var)
+            var[c] = 0
+        for b in range(B):
+            for c in range(C):
+                d = partial[b * C + c] / P - mean[c]
+                var[c] = var[c] + partial[B * C + b * C + c] + P * d * d
         for c in range(C):
             var[c] = var[c] / m
     for c in range(C):
@@ -286,36 +300,32 @@ cdef void backward_planes(const floating* g, const floating* x, const floating* 
                           const floating* var, const floating* weight, floating eps, floating* grad_weight,
                           floating* grad_bias, floating* partial, floating* coef, floating* gated,
                           int n_threads) noexcept nogil:
-    """batch_norm2d_backward plane by plane (partial: 2*B*C scratch, coef: 3*C). With y (the fused ReLU's output,
-    else NULL) each plane of g is first passed through the ReLU into this thread's P values of `gated`, and the
-    same loops read it: one copy of the arithmetic, so the fused layers give the bits of the two in a row (a select
-    inside the loops let gcc contract their multiply-adds differently, 1 ulp apart). With beta (the forward's
-    bias) the ReLU's sign is recomputed from x instead of read from y (gate_plane_from_x): one array fewer to
-    stream in each of the two passes."""
+    """batch_norm2d_backward plane by plane (partial: 2*B*C scratch, coef: 4*C). With beta (the forward's bias)
+    the gradient passes through the fused ReLU whose sign is recomputed from x (batchnorm.h's gate: the forward's
+    expression, so the same sign) inside both passes; with y instead (the fused ReLU's output) each plane of g is
+    first gated into this thread's P values of `gated` (gate_plane). Either way the same expressions read the gated
+    gradient, so the fused layers give the bits of the two in a row."""
     cdef fpstate fp, fps
-    cdef Py_ssize_t q, c, i
+    cdef Py_ssize_t q, c
     cdef floating m = B * P
-    cdef floating inv, k, mu, a, s
+    cdef floating inv, k
     cdef const floating* gb
-    cdef const floating* xb
-    cdef floating* dst
     cdef floating* mine
-    for c in range(C):      # forward_planes's coefficient: weight * inv_std
+    cdef int relu = beta != NULL
+    for c in range(C):      # forward_planes's coefficient weight * inv_std, and its bias (the ReLU's sign)
         coef[2 * C + c] = weight[c] * inv_std_of(var[c], eps)
+        coef[3 * C + c] = beta[c] if relu else 0
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
         mine = gated + threadid() * P if gated != NULL else NULL
         for q in prange(B * C, schedule='static'):
             gb = g + q * P
-            if beta != NULL:
-                c = q % C
-                gate_plane_from_x(gb, x + q * P, mean[c], coef[2 * C + c], beta[c], mine, P)
-                gb = mine
-            elif y != NULL:
+            if y != NULL and not relu:
                 gate_plane(gb, y + q * P, mine, P)
                 gb = mine
-            plane_gradient_sums(gb, x + q * P, mean[q % C], P, &partial[q], &partial[B * C + q])
+            plane_gradient_sums(gb, x + q * P, mean[q % C], P, relu, coef[2 * C + q % C], coef[3 * C + q % C],
+                                &partial[q], &partial[B * C + q])
         fp_leave(fp)
     fp_resume(fps)
     per_channel_totals(partial, B, C, grad_bias)
@@ -333,21 +343,12 @@ cdef void backward_planes(const floating* g, const floating* x, const floating* 
         mine = gated + threadid() * P if gated != NULL else NULL
         for q in prange(B * C, schedule='static'):
             c = q % C
-            mu = mean[c]
-            a = coef[c]
-            s = coef[C + c]
-            k = coef[2 * C + c]
             gb = g + q * P
-            if beta != NULL:
-                gate_plane_from_x(gb, x + q * P, mu, k, beta[c], mine, P)
-                gb = mine
-            elif y != NULL:
+            if y != NULL and not relu:
                 gate_plane(gb, y + q * P, mine, P)
                 gb = mine
-            xb = x + q * P
-            dst = gx + q * P
-            for i in range(P):
-                dst[i] = (xb[i] - mu) * a + s + gb[i] * k
+            plane_backward_map(gb, x + q * P, gx + q * P, mean[c], coef[c], coef[C + c], coef[2 * C + c], P, relu,
+                               coef[2 * C + c], coef[3 * C + c])
         fp_leave(fp)
     fp_resume(fps)
 
@@ -364,7 +365,7 @@ cdef int batch_norm2d_forward_core(const floating* x, floating* out, Py_ssize_t 
     if C == 0 or B * P == 0:
         return 0
     if P >= BN_PLANE:
-        vecs = <floating*>malloc(B * C * sizeof(floating))       # the per-plane partial sums
+        vecs = <floating*>malloc(2 * B * C * sizeof(floating))   # the per-plane partial sums
         coef = <floating*>malloc(C * sizeof(floating))
     else:
         vecs = <floating*>malloc(4 * L * sizeof(floating))       # the expanded per-position vectors
@@ -467,8 +468,9 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
     if C == 0:
         return
     if P >= BN_PLANE and B > 0:
-        vecs = <floating*>malloc((2 * B * C + (max(1, n_threads) * P if y != NULL else 0)) * sizeof(floating))
-        coef = <floating*>malloc(3 * C * sizeof(floating))
+        vecs = <floating*>malloc((2 * B * C + (max(1, n_threads) * P if y != NULL and beta == NULL else 0))
+                                 * sizeof(floating))
+        coef = <floating*>malloc(4 * C * sizeof(floating))
         if vecs == NULL or coef == NULL:
             free(vecs)
             free(coef)
@@ -477,7 +479,7 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
             fp = fp_enter_call()
             backward_planes(&grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], y, beta, &grad_x[0, 0, 0, 0], B, C, P, &mean[0],
                             &var[0], &weight[0], eps, &grad_weight[0], &grad_bias[0], vecs, coef,
-                            vecs + 2 * B * C if y != NULL else NULL, n_threads)
+                            vecs + 2 * B * C if y != NULL and beta == NULL else NULL, n_threads)
             fp_leave_call(fp)
         free(vecs)
         free(coef)
