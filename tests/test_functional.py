@@ -595,6 +595,21 @@ def test_batch_norm2d(rng, shape, dtype, layout):
         assert_close(g, r, f"batch_norm2d_backward {name}, x{shape}")
 
 
+@pytest.mark.parametrize("shape", [(8, 4, 16, 16), (6, 3, 7, 7), (5, 2, 4, 5), (8, 4, 3, 3)], ids=str)
+def test_batch_norm2d_statistics_stay_accurate_far_from_zero(rng, shape):
+    """float32 values 1000 +- 0.5: the mean of squares minus the squared mean would lose the variance to
+    cancellation (x^2 ~ 1e6 carries float32 errors of ~0.06, against a variance of 0.25); the kernels' deviations
+    from each plane's mean (planes of >= 16 values, some with tails) or from the channel's mean keep it to float32
+    rounding of the deviations."""
+    x = (1000 + 0.5 * rng.standard_normal(shape)).astype(np.float32)
+    w, b = np.ones(shape[1], np.float32), np.zeros(shape[1], np.float32)
+    _, mean, var = F.batch_norm2d_training(x, w, b)
+    x64 = x.astype(np.float64)
+    want_mean, want_var = x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3))
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-6)
+    np.testing.assert_allclose(var, want_var, rtol=1e-3)
+
+
 def test_batch_norm2d_does_not_modify_inputs(rng):
     x, go = randn(rng, (4, 3, 5, 5)), randn(rng, (4, 3, 5, 5))
     w, b, mean, var = randn(rng, 3), randn(rng, 3), randn(rng, 3), np.abs(randn(rng, 3))
