@@ -5,12 +5,17 @@ layer's input gradient and weight-gradient temporaries in backward. Fresh, they 
 fills them: an 8 MB array freed and allocated again is mapped afresh by malloc, and its first writes page-fault
 (a batch norm + ReLU backward of 64x32x32x32 took 7.6 ms with fresh arrays, 3.3 ms in the same memory).
 
-An `Arena` holds such buffers by position: while one is in use (`using`, per thread), the ops of
-`convengine.functional` take their outputs of at least MIN_BYTES from it (`empty`), the k-th such request of a pass
-getting the buffer of the k-th request of the previous pass of the same key, when its shape and dtype are the same.
-Sequential uses one arena for forward and one for backward, keyed by the batch's shape, and only for arrays that
-nobody outside the step can hold (see Sequential.forward and backward): an array from an arena is overwritten by
-the next pass of the same key.
+An `Arena` holds such buffers: while one is in use (`using`, per thread), the ops of `convengine.functional` take
+their outputs of at least MIN_BYTES from it (`empty`). A pass (`begin(key)`) finds every buffer of its key free
+again, and each request takes a free buffer of its shape and dtype, else a new one: the same requests in the same
+order get the same buffers pass after pass. Sequential uses one arena for forward and one for backward, keyed by
+the batch's shape, and only for arrays that nobody outside the step can hold (see Sequential.forward and
+backward): an array from an arena is overwritten by the next pass of the same key.
+
+Within a pass, `release(a)` hands a buffer back as soon as its last reader is done, and the next request of its
+shape takes the most recently released one (still in cache): backward's gradients then live in two buffers per
+shape, one being read while the next is written, instead of one per layer, and the weight gradients' temporaries
+in one per shape (the separable benchmark net's step at batch 64: 61 -> 50 MB, against a 32 MB L3 cache).
 """
 import contextlib
 import threading
@@ -25,28 +30,30 @@ _local = threading.local()
 
 class Arena:
     def __init__(self):
-        self._passes = {}     # key -> list of arrays, in the order the pass asked for them
-        self._list = None
-        self._next = 0
+        self._passes = {}     # key -> every buffer of that key, in the order they were made
+        self._all = None      # the current pass's
+        self._free = None     # its free buffers, taken from the end
 
     def begin(self, key):
         if key not in self._passes and len(self._passes) >= MAX_KEYS:
             self._passes.clear()
-        self._list = self._passes.setdefault(key, [])
-        self._next = 0
+        self._all = self._passes.setdefault(key, [])
+        self._free = self._all[::-1]
 
     def take(self, shape, dtype):
-        k = self._next
-        self._next += 1
-        if k < len(self._list):
-            a = self._list[k]
+        for k in range(len(self._free) - 1, -1, -1):
+            a = self._free[k]
             if a.shape == shape and a.dtype == dtype:
+                del self._free[k]
                 return a
-            a = self._list[k] = np.empty(shape, dtype)
-            return a
         a = np.empty(shape, dtype)
-        self._list.append(a)
+        self._all.append(a)
         return a
+
+    def release(self, a):
+        """Hand back `a` (an array this pass took; anything else is ignored): no one reads it any more."""
+        if self._all is not None and any(a is b for b in self._all) and not any(a is b for b in self._free):
+            self._free.append(a)
 
     def nbytes(self):
         """Bytes held in all the buffers."""
@@ -54,7 +61,7 @@ class Arena:
 
     def clear(self):
         self._passes.clear()
-        self._list = None
+        self._all = self._free = None
 
 
 @contextlib.contextmanager
@@ -74,7 +81,7 @@ def empty(shape, dtype):
     arena = getattr(_local, "arena", None)
     shape = tuple(int(s) for s in shape) if not isinstance(shape, int) else (int(shape),)
     dtype = np.dtype(dtype)
-    if arena is None or arena._list is None:
+    if arena is None or arena._all is None:
         return np.empty(shape, dtype)
     n = dtype.itemsize
     for s in shape:
@@ -82,3 +89,10 @@ def empty(shape, dtype):
     if n < MIN_BYTES:
         return np.empty(shape, dtype)
     return arena.take(shape, dtype)
+
+
+def release(a):
+    """Hand `a` back to the arena in use, if it took it there: its last reader is done with it."""
+    arena = getattr(_local, "arena", None)
+    if arena is not None and a is not None:
+        arena.release(a)

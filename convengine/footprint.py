@@ -4,17 +4,22 @@ Counted, in bytes, for a batch of `batch` samples:
     parameters   the trained arrays and their accumulated gradients
     activations  what forward keeps for backward: the output of each layer that makes one (a fused pair makes one,
                  see convengine.fusion), max pooling's int64 argmax indices, dropout's mask; the input batch
-    gradients    the input gradient of each layer that makes one, all held at once (the step's buffers are kept
-                 for the next step, see convengine._workspace), weight-gradient temporaries, the gradient of the
-                 model's output
+    gradients    the buffers of the layers' input gradients: the step's are kept for the next step, and one
+                 that the next layer down has read is taken again by a later gradient of its shape
+                 (convengine._workspace, replayed here as Sequential.backward runs it); the weight-gradient
+                 temporaries; the gradient of the model's output
 Not counted: the optimizer's slots (momentum, Adam's moments: one or two more times the parameters), the
 kernels' scratch (packing buffers, a few MB at most; `engine.conv2d_scratch_bytes` reports it per conv) and what
 the loss keeps (a batch of scores).
 """
+import collections
 import math
 
-from . import fusion
-from .layers import BatchNorm2d, Dropout, Flatten, MaxPool2d, ReLU
+from . import _workspace, fusion
+from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+
+# the layers whose input gradient is an array of the backward arena (the others' are NumPy's own or views)
+_ARENA_GRADIENT = (Conv2d, BatchNorm2d, MaxPool2d, AvgPool2d, Linear, ReLU)
 
 
 def training_memory(model, batch, input_shape):
@@ -25,11 +30,12 @@ def training_memory(model, batch, input_shape):
     params = sum(2 * p.data.size for p in model.parameters()) * itemsize
     shape = tuple(input_shape)
     activations = batch * math.prod(shape)          # the input batch
-    gradients = 0
     weight_temporaries = 0
+    shapes = []
     for i, layer in enumerate(layers):
         out_shape = tuple(layer.output_shape(shape))
-        n_in, n_out = batch * math.prod(shape), batch * math.prod(out_shape)
+        shapes.append(shape)
+        n_out = batch * math.prod(out_shape)
         if i in pairs:
             pass                                    # its output is the pair's: counted with the ReLU
         elif isinstance(layer, Flatten):
@@ -40,13 +46,40 @@ def training_memory(model, batch, input_shape):
             activations += n_out
         if isinstance(layer, MaxPool2d):
             activations += n_out * 8 // itemsize     # int64 indices
-        # the input gradient
-        through = i - 1 in pairs and isinstance(layer, ReLU) and isinstance(layers[i - 1], BatchNorm2d)
-        if not (isinstance(layer, Flatten) or through or (i == 0 and not model.need_input_grad)):
-            gradients += n_in
         weight_temporaries = max(weight_temporaries, sum(p.data.size for p in layer.parameters()))
         shape = out_shape
-    gradients += batch * math.prod(shape) + weight_temporaries
+    gradients = batch * math.prod(shape) + weight_temporaries + _input_gradients(model, batch, shapes, pairs)
     out = {"parameters": params, "activations": activations * itemsize, "gradients": gradients * itemsize}
     out["total"] = sum(out.values())
     return out
+
+
+def _input_gradients(model, batch, shapes, pairs):
+    """Values in the buffers of the layers' input gradients, Sequential.backward's order of taking and handing
+    back buffers replayed (shapes[i]: layer i's input shape per sample)."""
+    from .model import _FRESH_BACKWARD, _KEEP_NO_GRADIENT
+    layers = model.layers
+    itemsize = model.dtype.itemsize
+    first = min((k for k, layer in enumerate(layers) if type(layer) in _FRESH_BACKWARD), default=len(layers))
+    free = collections.Counter()        # arena buffers handed back, by shape
+    total = 0
+    holder = None                       # the shape of the arena buffer holding the gradient being passed down
+    for i in range(len(layers) - 1, -1, -1):
+        layer = layers[i]
+        if i == 0 and not model.need_input_grad and not layer.parameters():
+            break
+        through = i - 1 in pairs and isinstance(layer, ReLU) and isinstance(layers[i - 1], BatchNorm2d)
+        if isinstance(layer, Flatten) or through:
+            continue                    # the gradient passes on (a view, or the same array)
+        if i == 0 and not model.need_input_grad:
+            break
+        n = batch * math.prod(shapes[i])
+        arena = i > first and isinstance(layer, _ARENA_GRADIENT) and n * itemsize >= _workspace.MIN_BYTES
+        if arena and free[shapes[i]]:
+            free[shapes[i]] -= 1
+        else:
+            total += n
+        if holder is not None and type(layer) in _KEEP_NO_GRADIENT:
+            free[holder] += 1
+        holder = shapes[i] if arena else None
+    return total

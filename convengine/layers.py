@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from . import _args
+from . import _args, _workspace
 from . import functional as F
 from ._random import generator
 
@@ -224,6 +224,7 @@ class Conv2d(_Weighted):
         gx, gw, gb = F._conv2d_backward(grad, x, self.weight.data, need_input_grad=self.need_input_grad,
                                         need_bias_grad=self.bias is not None, **self._hyper())
         self.weight.grad += gw
+        _workspace.release(gw)          # the next layer's temporary may take its buffer
         if self.bias is not None:
             self.bias.grad += gb
         return gx if self.need_input_grad else None
@@ -514,6 +515,7 @@ class Linear(_Weighted):
         x = self._needs_cache(self._x)
         gx, gw, gb = F.linear_backward(grad, x, self.weight.data)
         self.weight.grad += gw
+        _workspace.release(gw)
         if self.bias is not None:
             self.bias.grad += gb
         return gx if self.need_input_grad else None

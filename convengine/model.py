@@ -85,6 +85,8 @@ def summary_table(rows, text_columns, footer):
 # Layers whose forward returns an array of its own (never its input or a view of it), and those whose backward does
 _FRESH_FORWARD = (Conv2d, BatchNorm2d, ReLU, MaxPool2d, AvgPool2d, GlobalAvgPool2d, Linear)
 _FRESH_BACKWARD = (Conv2d, BatchNorm2d, MaxPool2d, AvgPool2d, GlobalAvgPool2d, Linear)
+# layers whose backward keeps no reference to the gradient it is given
+_KEEP_NO_GRADIENT = frozenset(LAYER_TYPES.values())
 
 
 class Sequential:
@@ -228,10 +230,15 @@ class Sequential:
                 return None
             try:
                 with _workspace.using(arena if arena is not None and i > first else None):
-                    grad = layer.backward(grad)
+                    new = layer.backward(grad)
             except (ValueError, TypeError) as e:
                 shape = getattr(grad, "shape", ())
                 raise type(e)(self._layer_error(i, shape, e, what="gradient")) from e
+            # the gradient layer i read is dead once it returned one of its own (the library's layers keep none)
+            if arena is not None and type(layer) in _KEEP_NO_GRADIENT and isinstance(grad, np.ndarray) \
+                    and not (isinstance(new, np.ndarray) and np.may_share_memory(new, grad)):
+                arena.release(grad if grad.base is None else grad.base)
+            grad = new
         return grad
 
     def parameters(self):

@@ -222,6 +222,69 @@ def test_training_buffers_are_reused_across_steps_and_never_returned():
     assert model.layers[1]._cache[3] is cached[2][0]
 
 
+class KeepsGradient(L.Layer):
+    """An identity layer of the user's own that keeps every gradient it is given (the library's layers keep
+    none): the gradient buffer it read must not be handed back within the step."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept = []
+
+    def forward(self, x, training=False):
+        return x.copy()
+
+    def backward(self, grad):
+        self.kept.append((grad, grad.copy()))
+        return grad.copy()
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+
+def depthwise_separable_layers():
+    return [L.Conv2d(3, 8, 3, padding=1), L.BatchNorm2d(8), L.ReLU(),
+            L.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), L.BatchNorm2d(8), L.ReLU(),
+            L.Conv2d(8, 8, 1, bias=False), L.BatchNorm2d(8), L.ReLU(),
+            L.Conv2d(8, 8, 3, padding=1, groups=8), L.ReLU(), L.Conv2d(8, 8, 1), L.ReLU(),
+            L.GlobalAvgPool2d(), L.Linear(8, 5)]
+
+
+def test_backward_hands_gradient_buffers_back_within_a_step():
+    """A gradient that the next layer down has read is dead: backward hands its buffer back, and the next gradient
+    of its shape takes it. A net of same-shaped layers then holds two gradient buffers of that shape, not one per
+    layer, with the values of a model without buffers, step after step; the footprint counts what is held; a
+    layer of the user's own keeps what it was given (test_training_memory_bytes_is_what_a_step_holds: the
+    footprint counts what is held)."""
+    convengine.manual_seed(0)
+    model = Sequential(depthwise_separable_layers())
+    rng = np.random.default_rng(0)
+    x, gy = randn(rng, (16, 3, 16, 16), np.float32), randn(rng, (16, 5), np.float32)   # 128 KiB per gradient
+    plain = Sequential(depthwise_separable_layers())
+    plain.reuse_buffers = False
+    for p, q in zip(plain.parameters(), model.parameters()):
+        p.data[...] = q.data
+    for step in range(3):
+        assert_bitwise_equal(model.forward(x, training=True), plain.forward(x, training=True))
+        model.backward(gy)
+        plain.backward(gy)
+        for p, q in zip(model.parameters(), plain.parameters()):
+            assert_bitwise_equal(p.grad, q.grad)
+    _, backward_arena = model._workspaces
+    planes = [a for arrays in backward_arena._passes.values() for a in arrays if a.shape == (16, 8, 16, 16)]
+    assert len(planes) == 2                          # 9 layers' gradients of that shape
+    # a layer that keeps its gradient: what it kept stays as it was
+    keeper = KeepsGradient()
+    layers = depthwise_separable_layers()
+    kept_model = Sequential(layers[:6] + [keeper] + layers[6:])
+    for _ in range(2):
+        keeper.kept.clear()
+        kept_model.forward(x, training=True)
+        kept_model.backward(gy)
+        assert len(keeper.kept) == 1
+        for kept, copy in keeper.kept:
+            assert_bitwise_equal(kept, copy)
+
+
 @pytest.mark.parametrize("layers", [
     lambda: [L.Conv2d(3, 2, 3), L.ReLU(), L.Flatten()],
     lambda: [L.Conv2d(3, 2, 3), L.BatchNorm2d(2), L.ReLU(), L.Flatten(), L.Dropout(0.0)],
@@ -241,15 +304,20 @@ def test_what_the_model_returns_is_never_a_buffer(layers):
     assert_bitwise_equal(ga, gb)
 
 
+def pooled_layers():
+    return [L.Conv2d(3, 16, 3, padding=1), L.BatchNorm2d(16), L.ReLU(), L.MaxPool2d(2),
+            L.Conv2d(16, 32, 3, padding=1), L.ReLU(), L.GlobalAvgPool2d(), L.Linear(32, 5)]
+
+
+@pytest.mark.parametrize("net", [pooled_layers, depthwise_separable_layers])
 @pytest.mark.parametrize("fuse", [True, False])
-def test_training_memory_bytes_is_what_a_step_holds(fuse):
+def test_training_memory_bytes_is_what_a_step_holds(fuse, net):
     """The footprint computed from the shapes against the memory NumPy reports (tracemalloc) at the peak of a
-    steady-state step, parameters added (they exist before the step); fusion makes it smaller."""
+    steady-state step, parameters added (they exist before the step); fusion makes it smaller. The separable
+    net's gradients share buffers (test_backward_hands_gradient_buffers_back_within_a_step)."""
     import tracemalloc
     convengine.manual_seed(0)
-    model = Sequential([L.Conv2d(3, 16, 3, padding=1), L.BatchNorm2d(16), L.ReLU(), L.MaxPool2d(2),
-                        L.Conv2d(16, 32, 3, padding=1), L.ReLU(), L.GlobalAvgPool2d(), L.Linear(32, 5)],
-                       input_shape=(3, 32, 32))
+    model = Sequential(net(), input_shape=(3, 32, 32))
     model.fuse = fuse
     rng = np.random.default_rng(0)
     x, y = randn(rng, (16, 3, 32, 32), np.float32), rng.integers(0, 5, 16)
