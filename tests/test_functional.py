@@ -923,6 +923,64 @@ def test_stride_two_grad_input_by_phases(rng, x_shape, w_shape, pad, groups):
         assert_bitwise_equal(gx, outs[0], f"phases {x_shape} {w_shape}: {n_threads} threads vs 1")
 
 
+# (x shape, w shape, stride, padding, groups): at least one shape for every path of every direction (SCRATCH_PATHS)
+SCRATCH_CASES = [
+    ((8, 32, 16, 16), (64, 32, 3, 3), 1, 1, 1),     # direct (rows), transposed direct, pixels
+    ((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1),     # direct on larger planes
+    ((8, 32, 32, 32), (64, 32, 3, 3), 2, 1, 1),     # strided rows, phases
+    ((8, 64, 8, 8), (128, 64, 1, 1), 1, 0, 1),      # pointwise, transposed pointwise
+    ((4, 64, 32, 32), (64, 64, 1, 1), 1, 0, 1),     # pointwise grad_weight
+    ((8, 3, 32, 32), (32, 3, 3, 3), 1, 1, 1),       # smallc, col2im
+    ((2, 1, 28, 28), (32, 1, 5, 5), 1, 2, 1),       # one input channel
+    ((8, 6, 14, 14), (16, 6, 5, 5), 1, 0, 1),       # lanes
+    ((4, 16, 9, 9), (8, 4, 3, 3), 2, 1, 4),         # groups: im2col
+    ((4, 16, 13, 13), (24, 16, 3, 3), 2, 0, 1),     # pixels
+    ((4, 16, 15, 15), (8, 16, 3, 3), 1, 0, 1),      # direct grad_weight
+    ((4, 32, 7, 7), (32, 32, 3, 3), 1, 1, 1),       # transposed pixels
+    ((8, 32, 16, 16), (32, 1, 3, 3), 1, 1, 32),     # depthwise
+    ((8, 32, 32, 32), (32, 1, 3, 3), 2, 1, 32),
+    ((4, 8, 12, 12), (8, 1, 5, 5), 2, 2, 8),
+]
+SCRATCH_PATHS = {"forward": {"direct", "im2col", "pixels", "pointwise", "smallc", "depthwise"},
+                 "grad_input": {"col2im", "lanes", "phases", "transposed direct", "transposed pixels",
+                                "transposed pointwise", "depthwise"},
+                 "grad_weight": {"direct", "im2col", "lanes", "pixels", "pointwise", "smallc", "depthwise"}}
+
+
+def test_scratch_report_is_what_the_kernels_hold():
+    """conv2d_scratch_bytes, computed from the shapes, against the most bytes the kernels' scratch allocations
+    held at once during a call (count_allocated_bytes follows every ce_malloc and ce_free), for every path of
+    every direction, both dtypes and 1 to 3 threads: equal, so the report stays true as kernels change."""
+    rng = np.random.default_rng(0)
+    covered = {direction: set() for direction in SCRATCH_PATHS}
+    for dtype, (x_shape, w_shape, stride, pad, groups), n_threads in itertools.product(
+            DTYPES, SCRATCH_CASES, (1, 2, 3)):
+        x, w = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype)
+        geom = _args.conv2d_args(x, w, None, stride, pad, 1, groups)
+        params = F._conv_params(geom)
+        dy = randn(rng, geom.out_shape, dtype)
+        report = _engine.conv2d_scratch_bytes(x_shape, w_shape, params, x.itemsize, n_threads)
+        paths = _engine.conv2d_paths(x_shape, w_shape, params, x.itemsize)
+        calls = {"forward": lambda: _engine.conv2d_forward(x, w, None, np.empty(geom.out_shape, dtype), params,
+                                                           n_threads),
+                 "grad_input": lambda: _engine.conv2d_grad_input(dy, w, np.empty_like(x), params, n_threads),
+                 "grad_weight": lambda: _engine.conv2d_grad_weight(dy, x, np.empty_like(w),
+                                                                   np.empty(w_shape[0], dtype), params, n_threads)}
+        for direction, call in calls.items():
+            _engine.count_allocated_bytes(True)
+            try:
+                call()
+            finally:
+                held = _engine.count_allocated_bytes(False)
+            assert held == report[direction], (direction, paths[direction], dtype.__name__, x_shape, w_shape,
+                                               n_threads, held, report[direction])
+            covered[direction].add(paths[direction].split(" 3x3")[0])
+    for direction, want in SCRATCH_PATHS.items():
+        if convengine.build_info()["simd"] != "avx512" and direction == "grad_input":
+            want = want - {"lanes", "transposed pixels"}     # the narrower builds take other paths there
+        assert want <= covered[direction], (direction, want - covered[direction])
+
+
 def dw_small_expected(kernel):
     """The path conv2d_paths should report for a whole-plane case in this build."""
     return kernel if convengine.build_info()["simd"] == "avx512" else "depthwise"

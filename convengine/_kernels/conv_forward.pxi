@@ -92,60 +92,6 @@ cdef void shifted_tap_rows(const ConvGeom* p, const float* xblk, Py_ssize_t rows
                 r = r + 1
 
 
-cdef Py_ssize_t busiest_thread_load(Py_ssize_t rows, Py_ssize_t R, Py_ssize_t G, Py_ssize_t mpanels,
-                                    int n_threads) noexcept nogil:
-    """Output rows x channel panels that the busiest of n_threads computes in conv2d_forward_direct_rows with blocks
-    of R rows (the last one shorter): its G * blocks * msplit tasks handed out as OpenMP's static schedule does
-    (contiguous runs, the first tasks % n_threads threads one task more)."""
-    cdef Py_ssize_t nblk = (rows + R - 1) // R
-    cdef Py_ssize_t msplit = min(n_threads, channel_blocks(G * nblk, mpanels, n_threads))
-    cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
-    cdef Py_ssize_t ntask = G * nblk * msplit
-    cdef Py_ssize_t t, task, u, rb, ip0, load, worst = 0, t0 = 0, cnt
-    if msplit == 1:
-        # four or more blocks per thread: whole blocks of R rows, the busiest thread's share rounded up
-        return (ntask + n_threads - 1) // n_threads * R * mpanels
-    for t in range(n_threads):
-        cnt = ntask // n_threads + (1 if t < ntask % n_threads else 0)
-        load = 0
-        for task in range(t0, t0 + cnt):
-            u = task // msplit
-            rb = u % nblk
-            ip0 = (task - u * msplit) * mchunk
-            load = load + max(0, min(mpanels, ip0 + mchunk) - ip0) * (min(rows, (rb + 1) * R) - rb * R)
-        worst = max(worst, load)
-        t0 = t0 + cnt
-    return worst
-
-
-cdef inline Py_ssize_t balanced_rows(const ConvGeom* p, Py_ssize_t R, int n_threads) noexcept nogil:
-    """Rows per block of the row-vector direct kernel for n_threads: from R down in whole-vector steps (to R/2, or
-    to one step when the batch's rows make fewer than two blocks per thread), the size whose tasks load the
-    busiest thread least (busiest_thread_load), the largest such. 64 8x8 images: 11 blocks of 48 rows left one of
-    2 threads a block more, 0.965x the pixel path; 16 of 32 share evenly. One 16x16 image: blocks of 12 and 4 rows
-    gave one thread three quarters of the work, 8 and 8 share it. Blocks never change a sum: bits stay the same."""
-    cdef Py_ssize_t VL = vlen(<float>0)
-    cdef Py_ssize_t rows = p.B * p.OH
-    cdef Py_ssize_t mpanels = round_up(p.K // p.G, CE_MR) // CE_MR
-    cdef Py_ssize_t step = 1, Rt, best = R, cost, best_cost, lowest
-    if n_threads <= 1:
-        return R
-    if rows_partial(p):
-        step = p.OH
-    while (step * p.OW) % VL != 0 and not rows_partial(p):
-        step = step + 1
-    lowest = step if rows < 2 * n_threads * R else max(step, (R + 1) // 2)
-    best_cost = busiest_thread_load(rows, R, p.G, mpanels, n_threads)
-    Rt = R - step
-    while Rt >= lowest:
-        cost = busiest_thread_load(rows, Rt, p.G, mpanels, n_threads)
-        if cost < best_cost:
-            best = Rt
-            best_cost = cost
-        Rt = Rt - step
-    return best
-
-
 cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize_t KC, const Epilogue* e,
                                     float* y, const ConvGeom* p, int n_threads) noexcept nogil:
     """The direct path (see conv2d_forward_direct) for float32 rows of whole vectors (OW a multiple of VL), its
@@ -171,19 +117,11 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
     cdef Py_ssize_t P = p.OH * p.OW
     cdef bint shifted = rows_shifted(p)
     cdef Py_ssize_t Wr = rows_len(p)
-    cdef Py_ssize_t R = balanced_rows(p, direct_rows_rows(p), n_threads)
-    cdef Py_ssize_t nblk = (p.B * p.OH + R - 1) // R
-    cdef Py_ssize_t rows_in = min(R, p.OH) + rows_reach(p)
-    cdef Py_ssize_t seglen = Cg * rows_copies(p) * rows_in * Wr
-    # images a block of R rows touches: R // OH + 2 at most; each segment followed by VL zeros that a plane's last,
-    # partial vector may read past the last copy
-    cdef Py_ssize_t nseg = min(p.B, R // p.OH + 2)
-    cdef Py_ssize_t segstride = seglen + VL
-    cdef Py_ssize_t maxvec = R * p.OW // VL + nseg
+    cdef RowsPlan plan = rows_plan(p, n_threads)
+    cdef Py_ssize_t R = plan.R, nblk = plan.nblk, rows_in = plan.rows_in, seglen = plan.seglen, nseg = plan.nseg
+    cdef Py_ssize_t segstride = plan.segstride, maxvec = plan.maxvec, msplit = plan.msplit, mchunk = plan.mchunk
     cdef Py_ssize_t npix, zs
     cdef Py_ssize_t* lanes
-    cdef Py_ssize_t msplit = min(n_threads, channel_blocks(p.G * nblk, mpanels, n_threads))
-    cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
     cdef Py_ssize_t task, u, g, rb, r0, r1, b, s, nvec, nfull, v, jp, ip, ip0, ip1, k0, kc, kk, q, seg_r0, seg_r1
     cdef const Epilogue* last
     cdef float* xblk

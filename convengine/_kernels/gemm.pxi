@@ -5,7 +5,6 @@
 #   A block (m x k):  panels of MR rows;    panel ip holds a[ip*MR + i, p] at  [ip*MR*kc + p*MR + i]
 #   B block (k x n):  panels of NR columns; panel jp holds b[p, jp*NR + j] at [jp*NR*kc + p*NR + j]
 
-from libc.stdlib cimport free
 from libc.string cimport memset, memcpy
 from libc.stdint cimport uint32_t, uint64_t
 from cython.parallel cimport prange, parallel

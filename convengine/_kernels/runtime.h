@@ -13,6 +13,7 @@
 #define CE_RUNTIME_H
 
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -96,8 +97,85 @@ static inline int ce_alloc_should_fail(void) {
     return 0;
 }
 
-static inline void* ce_malloc(size_t n) { return ce_alloc_should_fail() ? NULL : malloc(n); }
-static inline void* ce_calloc(size_t n, size_t size) { return ce_alloc_should_fail() ? NULL : calloc(n, size); }
+/* Accounting for the tests: while ce_alloc_counting is set, every scratch allocation (over all threads) is
+ * entered in a table by its address and size, and its free removes it: ce_alloc_peak is then the most bytes held
+ * at once, which the scratch reports (conv2d_scratch_bytes) are checked against. A spin lock guards the table;
+ * with counting off the only cost is one relaxed load per allocation and free. */
+#define CE_ALLOC_SLOTS 8192
+static int ce_alloc_counting = 0;
+static long long ce_alloc_now = 0, ce_alloc_peak = 0, ce_alloc_lost = 0;
+static void* ce_alloc_ptr[CE_ALLOC_SLOTS];
+static size_t ce_alloc_size[CE_ALLOC_SLOTS];
+static char ce_alloc_lock = 0;
+
+static inline size_t ce_alloc_slot(const void* p) { return ((size_t)p >> 4) % CE_ALLOC_SLOTS; }
+
+static void ce_alloc_enter(void* p, size_t n) {
+    size_t i, k;
+    if (p == NULL || !__atomic_load_n(&ce_alloc_counting, __ATOMIC_RELAXED)) return;
+    while (__atomic_test_and_set(&ce_alloc_lock, __ATOMIC_ACQUIRE)) {}
+    for (i = ce_alloc_slot(p), k = 0; k < CE_ALLOC_SLOTS && ce_alloc_ptr[i] != NULL; k++) i = (i + 1) % CE_ALLOC_SLOTS;
+    if (k < CE_ALLOC_SLOTS) {
+        ce_alloc_ptr[i] = p;
+        ce_alloc_size[i] = n;
+        ce_alloc_now += (long long)n;
+        if (ce_alloc_now > ce_alloc_peak) ce_alloc_peak = ce_alloc_now;
+    } else {
+        ce_alloc_lost++;
+    }
+    __atomic_clear(&ce_alloc_lock, __ATOMIC_RELEASE);
+}
+
+static void ce_alloc_leave(void* p) {
+    size_t i, k;
+    if (p == NULL || !__atomic_load_n(&ce_alloc_counting, __ATOMIC_RELAXED)) return;
+    while (__atomic_test_and_set(&ce_alloc_lock, __ATOMIC_ACQUIRE)) {}
+    for (i = ce_alloc_slot(p), k = 0; k < CE_ALLOC_SLOTS && ce_alloc_ptr[i] != p; k++) i = (i + 1) % CE_ALLOC_SLOTS;
+    if (k < CE_ALLOC_SLOTS) {
+        ce_alloc_now -= (long long)ce_alloc_size[i];
+        ce_alloc_ptr[i] = NULL;
+        /* re-enter the entries after it that probing may have passed over */
+        for (i = (i + 1) % CE_ALLOC_SLOTS; ce_alloc_ptr[i] != NULL; i = (i + 1) % CE_ALLOC_SLOTS) {
+            void* q = ce_alloc_ptr[i];
+            size_t n = ce_alloc_size[i], j = ce_alloc_slot(q);
+            ce_alloc_ptr[i] = NULL;
+            while (ce_alloc_ptr[j] != NULL) j = (j + 1) % CE_ALLOC_SLOTS;
+            ce_alloc_ptr[j] = q;
+            ce_alloc_size[j] = n;
+        }
+    }
+    __atomic_clear(&ce_alloc_lock, __ATOMIC_RELEASE);
+}
+
+/* Start counting (on) from an empty table, or stop; returns the peak since the previous call. */
+static long long ce_alloc_restart(int on) {
+    long long peak = ce_alloc_peak;
+    while (__atomic_test_and_set(&ce_alloc_lock, __ATOMIC_ACQUIRE)) {}
+    memset(ce_alloc_ptr, 0, sizeof ce_alloc_ptr);
+    ce_alloc_now = ce_alloc_peak = ce_alloc_lost = 0;
+    __atomic_store_n(&ce_alloc_counting, on, __ATOMIC_RELAXED);
+    __atomic_clear(&ce_alloc_lock, __ATOMIC_RELEASE);
+    return peak;
+}
+
+static inline void* ce_malloc(size_t n) {
+    void* p;
+    if (ce_alloc_should_fail()) return NULL;
+    p = malloc(n);
+    ce_alloc_enter(p, n);
+    return p;
+}
+static inline void* ce_calloc(size_t n, size_t size) {
+    void* p;
+    if (ce_alloc_should_fail()) return NULL;
+    p = calloc(n, size);
+    ce_alloc_enter(p, n * size);
+    return p;
+}
+static inline void ce_free(void* p) {
+    ce_alloc_leave(p);
+    free(p);
+}
 
 /* Record a failure from inside a parallel block. Cython makes a variable assigned inside prange/parallel private
  * (lastprivate), so a plain `failed = 1` there is lost when another thread runs the last iteration and the caller

@@ -1,11 +1,10 @@
 # What every kernel shares at run time (runtime.h says why each exists): scratch allocation through
-# ce_malloc/ce_calloc, so that the tests can make any one allocation fail; the flush-to-zero mode entered at each
+# ce_malloc/ce_calloc and ce_free, so that the tests can make any one allocation fail and weigh what a call holds; the flush-to-zero mode entered at each
 # def entry (fp_enter_call) and in each parallel block (fp_enter, inside fp_suspend/fp_resume), and left exactly as
 # found; flag_failure for failures inside parallel blocks.
 # The def functions below are the Python face of these: the setting, and the hooks the tests read and drive.
 
 from cython.parallel cimport prange, parallel, threadid
-from libc.stdlib cimport free
 
 cdef extern from "runtime.h":
     ctypedef unsigned long long fpstate "ce_fpstate"
@@ -21,6 +20,8 @@ cdef extern from "runtime.h":
     void flag_failure "ce_flag_failure"(int* failed) noexcept nogil
     int flush_denormal_flag "ce_flush_denormal"
     long alloc_countdown "ce_alloc_countdown"
+    void free "ce_free"(void* p) nogil
+    long long alloc_restart "ce_alloc_restart"(int on) nogil
     enum: CE_FLUSH_SUPPORTED
 
 FLUSH_SUPPORTED = bool(CE_FLUSH_SUPPORTED)
@@ -59,6 +60,12 @@ def team_flushing(int n_threads, bint entered):
     result = [seen[i] - 1 for i in range(n_threads)]
     free(seen)
     return result
+
+
+def count_allocated_bytes(bint on):
+    """Test hook: start (on) or stop following the kernels' scratch allocations, over all threads. Returns the
+    most bytes they held at once since the previous call."""
+    return alloc_restart(on)
 
 
 def fail_allocation_after(long n):
