@@ -182,6 +182,28 @@ def test_relu_linear_thread_count_invariant(rng, dtype):
     assert_same_for_all_thread_counts(lambda: F.linear_backward(g, a, w), "linear_backward")
 
 
+@pytest.mark.parametrize("m,k,n", [(120, 64, 400), (64, 400, 120), (5, 700, 1000), (64, 128, 10), (200, 30, 50)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_matmul_blocks_never_change_bits(rng, dtype, m, k, n):
+    """The dense layers' GEMM cuts C into blocks by thread count (strided_blocks: 120 x 400 was 96 + 24 rows at one
+    thread, 64 + 56 at two, more blocks where there are fewer than threads); every element still reduces over all
+    of k in one order: the same bits on 1-3 threads, the product within rounding of float64's. A transposed view
+    as the left operand (a layer's weight gradient reads grad_out.T)."""
+    from convengine._kernels import engine
+    a, b = randn(rng, (k, m), dtype).T, randn(rng, (k, n), dtype)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+
+    def product():
+        out = np.empty((m, n), dtype)
+        engine.matmul(a, b, out, convengine.get_num_threads())
+        return out
+    assert_same_for_all_thread_counts(product, f"matmul {m}x{k}x{n}")
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    for n_threads in THREADS:
+        convengine.set_num_threads(n_threads)
+        np.testing.assert_allclose(product(), want, rtol=tol, atol=tol * np.sqrt(k))
+
+
 def test_thread_count_is_restored_and_validated():
     before = convengine.get_num_threads()
     with pytest.raises(ValueError, match="n"):
