@@ -16,10 +16,10 @@ import collections
 import math
 
 from . import _workspace, fusion
-from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, ReLU
 
 # the layers whose input gradient is an array of the backward arena (the others' are NumPy's own or views)
-_ARENA_GRADIENT = (Conv2d, BatchNorm2d, MaxPool2d, AvgPool2d, Linear, ReLU)
+_ARENA_GRADIENT = (Conv2d, BatchNorm2d, MaxPool2d, AvgPool2d, GlobalAvgPool2d, Linear, ReLU)
 
 
 def training_memory(model, batch, input_shape):

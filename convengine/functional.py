@@ -148,6 +148,18 @@ def global_avg_pool2d(x):
     return out
 
 
+def _global_avg_pool2d_backward(grad_out, input_shape):
+    """The gradient of global_avg_pool2d: each (N, C) value of grad_out spread evenly over its H x W map."""
+    _args.check_array(grad_out, "grad_out", 2)
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 4 or shape[:2] != grad_out.shape or shape[2] * shape[3] == 0:
+        raise ValueError(f"global_avg_pool2d_backward: grad_out of shape {grad_out.shape} does not match an input "
+                         f"of shape {shape}")
+    grad_x = _workspace.empty(shape, dtype=grad_out.dtype)
+    _engine.global_avg_pool2d_backward(_contiguous(grad_out), grad_x, _threads_for(grad_x.size, _SERIAL_ELEMENTS))
+    return grad_x
+
+
 def relu(x):
     """max(x, 0) elementwise; NaN stays NaN."""
     _args.check_array(x, "x")

@@ -338,9 +338,7 @@ class GlobalAvgPool2d(Layer):
         return y
 
     def backward(self, grad):
-        shape = self._needs_cache(self._shape)
-        scale = grad.dtype.type(1.0 / (shape[2] * shape[3]))
-        return np.broadcast_to((grad * scale)[:, :, None, None], shape).copy()
+        return F._global_avg_pool2d_backward(grad, self._needs_cache(self._shape))
 
     def output_shape(self, input_shape):
         if len(input_shape) != 3:

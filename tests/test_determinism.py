@@ -166,6 +166,8 @@ def test_pools_thread_count_invariant(rng, x_shape, params, dtype):
         assert_same_for_all_thread_counts(
             lambda: F.avg_pool2d_backward(go, x.shape, count_include_pad=cip, **params), "avg_pool2d_backward")
     assert_same_for_all_thread_counts(lambda: F.global_avg_pool2d(x), "global_avg_pool2d")
+    assert_same_for_all_thread_counts(lambda: F._global_avg_pool2d_backward(go[:, :, 0, 0], x.shape),
+                                      "global_avg_pool2d backward")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

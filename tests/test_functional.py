@@ -751,6 +751,22 @@ def test_global_avg_pool2d_takes_any_layout_and_keeps_nan_and_inf(rng):
     assert np.isfinite(np.delete(got.reshape(-1), [1, 5])).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (4, 8, 8, 8), (2, 5, 7, 7), (1, 3, 17, 13), (0, 3, 4, 4)])
+def test_global_avg_pool2d_backward_spreads_each_gradient_evenly(rng, shape, dtype):
+    """Each plane of the input gradient holds its output gradient over the plane's size, the derivative of the
+    mean (test_gradients checks the layer by finite differences)."""
+    go = randn(rng, shape[:2], dtype)
+    got = F._global_avg_pool2d_backward(go, shape)
+    assert got.dtype == dtype and got.shape == shape
+    assert_close(got, np.broadcast_to(go[:, :, None, None] / (shape[2] * shape[3]), shape),
+                 "global_avg_pool2d backward")
+    with pytest.raises(ValueError, match="does not match"):
+        F._global_avg_pool2d_backward(go, (shape[0], shape[1] + 1, 2, 2))
+    with pytest.raises(ValueError, match="does not match"):
+        F._global_avg_pool2d_backward(go, (shape[0], shape[1], 0, 2))
+
+
 def test_global_avg_pool2d_refuses_bad_input():
     with pytest.raises(ValueError, match="4-D"):
         F.global_avg_pool2d(np.zeros((2, 3, 4), np.float32))

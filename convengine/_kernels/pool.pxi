@@ -541,8 +541,10 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, OH,
     fp_resume(fps)
 
 
-# Global average pooling: each plane's mean, its sum in grad_bias's fixed 16-lane order (channel_sum) divided by
-# the count. One plane is one task, so any thread count gives the same bits.
+# Global average pooling: each plane's mean, its sum in batch norm's fixed order (plane_sum: 16 lanes added
+# pairwise in registers; channel_sum's lanes one by one were a serial chain of adds per 8x8 plane) divided by the
+# count; its gradient, each plane filled with its value divided by the count. One plane is one task, so any thread
+# count gives the same bits.
 
 def global_avg_pool2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W), H*W > 0
                               floating[:, ::1] out,             # OUT (B, C)
@@ -563,6 +565,32 @@ cdef void global_avg_pool2d_core(const floating* xbase, floating* ybase, Py_ssiz
     with parallel(num_threads=n_threads):
         fp = fp_enter()
         for pl in prange(planes, schedule='static'):
-            ybase[pl] = channel_sum(xbase + pl * HW, 1, HW, HW) / HW
+            ybase[pl] = plane_sum(xbase + pl * HW, HW) / HW
         fp_leave(fp)
     fp_resume(fps)
+
+
+def global_avg_pool2d_backward(const floating[:, ::1] grad_out,  # IN  (B, C)
+                               floating[:, :, :, ::1] grad_x,    # OUT (B, C, H, W), H*W > 0
+                               int n_threads):
+    """grad_x[b, c] = grad_out[b, c] / (H*W) over the plane."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t planes = grad_x.shape[0] * grad_x.shape[1], HW = grad_x.shape[2] * grad_x.shape[3]
+    cdef Py_ssize_t pl, i
+    cdef floating v
+    cdef floating* dst
+    if grad_out.shape[0] != grad_x.shape[0] or grad_out.shape[1] != grad_x.shape[1]:
+        raise ValueError("global_avg_pool2d_backward: grad_out must be (B, C) of grad_x's (B, C, H, W)")
+    if planes == 0 or HW == 0:
+        return
+    with nogil:
+        fps = fp_suspend()
+        with parallel(num_threads=n_threads):
+            fp = fp_enter()
+            for pl in prange(planes, schedule='static'):
+                v = grad_out[pl // grad_x.shape[1], pl % grad_x.shape[1]] / HW
+                dst = &grad_x[0, 0, 0, 0] + pl * HW
+                for i in range(HW):
+                    dst[i] = v
+            fp_leave(fp)
+        fp_resume(fps)
