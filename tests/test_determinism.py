@@ -56,6 +56,8 @@ CONV_CASES = [
     ((16, 1, 28, 28), (32, 1, 5, 5), dict(padding=2)),
     ((5, 3, 32, 32), (16, 3, 7, 7), dict(stride=3, padding=3)),
     ((4, 64, 9, 9), (96, 64, 1, 1), dict()),
+    # float32: a strided RGB stem, grad_weight by the first-layer kernel over slices of the images
+    ((40, 3, 32, 32), (32, 3, 3, 3), dict(stride=2, padding=1)),
     # float32: dY's channels in the lanes, grad_input over images, grad_weight over 2 slices of 24 images
     ((48, 6, 14, 14), (16, 6, 5, 5), dict()),
 ]

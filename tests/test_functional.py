@@ -186,6 +186,9 @@ PATH_SHAPES = [
     ((2, 4, 7, 59), (9, 4, 2, 4), dict(stride=(2, 1), padding=(1, 2))),
     ((3, 2, 12, 40), (5, 2, 3, 5), dict(padding=(1, 2))),
     ((2, 3, 32, 32), (12, 3, 3, 3), dict(stride=2, padding=1)),     # 16-pixel rows: a one-vector tile on AVX-512
+    # stride 2 for grad_weight too: two tap groups (3 + 2), odd sizes and padding, a kernel of even width
+    ((2, 1, 17, 33), (6, 1, 5, 5), dict(stride=2, padding=2)),
+    ((3, 3, 15, 14), (8, 3, 4, 4), dict(stride=2, padding=(1, 2))),
     # grad_input with dY's channels in the lanes (float32, stride 1, K a multiple of the vector length): LeNet-5's
     # second layer, channels not a multiple of the tile's 3, rows not a multiple of its pixels, uneven padding
     ((3, 6, 14, 14), (16, 6, 5, 5), dict()),

@@ -205,13 +205,15 @@ cdef Py_ssize_t smallc_scratch(const ConvGeom* p, Py_ssize_t T) noexcept nogil:
             + p.C * p.KH * p.KW * sizeof(Py_ssize_t))
 
 
-# grad_weight of the same first layers (stride 1): dW[k, c, kh, kw] = sum over images and output pixels of
-# dY[b, k, oh, ow] * x[b, c, oh + kh - pt, ow + kw - pl]. The GEMM paths ran it at 8-17 GFLOP/s (a 6- or
-# 32-channel output, 27-75 taps: every tile is mostly padding). Here a task takes a fixed slice of the images
-# (grad_weight_chunks: a function of the shape only), copies each image's zero-padded rows and its dY rows (padded
-# to whole vectors with zeros), and keeps MR output channels x up to 3 taps of vector accumulators per (c, kh)
-# across all its images; the lanes are added in a fixed order at the end into the slice's partial sums, which
-# sum_partials adds in slice order. So results do not depend on the thread count.
+# grad_weight of the same first layers (stride 1 or 2): dW[k, c, kh, kw] = sum over images and output pixels of
+# dY[b, k, oh, ow] * x[b, c, oh*s + kh - pt, ow*s + kw - pl]. The GEMM paths ran it at 8-17 GFLOP/s (a 6- or
+# 32-channel output, 27-75 taps: every tile is mostly padding), and a strided stem at 31 by im2col. Here a task
+# takes a fixed slice of the images (grad_weight_chunks: a function of the shape only), copies each image's
+# zero-padded rows, at stride 2 split into even and odd columns (so that tap kw reads phase kw % 2 from column
+# kw // 2 on, whole vectors), and its dY rows (padded to whole vectors with zeros), and keeps MR output channels x
+# up to 3 taps of vector accumulators per (c, kh) across all its images; the lanes are added in a fixed order at
+# the end into the slice's partial sums, which sum_partials adds in slice order. So results do not depend on the
+# thread count.
 
 cdef inline Py_ssize_t smallc_gw_width(const ConvGeom* p) noexcept nogil:
     """Output columns rounded up to whole vectors: the dY rows and the x windows a row reads."""
@@ -220,15 +222,21 @@ cdef inline Py_ssize_t smallc_gw_width(const ConvGeom* p) noexcept nogil:
 
 
 cdef inline Py_ssize_t smallc_gw_xwidth(const ConvGeom* p) noexcept nogil:
-    """Columns of an image's padded rows: the widest window a tap reads, whole vectors."""
-    return smallc_gw_width(p) + p.KW - 1
+    """Columns of an image's padded rows per column phase: the widest window a tap reads, whole vectors."""
+    return smallc_gw_width(p) + (p.KW - 1) // p.sw
+
+
+cdef inline Py_ssize_t smallc_gw_xheight(const ConvGeom* p) noexcept nogil:
+    """Rows of an image's padded rows: those the output rows' taps reach."""
+    return (p.OH - 1) * p.sh + p.KH
 
 
 cdef inline Py_ssize_t smallc_gw_floats(const ConvGeom* p) noexcept nogil:
-    """Floats of one task's scratch: padded x rows, padded dY rows (K rounded up to MR), the accumulators."""
+    """Floats of one task's scratch: padded x rows (sw column phases), padded dY rows (K rounded up to MR), the
+    accumulators."""
     cdef Py_ssize_t VL = vlen(<float>0)
     cdef Py_ssize_t Kpad = (p.K + CE_MR - 1) // CE_MR * CE_MR
-    return (p.C * (p.OH + p.KH - 1) * smallc_gw_xwidth(p) + Kpad * p.OH * smallc_gw_width(p)
+    return (p.C * p.sw * smallc_gw_xheight(p) * smallc_gw_xwidth(p) + Kpad * p.OH * smallc_gw_width(p)
             + Kpad * p.C * p.KH * p.KW * VL)
 
 
@@ -246,19 +254,24 @@ ctypedef fused gw_taps:
     three_taps
 
 
-cdef void smallc_gw_rows(const float* dyp, Py_ssize_t dstride, const float* xrow, Py_ssize_t xstride,
-                         Py_ssize_t nrows, Py_ssize_t nvec, Py_ssize_t kw0, float* vacc,
+cdef void smallc_gw_rows(const float* dyp, Py_ssize_t dstride, const float* x0, const float* x1,
+                         const float* x2, Py_ssize_t xstride, Py_ssize_t nrows, Py_ssize_t nvec, float* vacc,
                          Py_ssize_t tap_stride, gw_taps* ntaps) noexcept nogil:
-    """vacc[(t * MR + i) * VL ...] += sum over rows and vectors of dY(channel i) * x shifted by kw0 + t, for
-    t < ntap (1, 2 or 3, from the tag) and the MR channels whose dY planes start dstride apart at dyp. Row r of
-    channel i is dyp + i * dstride + r * nvec * VL; row r of x is xrow + r * xstride. tap_stride: floats between
-    taps in vacc."""
+    """vacc[(t * MR + i) * VL ...] += sum over rows and vectors of dY(channel i) * tap t's x, for t < ntap (1, 2
+    or 3, from the tag) and the MR channels whose dY planes start dstride apart at dyp. Row r of channel i is
+    dyp + i * dstride + r * nvec * VL; row r of tap t's x is (x0, x1, x2)[t] + r * xstride (the taps' pointers
+    as arguments: an array of them in the caller would be shared by its OpenMP threads). tap_stride: floats
+    between taps in vacc."""
+    cdef const float* xt[3]
     cdef vfloat acc[CE_MR][3]
     cdef vfloat dv
     cdef vfloat xv[3]
     cdef Py_ssize_t VL = CE_VBYTES // sizeof(float)
     cdef Py_ssize_t i, t, r, v
     cdef int ntap
+    xt[0] = x0
+    xt[1] = x1
+    xt[2] = x2
     if gw_taps is one_tap:
         ntap = 1
     elif gw_taps is two_taps:
@@ -271,7 +284,7 @@ cdef void smallc_gw_rows(const float* dyp, Py_ssize_t dstride, const float* xrow
     for r in range(nrows):
         for v in range(nvec):
             for t in range(ntap):
-                xv[t] = (<const vfloat*>(xrow + r * xstride + v * VL + kw0 + t))[0]
+                xv[t] = (<const vfloat*>(xt[t] + r * xstride + v * VL))[0]
             for i in range(CE_MR):      # one dY vector at a time: 24 accumulators + 3 x + 1 dY registers
                 dv = ce_vf_load_reg(dyp + i * dstride + (r * nvec + v) * VL)
                 for t in range(ntap):
@@ -288,19 +301,22 @@ cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* parti
     cdef fpstate fp, fps
     cdef Py_ssize_t VL = vlen(<float>0)
     cdef Py_ssize_t OWp = smallc_gw_width(p), Wx = smallc_gw_xwidth(p)
-    cdef Py_ssize_t Hx = p.OH + p.KH - 1
+    cdef Py_ssize_t Hx = smallc_gw_xheight(p)
+    cdef Py_ssize_t sw = p.sw
     cdef Py_ssize_t Kpad = (p.K + CE_MR - 1) // CE_MR * CE_MR
     cdef Py_ssize_t taps = p.KH * p.KW
     cdef Py_ssize_t Kd = p.C * taps
     cdef Py_ssize_t per = (p.B + nchunks - 1) // nchunks
-    cdef Py_ssize_t chunk, b, b0, b1, c, kh, kw, kb, i, r, lane
+    cdef Py_ssize_t chunk, b, b0, b1, c, kh, kw, kb, i, r, lane, ph, lo, hi
+    cdef const float* x0
+    cdef const float* x1
+    cdef const float* x2
     cdef float* buf
     cdef float* xp
     cdef float* dyp
     cdef float* vacc
     cdef float* slot
     cdef float* dst_acc
-    cdef const float* src_x
     cdef const float* src_dy
     cdef float s
     cdef int failed = 0
@@ -313,17 +329,21 @@ cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* parti
                 flag_failure(&failed)
                 continue
             xp = buf
-            dyp = xp + p.C * Hx * Wx
+            dyp = xp + p.C * sw * Hx * Wx
             vacc = dyp + Kpad * p.OH * OWp
             memset(vacc, 0, Kpad * Kd * VL * sizeof(float))
             memset(dyp, 0, Kpad * p.OH * OWp * sizeof(float))       # the channels past K stay zero
             b0 = chunk * per
             b1 = min(p.B, b0 + per)
             for b in range(b0, b1):
-                # the image's rows at offset (pt, pl) in zero rows of width Wx; dY rows padded to OWp
+                # the image's rows at offset (pt, pl) in zero rows of width Wx, per column phase: phase ph's
+                # column j is input column j * sw + ph - pl; dY rows padded to OWp
                 for c in range(p.C):
-                    copy_plane_rows(x + (b * p.C + c) * p.H * p.W, p, -p.pt, Hx, xp + c * Hx * Wx, Wx, Wx, p.pl,
-                                    p.pl, p.pl + min(p.W, Wx - p.pl))
+                    for ph in range(sw):
+                        lo = max(0, (p.pl - ph + sw - 1) // sw)
+                        hi = max(lo, min(Wx, (p.W + p.pl - ph + sw - 1) // sw))
+                        copy_plane_rows_step(x + (b * p.C + c) * p.H * p.W, p, -p.pt, Hx, 1,
+                                             xp + (c * sw + ph) * Hx * Wx, Wx, Wx, ph - p.pl, sw, lo, hi)
                 for i in range(p.K):
                     ce_copy_rows(dyp + i * p.OH * OWp, OWp, dy + (b * p.K + i) * p.OH * p.OW, p.OW, p.OH, OWp, 0,
                                  p.OW)
@@ -333,17 +353,20 @@ cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* parti
                             kw = 0
                             while kw < p.KW:
                                 dst_acc = vacc + ((kb * Kd + (c * p.KH + kh) * p.KW + kw) * CE_MR) * VL
-                                src_x = xp + (c * Hx + kh) * Wx
+                                # tap kw + t: phase (kw + t) % sw of row kh, from column (kw + t) // sw
+                                x0 = xp + ((c * sw + kw % sw) * Hx + kh) * Wx + kw // sw
+                                x1 = xp + ((c * sw + (kw + 1) % sw) * Hx + kh) * Wx + (kw + 1) // sw
+                                x2 = xp + ((c * sw + (kw + 2) % sw) * Hx + kh) * Wx + (kw + 2) // sw
                                 src_dy = dyp + kb * CE_MR * p.OH * OWp
                                 if p.KW - kw >= 3:
-                                    smallc_gw_rows(src_dy, p.OH * OWp, src_x, Wx, p.OH, OWp // VL, kw, dst_acc,
-                                                   CE_MR * VL, <three_taps*>NULL)
+                                    smallc_gw_rows(src_dy, p.OH * OWp, x0, x1, x2, p.sh * Wx, p.OH, OWp // VL,
+                                                   dst_acc, CE_MR * VL, <three_taps*>NULL)
                                 elif p.KW - kw == 2:
-                                    smallc_gw_rows(src_dy, p.OH * OWp, src_x, Wx, p.OH, OWp // VL, kw, dst_acc,
-                                                   CE_MR * VL, <two_taps*>NULL)
+                                    smallc_gw_rows(src_dy, p.OH * OWp, x0, x1, x2, p.sh * Wx, p.OH, OWp // VL,
+                                                   dst_acc, CE_MR * VL, <two_taps*>NULL)
                                 else:
-                                    smallc_gw_rows(src_dy, p.OH * OWp, src_x, Wx, p.OH, OWp // VL, kw, dst_acc,
-                                                   CE_MR * VL, <one_tap*>NULL)
+                                    smallc_gw_rows(src_dy, p.OH * OWp, x0, x1, x2, p.sh * Wx, p.OH, OWp // VL,
+                                                   dst_acc, CE_MR * VL, <one_tap*>NULL)
                                 kw = kw + 3
             # lanes added in a fixed order into the slice's partial sums [r, k]
             slot = partial + chunk * Kd * p.K
