@@ -3,7 +3,8 @@
 Counted, in bytes, for a batch of `batch` samples:
     parameters   the trained arrays and their accumulated gradients
     activations  what forward keeps for backward: the output of each layer that makes one (a fused pair makes one,
-                 see convengine.fusion), max pooling's int64 argmax indices, dropout's mask; the input batch
+                 and none where it pools too, see convengine.fusion), max pooling's int64 argmax indices, dropout's
+                 mask; the input batch
     gradients    the buffers of the layers' input gradients: the step's are kept for the next step, and one
                  that the next layer down has read is taken again by a later gradient of its shape
                  (convengine._workspace, replayed here as Sequential.backward runs it); the weight-gradient
@@ -32,12 +33,15 @@ def training_memory(model, batch, input_shape):
     activations = batch * math.prod(shape)          # the input batch
     weight_temporaries = 0
     shapes = []
+    unwritten = set()       # ReLUs whose output the pair before pools in its own pass and never writes
     for i, layer in enumerate(layers):
         out_shape = tuple(layer.output_shape(shape))
         shapes.append(shape)
         n_out = batch * math.prod(out_shape)
-        if i in pairs:
-            pass                                    # its output is the pair's: counted with the ReLU
+        if i in pairs and fusion.pools_fused(layers, i, (batch,) + shape, True):
+            unwritten.add(i + 1)
+        if i in pairs or i in unwritten:
+            pass                                    # its output is the pair's: counted with the ReLU (or none)
         elif isinstance(layer, Flatten):
             pass                                    # a view
         elif isinstance(layer, Dropout):

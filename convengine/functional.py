@@ -272,21 +272,39 @@ def _batch_norm2d_relu_training(x, weight, bias, eps=1e-5):
     return out, mean, var
 
 
+def _batch_norm2d_relu_max_pool_training(x, weight, bias, eps=1e-5):
+    """(max_pool2d(relu(y), 2, return_indices=True), mean, var) for (y, mean, var) = batch_norm2d_training(...),
+    as (pooled, indices, mean, var), in one pass that never writes relu(y) out; for x of even height, width >= 2
+    and planes of >= 16 values (convengine.fusion.pools_fused)."""
+    eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, bias=bias), training=True)
+    B, C, H, W = x.shape
+    out = _workspace.empty((B, C, H // 2, W // 2), x.dtype)
+    indices = _workspace.empty((B, C, H // 2, W // 2), np.int64)
+    mean = np.empty(C, dtype=x.dtype)
+    var = np.empty(C, dtype=x.dtype)
+    _engine.batch_norm2d_relu_max_pool2x2(_contiguous(x), _contiguous(weight), _contiguous(bias), mean, var, eps,
+                                          out, indices, _threads_for(x.size, _SERIAL_ELEMENTS))
+    return out, indices, mean, var
+
+
 def _batch_norm2d_relu_backward(grad_out, x, relu_out, weight, mean, var, eps=1e-5, bias=None):
     """batch_norm2d_backward(relu_backward(grad_out, relu_out), x, ...) for relu_out the output of
     _batch_norm2d_relu_training: the gradient taken through the ReLU inside the batch norm's own passes. With the
     forward's bias, the ReLU's sign is recomputed from x (as the forward computed it: the same bits) instead of
-    read from relu_out, one array fewer streamed twice."""
+    read from relu_out, one array fewer streamed twice; relu_out may then be None where planes hold >= 16 values
+    (after _batch_norm2d_relu_max_pool_training, which never wrote it)."""
     eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, mean=mean, var=var), training=True,
                                   grad_out=grad_out)
-    _args.check_array(relu_out, "relu_out", 4, x.dtype)
-    if relu_out.shape != x.shape:
-        raise ValueError(f"relu_out shape {relu_out.shape} does not match x shape {x.shape}")
+    if relu_out is not None or bias is None:
+        _args.check_array(relu_out, "relu_out", 4, x.dtype)
+        if relu_out.shape != x.shape:
+            raise ValueError(f"relu_out shape {relu_out.shape} does not match x shape {x.shape}")
     grad_x = _workspace.empty(x.shape, dtype=x.dtype)
     grad_w = _workspace.empty(x.shape[1], dtype=x.dtype)
     grad_b = _workspace.empty(x.shape[1], dtype=x.dtype)
     _engine.batch_norm2d_backward(_contiguous(grad_out), _contiguous(x), _contiguous(weight), _contiguous(mean),
                                   _contiguous(var), eps, grad_x, grad_w, grad_b,
-                                  _threads_for(x.size, _SERIAL_ELEMENTS), relu_out=_contiguous(relu_out),
+                                  _threads_for(x.size, _SERIAL_ELEMENTS),
+                                  relu_out=None if relu_out is None else _contiguous(relu_out),
                                   relu_bias=None if bias is None else _contiguous(bias))
     return grad_x, grad_w, grad_b

@@ -1,4 +1,4 @@
-"""Layer fusion in a Sequential model's forward: pairs of layers that run as one pass, recognised by pattern.
+"""Layer fusion in a Sequential model's forward: groups of layers that run as one pass, recognised by pattern.
 
     Conv2d, ReLU        the conv applies the ReLU as it stores its output (the conv's epilogue); the ReLU keeps
                         that output, whose sign is all its backward needs.
@@ -6,12 +6,18 @@
                         takes the gradient through the ReLU inside its own sums and mapping (oneDNN's
                         fuse_norm_relu), and the ReLU's backward passes the gradient on untouched.
 
-A pair gives the values of its two layers run one after the other, bit for bit, forward and backward
-(tests/test_fusion.py); both layers keep their public API, and Sequential.backward calls each layer's backward as
+    BatchNorm2d, ReLU, MaxPool2d(2)
+                        in training, where the planes pair up (even height) and hold >= 16 values: the pair's pass
+                        pools each plane from a buffer of its thread, and relu(batch_norm(x)) is never written
+                        (oneDNN's post-op chains; CIFAR-shaped net at batch 64: the pair's 8 MB output and the
+                        pool's pass over it). Backward as for the pair, max pooling's by its indices.
+
+A group gives the values of its layers run one after the other, bit for bit, forward and backward
+(tests/test_fusion.py); every layer keeps its public API, and Sequential.backward calls each layer's backward as
 always. `Sequential.fuse = False` runs every layer on its own.
 """
 from ._kernels import engine as _engine
-from .layers import BatchNorm2d, Conv2d, ReLU, _THROUGH
+from .layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU, _THROUGH
 
 # False only with kernels built from a source older than this module: then BatchNorm2d and ReLU run one by one
 _BN_RELU_KERNEL = "relu_out" in (_engine.batch_norm2d_backward.__doc__ or "")
@@ -29,6 +35,34 @@ def pairs(layers):
         else:
             i += 1
     return found
+
+
+_BN_RELU_POOL_KERNEL = hasattr(_engine, "batch_norm2d_relu_max_pool2x2")
+
+
+def pool_follows(layers, i):
+    """Whether layers[i:i + 3] are BatchNorm2d, ReLU and a 2x2 stride-2 max pooling (no padding, floor mode) that
+    the pair at i may pool in its own pass (pools_fused says for which inputs)."""
+    if i + 2 >= len(layers) or type(layers[i]) is not BatchNorm2d or type(layers[i + 1]) is not ReLU:
+        return False
+    pool = layers[i + 2]
+    return (_BN_RELU_POOL_KERNEL and type(pool) is MaxPool2d and pool.kernel_size == (2, 2)
+            and pool.stride == (2, 2) and pool.padding == (0, 0) and not pool.ceil_mode)
+
+
+def pools_fused(layers, i, input_shape, training):
+    """Whether the pair at i also runs the pooling after it (pool_follows) for a batch of input_shape (N, C, H,
+    W): in training, with planes of an even height, width >= 2 and >= 16 values (the plane-by-plane batch norm)."""
+    return (training and pool_follows(layers, i) and len(input_shape) == 4 and input_shape[2] % 2 == 0
+            and input_shape[3] >= 2 and input_shape[2] * input_shape[3] >= 16)
+
+
+def run_pair_pool(bn, relu, pool, x):
+    """max_pool(relu(bn(x))) in training, in one pass (pools_fused); each layer keeps what its backward needs."""
+    y, indices = bn._forward_relu_max_pool(x)
+    relu._fused(_THROUGH, True)
+    pool._fused(indices, x.shape)
+    return y
 
 
 def run_pair(first, relu, x, training):

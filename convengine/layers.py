@@ -298,6 +298,11 @@ class MaxPool2d(_Pool):
         indices = self._needs_cache(self._indices)
         return F.max_pool2d_backward(grad, indices, self._shape)
 
+    def _fused(self, indices, input_shape):
+        """The layers before computed this pooling in training (Sequential's fusion): what backward needs."""
+        self._indices = indices
+        self._shape = input_shape
+
 
 class AvgPool2d(_Pool):
     """Mean over each window; count_include_pad as in PyTorch."""
@@ -612,14 +617,28 @@ class BatchNorm2d(Layer):
             y, mean, var = F._batch_norm2d_relu_training(x, gamma, beta, self.eps)
         else:
             y, mean, var = F.batch_norm2d_training(x, gamma, beta, self.eps)
+        self._running_update(mean, var, x)
+        # with the fused ReLU, the bias it saw (backward recomputes the ReLU's sign from x with it)
+        self._cache = (x, mean, var, y if relu else None, beta.copy() if relu else None)
+        return y
+
+    def _forward_relu_max_pool(self, x):
+        """Training forward of this layer, a ReLU and 2x2 stride-2 max pooling in one pass (convengine.fusion):
+        (pooled, indices); backward then takes the gradient of the ReLU's output, as after _forward(relu=True)."""
+        self._check(x)
+        beta = self._params["bias"].data
+        y, indices, mean, var = F._batch_norm2d_relu_max_pool_training(x, self._params["weight"].data, beta,
+                                                                       self.eps)
+        self._running_update(mean, var, x)
+        self._cache = (x, mean, var, None, beta.copy())
+        return y, indices
+
+    def _running_update(self, mean, var, x):
         m = x.shape[0] * x.shape[2] * x.shape[3]
         if self._stats_hook is None:
             self.update_running_stats(mean, var, m)
         else:
             self._stats_hook(mean, var, m)
-        # with the fused ReLU, the bias it saw (backward recomputes the ReLU's sign from x with it)
-        self._cache = (x, mean, var, y if relu else None, beta.copy() if relu else None)
-        return y
 
     def update_running_stats(self, mean, var, count):
         """Fold one batch's per-channel mean and biased variance over `count` values into the running statistics:
@@ -634,7 +653,7 @@ class BatchNorm2d(Layer):
 
     def backward(self, grad):
         x, mean, var, relu_out, beta = self._needs_cache(self._cache)
-        if relu_out is None:
+        if beta is None:
             grad_x, grad_gamma, grad_beta = F.batch_norm2d_backward(grad, x, self._params["weight"].data, mean, var,
                                                                      self.eps)
         else:   # the gradient of the fused ReLU's output

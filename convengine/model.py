@@ -184,9 +184,13 @@ class Sequential:
         while i < len(self.layers):
             layer = self.layers[i]
             step = 2 if i in pairs else 1
+            if step == 2 and _fusion.pools_fused(self.layers, i, getattr(x, "shape", ()), training):
+                step = 3
             try:
                 with _workspace.using(arena if arena is not None and i + step - 1 < last else None):
-                    if step == 2:
+                    if step == 3:
+                        x = _fusion.run_pair_pool(layer, self.layers[i + 1], self.layers[i + 2], x)
+                    elif step == 2:
                         x = _fusion.run_pair(layer, self.layers[i + 1], x, training)
                     else:
                         x = layer.forward(x, training)

@@ -71,6 +71,35 @@ def test_the_patterns_recognised():
     class MyConv(L.Conv2d):
         pass
     assert fusion.pairs([MyConv(1, 2, 3), L.ReLU(), L.Linear(2, 2)]) == set()   # a subclass may change forward
+    # the pooling after a batch norm pair: 2x2 windows of stride 2, unpadded, floor mode
+    assert fusion.pool_follows(bn_relu_net(np.float32), 1) and not fusion.pool_follows(bn_relu_net(np.float32), 5)
+    for pool in (L.MaxPool2d(3, 2), L.MaxPool2d(2, 1), L.MaxPool2d(2, padding=1), L.MaxPool2d(2, ceil_mode=True),
+                 L.AvgPool2d(2)):
+        assert not fusion.pool_follows([L.BatchNorm2d(2), L.ReLU(), pool], 0), pool
+    layers = [L.BatchNorm2d(2), L.ReLU(), L.MaxPool2d(2)]
+    assert fusion.pools_fused(layers, 0, (4, 2, 8, 6), True)
+    assert not fusion.pools_fused(layers, 0, (4, 2, 8, 6), False)     # inference: the pair, then the pooling
+    assert not fusion.pools_fused(layers, 0, (4, 2, 7, 6), True)      # rows that do not pair up
+    assert not fusion.pools_fused(layers, 0, (4, 2, 2, 6), True)      # planes below 16 values
+
+
+@pytest.mark.parametrize("hw,pooled", [((8, 8), True), ((8, 7), True), ((7, 8), False), ((2, 6), False)])
+def test_batch_norm_relu_pool_runs_as_one_pass(hw, pooled, monkeypatch):
+    """In training the pair before a 2x2 max pooling pools its own output (no max_pool2d call of its own) where
+    the planes pair up and hold >= 16 values, and the pooling runs on its own elsewhere; the same bits either
+    way (test_fused_forward_and_backward_are_the_unfused_bits runs the net below on 8x8 images)."""
+    rng = np.random.default_rng(0)
+    x, gy = randn(rng, (3, 3) + hw, np.float32), randn(rng, (3, 5), np.float32)
+    calls = []
+    real = F.max_pool2d
+    monkeypatch.setattr(F, "max_pool2d", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    model = model_of("bn_relu", np.float32, True)
+    fused = step(model, x, gy)
+    assert (len(calls) == 0) == pooled, calls
+    assert (model.layers[1]._cache[3] is None) == pooled        # the pair's output never written
+    plain = step(model_of("bn_relu", np.float32, False), x, gy)
+    for k, (a, b) in enumerate(zip(fused, plain)):
+        assert_bitwise_equal(a, b, f"{hw}: result {k}")
 
 
 @pytest.mark.parametrize("net", list(NETS))
@@ -148,6 +177,29 @@ def test_fused_and_unfused_training_give_the_same_weights(net):
     for a, b in zip(*weights):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert any(np.abs(a - s).max() > 1e-3 for a, s in zip(weights[0], start))
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (3, 2, 8, 8), (2, 3, 16, 33), (3, 4, 2, 8)], ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_batch_norm_relu_max_pool_kernel_is_the_three_ops_in_a_row(rng, shape, dtype):
+    """_batch_norm2d_relu_max_pool_training against _batch_norm2d_relu_training then max_pool2d(2): pooled values,
+    indices, mean and variance bit for bit, ties among the ReLU's zeros and NaN included (the pooling's first
+    maximum, NaN winning); its refusals."""
+    x = randn(rng, shape, dtype) * 2 + 0.3
+    x[0, 0, 0, 1] = np.nan
+    w, b = randn(rng, shape[1], dtype), randn(rng, shape[1], dtype)
+    b[-1] = -2                                  # the last channel mostly below 0: whole windows of the ReLU's 0
+    got = F._batch_norm2d_relu_max_pool_training(x, w, b)
+    y, mean, var = F._batch_norm2d_relu_training(x, w, b)
+    want = F.max_pool2d(y, 2, return_indices=True)
+    for name, a, e in zip(["pooled", "indices", "mean", "var"], got, want + (mean, var)):
+        assert_bitwise_equal(a, e, f"{shape} {name}")
+    assert np.count_nonzero(got[0][:, -1] == 0) > 0               # windows of the ReLU's zeros: ties
+    assert np.isnan(got[0][:, 0]).all() and not np.isnan(got[0][:, 1:]).any()
+    with pytest.raises(ValueError, match="even height"):
+        F._batch_norm2d_relu_max_pool_training(x[:, :, :-1], w, b)
+    with pytest.raises(ValueError, match="even height"):
+        F._batch_norm2d_relu_max_pool_training(x[:, :, :2, :2], w, b)
 
 
 @pytest.mark.parametrize("shape", [(4, 5, 6, 7), (3, 5, 3, 3)], ids=["planes", "positions"])

@@ -249,29 +249,9 @@ cdef void forward_planes(const floating* x, floating* out, Py_ssize_t B, Py_ssiz
     order, the variance the planes' deviations moved to that mean, sum over b of m2 + P * (sum / P - mean)^2
     (Chan, Golub & LeVeque), in order: one pass over x, not two, for the two-pass formula's accuracy."""
     cdef fpstate fp, fps
-    cdef Py_ssize_t q, b, c, i
-    cdef floating m = B * P
-    cdef floating mu, k, s, v, d
-    cdef const floating* src
-    cdef floating* dst
+    cdef Py_ssize_t q, c
     if training:
-        fps = fp_suspend()
-        with parallel(num_threads=n_threads):
-            fp = fp_enter()
-            for q in prange(B * C, schedule='static'):
-                plane_sum_m2(x + q * P, P, &partial[q], &partial[B * C + q])
-            fp_leave(fp)
-        fp_resume(fps)
-        per_channel_totals(partial, B, C, mean)
-        for c in range(C):
-            mean[c] = mean[c] / m
-            var[c] = 0
-        for b in range(B):
-            for c in range(C):
-                d = partial[b * C + c] / P - mean[c]
-                var[c] = var[c] + partial[B * C + b * C + c] + P * d * d
-        for c in range(C):
-            var[c] = var[c] / m
+        plane_statistics(x, B, C, P, mean, var, partial, n_threads)
     for c in range(C):
         coef[c] = weight[c] * inv_std_of(var[c], eps)
     fps = fp_suspend()
@@ -279,20 +259,49 @@ cdef void forward_planes(const floating* x, floating* out, Py_ssize_t B, Py_ssiz
         fp = fp_enter()
         for q in prange(B * C, schedule='static'):
             c = q % C
-            mu = mean[c]
-            k = coef[c]
-            s = bias[c]
-            src = x + q * P
-            dst = out + q * P
-            if relu:
-                for i in range(P):
-                    v = (src[i] - mu) * k + s
-                    dst[i] = 0 if v <= 0 else v
-            else:
-                for i in range(P):
-                    dst[i] = (src[i] - mu) * k + s
+            map_plane(x + q * P, out + q * P, P, mean[c], coef[c], bias[c], relu)
         fp_leave(fp)
     fp_resume(fps)
+
+
+cdef inline void map_plane(const floating* src, floating* dst, Py_ssize_t P, floating mu, floating k, floating s,
+                           int relu) noexcept nogil:
+    """dst = (src - mu) * k + s over a plane, then max(., 0) as relu gives it (0 where the value is <= 0)."""
+    cdef Py_ssize_t i
+    cdef floating v
+    if relu:
+        for i in range(P):
+            v = (src[i] - mu) * k + s
+            dst[i] = 0 if v <= 0 else v
+    else:
+        for i in range(P):
+            dst[i] = (src[i] - mu) * k + s
+
+
+cdef void plane_statistics(const floating* x, Py_ssize_t B, Py_ssize_t C, Py_ssize_t P, floating* mean,
+                           floating* var, floating* partial, int n_threads) noexcept nogil:
+    """forward_planes' batch statistics (partial: 2*B*C scratch)."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t q, b, c
+    cdef floating m = B * P
+    cdef floating d
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for q in prange(B * C, schedule='static'):
+            plane_sum_m2(x + q * P, P, &partial[q], &partial[B * C + q])
+        fp_leave(fp)
+    fp_resume(fps)
+    per_channel_totals(partial, B, C, mean)
+    for c in range(C):
+        mean[c] = mean[c] / m
+        var[c] = 0
+    for b in range(B):
+        for c in range(C):
+            d = partial[b * C + c] / P - mean[c]
+            var[c] = var[c] + partial[B * C + b * C + c] + P * d * d
+    for c in range(C):
+        var[c] = var[c] / m
 
 
 cdef void backward_planes(const floating* g, const floating* x, const floating* y, const floating* beta,
@@ -423,6 +432,68 @@ def batch_norm2d_forward(const floating[:, :, :, ::1] x,   # IN  (B, C, H, W)
         raise MemoryError("batch_norm2d: could not allocate scratch")
 
 
+def batch_norm2d_relu_max_pool2x2(const floating[:, :, :, ::1] x,     # IN  (B, C, H, W), H even, H * W >= BN_PLANE
+                                  const floating[::1] weight,         # IN  (C,)
+                                  const floating[::1] bias,           # IN  (C,)
+                                  floating[::1] mean,                 # OUT (C,)
+                                  floating[::1] var,                  # OUT (C,), biased
+                                  floating eps,
+                                  floating[:, :, :, ::1] out,         # OUT (B, C, H / 2, W / 2)
+                                  long long[:, :, :, ::1] indices,    # OUT (B, C, H / 2, W / 2)
+                                  int n_threads):
+    """Training batch norm (the batch's statistics into mean and var), ReLU and 2x2 stride-2 max pooling in one
+    pass over x: each plane of relu(batch_norm(x)) goes into a buffer of this thread (forward_planes' mapping,
+    map_plane) and is pooled from there by max_pool2d's own 2x2 rows (max_pool_2x2_rows): out and indices are
+    max_pool2d's of batch_norm2d_forward's relu output, bit for bit, and that full-size output is never written."""
+    cdef fpstate fp, fps, fpc
+    cdef Py_ssize_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], P = H * W
+    cdef Py_ssize_t OH = H // 2, OW = W // 2, OHW = OH * OW
+    cdef Py_ssize_t q, c
+    cdef floating* partial
+    cdef floating* coef
+    cdef floating* plane
+    cdef int failed = 0
+    if H % 2 or W < 2 or P < BN_PLANE or B == 0:
+        raise ValueError("batch_norm2d_relu_max_pool2x2: needs an even height, width >= 2 and planes of >= "
+                         f"{BN_PLANE} values, got x of shape {tuple(x.shape)[:4]}")
+    if (out.shape[0] != B or out.shape[1] != C or out.shape[2] != OH or out.shape[3] != OW
+            or indices.shape[0] != B or indices.shape[1] != C or indices.shape[2] != OH or indices.shape[3] != OW):
+        raise ValueError("batch_norm2d_relu_max_pool2x2: out and indices must be (B, C, H / 2, W / 2)")
+    if weight.shape[0] != C or bias.shape[0] != C or mean.shape[0] != C or var.shape[0] != C:
+        raise ValueError("batch_norm2d_relu_max_pool2x2: weight, bias, mean and var must hold one value per channel")
+    partial = <floating*>malloc(2 * B * C * sizeof(floating))
+    coef = <floating*>malloc(C * sizeof(floating))
+    if partial == NULL or coef == NULL:
+        free(partial)
+        free(coef)
+        raise MemoryError("batch_norm2d_relu_max_pool2x2: could not allocate scratch")
+    with nogil:
+        fpc = fp_enter_call()
+        plane_statistics(&x[0, 0, 0, 0], B, C, P, &mean[0], &var[0], partial, n_threads)
+        for c in range(C):
+            coef[c] = weight[c] * inv_std_of(var[c], eps)
+        fps = fp_suspend()
+        with parallel(num_threads=n_threads):
+            fp = fp_enter()
+            plane = <floating*>malloc(P * sizeof(floating))
+            for q in prange(B * C, schedule='static'):
+                if plane == NULL:
+                    flag_failure(&failed)
+                    continue
+                c = q % C
+                map_plane(&x[0, 0, 0, 0] + q * P, plane, P, mean[c], coef[c], bias[c], True)
+                max_pool_2x2_rows(plane, &out[0, 0, 0, 0] + q * OHW, &indices[0, 0, 0, 0] + q * OHW, 0, OH, OH, OW,
+                                  W)
+            free(plane)
+            fp_leave(fp)
+        fp_resume(fps)
+        fp_leave_call(fpc)
+    free(partial)
+    free(coef)
+    if failed:
+        raise MemoryError("batch_norm2d_relu_max_pool2x2: could not allocate a plane buffer")
+
+
 def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H, W)
                           const floating[:, :, :, ::1] x,         # IN  (B, C, H, W)
                           const floating[::1] weight,             # IN  (C,)
@@ -438,7 +509,8 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
     """Gradients of the training-mode forward, whose mean and variance depend on x; with relu_out, of the fused
     forward (relu=True) whose output that was: grad_out is first passed through that ReLU (0 where relu_out <= 0).
     With relu_bias too (the forward's bias, weight the same as its weight), planes of 16 values and more take that
-    ReLU's sign from x, recomputed as the forward computed it, and do not read relu_out. Without relu_out:
+    ReLU's sign from x, recomputed as the forward computed it, and do not read relu_out, which may then be None
+    (batch_norm2d_relu_max_pool2x2 never wrote it). Without relu_out:
     grad_x = k * (g - mean(g) - xhat * mean(g * xhat)), k = weight * inv_std, xhat = (x - mean) * inv_std,
     computed as (x - mean) * a + s + g * k with a = -k * inv_std^2 * sum(g * (x - mean)) / m, s = -k * sum(g) / m."""
     cdef fpstate fp, fps
@@ -459,12 +531,15 @@ def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H
             raise ValueError("batch_norm2d_backward: relu_out must have x's shape")
         if B * P > 0:
             y = &y_v[0, 0, 0, 0]
-        if relu_bias is not None:
-            beta_v = relu_bias
-            if beta_v.shape[0] != C:
-                raise ValueError("batch_norm2d_backward: relu_bias must hold one value per channel")
-            if C > 0 and P >= BN_PLANE:
-                beta = &beta_v[0]
+    if relu_bias is not None:
+        beta_v = relu_bias
+        if beta_v.shape[0] != C:
+            raise ValueError("batch_norm2d_backward: relu_bias must hold one value per channel")
+        if C > 0 and P >= BN_PLANE:
+            beta = &beta_v[0]
+        elif relu_out is None and B * C * P > 0:
+            raise ValueError(f"batch_norm2d_backward: relu_bias without relu_out needs planes of >= {BN_PLANE} "
+                             "values")
     if C == 0:
         return
     if P >= BN_PLANE and B > 0:

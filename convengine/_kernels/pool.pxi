@@ -213,6 +213,22 @@ cdef void max_pool_rows_2x2(const floating* x, floating* y, long long* idx, Py_s
                 ir[ow] = base + 2 * ow + best
 
 
+cdef inline void max_pool_2x2_rows(const floating* xbase, floating* ybase, long long* idx, Py_ssize_t r0,
+                                   Py_ssize_t r1, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t W) noexcept nogil:
+    """Output rows r0..r1 of 2x2 stride-2 windows over planes of 2*OH rows taken as one tall image
+    (max_pool_rows_2x2's conditions), by the version that suits the row's width."""
+    if OW >= vlen(<floating>0):
+        max_pool_rows_2x2(xbase, ybase, idx, r0, r1, OH, OW, W)
+    elif CE_POOL_SHORT:
+        # several rows per vector (pool.h): 8-window rows 7x to 11x faster than the scalar loop
+        if floating is float:
+            ce_max_pool_2x2_short_f(xbase, ybase, idx, r0, r1, OH, OW, W)
+        else:
+            ce_max_pool_2x2_short_d(xbase, ybase, idx, r0, r1, OH, OW, W)
+    else:
+        max_pool_rows_2x2_short(xbase, ybase, idx, r0, r1, OH, OW, W)
+
+
 cdef inline Py_ssize_t pool_row_width(const PoolGeom* g) noexcept nogil:
     """Width of the -inf padded input row that every window of an output row reads."""
     return (g.OW - 1) * g.sw + g.KW
@@ -330,20 +346,7 @@ cdef int max_pool2d_forward_core(const floating* xbase, floating* ybase, long lo
         with parallel(num_threads=n_threads):
             fp = fp_enter()
             for pl in prange((nrows_out + rblk - 1) // rblk, schedule='static'):
-                if g.OW >= vlen(<floating>0):
-                    max_pool_rows_2x2(xbase, ybase, idx, pl * rblk, min(nrows_out, (pl + 1) * rblk), g.OH, g.OW,
-                                      g.W)
-                elif CE_POOL_SHORT:
-                    # several rows per vector (pool.h): 8-window rows 7x to 11x faster than the scalar loop
-                    if floating is float:
-                        ce_max_pool_2x2_short_f(xbase, ybase, idx, pl * rblk, min(nrows_out, (pl + 1) * rblk), g.OH,
-                                                g.OW, g.W)
-                    else:
-                        ce_max_pool_2x2_short_d(xbase, ybase, idx, pl * rblk, min(nrows_out, (pl + 1) * rblk), g.OH,
-                                                g.OW, g.W)
-                else:
-                    max_pool_rows_2x2_short(xbase, ybase, idx, pl * rblk, min(nrows_out, (pl + 1) * rblk), g.OH, g.OW,
-                                            g.W)
+                max_pool_2x2_rows(xbase, ybase, idx, pl * rblk, min(nrows_out, (pl + 1) * rblk), g.OH, g.OW, g.W)
             fp_leave(fp)
         fp_resume(fps)
         return 0
