@@ -147,9 +147,10 @@ static void ce_alloc_leave(void* p) {
     __atomic_clear(&ce_alloc_lock, __ATOMIC_RELEASE);
 }
 
-/* Start counting (on) from an empty table, or stop; returns the peak since the previous call. */
+/* Start counting (on) from an empty table, or stop; returns the peak since the previous call, or -1 when more
+ * allocations were live at once than the table holds (then the peak is unknown). */
 static long long ce_alloc_restart(int on) {
-    long long peak = ce_alloc_peak;
+    long long peak = ce_alloc_lost ? -1 : ce_alloc_peak;
     while (__atomic_test_and_set(&ce_alloc_lock, __ATOMIC_ACQUIRE)) {}
     memset(ce_alloc_ptr, 0, sizeof ce_alloc_ptr);
     ce_alloc_now = ce_alloc_peak = ce_alloc_lost = 0;

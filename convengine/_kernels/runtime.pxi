@@ -64,7 +64,8 @@ def team_flushing(int n_threads, bint entered):
 
 def count_allocated_bytes(bint on):
     """Test hook: start (on) or stop following the kernels' scratch allocations, over all threads. Returns the
-    most bytes they held at once since the previous call."""
+    most bytes they held at once since the previous call (-1: more allocations were live at once than it can
+    follow)."""
     return alloc_restart(on)
 
 
