@@ -68,22 +68,29 @@ def _input_gradients(model, batch, shapes, pairs):
     free = collections.Counter()        # arena buffers handed back, by shape
     total = 0
     holder = None                       # the shape of the arena buffer holding the gradient being passed down
-    for i in range(len(layers) - 1, -1, -1):
+    i = len(layers) - 1
+    while i >= 0:
         layer = layers[i]
-        if i == 0 and not model.need_input_grad and not layer.parameters():
+        i -= 1
+        if i == -1 and not model.need_input_grad and not layer.parameters():
             break
-        through = i - 1 in pairs and isinstance(layer, ReLU) and isinstance(layers[i - 1], BatchNorm2d)
+        if i - 1 in pairs and fusion.pools_fused(layers, i - 1, (batch,) + shapes[i - 1], True):
+            # a pooling computed by its batch norm + ReLU pair: the three take one backward pass, which makes
+            # the batch norm's input gradient only
+            i -= 2
+            layer = layers[i + 1]
+        through = i in pairs and isinstance(layer, ReLU) and isinstance(layers[i], BatchNorm2d)
         if isinstance(layer, Flatten) or through:
             continue                    # the gradient passes on (a view, or the same array)
-        if i == 0 and not model.need_input_grad:
+        if i == -1 and not model.need_input_grad:
             break
-        n = batch * math.prod(shapes[i])
-        arena = i > first and isinstance(layer, _ARENA_GRADIENT) and n * itemsize >= _workspace.MIN_BYTES
-        if arena and free[shapes[i]]:
-            free[shapes[i]] -= 1
+        n = batch * math.prod(shapes[i + 1])
+        arena = i + 1 > first and isinstance(layer, _ARENA_GRADIENT) and n * itemsize >= _workspace.MIN_BYTES
+        if arena and free[shapes[i + 1]]:
+            free[shapes[i + 1]] -= 1
         else:
             total += n
         if holder is not None and type(layer) in _KEEP_NO_GRADIENT:
             free[holder] += 1
-        holder = shapes[i] if arena else None
+        holder = shapes[i + 1] if arena else None
     return total

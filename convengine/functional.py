@@ -287,6 +287,24 @@ def _batch_norm2d_relu_max_pool_training(x, weight, bias, eps=1e-5):
     return out, indices, mean, var
 
 
+def _batch_norm2d_relu_max_pool_backward(grad_out, indices, x, weight, bias, mean, var, eps=1e-5):
+    """_batch_norm2d_relu_backward(max_pool2d_backward(grad_out, indices, x.shape), x, None, ..., bias=bias) for
+    the outputs of _batch_norm2d_relu_max_pool_training, in one pass that never writes the pooling's gradient:
+    (grad_x, grad_weight, grad_bias), the same bits."""
+    eps = _args.batch_norm2d_args(x, eps, dict(weight=weight, bias=bias, mean=mean, var=var), training=True)
+    _args.check_array(grad_out, "grad_out", 4, x.dtype)
+    grad_x = _workspace.empty(x.shape, dtype=x.dtype)
+    grad_w = _workspace.empty(x.shape[1], dtype=x.dtype)
+    grad_b = _workspace.empty(x.shape[1], dtype=x.dtype)
+    bad = _engine.batch_norm2d_relu_max_pool2x2_backward(
+        _contiguous(grad_out), _contiguous(indices.astype(np.int64, copy=False)), _contiguous(x),
+        _contiguous(weight), _contiguous(bias), _contiguous(mean), _contiguous(var), eps, grad_x, grad_w, grad_b,
+        _threads_for(x.size, _SERIAL_ELEMENTS))
+    if bad:
+        raise ValueError(f"indices has {bad} values outside [0, {x.shape[2] * x.shape[3]}) for x of shape {x.shape}")
+    return grad_x, grad_w, grad_b
+
+
 def _batch_norm2d_relu_backward(grad_out, x, relu_out, weight, mean, var, eps=1e-5, bias=None):
     """batch_norm2d_backward(relu_backward(grad_out, relu_out), x, ...) for relu_out the output of
     _batch_norm2d_relu_training: the gradient taken through the ReLU inside the batch norm's own passes. With the

@@ -285,8 +285,10 @@ class MaxPool2d(_Pool):
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False):
         super().__init__(kernel_size, stride, padding, ceil_mode)
         self._indices = None
+        self._after_pair = False
 
     def forward(self, x, training=False):
+        self._after_pair = False
         if not training:
             self._indices = self._shape = None
             return F.max_pool2d(x, **self._hyper())
@@ -299,9 +301,11 @@ class MaxPool2d(_Pool):
         return F.max_pool2d_backward(grad, indices, self._shape)
 
     def _fused(self, indices, input_shape):
-        """The layers before computed this pooling in training (Sequential's fusion): what backward needs."""
+        """The batch norm and ReLU before computed this pooling in training (Sequential's fusion): what backward
+        needs, and that Sequential.backward may hand the gradient to that pair without scattering it."""
         self._indices = indices
         self._shape = input_shape
+        self._after_pair = True
 
 
 class AvgPool2d(_Pool):
@@ -632,6 +636,16 @@ class BatchNorm2d(Layer):
         self._running_update(mean, var, x)
         self._cache = (x, mean, var, None, beta.copy())
         return y, indices
+
+    def _backward_relu_max_pool(self, grad, pool):
+        """The backward of this layer, the ReLU after it and `pool` after _forward_relu_max_pool, from the
+        gradient of the pooling's output: this layer's input gradient, its parameters' gradients accumulated."""
+        x, mean, var, _, beta = self._needs_cache(self._cache)
+        grad_x, grad_gamma, grad_beta = F._batch_norm2d_relu_max_pool_backward(
+            grad, pool._needs_cache(pool._indices), x, self._params["weight"].data, beta, mean, var, self.eps)
+        self._params["weight"].grad += grad_gamma
+        self._params["bias"].grad += grad_beta
+        return grad_x
 
     def _running_update(self, mean, var, x):
         m = x.shape[0] * x.shape[2] * x.shape[3]

@@ -228,13 +228,21 @@ class Sequential:
             # arena's
             first = min((k for k, layer in enumerate(self.layers) if type(layer) in _FRESH_BACKWARD),
                         default=len(self.layers))
-        for i in range(len(self.layers) - 1, -1, -1):
+        i = len(self.layers) - 1
+        while i >= 0:
             layer = self.layers[i]
             if i == 0 and not layer.need_input_grad and not layer.parameters():
                 return None
+            # a pooling that its batch norm + ReLU pair computed in forward (convengine.fusion) hands them its
+            # gradient unscattered: the three backward passes in one
+            step = 3 if i >= 2 and getattr(layer, "_after_pair", False) and _fusion.pool_follows(self.layers,
+                                                                                                  i - 2) else 1
             try:
-                with _workspace.using(arena if arena is not None and i > first else None):
-                    new = layer.backward(grad)
+                with _workspace.using(arena if arena is not None and i - step + 1 > first else None):
+                    if step == 3:
+                        new = self.layers[i - 2]._backward_relu_max_pool(grad, layer)
+                    else:
+                        new = layer.backward(grad)
             except (ValueError, TypeError) as e:
                 shape = getattr(grad, "shape", ())
                 raise type(e)(self._layer_error(i, shape, e, what="gradient")) from e
@@ -243,6 +251,7 @@ class Sequential:
                     and not (isinstance(new, np.ndarray) and np.may_share_memory(new, grad)):
                 arena.release(grad if grad.base is None else grad.base)
             grad = new
+            i -= step
         return grad
 
     def parameters(self):

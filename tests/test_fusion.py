@@ -90,12 +90,14 @@ def test_batch_norm_relu_pool_runs_as_one_pass(hw, pooled, monkeypatch):
     way (test_fused_forward_and_backward_are_the_unfused_bits runs the net below on 8x8 images)."""
     rng = np.random.default_rng(0)
     x, gy = randn(rng, (3, 3) + hw, np.float32), randn(rng, (3, 5), np.float32)
-    calls = []
-    real = F.max_pool2d
+    calls, back = [], []
+    real, real_back = F.max_pool2d, F.max_pool2d_backward
     monkeypatch.setattr(F, "max_pool2d", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(F, "max_pool2d_backward", lambda *a: back.append(a[0].shape) or real_back(*a))
     model = model_of("bn_relu", np.float32, True)
     fused = step(model, x, gy)
     assert (len(calls) == 0) == pooled, calls
+    assert (len(back) == 0) == pooled, back                     # nor a scatter of the pooling's gradient
     assert (model.layers[1]._cache[3] is None) == pooled        # the pair's output never written
     plain = step(model_of("bn_relu", np.float32, False), x, gy)
     for k, (a, b) in enumerate(zip(fused, plain)):
@@ -196,6 +198,16 @@ def test_batch_norm_relu_max_pool_kernel_is_the_three_ops_in_a_row(rng, shape, d
         assert_bitwise_equal(a, e, f"{shape} {name}")
     assert np.count_nonzero(got[0][:, -1] == 0) > 0               # windows of the ReLU's zeros: ties
     assert np.isnan(got[0][:, 0]).all() and not np.isnan(got[0][:, 1:]).any()
+    # backward: the pooling's scatter and the pair's backward in a row, bit for bit
+    go = randn(rng, got[0].shape, dtype)
+    back = F._batch_norm2d_relu_max_pool_backward(go, got[1], x, w, b, mean, var)
+    want = F._batch_norm2d_relu_backward(F.max_pool2d_backward(go, got[1], x.shape), x, y, w, mean, var, bias=b)
+    for name, a, e in zip(["grad_x", "grad_weight", "grad_bias"], back, want):
+        assert_bitwise_equal(a, e, f"{shape} backward {name}")
+    bad = got[1].copy()
+    bad[0, 0, 0, 0] = x.shape[2] * x.shape[3]
+    with pytest.raises(ValueError, match="outside"):
+        F._batch_norm2d_relu_max_pool_backward(go, bad, x, w, b, mean, var)
     with pytest.raises(ValueError, match="even height"):
         F._batch_norm2d_relu_max_pool_training(x[:, :, :-1], w, b)
     with pytest.raises(ValueError, match="even height"):
