@@ -373,7 +373,12 @@ def pooled_layers():
             L.Conv2d(16, 32, 3, padding=1), L.ReLU(), L.GlobalAvgPool2d(), L.Linear(32, 5)]
 
 
-@pytest.mark.parametrize("net", [pooled_layers, depthwise_separable_layers])
+def lenet_layers():
+    return [L.Conv2d(3, 6, 5), L.ReLU(), L.MaxPool2d(2), L.Conv2d(6, 16, 5), L.ReLU(), L.MaxPool2d(2), L.Flatten(),
+            L.Linear(16 * 5 * 5, 5)]
+
+
+@pytest.mark.parametrize("net", [pooled_layers, depthwise_separable_layers, lenet_layers])
 @pytest.mark.parametrize("fuse", [True, False])
 def test_training_memory_bytes_is_what_a_step_holds(fuse, net):
     """The footprint computed from the shapes against the memory NumPy reports (tracemalloc) at the peak of a
