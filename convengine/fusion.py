@@ -1,4 +1,4 @@
-"""Layer fusion in a Sequential model's forward: groups of layers that run as one pass, recognised by pattern.
+"""Layer fusion in a Sequential model: groups of layers that run as one pass, recognised by pattern.
 
     Conv2d, ReLU        the conv applies the ReLU as it stores its output (the conv's epilogue); the ReLU keeps
                         that output, whose sign is all its backward needs.
@@ -10,7 +10,9 @@
                         in training, where the planes pair up (even height) and hold >= 16 values: the pair's pass
                         pools each plane from a buffer of its thread, and relu(batch_norm(x)) is never written
                         (oneDNN's post-op chains; CIFAR-shaped net at batch 64: the pair's 8 MB output and the
-                        pool's pass over it). Backward as for the pair, max pooling's by its indices.
+                        pool's pass over it). Backward in one pass too (Sequential.backward hands the pooling's
+                        gradient to BatchNorm2d._backward_relu_max_pool): scattered by the pooling's indices
+                        straight into the batch norm's input gradient, summed while in cache, mapped in place.
 
 A group gives the values of its layers run one after the other, bit for bit, forward and backward
 (tests/test_fusion.py); every layer keeps its public API, and Sequential.backward calls each layer's backward as
