@@ -104,23 +104,31 @@ cdef inline Py_ssize_t direct_rows(const ConvGeom* p, Py_ssize_t NC) noexcept no
     return balanced_block(p.OH, max(1, min(p.OH, NC // padded_width(p))))
 
 
+cdef inline (Py_ssize_t, Py_ssize_t) inside_columns(Py_ssize_t off, Py_ssize_t step, Py_ssize_t W,
+                                                   Py_ssize_t n) noexcept nogil:
+    """(lo, hi): the columns t < n whose input column t*step + off lies in [0, W) are lo <= t < hi."""
+    cdef Py_ssize_t lo = min(n, 0 if off >= 0 else (-off + step - 1) // step)
+    return lo, max(lo, min(n, 0 if off >= W else (W - off + step - 1) // step))
+
+
 cdef inline void copy_plane_rows(const float* xc, const ConvGeom* p, Py_ssize_t ih0, Py_ssize_t nrows, float* dst,
-                                 Py_ssize_t ld, Py_ssize_t n, Py_ssize_t shift, Py_ssize_t lo,
-                                 Py_ssize_t hi) noexcept nogil:
-    """dst[ri*ld + t] = xc[(ih0 + ri)*W + t - shift] for lo <= t < hi where input row ih0 + ri lies in the image
-    (xc: one input plane), zero for the other t < n and for rows outside: a run of rows in one ce_copy_rows."""
-    copy_plane_rows_step(xc, p, ih0, nrows, 1, dst, ld, n, -shift, 1, lo, hi)
+                                 Py_ssize_t ld, Py_ssize_t n, Py_ssize_t shift) noexcept nogil:
+    """dst[ri*ld + t] = xc[(ih0 + ri)*W + t - shift] where that lies in the image (xc: one input plane), zero for
+    the other t < n and for rows outside: a run of rows in one ce_copy_rows."""
+    copy_plane_rows_step(xc, p, ih0, nrows, 1, dst, ld, n, -shift, 1)
 
 
 cdef inline void copy_plane_rows_step(const float* xc, const ConvGeom* p, Py_ssize_t ih0, Py_ssize_t nrows,
                                       Py_ssize_t row_step, float* dst, Py_ssize_t ld, Py_ssize_t n, Py_ssize_t off,
-                                      Py_ssize_t col_step, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+                                      Py_ssize_t col_step) noexcept nogil:
     """copy_plane_rows reading every row_step-th input row and col_step-th column (1 or 2): dst[ri*ld + t] =
-    xc[(ih0 + ri*row_step)*W + t*col_step + off] for lo <= t < hi where that input row lies in the image."""
+    xc[(ih0 + ri*row_step)*W + t*col_step + off] where that lies in the image (inside_columns), zero elsewhere."""
     # rows ri < r0 lie above the image, rows ri >= r1 below it
     cdef Py_ssize_t r0 = min(nrows, 0 if ih0 >= 0 else (-ih0 + row_step - 1) // row_step)
     cdef Py_ssize_t r1 = max(r0, min(nrows, 0 if ih0 >= p.H else (p.H - ih0 + row_step - 1) // row_step))
+    cdef Py_ssize_t lo, hi
     cdef const float* src
+    lo, hi = inside_columns(off, col_step, p.W, n)
     ce_copy_rows(dst, ld, dst, 0, r0, n, 0, 0)
     if r1 > r0:
         src = xc + (ih0 + r0 * row_step) * p.W + off
@@ -143,7 +151,7 @@ cdef void fill_padded_rows(const floating* x, const ConvGeom* p, Py_ssize_t b, P
     for c in range(Cg):
         if floating is float:
             copy_plane_rows(x + (b * p.C + g * Cg + c) * p.H * p.W, p, oh0 - p.pt, nrows_in, xblk + c * rows_in * Wp,
-                            Wp, Wp, p.pl, p.pl, p.pl + iw_n)
+                            Wp, Wp, p.pl)
         else:
             for ri in range(nrows_in):
                 dst = xblk + (c * rows_in + ri) * Wp
@@ -164,20 +172,16 @@ cdef void fill_shifted_rows(const float* x, const ConvGeom* p, Py_ssize_t b, Py_
     one run, across rows. ri < nrows_in of rows_in rows are filled."""
     cdef Py_ssize_t Cg = p.C // p.G
     cdef Py_ssize_t A = rows_phases(p)
-    cdef Py_ssize_t c, kw, a, lo, hi, off
+    cdef Py_ssize_t c, kw, a
     cdef const float* xc
     for c in range(Cg):
         xc = x + (b * p.C + g * Cg + c) * p.H * p.W
         for kw in range(p.KW):
-            # output columns ow whose input column ow*sw + off lies in the image: lo <= ow < hi (use_direct_rows
-            # takes strides of 1 and 2 only)
-            off = kw * p.dw - p.pl
-            lo = min(p.OW, 0 if off >= 0 else (-off + p.sw - 1) // p.sw)
-            hi = max(lo, min(p.OW, 0 if off >= p.W else (p.W - off + p.sw - 1) // p.sw))
+            # output column ow reads input column ow*sw + kw*dw - pl (use_direct_rows takes strides 1 and 2 only)
             for a in range(A):
                 copy_plane_rows_step(xc, p, oh0 * p.sh + a - p.pt, nrows_in, p.sh,
-                                     xblk + ((c * p.KW + kw) * A + a) * rows_in * p.OW, p.OW, p.OW, off, p.sw, lo,
-                                     hi)
+                                     xblk + ((c * p.KW + kw) * A + a) * rows_in * p.OW, p.OW, p.OW,
+                                     kw * p.dw - p.pl, p.sw)
 
 
 cdef inline void tap_rows(const ConvGeom* p, const floating* xblk, Py_ssize_t rows_in,
@@ -221,8 +225,8 @@ cdef void fill_window_rows(const floating* x, const ConvGeom* p, Py_ssize_t b, P
     cdef floating* dst
     for c in range(Cg):
         if floating is float:
-            copy_plane_rows(x + (b * p.C + g * Cg + c) * p.H * p.W, p, ih0, nrows, xblk + c * ld_c, Wpad, Wpad, lo,
-                            lo, lo + n)
+            copy_plane_rows(x + (b * p.C + g * Cg + c) * p.H * p.W, p, ih0, nrows, xblk + c * ld_c, Wpad, Wpad,
+                            p.pl)
         else:
             for ri in range(nrows):
                 dst = xblk + c * ld_c + ri * Wpad

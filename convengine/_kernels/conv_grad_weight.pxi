@@ -553,7 +553,7 @@ cdef int conv2d_grad_weight_lanes(const float* dy, const float* x, float* partia
     cdef Py_ssize_t Hx = p.OH + p.KH - 1, Wx = p.OW + p.KW - 1
     cdef Py_ssize_t rows = CE_GW_T // p.KW
     cdef Py_ssize_t per = (p.B + nchunks - 1) // nchunks
-    cdef Py_ssize_t chunk, b, b0, b1, c, g0, j, kv, n, i0, i1
+    cdef Py_ssize_t chunk, b, b0, b1, c, g0, j, kv, n
     cdef float* buf
     cdef float* xp
     cdef float* dycl
@@ -573,16 +573,12 @@ cdef int conv2d_grad_weight_lanes(const float* dy, const float* x, float* partia
             dycl = xp + p.C * Hx * Wx
             accm = dycl + P * K
             memset(accm, 0, Kd * K * sizeof(float))
-            # the columns of x an output pixel reads: iw - pl in [0, W) within [0, Wx)
-            i0 = max(0, p.pl)
-            i1 = max(i0, min(Wx, p.W + p.pl))
             b0 = chunk * per
             b1 = min(p.B, b0 + per)
             for b in range(b0, b1):
                 # x at (pt, pl) in zero planes of Hx x Wx (rows and columns no output pixel reads left out)
                 for c in range(p.C):
-                    copy_plane_rows(x + (b * p.C + c) * p.H * p.W, p, -p.pt, Hx, xp + c * Hx * Wx, Wx, Wx, p.pl,
-                                    i0, i1)
+                    copy_plane_rows(x + (b * p.C + c) * p.H * p.W, p, -p.pt, Hx, xp + c * Hx * Wx, Wx, Wx, p.pl)
                 dy_channels_last(dy + b * K * P, K, p.OH, p.OW, dycl, p.OW * K)
                 for kv in range(K // VL):
                     g0 = 0

@@ -307,7 +307,7 @@ cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* parti
     cdef Py_ssize_t taps = p.KH * p.KW
     cdef Py_ssize_t Kd = p.C * taps
     cdef Py_ssize_t per = (p.B + nchunks - 1) // nchunks
-    cdef Py_ssize_t chunk, b, b0, b1, c, kh, kw, kb, i, r, lane, ph, lo, hi
+    cdef Py_ssize_t chunk, b, b0, b1, c, kh, kw, kb, i, r, lane, ph
     cdef const float* x0
     cdef const float* x1
     cdef const float* x2
@@ -340,10 +340,8 @@ cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* parti
                 # column j is input column j * sw + ph - pl; dY rows padded to OWp
                 for c in range(p.C):
                     for ph in range(sw):
-                        lo = max(0, (p.pl - ph + sw - 1) // sw)
-                        hi = max(lo, min(Wx, (p.W + p.pl - ph + sw - 1) // sw))
                         copy_plane_rows_step(x + (b * p.C + c) * p.H * p.W, p, -p.pt, Hx, 1,
-                                             xp + (c * sw + ph) * Hx * Wx, Wx, Wx, ph - p.pl, sw, lo, hi)
+                                             xp + (c * sw + ph) * Hx * Wx, Wx, Wx, ph - p.pl, sw)
                 for i in range(p.K):
                     ce_copy_rows(dyp + i * p.OH * OWp, OWp, dy + (b * p.K + i) * p.OH * p.OW, p.OW, p.OH, OWp, 0,
                                  p.OW)
