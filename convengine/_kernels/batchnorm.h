@@ -150,10 +150,10 @@ static inline void ce_bn_gradient_sums_##SUFFIX(const T* g, const T* x, T mu, pt
     sum_g[0] = ce_bn_total_##SUFFIX(&sg);                                                                       \
     sum_h[0] = ce_bn_total_##SUFFIX(&sh);                                                                       \
 }                                                                                                              \
-/* out = (x - mu) * a + c + g * kg over the plane; with relu, g first passes through the ReLU whose output is   \
- * (x - mu) * k + s */                                                                                         \
-static inline void ce_bn_backward_map_##SUFFIX(const T* g, const T* x, T* out, T mu, T a, T c, T kg,          \
-                                              ptrdiff_t n, int relu, T k, T s)                                 \
+/* out = (x - mu) * a + c + g * k over the plane; with relu, g first passes through the ReLU whose output is    \
+ * (x - mu) * k + s (k: the forward's weight * inv_std, which is also the gradient's coefficient) */           \
+static inline void ce_bn_backward_map_##SUFFIX(const T* g, const T* x, T* out, T mu, T a, T c, T k,           \
+                                              ptrdiff_t n, int relu, T s)                                      \
 {                                                                                                              \
     VT gv, xv, ov;                                                                                             \
     T gq;                                                                                                      \
@@ -162,12 +162,12 @@ static inline void ce_bn_backward_map_##SUFFIX(const T* g, const T* x, T* out, T
         memcpy(&gv, g + q, sizeof gv);                                                                         \
         memcpy(&xv, x + q, sizeof xv);                                                                         \
         if (relu) ce_bn_gate_##SUFFIX(&gv, &xv, mu, k, s);                                                  \
-        ov = (xv - mu) * a + c + gv * kg;                                                                      \
+        ov = (xv - mu) * a + c + gv * k;                                                                       \
         memcpy(out + q, &ov, sizeof ov);                                                                       \
     }                                                                                                          \
     for (q = n16; q < n; q++) {                                                                                \
         gq = relu ? ce_bn_gate1_##SUFFIX(g[q], x[q], mu, k, s) : g[q];                                        \
-        out[q] = (x[q] - mu) * a + c + gq * kg;                                                                \
+        out[q] = (x[q] - mu) * a + c + gq * k;                                                                 \
     }                                                                                                          \
 }
 

@@ -181,10 +181,9 @@ cdef extern from "batchnorm.h":
     void gradient_sums_d "ce_bn_gradient_sums_d"(const double* g, const double* x, double mu, Py_ssize_t n,
                                                  int relu, double k, double s, double* sum_g, double* sum_h) nogil
     void backward_map_f "ce_bn_backward_map_f"(const float* g, const float* x, float* out, float mu, float a,
-                                               float c, float kg, Py_ssize_t n, int relu, float k, float s) nogil
+                                               float c, float k, Py_ssize_t n, int relu, float s) nogil
     void backward_map_d "ce_bn_backward_map_d"(const double* g, const double* x, double* out, double mu, double a,
-                                               double c, double kg, Py_ssize_t n, int relu, double k,
-                                               double s) nogil
+                                               double c, double k, Py_ssize_t n, int relu, double s) nogil
 
 
 cdef inline floating plane_sum(const floating* x, Py_ssize_t P) noexcept nogil:
@@ -214,13 +213,13 @@ cdef inline void plane_gradient_sums(const floating* g, const floating* x, float
 
 
 cdef inline void plane_backward_map(const floating* g, const floating* x, floating* out, floating mu, floating a,
-                                    floating c, floating kg, Py_ssize_t P, int relu, floating k,
-                                    floating s) noexcept nogil:
-    """out = (x - mu) * a + c + g * kg over a plane, g passed through the ReLU as plane_gradient_sums does."""
+                                    floating c, floating k, Py_ssize_t P, int relu, floating s) noexcept nogil:
+    """out = (x - mu) * a + c + g * k over a plane (k = weight * inv_std), g passed through the ReLU as
+    plane_gradient_sums does."""
     if floating is float:
-        backward_map_f(g, x, out, mu, a, c, kg, P, relu, k, s)
+        backward_map_f(g, x, out, mu, a, c, k, P, relu, s)
     else:
-        backward_map_d(g, x, out, mu, a, c, kg, P, relu, k, s)
+        backward_map_d(g, x, out, mu, a, c, k, P, relu, s)
 
 
 cdef inline void gate_plane(const floating* g, const floating* y, floating* out, Py_ssize_t P) noexcept nogil:
@@ -316,14 +315,10 @@ cdef void backward_planes(const floating* g, const floating* x, const floating* 
     gradient, so the fused layers give the bits of the two in a row."""
     cdef fpstate fp, fps
     cdef Py_ssize_t q, c
-    cdef floating m = B * P
-    cdef floating inv, k
     cdef const floating* gb
     cdef floating* mine
     cdef int relu = beta != NULL
-    for c in range(C):      # forward_planes's coefficient weight * inv_std, and its bias (the ReLU's sign)
-        coef[2 * C + c] = weight[c] * inv_std_of(var[c], eps)
-        coef[3 * C + c] = beta[c] if relu else 0
+    relu_coefficients(var, weight, eps, beta, C, coef)
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
@@ -337,15 +332,7 @@ cdef void backward_planes(const floating* g, const floating* x, const floating* 
                                 &partial[q], &partial[B * C + q])
         fp_leave(fp)
     fp_resume(fps)
-    per_channel_totals(partial, B, C, grad_bias)
-    per_channel_totals(partial + B * C, B, C, coef)          # sum of g * (x - mean)
-    for c in range(C):
-        inv = inv_std_of(var[c], eps)
-        k = weight[c] * inv
-        grad_weight[c] = coef[c] * inv
-        coef[c] = -k * inv * inv * coef[c] / m
-        coef[C + c] = -k * grad_bias[c] / m
-        coef[2 * C + c] = k
+    mapping_coefficients(partial, B, C, P, var, weight, eps, grad_weight, grad_bias, coef)
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
@@ -357,37 +344,29 @@ cdef void backward_planes(const floating* g, const floating* x, const floating* 
                 gate_plane(gb, y + q * P, mine, P)
                 gb = mine
             plane_backward_map(gb, x + q * P, gx + q * P, mean[c], coef[c], coef[C + c], coef[2 * C + c], P, relu,
-                               coef[2 * C + c], coef[3 * C + c])
+                               coef[3 * C + c])
         fp_leave(fp)
     fp_resume(fps)
 
 
-cdef void backward_planes_pooled(const floating* dy, const long long* idx, Py_ssize_t OHW, const floating* x,
-                                 const floating* beta, floating* gx, Py_ssize_t B, Py_ssize_t C, Py_ssize_t P,
-                                 const floating* mean, const floating* var, const floating* weight, floating eps,
-                                 floating* grad_weight, floating* grad_bias, floating* partial, floating* coef,
-                                 int n_threads) noexcept nogil:
-    """backward_planes with beta, its gradient planes scattered from the pooling's (dy, idx: OHW per plane;
-    indices already checked) straight into gx by max_pool_plane_backward, summed while in cache, and mapped in
-    place in the second pass (each value read before it is written): no array of its own for the pooling's
-    gradient. A buffer per thread scattered again in the second pass was slower (Zen 4, 64x32x32x32, 1 thread:
-    1.93 ms against 1.71 for the two calls in a row)."""
-    cdef fpstate fp, fps
-    cdef Py_ssize_t q, c
-    cdef floating m = B * P
-    cdef floating inv, k
+cdef void relu_coefficients(const floating* var, const floating* weight, floating eps, const floating* beta,
+                            Py_ssize_t C, floating* coef) noexcept nogil:
+    """coef[2C + c] = forward_planes' coefficient weight * inv_std, coef[3C + c] = its bias (0 without beta): the
+    fused ReLU's output (x - mean) * coef[2C + c] + coef[3C + c], whose sign the backward passes recompute."""
+    cdef Py_ssize_t c
     for c in range(C):
         coef[2 * C + c] = weight[c] * inv_std_of(var[c], eps)
-        coef[3 * C + c] = beta[c]
-    fps = fp_suspend()
-    with parallel(num_threads=n_threads):
-        fp = fp_enter()
-        for q in prange(B * C, schedule='static'):
-            max_pool_plane_backward(dy + q * OHW, idx + q * OHW, OHW, gx + q * P, P)
-            plane_gradient_sums(gx + q * P, x + q * P, mean[q % C], P, True, coef[2 * C + q % C],
-                                coef[3 * C + q % C], &partial[q], &partial[B * C + q])
-        fp_leave(fp)
-    fp_resume(fps)
+        coef[3 * C + c] = beta[c] if beta != NULL else 0
+
+
+cdef void mapping_coefficients(const floating* partial, Py_ssize_t B, Py_ssize_t C, Py_ssize_t P,
+                               const floating* var, const floating* weight, floating eps, floating* grad_weight,
+                               floating* grad_bias, floating* coef) noexcept nogil:
+    """From the per-plane sums of g (partial) and of g * (x - mean) (partial + B*C): grad_bias, grad_weight, and
+    the second pass's grad_x = (x - mean) * coef[c] + coef[C + c] + g * coef[2C + c]."""
+    cdef Py_ssize_t c
+    cdef floating m = B * P
+    cdef floating inv, k
     per_channel_totals(partial, B, C, grad_bias)
     per_channel_totals(partial + B * C, B, C, coef)          # sum of g * (x - mean)
     for c in range(C):
@@ -397,15 +376,47 @@ cdef void backward_planes_pooled(const floating* dy, const long long* idx, Py_ss
         coef[c] = -k * inv * inv * coef[c] / m
         coef[C + c] = -k * grad_bias[c] / m
         coef[2 * C + c] = k
+
+
+cdef Py_ssize_t backward_planes_pooled(const floating* dy, const long long* idx, Py_ssize_t OHW,
+                                       const floating* x, const floating* beta, floating* gx, Py_ssize_t B,
+                                       Py_ssize_t C, Py_ssize_t P, const floating* mean, const floating* var,
+                                       const floating* weight, floating eps, floating* grad_weight,
+                                       floating* grad_bias, floating* partial, floating* coef, Py_ssize_t* bad,
+                                       int n_threads) noexcept nogil:
+    """backward_planes with beta, its gradient planes scattered from the pooling's (dy, idx: OHW per plane)
+    straight into gx by max_pool_plane_backward, summed while in cache, and mapped in place in the second pass
+    (each value read before it is written): no array of its own for the pooling's gradient. A buffer per thread
+    scattered again in the second pass was slower (Zen 4, 64x32x32x32, 1 thread: 1.93 ms against 1.71 for the two
+    calls in a row). Returns the number of out-of-range indices (skipped, as max_pool2d_backward does: bad, B*C
+    scratch, counts them per plane), then the caller raises."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t q, c, total = 0
+    relu_coefficients(var, weight, eps, beta, C, coef)
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        for q in prange(B * C, schedule='static'):
+            bad[q] = max_pool_plane_backward(dy + q * OHW, idx + q * OHW, OHW, gx + q * P, P)
+            plane_gradient_sums(gx + q * P, x + q * P, mean[q % C], P, True, coef[2 * C + q % C],
+                                coef[3 * C + q % C], &partial[q], &partial[B * C + q])
+        fp_leave(fp)
+    fp_resume(fps)
+    for q in range(B * C):
+        total += bad[q]
+    if total:
+        return total
+    mapping_coefficients(partial, B, C, P, var, weight, eps, grad_weight, grad_bias, coef)
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
         for q in prange(B * C, schedule='static'):
             c = q % C
             plane_backward_map(gx + q * P, x + q * P, gx + q * P, mean[c], coef[c], coef[C + c], coef[2 * C + c], P,
-                               True, coef[2 * C + c], coef[3 * C + c])
+                               True, coef[3 * C + c])
         fp_leave(fp)
     fp_resume(fps)
+    return 0
 
 
 cdef int batch_norm2d_forward_core(const floating* x, floating* out, Py_ssize_t B, Py_ssize_t C, Py_ssize_t P,
@@ -555,13 +566,13 @@ def batch_norm2d_relu_max_pool2x2_backward(const floating[:, :, :, ::1] grad_out
     """Gradients of batch_norm2d_relu_max_pool2x2: max_pool2d_backward of grad_out by the indices, then
     batch_norm2d_backward through the ReLU (relu_bias: its sign from x), in one (backward_planes_pooled): each
     plane's pooling gradient scattered into grad_x (max_pool_plane_backward's zeros and adds) and summed at once,
-    then mapped in place. The bits of the two calls in a row. Returns the number of out-of-range indices (then
-    nothing is computed: the caller raises)."""
-    cdef fpstate fps, fpc
+    then mapped in place. The bits of the two calls in a row. Returns the number of out-of-range indices (counted
+    as the scatter skips them, as max_pool2d_backward does; then grad_x is not mapped: the caller raises)."""
+    cdef fpstate fpc
     cdef Py_ssize_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], P = H * W
     cdef Py_ssize_t OHW = grad_out.shape[2] * grad_out.shape[3]
-    cdef Py_ssize_t q, bad = 0
-    cdef const long long* ip
+    cdef Py_ssize_t bad
+    cdef Py_ssize_t* bad_per_plane
     cdef floating* partial
     cdef floating* coef
     if (P < BN_PLANE or B == 0 or grad_out.shape[0] != B or grad_out.shape[1] != C or 2 * grad_out.shape[2] != H
@@ -572,27 +583,24 @@ def batch_norm2d_relu_max_pool2x2_backward(const floating[:, :, :, ::1] grad_out
     if (weight.shape[0] != C or bias.shape[0] != C or mean.shape[0] != C or var.shape[0] != C
             or grad_weight.shape[0] != C or grad_bias.shape[0] != C):
         raise ValueError("batch_norm2d_relu_max_pool2x2_backward: per-channel arrays must hold C values")
-    ip = &indices[0, 0, 0, 0]
-    for q in range(B * C * OHW):
-        if ip[q] < 0 or ip[q] >= P:
-            bad += 1
-    if bad:
-        return bad
     partial = <floating*>malloc(2 * B * C * sizeof(floating))
     coef = <floating*>malloc(4 * C * sizeof(floating))
-    if partial == NULL or coef == NULL:
+    bad_per_plane = <Py_ssize_t*>malloc(B * C * sizeof(Py_ssize_t))
+    if partial == NULL or coef == NULL or bad_per_plane == NULL:
         free(partial)
         free(coef)
+        free(bad_per_plane)
         raise MemoryError("batch_norm2d_relu_max_pool2x2_backward: could not allocate scratch")
     with nogil:
         fpc = fp_enter_call()
-        backward_planes_pooled(&grad_out[0, 0, 0, 0], &indices[0, 0, 0, 0], OHW, &x[0, 0, 0, 0], &bias[0],
-                               &grad_x[0, 0, 0, 0], B, C, P, &mean[0], &var[0], &weight[0], eps, &grad_weight[0],
-                               &grad_bias[0], partial, coef, n_threads)
+        bad = backward_planes_pooled(&grad_out[0, 0, 0, 0], &indices[0, 0, 0, 0], OHW, &x[0, 0, 0, 0], &bias[0],
+                                     &grad_x[0, 0, 0, 0], B, C, P, &mean[0], &var[0], &weight[0], eps,
+                                     &grad_weight[0], &grad_bias[0], partial, coef, bad_per_plane, n_threads)
         fp_leave_call(fpc)
     free(partial)
     free(coef)
-    return 0
+    free(bad_per_plane)
+    return bad
 
 
 def batch_norm2d_backward(const floating[:, :, :, ::1] grad_out,  # IN  (B, C, H, W)
