@@ -1,7 +1,7 @@
 # What every kernel shares at run time (runtime.h says why each exists): scratch allocation through
-# ce_malloc/ce_calloc and ce_free, so that the tests can make any one allocation fail and weigh what a call holds; the flush-to-zero mode entered at each
-# def entry (fp_enter_call) and in each parallel block (fp_enter, inside fp_suspend/fp_resume), and left exactly as
-# found; flag_failure for failures inside parallel blocks.
+# ce_malloc/ce_calloc and ce_free, so that the tests can make any one allocation fail and weigh what a call holds;
+# the flush-to-zero mode entered at each def entry (fp_enter_call) and in each parallel block (fp_enter, inside
+# fp_suspend/fp_resume), and left exactly as found; flag_failure for failures inside parallel blocks.
 # The def functions below are the Python face of these: the setting, and the hooks the tests read and drive.
 
 from cython.parallel cimport prange, parallel, threadid
