@@ -34,7 +34,8 @@ typedef int64_t ce_bn_vdi __attribute__((vector_size(128)));
 #ifdef CE_BN_HALVES
 #define CE_BN_TOTAL(T, s)                                                                                     \
     __typeof__(__builtin_shufflevector(s, s, 0, 1, 2, 3, 4, 5, 6, 7)) a =                                      \
-        __builtin_shufflevector(s, s, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(s, s, 8, 9, 10, 11, 12, 13, 14, 15); \
+        __builtin_shufflevector(s, s, 0, 1, 2, 3, 4, 5, 6, 7)                                                  \
+        + __builtin_shufflevector(s, s, 8, 9, 10, 11, 12, 13, 14, 15);                                         \
     __typeof__(__builtin_shufflevector(a, a, 0, 1, 2, 3)) c =                                                  \
         __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);                 \
     __typeof__(__builtin_shufflevector(c, c, 0, 1)) e =                                                        \
