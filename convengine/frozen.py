@@ -216,10 +216,20 @@ class _Conv(_Step):
     def channel_slices(self, program, prepared, shape, src, dst, parts, ranges=None):
         # slices of the output channels (of whole groups where grouped), each with its weights packed for the
         # whole conv's path (forced: a slice's shape alone might choose another, with other bits); a dense conv's
-        # slices hold whole 16-channel blocks, so that no tile is split. A depthwise conv is channelwise.
+        # slices hold whole 16-channel blocks, so that no tile is split. A depthwise conv is channelwise, and its
+        # slices hold two channels or more: one channel alone is a dense conv to the kernels (is_depthwise), whose
+        # first-layer path sums in another order (a 2-channel depthwise conv with a folded batch norm differed in
+        # the last bit at batch 1 on 2 threads)
         K, G = self.weight.shape[0], self.hyper["groups"]
-        if ranges is None or not self.channelwise_for(shape):
-            ranges = _ranges(K, parts, 16) if G == 1 else [(g0 * K // G, g1 * K // G) for g0, g1 in _ranges(G, parts)]
+        depthwise = self.channelwise_for(shape)
+        if ranges is not None and depthwise and min(k1 - k0 for k0, k1 in ranges) < 2:
+            ranges = None
+        if ranges is None or not depthwise:
+            if G == 1:
+                ranges = _ranges(K, parts, 16)
+            else:
+                ranges = [(g0 * K // G, g1 * K // G) for g0, g1 in _ranges(G, max(1, min(parts, G // 2))
+                                                                            if depthwise else parts)]
         if len(ranges) == 1:
             return ranges, [lambda: self.compile(program, prepared, shape, 1, src, dst)]
         return ranges, _per_range(functools.partial(self._slice, program, prepared, shape, src, dst), ranges)
@@ -698,10 +708,10 @@ class _Arena:
             # a dense conv does, or hold its other channels at another step's plane size)
             stages, ranges, touched = [], None, set()
             for step, prepared, shape, src, dst in work:
-                chained = ranges is not None and step.channelwise_for(shape) and dst not in touched
-                ranges, parts_of_step = step.channel_slices(program, prepared, shape, src, dst, parts,
-                                                            ranges if chained else None)
-                if chained and len(parts_of_step) == len(stages[-1]):
+                given = ranges if ranges is not None and step.channelwise_for(shape) and dst not in touched else None
+                ranges, parts_of_step = step.channel_slices(program, prepared, shape, src, dst, parts, given)
+                # chained where the step kept the slices it was given (a depthwise conv may not)
+                if given is not None and ranges == given and len(parts_of_step) == len(stages[-1]):
                     for slice_, part in zip(stages[-1], parts_of_step):
                         slice_.append(part)
                 else:
