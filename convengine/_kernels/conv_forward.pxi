@@ -758,14 +758,16 @@ def conv2d_pack(tuple x_shape,                            # (B, C, H, W) of the 
 
 
 def conv2d_pack_length(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize, int path=PATH_AUTO):
-    """Elements of conv2d_pack's result for this geometry (packed for `path`, if given); 0 where the forward
-    packs no weights worth keeping (a depthwise conv, the first-layer path)."""
+    """Elements of conv2d_pack's result for this geometry packed for `path`, if given (a slice of a conv's output
+    channels packed for the whole conv's path, whatever the slice alone would take: a group of 2 channels of a
+    grouped conv would take the first-layer path); else for the path it takes, 0 where that packs no weights
+    worth keeping (a depthwise conv, the first-layer path)."""
     cdef ConvGeom p
     fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
-    if is_depthwise(&p) or (itemsize == 4 and use_smallc(&p, <float>0)):
-        return 0
     if path != PATH_AUTO:
         return packed_length(&p, path, <float>0) if itemsize == 4 else packed_length(&p, path, <double>0)
+    if is_depthwise(&p) or (itemsize == 4 and use_smallc(&p, <float>0)):
+        return 0
     if itemsize == 4:
         return packed_length(&p, forward_path(&p, <float>0), <float>0)
     return packed_length(&p, forward_path(&p, <double>0), <double>0)
