@@ -1,0 +1,248 @@
+"""Whole models drawn at random: the plans and fusions that Sequential and freeze() make of a stack of layers,
+checked on stacks nobody wrote down. test_frozen and test_fusion pin each rewrite on a few fixed nets; here
+hypothesis draws the layers (convs of the geometries the engine takes: strides, dilations, padding, groups,
+depthwise, with and without bias, 1 to 48 channels; batch norms before and after convs; ReLU; max and average
+pooling with padding and ceil_mode; a head of global pooling or flattening and linears), the input's shape, the
+batch and the dtype, and checks that
+
+- a frozen model gives the layer-by-layer forward within float rounding, and the float64 reference's values;
+- a frozen model gives the same bits on 2 threads as on 1, every step split over both (every call threaded, the
+  split programs forced on): channel slices at batch 1, image slices above;
+- one training step of a model that fuses (conv + ReLU, batch norm + ReLU, batch norm + ReLU + 2x2 max pooling)
+  gives the bits of the same model run layer by layer: output, input gradient, every parameter gradient; and the
+  same bits on 2 threads as on 1.
+
+Example counts follow the hypothesis profile (conftest: "ci" by default, HYPOTHESIS_PROFILE=long for more).
+"""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, example, given, note, settings
+from hypothesis import strategies as st
+
+import convengine
+from convengine import frozen as frozen_module
+from convengine import fusion
+from convengine._args import conv_output_size
+from convengine._threads import every_call_threaded
+from convengine.layers import (AvgPool2d, BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d,
+                               ReLU)
+
+from conftest import assert_bitwise_equal, randn
+from test_frozen import RTOL, randomise_batch_norms, reference_forward
+
+fuzz = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                      HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = convengine.get_num_threads()
+    yield
+    convengine.set_num_threads(before)
+
+
+# A net is drawn as specs, plain tuples (hypothesis prints them for a failing example), and built afresh from them
+# for each model a test compares, with the same weights (manual_seed, then randomise_batch_norms).
+#   ("conv", in, out, kernel, stride, padding, dilation, groups, bias)   ("bn", channels)   ("relu",)
+#   ("max", kernel, stride, padding, ceil_mode)   ("avg", kernel, stride, padding, ceil_mode, count_include_pad)
+#   ("gap",)   ("flatten",)   ("linear", in, out)
+
+@st.composite
+def conv_spec(draw, c, h, w):
+    """A conv of c channels of h x w and its output shape, or None where the drawn geometry has no output."""
+    kernel = draw(st.integers(1, 5))
+    stride = draw(st.integers(1, 2))
+    dilation = draw(st.sampled_from([1, 1, 1, 2]))
+    padding = draw(st.integers(0, (kernel - 1) * dilation // 2 + 1))
+    groups = draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
+    if groups == c and draw(st.booleans()):
+        out = c                                                  # depthwise
+    else:
+        # up to 48 channels: the row-vector, pixel, pointwise and first-layer kernels, their tile edges
+        out = groups * draw(st.sampled_from([1, 2, 3, 5, 8, 16, 24]))
+        out = min(out, max(groups, 48 // groups * groups))
+    oh = conv_output_size(h, kernel, stride, padding, padding, dilation)
+    ow = conv_output_size(w, kernel, stride, padding, padding, dilation)
+    if oh < 1 or ow < 1:
+        return None
+    return ("conv", c, out, kernel, stride, padding, dilation, groups, draw(st.booleans())), (out, oh, ow)
+
+
+@st.composite
+def pool_spec(draw, c, h, w):
+    kind = draw(st.sampled_from(["max", "avg"]))
+    kernel = draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 3))
+    padding = draw(st.integers(0, kernel // 2))
+    ceil = draw(st.booleans())
+    oh = conv_output_size(h, kernel, stride, padding, padding, 1, ceil)
+    ow = conv_output_size(w, kernel, stride, padding, padding, 1, ceil)
+    if oh < 1 or ow < 1:
+        return None
+    spec = ("max", kernel, stride, padding, ceil) if kind == "max" else (
+        "avg", kernel, stride, padding, ceil, draw(st.booleans()))
+    return spec, (c, oh, ow)
+
+
+@st.composite
+def nets(draw, head=True):
+    """(specs, per-sample input shape, dtype): 1-5 body blocks, then (where `head`) a head."""
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    input_shape = (draw(st.integers(1, 6)), draw(st.integers(3, 20)), draw(st.integers(3, 20)))
+    specs, shape = [], input_shape
+    for block in draw(st.lists(st.sampled_from(["conv", "conv-relu", "conv-bn-relu", "bn", "relu", "pool",
+                                                "bn-relu-pool"]),
+                               min_size=1, max_size=5)):
+        c, h, w = shape
+        if block in ("conv", "conv-relu", "conv-bn-relu"):
+            drawn = draw(conv_spec(c, h, w))
+            if drawn is None:
+                continue
+            specs.append(drawn[0])
+            shape = drawn[1]
+            if block == "conv-relu":
+                specs.append(("relu",))
+            elif block == "conv-bn-relu":
+                specs += [("bn", shape[0]), ("relu",)]
+        elif block == "bn":
+            specs.append(("bn", c))
+        elif block == "relu":
+            specs.append(("relu",))
+        elif block == "pool":
+            drawn = draw(pool_spec(c, h, w))
+            if drawn is not None:
+                specs.append(drawn[0])
+                shape = drawn[1]
+        elif h >= 2 and w >= 2:                                  # the pooling the training fusion takes
+            specs += [("bn", c), ("relu",), ("max", 2, 2, 0, False)]
+            shape = (c, h // 2, w // 2)
+    if head and draw(st.booleans()):
+        features = shape[0]
+        if draw(st.booleans()):
+            specs.append(("gap",))
+        else:
+            specs.append(("flatten",))
+            features = int(np.prod(shape))
+        for _ in range(draw(st.integers(0, 2))):
+            width = draw(st.sampled_from([3, 10, 17, 40]))
+            specs.append(("linear", features, width))
+            if draw(st.booleans()):
+                specs.append(("relu",))
+            features = width
+    if not specs:
+        specs.append(("relu",))
+    return specs, input_shape, dtype
+
+
+def layer_of(spec, dtype):
+    kind, *a = spec
+    if kind == "conv":
+        c, out, kernel, stride, padding, dilation, groups, bias = a
+        return Conv2d(c, out, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+                      dtype=dtype)
+    if kind == "bn":
+        return BatchNorm2d(a[0], dtype=dtype)
+    if kind == "relu":
+        return ReLU()
+    if kind == "max":
+        return MaxPool2d(a[0], a[1], padding=a[2], ceil_mode=a[3])
+    if kind == "avg":
+        return AvgPool2d(a[0], a[1], padding=a[2], ceil_mode=a[3], count_include_pad=a[4])
+    if kind == "gap":
+        return GlobalAvgPool2d()
+    if kind == "flatten":
+        return Flatten()
+    return Linear(a[0], a[1], dtype=dtype)
+
+
+def build(net, fuse=True):
+    """A fresh model of the drawn net, always with the same weights."""
+    specs, input_shape, dtype = net
+    convengine.manual_seed(11)
+    model = convengine.Sequential([layer_of(spec, dtype) for spec in specs], input_shape=input_shape)
+    model.fuse = fuse
+    return randomise_batch_norms(model, np.random.default_rng(12))
+
+
+def scale(a):
+    return float(np.max(np.abs(a), initial=0.0)) + 1.0
+
+
+@fuzz
+@given(net=nets(), batch=st.integers(1, 4))
+# found by this test: a depthwise conv of 2 channels cut into slices of one, which the kernels take for a dense
+# conv and sum in another order (frozen._Conv.channel_slices), and a conv of two 2-channel groups whose slice of
+# one group has no packed length of its own (conv2d_pack_length)
+@example(net=([("conv", 2, 2, 2, 1, 0, 1, 2, False), ("bn", 2), ("relu",)], (2, 3, 3), "float32"), batch=1)
+@example(net=([("conv", 4, 2, 2, 1, 0, 1, 2, False)], (4, 3, 17), "float32"), batch=1)
+def test_a_frozen_model_gives_the_layers_values_on_any_thread_count(net, batch, monkeypatch_split):
+    specs, input_shape, _ = net
+    model = build(net)
+    dtype = model.dtype                   # float32 where no layer has weights
+    note(f"{specs}, input {input_shape}, batch {batch}, {dtype}")
+    x = randn(np.random.default_rng(13), (batch,) + input_shape, dtype)
+    looped = model.forward(x, training=False)
+    frozen = model.freeze()
+    convengine.set_num_threads(1)
+    want = frozen(x)
+    assert want.shape == looped.shape and want.dtype == looped.dtype
+    tol = RTOL[np.dtype(dtype).type] * 10
+    assert np.max(np.abs(want - looped), initial=0) <= tol * scale(looped), "frozen vs layer by layer"
+    reference = reference_forward(model, x)
+    assert np.max(np.abs(want - reference), initial=0) <= max(tol, 1e-5) * scale(reference), "frozen vs reference"
+    with every_call_threaded():
+        convengine.set_num_threads(2)
+        assert_bitwise_equal(frozen(x), want, "2 threads vs 1")
+        (arena,) = frozen._arenas[(input_shape, batch)]
+        program = arena.compiled()
+    # what the examples reached (pytest --hypothesis-show-statistics)
+    for step in frozen.steps:
+        event(f"step {step.describe()}")
+    if program is not None and program.slices() > program.stages():
+        event("split into channel slices (batch 1)" if batch == 1 else "split into image slices")
+
+
+@pytest.fixture
+def monkeypatch_split(monkeypatch):
+    """Split programs wherever a plan compiles, however small the call (hypothesis runs every example under one
+    fixture instance: the setting holds for all of them)."""
+    monkeypatch.setattr(frozen_module, "_SPLIT_MODE", "on")
+
+
+def training_step(model, x, gy):
+    """(output, input gradient, each parameter's gradient) of one training forward and backward."""
+    model.need_input_grad = True
+    for p in model.parameters():
+        p.grad[...] = 0
+    y = model.forward(x, training=True)
+    gx = model.backward(gy)
+    return [y, gx] + [p.grad.copy() for p in model.parameters()]
+
+
+@fuzz
+@given(net=nets(), batch=st.integers(2, 4))
+def test_a_fused_training_step_gives_the_bits_of_the_layers_on_any_thread_count(net, batch):
+    specs, input_shape, _ = net
+    dtype = build(net).dtype
+    note(f"{specs}, input {input_shape}, batch {batch}, {dtype}")
+    rng = np.random.default_rng(14)
+    x = randn(rng, (batch,) + input_shape, dtype)
+    y_shape = build(net).forward(x, training=False).shape
+    gy = randn(rng, y_shape, dtype)
+    convengine.set_num_threads(1)
+    fused = training_step(build(net, fuse=True), x, gy)
+    plain = training_step(build(net, fuse=False), x, gy)
+    for k, (a, b) in enumerate(zip(fused, plain)):
+        assert_bitwise_equal(a, b, f"fused vs layer by layer, result {k}")
+    with every_call_threaded():
+        convengine.set_num_threads(2)
+        threaded = training_step(build(net, fuse=True), x, gy)
+    for k, (a, b) in enumerate(zip(threaded, fused)):
+        assert_bitwise_equal(a, b, f"2 threads vs 1, result {k}")
+    # what the examples reached (pytest --hypothesis-show-statistics)
+    model, shape = build(net), input_shape
+    for i, layer in enumerate(model.layers):
+        if i in fusion.pairs(model.layers):
+            pooled = fusion.pools_fused(model.layers, i, (batch,) + shape, True)
+            event(f"fused {type(layer).__name__} + ReLU" + (" + MaxPool2d" if pooled else ""))
+        shape = layer.output_shape(shape)
