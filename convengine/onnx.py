@@ -27,6 +27,7 @@ import stat
 
 import numpy as np
 
+from . import _args
 from .graph import Add, Concat, Graph, _Merge
 from .layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, LeakyReLU, Linear, MaxPool2d,
                      ReLU, Sigmoid, Softmax, Tanh, shapes_only)
@@ -146,9 +147,9 @@ def export(model, path):
         elif isinstance(layer, Softmax):
             nodes.append(helper.make_node("Softmax", x, [y], name=node_name, axis=1))
         elif isinstance(layer, (MaxPool2d, AvgPool2d)):
-            (pt, pl), (pb, pr) = layer.padding, layer.padding
-            attrs = dict(kernel_shape=list(layer.kernel_size), strides=list(layer.stride), pads=[pt, pl, pb, pr],
-                         ceil_mode=int(layer.ceil_mode))
+            pads, ceil_mode = _onnx_pool_pads(layer, in_shape, node_name)
+            attrs = dict(kernel_shape=list(layer.kernel_size), strides=list(layer.stride), pads=pads,
+                         ceil_mode=ceil_mode)
             if isinstance(layer, AvgPool2d):
                 attrs["count_include_pad"] = int(layer.count_include_pad)
             op = "MaxPool" if isinstance(layer, MaxPool2d) else "AveragePool"
@@ -188,6 +189,52 @@ def export(model, path):
         helper.set_model_props(proto, {_METADATA_KEY: json.dumps(model.metadata, allow_nan=False)})
     onnx.checker.check_model(proto)
     _atomic_write(path, proto.SerializeToString())
+
+
+def _onnx_pool_pads(layer, in_shape, node_name):
+    """(pads, ceil_mode) to write for a pooling layer on per-sample input in_shape. Where rounding up would add a
+    window that starts past the input and its left padding, the layer (as PyTorch) drops it; ONNX Runtime's kernels
+    drop it too, but ONNX's shape inference counts it, and a model whose next layers depend on that shape (a
+    Flatten into a Gemm) failed to load. So an axis where it would count a dropped window gets its end padding cut
+    by the remainder that made it round up: the same windows, counted alike by both (the loader reads it back as
+    the symmetric padding, _ceil_pads). Where the end padding is shorter than that remainder (a kernel smaller than
+    its stride) the floor is written instead if it is the same output, else the layer is refused: no ONNX
+    attributes say it."""
+    (ph, pw) = layer.padding
+    if not layer.ceil_mode:
+        return [ph, pw, ph, pw], 0
+    pads = [ph, pw, ph, pw]
+    adds, short = False, None
+    for axis, (size, k, s, p) in enumerate(zip(in_shape[1:], layer.kernel_size, layer.stride, layer.padding)):
+        ours = _args.conv_output_size(size, k, s, p, p, 1, True)
+        floor = _args.conv_output_size(size, k, s, p, p, 1, False)
+        remainder = (size + 2 * p - k) % s
+        if ours > floor:
+            adds = True
+        elif remainder > p:
+            short = axis
+        elif remainder:
+            pads[2 + axis] -= remainder
+    if short is None:
+        return pads, 1
+    if not adds:
+        return [ph, pw, ph, pw], 0
+    raise ValueError(f"{node_name}: ceil_mode adds a window along one axis and drops one that would start past the "
+                     f"input along {'HW'[short]} (input {tuple(in_shape)}), which ONNX cannot write for a kernel "
+                     "smaller than its stride: use ceil_mode=False")
+
+
+def _ceil_pads(pads, in_hw, kernel, strides):
+    """pads as written by _onnx_pool_pads for a ceil_mode pooling: an axis whose end padding is short of its
+    begin by the remainder that rounding up would count back as the symmetric padding (the same output size and
+    windows); any other pads as they are."""
+    pads = list(pads)
+    for axis, (size, k, s) in enumerate(zip(in_hw, kernel, strides)):
+        begin, end = pads[axis], pads[2 + axis]
+        if 0 <= end < begin and (size + begin + end - k) % s == 0 and (
+                _args.conv_output_size(size, k, s, begin, begin, 1, True) == (size + begin + end - k) // s + 1):
+            pads[2 + axis] = begin
+    return pads
 
 
 def _atomic_write(path, data):
@@ -443,6 +490,14 @@ class _Loader:
         return f"#{k} {node.name!r} ({node.op_type})" if node.name else f"#{k} ({node.op_type})"
 
 
+def _float32_decimal(value):
+    """The shortest decimal that rounds to float32 `value`, as a float: ONNX keeps float attributes in 32 bits, so
+    a batch norm's epsilon of 1e-5 arrives as 9.99999974738e-06; taken as written, a float64 model exported and
+    loaded back computed other bits. Every float32 a writer meant as a short decimal (1e-5, 1e-3, 0.1, 0.01) comes
+    back as that decimal; any other comes back as itself."""
+    return float(str(np.float32(value)))
+
+
 def _attrs(loader, node, label, allowed):
     """{name: value} of a node's attributes, refusing any not in `allowed` (name -> kind: i, f, ints, s, t)."""
     out = {}
@@ -456,7 +511,7 @@ def _attrs(loader, node, label, allowed):
         if kind == "i":
             out[a.name] = int(a.i)
         elif kind == "f":
-            out[a.name] = float(a.f)
+            out[a.name] = _float32_decimal(a.f)
         elif kind == "ints":
             out[a.name] = [int(v) for v in a.ints]
         elif kind == "s":
@@ -575,6 +630,14 @@ def _pair_attr(loader, label, attrs, name, default):
     return tuple(v)
 
 
+def _flattens_per_sample(loader, node):
+    """Whether `node` is a Flatten that keeps the batch axis (axis 1, or -3 of a 4-D input)."""
+    if node.op_type != "Flatten" or len(node.input) != 1:
+        return False
+    axis = [a.i for a in node.attribute if a.name == "axis"]
+    return len(node.attribute) == len(axis) and axis in ([], [1], [-3])
+
+
 def _unused(loader, label, node, consumers, first=1):
     for out in node.output[first:]:
         if out and consumers.get(out):
@@ -596,7 +659,7 @@ def load(path):
         for name in g.node[k].input:
             if name:
                 consumers.setdefault(name, []).append(k)
-    absorbed = {}  # Add node index -> bias name, folded into the MatMul before it
+    absorbed = {}  # node index -> True: an Add folded into the MatMul before it, a Flatten into a global pooling
     constants = {o: g.node[k] for k in order if g.node[k].op_type == "Constant" for o in g.node[k].output}
     for k in order:
         node = g.node[k]
@@ -712,7 +775,7 @@ def load(path):
             c = shape[1]
             scale, bias, mean, var = (b.const(n, label, shape=(c,)) for n in ins[1:5])
             eps = a.get("epsilon", 1e-5)
-            momentum = min(max(1.0 - a.get("momentum", 0.9), 0.0), 1.0)
+            momentum = min(max(_float32_decimal(1.0 - a.get("momentum", 0.9)), 0.0), 1.0)
             try:
                 with shapes_only():
                     layer = BatchNorm2d(c, eps=eps, momentum=momentum, dtype=b.dtype)
@@ -737,6 +800,8 @@ def load(path):
             strides = _pair_attr(loader, label, a, "strides", [1, 1])
             if tuple(a.get("dilations", [1, 1])) != (1, 1):
                 loader.fail(f"pooling dilations {a['dilations']} are not supported", label)
+            if a.get("ceil_mode", 0) and len(a.get("pads", [])) == 4:
+                a["pads"] = _ceil_pads(a["pads"], shape[2:], kernel, strides)
             padding = _pads2d(loader, label, a, shape[2:], kernel, strides, (1, 1))
             if padding == "same":
                 loader.fail("asymmetric pooling padding is not supported", label)
@@ -753,7 +818,14 @@ def load(path):
             need_inputs(1)
             _attrs(loader, node, label, {})
             _, _, shape = b.value(ins[0], label, rank=4)
-            b.add(AvgPool2d(shape[2:], shape[2:]), [ins[0]], label, out)
+            users = consumers.get(out, [])
+            if len(users) == 1 and out != output_name and _flattens_per_sample(loader, g.node[users[0]]):
+                # pooling then flattening (as export writes GlobalAvgPool2d): GlobalAvgPool2d, whose sums are
+                # another order than a whole-plane AvgPool2d's; the Flatten then passes its (N, C) through
+                b.add(GlobalAvgPool2d(), [ins[0]], label, out)
+                absorbed[users[0]] = True
+            else:
+                b.add(AvgPool2d(shape[2:], shape[2:]), [ins[0]], label, out)
         elif op == "ReduceMean":
             need_inputs(1, 2)
             a = _attrs(loader, node, label, {"axes": "ints", "keepdims": "i", "noop_with_empty_axes": "i"})
@@ -768,6 +840,9 @@ def load(path):
         elif op == "Flatten":
             need_inputs(1)
             a = _attrs(loader, node, label, {"axis": "i"})
+            if k in absorbed:
+                b.tensors[out] = b.get(ins[0], label)
+                continue
             _, _, shape = b.value(ins[0], label)
             axis = a.get("axis", 1)
             if axis < 0:

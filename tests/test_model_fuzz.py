@@ -247,3 +247,33 @@ def test_a_fused_training_step_gives_the_bits_of_the_layers_on_any_thread_count(
             pooled = fusion.pools_fused(model.layers, i, (batch,) + shape, True)
             event(f"fused {type(layer).__name__} + ReLU" + (" + MaxPool2d" if pooled else ""))
         shape = layer.output_shape(shape)
+
+
+@fuzz
+@given(net=nets(), batch=st.integers(1, 3))
+def test_an_exported_model_runs_in_onnx_runtime_and_loads_back_the_same(net, batch, tmp_path_factory):
+    """convengine.onnx.export of the drawn net: ONNX Runtime's values within float rounding (float32: its CPU
+    provider has no float64 Conv), and the file loaded back (convengine.onnx.load) a model of the same values, bit
+    for bit."""
+    onnx_module = pytest.importorskip("convengine.onnx")
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    specs, input_shape, _ = net
+    model = build(net)
+    dtype = model.dtype
+    note(f"{specs}, input {input_shape}, batch {batch}, {dtype}")
+    x = randn(np.random.default_rng(15), (batch,) + input_shape, dtype)
+    ours = model.predict(x)
+    path = tmp_path_factory.mktemp("onnx") / "net.onnx"
+    try:
+        onnx_module.export(model, path)
+    except ValueError as e:                   # a ceil_mode pooling ONNX cannot say (onnx._onnx_pool_pads)
+        assert "ONNX cannot write" in str(e)
+        event("refused: ceil_mode pooling ONNX cannot write")
+        return
+    if dtype == np.float32:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        theirs = session.run(None, {session.get_inputs()[0].name: x})[0]
+        assert theirs.shape == ours.shape and theirs.dtype == ours.dtype
+        assert np.max(np.abs(theirs - ours), initial=0) <= 1e-4 * scale(ours), "ONNX Runtime vs convengine"
+    assert_bitwise_equal(onnx_module.load(path).predict(x), ours, "loaded back")

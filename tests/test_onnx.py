@@ -605,3 +605,50 @@ def test_float64_models_round_trip(tmp_path, rng):
     assert back.dtype == np.float64
     x = rng.standard_normal((2, 3, 12, 12))
     assert rel_err(back.predict(x), model.predict(x)) < 1e-12
+
+
+@pytest.mark.parametrize("pool,hw", [
+    (L.MaxPool2d(2, 2, padding=1, ceil_mode=True), (5, 7)),     # rounding up drops a window on both axes
+    (L.MaxPool2d(3, 3, padding=1, ceil_mode=True), (3, 20)),    # adds a row, drops a column
+    (L.AvgPool2d(3, 3, padding=1, ceil_mode=True), (3, 20)),
+    (L.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False), (6, 9)),   # adds on both
+])
+def test_ceil_mode_pools_export_as_onnx_runtime_counts_their_windows(pool, hw, tmp_path, rng):
+    """A ceil_mode pooling drops a window that would start past the input and its left padding (as PyTorch);
+    ONNX's shape inference counts it. The export writes attributes both count alike: a model whose Gemm depends on
+    the pooled shape loads in ONNX Runtime, gives its values and loads back as the same layers."""
+    ort = pytest.importorskip("onnxruntime")
+    convengine.manual_seed(0)
+    model = Sequential([L.Conv2d(2, 3, 1), pool, L.Flatten()], input_shape=(2,) + hw)
+    features = int(np.prod(model.output_shape()))
+    model = Sequential([L.Conv2d(2, 3, 1), pool, L.Flatten(), L.Linear(features, 4)], input_shape=(2,) + hw)
+    cx.export(model, tmp_path / "pool.onnx")
+    session = ort.InferenceSession(str(tmp_path / "pool.onnx"), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((3, 2) + hw).astype(np.float32)
+    assert rel_err(session.run(None, {"input": x})[0], model.predict(x)) < 1e-5
+    back = cx.load(tmp_path / "pool.onnx")
+    assert repr(back.layers[1]) == repr(pool)
+    assert back.predict(x).tobytes() == model.predict(x).tobytes()
+
+
+def test_a_ceil_mode_pool_onnx_cannot_write_is_refused(tmp_path):
+    model = Sequential([L.MaxPool2d(2, 3, ceil_mode=True)], input_shape=(1, 7, 6))
+    with pytest.raises(ValueError, match="0.MaxPool2d: ceil_mode adds a window .* ONNX cannot write"):
+        cx.export(model, tmp_path / "pool.onnx")
+    assert not (tmp_path / "pool.onnx").exists()
+
+
+def test_global_pooling_and_float_attributes_load_back_as_written(tmp_path, rng):
+    """GlobalAveragePool then Flatten (as export writes GlobalAvgPool2d) loads as GlobalAvgPool2d, whose sums a
+    whole-plane AvgPool2d orders otherwise; float attributes, 32-bit in ONNX, load as the decimals written (a
+    float64 batch norm's eps of 1e-5, its momentum of 0.1): the same bits after the round trip."""
+    convengine.manual_seed(0)
+    model = Sequential([L.BatchNorm2d(3, eps=1e-3, momentum=0.2, dtype="float64"), L.GlobalAvgPool2d(),
+                        L.Linear(3, 2, dtype="float64")], input_shape=(3, 5, 7))
+    model.layers[0].running_var[:] = rng.random(3) + 0.5
+    cx.export(model, tmp_path / "gap.onnx")
+    back = cx.load(tmp_path / "gap.onnx")
+    assert [type(layer).__name__ for layer in back.layers] == ["BatchNorm2d", "GlobalAvgPool2d", "Linear"]
+    assert (back.layers[0].eps, back.layers[0].momentum) == (1e-3, 0.2)
+    x = rng.standard_normal((4, 3, 5, 7))
+    assert back.predict(x).tobytes() == model.predict(x).tobytes()
