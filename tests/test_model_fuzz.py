@@ -7,13 +7,18 @@ batch and the dtype, and checks that
 
 - a frozen model gives the layer-by-layer forward within float rounding, and the float64 reference's values;
 - a frozen model gives the same bits on 2 and 3 threads as on 1, every step split (every call threaded, the split
-  programs forced on): channel slices at batch 1, image slices above;
+  programs forced on): channel slices at batch 1, image slices above, one image at a time on one thread; and for
+  inputs in any memory layout, in batches of any size, and through the model's own predict;
 - one training step of a model that fuses (conv + ReLU, batch norm + ReLU, batch norm + ReLU + 2x2 max pooling)
-  gives the bits of the same model run layer by layer: output, input gradient, every parameter gradient; and the
-  same bits on 2 threads as on 1.
+  gives the bits of the same model run layer by layer: output, input gradient, every parameter gradient (and its
+  inference forward too); and the same bits on 2 threads as on 1;
+- an exported model runs in ONNX Runtime with the engine's values and loads back with its bits, and a graph
+  model (Add, Concat) keeps its bits across thread counts, its own file format and ONNX.
 
 Example counts follow the hypothesis profile (conftest: "ci" by default, HYPOTHESIS_PROFILE=long for more).
 """
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, example, given, note, settings
@@ -27,7 +32,7 @@ from convengine._threads import every_call_threaded
 from convengine.layers import (AvgPool2d, BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d,
                                ReLU)
 
-from conftest import assert_bitwise_equal, randn
+from conftest import LAYOUTS, as_layout, assert_bitwise_equal, randn
 from test_frozen import RTOL, randomise_batch_norms, reference_forward
 
 fuzz = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -169,13 +174,15 @@ def scale(a):
 
 
 @fuzz
-@given(net=nets(), batch=st.integers(1, 4))
+@given(net=nets(), batch=st.integers(1, 4), layout=st.sampled_from(LAYOUTS), chunk=st.integers(1, 3))
 # found by this test: a depthwise conv of 2 channels cut into slices of one, which the kernels take for a dense
 # conv and sum in another order (frozen._Conv.channel_slices), and a conv of two 2-channel groups whose slice of
 # one group has no packed length of its own (conv2d_pack_length)
-@example(net=([("conv", 2, 2, 2, 1, 0, 1, 2, False), ("bn", 2), ("relu",)], (2, 3, 3), "float32"), batch=1)
-@example(net=([("conv", 4, 2, 2, 1, 0, 1, 2, False)], (4, 3, 17), "float32"), batch=1)
-def test_a_frozen_model_gives_the_layers_values_on_any_thread_count(net, batch, monkeypatch_split):
+@example(net=([("conv", 2, 2, 2, 1, 0, 1, 2, False), ("bn", 2), ("relu",)], (2, 3, 3), "float32"), batch=1,
+         layout="contiguous", chunk=1)
+@example(net=([("conv", 4, 2, 2, 1, 0, 1, 2, False)], (4, 3, 17), "float32"), batch=1,
+         layout="contiguous", chunk=1)
+def test_a_frozen_model_gives_the_layers_values_on_any_thread_count(net, batch, layout, chunk, monkeypatch_split):
     specs, input_shape, _ = net
     model = build(net)
     dtype = model.dtype                   # float32 where no layer has weights
@@ -196,6 +203,13 @@ def test_a_frozen_model_gives_the_layers_values_on_any_thread_count(net, batch, 
             assert_bitwise_equal(frozen(x), want, f"{threads} threads vs 1")
         (arena,) = frozen._arenas[(input_shape, batch)]
         program = arena.compiled()
+        # any memory layout, any batch_size, and the model's own predict: the same bits
+        assert_bitwise_equal(frozen.predict(as_layout(x, layout), batch_size=chunk), want, f"{layout}, {chunk}")
+        assert_bitwise_equal(model.predict(x, batch_size=chunk), want, "model.predict")
+    # one thread, the batch in slices of one image through every step (as a batch whose activations outgrow L2)
+    convengine.set_num_threads(1)
+    with mock.patch.object(frozen_module, "_SLICE_ABOVE", 0), mock.patch.object(frozen_module, "_SLICE_BYTES", 1):
+        assert_bitwise_equal(model.freeze()(x), want, "one image at a time")
     # what the examples reached (pytest --hypothesis-show-statistics)
     for step in frozen.steps:
         event(f"step {step.describe()}")
@@ -235,6 +249,8 @@ def test_a_fused_training_step_gives_the_bits_of_the_layers_on_any_thread_count(
     plain = training_step(build(net, fuse=False), x, gy)
     for k, (a, b) in enumerate(zip(fused, plain)):
         assert_bitwise_equal(a, b, f"fused vs layer by layer, result {k}")
+    assert_bitwise_equal(build(net, fuse=True).forward(x, training=False),
+                         build(net, fuse=False).forward(x, training=False), "inference forward, fused vs not")
     with every_call_threaded():
         convengine.set_num_threads(2)
         threaded = training_step(build(net, fuse=True), x, gy)
