@@ -9,6 +9,8 @@ import types
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
 
 import convengine
 from convengine import _threads
@@ -75,6 +77,42 @@ def test_conv2d_thread_count_invariant(rng, x_shape, w_shape, params, dtype):
     assert_same_for_all_thread_counts(lambda: F.conv2d_backward(go, x, w, **params), "conv2d_backward")
     assert_same_for_all_thread_counts(lambda: F.conv2d_backward(go, x, w, need_input_grad=False, **params),
                                       "conv2d_backward without grad_x")
+
+
+@st.composite
+def conv_geometries(draw):
+    """(x shape, weight shape, params, dtype) of a conv the engine takes: 1-24 images of 1-40 channels of up to
+    34 x 34, kernels of 1-5 with strides 1-3, dilation 1-2, padding up to the kernel's half, groups (depthwise
+    among them): every path and its thread split (images, rows, channel blocks) on uneven counts."""
+    groups = draw(st.sampled_from([1, 1, 1, 2, 3, 4]))
+    c = groups * draw(st.integers(1, 40 // groups))
+    depthwise = groups > 1 and draw(st.booleans())
+    if depthwise:
+        groups = c
+    k = c if depthwise else groups * draw(st.integers(1, 48 // groups))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride, dilation = draw(st.integers(1, 3)), draw(st.sampled_from([1, 1, 2]))
+    padding = draw(st.integers(0, min(kh, kw) // 2 * dilation))
+    h = draw(st.integers(max(1, dilation * (kh - 1) + 1 - 2 * padding), 34))
+    w = draw(st.integers(max(1, dilation * (kw - 1) + 1 - 2 * padding), 34))
+    x_shape = (draw(st.integers(1, 24)), c, h, w)
+    params = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return x_shape, (k, c // groups, kh, kw), params, draw(st.sampled_from(DTYPES))
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=conv_geometries())
+def test_drawn_convs_give_the_same_bits_on_any_thread_count(case):
+    """conv2d forward and backward of drawn geometries on 2 and 3 threads against 1 (the cases above are fixed;
+    each path's blocking across threads — balanced rows, channel panels, image slices — has edges only drawn
+    shapes reach)."""
+    x_shape, w_shape, params, dtype = case
+    note(f"x {x_shape}, w {w_shape}, {params}, {np.dtype(dtype).name}")
+    rng = np.random.default_rng(31)
+    x, w, b = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype), randn(rng, w_shape[0], dtype)
+    go = randn(rng, F.conv2d(x, w, b, **params).shape, dtype)
+    assert_same_for_all_thread_counts(lambda: (F.conv2d(x, w, b, **params),)
+                                      + tuple(F.conv2d_backward(go, x, w, **params)), "conv2d forward, backward")
 
 
 # The depthwise whole-plane kernels (float32, AVX-512: depthwise.h) in every direction, 13 channels over 3

@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 src="$(pwd)"
 python="${PYTHON:-python3}"
 
-read -r -a tests <<<"${SANITIZE_TESTS:-tests/test_functional.py tests/test_determinism.py tests/test_bad_input.py tests/test_fuzz.py tests/test_sizes.py tests/test_subnormal.py tests/test_frozen.py tests/test_fusion.py tests/test_optim_fused.py}"
+read -r -a tests <<<"${SANITIZE_TESTS:-tests/test_functional.py tests/test_determinism.py tests/test_bad_input.py tests/test_fuzz.py tests/test_sizes.py tests/test_subnormal.py tests/test_frozen.py tests/test_fusion.py tests/test_optim_fused.py tests/test_model_fuzz.py}"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/convengine-sanitize.XXXXXX")"
 cleanup() {
