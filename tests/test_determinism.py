@@ -210,6 +210,52 @@ def test_pools_thread_count_invariant(rng, x_shape, params, dtype):
                                       "global_avg_pool2d backward")
 
 
+@st.composite
+def planes(draw):
+    """(x shape, pooling params, dtype): 1-24 images of 1-40 planes up to 34 x 34, a pooling that fits them."""
+    kernel = draw(st.integers(1, 4))
+    stride, padding = draw(st.integers(1, 4)), draw(st.integers(0, kernel // 2))
+    x_shape = (draw(st.integers(1, 24)), draw(st.integers(1, 40)),
+               draw(st.integers(max(1, kernel - 2 * padding), 34)), draw(st.integers(max(1, kernel - 2 * padding), 34)))
+    return x_shape, dict(kernel_size=kernel, stride=stride, padding=padding, ceil_mode=draw(st.booleans())), \
+        draw(st.sampled_from(DTYPES))
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=planes())
+def test_drawn_pools_and_batch_norms_give_the_same_bits_on_any_thread_count(case):
+    """Poolings (max with its backward's scatter, average both ways) and batch norm (training statistics, forward,
+    backward, the fused ReLU and 2x2 pooling where the planes take them) of drawn shapes on 2 and 3 threads
+    against 1."""
+    x_shape, params, dtype = case
+    note(f"x {x_shape}, {params}, {np.dtype(dtype).name}")
+    rng = np.random.default_rng(32)
+    x = randn(rng, x_shape, dtype)
+    y, idx = F.max_pool2d(x, return_indices=True, **params)
+    go = randn(rng, y.shape, dtype)
+    assert_same_for_all_thread_counts(lambda: F.max_pool2d(x, return_indices=True, **params)
+                                      + (F.max_pool2d_backward(go, idx, x.shape),
+                                         F.avg_pool2d(x, **params), F.avg_pool2d_backward(go, x.shape, **params)),
+                                      "pools")
+    n, c, h, w_ = x_shape
+    if n * h * w_ == 1:                       # batch statistics need two values per channel
+        return
+    w, b, gx = randn(rng, c, dtype), randn(rng, c, dtype), randn(rng, x_shape, dtype)
+    y, mean, var = F.batch_norm2d_training(x, w, b)
+    relu_out = np.maximum(y, 0)
+    assert_same_for_all_thread_counts(lambda: F.batch_norm2d_training(x, w, b)
+                                      + tuple(F.batch_norm2d_backward(gx, x, w, mean, var))
+                                      + tuple(F._batch_norm2d_relu_backward(gx, x, relu_out, w, mean, var)),
+                                      "batch norm")
+    if h % 2 == 0 and w_ >= 2 and h * w_ >= 16:                 # fusion.pools_fused
+        pooled, indices, mean, var = F._batch_norm2d_relu_max_pool_training(x, w, b)
+        gp = randn(rng, pooled.shape, dtype)
+        assert_same_for_all_thread_counts(
+            lambda: F._batch_norm2d_relu_max_pool_training(x, w, b)
+            + tuple(F._batch_norm2d_relu_max_pool_backward(gp, indices, x, w, b, mean, var)),
+            "batch norm + ReLU + max pool")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_relu_linear_thread_count_invariant(rng, dtype):
     x = randn(rng, (8, 16, 20, 20), dtype)
