@@ -163,6 +163,10 @@ def conv_geometries(draw):
          dtype=np.float32, bias=True, need_input_grad=True, data=None)
 @example(geometry=((2, 4, 5, 5), (4, 1, 5, 5), dict(stride=7, padding=0, dilation=1, groups=4)),
          dtype=np.float64, bias=False, need_input_grad=True, data=None)
+# a stride-2 depthwise conv over 1-pixel rows without padding: its column phases read past the plane on the
+# baseline build (found by test_model_fuzz.py under the sanitizers)
+@example(geometry=((2, 3, 5, 1), (3, 1, 3, 1), dict(stride=2, padding=0, dilation=1, groups=3)),
+         dtype=np.float64, bias=True, need_input_grad=True, data=None)
 def test_conv2d_matches_reference(geometry, dtype, bias, need_input_grad, data):
     x_shape, w_shape, params = geometry
     if data is None:  # an explicit example: fixed normal values, contiguous
