@@ -34,6 +34,7 @@ from convengine.layers import (AvgPool2d, BatchNorm2d, Conv2d, Flatten, GlobalAv
 
 from conftest import LAYOUTS, as_layout, assert_bitwise_equal, randn
 from test_frozen import RTOL, randomise_batch_norms, reference_forward
+from test_fusion import step         # one training step: (output, input gradient, parameter gradients)
 
 fuzz = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                       HealthCheck.function_scoped_fixture])
@@ -224,16 +225,6 @@ def monkeypatch_split(monkeypatch):
     monkeypatch.setattr(frozen_module, "_SPLIT_MODE", "on")
 
 
-def training_step(model, x, gy):
-    """(output, input gradient, each parameter's gradient) of one training forward and backward."""
-    model.need_input_grad = True
-    for p in model.parameters():
-        p.grad[...] = 0
-    y = model.forward(x, training=True)
-    gx = model.backward(gy)
-    return [y, gx] + [p.grad.copy() for p in model.parameters()]
-
-
 @fuzz
 @given(net=nets(), batch=st.integers(2, 4))
 def test_a_fused_training_step_gives_the_bits_of_the_layers_on_any_thread_count(net, batch):
@@ -245,15 +236,15 @@ def test_a_fused_training_step_gives_the_bits_of_the_layers_on_any_thread_count(
     y_shape = build(net).forward(x, training=False).shape
     gy = randn(rng, y_shape, dtype)
     convengine.set_num_threads(1)
-    fused = training_step(build(net, fuse=True), x, gy)
-    plain = training_step(build(net, fuse=False), x, gy)
+    fused = step(build(net, fuse=True), x, gy)
+    plain = step(build(net, fuse=False), x, gy)
     for k, (a, b) in enumerate(zip(fused, plain)):
         assert_bitwise_equal(a, b, f"fused vs layer by layer, result {k}")
     assert_bitwise_equal(build(net, fuse=True).forward(x, training=False),
                          build(net, fuse=False).forward(x, training=False), "inference forward, fused vs not")
     with every_call_threaded():
         convengine.set_num_threads(2)
-        threaded = training_step(build(net, fuse=True), x, gy)
+        threaded = step(build(net, fuse=True), x, gy)
     for k, (a, b) in enumerate(zip(threaded, fused)):
         assert_bitwise_equal(a, b, f"2 threads vs 1, result {k}")
     # what the examples reached (pytest --hypothesis-show-statistics)
@@ -388,10 +379,10 @@ def test_a_graph_models_training_step_and_round_trips_keep_its_bits(net, batch, 
     x = randn(rng, (batch,) + input_shape, dtype)
     gy = randn(rng, model.forward(x, training=False).shape, dtype)
     convengine.set_num_threads(1)
-    want = training_step(build_graph(net), x, gy)
+    want = step(build_graph(net), x, gy)
     with every_call_threaded():
         convengine.set_num_threads(2)
-        got = training_step(build_graph(net), x, gy)
+        got = step(build_graph(net), x, gy)
     for k, (a, b) in enumerate(zip(got, want)):
         assert_bitwise_equal(a, b, f"2 threads vs 1, result {k}")
     # layer by layer both: a chain loads back from ONNX as a Sequential, whose predict runs a frozen plan
