@@ -630,7 +630,7 @@ def _pair_attr(loader, label, attrs, name, default):
     return tuple(v)
 
 
-def _flattens_per_sample(loader, node):
+def _flattens_per_sample(node):
     """Whether `node` is a Flatten that keeps the batch axis (axis 1, or -3 of a 4-D input)."""
     if node.op_type != "Flatten" or len(node.input) != 1:
         return False
@@ -819,7 +819,7 @@ def load(path):
             _attrs(loader, node, label, {})
             _, _, shape = b.value(ins[0], label, rank=4)
             users = consumers.get(out, [])
-            if len(users) == 1 and out != output_name and _flattens_per_sample(loader, g.node[users[0]]):
+            if len(users) == 1 and out != output_name and _flattens_per_sample(g.node[users[0]]):
                 # pooling then flattening (as export writes GlobalAvgPool2d): GlobalAvgPool2d, whose sums are
                 # another order than a whole-plane AvgPool2d's; the Flatten then passes its (N, C) through
                 b.add(GlobalAvgPool2d(), [ins[0]], label, out)
