@@ -6,7 +6,7 @@ pooling with padding and ceil_mode; a head of global pooling or flattening and l
 batch and the dtype, and checks that
 
 - a frozen model gives the layer-by-layer forward within float rounding, and the float64 reference's values;
-- a frozen model gives the same bits on 2 and 3 threads as on 1, every step split (every call threaded, the split
+- a frozen model gives the same bits on 2 and 3 threads as on 1 (and from four Python threads at once), every step split (every call threaded, the split
   programs forced on): channel slices at batch 1, image slices above, one image at a time on one thread; and for
   inputs in any memory layout, in batches of any size, and through the model's own predict;
 - one training step of a model that fuses (conv + ReLU, batch norm + ReLU, batch norm + ReLU + 2x2 max pooling)
@@ -17,6 +17,7 @@ batch and the dtype, and checks that
 
 Example counts follow the hypothesis profile (conftest: "ci" by default, HYPOTHESIS_PROFILE=long for more).
 """
+import threading
 from unittest import mock
 
 import numpy as np
@@ -223,6 +224,45 @@ def monkeypatch_split(monkeypatch):
     """Split programs wherever a plan compiles, however small the call (hypothesis runs every example under one
     fixture instance: the setting holds for all of them)."""
     monkeypatch.setattr(frozen_module, "_SPLIT_MODE", "on")
+
+
+@fuzz
+@given(net=nets(), batches=st.lists(st.integers(1, 4), min_size=4, max_size=4))
+def test_a_frozen_model_called_from_four_threads_at_once_gives_each_call_its_bits(net, batches,
+                                                                                  monkeypatch_split):
+    """Four Python threads call one frozen model of a drawn net at once, with batches of their own (arenas of
+    several batch sizes, the pool's workers shared), on 2 engine threads with split programs: each gets the
+    serial call's bits."""
+    specs, input_shape, _ = net
+    model = build(net)
+    dtype = model.dtype
+    note(f"{specs}, input {input_shape}, batches {batches}, {dtype}")
+    rng = np.random.default_rng(16)
+    inputs = [randn(rng, (n,) + input_shape, dtype) for n in batches]
+    frozen = model.freeze()
+    convengine.set_num_threads(2)
+    with every_call_threaded():
+        serial = [frozen(x) for x in inputs]
+        outputs, errors = [[None] * 3 for _ in inputs], []
+        start = threading.Barrier(len(inputs))
+
+        def work(k):
+            try:
+                start.wait()
+                for r in range(3):
+                    outputs[k][r] = frozen(inputs[k])
+            except Exception as e:             # reported below: a thread's exception would otherwise be lost
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    for k, want in enumerate(serial):
+        for got in outputs[k]:
+            assert_bitwise_equal(got, want, f"thread {k}")
 
 
 @fuzz
