@@ -56,8 +56,8 @@ def _workers_keep_spinning(policy):
     return policy == "active"
 
 
-# On two or more threads a compiled plan is a split program (_kernels/frozen.pxi run_split): slices of at most
-# _IMAGES_PER_SLICE images, each through every step in order, or at batch 1 each step cut into slices of its
+# On two or more threads a compiled plan is a split program (_kernels/frozen.pxi run_split): slices of a few images
+# (_images_per_slice), each through every step in order, or at batch 1 each step cut into slices of its
 # channels (a channelwise step continuing the slices of the step before); each op a whole kernel call on one
 # thread, the slices shared by the caller and workers of the engine's own pool (frozen.h), which spin between
 # steps and for a while after a call. OpenMP could not do this: its workers sleep between steps (a 30-50 us
@@ -71,11 +71,15 @@ def _workers_keep_spinning(policy):
 # batch 1, 1.3 MFLOP: 47 us split, 44 whole); "on"/"off" force it (tests).
 _SPLIT_FLOPS = 4_000_000
 _SPLIT_MODE = "auto"
-# Images per slice, batch 64 at 2 threads, ms for 2 / 4 / 8 / 16 / 32 (Zen 4, best of 7): CIFAR-shaped 8.13 /
-# 8.03 / 7.86 / 7.87 / 7.79, separable 2.50 / 2.33 / 2.43 / 2.00 / 1.97, LeNet-5 1.11 / 0.98 / 0.94 / 0.76 / 0.75,
-# VGG-style 67.7 / 67.1 / 67.4 / 67.9 / 68.1: few kernel calls pay, and more slices than threads still share out
-# the work when one thread is slowed.
-_IMAGES_PER_SLICE = 16
+# Images per slice on several threads: as many as hold about _SPLIT_SLICE_BYTES of the largest activation, at most
+# _IMAGES_PER_SLICE. Batch 64 at 2 threads, ms for 2 / 4 / 8 / 16 / 32 images (Zen 4, best of 5, four rounds
+# alternating in one process): VGG-style (256 KiB per image) 56.8 / 57.2 / 57.6 / 58.5 / 58.7; CIFAR-shaped (128
+# KiB) 6.63 / 6.56 / 6.50 / 6.48 / 6.46; separable (64 KiB) 1.98 / 1.86 / 1.81 / 1.77 / 1.76; LeNet-5 (18 KiB)
+# 0.78 / 0.72 / 0.68 / 0.63 / 0.61. Few kernel calls pay where activations are small; where they are large a
+# slice that stays in its core's L2 from step to step pays more (16 VGG-style images hold 4 MiB). More slices than
+# threads still share out the work when one thread is slowed.
+_IMAGES_PER_SLICE = 32
+_SPLIT_SLICE_BYTES = 1 << 20
 # On one thread, a batch whose largest activation takes more than _SLICE_ABOVE goes through in slices of about
 # _SLICE_BYTES of it, all in the same place at the start of the buffers, so that a step reads what the step before
 # wrote while it is still in cache (a core's L2 is 1 MiB on Zen 4, 2 MiB on recent Xeons). Batch 64, 1 thread, calls
@@ -730,11 +734,12 @@ class _Arena:
         return program
 
     def _images_per_slice(self, parts):
-        """Images per slice of a batch: _IMAGES_PER_SLICE on several threads, on one a slice of about
-        _SLICE_BYTES of the largest activation where the whole batch's is more than _SLICE_ABOVE (else all)."""
-        if parts > 1:
-            return _IMAGES_PER_SLICE
+        """Images per slice of a batch: on several threads about _SPLIT_SLICE_BYTES of the largest activation, at
+        most _IMAGES_PER_SLICE; on one a slice of about _SLICE_BYTES of it where the whole batch's is more than
+        _SLICE_ABOVE (else all)."""
         image = self.plan.largest * np.dtype(self.dtype).itemsize
+        if parts > 1:
+            return max(1, min(_IMAGES_PER_SLICE, _SPLIT_SLICE_BYTES // image))
         if _SPLIT_MODE == "off" or self.n * image <= _SLICE_ABOVE:
             return self.n
         return max(1, _SLICE_BYTES // image)
