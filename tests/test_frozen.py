@@ -416,33 +416,39 @@ def test_models_and_frozen_models_copy_and_pickle_after_use(how, rng):
     assert_bitwise_equal(frozen(x), got)
 
 
-def test_concurrent_calls_from_four_threads_match_serial_results(rng):
-    convengine.manual_seed(0)
-    frozen = randomise_batch_norms(cifar_net(), rng).freeze()
-    inputs = [randn(rng, (n, 3, 32, 32), np.float32) for n in (3, 8, 8, 1)]
+def assert_concurrent_calls_match_serial(frozen, inputs, rounds):
+    """One Python thread per input, started together, each calling frozen(its input) `rounds` times: every result
+    the serial call's bits (and no thread's exception lost)."""
     serial = [frozen(x) for x in inputs]
-    outputs = [[None] * 10 for _ in inputs]
+    outputs = [[None] * rounds for _ in inputs]
     errors = []
     start = threading.Barrier(len(inputs))
 
     def work(k):
         try:
             start.wait()
-            for r in range(10):
+            for r in range(rounds):
                 outputs[k][r] = frozen(inputs[k])
         except Exception as e:     # reported below: a thread's exception would otherwise be lost
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
-    with every_call_threaded():                 # each call's steps on an OpenMP team of its own
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
     for k, want in enumerate(serial):
         for got in outputs[k]:
             assert_bitwise_equal(got, want, f"thread {k}")
+
+
+def test_concurrent_calls_from_four_threads_match_serial_results(rng):
+    convengine.manual_seed(0)
+    frozen = randomise_batch_norms(cifar_net(), rng).freeze()
+    inputs = [randn(rng, (n, 3, 32, 32), np.float32) for n in (3, 8, 8, 1)]
+    with every_call_threaded():                 # each call's steps on an OpenMP team of its own
+        assert_concurrent_calls_match_serial(frozen, inputs, 10)
 
 
 def test_weights_are_taken_at_freeze_time_and_predict_is_never_stale(rng):

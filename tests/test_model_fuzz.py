@@ -6,9 +6,10 @@ pooling with padding and ceil_mode; a head of global pooling or flattening and l
 batch and the dtype, and checks that
 
 - a frozen model gives the layer-by-layer forward within float rounding, and the float64 reference's values;
-- a frozen model gives the same bits on 2 and 3 threads as on 1 (and from four Python threads at once), every step split (every call threaded, the split
+- a frozen model gives the same bits on 2 and 3 threads as on 1, every step split (every call threaded, the split
   programs forced on): channel slices at batch 1, image slices above, one image at a time on one thread; and for
-  inputs in any memory layout, in batches of any size, and through the model's own predict;
+  inputs in any memory layout, in batches of any size, through the model's own predict, and from four Python
+  threads at once;
 - one training step of a model that fuses (conv + ReLU, batch norm + ReLU, batch norm + ReLU + 2x2 max pooling)
   gives the bits of the same model run layer by layer: output, input gradient, every parameter gradient (and its
   inference forward too); and the same bits on 2 threads as on 1;
@@ -17,7 +18,6 @@ batch and the dtype, and checks that
 
 Example counts follow the hypothesis profile (conftest: "ci" by default, HYPOTHESIS_PROFILE=long for more).
 """
-import threading
 from unittest import mock
 
 import numpy as np
@@ -34,7 +34,7 @@ from convengine.layers import (AvgPool2d, BatchNorm2d, Conv2d, Flatten, GlobalAv
                                ReLU)
 
 from conftest import LAYOUTS, as_layout, assert_bitwise_equal, randn
-from test_frozen import RTOL, randomise_batch_norms, reference_forward
+from test_frozen import RTOL, assert_concurrent_calls_match_serial, randomise_batch_norms, reference_forward
 from test_fusion import step         # one training step: (output, input gradient, parameter gradients)
 
 fuzz = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -242,27 +242,7 @@ def test_a_frozen_model_called_from_four_threads_at_once_gives_each_call_its_bit
     frozen = model.freeze()
     convengine.set_num_threads(2)
     with every_call_threaded():
-        serial = [frozen(x) for x in inputs]
-        outputs, errors = [[None] * 3 for _ in inputs], []
-        start = threading.Barrier(len(inputs))
-
-        def work(k):
-            try:
-                start.wait()
-                for r in range(3):
-                    outputs[k][r] = frozen(inputs[k])
-            except Exception as e:             # reported below: a thread's exception would otherwise be lost
-                errors.append(e)
-
-        threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors, errors
-    for k, want in enumerate(serial):
-        for got in outputs[k]:
-            assert_bitwise_equal(got, want, f"thread {k}")
+        assert_concurrent_calls_match_serial(frozen, inputs, 3)
 
 
 @fuzz
