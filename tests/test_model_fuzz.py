@@ -14,7 +14,9 @@ batch and the dtype, and checks that
   gives the bits of the same model run layer by layer: output, input gradient, every parameter gradient (and its
   inference forward too); and the same bits on 2 threads as on 1;
 - an exported model runs in ONNX Runtime with the engine's values and loads back with its bits, and a graph
-  model (Add, Concat) keeps its bits across thread counts, its own file format and ONNX.
+  model (Add, Concat) keeps its bits across thread counts, its own file format and ONNX;
+- training resumed from a checkpoint (SGD with momentum or Adam, plain or sharded batches) ends with the weights
+  and buffers of the uninterrupted run, bit for bit.
 
 Example counts follow the hypothesis profile (conftest: "ci" by default, HYPOTHESIS_PROFILE=long for more).
 """
@@ -424,3 +426,46 @@ def test_a_graph_models_training_step_and_round_trips_keep_its_bits(net, batch, 
         theirs = session.run(None, {session.get_inputs()[0].name: x})[0]
         assert np.max(np.abs(theirs - ours), initial=0) <= 1e-4 * scale(ours), "ONNX Runtime vs convengine"
     assert_bitwise_equal(cx.load(folder / "model.onnx").forward(x, training=False), ours, "ONNX loaded back")
+
+
+@fuzz
+@given(net=nets(head=False), classes=st.integers(2, 5), adam=st.booleans(), shards=st.sampled_from([None, 2]))
+def test_training_resumed_from_a_checkpoint_is_the_uninterrupted_run(net, classes, adam, shards, tmp_path_factory):
+    """A drawn body with a classifier head trained for two epochs, against one epoch, a checkpoint, a fresh trainer
+    loading it and one more epoch: the same weights, buffers (batch norm's running statistics) and optimizer
+    state, bit for bit (SGD with momentum or Adam, plain batches or fixed shards)."""
+    from convengine.losses import CrossEntropyLoss
+    from convengine.optim import SGD, Adam
+    specs, input_shape, dtype = net
+    shape = input_shape
+    for spec in specs:
+        shape = layer_of(spec, dtype).output_shape(shape)
+    head = [("flatten",), ("linear", int(np.prod(shape)), classes)]
+    net = (specs + head, input_shape, dtype)
+    note(f"{net[0]}, input {input_shape}, {dtype}, {'Adam' if adam else 'SGD'}, shards {shards}")
+    rng = np.random.default_rng(17)
+    x = randn(rng, (12,) + input_shape, build(net).dtype)
+    y = rng.integers(0, classes, 12)
+
+    def trainer_of():
+        model = build(net)
+        opt = Adam(model.parameters(), lr=1e-3) if adam else SGD(model.parameters(), lr=0.01, momentum=0.9)
+        return model, convengine.Trainer(model, CrossEntropyLoss(), opt, shards=shards)
+
+    def fit(trainer, epochs):
+        trainer.fit(x, y, epochs=epochs, batch_size=4, seed=18, verbose=0)
+
+    whole, trainer = trainer_of()
+    fit(trainer, 2)
+    _, first = trainer_of()
+    fit(first, 1)
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.npz"
+    first.save_checkpoint(path)
+    resumed, second = trainer_of()
+    convengine.manual_seed(99)                  # the checkpoint, not this, decides what follows
+    second.load_checkpoint(path)
+    fit(second, 1)
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert_bitwise_equal(b.data, a.data, f"parameter {a.name}")
+    for (name, a), b in zip(whole.buffers().items(), resumed.buffers().values()):
+        assert_bitwise_equal(b, a, f"buffer {name}")
