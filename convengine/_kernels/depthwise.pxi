@@ -305,11 +305,10 @@ cdef void phase_split(const floating* x, const ConvGeom* p, floating* xq) noexce
             if ih < 0 or ih >= p.H:
                 continue
             for b in range(2):
-                # columns j whose input column 2j + b - pl lies inside the image: [j0, j1) (numerators >= 0: the
-                # build divides as C does, toward zero, and (W - 1 + pl - b) // 2 + 1 was 1, not 0, for the odd
-                # phase of a 1-pixel row without padding, which then read past the plane)
-                j0 = max(0, (p.pl - b + 1) // 2)
-                j1 = min(Wq, (p.W + p.pl - b + 1) // 2)
+                # columns j < Wq whose input column 2j + b - pl lies inside the image: [j0, j1) (a bound of its own
+                # here, (W - 1 + pl - b) // 2 + 1, divided toward zero as C does, read past the plane for the odd
+                # phase of a 1-pixel row without padding)
+                j0, j1 = inside_columns(b - p.pl, 2, p.W, Wq)
                 dst = xq + (a * 2 + b) * Hq * Wq + r * Wq
                 src = x + ih * p.W + b - p.pl
                 for j in range(j0, j1):
