@@ -12,7 +12,6 @@ import statistics
 import types
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -452,16 +451,18 @@ def test_time_interleaved_takes_turns_in_rounds(monkeypatch):
 
 def test_time_interleaved_warms_up_after_each_park(monkeypatch):
     """After a park the cores wake slowly, so each turn first runs its calls untimed for `warm` seconds (by
-    default after parks of 0.1 s and more); a 2 ms call with warm=0.02 runs about ten times more per turn."""
+    default after parks of 0.1 s and more); a 2 ms call with warm=0.02 runs about ten times more per turn. The
+    clock is the test's own, 2 ms a call: a real busy wait counted calls against wall time, and a loaded machine
+    that preempted the test fitted fewer into the 20 ms (18 calls, not 27, with both cores busy)."""
     from convengine.bench import timing
     monkeypatch.setattr(timing.time, "sleep", lambda s: None)
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
     counts = {"a": 0, "b": 0}
 
     def call(name):
         counts[name] += 1
-        end = time.perf_counter() + 0.002
-        while time.perf_counter() < end:
-            pass
+        clock[0] += 0.002
     calls = {"a": lambda: call("a"), "b": lambda: call("b")}
     times = timing.time_interleaved(calls, {"a": 3, "b": 3}, warmup=1, park=0.5, rounds=3, warm=0.02)
     assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
