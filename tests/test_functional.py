@@ -918,6 +918,13 @@ PHASE_CASES = [
     ((2, 16, 9, 9), (16, 16, 1, 1), 0, 1),     # 1x1: three phases without taps, zero
     ((2, 32, 8, 8), (32, 16, 3, 3), 1, 2),     # groups
     ((1, 16, 3, 2), (16, 16, 3, 3), 1, 1),     # one-pixel phases
+    # batches that make tasks of several images at 1 thread (PhasePlan.nimg: B // 2), the last one shorter, and
+    # of one image at 2 and 3: the same bits whichever images a task holds
+    ((7, 16, 16, 16), (16, 16, 3, 3), 1, 1),
+    ((5, 16, 13, 19), (16, 16, 3, 3), 1, 1),
+    ((5, 16, 40, 6), (16, 16, 3, 3), 1, 1),    # 20-pixel phase rows: a whole vector and a partial one
+    ((6, 32, 8, 8), (32, 16, 3, 3), 1, 2),
+    ((6, 16, 9, 9), (16, 16, 1, 1), 0, 1),
 ]
 
 

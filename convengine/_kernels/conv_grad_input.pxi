@@ -199,69 +199,162 @@ cdef bint phase_geometry(const ConvGeom* p, Py_ssize_t a, Py_ssize_t b, ConvGeom
     return q.KH == 0 or q.KW == 0 or (q.pt >= 0 and q.pl >= 0)
 
 
+cdef void pack_phase_weights(const float* w, const ConvGeom* p, const ConvGeom* q, Py_ssize_t kh0, Py_ssize_t kw0,
+                             Py_ssize_t KC, float* out) noexcept nogil:
+    """The taps of one phase (phase_geometry) packed as pack_weights_into packs a forward's weights, from w itself:
+    row c of group g is input channel g*Cg + c, column (k, u, v) is w[g*Kg + k, c, kh0 + 2*(KHq-1-u), kw0 +
+    2*(KWq-1-v)] (the flipped, transposed kernel's taps of that phase); panel rows past Cg are zero."""
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t Kd = Kg * q.KH * q.KW
+    cdef Py_ssize_t Mpad = round_up(Cg, CE_MR)
+    cdef Py_ssize_t g, k0, kc, ip, t, i, c, r, k, u, v
+    cdef float* panel
+    for g in range(p.G):
+        k0 = 0
+        while k0 < Kd:
+            kc = min(KC, Kd - k0)
+            for ip in range(Mpad // CE_MR):
+                panel = out + g * Mpad * Kd + k0 * Mpad + ip * CE_MR * kc
+                for t in range(kc):
+                    r = k0 + t
+                    k = r // (q.KH * q.KW)
+                    u = (r - k * q.KH * q.KW) // q.KW
+                    v = r - (k * q.KH + u) * q.KW
+                    for i in range(CE_MR):
+                        c = ip * CE_MR + i
+                        panel[t * CE_MR + i] = 0 if c >= Cg else w[
+                            (((g * Kg + k) * Cg + c) * p.KH + kh0 + 2 * (q.KH - 1 - u)) * p.KW
+                            + kw0 + 2 * (q.KW - 1 - v)]
+            k0 = k0 + kc
+
+
 cdef int conv2d_grad_input_phases(const float* dy, const float* w, float* dx, const ConvGeom* p,
                                   int n_threads) noexcept nogil:
     """grad_input of a stride-2 conv as four stride-1 forward convs of dY (phase_geometry), one per parity of
-    (ih, iw), each on its own taps of the flipped, transposed kernel and by the forward's own paths (the
-    row-vector kernel: no dcol matrix, no col2im scatter); their outputs, a few images at a time, interleaved
-    into dx. col2im's GEMM reduced over only K products per dcol element and then scattered 9 of them per pixel
-    (64x32x32x32 -> 64 3x3 s2: 53% of the matmul rate at 2 threads, Zen 4)."""
+    (ih, iw), each on its own taps of the flipped, transposed kernel, by the row-vector micro-kernel (no dcol
+    matrix, no col2im scatter). One OpenMP region; a task takes a few images (PhasePlan): it copies their dY
+    once into zero-bordered planes that every phase's taps read in place, runs the four phases into a buffer
+    that stays in L2, and interleaves it into dx. Tile vector j is VL pixels of one phase row (a row's last vector
+    only its pixels stored). Each element is the micro-kernel's sum over the phase's taps in k blocks of
+    balanced_block(taps, ROWS_KMAX), whichever task and tile compute it: the same bits on any thread count.
+
+    col2im's GEMM reduced over only K products per dcol element and then scattered 9 of them per pixel (64x32x32x32
+    -> 64 3x3 s2: 53% of the matmul rate at 2 threads, Zen 4); four forward calls per few images, each its own
+    OpenMP region and each copying dY's rows again, then a pass of its own to interleave: 71-83% (AMD EPYC Zen 4,
+    2 threads)."""
+    cdef fpstate fp, fps
     cdef ConvGeom q[4]
     cdef Py_ssize_t kh0[4]
     cdef Py_ssize_t kw0[4]
-    cdef float* wf[4]
-    cdef float* tmp
+    cdef Py_ssize_t KC[4]
+    cdef Py_ssize_t packoff[4]
+    cdef PhasePlan pp = phase_plan(p, n_threads)
+    cdef Py_ssize_t VL = vlen(<float>0)
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
-    cdef Py_ssize_t HW = p.H * p.W
-    cdef Py_ssize_t nb = phase_images(p, n_threads)
-    cdef Py_ssize_t ph, g, c, k, u, v, b0, nimg, off, r, rows
-    cdef Epilogue none
-    cdef int rc = 0
-    none.bias = none.scale = none.shift = NULL
-    none.relu = False
-    for ph in range(4):
-        wf[ph] = NULL
-    tmp = <float*>malloc(nb * p.C * HW * sizeof(float))
+    cdef Py_ssize_t Mpad = round_up(Cg, CE_MR)
+    cdef Py_ssize_t HW = p.H * p.W, plane = pp.Hp * pp.Wp, image = p.K * pp.Hp * pp.Wp
+    cdef Py_ssize_t ntasks = (p.B + pp.nimg - 1) // pp.nimg
+    cdef Py_ssize_t ph, task, b0, nimg, img, k, oh, off, g, u, v, r, i, j0, nvec, nfull, jp, ip, k0, kc, Kd, Pq
+    cdef float* apack
+    cdef float* buf
+    cdef float* tmp
+    cdef float* yph
+    cdef Py_ssize_t* boffs
+    cdef Py_ssize_t* coffs
+    cdef Py_ssize_t* lanes
+    cdef const float** brow
+    cdef int failed = 0
+    off = 0
     for ph in range(4):
         phase_geometry(p, ph // 2, ph % 2, &q[ph], &kh0[ph], &kw0[ph])
+        KC[ph] = balanced_block(Kg * q[ph].KH * q[ph].KW, ROWS_KMAX)
+        packoff[ph] = off
         if q[ph].KH > 0 and q[ph].KW > 0:
-            wf[ph] = <float*>malloc(p.C * Kg * q[ph].KH * q[ph].KW * sizeof(float))
-            if wf[ph] == NULL:
-                rc = -1
+            off = off + p.G * Mpad * Kg * q[ph].KH * q[ph].KW
+    apack = <float*>malloc(pp.packed * sizeof(float))
+    if apack == NULL:
+        return -1
+    for ph in range(4):
+        if q[ph].KH > 0 and q[ph].KW > 0:
+            pack_phase_weights(w, p, &q[ph], kh0[ph], kw0[ph], KC[ph], apack + packoff[ph])
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        buf = <float*>malloc(pp.per_thread * sizeof(float))
+        boffs = <Py_ssize_t*>malloc(3 * pp.maxvec * sizeof(Py_ssize_t))
+        brow = <const float**>malloc(pp.maxtaps * sizeof(float*))
+        if buf != NULL:
+            # the borders and the slack past the last copy stay zero; tasks write only the dY inside
+            memset(buf, 0, (pp.nimg * image + VL) * sizeof(float))
+        for task in prange(ntasks, schedule='static'):
+            if buf == NULL or boffs == NULL or brow == NULL:
+                flag_failure(&failed)
                 continue
-            # wf[g*Cg + c, k, u, v] = w[g*Kg + k, c, kh0 + 2*(KHq-1-u), kw0 + 2*(KWq-1-v)]
-            for g in range(p.G):
-                for c in range(Cg):
+            coffs = boffs + pp.maxvec
+            lanes = boffs + 2 * pp.maxvec
+            tmp = buf + pp.nimg * image + VL
+            b0 = task * pp.nimg
+            nimg = min(pp.nimg, p.B - b0)
+            for img in range(nimg):
+                for k in range(p.K):
+                    for oh in range(p.OH):
+                        memcpy(buf + img * image + k * plane + (pp.top + oh) * pp.Wp + pp.left,
+                               dy + ((b0 + img) * p.K + k) * p.OH * p.OW + oh * p.OW, p.OW * sizeof(float))
+            # tmp: the four phases of the task's images one after the other, phase ph (nimg, C, OHq, OWq)
+            yph = tmp
+            for ph in range(4):
+                Pq = q[ph].OH * q[ph].OW
+                if q[ph].KH == 0 or q[ph].KW == 0:
+                    memset(yph, 0, nimg * p.C * Pq * sizeof(float))
+                    yph = yph + nimg * p.C * Pq
+                    continue
+                nvec = 0
+                for img in range(nimg):
+                    for i in range(q[ph].OH):
+                        j0 = 0
+                        while j0 < q[ph].OW:
+                            boffs[nvec] = img * image + i * pp.Wp + j0
+                            coffs[nvec] = img * p.C * Pq + i * q[ph].OW + j0
+                            lanes[nvec] = min(VL, q[ph].OW - j0)
+                            nvec = nvec + 1
+                            j0 = j0 + VL
+                nfull = nvec // CE_NV
+                Kd = Kg * q[ph].KH * q[ph].KW
+                for g in range(p.G):
+                    r = 0
                     for k in range(Kg):
                         for u in range(q[ph].KH):
                             for v in range(q[ph].KW):
-                                wf[ph][(((g * Cg + c) * Kg + k) * q[ph].KH + u) * q[ph].KW + v] = w[
-                                    (((g * Kg + k) * Cg + c) * p.KH + kh0[ph] + 2 * (q[ph].KH - 1 - u)) * p.KW
-                                    + kw0[ph] + 2 * (q[ph].KW - 1 - v)]
-    if tmp == NULL:
-        rc = -1
-    b0 = 0
-    while rc == 0 and b0 < p.B:
-        nimg = min(nb, p.B - b0)
-        # tmp holds the four phases of images b0.. one after the other: phase ph at off(ph), (nimg, C, Ha, Wb)
-        off = 0
-        for ph in range(4):
-            q[ph].B = nimg
-            if q[ph].KH > 0 and q[ph].KW > 0:
-                rc = rc | conv2d_forward_core(dy + b0 * p.K * p.OH * p.OW, wf[ph], &none, tmp + off, &q[ph],
-                                              n_threads)
-            else:
-                memset(tmp + off, 0, nimg * p.C * q[ph].OH * q[ph].OW * sizeof(float))
-            off = off + nimg * p.C * q[ph].OH * q[ph].OW
-        # dx row 2i + a = phases (a, 0) and (a, 1) of row i, interleaved
-        rows = nimg * p.C * p.H
-        for r in prange(rows, num_threads=n_threads, schedule="static"):
-            interleave_row(tmp, q, nimg, r, p, dx + b0 * p.C * HW + r * p.W)
-        b0 = b0 + nimg
-    for ph in range(4):
-        free(wf[ph])
-    free(tmp)
-    return rc
+                                brow[r] = (buf + (g * Kg + k) * plane + (pp.top - q[ph].pt + u) * pp.Wp
+                                           + pp.left - q[ph].pl + v)
+                                r = r + 1
+                    k0 = 0
+                    while k0 < Kd:
+                        kc = min(KC[ph], Kd - k0)
+                        for jp in range(nfull):
+                            for ip in range(Mpad // CE_MR):
+                                ukernel_rows_f(kc, apack + packoff[ph] + g * Mpad * Kd + k0 * Mpad + ip * CE_MR * kc,
+                                               brow + k0, boffs + jp * CE_NV, yph + (g * Cg + ip * CE_MR) * Pq,
+                                               coffs + jp * CE_NV, lanes + jp * CE_NV, Pq,
+                                               min(CE_MR, Cg - ip * CE_MR), k0 > 0, NULL, 0, <wide_tile*>NULL)
+                        for j0 in range(nfull * CE_NV, nvec):
+                            for ip in range(Mpad // CE_MR):
+                                ukernel_rows_f(kc, apack + packoff[ph] + g * Mpad * Kd + k0 * Mpad + ip * CE_MR * kc,
+                                               brow + k0, boffs + j0, yph + (g * Cg + ip * CE_MR) * Pq,
+                                               coffs + j0, lanes + j0, Pq,
+                                               min(CE_MR, Cg - ip * CE_MR), k0 > 0, NULL, 0, <single_tile*>NULL)
+                        k0 = k0 + kc
+                yph = yph + nimg * p.C * Pq
+            # dx row 2i + a = phases (a, 0) and (a, 1) of row i, interleaved
+            for r in range(nimg * p.C * p.H):
+                interleave_row(tmp, q, nimg, r, p, dx + b0 * p.C * HW + r * p.W)
+        free(buf)
+        free(boffs)
+        free(brow)
+        fp_leave(fp)
+    fp_resume(fps)
+    free(apack)
+    return -failed
 
 
 cdef inline void interleave_row(const float* tmp, const ConvGeom* q, Py_ssize_t nimg, Py_ssize_t r,

@@ -669,25 +669,57 @@ cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T)
     return (q.G * Mpad * Kd + T * (KC * LD + Mpad * NC)) * isz + T * (KC + Mpad) * ptr
 
 
-cdef Py_ssize_t grad_input_phases_scratch(const ConvGeom* p, Py_ssize_t T) noexcept nogil:
-    """conv2d_grad_input_phases: the phase outputs of a few images and each phase's taps, then the largest of the
-    phase convs' own scratch (they run one after another)."""
+cdef struct PhasePlan:
+    # conv2d_grad_input_phases' layout for one call: what the kernel runs and the scratch report counts
+    Py_ssize_t top, left    # where dY sits in each image's zero-bordered copy
+    Py_ssize_t Hp, Wp       # rows and columns of that copy: every tap of every phase reads inside it
+    Py_ssize_t nimg         # images per task
+    Py_ssize_t maxvec       # tile vectors of one phase of a task, at most (one per VL pixels of a row)
+    Py_ssize_t maxtaps      # taps (k, u, v) of the largest phase: Kg * KHq * KWq
+    Py_ssize_t packed       # floats of the four phases' packed weights
+    Py_ssize_t per_thread   # floats a thread holds: nimg bordered dY copies (+ VL of slack) and their phases
+
+
+# Floats of a task's phase outputs (nimg * C * H * W): with its bordered dY copies they stay in a core's L2 until
+# interleaved into dx (Zen 4: 1 MiB).
+cdef Py_ssize_t PHASE_TASK_FLOATS = 98304
+
+
+cdef PhasePlan phase_plan(const ConvGeom* p, Py_ssize_t n_threads) noexcept nogil:
+    """conv2d_grad_input_phases' layout for n_threads (PhasePlan). Tasks of about PHASE_TASK_FLOATS of output,
+    at least two per thread where the batch allows (the bits do not depend on it: each element is the same sum
+    whichever tile computes it)."""
     cdef ConvGeom q
-    cdef Py_ssize_t kh0, kw0, a, nb = phase_images(p, T), total, most = 0
-    total = nb * p.C * p.H * p.W * sizeof(float)
+    cdef PhasePlan r
+    cdef Py_ssize_t kh0, kw0, a, VL = vlen(<float>0), Cg = p.C // p.G, Kg = p.K // p.G
+    r.top = r.left = r.maxvec = r.maxtaps = r.packed = 0
     for a in range(4):
         phase_geometry(p, a // 2, a % 2, &q, &kh0, &kw0)
         if q.KH > 0 and q.KW > 0:
-            q.B = nb
-            total = total + p.C * (p.K // p.G) * q.KH * q.KW * sizeof(float)
-            most = max(most, forward_scratch(&q, <float>0, T))
-    return total + most
+            r.top = max(r.top, q.pt)
+            r.left = max(r.left, q.pl)
+    r.Hp = r.top + p.OH
+    r.Wp = r.left + p.OW
+    for a in range(4):
+        phase_geometry(p, a // 2, a % 2, &q, &kh0, &kw0)
+        if q.KH > 0 and q.KW > 0:
+            r.Hp = max(r.Hp, r.top - q.pt + q.OH + q.KH - 1)
+            r.Wp = max(r.Wp, r.left - q.pl + q.OW + q.KW - 1)
+            r.maxtaps = max(r.maxtaps, Kg * q.KH * q.KW)
+            r.packed = r.packed + p.G * round_up(Cg, CE_MR) * Kg * q.KH * q.KW
+            r.maxvec = max(r.maxvec, q.OH * ((q.OW + VL - 1) // VL))
+    r.nimg = max(1, min(min(p.B, PHASE_TASK_FLOATS // max(1, p.C * p.H * p.W)), p.B // (2 * max(1, n_threads))))
+    r.maxvec = r.maxvec * r.nimg
+    r.per_thread = r.nimg * (p.K * r.Hp * r.Wp + p.C * p.H * p.W) + VL
+    return r
 
 
-cdef inline Py_ssize_t phase_images(const ConvGeom* p, Py_ssize_t n_threads) noexcept nogil:
-    """Images per round of conv2d_grad_input_phases: their four phase outputs about 1 MiB of float32 per thread
-    (each round is five OpenMP regions; a larger share left L2 at 1 thread)."""
-    return max(1, min(p.B, (1 << 18) * max(1, n_threads) // max(1, p.C * p.H * p.W)))
+cdef Py_ssize_t grad_input_phases_scratch(const ConvGeom* p, Py_ssize_t T) noexcept nogil:
+    """conv2d_grad_input_phases: the packed weights of the four phases, then per thread its PhasePlan floats, three
+    offsets per vector and a tap table."""
+    cdef PhasePlan pp = phase_plan(p, T)
+    return (pp.packed + T * pp.per_thread) * sizeof(float) + T * (
+        3 * pp.maxvec * sizeof(Py_ssize_t) + pp.maxtaps * sizeof(void*))
 
 
 cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
