@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
 
 import convengine
 from convengine import distributed
@@ -24,6 +26,7 @@ ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "distributed_worker.py")
 sys.path.insert(0, HERE)
 import distributed_worker as worker  # noqa: E402
+import test_model_fuzz as model_fuzz  # noqa: E402
 
 TIMEOUT = 120  # seconds for one mpiexec job: a hang fails the test instead of hanging CI
 
@@ -181,6 +184,59 @@ def test_only_rank_0_writes_checkpoints_and_resume_is_bitwise(mpi_runs, tmp_path
     assert code == 0, f"{stdout}\n{stderr}"
     for r in range(2):
         _assert_bitwise(_arrays(tmp_path / f"rank{r}.npz"), _arrays(source / "rank0.npz"), f"resumed rank {r}")
+
+
+@settings(deadline=None, max_examples=20 if settings().max_examples <= 60 else 300,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(net=model_fuzz.nets(head=False), classes=st.integers(2, 5), adam=st.booleans(),
+       shards=st.integers(2, 4), ranks=st.sampled_from([2, 3]), samples=st.integers(5, 14),
+       batch=st.integers(2, 6))
+def test_a_drawn_model_trains_to_the_same_bits_on_any_rank_count(net, classes, adam, shards, ranks, samples, batch,
+                                                                tmp_path_factory):
+    """Drawn models (test_model_fuzz's bodies: convs of every geometry, batch norms, pools; a linear head),
+    optimizers, shard counts, batch sizes and sample counts that leave a short last batch: mpiexec -n 2 or 3 ends
+    with the weights, buffers and history of the in-process run without MPI, bit for bit, on every rank (ranks
+    above the shard count refused by name, as every rank must hold a shard)."""
+    _mpiexec()
+    specs, input_shape, dtype = net
+    shape = input_shape
+    for spec in specs:
+        shape = model_fuzz.layer_of(spec, dtype).output_shape(shape)
+    net = (specs + [("flatten",), ("linear", int(np.prod(shape)), classes)], input_shape, dtype)
+    note(f"{net[0]}, input {input_shape}, {dtype}, {'Adam' if adam else 'SGD'}, {shards} shards, {ranks} ranks, "
+         f"{samples} samples in batches of {batch}")
+    folder = tmp_path_factory.mktemp("drawn")
+    model_fuzz.build(net).save(folder / "model.npz")
+    rng = np.random.default_rng(23)
+    model_dtype = np.dtype(dtype)
+    np.savez(folder / "data.npz", x=rng.standard_normal((samples,) + input_shape).astype(model_dtype),
+             y=rng.integers(0, classes, samples), x_val=rng.standard_normal((5,) + input_shape).astype(model_dtype),
+             y_val=rng.integers(0, classes, 5))
+    args = ["--model", str(folder / "model.npz"), "--data", str(folder / "data.npz"), "--shards", str(shards),
+            "--batch", str(batch), "--epochs", "2"] + (["--adam"] if adam else [])
+    out = folder / "mpi"
+    out.mkdir()
+    try:
+        trainer, history = worker.fit_saved(folder / "model.npz", folder / "data.npz", None, shards, 2, batch, adam)
+    except ValueError as error:
+        # a shard whose batch norm would see one value per channel: refused alike under MPI
+        assert "batch statistics need more than one value" in str(error)
+        code, stdout, stderr = _launch(ranks, [WORKER, "fit", str(out)] + args)
+        assert code != 0 and ("batch statistics need more than one value" in stderr
+                              or "shards must be >= the number of ranks" in stderr), stderr
+        return
+    (folder / "alone").mkdir()
+    worker.write(str(folder / "alone"), trainer, history, 0)
+    expected = _arrays(folder / "alone" / "rank0.npz")
+    code, stdout, stderr = _launch(ranks, [WORKER, "fit", str(out)] + args)
+    if ranks > shards:
+        assert code != 0 and "shards must be >= the number of ranks" in stderr, stderr
+        return
+    assert code == 0, f"mpiexec -n {ranks} failed:\n{stdout}\n{stderr}"
+    for r in range(ranks):
+        _assert_bitwise(_arrays(out / f"rank{r}.npz"), expected, f"rank {r} of {ranks} vs no MPI")
+    assert json.loads((out / "history.json").read_text()) == json.loads(
+        (folder / "alone" / "history.json").read_text())
 
 
 def test_a_failing_rank_ends_the_job(tmp_path):
