@@ -918,13 +918,22 @@ PHASE_CASES = [
     ((2, 16, 9, 9), (16, 16, 1, 1), 0, 1),     # 1x1: three phases without taps, zero
     ((2, 32, 8, 8), (32, 16, 3, 3), 1, 2),     # groups
     ((1, 16, 3, 2), (16, 16, 3, 3), 1, 1),     # one-pixel phases
-    # batches that make tasks of several images at 1 thread (PhasePlan.nimg: B // 2), the last one shorter, and
-    # of one image at 2 and 3: the same bits whichever images a task holds
+    # phase rows of 12 pixels or more on AVX-512 (phase_rows_in_place: the taps read in place, a vector per 16
+    # pixels of a row; the cases above go as phase convs there), in batches that make tasks of several images
+    # at 1 thread (PhasePlan.nimg: B // 2), the last one shorter, and of one image at 2 and 3 threads: the same
+    # bits whichever images a task holds
+    ((7, 16, 6, 32), (16, 16, 3, 3), 1, 1),
+    ((5, 16, 7, 25), (16, 16, 3, 3), 1, 1),    # odd: 13- and 12-pixel phase rows
+    ((5, 16, 5, 48), (16, 16, 3, 3), 1, 1),    # 24-pixel phase rows: a whole vector and a partial one
+    ((4, 16, 6, 32), (16, 16, 3, 3), 0, 1),
+    ((3, 16, 9, 26), (12, 16, 5, 5), 2, 1),
+    ((3, 16, 8, 24), (16, 16, 4, 4), 1, 1),
+    ((6, 32, 4, 32), (32, 16, 3, 3), 1, 2),
+    ((6, 16, 5, 31), (16, 16, 1, 1), 0, 1),
+    # and on the phase convs, batches of several images and (at 1 thread, phase_images 8) of two rounds
     ((7, 16, 16, 16), (16, 16, 3, 3), 1, 1),
-    ((5, 16, 13, 19), (16, 16, 3, 3), 1, 1),
-    ((5, 16, 40, 6), (16, 16, 3, 3), 1, 1),    # 20-pixel phase rows: a whole vector and a partial one
     ((6, 32, 8, 8), (32, 16, 3, 3), 1, 2),
-    ((6, 16, 9, 9), (16, 16, 1, 1), 0, 1),
+    ((9, 64, 22, 22), (16, 64, 3, 3), 1, 1),
 ]
 
 
@@ -953,7 +962,8 @@ def test_stride_two_grad_input_by_phases(rng, x_shape, w_shape, pad, groups):
 SCRATCH_CASES = [
     ((8, 32, 16, 16), (64, 32, 3, 3), 1, 1, 1),     # direct (rows), transposed direct, pixels
     ((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1),     # direct on larger planes
-    ((8, 32, 32, 32), (64, 32, 3, 3), 2, 1, 1),     # strided rows, phases
+    ((8, 32, 32, 32), (64, 32, 3, 3), 2, 1, 1),     # strided rows, phases (read in place)
+    ((4, 32, 14, 14), (32, 32, 3, 3), 2, 1, 1),     # phases as phase convs (7-pixel phase rows)
     ((8, 64, 8, 8), (128, 64, 1, 1), 1, 0, 1),      # pointwise, transposed pointwise
     ((4, 64, 32, 32), (64, 64, 1, 1), 1, 0, 1),     # pointwise grad_weight
     ((8, 3, 32, 32), (32, 3, 3, 3), 1, 1, 1),       # smallc, col2im

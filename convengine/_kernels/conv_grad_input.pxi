@@ -357,6 +357,70 @@ cdef int conv2d_grad_input_phases(const float* dy, const float* w, float* dx, co
     return -failed
 
 
+cdef int conv2d_grad_input_phase_convs(const float* dy, const float* w, float* dx, const ConvGeom* p,
+                                  int n_threads) noexcept nogil:
+    """conv2d_grad_input_phases where phase rows are short (phase_rows_in_place False): the four phases as
+    forward calls of their own, a few images at a time (phase_images), by the forward's paths, whose shifted
+    row copies let a vector run on across rows; their outputs then interleaved into dx. 64x32x14x14 -> 64 3x3 s2
+    (7-pixel phase rows), AMD EPYC Zen 4, 1 thread: 1.80 ms this way, 2.73 with a vector per phase row."""
+    cdef ConvGeom q[4]
+    cdef Py_ssize_t kh0[4]
+    cdef Py_ssize_t kw0[4]
+    cdef float* wf[4]
+    cdef float* tmp
+    cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
+    cdef Py_ssize_t HW = p.H * p.W
+    cdef Py_ssize_t nb = phase_images(p, n_threads)
+    cdef Py_ssize_t ph, g, c, k, u, v, b0, nimg, off, r, rows
+    cdef Epilogue none
+    cdef int rc = 0
+    none.bias = none.scale = none.shift = NULL
+    none.relu = False
+    for ph in range(4):
+        wf[ph] = NULL
+    tmp = <float*>malloc(nb * p.C * HW * sizeof(float))
+    for ph in range(4):
+        phase_geometry(p, ph // 2, ph % 2, &q[ph], &kh0[ph], &kw0[ph])
+        if q[ph].KH > 0 and q[ph].KW > 0:
+            wf[ph] = <float*>malloc(p.C * Kg * q[ph].KH * q[ph].KW * sizeof(float))
+            if wf[ph] == NULL:
+                rc = -1
+                continue
+            # wf[g*Cg + c, k, u, v] = w[g*Kg + k, c, kh0 + 2*(KHq-1-u), kw0 + 2*(KWq-1-v)]
+            for g in range(p.G):
+                for c in range(Cg):
+                    for k in range(Kg):
+                        for u in range(q[ph].KH):
+                            for v in range(q[ph].KW):
+                                wf[ph][(((g * Cg + c) * Kg + k) * q[ph].KH + u) * q[ph].KW + v] = w[
+                                    (((g * Kg + k) * Cg + c) * p.KH + kh0[ph] + 2 * (q[ph].KH - 1 - u)) * p.KW
+                                    + kw0[ph] + 2 * (q[ph].KW - 1 - v)]
+    if tmp == NULL:
+        rc = -1
+    b0 = 0
+    while rc == 0 and b0 < p.B:
+        nimg = min(nb, p.B - b0)
+        # tmp holds the four phases of images b0.. one after the other: phase ph at off(ph), (nimg, C, Ha, Wb)
+        off = 0
+        for ph in range(4):
+            q[ph].B = nimg
+            if q[ph].KH > 0 and q[ph].KW > 0:
+                rc = rc | conv2d_forward_core(dy + b0 * p.K * p.OH * p.OW, wf[ph], &none, tmp + off, &q[ph],
+                                              n_threads)
+            else:
+                memset(tmp + off, 0, nimg * p.C * q[ph].OH * q[ph].OW * sizeof(float))
+            off = off + nimg * p.C * q[ph].OH * q[ph].OW
+        # dx row 2i + a = phases (a, 0) and (a, 1) of row i, interleaved
+        rows = nimg * p.C * p.H
+        for r in prange(rows, num_threads=n_threads, schedule="static"):
+            interleave_row(tmp, q, nimg, r, p, dx + b0 * p.C * HW + r * p.W)
+        b0 = b0 + nimg
+    for ph in range(4):
+        free(wf[ph])
+    free(tmp)
+    return rc
+
+
 cdef inline void interleave_row(const float* tmp, const ConvGeom* q, Py_ssize_t nimg, Py_ssize_t r,
                                 const ConvGeom* p, float* dst) noexcept nogil:
     """Row r (= (image, channel) * H + ih) of the dx block from the phase outputs in tmp (conv2d_grad_input_phases'
@@ -506,7 +570,9 @@ cdef int conv2d_grad_input_core(const floating* dy, const floating* w, floating*
         return conv2d_grad_input_direct(dy, w, dx, &q, n_threads)
     if floating is float:
         if use_grad_input_phases(p):
-            return conv2d_grad_input_phases(dy, w, dx, p, n_threads)
+            if phase_rows_in_place(p):
+                return conv2d_grad_input_phases(dy, w, dx, p, n_threads)
+            return conv2d_grad_input_phase_convs(dy, w, dx, p, n_threads)
         if use_grad_input_lanes(p, <float>0):
             return conv2d_grad_input_lanes(dy, w, dx, p, n_threads)
     return conv2d_grad_input_col2im(dy, w, dx, p, n_threads)

@@ -714,12 +714,48 @@ cdef PhasePlan phase_plan(const ConvGeom* p, Py_ssize_t n_threads) noexcept nogi
     return r
 
 
+cdef bint phase_rows_in_place(const ConvGeom* p) noexcept nogil:
+    """Whether conv2d_grad_input_phases reads the phases' taps in place, a vector per VL pixels of a phase row:
+    where those vectors are mostly used in every phase (rows of 12 pixels or more on AVX-512); shorter rows go
+    by conv2d_grad_input_phase_convs. Zen 4, 1 thread, ms phase convs -> in place: 64x32x32x32 -> 64 (16-pixel
+    rows) 7.5 -> 6.5, 64x128x28x28 -> 128 (14) 43.0 -> 40.8, 32x64x56x56 -> 64 (28: 16 + 12) 22.1 -> 21.7;
+    but 64x32x14x14 -> 64 (7) 1.80 -> 2.73."""
+    cdef ConvGeom q
+    cdef Py_ssize_t kh0, kw0, a, VL = vlen(<float>0)
+    for a in range(4):
+        phase_geometry(p, a // 2, a % 2, &q, &kh0, &kw0)
+        if q.KH > 0 and q.KW > 0 and not mostly_used(q.OW, round_up(q.OW, VL)):
+            return False
+    return True
+
+
 cdef Py_ssize_t grad_input_phases_scratch(const ConvGeom* p, Py_ssize_t T) noexcept nogil:
     """conv2d_grad_input_phases: the packed weights of the four phases, then per thread its PhasePlan floats, three
     offsets per vector and a tap table."""
     cdef PhasePlan pp = phase_plan(p, T)
     return (pp.packed + T * pp.per_thread) * sizeof(float) + T * (
         3 * pp.maxvec * sizeof(Py_ssize_t) + pp.maxtaps * sizeof(void*))
+
+
+cdef Py_ssize_t grad_input_phase_convs_scratch(const ConvGeom* p, Py_ssize_t T) noexcept nogil:
+    """conv2d_grad_input_phase_convs: the phase outputs of a few images and each phase's taps, then the largest of the
+    phase convs' own scratch (they run one after another)."""
+    cdef ConvGeom q
+    cdef Py_ssize_t kh0, kw0, a, nb = phase_images(p, T), total, most = 0
+    total = nb * p.C * p.H * p.W * sizeof(float)
+    for a in range(4):
+        phase_geometry(p, a // 2, a % 2, &q, &kh0, &kw0)
+        if q.KH > 0 and q.KW > 0:
+            q.B = nb
+            total = total + p.C * (p.K // p.G) * q.KH * q.KW * sizeof(float)
+            most = max(most, forward_scratch(&q, <float>0, T))
+    return total + most
+
+
+cdef inline Py_ssize_t phase_images(const ConvGeom* p, Py_ssize_t n_threads) noexcept nogil:
+    """Images per round of conv2d_grad_input_phase_convs: their four phase outputs about 1 MiB of float32 per thread
+    (each round is five OpenMP regions; a larger share left L2 at 1 thread)."""
+    return max(1, min(p.B, (1 << 18) * max(1, n_threads) // max(1, p.C * p.H * p.W)))
 
 
 cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
@@ -765,7 +801,8 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
         # the flipped weights, then the forward of the transposed geometry
         out["grad_input"] = p.K * Kd * isz + forward_scratch(&q, dummy, T)
     elif floating is float and use_grad_input_phases(p):
-        out["grad_input"] = grad_input_phases_scratch(p, T)
+        out["grad_input"] = (grad_input_phases_scratch(p, T) if phase_rows_in_place(p)
+                             else grad_input_phase_convs_scratch(p, T))
     elif use_grad_input_lanes(p, dummy):
         # the channels-last weights (channels rounded up to CE_GI_CB), per thread one image's dY rows
         out["grad_input"] = (round_up(p.C, CE_GI_CB) * taps * p.K + T * grad_input_lanes_floats(p)) * isz
