@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, example, given, note, settings
+from hypothesis import HealthCheck, assume, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from convengine import functional as F
@@ -194,6 +194,51 @@ def test_conv2d_matches_reference(geometry, dtype, bias, need_input_grad, data):
         assert gx is None
     assert_close(gw, rgw, "conv2d grad_weight")
     assert_close(gb, rgb, "conv2d grad_bias")
+
+
+@st.composite
+def stride_two_geometries(draw):
+    """(x shape, w shape, padding, groups) of a float32 stride-2 conv whose grad_input goes by phases: 6 to 24
+    input channels per group (the MR-row tile mostly used), phase rows short (four phase convs) or of 12 pixels
+    or more (read in place), batches that make tasks of several images at 1 thread. conv_geometries' few
+    channels never reach that path."""
+    groups = draw(st.integers(1, 2))
+    cg, kg = draw(st.integers(6, 24)), draw(st.integers(1, 20))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    ph, pw = draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1))
+    H = draw(st.integers(max(2, kh - 2 * ph), 14))
+    W = draw(st.one_of(st.integers(max(2, kw - 2 * pw), 22), st.integers(23, 50)))
+    return (draw(st.integers(1, 9)), groups * cg, H, W), (groups * kg, cg, kh, kw), (ph, pw), groups
+
+
+@fuzz
+@given(geometry=stride_two_geometries(), seed=st.integers(0, 2 ** 32 - 1))
+def test_stride_two_grad_input_by_phases_matches_reference_on_any_thread_count(geometry, seed):
+    """The phases path of grad_input (both routes) on drawn geometries: the float64 reference's gradient, and the
+    same bits on 1, 2 and 3 threads (tasks of several images at 1 thread, of one above)."""
+    from convengine import _args
+    from convengine._kernels import engine as _engine
+    x_shape, w_shape, padding, groups = geometry
+    note(f"x {x_shape}, w {w_shape}, padding {padding}, groups {groups}")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    geom = _args.conv2d_args(x, w, None, stride=2, padding=padding, dilation=1, groups=groups)
+    params = F._conv_params(geom)
+    assume(_engine.conv2d_paths(x_shape, w_shape, params, 4)["grad_input"] == "phases")
+    event("rows of 23 pixels or more" if x_shape[3] >= 23 else "rows of 22 pixels or fewer")
+    dy = rng.standard_normal(geom.out_shape).astype(np.float32)
+    want = R.conv2d_backward(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), stride=2,
+                             padding=padding, groups=groups)[0].astype(np.float32)
+    first = None
+    for n_threads in (1, 2, 3):
+        gx = np.full(x_shape, np.nan, np.float32)
+        _engine.conv2d_grad_input(dy, w, gx, params, n_threads)
+        assert_close(gx, want, f"grad_input by phases, {n_threads} threads")
+        if first is None:
+            first = gx
+        else:
+            assert gx.tobytes() == first.tobytes(), f"{n_threads} threads vs 1: other bits"
 
 
 # ---------------------------------------------------------------------------------------------------------------
