@@ -92,6 +92,30 @@ cdef void shifted_tap_rows(const ConvGeom* p, const float* xblk, Py_ssize_t rows
                 r = r + 1
 
 
+cdef void prefetch_block_rows(const float* x, const ConvGeom* p, Py_ssize_t g, Py_ssize_t r0,
+                              Py_ssize_t r1) noexcept nogil:
+    """Prefetch into L2 the input rows that a block of output rows r0 <= r < r1 of the batch (row b*OH + oh) will
+    copy, group g's channels: the next block's, while this one computes (its copy otherwise stalls on memory).
+    AMD EPYC Zen 4, 1 thread, batch 64, alternating old/new, ms: 64x32x32x32 -> 64 3x3 s2 7.11-7.25 -> 6.73-7.09,
+    64x64x32x32 -> 64 3x3 46.7-47.1 -> 46.4-46.6; a frozen VGG-style net at 2 threads (its slices already in
+    cache) unchanged."""
+    cdef Py_ssize_t Cg = p.C // p.G
+    cdef Py_ssize_t b = r0 // p.OH, lo, hi, c, off, n
+    cdef const float* src
+    while b * p.OH < r1:
+        lo = max(0, (max(r0, b * p.OH) - b * p.OH) * p.sh - p.pt)
+        hi = min(p.H, (min(r1 - b * p.OH, p.OH) - 1) * p.sh - p.pt + (p.KH - 1) * p.dh + 1)
+        if hi > lo:
+            n = (hi - lo) * p.W
+            for c in range(Cg):
+                src = x + ((b * p.C + g * Cg + c) * p.H + lo) * p.W
+                off = 0
+                while off < n:
+                    ce_prefetch_l2(src + off)
+                    off = off + 16
+        b = b + 1
+
+
 cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize_t KC, const Epilogue* e,
                                     float* y, const ConvGeom* p, int n_threads) noexcept nogil:
     """The direct path (see conv2d_forward_direct) for float32 rows of whole vectors (OW a multiple of VL), its
@@ -187,6 +211,9 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
                     tap_rows(p, xblk, rows_in, brow)
                 boffs[3 * maxvec] = u
                 boffs[3 * maxvec + 1] = nvec
+                if u + 1 < p.G * nblk:
+                    prefetch_block_rows(x, p, (u + 1) // nblk, ((u + 1) % nblk) * R,
+                                        min(p.B * p.OH, ((u + 1) % nblk) * R + R))
             nvec = boffs[3 * maxvec + 1]
             nfull = nvec // CE_NV
             k0 = 0

@@ -30,6 +30,7 @@ cdef extern from "simd.h":
     void ce_copy_rows(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n, long lo,
                       long hi) nogil
     void ce_prefetch "__builtin_prefetch"(const void* p) nogil
+    void ce_prefetch_l2(const void* p) nogil
     void ce_transpose_rows(float* dst, long ld_dst, const float* src, long ld_src, long nch, long n) nogil
     void ce_copy_rows_s2(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n, long lo,
                          long hi) nogil

@@ -36,6 +36,9 @@
 #define CE_GI_CB 3
 /* CE_GW_T: taps per tile of the lane grad_weight (conv_grad_weight.pxi): one accumulator each, + the dY vector. */
 
+/* A prefetch into L2 (prefetcht1): rows a block will copy, fetched while the block before computes. */
+#define ce_prefetch_l2(p) __builtin_prefetch((const void*)(p), 0, 2)
+
 typedef float ce_vf __attribute__((vector_size(CE_VBYTES), aligned(4)));
 typedef double ce_vd __attribute__((vector_size(CE_VBYTES), aligned(8)));
 
