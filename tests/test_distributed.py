@@ -186,7 +186,7 @@ def test_only_rank_0_writes_checkpoints_and_resume_is_bitwise(mpi_runs, tmp_path
         _assert_bitwise(_arrays(tmp_path / f"rank{r}.npz"), _arrays(source / "rank0.npz"), f"resumed rank {r}")
 
 
-@settings(deadline=None, max_examples=20 if settings().max_examples <= 60 else 300,
+@settings(deadline=None, max_examples=300 if settings().max_examples > 60 else min(20, settings().max_examples),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(net=model_fuzz.nets(head=False), classes=st.integers(2, 5), adam=st.booleans(),
        shards=st.integers(2, 4), ranks=st.sampled_from([2, 3]), samples=st.integers(5, 14),

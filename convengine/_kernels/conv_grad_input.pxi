@@ -232,7 +232,8 @@ cdef int conv2d_grad_input_phases(const float* dy, const float* w, float* dx, co
                                   int n_threads) noexcept nogil:
     """grad_input of a stride-2 conv as four stride-1 forward convs of dY (phase_geometry), one per parity of
     (ih, iw), each on its own taps of the flipped, transposed kernel, by the row-vector micro-kernel (no dcol
-    matrix, no col2im scatter). One OpenMP region; a task takes a few images (PhasePlan): it copies their dY
+    matrix, no col2im scatter), where phase rows fill most of their vectors (phase_rows_in_place; shorter rows go
+    by conv2d_grad_input_phase_convs). One OpenMP region; a task takes a few images (PhasePlan): it copies their dY
     once into zero-bordered planes that every phase's taps read in place, runs the four phases into a buffer
     that stays in L2, and interleaves it into dx. Tile vector j is VL pixels of one phase row (a row's last vector
     only its pixels stored). Each element is the micro-kernel's sum over the phase's taps in k blocks of
