@@ -945,17 +945,23 @@ def test_stride_two_grad_input_by_phases(rng, x_shape, w_shape, pad, groups):
     geom = _args.conv2d_args(x, w, None, stride=2, padding=pad, dilation=1, groups=groups)
     params = F._conv_params(geom)
     assert _engine.conv2d_paths(x.shape, w.shape, params, 4)["grad_input"] == "phases"
-    dy = randn(rng, geom.out_shape, np.float32)
+    assert_grad_input_by_phases(x, w, randn(rng, geom.out_shape, np.float32), params, pad, groups,
+                                f"phases {x_shape} {w_shape} pad={pad}")
+
+
+def assert_grad_input_by_phases(x, w, dy, params, pad, groups, what):
+    """The float32 grad_input of a stride-2 conv on 1, 2 and 3 threads: the float64 reference's gradient, and the
+    same bits on each (test_fuzz's drawn geometries call it too)."""
     want = R.conv2d_backward(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), stride=2,
                              padding=pad, groups=groups)[0].astype(np.float32)
     outs = []
     for n_threads in (1, 2, 3):
-        gx = np.full(x_shape, np.nan, np.float32)
+        gx = np.full(x.shape, np.nan, np.float32)
         _engine.conv2d_grad_input(dy, w, gx, params, n_threads)
-        assert_close(gx, want, f"phases {x_shape} {w_shape} pad={pad} threads={n_threads}")
+        assert_close(gx, want, f"{what} threads={n_threads}")
         outs.append(gx)
     for n_threads, gx in zip((2, 3), outs[1:]):
-        assert_bitwise_equal(gx, outs[0], f"phases {x_shape} {w_shape}: {n_threads} threads vs 1")
+        assert_bitwise_equal(gx, outs[0], f"{what}: {n_threads} threads vs 1")
 
 
 # (x shape, w shape, stride, padding, groups): at least one shape for every path of every direction (SCRATCH_PATHS)

@@ -22,10 +22,13 @@ import pytest
 from hypothesis import HealthCheck, assume, event, example, given, note, settings
 from hypothesis import strategies as st
 
+from convengine import _args
 from convengine import functional as F
 from convengine import reference as R
+from convengine._kernels import engine as _engine
 
 from conftest import as_layout, assert_close
+from test_functional import assert_grad_input_by_phases
 
 LONG = os.environ.get("CONVENGINE_FUZZ_LONG") == "1" or os.environ.get("HYPOTHESIS_PROFILE") == "long"
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
@@ -216,8 +219,6 @@ def stride_two_geometries(draw):
 def test_stride_two_grad_input_by_phases_matches_reference_on_any_thread_count(geometry, seed):
     """The phases path of grad_input (both routes) on drawn geometries: the float64 reference's gradient, and the
     same bits on 1, 2 and 3 threads (tasks of several images at 1 thread, of one above)."""
-    from convengine import _args
-    from convengine._kernels import engine as _engine
     x_shape, w_shape, padding, groups = geometry
     note(f"x {x_shape}, w {w_shape}, padding {padding}, groups {groups}")
     rng = np.random.default_rng(seed)
@@ -227,18 +228,8 @@ def test_stride_two_grad_input_by_phases_matches_reference_on_any_thread_count(g
     params = F._conv_params(geom)
     assume(_engine.conv2d_paths(x_shape, w_shape, params, 4)["grad_input"] == "phases")
     event("rows of 23 pixels or more" if x_shape[3] >= 23 else "rows of 22 pixels or fewer")
-    dy = rng.standard_normal(geom.out_shape).astype(np.float32)
-    want = R.conv2d_backward(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), stride=2,
-                             padding=padding, groups=groups)[0].astype(np.float32)
-    first = None
-    for n_threads in (1, 2, 3):
-        gx = np.full(x_shape, np.nan, np.float32)
-        _engine.conv2d_grad_input(dy, w, gx, params, n_threads)
-        assert_close(gx, want, f"grad_input by phases, {n_threads} threads")
-        if first is None:
-            first = gx
-        else:
-            assert gx.tobytes() == first.tobytes(), f"{n_threads} threads vs 1: other bits"
+    assert_grad_input_by_phases(x, w, rng.standard_normal(geom.out_shape).astype(np.float32), params, padding,
+                                groups, "grad_input by phases")
 
 
 # ---------------------------------------------------------------------------------------------------------------
