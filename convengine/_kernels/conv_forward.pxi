@@ -92,14 +92,23 @@ cdef void shifted_tap_rows(const ConvGeom* p, const float* xblk, Py_ssize_t rows
                 r = r + 1
 
 
-cdef void prefetch_block_rows(const float* x, const ConvGeom* p, Py_ssize_t g, Py_ssize_t r0,
-                              Py_ssize_t r1) noexcept nogil:
-    """Prefetch into L2 the input rows that a block of output rows r0 <= r < r1 of the batch (row b*OH + oh) will
-    copy, group g's channels: the next block's, while this one computes (its copy otherwise stalls on memory).
+cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t) rows_unit(const ConvGeom* p, Py_ssize_t u, Py_ssize_t nblk,
+                                                          Py_ssize_t R) noexcept nogil:
+    """(g, r0, r1): unit u of conv2d_forward_direct_rows is group g's output rows r0 <= r < r1 of the batch."""
+    cdef Py_ssize_t g = u // nblk
+    cdef Py_ssize_t r0 = (u - g * nblk) * R
+    return g, r0, min(p.B * p.OH, r0 + R)
+
+
+cdef void prefetch_block_rows(const float* x, const ConvGeom* p,
+                              (Py_ssize_t, Py_ssize_t, Py_ssize_t) unit) noexcept nogil:
+    """Prefetch into L2 the input rows that a unit (rows_unit: group g's output rows r0 <= r < r1 of the batch,
+    row b*OH + oh) will copy: the next unit's, while this one computes (its copy otherwise stalls on memory).
     AMD EPYC Zen 4, 1 thread, batch 64, alternating old/new, ms: 64x32x32x32 -> 64 3x3 s2 7.11-7.25 -> 6.73-7.09,
     64x64x32x32 -> 64 3x3 46.7-47.1 -> 46.4-46.6; a frozen VGG-style net at 2 threads (its slices already in
     cache) unchanged."""
     cdef Py_ssize_t Cg = p.C // p.G
+    cdef Py_ssize_t g = unit[0], r0 = unit[1], r1 = unit[2]
     cdef Py_ssize_t b = r0 // p.OH, lo, hi, c, off, n
     cdef const float* src
     while b * p.OH < r1:
@@ -146,7 +155,7 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
     cdef Py_ssize_t segstride = plan.segstride, maxvec = plan.maxvec, msplit = plan.msplit, mchunk = plan.mchunk
     cdef Py_ssize_t npix, zs
     cdef Py_ssize_t* lanes
-    cdef Py_ssize_t task, u, g, rb, r0, r1, b, s, nvec, nfull, v, jp, ip, ip0, ip1, k0, kc, kk, q, seg_r0, seg_r1
+    cdef Py_ssize_t task, u, g, r0, r1, b, s, nvec, nfull, v, jp, ip, ip0, ip1, k0, kc, kk, q, seg_r0, seg_r1
     cdef const Epilogue* last
     cdef float* xblk
     cdef Py_ssize_t* boffs
@@ -177,11 +186,8 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
             ip1 = min(mpanels, ip0 + mchunk)
             if ip0 >= ip1:
                 continue
-            g = u // nblk
-            rb = u - g * nblk
+            g, r0, r1 = rows_unit(p, u, nblk, R)
             if boffs[3 * maxvec] != u:
-                r0 = rb * R
-                r1 = min(p.B * p.OH, r0 + R)
                 # one segment per image: its rows of the block and the KH-1 around them; vector offsets
                 # vector q // VL of a segment: its pixels q.. in the segment's rows, row-major
                 nvec = 0
@@ -212,8 +218,7 @@ cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize
                 boffs[3 * maxvec] = u
                 boffs[3 * maxvec + 1] = nvec
                 if u + 1 < p.G * nblk:
-                    prefetch_block_rows(x, p, (u + 1) // nblk, ((u + 1) % nblk) * R,
-                                        min(p.B * p.OH, ((u + 1) % nblk) * R + R))
+                    prefetch_block_rows(x, p, rows_unit(p, u + 1, nblk, R))
             nvec = boffs[3 * maxvec + 1]
             nfull = nvec // CE_NV
             k0 = 0
