@@ -248,14 +248,13 @@ cdef int conv2d_grad_input_phases(const float* dy, const float* w, float* dx, co
     cdef Py_ssize_t kh0[4]
     cdef Py_ssize_t kw0[4]
     cdef Py_ssize_t KC[4]
-    cdef Py_ssize_t packoff[4]
     cdef PhasePlan pp = phase_plan(p, n_threads)
     cdef Py_ssize_t VL = vlen(<float>0)
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t Mpad = round_up(Cg, CE_MR)
     cdef Py_ssize_t HW = p.H * p.W, plane = pp.Hp * pp.Wp, image = p.K * pp.Hp * pp.Wp
     cdef Py_ssize_t ntasks = (p.B + pp.nimg - 1) // pp.nimg
-    cdef Py_ssize_t ph, task, b0, nimg, img, k, oh, off, g, u, v, r, i, j0, nvec, nfull, jp, ip, k0, kc, Kd, Pq
+    cdef Py_ssize_t ph, task, b0, nimg, img, k, oh, g, u, v, r, i, j0, nvec, nfull, jp, ip, k0, kc, Kd, Pq
     cdef float* apack
     cdef float* buf
     cdef float* tmp
@@ -265,19 +264,15 @@ cdef int conv2d_grad_input_phases(const float* dy, const float* w, float* dx, co
     cdef Py_ssize_t* lanes
     cdef const float** brow
     cdef int failed = 0
-    off = 0
     for ph in range(4):
         phase_geometry(p, ph // 2, ph % 2, &q[ph], &kh0[ph], &kw0[ph])
         KC[ph] = balanced_block(Kg * q[ph].KH * q[ph].KW, ROWS_KMAX)
-        packoff[ph] = off
-        if q[ph].KH > 0 and q[ph].KW > 0:
-            off = off + p.G * Mpad * Kg * q[ph].KH * q[ph].KW
     apack = <float*>malloc(pp.packed * sizeof(float))
     if apack == NULL:
         return -1
     for ph in range(4):
         if q[ph].KH > 0 and q[ph].KW > 0:
-            pack_phase_weights(w, p, &q[ph], kh0[ph], kw0[ph], KC[ph], apack + packoff[ph])
+            pack_phase_weights(w, p, &q[ph], kh0[ph], kw0[ph], KC[ph], apack + pp.packoff[ph])
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
@@ -334,13 +329,13 @@ cdef int conv2d_grad_input_phases(const float* dy, const float* w, float* dx, co
                         kc = min(KC[ph], Kd - k0)
                         for jp in range(nfull):
                             for ip in range(Mpad // CE_MR):
-                                ukernel_rows_f(kc, apack + packoff[ph] + g * Mpad * Kd + k0 * Mpad + ip * CE_MR * kc,
+                                ukernel_rows_f(kc, apack + pp.packoff[ph] + g * Mpad * Kd + k0 * Mpad + ip * CE_MR * kc,
                                                brow + k0, boffs + jp * CE_NV, yph + (g * Cg + ip * CE_MR) * Pq,
                                                coffs + jp * CE_NV, lanes + jp * CE_NV, Pq,
                                                min(CE_MR, Cg - ip * CE_MR), k0 > 0, NULL, 0, <wide_tile*>NULL)
                         for j0 in range(nfull * CE_NV, nvec):
                             for ip in range(Mpad // CE_MR):
-                                ukernel_rows_f(kc, apack + packoff[ph] + g * Mpad * Kd + k0 * Mpad + ip * CE_MR * kc,
+                                ukernel_rows_f(kc, apack + pp.packoff[ph] + g * Mpad * Kd + k0 * Mpad + ip * CE_MR * kc,
                                                brow + k0, boffs + j0, yph + (g * Cg + ip * CE_MR) * Pq,
                                                coffs + j0, lanes + j0, Pq,
                                                min(CE_MR, Cg - ip * CE_MR), k0 > 0, NULL, 0, <single_tile*>NULL)

@@ -676,6 +676,7 @@ cdef struct PhasePlan:
     Py_ssize_t nimg         # images per task
     Py_ssize_t maxvec       # tile vectors of one phase of a task, at most (one per VL pixels of a row)
     Py_ssize_t maxtaps      # taps (k, u, v) of the largest phase: Kg * KHq * KWq
+    Py_ssize_t packoff[4]   # where each phase's packed weights start (a phase without taps has none)
     Py_ssize_t packed       # floats of the four phases' packed weights
     Py_ssize_t per_thread   # floats a thread holds: nimg bordered dY copies (+ VL of slack) and their phases
 
@@ -704,6 +705,7 @@ cdef PhasePlan phase_plan(const ConvGeom* p, Py_ssize_t n_threads) noexcept nogi
     r.Wp = r.left + p.OW
     for a in range(4):
         phase_geometry(p, a // 2, a % 2, &q, &kh0, &kw0)
+        r.packoff[a] = r.packed
         if q.KH > 0 and q.KW > 0:
             r.Hp = max(r.Hp, r.top - q.pt + q.OH + q.KH - 1)
             r.Wp = max(r.Wp, r.left - q.pl + q.OW + q.KW - 1)
