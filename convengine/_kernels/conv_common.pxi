@@ -254,3 +254,30 @@ cdef inline void fill_geom(ConvGeom* p, tuple shape_x, Py_ssize_t K, Py_ssize_t 
     p.KH = KH
     p.KW = KW
     p.sh, p.sw, p.pt, p.pl, p.dh, p.dw, p.G, p.OH, p.OW = params
+
+
+cdef void prefetch_block_rows(const floating* x, const ConvGeom* p,
+                              (Py_ssize_t, Py_ssize_t, Py_ssize_t) unit) noexcept nogil:
+    """Prefetch into L2 the input rows that a unit (rows_unit: group g's output rows r0 <= r < r1 of the batch,
+    row b*OH + oh) will copy: the next unit's, while this one computes (its copy otherwise stalls on memory).
+    AMD EPYC Zen 4, batch 64, alternating old/new, ms: the row-vector direct forward at 1 thread, 64x32x32x32 ->
+    64 3x3 s2 7.11-7.25 -> 6.73-7.09, 64x64x32x32 -> 64 3x3 46.7-47.1 -> 46.4-46.6 (a frozen VGG-style net at 2
+    threads, its slices already in cache, unchanged); grad_weight's pixel path, 64x32x32x32 -> 64 3x3 s2, 1
+    thread 6.89-6.98 -> 6.83-6.86, 2 threads 3.53-3.56 -> 3.48."""
+    cdef Py_ssize_t Cg = p.C // p.G
+    cdef Py_ssize_t g = unit[0], r0 = unit[1], r1 = unit[2]
+    cdef Py_ssize_t b = r0 // p.OH, lo, hi, c, off, n
+    cdef const floating* src
+    cdef Py_ssize_t line = 64 // sizeof(floating)
+    while b * p.OH < r1:
+        lo = max(0, (max(r0, b * p.OH) - b * p.OH) * p.sh - p.pt)
+        hi = min(p.H, (min(r1 - b * p.OH, p.OH) - 1) * p.sh - p.pt + (p.KH - 1) * p.dh + 1)
+        if hi > lo:
+            n = (hi - lo) * p.W
+            for c in range(Cg):
+                src = x + ((b * p.C + g * Cg + c) * p.H + lo) * p.W
+                off = 0
+                while off < n:
+                    ce_prefetch_l2(src + off)
+                    off = off + line
+        b = b + 1

@@ -100,31 +100,6 @@ cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t) rows_unit(const ConvGeom* p, Py
     return g, r0, min(p.B * p.OH, r0 + R)
 
 
-cdef void prefetch_block_rows(const float* x, const ConvGeom* p,
-                              (Py_ssize_t, Py_ssize_t, Py_ssize_t) unit) noexcept nogil:
-    """Prefetch into L2 the input rows that a unit (rows_unit: group g's output rows r0 <= r < r1 of the batch,
-    row b*OH + oh) will copy: the next unit's, while this one computes (its copy otherwise stalls on memory).
-    AMD EPYC Zen 4, 1 thread, batch 64, alternating old/new, ms: 64x32x32x32 -> 64 3x3 s2 7.11-7.25 -> 6.73-7.09,
-    64x64x32x32 -> 64 3x3 46.7-47.1 -> 46.4-46.6; a frozen VGG-style net at 2 threads (its slices already in
-    cache) unchanged."""
-    cdef Py_ssize_t Cg = p.C // p.G
-    cdef Py_ssize_t g = unit[0], r0 = unit[1], r1 = unit[2]
-    cdef Py_ssize_t b = r0 // p.OH, lo, hi, c, off, n
-    cdef const float* src
-    while b * p.OH < r1:
-        lo = max(0, (max(r0, b * p.OH) - b * p.OH) * p.sh - p.pt)
-        hi = min(p.H, (min(r1 - b * p.OH, p.OH) - 1) * p.sh - p.pt + (p.KH - 1) * p.dh + 1)
-        if hi > lo:
-            n = (hi - lo) * p.W
-            for c in range(Cg):
-                src = x + ((b * p.C + g * Cg + c) * p.H + lo) * p.W
-                off = 0
-                while off < n:
-                    ce_prefetch_l2(src + off)
-                    off = off + 16
-        b = b + 1
-
-
 cdef int conv2d_forward_direct_rows(const float* x, const float* apack, Py_ssize_t KC, const Epilogue* e,
                                     float* y, const ConvGeom* p, int n_threads) noexcept nogil:
     """The direct path (see conv2d_forward_direct) for float32 rows of whole vectors (OW a multiple of VL), its

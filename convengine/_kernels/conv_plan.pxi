@@ -764,9 +764,9 @@ cdef inline Py_ssize_t phase_images(const ConvGeom* p, Py_ssize_t n_threads) noe
 
 cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
     """Bytes each conv2d direction allocates per call with T threads, following the same path choices as the
-    kernels (packed weights, per-thread panels and padded rows, grad_weight's per-chunk partial sums). Never the
-    im2col matrix of the batch: everything per thread is bounded by the blocking constants and one block of
-    padded input rows."""
+    kernels (packed weights, per-thread panels and padded rows, grad_weight's per-chunk partial sums; grad_weight
+    as called with grad_bias). Never the im2col matrix of the batch: everything per thread is bounded by the
+    blocking constants and one block of padded input rows."""
     cdef Py_ssize_t isz = sizeof(floating), ptr = sizeof(void*)
     cdef Py_ssize_t NR = tile_n(<floating>0), NC = block_columns(<floating>0), LD = NC + vlen(<floating>0)
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G, Kd = Cg * p.KH * p.KW, taps = p.KH * p.KW
@@ -836,9 +836,11 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
         upt = units_per_task(p, R)
         maxpix = upt * R * p.OW
         nchunks = pixel_chunks(p)
-        out["grad_weight"] = (p.G * nchunks * Kd * Kg + T * (
-            upt * window_rows(p, R) * window_width(p) * pixel_stride(Npad, dummy) + Mpad * maxpix
-            + taps * Mpad * Npad)) * isz + (
+        # the chunks' partial sums (weights, then bias); per thread the channels-last input rows, dY's rows
+        # (one zero row where a step is one unit and A is dY in place), the taps' C tiles
+        out["grad_weight"] = (p.G * nchunks * (Kd * Kg + Kg) + T * (
+            upt * window_rows(p, R) * window_width(p) * pixel_stride(Npad, dummy)
+            + (maxpix if upt == 1 else Mpad * maxpix) + taps * Mpad * Npad)) * isz + (
             taps * sizeof(Py_ssize_t) + T * (2 * maxpix + Mpad) * ptr)
     elif path == PATH_DIRECT:
         nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
