@@ -509,12 +509,18 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
                         k0 = k0 + kc
                 started = True
                 u0 = u1
-            # partial[task][r = c*T + t][k]
-            for c in range(Cg):
+            # partial[task][r = c*T + t][k]: per tap a (Kg x Cg) -> (Cg x Kg) transpose, in registers for float32
+            # (the strided gather took 2.5% of a strided call)
+            if not started:
+                memset(partial + task * Kd * Kg, 0, Kd * Kg * sizeof(floating))
+            elif floating is float:
                 for t in range(T):
-                    for k in range(Kg):
-                        partial[(task * Kd + c * T + t) * Kg + k] = (cbuf[(t * Mpad + k) * Cgpad + c]
-                                                                      if started else 0)
+                    ce_transpose_rows(partial + (task * Kd + t) * Kg, T * Kg, cbuf + t * Mpad * Cgpad, Cgpad, Kg, Cg)
+            else:
+                for c in range(Cg):
+                    for t in range(T):
+                        for k in range(Kg):
+                            partial[(task * Kd + c * T + t) * Kg + k] = cbuf[(t * Mpad + k) * Cgpad + c]
         free(xblk)
         free(ablk)
         free(cbuf)
