@@ -964,6 +964,24 @@ def assert_grad_input_by_phases(x, w, dy, params, pad, groups, what):
         assert_bitwise_equal(gx, outs[0], f"{what}: {n_threads} threads vs 1")
 
 
+def assert_grad_weight_by_pixels(x, w_shape, dy, params, stride, pad, groups, what):
+    """grad_weight and grad_bias on 1, 2 and 3 threads: the float64 reference's gradients, and the same bits on
+    each (test_fuzz's drawn pixel-path geometries call it)."""
+    f64 = np.float64
+    _, want_w, want_b = R.conv2d_backward(dy.astype(f64), x.astype(f64), np.zeros(w_shape, f64), stride=stride,
+                                          padding=pad, groups=groups, need_input_grad=False)
+    outs = []
+    for n_threads in (1, 2, 3):
+        gw, gb = np.full(w_shape, np.nan, x.dtype), np.full(w_shape[0], np.nan, x.dtype)
+        _engine.conv2d_grad_weight(dy, x, gw, gb, params, n_threads)
+        assert_close(gw, want_w.astype(x.dtype), f"{what} grad_weight threads={n_threads}")
+        assert_close(gb, want_b.astype(x.dtype), f"{what} grad_bias threads={n_threads}")
+        outs.append((gw, gb))
+    for n_threads, (gw, gb) in zip((2, 3), outs[1:]):
+        assert_bitwise_equal(gw, outs[0][0], f"{what} grad_weight: {n_threads} threads vs 1")
+        assert_bitwise_equal(gb, outs[0][1], f"{what} grad_bias: {n_threads} threads vs 1")
+
+
 # (x shape, w shape, stride, padding, groups): at least one shape for every path of every direction (SCRATCH_PATHS)
 SCRATCH_CASES = [
     ((8, 32, 16, 16), (64, 32, 3, 3), 1, 1, 1),     # direct (rows), transposed direct, pixels

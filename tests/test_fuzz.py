@@ -28,7 +28,7 @@ from convengine import reference as R
 from convengine._kernels import engine as _engine
 
 from conftest import as_layout, assert_close
-from test_functional import assert_grad_input_by_phases
+from test_functional import assert_grad_input_by_phases, assert_grad_weight_by_pixels
 
 LONG = os.environ.get("CONVENGINE_FUZZ_LONG") == "1" or os.environ.get("HYPOTHESIS_PROFILE") == "long"
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
@@ -230,6 +230,44 @@ def test_stride_two_grad_input_by_phases_matches_reference_on_any_thread_count(g
     event("rows of 23 pixels or more" if x_shape[3] >= 23 else "rows of 22 pixels or fewer")
     assert_grad_input_by_phases(x, w, rng.standard_normal(geom.out_shape).astype(np.float32), params, padding,
                                 groups, "grad_input by phases")
+
+
+@st.composite
+def pixel_path_geometries(draw):
+    """(x shape, w shape, stride, padding, groups) of a conv whose grad_weight goes by the pixel path: 8 to 72
+    input channels per group and 5 to 40 output channels (both tiles mostly used), kernels 1-5 at stride 1 or 2,
+    images from a few pixels (several units per step: dY copied) to 40 (one unit per step: dY read in place, and
+    steps longer than one k block). conv_geometries' few channels never reach it."""
+    groups = draw(st.integers(1, 2))
+    cg, kg = draw(st.integers(8, 72)), draw(st.integers(5, 40))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride = draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1))
+    H = draw(st.integers(max(1, kh - 2 * ph), 40))
+    W = draw(st.integers(max(1, kw - 2 * pw), 40))
+    return (draw(st.integers(1, 6)), groups * cg, H, W), (groups * kg, cg, kh, kw), stride, (ph, pw), groups
+
+
+@fuzz
+@given(geometry=pixel_path_geometries(), dtype=st.sampled_from([np.float32, np.float64]),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_grad_weight_by_pixels_matches_reference_on_any_thread_count(geometry, dtype, seed):
+    """grad_weight's pixel path on drawn geometries, with grad_bias summed chunk by chunk as dY is read: the
+    float64 reference's gradients, and the same bits on 1, 2 and 3 threads."""
+    x_shape, w_shape, stride, padding, groups = geometry
+    note(f"x {x_shape}, w {w_shape}, stride {stride}, padding {padding}, groups {groups}, {dtype.__name__}")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    geom = _args.conv2d_args(x, np.empty(w_shape, dtype), None, stride=stride, padding=padding, dilation=1,
+                             groups=groups)
+    params = F._conv_params(geom)
+    assume(_engine.conv2d_paths(x_shape, w_shape, params, x.itemsize)["grad_weight"] == "pixels")
+    # a unit is R output rows (pixel_rows), a step 256 // (R * OW) units (units_per_task): one reads dY in place
+    most = max(1, min(geom.out_h, 256 // geom.out_w))
+    rows = -(-geom.out_h // -(-geom.out_h // most))
+    event("one unit per step: dY read in place" if 256 // (rows * geom.out_w) <= 1 else "several units: dY copied")
+    assert_grad_weight_by_pixels(x, w_shape, rng.standard_normal(geom.out_shape).astype(dtype), params, stride,
+                                 padding, groups, "grad_weight by pixels")
 
 
 # ---------------------------------------------------------------------------------------------------------------
