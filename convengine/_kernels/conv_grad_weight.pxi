@@ -431,7 +431,7 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
     cdef Py_ssize_t task, g, ch, u, u0, u1, ue, b, oh0, nrows, npix, ro, ow, t, i, k, c, k0, kc
     cdef bint started
     cdef bint in_place = upt == 1
-    cdef const floating* dyrow
+    cdef const floating* dyunit      # the unit's dY rows, channel g*Kg (its channels P apart)
     cdef floating* xblk
     cdef floating* ablk
     cdef floating* cbuf
@@ -477,12 +477,12 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
                     nrows = min(R, p.OH - oh0)
                     blk = xblk + (u - u0) * unit_len
                     fill_window_rows_hwc(x, p, b, g, oh0 * p.sh - p.pt, window_rows(p, nrows), ldp, blk)
+                    dyunit = dy + (b * p.K + g * Kg) * P + oh0 * p.OW
                     for k in range(Kg):
-                        dyrow = dy + (b * p.K + g * Kg + k) * P + oh0 * p.OW
                         if not in_place:
-                            memcpy(ablk + k * maxpix + npix, dyrow, nrows * p.OW * sizeof(floating))
+                            memcpy(ablk + k * maxpix + npix, dyunit + k * P, nrows * p.OW * sizeof(floating))
                         if dbpart != NULL:
-                            dbpart[task * Kg + k] += channel_sum(dyrow, 1, 0, nrows * p.OW)
+                            dbpart[task * Kg + k] += channel_sum(dyunit + k * P, 1, 0, nrows * p.OW)
                     for ro in range(nrows):
                         for ow in range(p.OW):
                             pix[npix] = blk + (ro * p.sh * Wpad + ow * p.sw) * ldp
@@ -498,10 +498,10 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
                     while k0 < npix:
                         kc = min(kmax, npix - k0)
                         if in_place:
-                            # (b, oh0: the step's one unit)
-                            for k in range(Mpad):
-                                arow[k] = (dy + (b * p.K + g * Kg + k) * P + oh0 * p.OW + k0 if k < Kg
-                                           else ablk + k0)
+                            # dY's rows of the step's one unit, then the zero row for the panel's padding
+                            row_table(arow, dyunit + k0, Kg, P)
+                            for k in range(Kg, Mpad):
+                                arow[k] = ablk + k0
                         else:
                             row_table(arow, ablk + k0, Mpad, maxpix)
                         macro_kernel(Mpad // CE_MR, Cgpad // NR, kc, arow, 1, brow + k0, NR,
@@ -667,7 +667,7 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
     cdef Py_ssize_t R, nchunks
     cdef floating* partial
     cdef floating* dbpart = NULL
-    cdef Py_ssize_t nbias = 0
+    cdef Py_ssize_t nbias
     cdef int path, rc
     if is_depthwise(p):
         return depthwise_grad_weight(dy, x, dw, db, p, n_threads)
@@ -685,12 +685,12 @@ cdef int conv2d_grad_weight_core(const floating* dy, const floating* x, floating
         nchunks = grad_weight_chunks(p.B, p.H * p.W)
     else:
         nchunks = grad_weight_chunks(p.B * p.OH * p.OW, 1)
-    if path == PATH_PIXELS:
-        nbias = p.G * nchunks * Kg        # the chunks' grad_bias sums, after the weights'
+    # the pixel path sums grad_bias per chunk too: those sums follow the weights'
+    nbias = p.G * nchunks * Kg if path == PATH_PIXELS else 0
     partial = <floating*>malloc((p.G * nchunks * Kd * Kg + nbias) * sizeof(floating))
     if partial == NULL:
         return -1
-    if path == PATH_PIXELS and db != NULL:
+    if nbias > 0 and db != NULL:
         dbpart = partial + p.G * nchunks * Kd * Kg
     if path == PATH_SMALLC:
         if floating is float:
