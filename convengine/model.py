@@ -301,13 +301,16 @@ class Sequential:
         self._frozen_for_predict = (key, self.freeze(), set())
         return self._frozen_for_predict[1:]
 
-    def freeze(self):
+    def freeze(self, winograd=False):
         """An inference plan of this model (a convengine.frozen.FrozenModel): BatchNorm folded into the convs,
         bias, ReLU and unfolded batch norms applied as each conv's output is stored, activations in buffers reused
         across calls. `frozen(x)` and `frozen.predict(x, batch_size)` give what predict(x) gives. The weights are
-        taken now: later training, `load` or edits of the parameters do not reach the frozen model."""
+        taken now: later training, `load` or edits of the parameters do not reach the frozen model.
+
+        winograd=True opts in to Winograd F(2x2, 3x3) for the 3x3, stride-1 convs with 64 or more input channels
+        (faster; rounds differently, and a non-finite input spreads over its 2x2 output tile: see FrozenModel)."""
         from .frozen import FrozenModel
-        return FrozenModel(self)
+        return FrozenModel(self, winograd=_args.check_bool(winograd, "winograd"))
 
     def predict(self, x, batch_size=256):
         """Model outputs for x, computed batch by batch in inference mode, so memory stays bounded by one batch's

@@ -650,6 +650,8 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const Epilogu
     cdef floating* apack = NULL
     cdef int rc
     cdef int path
+    if prepacked_path == PATH_WINOGRAD and prepacked != NULL and winograd_fits(p):
+        return conv2d_forward_winograd(x, prepacked, e, y, p, n_threads)
     if is_depthwise(p):
         return depthwise_forward(x, w, e, y, p, n_threads)
     if floating is float:
@@ -737,6 +739,8 @@ cdef Py_ssize_t packed_length(const ConvGeom* p, int path, floating dummy) noexc
         return pixel_weights_len(p, dummy)
     if path == PATH_POINTWISE or path == PATH_DIRECT or path == PATH_IM2COL:
         return packed_weights_len(p)
+    if path == PATH_WINOGRAD and winograd_fits(p):
+        return winograd_weights_len(p)
     return 0
 
 
@@ -753,12 +757,16 @@ def conv2d_pack(tuple x_shape,                            # (B, C, H, W) of the 
     fill_geom(&p, x_shape, weight.shape[0], weight.shape[2], weight.shape[3], params)
     if path == PATH_AUTO:
         path = forward_path(&p, <floating>0)
-    elif path not in (PATH_DIRECT, PATH_IM2COL, PATH_PIXELS, PATH_POINTWISE):
+    elif path not in (PATH_DIRECT, PATH_IM2COL, PATH_PIXELS, PATH_POINTWISE, PATH_WINOGRAD):
         raise ValueError(f"conv2d_pack: no packed path {path}")
+    elif path == PATH_WINOGRAD and not winograd_fits(&p):
+        raise ValueError("conv2d_pack: Winograd F(2x2, 3x3) takes 3x3 convs of stride 1, dilation 1, one group")
     if out.shape[0] != packed_length(&p, path, <floating>0) or out.shape[0] == 0:
         raise ValueError("conv2d_pack: out has the wrong length (see conv2d_pack_length)")
     if path == PATH_PIXELS:
         pack_pixel_weights(&weight[0, 0, 0, 0], &p, &out[0])
+    elif path == PATH_WINOGRAD:
+        pack_winograd_weights(&weight[0, 0, 0, 0], &p, &out[0])
     else:
         pack_weights_into(&weight[0, 0, 0, 0], &p, weight_block(&p, <floating>0), &out[0])
     return path

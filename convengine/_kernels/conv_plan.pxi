@@ -281,6 +281,7 @@ cdef enum:
     PATH_SMALLC = 4       # conv_smallc.pxi: forward of 1-4 channel float32 inputs
     PATH_POINTWISE = 5    # 1x1, stride 1, no padding: the input planes are the GEMM's B rows, read in place
     PATH_LANES = 6        # grad_weight only: dY's channels in the vector lanes (conv_grad_weight.pxi)
+    PATH_WINOGRAD = 7     # forward, opt-in: taken only with weights packed for it (conv_winograd.pxi)
 
 
 cdef int forced_path = PATH_AUTO

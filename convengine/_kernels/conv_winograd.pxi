@@ -1,0 +1,318 @@
+# Winograd F(2x2, 3x3): the forward of a 3x3, stride-1 convolution in 4/9 of the multiplications. Each
+# 2x2 block of outputs (a tile) is A^T [ sum over c of U[c] * V[c] ] A, where V = B^T d B is the transform of the
+# tile's 4x4 input d in channel c and U = G g G^T that of the 3x3 filter g (winograd.h has B, A; G is below).
+# The 16 elementwise products summed over channels are 16 GEMMs (K x C times C x tiles), run by the engine's
+# micro-kernel: 16 x C multiply-adds per output channel and tile instead of 36 x C, 2.25x fewer.
+#
+# Opt-in only (Sequential.freeze(winograd=True), which packs the weights for PATH_WINOGRAD; the default paths
+# never take it): the transforms round differently from the direct sum (float32: about 2x its error, see
+# tests/test_winograd.py), and an infinite input reaches every output of its tile (as inf - inf = NaN in the
+# ones whose sum has it with a zero weight), where the direct conv keeps it to the outputs whose window holds it.
+#
+# A task is a run of the batch's tiles (consecutive in row-major tile order, image after image; WINOGRAD_TILE_BYTES
+# of transformed input at most): its V is written once, panel by panel in the micro-kernel's B layout, then for each NR-tile
+# panel and MR-channel block the 16 products go into a 16 x MR x NR buffer that stays in L1 and is transformed to
+# outputs at once, with the epilogue. Each output is one task's, its sum over channels in one order whatever the
+# blocking: the same bits on any thread count, for any slice of the output channels and any batch size.
+
+cdef extern from "winograd.h":
+    void wino_split_f "ce_wino_split_f"(const float* x, Py_ssize_t W, Py_ssize_t pl, Py_ssize_t m0, Py_ssize_t m1,
+                                        float* e, float* o) nogil
+    void wino_split_d "ce_wino_split_d"(const double* x, Py_ssize_t W, Py_ssize_t pl, Py_ssize_t m0,
+                                        Py_ssize_t m1, double* e, double* o) nogil
+    void wino_rows_f "ce_wino_rows_f"(const float* d0, const float* d1, const float* d2, const float* d3,
+                                      Py_ssize_t n, float* t0, float* t1, float* t2, float* t3) nogil
+    void wino_rows_d "ce_wino_rows_d"(const double* d0, const double* d1, const double* d2, const double* d3,
+                                      Py_ssize_t n, double* t0, double* t1, double* t2, double* t3) nogil
+    void wino_cols_f "ce_wino_cols_f"(const float* e, const float* o, Py_ssize_t n, float* v0, float* v1,
+                                      float* v2, float* v3) nogil
+    void wino_cols_d "ce_wino_cols_d"(const double* e, const double* o, Py_ssize_t n, double* v0, double* v1,
+                                      double* v2, double* v3) nogil
+    void wino_out_f "ce_wino_out_f"(const float* m, Py_ssize_t bs, Py_ssize_t n, float bias, bint relu,
+                                    bint affine, float sc, float sh, float* y00, float* y01, float* y10,
+                                    float* y11) nogil
+    void wino_out_d "ce_wino_out_d"(const double* m, Py_ssize_t bs, Py_ssize_t n, double bias, bint relu,
+                                    bint affine, double sc, double sh, double* y00, double* y01, double* y10,
+                                    double* y11) nogil
+    void wino_merge_f "ce_wino_merge_f"(const float* a, const float* b, Py_ssize_t n, float* dst) nogil
+    void wino_merge_d "ce_wino_merge_d"(const double* a, const double* b, Py_ssize_t n, double* dst) nogil
+
+
+# The transformed input of one task at most (16 x channels x tiles values): about half of a Zen 4 core's 1 MiB L2,
+# so that it stays there while the micro-kernel reads it once per block of MR output channels.
+cdef Py_ssize_t WINOGRAD_TILE_BYTES = 1 << 19
+
+
+cdef inline bint winograd_fits(const ConvGeom* p) noexcept nogil:
+    """The geometries PATH_WINOGRAD computes: 3x3, stride 1, dilation 1, one group (any padding)."""
+    return (p.KH == 3 and p.KW == 3 and p.sh == 1 and p.sw == 1 and p.dh == 1 and p.dw == 1 and p.G == 1
+            and p.OH > 0 and p.OW > 0)
+
+
+cdef inline Py_ssize_t winograd_weights_len(const ConvGeom* p) noexcept nogil:
+    return 16 * round_up(p.K, CE_MR) * p.C
+
+
+cdef void pack_winograd_weights(const floating* w, const ConvGeom* p, floating* out) noexcept nogil:
+    """U = G g G^T of each filter g (computed in float64, rounded once), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2;
+    0 0 1]; stored for the micro-kernel as 16 A operands (one per entry s of U), each in MR-row panels of depth C:
+    out[((s * mpanels + k // MR) * C + c) * MR + k % MR], rows past K zero."""
+    cdef Py_ssize_t mpanels = round_up(p.K, CE_MR) // CE_MR
+    cdef Py_ssize_t k, c, i, j, s
+    cdef double g[3][3]
+    cdef double gg[4][3]
+    cdef double u[4][4]
+    cdef const floating* f
+    memset(out, 0, winograd_weights_len(p) * sizeof(floating))
+    for k in range(p.K):
+        for c in range(p.C):
+            f = w + (k * p.C + c) * 9
+            for i in range(3):
+                for j in range(3):
+                    g[i][j] = f[i * 3 + j]
+            for j in range(3):
+                gg[0][j] = g[0][j]
+                gg[1][j] = (g[0][j] + g[1][j] + g[2][j]) * 0.5
+                gg[2][j] = (g[0][j] - g[1][j] + g[2][j]) * 0.5
+                gg[3][j] = g[2][j]
+            for i in range(4):
+                u[i][0] = gg[i][0]
+                u[i][1] = (gg[i][0] + gg[i][1] + gg[i][2]) * 0.5
+                u[i][2] = (gg[i][0] - gg[i][1] + gg[i][2]) * 0.5
+                u[i][3] = gg[i][2]
+            for s in range(16):
+                out[((s * mpanels + k // CE_MR) * p.C + c) * CE_MR + k % CE_MR] = <floating>u[s // 4][s % 4]
+
+
+cdef inline Py_ssize_t winograd_task_tiles(const ConvGeom* p, Py_ssize_t tiles, floating dummy) noexcept nogil:
+    """Tiles per task: the batch's tiles in the fewest equal runs whose transform fits WINOGRAD_TILE_BYTES, a whole
+    number of vectors each (at least one). A run may span images (an 8x8 output is 16 tiles)."""
+    cdef Py_ssize_t VL = vlen(<floating>0)
+    cdef Py_ssize_t most = max(VL, WINOGRAD_TILE_BYTES // (16 * p.C * <Py_ssize_t>sizeof(floating)) // VL * VL)
+    return round_up(balanced_block(tiles, most), VL)
+
+
+cdef inline Py_ssize_t winograd_v_stride(const ConvGeom* p, Py_ssize_t NR, Py_ssize_t npanels) noexcept nogil:
+    """Distance between the 16 entries' blocks of V: NR values more than a block holds, so that the 16 blocks do
+    not start at one offset modulo 4 KiB (a block of 64 channels x 4 panels of 32 floats is 32 KiB: the input
+    transform's 16 store streams then fell in one L1 set, and it took 7.6 of 32 ms; AMD Zen 4)."""
+    return npanels * p.C * NR + NR
+
+
+cdef inline Py_ssize_t winograd_row_len(Py_ssize_t TW, floating dummy) noexcept nogil:
+    """Room for a tile row's TW + 1 even (or odd) columns in whole vectors, from any first tile on."""
+    return round_up(TW + 1, vlen(<floating>0)) + vlen(<floating>0)
+
+
+cdef void winograd_input(const floating* x, const ConvGeom* p, Py_ssize_t TW, Py_ssize_t T, Py_ssize_t t0,
+                         Py_ssize_t nt, Py_ssize_t NR, Py_ssize_t npanels, floating* v, floating* rows) noexcept nogil:
+    """V of tiles t0 .. t0 + nt - 1 of the batch x (B x C x H x W; tile t is tile t % T of image t // T, its T tiles
+    row-major, TW to a row): entry s of tile
+    t0 + j in channel c at v[s * sstride + (j // NR * C + c) * NR + j % NR] (sstride = winograd_v_stride), columns
+    nt .. npanels * NR - 1 zero. rows: scratch of 16 * winograd_row_len(TW) values."""
+    cdef Py_ssize_t VL = vlen(<floating>0)
+    cdef Py_ssize_t L = winograd_row_len(TW, <floating>0)
+    cdef Py_ssize_t sstride = winograd_v_stride(p, NR, npanels)
+    cdef Py_ssize_t c, r, a, t, ty, txa, n, ih, j, q, run, s, nvec, b
+    cdef floating* d
+    cdef floating* te
+    cdef floating* dst
+    cdef const floating* xc
+    for c in range(p.C):
+        t = t0
+        while t < t0 + nt:
+            b = t // T
+            ty = (t - b * T) // TW
+            txa = t - b * T - ty * TW
+            xc = x + (b * p.C + c) * p.H * p.W
+            n = min(TW - txa, t0 + nt - t)
+            nvec = round_up(n + 1, VL)       # the n + 1 even and odd columns in whole vectors (rows has the room)
+            # the tile row's four input rows, split into even (rows[2r]) and odd (rows[2r + 1]) columns
+            for r in range(4):
+                d = rows + 2 * r * L
+                ih = 2 * ty - p.pt + r
+                if 0 <= ih < p.H:
+                    if floating is float:
+                        # even columns 2m - pl and odd ones 2m + 1 - pl for m = txa .. txa + n, by two-source
+                        # permutes of masked vector loads, the columns outside the row zero
+                        ce_copy_rows_s2(d + txa, L, xc + ih * p.W + 2 * txa - p.pl, p.W, 1, nvec,
+                                        max(0, (p.pl - 2 * txa + 1) // 2), min(n + 1, (p.W + p.pl - 2 * txa + 1) // 2))
+                        ce_copy_rows_s2(d + L + txa, L, xc + ih * p.W + 2 * txa + 1 - p.pl, p.W, 1, nvec,
+                                        max(0, (p.pl - 2 * txa) // 2), min(n + 1, (p.W + p.pl - 2 * txa) // 2))
+                    else:
+                        wino_split_d(xc + ih * p.W, p.W, p.pl, txa, txa + n + 1, d, d + L)
+                else:
+                    memset(d + txa, 0, nvec * sizeof(floating))
+                    memset(d + L + txa, 0, nvec * sizeof(floating))
+            # the row half of the transform, even and odd columns alike, into rows[8 ..]
+            te = rows + 8 * L
+            for q in range(2):
+                if floating is float:
+                    wino_rows_f(rows + q * L + txa, rows + (2 + q) * L + txa, rows + (4 + q) * L + txa,
+                                rows + (6 + q) * L + txa, nvec, te + q * L + txa, te + (2 + q) * L + txa,
+                                te + (4 + q) * L + txa, te + (6 + q) * L + txa)
+                else:
+                    wino_rows_d(rows + q * L + txa, rows + (2 + q) * L + txa, rows + (4 + q) * L + txa,
+                                rows + (6 + q) * L + txa, nvec, te + q * L + txa, te + (2 + q) * L + txa,
+                                te + (4 + q) * L + txa, te + (6 + q) * L + txa)
+            # the column half, into V, in runs that stay within one NR-column panel
+            j = t - t0
+            q = 0
+            while q < n:
+                run = min(n - q, NR - (j + q) % NR)
+                dst = v + ((j + q) // NR * p.C + c) * NR + (j + q) % NR
+                for a in range(4):
+                    s = 4 * a * sstride
+                    if floating is float:
+                        wino_cols_f(te + 2 * a * L + txa + q, te + (2 * a + 1) * L + txa + q, run, dst + s,
+                                    dst + s + sstride, dst + s + 2 * sstride, dst + s + 3 * sstride)
+                    else:
+                        wino_cols_d(te + 2 * a * L + txa + q, te + (2 * a + 1) * L + txa + q, run, dst + s,
+                                    dst + s + sstride, dst + s + 2 * sstride, dst + s + 3 * sstride)
+                q = q + run
+            t = t + n
+    # the last panel's columns past the task's tiles
+    if nt < npanels * NR:
+        for s in range(16):
+            for c in range(p.C):
+                memset(v + s * sstride + ((npanels - 1) * p.C + c) * NR + nt - (npanels - 1) * NR, 0,
+                       (npanels * NR - nt) * sizeof(floating))
+
+
+cdef void winograd_output(const floating* m, Py_ssize_t NR, Py_ssize_t nk, Py_ssize_t k0, Py_ssize_t t0,
+                          Py_ssize_t ncols, Py_ssize_t TW, Py_ssize_t T, const ConvGeom* p, const Epilogue* e,
+                          floating* y, floating* obuf) noexcept nogil:
+    """Outputs of channels k0 .. k0 + nk - 1 for tiles t0 .. t0 + ncols - 1 (numbered as in winograd_input) of the
+    batch's output y (B x K x OH x OW) from the 16
+    MR x NR product blocks m (block s at m + s * MR * NR, channel k0 + i in row i, tile t0 + jj in column jj),
+    with the epilogue. obuf: scratch of 4 * NR values."""
+    cdef Py_ssize_t i, k, jj, t, ty, tx, n, full, oh, ow, b
+    cdef floating bval, sc, sh
+    cdef floating* yrow
+    for i in range(nk):
+        k = k0 + i
+        bval = (<const floating*>e.bias)[k] if e.bias != NULL else 0
+        sc = (<const floating*>e.scale)[k] if e.scale != NULL else 1
+        sh = (<const floating*>e.shift)[k] if e.scale != NULL else 0
+        if floating is float:
+            wino_out_f(m + i * NR, CE_MR * NR, round_up(ncols, vlen(<floating>0)), bval, e.relu, e.scale != NULL, sc, sh, obuf, obuf + NR,
+                       obuf + 2 * NR, obuf + 3 * NR)
+        else:
+            wino_out_d(m + i * NR, CE_MR * NR, round_up(ncols, vlen(<floating>0)), bval, e.relu, e.scale != NULL, sc, sh, obuf, obuf + NR,
+                       obuf + 2 * NR, obuf + 3 * NR)
+        jj = 0
+        while jj < ncols:
+            t = t0 + jj
+            b = t // T
+            ty = (t - b * T) // TW
+            tx = t - b * T - ty * TW
+            n = min(ncols - jj, TW - tx)
+            oh = 2 * ty
+            ow = 2 * tx
+            # a last tile of an odd-width row has one column
+            full = n if 2 * (tx + n) <= p.OW else n - 1
+            yrow = y + ((b * p.K + k) * p.OH + oh) * p.OW + ow
+            if floating is float:
+                wino_merge_f(obuf + jj, obuf + NR + jj, full, yrow)
+            else:
+                wino_merge_d(obuf + jj, obuf + NR + jj, full, yrow)
+            if full < n:
+                yrow[2 * full] = obuf[jj + full]
+            if oh + 1 < p.OH:
+                yrow = yrow + p.OW
+                if floating is float:
+                    wino_merge_f(obuf + 2 * NR + jj, obuf + 3 * NR + jj, full, yrow)
+                else:
+                    wino_merge_d(obuf + 2 * NR + jj, obuf + 3 * NR + jj, full, yrow)
+                if full < n:
+                    yrow[2 * full] = obuf[2 * NR + jj + full]
+            jj = jj + n
+
+
+cdef inline void winograd_ukernel(Py_ssize_t kc, const floating** arow, const floating** brow, Py_ssize_t boff,
+                                  floating* c, Py_ssize_t ldc, int nv) noexcept nogil:
+    if floating is float:
+        if nv == CE_NV:
+            ukernel_f(kc, arow, CE_MR, brow, boff, c, ldc, False, <wide_tile*>NULL)
+        else:
+            ukernel_f(kc, arow, CE_MR, brow, boff, c, ldc, False, <narrow_tile*>NULL)
+    else:
+        if nv == CE_NV:
+            ukernel_d(kc, arow, CE_MR, brow, boff, c, ldc, False, <wide_tile*>NULL)
+        else:
+            ukernel_d(kc, arow, CE_MR, brow, boff, c, ldc, False, <narrow_tile*>NULL)
+
+
+cdef int conv2d_forward_winograd(const floating* x, const floating* upack, const Epilogue* e, floating* y,
+                                 const ConvGeom* p, int n_threads) noexcept nogil:
+    """y = epilogue(conv2d(x, w)) by F(2x2, 3x3), upack = pack_winograd_weights(w) (see the top of this file).
+    Returns -1 on allocation failure."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t TH = (p.OH + 1) // 2, TW = (p.OW + 1) // 2
+    cdef Py_ssize_t T = TH * TW
+    cdef Py_ssize_t J = winograd_task_tiles(p, p.B * T, <floating>0)
+    cdef int nv = pick_nv(J // vlen(<floating>0))
+    cdef Py_ssize_t NR = nv * vlen(<floating>0)
+    cdef Py_ssize_t npanels_max = (J + NR - 1) // NR
+    cdef Py_ssize_t ntasks = (p.B * T + J - 1) // J
+    cdef Py_ssize_t mpanels = round_up(p.K, CE_MR) // CE_MR
+    cdef Py_ssize_t task, t0, nt, npanels, jp, ip, s, ncols, sstride
+    cdef floating* vbuf
+    cdef floating* mbuf
+    cdef floating* rows
+    cdef const floating** brow
+    cdef const floating** arow
+    cdef int failed = 0
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        vbuf = <floating*>malloc(16 * winograd_v_stride(p, NR, npanels_max) * sizeof(floating))
+        mbuf = <floating*>malloc((16 * CE_MR + 4) * NR * sizeof(floating))
+        rows = <floating*>malloc(16 * winograd_row_len(TW, <floating>0) * sizeof(floating))
+        brow = <const floating**>malloc(p.C * sizeof(floating*))
+        arow = <const floating**>malloc(CE_MR * sizeof(floating*))
+        for task in prange(ntasks, schedule='static'):
+            if vbuf == NULL or mbuf == NULL or rows == NULL or brow == NULL or arow == NULL:
+                flag_failure(&failed)
+                continue
+            t0 = task * J
+            nt = min(J, p.B * T - t0)
+            npanels = (nt + NR - 1) // NR
+            sstride = winograd_v_stride(p, NR, npanels)
+            winograd_input(x, p, TW, T, t0, nt, NR, npanels, vbuf, rows)
+            row_table(brow, vbuf, p.C, NR)
+            for jp in range(npanels):
+                ncols = min(NR, nt - jp * NR)
+                for ip in range(mpanels):
+                    for s in range(16):
+                        packed_a_table(arow, upack + (s * mpanels + ip) * p.C * CE_MR, 1, p.C)
+                        winograd_ukernel(p.C, arow, brow, s * sstride + jp * p.C * NR, mbuf + s * CE_MR * NR,
+                                         NR, nv)
+                    winograd_output(mbuf, NR, min(CE_MR, p.K - ip * CE_MR), ip * CE_MR, t0 + jp * NR, ncols, TW, T,
+                                    p, e, y, mbuf + 16 * CE_MR * NR)
+        free(vbuf)
+        free(mbuf)
+        free(rows)
+        free(brow)
+        free(arow)
+        fp_leave(fp)
+    fp_resume(fps)
+    return -failed
+
+
+# conv2d_pack's path for Winograd's weights (Python code cannot see the enum)
+WINOGRAD_PATH = PATH_WINOGRAD
+
+
+# Input channels from which frozen plans that opted in take PATH_WINOGRAD (batch 64, 1 thread, AMD EPYC Zen 4,
+# conv + ReLU, Winograd / direct time: 32 -> 32 at 32x32 1.01, 64 -> 64 at 32x32 0.75, 64 -> 128 at 16x16 0.68,
+# 128 -> 128 at 16x16 0.63, 128 -> 128 at 8x8 0.79): below it the transforms cost what the products save.
+cdef Py_ssize_t WINOGRAD_MIN_CHANNELS = 64
+
+
+def winograd_takes(tuple x_shape, tuple w_shape, tuple params):
+    """Whether a plan that opted in runs this conv by Winograd F(2x2, 3x3): a geometry PATH_WINOGRAD computes,
+    with WINOGRAD_MIN_CHANNELS input channels or more (params as for conv2d_forward)."""
+    cdef ConvGeom p
+    fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
+    return winograd_fits(&p) and p.C >= WINOGRAD_MIN_CHANNELS

@@ -1,0 +1,237 @@
+"""Winograd F(2x2, 3x3) (_kernels/conv_winograd.pxi), the opt-in forward of frozen plans
+(`Sequential.freeze(winograd=True)`): the kernel against the float64 reference (and so against PyTorch, which
+tests/test_reference.py checks the reference with) for drawn geometries, paddings, odd sizes and epilogues; its
+error beside the direct kernel's; the same bits on any thread count, for any batch and any slice of the output
+channels; the frozen plans that take it; bad input.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import convengine
+from convengine import frozen as frozen_module
+from convengine import reference as R
+from convengine._kernels import engine
+from convengine.layers import BatchNorm2d, Conv2d, GlobalAvgPool2d, Linear, MaxPool2d, ReLU
+
+from conftest import assert_bitwise_equal, randn
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+# largest |error| over the largest |exact output|: the direct kernel's stays below these too
+TOL = {np.float32: 2e-6, np.float64: 1e-14}
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = convengine.get_num_threads()
+    yield
+    convengine.set_num_threads(before)
+
+
+def params_for(H, W, pad):
+    pt, pl, pb, pr = pad
+    return (1, 1, pt, pl, 1, 1, 1, H + pt + pb - 2, W + pl + pr - 2)
+
+
+def packed(x_shape, w, params, path=None):
+    path = engine.WINOGRAD_PATH if path is None else path
+    buffer = np.empty(engine.conv2d_pack_length(x_shape, w.shape, params, w.itemsize, path), w.dtype)
+    return engine.conv2d_pack(x_shape, w, params, buffer, path), buffer
+
+
+def run(x, w, b, params, threads=1, relu=False, scale=None, shift=None, path=None):
+    """conv2d_forward with weights packed for `path` (Winograd by default)."""
+    B, _, H, W = x.shape
+    y = np.empty((B, w.shape[0], params[7], params[8]), x.dtype)
+    engine.conv2d_forward(x, w, b, y, params, threads, relu, scale, shift,
+                          packed((1,) + x.shape[1:], w, params, path))
+    return y
+
+
+def exact(x, w, b, pad, relu=False, scale=None, shift=None):
+    """The float64 reference, with the epilogue; pad (top, left, bottom, right) by a zero-padded copy."""
+    pt, pl, pb, pr = pad
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    y = R.conv2d(xp, np.asarray(w, np.float64), None if b is None else np.asarray(b, np.float64))
+    if relu:
+        y = np.maximum(y, 0)
+    if scale is not None:
+        y = y * np.asarray(scale, np.float64)[:, None, None] + np.asarray(shift, np.float64)[:, None, None]
+    return y
+
+
+def relative_error(y, want):
+    return float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-300)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_winograd_matches_the_reference_on_drawn_geometries(data):
+    """Any size (odd ones leave half tiles at the bottom and right), padding 0-2 on each side (asymmetric too),
+    1-40 input and 1-37 output channels (not a whole number of micro-kernel rows), with and without bias, each
+    epilogue, both dtypes: within TOL of the float64 reference."""
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    B = data.draw(st.integers(1, 3))
+    C = data.draw(st.integers(1, 40))
+    K = data.draw(st.integers(1, 37))
+    pad = tuple(data.draw(st.integers(0, 2)) for _ in range(4))
+    H = data.draw(st.integers(max(1, 3 - pad[0] - pad[2]), 19))
+    W = data.draw(st.integers(max(1, 3 - pad[1] - pad[3]), 19))
+    relu = data.draw(st.booleans())
+    affine = data.draw(st.booleans())
+    bias = data.draw(st.booleans())
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    x, w = randn(rng, (B, C, H, W), dtype), randn(rng, (K, C, 3, 3), dtype)
+    b = randn(rng, (K,), dtype) if bias else None
+    scale, shift = (randn(rng, (K,), dtype), randn(rng, (K,), dtype)) if affine else (None, None)
+    params = params_for(H, W, pad)
+    y = run(x, w, b, params, relu=relu, scale=scale, shift=shift)
+    assert relative_error(y, exact(x, w, b, pad, relu, scale, shift)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("C,K,size", [(64, 64, 32), (128, 128, 16), (64, 128, 8), (96, 40, 13)])
+def test_winograd_error_is_of_the_direct_kernels_order(C, K, size, dtype, rng):
+    """The frozen plans' shapes: Winograd's error within twice the direct kernel's, or 8 units in the last place
+    where that is smaller (float64's direct sum can be exact here). Measured, float32: 2-4e-7, below the direct
+    sum's, which adds 9x more products per output."""
+    x, w, b = randn(rng, (2, C, size, size), dtype), randn(rng, (K, C, 3, 3), dtype), randn(rng, (K,), dtype)
+    params = params_for(size, size, (1, 1, 1, 1))
+    want = exact(x, w, b, (1, 1, 1, 1))
+    direct = run(x, w, b, params, path=engine.conv2d_pack((1, C, size, size), w, params,
+                                                           np.empty(engine.conv2d_pack_length(
+                                                               (1, C, size, size), w.shape, params, w.itemsize),
+                                                               dtype)))
+    winograd = run(x, w, b, params)
+    assert relative_error(winograd, want) <= max(2 * relative_error(direct, want), 8 * np.finfo(dtype).eps)
+    assert not np.array_equal(winograd, direct)          # really another sum
+
+
+def test_winograd_gives_the_same_bits_on_any_thread_count_batch_and_channel_slice(rng):
+    """Every output is one task's sum, in one order: 1, 2 and 3 threads, each image alone, and slices of the
+    output channels packed on their own (a frozen plan's batch-1 split) give the bits of the whole call."""
+    x, w, b = randn(rng, (5, 64, 20, 20), np.float32), randn(rng, (40, 64, 3, 3), np.float32), \
+        randn(rng, (40,), np.float32)
+    params = params_for(20, 20, (1, 1, 1, 1))
+    want = run(x, w, b, params, threads=1, relu=True)
+    for threads in (2, 3):
+        assert_bitwise_equal(run(x, w, b, params, threads=threads, relu=True), want, f"{threads} threads")
+    for i in range(5):
+        assert_bitwise_equal(run(x[i:i + 1], w, b, params, relu=True), want[i:i + 1], f"image {i} alone")
+    for k0, k1 in ((0, 16), (16, 40), (3, 11)):
+        assert_bitwise_equal(run(x, w[k0:k1].copy(), b[k0:k1].copy(), params, relu=True), want[:, k0:k1],
+                             f"channels {k0}:{k1}")
+
+
+def test_a_non_finite_input_stays_in_the_tiles_that_read_it(rng):
+    """The documented difference from the direct conv: inf - inf makes NaN in the 2x2 output tiles whose 4x4
+    input holds the value, and nowhere else."""
+    x, w = randn(rng, (1, 8, 12, 12), np.float32), randn(rng, (4, 8, 3, 3), np.float32)
+    x[0, 3, 5, 6] = np.inf
+    params = params_for(12, 12, (1, 1, 1, 1))
+    y = run(x, w, None, params)
+    bad = ~np.isfinite(y[0])
+    # input row 5 (padded row 6) is read by the tiles of padded rows 2ty .. 2ty + 3: ty = 2, 3; columns alike
+    touched = np.zeros((12, 12), bool)
+    touched[4:8, 4:8] = True
+    assert bad.any() and not (bad & ~touched[None]).any()
+    finite = np.isfinite(x)
+    x[~finite] = 0
+    clean = exact(x, w, None, (1, 1, 1, 1))[0]
+    assert relative_error(np.where(touched[None], 0, y[0]), np.where(touched[None], 0, clean)) <= TOL[np.float32]
+
+
+def test_packing_for_winograd_refuses_other_geometries(rng):
+    x_shape = (1, 8, 10, 10)
+    for w_shape, params in (((4, 8, 5, 5), (1, 1, 2, 2, 1, 1, 1, 10, 10)),      # 5x5
+                            ((4, 8, 3, 3), (2, 2, 1, 1, 1, 1, 1, 5, 5)),        # stride 2
+                            ((4, 8, 3, 3), (1, 1, 2, 2, 2, 2, 1, 10, 10)),      # dilation 2
+                            ((4, 4, 3, 3), (1, 1, 1, 1, 1, 1, 2, 10, 10))):     # groups
+        w = randn(rng, w_shape, np.float32)
+        assert engine.conv2d_pack_length(x_shape, w_shape, params, 4, engine.WINOGRAD_PATH) == 0
+        with pytest.raises(ValueError, match="Winograd"):
+            engine.conv2d_pack(x_shape, w, params, np.empty(1, np.float32), engine.WINOGRAD_PATH)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frozen plans
+
+def vgg_like(dtype="float32"):
+    convengine.manual_seed(3)
+    return convengine.Sequential([
+        Conv2d(3, 64, 3, padding=1, dtype=dtype), BatchNorm2d(64, dtype=dtype), ReLU(),
+        Conv2d(64, 64, 3, padding=1, dtype=dtype), ReLU(), MaxPool2d(2),
+        Conv2d(64, 96, 3, padding=1, bias=False, dtype=dtype), BatchNorm2d(96, dtype=dtype), ReLU(),
+        BatchNorm2d(96, dtype=dtype),
+        Conv2d(96, 32, 3, padding=1, dtype=dtype), GlobalAvgPool2d(), Linear(32, 10, dtype=dtype)],
+        input_shape=(3, 16, 16))
+
+
+def randomise(model, rng):
+    for layer in model.layers:
+        if isinstance(layer, BatchNorm2d):
+            c = layer.num_features
+            layer.running_mean[:] = rng.standard_normal(c)
+            layer.running_var[:] = rng.random(c) + 0.5
+            layer.weight.data[:] = rng.random(c) + 0.5
+            layer.bias.data[:] = rng.standard_normal(c)
+    return model
+
+
+def winograd_convs(frozen, sample_shape):
+    plan = frozen.plan_for(sample_shape)
+    return [i for i, prepared in enumerate(plan.prepared)
+            if isinstance(prepared, tuple) and len(prepared) == 4 and prepared[3] is not None
+            and prepared[3][0] == engine.WINOGRAD_PATH]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_frozen_winograd_matches_the_model_and_takes_only_wide_3x3_convs(dtype, rng):
+    """winograd=True: the 3x3 convs of 64 and 96 input channels run by Winograd (the 3-channel first layer does
+    not), the
+    outputs agree with the model's forward as closely as the default plan's do, and differ from them (another
+    sum); the default plan takes no Winograd conv."""
+    model = randomise(vgg_like(np.dtype(dtype).name), rng)
+    x = randn(rng, (3, 3, 16, 16), dtype)
+    want = model.forward(x, training=False)
+    default, fast = model.freeze(), model.freeze(winograd=True)
+    assert winograd_convs(default, (3, 16, 16)) == []
+    assert winograd_convs(fast, (3, 16, 16)) == [1, 3, 4]
+    scale = np.max(np.abs(want))
+    y, y0 = fast(x), default(x)
+    assert np.max(np.abs(y - want)) <= {np.float32: 1e-5, np.float64: 1e-12}[dtype] * scale
+    assert not np.array_equal(y, y0)
+    assert_bitwise_equal(fast.predict(x, batch_size=2), y, "batches of 2")
+
+
+def test_frozen_winograd_gives_the_bits_of_one_thread_in_split_programs(rng, monkeypatch):
+    """Split programs (images at batch 3, output channel slices at batch 1) and one-thread image slices give the
+    bits of the whole one-thread program."""
+    model = randomise(vgg_like(), rng)
+    monkeypatch.setattr(frozen_module, "_SPLIT_MODE", "on")
+    for batch in (1, 3):
+        frozen = model.freeze(winograd=True)
+        x = randn(rng, (batch, 3, 16, 16), np.float32)
+        convengine.set_num_threads(1)
+        want = frozen(x)
+        for n in (2, 3):
+            convengine.set_num_threads(n)
+            assert_bitwise_equal(frozen(x), want, f"batch {batch}, {n} threads")
+            program = frozen._arenas[((3, 16, 16), batch)][0].compiled()
+            assert program.split == n and program.slices() > program.stages()
+    convengine.set_num_threads(1)
+    monkeypatch.setattr(frozen_module, "_SLICE_BYTES", 64 * 1024)
+    monkeypatch.setattr(frozen_module, "_SLICE_ABOVE", 128 * 1024)
+    frozen = model.freeze(winograd=True)
+    x = randn(rng, (7, 3, 16, 16), np.float32)
+    got = frozen(x)
+    assert frozen._arenas[((3, 16, 16), 7)][0].compiled().slices() >= 3
+    for i in range(7):
+        assert_bitwise_equal(got[i:i + 1], frozen(x[i:i + 1]), f"image {i}")
+
+
+def test_freeze_checks_the_winograd_flag():
+    model = vgg_like()
+    with pytest.raises(TypeError, match="winograd"):
+        model.freeze(winograd="yes")
+    assert model.freeze(winograd=True).winograd and not model.freeze().winograd
