@@ -30,8 +30,10 @@ IMPLS = [
 
 @pytest.fixture(scope="module")
 def nets():
-    """name -> (engine model, frozen plan); the PyTorch copies and ONNX sessions are made when first asked for."""
-    return {name: (model, model.freeze()) for name, model in ((n, inference.build(n)) for n in inference.NETS)}
+    """name -> (engine model, frozen plan, frozen plan with winograd=True); the PyTorch copies and ONNX sessions
+    are made when first asked for."""
+    return {name: (model, model.freeze(), model.freeze(winograd=True))
+            for name, model in ((n, inference.build(n)) for n in inference.NETS)}
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +56,25 @@ def twins(nets):
 @pytest.mark.parametrize("name", list(inference.NETS))
 @pytest.mark.parametrize("impl", IMPLS)
 def test_inference(benchmark, nets, twins, impl, name, batch):
-    model, frozen = nets[name]
+    model, frozen, winograd = nets[name]
     x = np.random.default_rng(batch).standard_normal((batch,) + inference.INPUT_SHAPE, dtype=np.float32)
     calls = inference.calls_for(model, frozen, x, twins("torch", name) if impl == "torch" else None,
-                                twins("ort", name) if impl == "ort" else None)
-    call = calls[impl]
+                                twins("ort", name) if impl == "ort" else None, winograd)
+    _time(benchmark, model, calls[impl], x, name, batch)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("name", list(inference.WINOGRAD_NETS))
+def test_inference_winograd(benchmark, nets, name, batch):
+    """The opt-in plan, freeze(winograd=True), on the nets where it differs from the default one."""
+    model, frozen, winograd = nets[name]
+    x = np.random.default_rng(batch).standard_normal((batch,) + inference.INPUT_SHAPE, dtype=np.float32)
+    _time(benchmark, model, inference.calls_for(model, frozen, x, winograd=winograd)["winograd"], x, name, batch)
+
+
+def _time(benchmark, model, call, x, name, batch):
     expected = np.asarray(model.forward(x, training=False), np.float64)
-    assert inference.relative_errors({impl: call}, expected)[impl] <= inference.AGREEMENT
+    assert inference.relative_errors({"call": call}, expected)["call"] <= inference.AGREEMENT
     benchmark.group = f"inference {name} batch {batch}"
     benchmark.extra_info["gflop"] = inference.flops(model) * batch / 1e9
     benchmark.extra_info["threads"] = convengine.get_num_threads()

@@ -318,15 +318,16 @@ def test_inference_section_rows_follow_from_times(quick_report):
         assert r["agree"] and all(e <= inference.AGREEMENT for e in r["max_rel_err"].values()), r
         for impl in inference.IMPLS:
             present = impl in ("frozen", "predict") or (impl == "torch" and torch_in_run) or (
-                impl == "ort" and ort_in_run)
+                impl == "ort" and ort_in_run) or (impl == "winograd" and r["net"] in inference.WINOGRAD_NETS)
             ms = r["ms"][impl]
             assert _positive(ms) if present else ms is None, (impl, ms)
             if present:
                 assert r["rate"][impl] == pytest.approx(r["gflop"] / (ms / 1e3), rel=1e-9)
                 assert r["pct_matmul"][impl] == pytest.approx(100 * r["rate"][impl] / rep["matmul_gflops"],
                                                               rel=1e-9)
-        for key, other in (("frozen_vs_ort", "ort"), ("frozen_vs_torch", "torch")):
-            expect = None if r["ms"][other] is None else r["ms"]["frozen"] / r["ms"][other]
+        for key, mine, other in (("frozen_vs_ort", "frozen", "ort"), ("frozen_vs_torch", "frozen", "torch"),
+                                 ("winograd_vs_ort", "winograd", "ort"), ("winograd_vs_torch", "winograd", "torch")):
+            expect = None if r["ms"][other] is None or r["ms"][mine] is None else r["ms"][mine] / r["ms"][other]
             assert r[key] == (None if expect is None else pytest.approx(expect, rel=1e-12))
         assert r["gflop"] == pytest.approx(inference.flops(inference.build(r["net"])) * r["batch"] / 1e9)
         assert _positive(r["memory_mb"])

@@ -45,7 +45,7 @@ INPUT_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 BATCHES = (1, 64)
 TINY_BATCHES = (1, 2)
-IMPLS = ("frozen", "predict", "torch", "ort")
+IMPLS = ("frozen", "winograd", "predict", "torch", "ort")
 AGREEMENT = 1e-4
 # Seconds of calls per implementation and case (at least the run's --repeat calls): batch-1 calls take a tenth
 # of a millisecond, and a median of nine of them is mostly noise.
@@ -87,6 +87,9 @@ def vgg_net():
 
 
 NETS = {"cifar": cifar_net, "lenet5": lenet5, "separable": separable_net, "vgg": vgg_net}
+# The nets with 3x3 stride-1 convs of 64+ input channels, where the opt-in Winograd plan differs from the default
+# one (freeze(winograd=True)); its column is timed on these only.
+WINOGRAD_NETS = ("vgg",)
 
 
 def build(name, seed=0):
@@ -195,10 +198,13 @@ def ort_session(ort, model_bytes, threads):
 # One net at one batch size: the calls, the agreement check, the timing
 # ---------------------------------------------------------------------------------------------------------------
 
-def calls_for(model, frozen, x, torch_net=None, session=None):
-    """impl -> zero-argument callable returning the outputs for x (a numpy array each)."""
+def calls_for(model, frozen, x, torch_net=None, session=None, winograd=None):
+    """impl -> zero-argument callable returning the outputs for x (a numpy array each). winograd: the model frozen
+    with winograd=True (the opt-in plan), timed as its own implementation."""
     batch = x.shape[0]
     calls = {"frozen": lambda: frozen(x), "predict": lambda: model.predict(x, batch_size=batch)}
+    if winograd is not None:
+        calls["winograd"] = lambda: winograd(x)
     if torch_net is not None:
         torch = torch_module()
         xt = torch.from_numpy(x)
@@ -221,13 +227,13 @@ def relative_errors(calls, expected):
 
 
 def measure_case(name, batch, threads, model, frozen, torch_net, session, matmul_rate, repeat, seconds,
-                 park=None):
+                 park=None, winograd=None):
     """One row: net `name` (`model`, its `frozen` plan and, when given, its PyTorch and ONNX Runtime twins) at
     `batch` samples and `threads` threads (already in force), each implementation timed over at least `repeat`
-    calls and about `seconds`."""
+    calls and about `seconds`. winograd: the model frozen with winograd=True, where the run times it."""
     rng = np.random.default_rng(batch)
     x = rng.standard_normal((batch,) + INPUT_SHAPE, dtype=np.float32)
-    calls = calls_for(model, frozen, x, torch_net, session)
+    calls = calls_for(model, frozen, x, torch_net, session, winograd)
     expected = np.asarray(model.forward(x, training=False), np.float64)
     errors = relative_errors(calls, expected)
     repeats = calls_for_seconds(calls, repeat, seconds)
@@ -239,6 +245,8 @@ def measure_case(name, batch, threads, model, frozen, torch_net, session, matmul
         "net": name, "batch": batch, "threads": threads, "ms": ms, "calls": repeats, "gflop": work,
         "rate": rate, "pct_matmul": {impl: (100 * r / matmul_rate if r else None) for impl, r in rate.items()},
         "frozen_vs_ort": ratio(ms["frozen"], ms["ort"]), "frozen_vs_torch": ratio(ms["frozen"], ms["torch"]),
+        "winograd_vs_ort": ratio(ms["winograd"], ms["ort"]),
+        "winograd_vs_torch": ratio(ms["winograd"], ms["torch"]),
         "max_rel_err": errors, "agree": all(e <= AGREEMENT for e in errors.values()),
         "memory_mb": frozen.memory_bytes(batch) / 2 ** 20,
     }
@@ -248,9 +256,9 @@ def measure_case(name, batch, threads, model, frozen, torch_net, session, matmul
 # The section
 # ---------------------------------------------------------------------------------------------------------------
 
-HEADER = ("net", "batch", "thr", "frozen_ms", "predict_ms", "torch_ms", "ort_ms", "f/ort", "f/torch",
-          "frozen_GF/s", "f_%mm", "ort_%mm", "MB")
-WIDTHS = (10, 5, 3, 10, 10, 10, 10, 6, 7, 11, 6, 7, 6)
+HEADER = ("net", "batch", "thr", "frozen_ms", "wino_ms", "predict_ms", "torch_ms", "ort_ms", "f/ort", "f/torch",
+          "w/torch", "frozen_GF/s", "f_%mm", "ort_%mm", "MB")
+WIDTHS = (10, 5, 3, 10, 10, 10, 10, 10, 6, 7, 7, 11, 6, 7, 6)
 
 
 def _line(cells):
@@ -262,7 +270,8 @@ def _line(cells):
 def format_row(r):
     ms, pct = r["ms"], r["pct_matmul"]
     line = _line([r["net"], r["batch"], r["threads"], *(num(ms[i]) for i in IMPLS), num(r["frozen_vs_ort"], "{:.2f}"),
-                  num(r["frozen_vs_torch"], "{:.2f}"), num(r["rate"]["frozen"], "{:.1f}"),
+                  num(r["frozen_vs_torch"], "{:.2f}"), num(r["winograd_vs_torch"], "{:.2f}"),
+                  num(r["rate"]["frozen"], "{:.1f}"),
                   num(pct["frozen"], "{:.0f}"), num(pct["ort"], "{:.0f}"), f"{r['memory_mb']:.1f}"])
     if not r["agree"]:
         worst = max(r["max_rel_err"], key=r["max_rel_err"].get)
@@ -289,10 +298,12 @@ def measure(ctx):
     torch = torch_module() if "torch" in ctx.impls else None
     if torch is None:
         notes.append("PyTorch is left out or not installed: the torch columns are empty")
-    models = {}
+    models, winograds = {}, {}
     for name in NETS:
         model = build(name)
         models[name] = (model, model.freeze())
+        if name in WINOGRAD_NETS:
+            winograds[name] = model.freeze(winograd=True)
     torch_nets = {name: to_torch(m, torch) for name, (m, _) in models.items()} if torch else {}
     onnx_files = {name: onnx_bytes(m) for name, (m, _) in models.items()} if ort else {}
     batches = TINY_BATCHES if ctx.tiny else BATCHES
@@ -300,7 +311,8 @@ def measure(ctx):
     for line in notes:
         ctx.say(line)
     ctx.say("times: median ms per call; f/ort, f/torch: frozen time / other time (below 1 frozen is faster); "
-            "GF/s and %mm (share of the float32 matmul rate at that thread count) count the convs' and linears' "
+            "wino: frozen with winograd=True (opt-in; nets with 3x3 convs of 64+ channels), w/torch its time / "
+            "PyTorch's; GF/s and %mm (share of the float32 matmul rate at that thread count) count the convs' and linears' "
             "2 x multiply-adds; MB: the frozen plan's weights and buffers")
     ctx.say(_line(HEADER))
     rows, rates = [], {}
@@ -315,7 +327,7 @@ def measure(ctx):
                 for batch in batches:
                     row = measure_case(name, batch, threads, *models[name], torch_nets.get(name),
                                        sessions.get(name), rates[threads], ctx.opts.repeat, TARGET_SECONDS[mode],
-                                       park)
+                                       park, winograds.get(name))
                     rows.append(row)
                     ctx.say(format_row(row))
     return {"rows": rows, "notes": notes, "matmul_gflops": {str(k): v for k, v in rates.items()},
@@ -323,12 +335,13 @@ def measure(ctx):
 
 
 def summarise(rows, threads):
-    """Per thread count: geomean and worst of frozen / ORT and frozen / PyTorch (time ratios)."""
+    """Per thread count: geomean and worst of frozen / ORT and frozen / PyTorch (time ratios), and of the
+    Winograd plan's ratios over the nets it is timed on."""
     out = {}
     for n in sorted({r["threads"] for r in rows}):
         sel = [r for r in rows if r["threads"] == n]
         entry = {}
-        for key in ("frozen_vs_ort", "frozen_vs_torch"):
+        for key in ("frozen_vs_ort", "frozen_vs_torch", "winograd_vs_ort", "winograd_vs_torch"):
             values = [r[key] for r in sel if r[key] is not None]
             entry[key] = {"geomean": geomean(values), "worst": max(values) if values else None}
         out[str(n)] = entry
@@ -342,6 +355,10 @@ def summary(result, ctx):
         lines.append(f"  {n} thread{'s' if n != '1' else ''}: vs ONNX Runtime {num(o['geomean'], '{:.2f}')} "
                      f"(worst {num(o['worst'], '{:.2f}')}), vs PyTorch {num(t['geomean'], '{:.2f}')} "
                      f"(worst {num(t['worst'], '{:.2f}')})")
+        w = entry.get("winograd_vs_torch", {})
+        if w.get("geomean") is not None:
+            lines.append(f"    winograd=True ({', '.join(WINOGRAD_NETS)}): vs PyTorch {num(w['geomean'], '{:.2f}')} "
+                         f"(worst {num(w['worst'], '{:.2f}')})")
     bad = [r for r in result["rows"] if not r["agree"]]
     if bad:
         lines.append("  outputs that disagree with the engine's forward: "
