@@ -20,14 +20,10 @@ cdef extern from "winograd.h":
                                         float* e, float* o) nogil
     void wino_split_d "ce_wino_split_d"(const double* x, Py_ssize_t W, Py_ssize_t pl, Py_ssize_t m0,
                                         Py_ssize_t m1, double* e, double* o) nogil
-    void wino_rows_f "ce_wino_rows_f"(const float* d0, const float* d1, const float* d2, const float* d3,
-                                      Py_ssize_t n, float* t0, float* t1, float* t2, float* t3) nogil
-    void wino_rows_d "ce_wino_rows_d"(const double* d0, const double* d1, const double* d2, const double* d3,
-                                      Py_ssize_t n, double* t0, double* t1, double* t2, double* t3) nogil
-    void wino_cols_f "ce_wino_cols_f"(const float* e, const float* o, Py_ssize_t n, float* v0, float* v1,
-                                      float* v2, float* v3) nogil
-    void wino_cols_d "ce_wino_cols_d"(const double* e, const double* o, Py_ssize_t n, double* v0, double* v1,
-                                      double* v2, double* v3) nogil
+    void wino_in_f "ce_wino_in_f"(const float* e, const float* o, Py_ssize_t ld, Py_ssize_t n, float* dst,
+                                  Py_ssize_t ss) nogil
+    void wino_in_d "ce_wino_in_d"(const double* e, const double* o, Py_ssize_t ld, Py_ssize_t n, double* dst,
+                                  Py_ssize_t ss) nogil
     void wino_out_f "ce_wino_out_f"(const float* m, Py_ssize_t bs, Py_ssize_t n, float bias, bint relu,
                                     bint affine, float sc, float sh, float* y00, float* y01, float* y10,
                                     float* y11) nogil
@@ -100,77 +96,80 @@ cdef inline Py_ssize_t winograd_v_stride(const ConvGeom* p, Py_ssize_t NR, Py_ss
 
 
 cdef inline Py_ssize_t winograd_row_len(Py_ssize_t TW, floating dummy) noexcept nogil:
-    """Room for a tile row's TW + 1 even (or odd) columns in whole vectors, from any first tile on."""
-    return round_up(TW + 1, vlen(<floating>0)) + vlen(<floating>0)
+    """Length of a split input row: the TW + 1 even (or odd) columns a tile row reads, in whole vectors."""
+    return round_up(TW + 1, vlen(<floating>0))
+
+
+cdef inline Py_ssize_t winograd_rows_len(const ConvGeom* p, Py_ssize_t TW, floating dummy) noexcept nogil:
+    """winograd_input's scratch: an image's input rows split into even and odd columns (2 x (OH + 3) rows at most;
+    2 * TH + 2 per image), and the vector of slack its last row's shifted loads reach."""
+    return 2 * (p.OH + 4) * winograd_row_len(TW, dummy) + 2 * vlen(<floating>0)
 
 
 cdef void winograd_input(const floating* x, const ConvGeom* p, Py_ssize_t TW, Py_ssize_t T, Py_ssize_t t0,
                          Py_ssize_t nt, Py_ssize_t NR, Py_ssize_t npanels, floating* v, floating* rows) noexcept nogil:
     """V of tiles t0 .. t0 + nt - 1 of the batch x (B x C x H x W; tile t is tile t % T of image t // T, its T tiles
-    row-major, TW to a row): entry s of tile
-    t0 + j in channel c at v[s * sstride + (j // NR * C + c) * NR + j % NR] (sstride = winograd_v_stride), columns
-    nt .. npanels * NR - 1 zero. rows: scratch of 16 * winograd_row_len(TW) values."""
-    cdef Py_ssize_t VL = vlen(<floating>0)
-    cdef Py_ssize_t L = winograd_row_len(TW, <floating>0)
+    row-major, TW to a row): entry s of tile t0 + j in channel c at v[s * sstride + (j // NR * C + c) * NR + j % NR]
+    (sstride = winograd_v_stride), columns nt .. npanels * NR - 1 zero. rows: winograd_rows_len zeroed values.
+
+    Per image and channel, the input rows the tiles read are split into even and odd columns at once (one
+    two-source permute per vector, rows and columns outside the image zero), then each tile row's tiles are
+    transformed VL at a time in registers (ce_wino_in). Transforming each tile row's four rows in separate passes
+    of a few elements took 7.4 of a 32 ms conv (64 -> 64 channels, 32x32, batch 64, AMD Zen 4)."""
+    cdef Py_ssize_t ld = winograd_row_len(TW, <floating>0)
     cdef Py_ssize_t sstride = winograd_v_stride(p, NR, npanels)
-    cdef Py_ssize_t c, r, a, t, ty, txa, n, ih, j, q, run, s, nvec, b
-    cdef floating* d
-    cdef floating* te
+    cdef Py_ssize_t c, r, t, tb, b, ty, ty0, ty1, nrow, r_lo, r_hi, txa, txb, j, q, n, run, s, ih0
+    cdef floating* ev = rows
+    cdef floating* od
     cdef floating* dst
     cdef const floating* xc
-    for c in range(p.C):
-        t = t0
-        while t < t0 + nt:
-            b = t // T
-            ty = (t - b * T) // TW
-            txa = t - b * T - ty * TW
+    t = t0
+    while t < t0 + nt:
+        # the run of image b's tiles in this task: tile rows ty0 .. ty1 - 1, input rows ih0 .. ih0 + nrow - 1
+        b = t // T
+        tb = min(t0 + nt, (b + 1) * T)
+        ty0 = (t - b * T) // TW
+        ty1 = (tb - 1 - b * T) // TW + 1
+        nrow = 2 * (ty1 - ty0) + 2
+        od = rows + nrow * ld
+        ih0 = 2 * ty0 - p.pt
+        r_lo = min(nrow, max(0, -ih0))
+        r_hi = max(r_lo, min(nrow, p.H - ih0))
+        # rows above and below the image stay zero for every channel
+        memset(ev, 0, r_lo * ld * sizeof(floating))
+        memset(od, 0, r_lo * ld * sizeof(floating))
+        memset(ev + r_hi * ld, 0, (nrow - r_hi) * ld * sizeof(floating))
+        memset(od + r_hi * ld, 0, (nrow - r_hi) * ld * sizeof(floating))
+        for c in range(p.C):
             xc = x + (b * p.C + c) * p.H * p.W
-            n = min(TW - txa, t0 + nt - t)
-            nvec = round_up(n + 1, VL)       # the n + 1 even and odd columns in whole vectors (rows has the room)
-            # the tile row's four input rows, split into even (rows[2r]) and odd (rows[2r + 1]) columns
-            for r in range(4):
-                d = rows + 2 * r * L
-                ih = 2 * ty - p.pt + r
-                if 0 <= ih < p.H:
-                    if floating is float:
-                        # even columns 2m - pl and odd ones 2m + 1 - pl for m = txa .. txa + n, by two-source
-                        # permutes of masked vector loads, the columns outside the row zero
-                        ce_copy_rows_s2(d + txa, L, xc + ih * p.W + 2 * txa - p.pl, p.W, 1, nvec,
-                                        max(0, (p.pl - 2 * txa + 1) // 2), min(n + 1, (p.W + p.pl - 2 * txa + 1) // 2))
-                        ce_copy_rows_s2(d + L + txa, L, xc + ih * p.W + 2 * txa + 1 - p.pl, p.W, 1, nvec,
-                                        max(0, (p.pl - 2 * txa) // 2), min(n + 1, (p.W + p.pl - 2 * txa) // 2))
-                    else:
-                        wino_split_d(xc + ih * p.W, p.W, p.pl, txa, txa + n + 1, d, d + L)
-                else:
-                    memset(d + txa, 0, nvec * sizeof(floating))
-                    memset(d + L + txa, 0, nvec * sizeof(floating))
-            # the row half of the transform, even and odd columns alike, into rows[8 ..]
-            te = rows + 8 * L
-            for q in range(2):
+            if r_hi > r_lo:
                 if floating is float:
-                    wino_rows_f(rows + q * L + txa, rows + (2 + q) * L + txa, rows + (4 + q) * L + txa,
-                                rows + (6 + q) * L + txa, nvec, te + q * L + txa, te + (2 + q) * L + txa,
-                                te + (4 + q) * L + txa, te + (6 + q) * L + txa)
+                    # even columns 2m - pl, odd ones 2m + 1 - pl, m <= TW; columns outside the row zero
+                    ce_copy_rows_s2(ev + r_lo * ld, ld, xc + (ih0 + r_lo) * p.W - p.pl, p.W, r_hi - r_lo, ld,
+                                    (p.pl + 1) // 2, min(TW + 1, (p.W + p.pl + 1) // 2))
+                    ce_copy_rows_s2(od + r_lo * ld, ld, xc + (ih0 + r_lo) * p.W + 1 - p.pl, p.W, r_hi - r_lo, ld,
+                                    p.pl // 2, min(TW + 1, (p.W + p.pl) // 2))
                 else:
-                    wino_rows_d(rows + q * L + txa, rows + (2 + q) * L + txa, rows + (4 + q) * L + txa,
-                                rows + (6 + q) * L + txa, nvec, te + q * L + txa, te + (2 + q) * L + txa,
-                                te + (4 + q) * L + txa, te + (6 + q) * L + txa)
-            # the column half, into V, in runs that stay within one NR-column panel
-            j = t - t0
-            q = 0
-            while q < n:
-                run = min(n - q, NR - (j + q) % NR)
-                dst = v + ((j + q) // NR * p.C + c) * NR + (j + q) % NR
-                for a in range(4):
-                    s = 4 * a * sstride
+                    for r in range(r_lo, r_hi):
+                        wino_split_d(xc + (ih0 + r) * p.W, p.W, p.pl, 0, TW + 1, ev + r * ld, od + r * ld)
+            for ty in range(ty0, ty1):
+                txa = t - b * T - ty0 * TW if ty == ty0 else 0
+                txb = tb - b * T - ty * TW if ty == ty1 - 1 else TW
+                j = b * T + ty * TW + txa - t0
+                n = txb - txa
+                q = 0
+                while q < n:
+                    # runs that stay within one NR-column panel
+                    run = min(n - q, NR - (j + q) % NR)
+                    dst = v + ((j + q) // NR * p.C + c) * NR + (j + q) % NR
                     if floating is float:
-                        wino_cols_f(te + 2 * a * L + txa + q, te + (2 * a + 1) * L + txa + q, run, dst + s,
-                                    dst + s + sstride, dst + s + 2 * sstride, dst + s + 3 * sstride)
+                        wino_in_f(ev + 2 * (ty - ty0) * ld + txa + q, od + 2 * (ty - ty0) * ld + txa + q, ld, run,
+                                  dst, sstride)
                     else:
-                        wino_cols_d(te + 2 * a * L + txa + q, te + (2 * a + 1) * L + txa + q, run, dst + s,
-                                    dst + s + sstride, dst + s + 2 * sstride, dst + s + 3 * sstride)
-                q = q + run
-            t = t + n
+                        wino_in_d(ev + 2 * (ty - ty0) * ld + txa + q, od + 2 * (ty - ty0) * ld + txa + q, ld, run,
+                                  dst, sstride)
+                    q = q + run
+        t = tb
     # the last panel's columns past the task's tiles
     if nt < npanels * NR:
         for s in range(16):
@@ -268,7 +267,7 @@ cdef int conv2d_forward_winograd(const floating* x, const floating* upack, const
         fp = fp_enter()
         vbuf = <floating*>malloc(16 * winograd_v_stride(p, NR, npanels_max) * sizeof(floating))
         mbuf = <floating*>malloc((16 * CE_MR + 4) * NR * sizeof(floating))
-        rows = <floating*>malloc(16 * winograd_row_len(TW, <floating>0) * sizeof(floating))
+        rows = <floating*>calloc(winograd_rows_len(p, TW, <floating>0), sizeof(floating))
         brow = <const floating**>malloc(p.C * sizeof(floating*))
         arow = <const floating**>malloc(CE_MR * sizeof(floating*))
         for task in prange(ntasks, schedule='static'):
@@ -304,10 +303,11 @@ cdef int conv2d_forward_winograd(const floating* x, const floating* upack, const
 WINOGRAD_PATH = PATH_WINOGRAD
 
 
-# Input channels from which frozen plans that opted in take PATH_WINOGRAD (batch 64, 1 thread, AMD EPYC Zen 4,
-# conv + ReLU, Winograd / direct time: 32 -> 32 at 32x32 1.01, 64 -> 64 at 32x32 0.75, 64 -> 128 at 16x16 0.68,
-# 128 -> 128 at 16x16 0.63, 128 -> 128 at 8x8 0.79): below it the transforms cost what the products save.
-cdef Py_ssize_t WINOGRAD_MIN_CHANNELS = 64
+# Input channels from which frozen plans that opted in take PATH_WINOGRAD. Batch 64, 1 thread, AMD EPYC Zen 4,
+# conv + ReLU, Winograd / direct time: 16 -> 16 at 32x32 0.95, 16 -> 32 0.90; 32 -> 32 at 32x32 0.69-0.74,
+# 32 -> 64 at 16x16 0.73, 64 -> 64 at 32x32 0.62, 64 -> 128 at 8x8 0.68, 128 -> 128 at 16x16 0.55-0.57 (at 8x8
+# 0.60); batch 1, 32 -> 64 at 16x16 0.77. Below it the transforms cost about what the products save.
+cdef Py_ssize_t WINOGRAD_MIN_CHANNELS = 32
 
 
 def winograd_takes(tuple x_shape, tuple w_shape, tuple params):

@@ -40,32 +40,6 @@ static inline void ce_wino_split_##SUF(const T* restrict x, ptrdiff_t W, ptrdiff
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
-/* The row half of B^T d B over n values: t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3 */              \
-static inline void ce_wino_rows_##SUF(const T* restrict d0, const T* restrict d1, const T* restrict d2,         \
-                                      const T* restrict d3, ptrdiff_t n, T* restrict t0, T* restrict t1,        \
-                                      T* restrict t2, T* restrict t3)                                           \
-{                                                                                                              \
-    for (ptrdiff_t m = 0; m < n; m++) {                                                                        \
-        t0[m] = d0[m] - d2[m];                                                                                 \
-        t1[m] = d1[m] + d2[m];                                                                                 \
-        t2[m] = d2[m] - d1[m];                                                                                 \
-        t3[m] = d1[m] - d3[m];                                                                                 \
-    }                                                                                                          \
-}                                                                                                              \
-                                                                                                               \
-/* The column half for n tiles of one transformed row (even values e, odd o): v0..v3 its four entries */       \
-static inline void ce_wino_cols_##SUF(const T* restrict e, const T* restrict o, ptrdiff_t n, T* restrict v0,    \
-                                      T* restrict v1, T* restrict v2, T* restrict v3)                           \
-{                                                                                                              \
-    for (ptrdiff_t q = 0; q < n; q++) {                                                                        \
-        T e0 = e[q], e1 = e[q + 1], o0 = o[q], o1 = o[q + 1];                                                  \
-        v0[q] = e0 - e1;                                                                                       \
-        v1[q] = o0 + e1;                                                                                       \
-        v2[q] = e1 - o0;                                                                                       \
-        v3[q] = o0 - o1;                                                                                       \
-    }                                                                                                          \
-}                                                                                                              \
-                                                                                                               \
 /* A^T M A for n tiles (a whole number of vectors) of one output channel, M[s] = m[s * bs + q], with the        \
  * forward's epilogue (bias; relu as 0 where v <= 0, NaN kept; then * sc + sh): y00, y01 the tiles' top row,  \
  * y10, y11 their bottom row */                                                                                \
@@ -135,6 +109,52 @@ static inline void ce_wino_merge_##SUF(const T* restrict a, const T* restrict b,
 #endif
 
 typedef long long ce_vl __attribute__((vector_size(CE_VBYTES)));
+
+/* The first n lanes of v stored at p (nothing past p[n - 1] written): simd.h's for float, lane by lane for double
+ * (the float64 path is not tuned). */
+static inline void ce_vd_store_first(double* p, ce_vd v, long n) {
+    for (long i = 0; i < n; i++) p[i] = v[i];
+}
+
+/* B^T d B of n tiles side by side (one tile row), from the four input rows' even columns e + r * ld and odd ones
+ * o + r * ld (tile q reads e[q], o[q], e[q + 1], o[q + 1] of each row): entry 4a + b of tile q to
+ * dst[(4a + b) * ss + q]. The rows' half (t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3) and the columns'
+ * (v0 = t(c0) - t(c2), v1 = t(c1) + t(c2), v2 = t(c2) - t(c1), v3 = t(c1) - t(c3)) in registers, VL tiles at a
+ * time: one pass, 16 vector stores per VL tiles (the rows read up to index n + VL - 1: the caller's slack). */
+#define CE_WINO_IN(SUF, T, VT, STORE_FIRST)                                                                    \
+static inline void ce_wino_in_##SUF(const T* restrict e, const T* restrict o, ptrdiff_t ld, ptrdiff_t n,       \
+                                    T* restrict dst, ptrdiff_t ss)                                              \
+{                                                                                                              \
+    const ptrdiff_t VL = CE_VBYTES / sizeof(T);                                                               \
+    for (ptrdiff_t q = 0; q < n; q += VL) {                                                                    \
+        VT e0[4], e1[4], o0[4], o1[4], v[16];                                                                  \
+        for (int r = 0; r < 4; r++) {                                                                          \
+            e0[r] = *(const VT*)(e + r * ld + q);                                                              \
+            e1[r] = *(const VT*)(e + r * ld + q + 1);                                                          \
+            o0[r] = *(const VT*)(o + r * ld + q);                                                              \
+            o1[r] = *(const VT*)(o + r * ld + q + 1);                                                          \
+        }                                                                                                      \
+        for (int a = 0; a < 4; a++) {                                                                          \
+            VT te0, te1, to0, to1;                                                                             \
+            if (a == 0) { te0 = e0[0] - e0[2]; te1 = e1[0] - e1[2]; to0 = o0[0] - o0[2]; to1 = o1[0] - o1[2]; } \
+            else if (a == 1) { te0 = e0[1] + e0[2]; te1 = e1[1] + e1[2]; to0 = o0[1] + o0[2]; to1 = o1[1] + o1[2]; } \
+            else if (a == 2) { te0 = e0[2] - e0[1]; te1 = e1[2] - e1[1]; to0 = o0[2] - o0[1]; to1 = o1[2] - o1[1]; } \
+            else { te0 = e0[1] - e0[3]; te1 = e1[1] - e1[3]; to0 = o0[1] - o0[3]; to1 = o1[1] - o1[3]; }     \
+            v[4 * a] = te0 - te1;                                                                              \
+            v[4 * a + 1] = to0 + te1;                                                                          \
+            v[4 * a + 2] = te1 - to0;                                                                          \
+            v[4 * a + 3] = to0 - to1;                                                                          \
+        }                                                                                                      \
+        if (q + VL <= n) {                                                                                     \
+            for (int s = 0; s < 16; s++) *(VT*)(dst + s * ss + q) = v[s];                                      \
+        } else {                                                                                               \
+            for (int s = 0; s < 16; s++) STORE_FIRST(dst + s * ss + q, v[s], n - q);                           \
+        }                                                                                                      \
+    }                                                                                                          \
+}
+
+CE_WINO_IN(f, float, ce_vf, ce_vf_store_first)
+CE_WINO_IN(d, double, ce_vd, ce_vd_store_first)
 
 CE_WINO_DEFS(f, float, ce_vf, ce_vi, CE_ZIP_F_LO, CE_ZIP_F_HI)
 CE_WINO_DEFS(d, double, ce_vd, ce_vl, CE_ZIP_D_LO, CE_ZIP_D_HI)
