@@ -151,6 +151,10 @@ def build_parser():
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
     predict.add_argument("--batch-size", type=_positive_int, default=256, help="images per inference batch")
     predict.add_argument("--threads", type=_positive_int, default=None, help="kernel threads")
+    predict.add_argument("--winograd", action="store_true",
+                         help="run the 3x3 stride-1 convs of 32+ channels by Winograd F(2x2, 3x3): faster, rounds "
+                              "differently, and a NaN or infinite pixel spreads over its 2x2 output tile "
+                              "(Sequential.freeze(winograd=True))")
     predict.set_defaults(func=cmd_predict)
 
     export = sub.add_parser(
@@ -424,11 +428,20 @@ def cmd_predict(args):
         set_num_threads(args.threads)
     model = _load_model(args.model)
     x = _load_images(args.input, model.input_shape, args.channels_last)
-    scores = model.predict(x, args.batch_size)
+    if args.winograd:
+        if not hasattr(model, "freeze"):
+            raise CommandError(f"--winograd needs a Sequential model; {args.model} is a graph model")
+        scores = model.freeze(winograd=True).predict(x, args.batch_size)
+    else:
+        scores = model.predict(x, args.batch_size)
     if scores.ndim != 2:
         raise CommandError(f"{args.model} outputs per-image shape {scores.shape[1:]}, not class scores")
-    probabilities = model.predict_proba(x, args.batch_size) if hasattr(model, "predict_proba") \
-        else metrics.softmax(scores)
+    if args.winograd:
+        from .layers import Softmax
+        probabilities = scores if isinstance(model.layers[-1], Softmax) else metrics.softmax(scores)
+    else:
+        probabilities = model.predict_proba(x, args.batch_size) if hasattr(model, "predict_proba") \
+            else metrics.softmax(scores)
     classes = model.metadata.get("classes") if isinstance(getattr(model, "metadata", None), dict) else None
     k = scores.shape[1]
     names = [str(c) for c in classes] if isinstance(classes, list) and len(classes) == k else \

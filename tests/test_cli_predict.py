@@ -65,6 +65,38 @@ def test_predict_takes_one_image_channels_last_images_and_prints_json(saved, cap
                                rtol=1e-6)
 
 
+def test_predict_with_winograd_runs_the_opt_in_plan_and_agrees(tmp_path, capsys, monkeypatch):
+    """--winograd freezes with winograd=True (a model with 32-channel 3x3 convs takes it) and prints the
+    probabilities the default plan gives, within float32 rounding; a graph model is refused by name."""
+    from convengine.graph import Graph, Input
+    from convengine.layers import Conv2d, Flatten, GlobalAvgPool2d, Linear, ReLU
+    convengine.manual_seed(1)
+    model = convengine.Sequential([Conv2d(1, 32, 3, padding=1), ReLU(), Conv2d(32, 32, 3, padding=1), ReLU(),
+                                   GlobalAvgPool2d(), Linear(32, 10)], input_shape=(1, 8, 8))
+    model.save(tmp_path / "wide.npz")
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    asked = []
+    freeze = convengine.Sequential.freeze
+    monkeypatch.setattr(convengine.Sequential, "freeze",
+                        lambda self, winograd=False: asked.append(winograd) or freeze(self, winograd=winograd))
+    results = {}
+    for flags in ([], ["--winograd"]):
+        assert main(["predict", str(tmp_path / "wide.npz"), str(tmp_path / "x.npy"), "--json", "--top", "10"]
+                    + flags) == 0
+        rows = json.loads(capsys.readouterr().out)
+        results[bool(flags)] = np.array([[t["probability"] for t in sorted(r["top"], key=lambda t: t["class"])]
+                                         for r in rows])
+    assert True in asked
+    np.testing.assert_allclose(results[True], results[False], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(results[True], model.predict_proba(x), rtol=1e-5, atol=1e-7)
+    inp = Input((1, 8, 8))
+    graph_path = tmp_path / "graph.npz"
+    Graph(inp, Linear(64, 10)(Flatten()(inp))).save(graph_path)
+    assert main(["predict", str(graph_path), str(tmp_path / "x.npy"), "--winograd"]) == 1
+    assert "--winograd needs a Sequential model" in capsys.readouterr().err
+
+
 def test_predict_refuses_bad_input(saved, capsys, tmp_path):
     _, path, _, x, _ = saved
     np.save(tmp_path / "small.npy", x[:, :, :6, :6])

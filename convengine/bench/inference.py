@@ -355,10 +355,11 @@ def summary(result, ctx):
         lines.append(f"  {n} thread{'s' if n != '1' else ''}: vs ONNX Runtime {num(o['geomean'], '{:.2f}')} "
                      f"(worst {num(o['worst'], '{:.2f}')}), vs PyTorch {num(t['geomean'], '{:.2f}')} "
                      f"(worst {num(t['worst'], '{:.2f}')})")
-        w = entry.get("winograd_vs_torch", {})
-        if w.get("geomean") is not None:
-            lines.append(f"    winograd=True ({', '.join(WINOGRAD_NETS)}): vs PyTorch {num(w['geomean'], '{:.2f}')} "
-                         f"(worst {num(w['worst'], '{:.2f}')})")
+        w, wo = entry.get("winograd_vs_torch", {}), entry.get("winograd_vs_ort", {})
+        if w.get("geomean") is not None or wo.get("geomean") is not None:
+            lines.append(f"    winograd=True ({', '.join(WINOGRAD_NETS)}): vs ONNX Runtime "
+                         f"{num(wo.get('geomean'), '{:.2f}')} (worst {num(wo.get('worst'), '{:.2f}')}), vs PyTorch "
+                         f"{num(w.get('geomean'), '{:.2f}')} (worst {num(w.get('worst'), '{:.2f}')})")
     bad = [r for r in result["rows"] if not r["agree"]]
     if bad:
         lines.append("  outputs that disagree with the engine's forward: "
