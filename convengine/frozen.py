@@ -192,7 +192,8 @@ class _Conv(_Step):
         # much of a batch-1 call)
         packed = None
         x_shape = (1,) + tuple(shape)
-        if getattr(self, "winograd", False) and _engine.winograd_takes(x_shape, self.weight.shape, params):
+        if getattr(self, "winograd", False) and _engine.winograd_takes(x_shape, self.weight.shape, params,
+                                                                      self.weight.itemsize):
             path = _engine.WINOGRAD_PATH
             buffer = np.empty(_engine.conv2d_pack_length(x_shape, self.weight.shape, params, self.weight.itemsize,
                                                          path), self.weight.dtype)
@@ -775,7 +776,7 @@ class FrozenModel:
     The weights are taken when the model is frozen: later training, `load`, or edits of the model's parameters do
     not reach a frozen model; freeze again to take them. Calls may come from several threads at once.
 
-    winograd=True (opt-in): 3x3 convs of stride 1, dilation 1, one group and 32 or more input channels run by
+    winograd=True (opt-in): float32 3x3 convs of stride 1, dilation 1, one group and 32 or more input channels run by
     Winograd's F(2x2, 3x3), with 4/9 of the multiplications (1.3-1.6x faster on such convs). Its transforms round
     differently (float32: as close to the exact result as the direct sum, in tests/test_winograd.py), and a
     non-finite input value spreads to the whole 2x2 output tile whose input holds it (inf - inf), so it stays

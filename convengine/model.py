@@ -307,7 +307,7 @@ class Sequential:
         across calls. `frozen(x)` and `frozen.predict(x, batch_size)` give what predict(x) gives. The weights are
         taken now: later training, `load` or edits of the parameters do not reach the frozen model.
 
-        winograd=True opts in to Winograd F(2x2, 3x3) for the 3x3, stride-1 convs with 32 or more input channels
+        winograd=True opts in to Winograd F(2x2, 3x3) for the float32 3x3, stride-1 convs of 32+ input channels
         (faster; rounds differently, and a non-finite input spreads over its 2x2 output tile: see FrozenModel)."""
         from .frozen import FrozenModel
         return FrozenModel(self, winograd=_args.check_bool(winograd, "winograd"))

@@ -650,8 +650,9 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const Epilogu
     cdef floating* apack = NULL
     cdef int rc
     cdef int path
-    if prepacked_path == PATH_WINOGRAD and prepacked != NULL and winograd_fits(p):
-        return conv2d_forward_winograd(x, prepacked, e, y, p, n_threads)
+    if floating is float:
+        if prepacked_path == PATH_WINOGRAD and prepacked != NULL and winograd_fits(p):
+            return conv2d_forward_winograd(x, prepacked, e, y, p, n_threads)
     if is_depthwise(p):
         return depthwise_forward(x, w, e, y, p, n_threads)
     if floating is float:
@@ -739,7 +740,7 @@ cdef Py_ssize_t packed_length(const ConvGeom* p, int path, floating dummy) noexc
         return pixel_weights_len(p, dummy)
     if path == PATH_POINTWISE or path == PATH_DIRECT or path == PATH_IM2COL:
         return packed_weights_len(p)
-    if path == PATH_WINOGRAD and winograd_fits(p):
+    if path == PATH_WINOGRAD and floating is float and winograd_fits(p):
         return winograd_weights_len(p)
     return 0
 
@@ -759,14 +760,16 @@ def conv2d_pack(tuple x_shape,                            # (B, C, H, W) of the 
         path = forward_path(&p, <floating>0)
     elif path not in (PATH_DIRECT, PATH_IM2COL, PATH_PIXELS, PATH_POINTWISE, PATH_WINOGRAD):
         raise ValueError(f"conv2d_pack: no packed path {path}")
-    elif path == PATH_WINOGRAD and not winograd_fits(&p):
-        raise ValueError("conv2d_pack: Winograd F(2x2, 3x3) takes 3x3 convs of stride 1, dilation 1, one group")
+    elif path == PATH_WINOGRAD and (floating is double or not winograd_fits(&p)):
+        raise ValueError("conv2d_pack: Winograd F(2x2, 3x3) takes float32 3x3 convs of stride 1, dilation 1, one "
+                         "group")
     if out.shape[0] != packed_length(&p, path, <floating>0) or out.shape[0] == 0:
         raise ValueError("conv2d_pack: out has the wrong length (see conv2d_pack_length)")
     if path == PATH_PIXELS:
         pack_pixel_weights(&weight[0, 0, 0, 0], &p, &out[0])
     elif path == PATH_WINOGRAD:
-        pack_winograd_weights(&weight[0, 0, 0, 0], &p, &out[0])
+        if floating is float:
+            pack_winograd_weights(&weight[0, 0, 0, 0], &p, &out[0])
     else:
         pack_weights_into(&weight[0, 0, 0, 0], &p, weight_block(&p, <floating>0), &out[0])
     return path

@@ -4,8 +4,8 @@
 # The 16 elementwise products summed over channels are 16 GEMMs (K x C times C x tiles), run by the engine's
 # micro-kernel: 16 x C multiply-adds per output channel and tile instead of 36 x C, 2.25x fewer.
 #
-# Opt-in only (Sequential.freeze(winograd=True), which packs the weights for PATH_WINOGRAD; the default paths
-# never take it): the transforms round differently from the direct sum (float32: about 2x its error, see
+# float32 only, and opt-in only (Sequential.freeze(winograd=True), which packs the weights for PATH_WINOGRAD; the
+# default paths never take it; a float64 user wants the accuracy Winograd trades away): the transforms round differently from the direct sum (float32: about 2x its error, see
 # tests/test_winograd.py), and an infinite input reaches every output of its tile (as inf - inf = NaN in the
 # ones whose sum has it with a zero weight), where the direct conv keeps it to the outputs whose window holds it.
 #
@@ -16,22 +16,12 @@
 # blocking: the same bits on any thread count, for any slice of the output channels and any batch size.
 
 cdef extern from "winograd.h":
-    void wino_split_f "ce_wino_split_f"(const float* x, Py_ssize_t W, Py_ssize_t pl, Py_ssize_t m0, Py_ssize_t m1,
-                                        float* e, float* o) nogil
-    void wino_split_d "ce_wino_split_d"(const double* x, Py_ssize_t W, Py_ssize_t pl, Py_ssize_t m0,
-                                        Py_ssize_t m1, double* e, double* o) nogil
     void wino_in_f "ce_wino_in_f"(const float* e, const float* o, Py_ssize_t ld, Py_ssize_t n, float* dst,
-                                  Py_ssize_t ss) nogil
-    void wino_in_d "ce_wino_in_d"(const double* e, const double* o, Py_ssize_t ld, Py_ssize_t n, double* dst,
                                   Py_ssize_t ss) nogil
     void wino_out_f "ce_wino_out_f"(const float* m, Py_ssize_t bs, Py_ssize_t n, float bias, bint relu,
                                     bint affine, float sc, float sh, float* y00, float* y01, float* y10,
                                     float* y11) nogil
-    void wino_out_d "ce_wino_out_d"(const double* m, Py_ssize_t bs, Py_ssize_t n, double bias, bint relu,
-                                    bint affine, double sc, double sh, double* y00, double* y01, double* y10,
-                                    double* y11) nogil
     void wino_merge_f "ce_wino_merge_f"(const float* a, const float* b, Py_ssize_t n, float* dst) nogil
-    void wino_merge_d "ce_wino_merge_d"(const double* a, const double* b, Py_ssize_t n, double* dst) nogil
 
 
 # The transformed input of one task at most (16 x channels x tiles values): about half of a Zen 4 core's 1 MiB L2,
@@ -39,8 +29,12 @@ cdef extern from "winograd.h":
 cdef Py_ssize_t WINOGRAD_TILE_BYTES = 1 << 19
 
 
+# float32 lanes of a vector
+cdef Py_ssize_t VLF = CE_VBYTES // 4
+
+
 cdef inline bint winograd_fits(const ConvGeom* p) noexcept nogil:
-    """The geometries PATH_WINOGRAD computes: 3x3, stride 1, dilation 1, one group (any padding)."""
+    """The geometries PATH_WINOGRAD computes (float32 only): 3x3, stride 1, dilation 1, one group, any padding."""
     return (p.KH == 3 and p.KW == 3 and p.sh == 1 and p.sw == 1 and p.dh == 1 and p.dw == 1 and p.G == 1
             and p.OH > 0 and p.OW > 0)
 
@@ -49,7 +43,7 @@ cdef inline Py_ssize_t winograd_weights_len(const ConvGeom* p) noexcept nogil:
     return 16 * round_up(p.K, CE_MR) * p.C
 
 
-cdef void pack_winograd_weights(const floating* w, const ConvGeom* p, floating* out) noexcept nogil:
+cdef void pack_winograd_weights(const float* w, const ConvGeom* p, float* out) noexcept nogil:
     """U = G g G^T of each filter g (computed in float64, rounded once), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2;
     0 0 1]; stored for the micro-kernel as 16 A operands (one per entry s of U), each in MR-row panels of depth C:
     out[((s * mpanels + k // MR) * C + c) * MR + k % MR], rows past K zero."""
@@ -58,8 +52,8 @@ cdef void pack_winograd_weights(const floating* w, const ConvGeom* p, floating* 
     cdef double g[3][3]
     cdef double gg[4][3]
     cdef double u[4][4]
-    cdef const floating* f
-    memset(out, 0, winograd_weights_len(p) * sizeof(floating))
+    cdef const float* f
+    memset(out, 0, winograd_weights_len(p) * sizeof(float))
     for k in range(p.K):
         for c in range(p.C):
             f = w + (k * p.C + c) * 9
@@ -77,14 +71,14 @@ cdef void pack_winograd_weights(const floating* w, const ConvGeom* p, floating* 
                 u[i][2] = (gg[i][0] - gg[i][1] + gg[i][2]) * 0.5
                 u[i][3] = gg[i][2]
             for s in range(16):
-                out[((s * mpanels + k // CE_MR) * p.C + c) * CE_MR + k % CE_MR] = <floating>u[s // 4][s % 4]
+                out[((s * mpanels + k // CE_MR) * p.C + c) * CE_MR + k % CE_MR] = <float>u[s // 4][s % 4]
 
 
-cdef inline Py_ssize_t winograd_task_tiles(const ConvGeom* p, Py_ssize_t tiles, floating dummy) noexcept nogil:
+cdef inline Py_ssize_t winograd_task_tiles(const ConvGeom* p, Py_ssize_t tiles) noexcept nogil:
     """Tiles per task: the batch's tiles in the fewest equal runs whose transform fits WINOGRAD_TILE_BYTES, a whole
     number of vectors each (at least one). A run may span images (an 8x8 output is 16 tiles)."""
-    cdef Py_ssize_t VL = vlen(<floating>0)
-    cdef Py_ssize_t most = max(VL, WINOGRAD_TILE_BYTES // (16 * p.C * <Py_ssize_t>sizeof(floating)) // VL * VL)
+    cdef Py_ssize_t VL = VLF
+    cdef Py_ssize_t most = max(VL, WINOGRAD_TILE_BYTES // (16 * p.C * <Py_ssize_t>sizeof(float)) // VL * VL)
     return round_up(balanced_block(tiles, most), VL)
 
 
@@ -95,19 +89,19 @@ cdef inline Py_ssize_t winograd_v_stride(const ConvGeom* p, Py_ssize_t NR, Py_ss
     return npanels * p.C * NR + NR
 
 
-cdef inline Py_ssize_t winograd_row_len(Py_ssize_t TW, floating dummy) noexcept nogil:
+cdef inline Py_ssize_t winograd_row_len(Py_ssize_t TW) noexcept nogil:
     """Length of a split input row: the TW + 1 even (or odd) columns a tile row reads, in whole vectors."""
-    return round_up(TW + 1, vlen(<floating>0))
+    return round_up(TW + 1, VLF)
 
 
-cdef inline Py_ssize_t winograd_rows_len(const ConvGeom* p, Py_ssize_t TW, floating dummy) noexcept nogil:
+cdef inline Py_ssize_t winograd_rows_len(const ConvGeom* p, Py_ssize_t TW) noexcept nogil:
     """winograd_input's scratch: an image's input rows split into even and odd columns (2 x (OH + 3) rows at most;
     2 * TH + 2 per image), and the vector of slack its last row's shifted loads reach."""
-    return 2 * (p.OH + 4) * winograd_row_len(TW, dummy) + 2 * vlen(<floating>0)
+    return 2 * (p.OH + 4) * winograd_row_len(TW) + 2 * VLF
 
 
-cdef void winograd_input(const floating* x, const ConvGeom* p, Py_ssize_t TW, Py_ssize_t T, Py_ssize_t t0,
-                         Py_ssize_t nt, Py_ssize_t NR, Py_ssize_t npanels, floating* v, floating* rows) noexcept nogil:
+cdef void winograd_input(const float* x, const ConvGeom* p, Py_ssize_t TW, Py_ssize_t T, Py_ssize_t t0,
+                         Py_ssize_t nt, Py_ssize_t NR, Py_ssize_t npanels, float* v, float* rows) noexcept nogil:
     """V of tiles t0 .. t0 + nt - 1 of the batch x (B x C x H x W; tile t is tile t % T of image t // T, its T tiles
     row-major, TW to a row): entry s of tile t0 + j in channel c at v[s * sstride + (j // NR * C + c) * NR + j % NR]
     (sstride = winograd_v_stride), columns nt .. npanels * NR - 1 zero. rows: winograd_rows_len zeroed values.
@@ -116,13 +110,13 @@ cdef void winograd_input(const floating* x, const ConvGeom* p, Py_ssize_t TW, Py
     two-source permute per vector, rows and columns outside the image zero), then each tile row's tiles are
     transformed VL at a time in registers (ce_wino_in). Transforming each tile row's four rows in separate passes
     of a few elements took 7.4 of a 32 ms conv (64 -> 64 channels, 32x32, batch 64, AMD Zen 4)."""
-    cdef Py_ssize_t ld = winograd_row_len(TW, <floating>0)
+    cdef Py_ssize_t ld = winograd_row_len(TW)
     cdef Py_ssize_t sstride = winograd_v_stride(p, NR, npanels)
     cdef Py_ssize_t c, r, t, tb, b, ty, ty0, ty1, nrow, r_lo, r_hi, txa, txb, j, q, n, run, s, ih0
-    cdef floating* ev = rows
-    cdef floating* od
-    cdef floating* dst
-    cdef const floating* xc
+    cdef float* ev = rows
+    cdef float* od
+    cdef float* dst
+    cdef const float* xc
     t = t0
     while t < t0 + nt:
         # the run of image b's tiles in this task: tile rows ty0 .. ty1 - 1, input rows ih0 .. ih0 + nrow - 1
@@ -136,22 +130,18 @@ cdef void winograd_input(const floating* x, const ConvGeom* p, Py_ssize_t TW, Py
         r_lo = min(nrow, max(0, -ih0))
         r_hi = max(r_lo, min(nrow, p.H - ih0))
         # rows above and below the image stay zero for every channel
-        memset(ev, 0, r_lo * ld * sizeof(floating))
-        memset(od, 0, r_lo * ld * sizeof(floating))
-        memset(ev + r_hi * ld, 0, (nrow - r_hi) * ld * sizeof(floating))
-        memset(od + r_hi * ld, 0, (nrow - r_hi) * ld * sizeof(floating))
+        memset(ev, 0, r_lo * ld * sizeof(float))
+        memset(od, 0, r_lo * ld * sizeof(float))
+        memset(ev + r_hi * ld, 0, (nrow - r_hi) * ld * sizeof(float))
+        memset(od + r_hi * ld, 0, (nrow - r_hi) * ld * sizeof(float))
         for c in range(p.C):
             xc = x + (b * p.C + c) * p.H * p.W
             if r_hi > r_lo:
-                if floating is float:
-                    # even columns 2m - pl, odd ones 2m + 1 - pl, m <= TW; columns outside the row zero
-                    ce_copy_rows_s2(ev + r_lo * ld, ld, xc + (ih0 + r_lo) * p.W - p.pl, p.W, r_hi - r_lo, ld,
-                                    (p.pl + 1) // 2, min(TW + 1, (p.W + p.pl + 1) // 2))
-                    ce_copy_rows_s2(od + r_lo * ld, ld, xc + (ih0 + r_lo) * p.W + 1 - p.pl, p.W, r_hi - r_lo, ld,
-                                    p.pl // 2, min(TW + 1, (p.W + p.pl) // 2))
-                else:
-                    for r in range(r_lo, r_hi):
-                        wino_split_d(xc + (ih0 + r) * p.W, p.W, p.pl, 0, TW + 1, ev + r * ld, od + r * ld)
+                # even columns 2m - pl, odd ones 2m + 1 - pl, m <= TW; columns outside the row zero
+                ce_copy_rows_s2(ev + r_lo * ld, ld, xc + (ih0 + r_lo) * p.W - p.pl, p.W, r_hi - r_lo, ld,
+                                (p.pl + 1) // 2, min(TW + 1, (p.W + p.pl + 1) // 2))
+                ce_copy_rows_s2(od + r_lo * ld, ld, xc + (ih0 + r_lo) * p.W + 1 - p.pl, p.W, r_hi - r_lo, ld,
+                                p.pl // 2, min(TW + 1, (p.W + p.pl) // 2))
             for ty in range(ty0, ty1):
                 txa = t - b * T - ty0 * TW if ty == ty0 else 0
                 txb = tb - b * T - ty * TW if ty == ty1 - 1 else TW
@@ -162,12 +152,8 @@ cdef void winograd_input(const floating* x, const ConvGeom* p, Py_ssize_t TW, Py
                     # runs that stay within one NR-column panel
                     run = min(n - q, NR - (j + q) % NR)
                     dst = v + ((j + q) // NR * p.C + c) * NR + (j + q) % NR
-                    if floating is float:
-                        wino_in_f(ev + 2 * (ty - ty0) * ld + txa + q, od + 2 * (ty - ty0) * ld + txa + q, ld, run,
-                                  dst, sstride)
-                    else:
-                        wino_in_d(ev + 2 * (ty - ty0) * ld + txa + q, od + 2 * (ty - ty0) * ld + txa + q, ld, run,
-                                  dst, sstride)
+                    wino_in_f(ev + 2 * (ty - ty0) * ld + txa + q, od + 2 * (ty - ty0) * ld + txa + q, ld, run,
+                              dst, sstride)
                     q = q + run
         t = tb
     # the last panel's columns past the task's tiles
@@ -175,30 +161,26 @@ cdef void winograd_input(const floating* x, const ConvGeom* p, Py_ssize_t TW, Py
         for s in range(16):
             for c in range(p.C):
                 memset(v + s * sstride + ((npanels - 1) * p.C + c) * NR + nt - (npanels - 1) * NR, 0,
-                       (npanels * NR - nt) * sizeof(floating))
+                       (npanels * NR - nt) * sizeof(float))
 
 
-cdef void winograd_output(const floating* m, Py_ssize_t NR, Py_ssize_t nk, Py_ssize_t k0, Py_ssize_t t0,
+cdef void winograd_output(const float* m, Py_ssize_t NR, Py_ssize_t nk, Py_ssize_t k0, Py_ssize_t t0,
                           Py_ssize_t ncols, Py_ssize_t TW, Py_ssize_t T, const ConvGeom* p, const Epilogue* e,
-                          floating* y, floating* obuf) noexcept nogil:
+                          float* y, float* obuf) noexcept nogil:
     """Outputs of channels k0 .. k0 + nk - 1 for tiles t0 .. t0 + ncols - 1 (numbered as in winograd_input) of the
     batch's output y (B x K x OH x OW) from the 16
     MR x NR product blocks m (block s at m + s * MR * NR, channel k0 + i in row i, tile t0 + jj in column jj),
     with the epilogue. obuf: scratch of 4 * NR values."""
     cdef Py_ssize_t i, k, jj, t, ty, tx, n, full, oh, ow, b
-    cdef floating bval, sc, sh
-    cdef floating* yrow
+    cdef float bval, sc, sh
+    cdef float* yrow
     for i in range(nk):
         k = k0 + i
-        bval = (<const floating*>e.bias)[k] if e.bias != NULL else 0
-        sc = (<const floating*>e.scale)[k] if e.scale != NULL else 1
-        sh = (<const floating*>e.shift)[k] if e.scale != NULL else 0
-        if floating is float:
-            wino_out_f(m + i * NR, CE_MR * NR, round_up(ncols, vlen(<floating>0)), bval, e.relu, e.scale != NULL, sc, sh, obuf, obuf + NR,
-                       obuf + 2 * NR, obuf + 3 * NR)
-        else:
-            wino_out_d(m + i * NR, CE_MR * NR, round_up(ncols, vlen(<floating>0)), bval, e.relu, e.scale != NULL, sc, sh, obuf, obuf + NR,
-                       obuf + 2 * NR, obuf + 3 * NR)
+        bval = (<const float*>e.bias)[k] if e.bias != NULL else 0
+        sc = (<const float*>e.scale)[k] if e.scale != NULL else 1
+        sh = (<const float*>e.shift)[k] if e.scale != NULL else 0
+        wino_out_f(m + i * NR, CE_MR * NR, round_up(ncols, VLF), bval, e.relu, e.scale != NULL, sc, sh, obuf, obuf + NR,
+                   obuf + 2 * NR, obuf + 3 * NR)
         jj = 0
         while jj < ncols:
             t = t0 + jj
@@ -211,65 +193,51 @@ cdef void winograd_output(const floating* m, Py_ssize_t NR, Py_ssize_t nk, Py_ss
             # a last tile of an odd-width row has one column
             full = n if 2 * (tx + n) <= p.OW else n - 1
             yrow = y + ((b * p.K + k) * p.OH + oh) * p.OW + ow
-            if floating is float:
-                wino_merge_f(obuf + jj, obuf + NR + jj, full, yrow)
-            else:
-                wino_merge_d(obuf + jj, obuf + NR + jj, full, yrow)
+            wino_merge_f(obuf + jj, obuf + NR + jj, full, yrow)
             if full < n:
                 yrow[2 * full] = obuf[jj + full]
             if oh + 1 < p.OH:
                 yrow = yrow + p.OW
-                if floating is float:
-                    wino_merge_f(obuf + 2 * NR + jj, obuf + 3 * NR + jj, full, yrow)
-                else:
-                    wino_merge_d(obuf + 2 * NR + jj, obuf + 3 * NR + jj, full, yrow)
+                wino_merge_f(obuf + 2 * NR + jj, obuf + 3 * NR + jj, full, yrow)
                 if full < n:
                     yrow[2 * full] = obuf[2 * NR + jj + full]
             jj = jj + n
 
 
-cdef inline void winograd_ukernel(Py_ssize_t kc, const floating** arow, const floating** brow, Py_ssize_t boff,
-                                  floating* c, Py_ssize_t ldc, int nv) noexcept nogil:
-    if floating is float:
-        if nv == CE_NV:
-            ukernel_f(kc, arow, CE_MR, brow, boff, c, ldc, False, <wide_tile*>NULL)
-        else:
-            ukernel_f(kc, arow, CE_MR, brow, boff, c, ldc, False, <narrow_tile*>NULL)
+cdef inline void winograd_ukernel(Py_ssize_t kc, const float** arow, const float** brow, Py_ssize_t boff,
+                                  float* c, Py_ssize_t ldc, int nv) noexcept nogil:
+    if nv == CE_NV:
+        ukernel_f(kc, arow, CE_MR, brow, boff, c, ldc, False, <wide_tile*>NULL)
     else:
-        if nv == CE_NV:
-            ukernel_d(kc, arow, CE_MR, brow, boff, c, ldc, False, <wide_tile*>NULL)
-        else:
-            ukernel_d(kc, arow, CE_MR, brow, boff, c, ldc, False, <narrow_tile*>NULL)
-
-
-cdef int conv2d_forward_winograd(const floating* x, const floating* upack, const Epilogue* e, floating* y,
+        ukernel_f(kc, arow, CE_MR, brow, boff, c, ldc, False, <narrow_tile*>NULL)
+cdef int conv2d_forward_winograd(const float* x, const float* upack, const Epilogue* e, float* y,
                                  const ConvGeom* p, int n_threads) noexcept nogil:
     """y = epilogue(conv2d(x, w)) by F(2x2, 3x3), upack = pack_winograd_weights(w) (see the top of this file).
     Returns -1 on allocation failure."""
     cdef fpstate fp, fps
     cdef Py_ssize_t TH = (p.OH + 1) // 2, TW = (p.OW + 1) // 2
     cdef Py_ssize_t T = TH * TW
-    cdef Py_ssize_t J = winograd_task_tiles(p, p.B * T, <floating>0)
-    cdef int nv = pick_nv(J // vlen(<floating>0))
-    cdef Py_ssize_t NR = nv * vlen(<floating>0)
+    cdef Py_ssize_t J = winograd_task_tiles(p, p.B * T)
+    cdef int nv = pick_nv(J // VLF)
+    cdef Py_ssize_t NR = nv * VLF
     cdef Py_ssize_t npanels_max = (J + NR - 1) // NR
     cdef Py_ssize_t ntasks = (p.B * T + J - 1) // J
     cdef Py_ssize_t mpanels = round_up(p.K, CE_MR) // CE_MR
     cdef Py_ssize_t task, t0, nt, npanels, jp, ip, s, ncols, sstride
-    cdef floating* vbuf
-    cdef floating* mbuf
-    cdef floating* rows
-    cdef const floating** brow
-    cdef const floating** arow
+    cdef float* vbuf
+    cdef float* mbuf
+    cdef float* rows
+    cdef const float** brow
+    cdef const float** arow
     cdef int failed = 0
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
-        vbuf = <floating*>malloc(16 * winograd_v_stride(p, NR, npanels_max) * sizeof(floating))
-        mbuf = <floating*>malloc((16 * CE_MR + 4) * NR * sizeof(floating))
-        rows = <floating*>calloc(winograd_rows_len(p, TW, <floating>0), sizeof(floating))
-        brow = <const floating**>malloc(p.C * sizeof(floating*))
-        arow = <const floating**>malloc(CE_MR * sizeof(floating*))
+        vbuf = <float*>malloc(16 * winograd_v_stride(p, NR, npanels_max) * sizeof(float))
+        mbuf = <float*>malloc((16 * CE_MR + 4) * NR * sizeof(float))
+        rows = <float*>calloc(winograd_rows_len(p, TW), sizeof(float))
+        brow = <const float**>malloc(p.C * sizeof(float*))
+        arow = <const float**>malloc(CE_MR * sizeof(float*))
         for task in prange(ntasks, schedule='static'):
             if vbuf == NULL or mbuf == NULL or rows == NULL or brow == NULL or arow == NULL:
                 flag_failure(&failed)
@@ -310,9 +278,9 @@ WINOGRAD_PATH = PATH_WINOGRAD
 cdef Py_ssize_t WINOGRAD_MIN_CHANNELS = 32
 
 
-def winograd_takes(tuple x_shape, tuple w_shape, tuple params):
-    """Whether a plan that opted in runs this conv by Winograd F(2x2, 3x3): a geometry PATH_WINOGRAD computes,
-    with WINOGRAD_MIN_CHANNELS input channels or more (params as for conv2d_forward)."""
+def winograd_takes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize):
+    """Whether a plan that opted in runs this conv by Winograd F(2x2, 3x3): float32 (itemsize 4), a geometry
+    PATH_WINOGRAD computes, WINOGRAD_MIN_CHANNELS input channels or more (params as for conv2d_forward)."""
     cdef ConvGeom p
     fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
-    return winograd_fits(&p) and p.C >= WINOGRAD_MIN_CHANNELS
+    return itemsize == 4 and winograd_fits(&p) and p.C >= WINOGRAD_MIN_CHANNELS
