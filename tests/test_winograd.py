@@ -6,7 +6,7 @@ channels; the frozen plans that take it (float32 only); bad input.
 """
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import convengine
 from convengine import frozen as frozen_module
@@ -64,7 +64,6 @@ def relative_error(y, want):
     return float(np.max(np.abs(y - want))) / max(float(np.max(np.abs(want))), 1e-300)
 
 
-@settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_winograd_matches_the_reference_on_drawn_geometries(data):
     """Any size (odd ones leave half tiles at the bottom and right), padding 0-2 on each side (asymmetric too),
