@@ -15,6 +15,7 @@ from convengine._kernels import engine
 from convengine.layers import BatchNorm2d, Conv2d, GlobalAvgPool2d, Linear, MaxPool2d, ReLU
 
 from conftest import assert_bitwise_equal, randn
+from test_frozen import randomise_batch_norms
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 # largest |error| over the largest |exact output| (float32): the direct kernel's stays below it too
@@ -171,17 +172,6 @@ def vgg_like(dtype="float32"):
         input_shape=(3, 16, 16))
 
 
-def randomise(model, rng):
-    for layer in model.layers:
-        if isinstance(layer, BatchNorm2d):
-            c = layer.num_features
-            layer.running_mean[:] = rng.standard_normal(c)
-            layer.running_var[:] = rng.random(c) + 0.5
-            layer.weight.data[:] = rng.random(c) + 0.5
-            layer.bias.data[:] = rng.standard_normal(c)
-    return model
-
-
 def winograd_convs(frozen, sample_shape):
     plan = frozen.plan_for(sample_shape)
     return [i for i, prepared in enumerate(plan.prepared)
@@ -195,7 +185,7 @@ def test_frozen_winograd_matches_the_model_and_takes_only_wide_3x3_convs(dtype, 
     channels and the 16 of the last conv are too few: WINOGRAD_MIN_CHANNELS); the outputs agree with the model's
     forward as closely as the default plan's do, and differ from them (another sum); the default plan takes no
     Winograd conv. float64: no conv takes it, the bits of the default plan."""
-    model = randomise(vgg_like(np.dtype(dtype).name), rng)
+    model = randomise_batch_norms(vgg_like(np.dtype(dtype).name), rng)
     x = randn(rng, (3, 3, 16, 16), dtype)
     want = model.forward(x, training=False)
     default, fast = model.freeze(), model.freeze(winograd=True)
@@ -214,7 +204,7 @@ def test_frozen_winograd_matches_the_model_and_takes_only_wide_3x3_convs(dtype, 
 def test_frozen_winograd_gives_the_bits_of_one_thread_in_split_programs(rng, monkeypatch):
     """Split programs (images at batch 3, output channel slices at batch 1) and one-thread image slices give the
     bits of the whole one-thread program."""
-    model = randomise(vgg_like(), rng)
+    model = randomise_batch_norms(vgg_like(), rng)
     monkeypatch.setattr(frozen_module, "_SPLIT_MODE", "on")
     for batch in (1, 3):
         frozen = model.freeze(winograd=True)
