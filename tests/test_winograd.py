@@ -35,13 +35,18 @@ def params_for(H, W, pad):
 
 
 def packed(x_shape, w, params, path=None):
+    """Weights packed for `path` (Winograd by default); None where the default path packs none (first layers)."""
     path = engine.WINOGRAD_PATH if path is None else path
-    buffer = np.empty(engine.conv2d_pack_length(x_shape, w.shape, params, w.itemsize, path), w.dtype)
-    return engine.conv2d_pack(x_shape, w, params, buffer, path), buffer
+    length = engine.conv2d_pack_length(x_shape, w.shape, params, w.itemsize,
+                                       *(() if path == engine.AUTO_PATH else (path,)))
+    if length == 0:
+        return None
+    buffer = np.empty(length, w.dtype)
+    return engine.conv2d_pack(x_shape, w, params, buffer, *(() if path == engine.AUTO_PATH else (path,))), buffer
 
 
 def run(x, w, b, params, threads=1, relu=False, scale=None, shift=None, path=None):
-    """conv2d_forward with weights packed for `path` (Winograd by default)."""
+    """conv2d_forward with weights packed for `path` (Winograd by default; engine.AUTO_PATH: the default kernels)."""
     B, _, H, W = x.shape
     y = np.empty((B, w.shape[0], params[7], params[8]), x.dtype)
     engine.conv2d_forward(x, w, b, y, params, threads, relu, scale, shift,
@@ -69,7 +74,9 @@ def relative_error(y, want):
 def test_winograd_matches_the_reference_on_drawn_geometries(data):
     """Any size (odd ones leave half tiles at the bottom and right), padding 0-2 on each side (asymmetric too),
     1-40 input and 1-37 output channels (not a whole number of micro-kernel rows), with and without bias, each
-    epilogue: within TOL of the float64 reference."""
+    epilogue: within 8 float32 epsilons of the float64 reference, relative to the largest sum of |products| (an
+    output that cancels to near zero keeps the error of the terms it summed; measured: at most 1.34 epsilons in 400
+    drawn cases)."""
     dtype = np.float32
     B = data.draw(st.integers(1, 3))
     C = data.draw(st.integers(1, 40))
@@ -86,7 +93,12 @@ def test_winograd_matches_the_reference_on_drawn_geometries(data):
     scale, shift = (randn(rng, (K,), dtype), randn(rng, (K,), dtype)) if affine else (None, None)
     params = params_for(H, W, pad)
     y = run(x, w, b, params, relu=relu, scale=scale, shift=shift)
-    assert relative_error(y, exact(x, w, b, pad, relu, scale, shift)) <= TOL
+    want = exact(x, w, b, pad, relu, scale, shift)
+    # the size of the terms summed: Winograd's error follows them, not the (possibly cancelled) result
+    terms = exact(np.abs(x), np.abs(w), None if b is None else np.abs(b), pad)
+    if affine:
+        terms = terms * np.abs(scale)[:, None, None] + np.abs(shift)[:, None, None]
+    assert np.max(np.abs(y - want)) <= 8 * np.finfo(np.float32).eps * np.max(terms)
 
 
 @pytest.mark.parametrize("C,K,size", [(64, 64, 32), (128, 128, 16), (64, 128, 8), (96, 40, 13), (32, 32, 32)])
@@ -97,18 +109,16 @@ def test_winograd_error_is_of_the_direct_kernels_order(C, K, size, rng):
     x, w, b = randn(rng, (2, C, size, size), dtype), randn(rng, (K, C, 3, 3), dtype), randn(rng, (K,), dtype)
     params = params_for(size, size, (1, 1, 1, 1))
     want = exact(x, w, b, (1, 1, 1, 1))
-    direct = run(x, w, b, params, path=engine.conv2d_pack((1, C, size, size), w, params,
-                                                           np.empty(engine.conv2d_pack_length(
-                                                               (1, C, size, size), w.shape, params, w.itemsize),
-                                                               dtype)))
+    direct = run(x, w, b, params, path=engine.AUTO_PATH)
     winograd = run(x, w, b, params)
     assert relative_error(winograd, want) <= 2 * relative_error(direct, want)
     assert not np.array_equal(winograd, direct)          # really another sum
 
 
 def test_winograd_gives_the_same_bits_on_any_thread_count_batch_and_channel_slice(rng):
-    """Every output is one task's sum, in one order: 1, 2 and 3 threads, each image alone, and slices of the
-    output channels packed on their own (a frozen plan's batch-1 split) give the bits of the whole call."""
+    """Every output is one task's sum, in one order whatever the register tile's width: 1, 2 and 3 threads, each
+    image alone, and slices of the output channels packed on their own (a frozen plan's batch-1 split) give the
+    bits of the whole call."""
     x, w, b = randn(rng, (5, 64, 20, 20), np.float32), randn(rng, (40, 64, 3, 3), np.float32), \
         randn(rng, (40,), np.float32)
     params = params_for(20, 20, (1, 1, 1, 1))
@@ -120,6 +130,12 @@ def test_winograd_gives_the_same_bits_on_any_thread_count_batch_and_channel_slic
     for k0, k1 in ((0, 16), (16, 40), (3, 11)):
         assert_bitwise_equal(run(x, w[k0:k1].copy(), b[k0:k1].copy(), params, relu=True), want[:, k0:k1],
                              f"channels {k0}:{k1}")
+    # an 8x8 output is 16 tiles: one image alone runs a one-vector register tile (AVX-512), four the narrow one
+    x8 = randn(rng, (4, 64, 8, 8), np.float32)
+    params8 = params_for(8, 8, (1, 1, 1, 1))
+    want8 = run(x8, w, b, params8)
+    for i in range(4):
+        assert_bitwise_equal(run(x8[i:i + 1], w, b, params8), want8[i:i + 1], f"8x8 image {i} alone")
 
 
 def test_a_non_finite_input_stays_in_the_tiles_that_read_it(rng):
