@@ -9,11 +9,13 @@
 #               at it, and retags the wheel manylinux_2_X for the oldest glibc its symbols allow
 #   3. check:   the tag is manylinux; the wheel holds no .c files and no debug sections; the bundled libgomp is
 #               the one the kernels load; installed into a fresh virtual environment it is at most
-#               MAX_INSTALLED_MB (6 MB) and a conv2d from another folder matches the reference
+#               MAX_INSTALLED_MB (7 MB: a guard against debug sections, C sources or a runtime bundled twice;
+#               6.0 MB installed with the Winograd kernels, 3 ISA modules of 1.1-1.3 MB each) and a conv2d from
+#               another folder matches the reference
 #
 #   bash tools/build_wheel.sh                       # the wheel ends up in dist/ (printed at the end)
 #   WHEEL_OUT=/tmp/wheels bash tools/build_wheel.sh
-#   MAX_INSTALLED_MB=6 PYTHON=python3.12 bash tools/build_wheel.sh
+#   MAX_INSTALLED_MB=7 PYTHON=python3.12 bash tools/build_wheel.sh
 #
 # The manylinux level is set by the glibc of the machine that builds: built here it runs on Linux with that
 # glibc or newer. For the widest reach, run this script inside a manylinux_2_28 image (e.g. quay.io/pypa/
@@ -23,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 src="$(pwd)"
 python="${PYTHON:-python3}"
-max_mb="${MAX_INSTALLED_MB:-6}"
+max_mb="${MAX_INSTALLED_MB:-7}"
 out="${WHEEL_OUT:-$src/dist}"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/convengine-wheel.XXXXXX")"
