@@ -140,6 +140,10 @@ class _Step:
         """Multiply-adds x 2 per sample (convs and linears; 0 for the rest)."""
         return 0
 
+    def packed_bytes(self, prepared):
+        """Bytes of the weights packed for the kernels that `prepare` made (convs; 0 for the rest)."""
+        return 0
+
     # Output channel c depends on input channel c alone: at batch 1 such a step continues its predecessor's slices
     # of channels on the same threads, without a wait between them.
     channelwise = False
@@ -226,6 +230,9 @@ class _Conv(_Step):
 
     def flops(self, prepared):
         return prepared[1]
+
+    def packed_bytes(self, prepared):
+        return 0 if prepared[3] is None else prepared[3][1].nbytes
 
     def channel_slices(self, program, prepared, shape, src, dst, parts, ranges=None):
         # slices of the output channels (of whole groups where grouped), each with its weights packed for the
@@ -874,8 +881,9 @@ class FrozenModel:
     __call__ = predict
 
     def memory_bytes(self, batch_size, input_shape=None):
-        """Bytes this plan holds for one call of batch_size samples: the weights it keeps plus the activation
-        buffers a call uses (two, three at batch 1; each concurrent call has its own)."""
+        """Bytes this plan holds for one call of batch_size samples: the weights it keeps (as the model had them,
+        folded, and as packed for the conv kernels: Winograd's are 16/9 the size) plus the activation buffers a
+        call uses (two, three at batch 1; each concurrent call has its own)."""
         batch_size = _args.check_int(batch_size, "batch_size", 1)
         shape = tuple(input_shape) if input_shape is not None else self.input_shape
         if shape is None and len(self._plans) == 1:
@@ -884,4 +892,5 @@ class FrozenModel:
             raise ValueError("the input shape is unknown: pass input_shape")
         plan = self.plan_for(tuple(shape))
         weights = sum(a.nbytes for step in self.steps for a in vars(step).values() if isinstance(a, np.ndarray))
+        weights += sum(step.packed_bytes(prepared) for step, prepared in zip(self.steps, plan.prepared))
         return weights + _buffer_count(batch_size) * batch_size * plan.largest * np.dtype(self.dtype).itemsize

@@ -514,6 +514,12 @@ def test_buffers_are_reused_and_reported(rng):
     assert first is not second and not any(np.shares_memory(first, b) for b in arena.buffers)
     largest = 16 * 32 * 32                          # the first conv's output per image
     weights = sum(p.data.nbytes for p in cifar_net().parameters()) - 2 * 4 * (16 + 32 + 64)   # BN folded away
+    # and the convs' weights as packed for their kernels (at least as large as the weights)
+    plan = frozen.plan_for((3, 32, 32))
+    packed = [prepared[3][1].nbytes for prepared in plan.prepared
+              if isinstance(prepared, tuple) and len(prepared) == 4 and prepared[3] is not None]
+    assert [n >= 4 * 9 * k * c for n, (k, c) in zip(packed, ((16, 3), (32, 16), (64, 32)))] == [True] * 3
+    weights += sum(packed)
     assert frozen.memory_bytes(8) == weights + 2 * 8 * largest * 4
     # batch 1 keeps a third buffer (frozen._buffer_count), counted too
     frozen(x[:1])

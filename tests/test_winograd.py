@@ -215,6 +215,8 @@ def test_frozen_winograd_matches_the_model_and_takes_only_wide_3x3_convs(dtype, 
     assert np.max(np.abs(y - want)) <= 1e-5 * np.max(np.abs(want))
     assert not np.array_equal(y, y0)
     assert_bitwise_equal(fast.predict(x, batch_size=2), y, "batches of 2")
+    # the Winograd weights (16 values per 3x3 filter, rows padded to the register tile) are reported
+    assert fast.memory_bytes(3) - default.memory_bytes(3) >= 4 * (16 - 9) * (64 * 64 + 64 * 96 + 96 * 16)
 
 
 def test_frozen_winograd_gives_the_bits_of_one_thread_in_split_programs(rng, monkeypatch):
