@@ -786,9 +786,9 @@ class FrozenModel:
     winograd=True (opt-in): float32 3x3 convs of stride 1, dilation 1, one group and 32 or more input channels run by
     Winograd's F(2x2, 3x3), with 4/9 of the multiplications (1.3-1.6x faster on such convs). Its transforms round
     differently (as close to the exact result as the direct sum, in tests/test_winograd.py), a non-finite input
-    value spreads to the whole 2x2 output tile whose input holds it (inf - inf), and a non-finite weight to every
-    output of its filter's channel, so it stays off unless asked for. Bits still do not depend on the thread count
-    or the batch size."""
+    value spreads to the whole 2x2 output tile whose input holds it (inf - inf), and a non-finite weight makes its
+    output channel non-finite everywhere, as in the direct sum but NaN where that may give an infinity; so it stays
+    off unless asked for. Bits still do not depend on the thread count or the batch size."""
 
     def __init__(self, model, winograd=False):
         self.dtype = model.dtype
