@@ -4,16 +4,18 @@
 # The 16 elementwise products summed over channels are 16 GEMMs (K x C times C x tiles), run by the engine's
 # micro-kernel: 16 x C multiply-adds per output channel and tile instead of 36 x C, 2.25x fewer.
 #
-# float32 only, and opt-in only (Sequential.freeze(winograd=True), which packs the weights for PATH_WINOGRAD; the
-# default paths never take it; a float64 user wants the accuracy Winograd trades away): the transforms round differently from the direct sum (float32: about 2x its error, see
-# tests/test_winograd.py), and an infinite input reaches every output of its tile (as inf - inf = NaN in the
-# ones whose sum has it with a zero weight), where the direct conv keeps it to the outputs whose window holds it.
+# float32 only, and opt-in only (Sequential.freeze(winograd=True) packs the weights for PATH_WINOGRAD; the default
+# paths never take it; a float64 user wants the accuracy Winograd trades away): the transforms round differently
+# from the direct sum (in tests/test_winograd.py about as close to the exact result), and an infinite input reaches
+# every output of its tile (inf - inf = NaN in the ones whose sum has it with a zero weight), where the direct conv
+# keeps it to the outputs whose window holds it.
 #
 # A task is a run of the batch's tiles (consecutive in row-major tile order, image after image; WINOGRAD_TILE_BYTES
-# of transformed input at most): its V is written once, panel by panel in the micro-kernel's B layout, then for each NR-tile
-# panel and MR-channel block the 16 products go into a 16 x MR x NR buffer that stays in L1 and is transformed to
-# outputs at once, with the epilogue. Each output is one task's, its sum over channels in one order whatever the
-# blocking: the same bits on any thread count, for any slice of the output channels and any batch size.
+# of transformed input at most): its V is written once, panel by panel in the micro-kernel's B layout, then for
+# each NR-tile panel and MR-channel block the 16 products go into a 16 x MR x NR buffer that stays in L1 and is
+# transformed to outputs at once, with the epilogue. Each output is one task's, its sum over channels in one order
+# whatever the blocking or the register tile's width: the same bits on any thread count, for any slice of the
+# output channels and any batch size.
 
 cdef extern from "winograd.h":
     void wino_in_f "ce_wino_in_f"(const float* e, const float* o, Py_ssize_t ld, Py_ssize_t n, float* dst,
@@ -95,8 +97,8 @@ cdef inline Py_ssize_t winograd_row_len(Py_ssize_t TW) noexcept nogil:
 
 
 cdef inline Py_ssize_t winograd_rows_len(const ConvGeom* p, Py_ssize_t TW) noexcept nogil:
-    """winograd_input's scratch: an image's input rows split into even and odd columns (2 x (OH + 3) rows at most;
-    2 * TH + 2 per image), and the vector of slack its last row's shifted loads reach."""
+    """winograd_input's scratch: the input rows of one image's run of tile rows (2 * TH + 2 <= OH + 3) split into
+    even and odd columns, two planes of them, and slack for the shifted loads of the last row."""
     return 2 * (p.OH + 4) * winograd_row_len(TW) + 2 * VLF
 
 
@@ -168,9 +170,8 @@ cdef void winograd_output(const float* m, Py_ssize_t NR, Py_ssize_t nk, Py_ssize
                           Py_ssize_t ncols, Py_ssize_t TW, Py_ssize_t T, const ConvGeom* p, const Epilogue* e,
                           float* y, float* obuf) noexcept nogil:
     """Outputs of channels k0 .. k0 + nk - 1 for tiles t0 .. t0 + ncols - 1 (numbered as in winograd_input) of the
-    batch's output y (B x K x OH x OW) from the 16
-    MR x NR product blocks m (block s at m + s * MR * NR, channel k0 + i in row i, tile t0 + jj in column jj),
-    with the epilogue. obuf: scratch of 4 * NR values."""
+    batch's output y (B x K x OH x OW) from the 16 MR x NR product blocks m (block s at m + s * MR * NR, channel
+    k0 + i in row i, tile t0 + jj in column jj), with the epilogue. obuf: scratch of 4 * NR values."""
     cdef Py_ssize_t i, k, jj, t, ty, tx, n, full, oh, ow, b
     cdef float bval, sc, sh
     cdef float* yrow
@@ -179,8 +180,8 @@ cdef void winograd_output(const float* m, Py_ssize_t NR, Py_ssize_t nk, Py_ssize
         bval = (<const float*>e.bias)[k] if e.bias != NULL else 0
         sc = (<const float*>e.scale)[k] if e.scale != NULL else 1
         sh = (<const float*>e.shift)[k] if e.scale != NULL else 0
-        wino_out_f(m + i * NR, CE_MR * NR, round_up(ncols, VLF), bval, e.relu, e.scale != NULL, sc, sh, obuf, obuf + NR,
-                   obuf + 2 * NR, obuf + 3 * NR)
+        wino_out_f(m + i * NR, CE_MR * NR, round_up(ncols, VLF), bval, e.relu, e.scale != NULL, sc, sh, obuf,
+                   obuf + NR, obuf + 2 * NR, obuf + 3 * NR)
         jj = 0
         while jj < ncols:
             t = t0 + jj
@@ -217,6 +218,8 @@ cdef inline void winograd_ukernel(Py_ssize_t kc, const float** arow, const float
         ukernel_f(kc, arow, CE_MR, brow, boff, c, ldc, False, <wide_tile*>NULL)
     else:
         ukernel_f(kc, arow, CE_MR, brow, boff, c, ldc, False, <narrow_tile*>NULL)
+
+
 cdef int conv2d_forward_winograd(const float* x, const float* upack, const Epilogue* e, float* y,
                                  const ConvGeom* p, int n_threads) noexcept nogil:
     """y = epilogue(conv2d(x, w)) by F(2x2, 3x3), upack = pack_winograd_weights(w) (see the top of this file).

@@ -312,8 +312,8 @@ def measure(ctx):
         ctx.say(line)
     ctx.say("times: median ms per call; f/ort, f/torch: frozen time / other time (below 1 frozen is faster); "
             "wino: frozen with winograd=True (opt-in; nets with 3x3 convs of 32+ channels), w/torch its time / "
-            "PyTorch's; GF/s and %mm (share of the float32 matmul rate at that thread count) count the convs' and linears' "
-            "2 x multiply-adds; MB: the frozen plan's weights and buffers")
+            "PyTorch's; GF/s and %mm (share of the float32 matmul rate at that thread count) count the convs' and "
+            "linears' 2 x multiply-adds; MB: the frozen plan's weights and buffers")
     ctx.say(_line(HEADER))
     rows, rates = [], {}
     for threads in thread_counts(ctx):
