@@ -57,13 +57,18 @@ def restore_threads():
 #   ("gap",)   ("flatten",)   ("linear", in, out)
 
 @st.composite
-def conv_spec(draw, c, h, w):
-    """A conv of c channels of h x w and its output shape, or None where the drawn geometry has no output."""
-    kernel = draw(st.integers(1, 5))
-    stride = draw(st.integers(1, 2))
-    dilation = draw(st.sampled_from([1, 1, 1, 2]))
-    padding = draw(st.integers(0, (kernel - 1) * dilation // 2 + 1))
-    groups = draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
+def conv_spec(draw, c, h, w, winograd=False):
+    """A conv of c channels of h x w and its output shape, or None where the drawn geometry has no output.
+    winograd: mostly the geometry Winograd F(2x2, 3x3) takes (3x3, stride 1, dilation 1, one group)."""
+    if winograd and draw(st.integers(0, 3)):
+        kernel, stride, dilation, groups = 3, 1, 1, 1
+        padding = draw(st.integers(0, 2))
+    else:
+        kernel = draw(st.integers(1, 5))
+        stride = draw(st.integers(1, 2))
+        dilation = draw(st.sampled_from([1, 1, 1, 2]))
+        padding = draw(st.integers(0, (kernel - 1) * dilation // 2 + 1))
+        groups = draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
     if groups == c and draw(st.booleans()):
         out = c                                                  # depthwise
     else:
@@ -94,9 +99,10 @@ def pool_spec(draw, c, h, w):
 
 
 @st.composite
-def nets(draw, head=True):
-    """(specs, per-sample input shape, dtype): 1-5 body blocks, then (where `head`) a head."""
-    dtype = draw(st.sampled_from(["float32", "float64"]))
+def nets(draw, head=True, winograd=False):
+    """(specs, per-sample input shape, dtype): 1-5 body blocks, then (where `head`) a head. winograd: float32, its
+    convs mostly of Winograd's geometry (conv_spec)."""
+    dtype = "float32" if winograd else draw(st.sampled_from(["float32", "float64"]))
     input_shape = (draw(st.integers(1, 6)), draw(st.integers(3, 20)), draw(st.integers(3, 20)))
     specs, shape = [], input_shape
     for block in draw(st.lists(st.sampled_from(["conv", "conv-relu", "conv-bn-relu", "bn", "relu", "pool",
@@ -104,7 +110,7 @@ def nets(draw, head=True):
                                min_size=1, max_size=5)):
         c, h, w = shape
         if block in ("conv", "conv-relu", "conv-bn-relu"):
-            drawn = draw(conv_spec(c, h, w))
+            drawn = draw(conv_spec(c, h, w, winograd))
             if drawn is None:
                 continue
             specs.append(drawn[0])
@@ -219,6 +225,43 @@ def test_a_frozen_model_gives_the_layers_values_on_any_thread_count(net, batch, 
         event(f"step {step.describe()}")
     if program is not None and program.slices() > program.stages():
         event("split into channel slices (batch 1)" if batch == 1 else "split into image slices")
+
+
+@fuzz
+@given(net=nets(winograd=True), batch=st.integers(1, 4), chunk=st.integers(1, 3))
+def test_a_frozen_winograd_model_agrees_with_its_layers_and_keeps_its_bits(net, batch, chunk, monkeypatch_split):
+    """freeze(winograd=True), with Winograd taken from one input channel on (the drawn nets have 1-48): every
+    float32 3x3 stride-1 conv of one group runs by F(2x2, 3x3). The values agree with the layers as the default
+    plan's do; the bits do not depend on the thread count (split programs: image or channel slices), the batch
+    size a call is cut into, or one-image slices on one thread."""
+    from convengine._kernels import engine
+    specs, input_shape, _ = net
+    model = build(net)
+    dtype = model.dtype
+    x = randn(np.random.default_rng(13), (batch,) + input_shape, dtype)
+    looped = model.forward(x, training=False)
+    old = engine.set_winograd_min_channels(1)
+    try:
+        frozen = model.freeze(winograd=True)
+        convengine.set_num_threads(1)
+        want = frozen(x)
+        tol = RTOL[np.dtype(dtype).type] * 10
+        assert np.max(np.abs(want - looped), initial=0) <= tol * scale(looped), "frozen vs layer by layer"
+        with every_call_threaded():
+            for threads in (3, 2):
+                convengine.set_num_threads(threads)
+                assert_bitwise_equal(frozen(x), want, f"{threads} threads vs 1")
+            assert_bitwise_equal(frozen.predict(x, batch_size=chunk), want, f"batches of {chunk}")
+        convengine.set_num_threads(1)
+        with mock.patch.object(frozen_module, "_SLICE_ABOVE", 0), \
+                mock.patch.object(frozen_module, "_SLICE_BYTES", 1):
+            assert_bitwise_equal(model.freeze(winograd=True)(x), want, "one image at a time")
+        plan = frozen.plan_for(input_shape)
+        taken = sum(isinstance(step, frozen_module._Conv) and prepared[3] is not None
+                    and prepared[3][0] == engine.WINOGRAD_PATH for step, prepared in zip(frozen.steps, plan.prepared))
+    finally:
+        engine.set_winograd_min_channels(old)
+    event(f"{taken} Winograd conv(s)" if taken < 2 else "2+ Winograd convs")
 
 
 @pytest.fixture

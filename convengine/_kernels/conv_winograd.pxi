@@ -289,6 +289,15 @@ AUTO_PATH = PATH_AUTO
 cdef Py_ssize_t WINOGRAD_MIN_CHANNELS = 32
 
 
+def set_winograd_min_channels(Py_ssize_t n):
+    """Test hook: WINOGRAD_MIN_CHANNELS = n (so that drawn models of a few channels reach Winograd); returns the
+    value it replaces."""
+    global WINOGRAD_MIN_CHANNELS
+    cdef Py_ssize_t old = WINOGRAD_MIN_CHANNELS
+    WINOGRAD_MIN_CHANNELS = max(1, n)
+    return old
+
+
 def winograd_takes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize):
     """Whether a plan that opted in runs this conv by Winograd F(2x2, 3x3): float32 (itemsize 4), a geometry
     PATH_WINOGRAD computes, WINOGRAD_MIN_CHANNELS input channels or more (params as for conv2d_forward)."""
