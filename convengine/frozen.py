@@ -10,6 +10,8 @@ transformers (each rewrite matches one pattern; running the plan is separate fro
   summed into the bias); anywhere else it stays a per-channel affine step;
 - a ReLU after a conv becomes the conv's epilogue (applied as each output tile is stored, while it is in cache), and
   so does a BatchNorm2d after that ReLU (a per-channel scale and shift after the max);
+- with `freeze(winograd=True)` only: float32 3x3 stride-1 convs of 32+ input channels run by Winograd F(2x2, 3x3)
+  (_kernels/conv_winograd.pxi; FrozenModel says what that trades);
 - a ReLU after a Linear is applied in place on its output.
 
 Activations live in buffers planned per input shape and batch size and reused across calls (no fresh multi-MB
@@ -206,7 +208,7 @@ class _Conv(_Step):
         length = _engine.conv2d_pack_length(x_shape, self.weight.shape, params, self.weight.itemsize)
         if length:
             buffer = np.empty(length, self.weight.dtype)
-            packed = (_engine.conv2d_pack((1,) + tuple(shape), self.weight, params, buffer), buffer)
+            packed = (_engine.conv2d_pack(x_shape, self.weight, params, buffer), buffer)
         return params, _args.flops_conv2d(geom), math.prod(shape) + math.prod(geom.out_shape[1:]), packed
 
     @staticmethod
@@ -784,7 +786,7 @@ class FrozenModel:
     not reach a frozen model; freeze again to take them. Calls may come from several threads at once.
 
     winograd=True (opt-in): float32 3x3 convs of stride 1, dilation 1, one group and 32 or more input channels run by
-    Winograd's F(2x2, 3x3), with 4/9 of the multiplications (1.3-1.6x faster on such convs). Its transforms round
+    Winograd's F(2x2, 3x3), with 4/9 of the multiplications (1.4-1.8x faster on such convs). Its transforms round
     differently (as close to the exact result as the direct sum, in tests/test_winograd.py), a non-finite input
     value spreads to the whole 2x2 output tile whose input holds it (inf - inf), and a non-finite weight makes its
     output channel non-finite everywhere, as in the direct sum but NaN where that may give an infinity; so it stays
@@ -800,7 +802,8 @@ class FrozenModel:
         self._lock = threading.Lock()
 
     def __repr__(self):
-        return f"FrozenModel({' -> '.join(step.describe() for step in self.steps)})"
+        winograd = ", winograd=True" if getattr(self, "winograd", False) else ""
+        return f"FrozenModel({' -> '.join(step.describe() for step in self.steps)}{winograd})"
 
     def __getstate__(self):
         # copies and pickles keep the steps and plans; the buffer sets (with their compiled loops, which point

@@ -268,3 +268,4 @@ def test_freeze_checks_the_winograd_flag():
     with pytest.raises(TypeError, match="winograd"):
         model.freeze(winograd="yes")
     assert model.freeze(winograd=True).winograd and not model.freeze().winograd
+    assert repr(model.freeze(winograd=True)).endswith(", winograd=True)") and "winograd" not in repr(model.freeze())
