@@ -159,18 +159,24 @@ def test_a_non_finite_input_stays_in_the_tiles_that_read_it(rng):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_winograd_reports_scratch_it_cannot_allocate(threads, rng):
     """Each of a call's scratch allocations failing in turn (per thread: V, the product blocks, the split rows,
-    two pointer tables) raises MemoryError, writes nothing out of bounds, and the next call is whole."""
+    two pointer tables) raises MemoryError, or, where that thread had no task, leaves the right answer; never a
+    crash or stale output, and the next call is whole."""
     # 4 x 144 tiles: three tasks, so that both threads have work (and so need their scratch)
     x, w = randn(rng, (4, 32, 24, 24), np.float32), randn(rng, (16, 32, 3, 3), np.float32)
     params = params_for(24, 24, (1, 1, 1, 1))
     want = run(x, w, None, params, threads=threads)
+    raised = 0
     for k in range(5 * threads):
         old = engine.fail_allocation_after(k)
         try:
-            with pytest.raises(MemoryError):
-                run(x, w, None, params, threads=threads)
+            got = run(x, w, None, params, threads=threads)
+        except MemoryError:
+            raised += 1
+            continue
         finally:
             engine.fail_allocation_after(old)
+        assert_bitwise_equal(got, want, f"allocation {k} failed")
+    assert raised >= 5                  # the first thread's five allocations at least
     assert_bitwise_equal(run(x, w, None, params, threads=threads), want)
 
 
