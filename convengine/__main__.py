@@ -134,6 +134,7 @@ def build_parser():
     evaluate.add_argument("--data", metavar="PATH", help="directory of the data set's files (see train --help)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="images per inference batch")
     evaluate.add_argument("--threads", type=_positive_int, default=None, help="kernel threads")
+    _add_winograd_flag(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = sub.add_parser(
@@ -151,10 +152,7 @@ def build_parser():
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
     predict.add_argument("--batch-size", type=_positive_int, default=256, help="images per inference batch")
     predict.add_argument("--threads", type=_positive_int, default=None, help="kernel threads")
-    predict.add_argument("--winograd", action="store_true",
-                         help="run the 3x3 stride-1 convs of 32+ channels by Winograd F(2x2, 3x3): faster, rounds "
-                              "differently, and a NaN or infinite pixel spreads over its 2x2 output tile "
-                              "(Sequential.freeze(winograd=True))")
+    _add_winograd_flag(predict)
     predict.set_defaults(func=cmd_predict)
 
     export = sub.add_parser(
@@ -366,6 +364,22 @@ def cmd_export(args):
     return 0
 
 
+def _add_winograd_flag(parser):
+    parser.add_argument("--winograd", action="store_true",
+                        help="run the float32 3x3 stride-1 convs of 32+ channels by Winograd F(2x2, 3x3): faster, "
+                             "rounds differently, and a NaN or infinite pixel spreads over its 2x2 output tile "
+                             "(Sequential.freeze(winograd=True))")
+
+
+def _scores(model, x, args):
+    """The model's outputs for x, through the opt-in Winograd plan where --winograd asks for it."""
+    if not args.winograd:
+        return model.predict(x, args.batch_size)
+    if not hasattr(model, "freeze"):
+        raise CommandError(f"--winograd needs a Sequential model; {args.model} is a graph model")
+    return model.freeze(winograd=True).predict(x, args.batch_size)
+
+
 def cmd_evaluate(args):
     if args.threads is not None:
         set_num_threads(args.threads)
@@ -383,7 +397,7 @@ def cmd_evaluate(args):
         raise CommandError(f"{args.model} outputs shape {out_shape}, but {name} has {len(names)} classes")
     from . import metrics
 
-    scores = model.predict(x_test, args.batch_size)
+    scores = _scores(model, x_test, args)
     accuracy = metrics.accuracy(y_test, scores)
     counts = metrics.confusion_matrix(y_test, scores, len(names))
     print(f"{args.model} on the {name} test split: accuracy {100 * accuracy:.2f}% "
@@ -428,12 +442,7 @@ def cmd_predict(args):
         set_num_threads(args.threads)
     model = _load_model(args.model)
     x = _load_images(args.input, model.input_shape, args.channels_last)
-    if args.winograd:
-        if not hasattr(model, "freeze"):
-            raise CommandError(f"--winograd needs a Sequential model; {args.model} is a graph model")
-        scores = model.freeze(winograd=True).predict(x, args.batch_size)
-    else:
-        scores = model.predict(x, args.batch_size)
+    scores = _scores(model, x, args)
     if scores.ndim != 2:
         raise CommandError(f"{args.model} outputs per-image shape {scores.shape[1:]}, not class scores")
     if args.winograd:

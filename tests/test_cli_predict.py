@@ -66,8 +66,9 @@ def test_predict_takes_one_image_channels_last_images_and_prints_json(saved, cap
 
 
 def test_predict_with_winograd_runs_the_opt_in_plan_and_agrees(tmp_path, capsys, monkeypatch):
-    """--winograd freezes with winograd=True (a model with 32-channel 3x3 convs takes it) and prints the
-    probabilities the default plan gives, within float32 rounding; a graph model is refused by name."""
+    """predict --winograd freezes with winograd=True (a model with 32-channel 3x3 convs takes it) and prints the
+    probabilities the default plan gives, within float32 rounding; evaluate --winograd prints the same accuracy; a
+    graph model is refused by name."""
     from convengine.graph import Graph, Input
     from convengine.layers import Conv2d, Flatten, GlobalAvgPool2d, Linear, ReLU
     convengine.manual_seed(1)
@@ -90,6 +91,13 @@ def test_predict_with_winograd_runs_the_opt_in_plan_and_agrees(tmp_path, capsys,
     assert True in asked
     np.testing.assert_allclose(results[True], results[False], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(results[True], model.predict_proba(x), rtol=1e-5, atol=1e-7)
+    # evaluate on the digits test split: the same accuracy line through the Winograd plan
+    asked.clear()
+    lines = {}
+    for flags in ([], ["--winograd"]):
+        assert main(["evaluate", str(tmp_path / "wide.npz")] + flags) == 0
+        lines[bool(flags)] = capsys.readouterr().out.splitlines()[0]
+    assert asked == [False, True] and lines[True] == lines[False] and "accuracy" in lines[True]
     inp = Input((1, 8, 8))
     graph_path = tmp_path / "graph.npz"
     Graph(inp, Linear(64, 10)(Flatten()(inp))).save(graph_path)
