@@ -79,9 +79,8 @@ cdef void pack_winograd_weights(const float* w, const ConvGeom* p, float* out) n
 cdef inline Py_ssize_t winograd_task_tiles(const ConvGeom* p, Py_ssize_t tiles) noexcept nogil:
     """Tiles per task: the batch's tiles in the fewest equal runs whose transform fits WINOGRAD_TILE_BYTES, a whole
     number of vectors each (at least one). A run may span images (an 8x8 output is 16 tiles)."""
-    cdef Py_ssize_t VL = VLF
-    cdef Py_ssize_t most = max(VL, WINOGRAD_TILE_BYTES // (16 * p.C * <Py_ssize_t>sizeof(float)) // VL * VL)
-    return round_up(balanced_block(tiles, most), VL)
+    cdef Py_ssize_t most = max(VLF, WINOGRAD_TILE_BYTES // (16 * p.C * <Py_ssize_t>sizeof(float)) // VLF * VLF)
+    return round_up(balanced_block(tiles, most), VLF)
 
 
 cdef inline Py_ssize_t winograd_v_stride(const ConvGeom* p, Py_ssize_t NR, Py_ssize_t npanels) noexcept nogil:
@@ -106,15 +105,16 @@ cdef void winograd_input(const float* x, const ConvGeom* p, Py_ssize_t TW, Py_ss
                          Py_ssize_t nt, Py_ssize_t NR, Py_ssize_t npanels, float* v, float* rows) noexcept nogil:
     """V of tiles t0 .. t0 + nt - 1 of the batch x (B x C x H x W; tile t is tile t % T of image t // T, its T tiles
     row-major, TW to a row): entry s of tile t0 + j in channel c at v[s * sstride + (j // NR * C + c) * NR + j % NR]
-    (sstride = winograd_v_stride), columns nt .. npanels * NR - 1 zero. rows: winograd_rows_len zeroed values.
+    (sstride = winograd_v_stride), columns nt .. npanels * NR - 1 zero. rows: winograd_rows_len values (zeroed:
+    the shifted loads of a tile row's last vector may reach past what is copied).
 
-    Per image and channel, the input rows the tiles read are split into even and odd columns at once (one
-    two-source permute per vector, rows and columns outside the image zero), then each tile row's tiles are
-    transformed VL at a time in registers (ce_wino_in). Transforming each tile row's four rows in separate passes
+    Per image and channel, the input rows the tiles read are split into even and odd columns at once
+    (copy_plane_rows_step: one two-source permute per vector, rows and columns outside the image zero), then each
+    tile row's tiles are transformed VL at a time in registers (ce_wino_in). Transforming each tile row's four rows in separate passes
     of a few elements took 7.4 of a 32 ms conv (64 -> 64 channels, 32x32, batch 64, AMD Zen 4)."""
     cdef Py_ssize_t ld = winograd_row_len(TW)
     cdef Py_ssize_t sstride = winograd_v_stride(p, NR, npanels)
-    cdef Py_ssize_t c, r, t, tb, b, ty, ty0, ty1, nrow, r_lo, r_hi, txa, txb, j, q, n, run, s, ih0
+    cdef Py_ssize_t c, t, tb, b, ty, ty0, ty1, nrow, txa, txb, j, q, n, run, s, ih0
     cdef float* ev = rows
     cdef float* od
     cdef float* dst
@@ -129,21 +129,12 @@ cdef void winograd_input(const float* x, const ConvGeom* p, Py_ssize_t TW, Py_ss
         nrow = 2 * (ty1 - ty0) + 2
         od = rows + nrow * ld
         ih0 = 2 * ty0 - p.pt
-        r_lo = min(nrow, max(0, -ih0))
-        r_hi = max(r_lo, min(nrow, p.H - ih0))
-        # rows above and below the image stay zero for every channel
-        memset(ev, 0, r_lo * ld * sizeof(float))
-        memset(od, 0, r_lo * ld * sizeof(float))
-        memset(ev + r_hi * ld, 0, (nrow - r_hi) * ld * sizeof(float))
-        memset(od + r_hi * ld, 0, (nrow - r_hi) * ld * sizeof(float))
         for c in range(p.C):
             xc = x + (b * p.C + c) * p.H * p.W
-            if r_hi > r_lo:
-                # even columns 2m - pl, odd ones 2m + 1 - pl, m <= TW; columns outside the row zero
-                ce_copy_rows_s2(ev + r_lo * ld, ld, xc + (ih0 + r_lo) * p.W - p.pl, p.W, r_hi - r_lo, ld,
-                                (p.pl + 1) // 2, min(TW + 1, (p.W + p.pl + 1) // 2))
-                ce_copy_rows_s2(od + r_lo * ld, ld, xc + (ih0 + r_lo) * p.W + 1 - p.pl, p.W, r_hi - r_lo, ld,
-                                p.pl // 2, min(TW + 1, (p.W + p.pl) // 2))
+            # even columns 2m - pl and odd ones 2m + 1 - pl of each row (zero outside the image; the tiles read
+            # m <= TW of the ld written)
+            copy_plane_rows_step(xc, p, ih0, nrow, 1, ev, ld, ld, -p.pl, 2)
+            copy_plane_rows_step(xc, p, ih0, nrow, 1, od, ld, ld, 1 - p.pl, 2)
             for ty in range(ty0, ty1):
                 txa = t - b * T - ty0 * TW if ty == ty0 else 0
                 txb = tb - b * T - ty * TW if ty == ty1 - 1 else TW
