@@ -195,20 +195,15 @@ class _Conv(_Step):
         geom = self._geometry(shape)
         params = _conv_params(geom)
         # the weights packed once for the kernel this shape takes (every call packed them again: 5-45 us per conv,
-        # much of a batch-1 call)
+        # much of a batch-1 call): Winograd's where the plan opted in and the conv can take it
         packed = None
         x_shape = (1,) + tuple(shape)
-        if getattr(self, "winograd", False) and _engine.winograd_takes(x_shape, self.weight.shape, params,
-                                                                      self.weight.itemsize):
-            path = _engine.WINOGRAD_PATH
-            buffer = np.empty(_engine.conv2d_pack_length(x_shape, self.weight.shape, params, self.weight.itemsize,
-                                                         path), self.weight.dtype)
-            packed = (_engine.conv2d_pack(x_shape, self.weight, params, buffer, path), buffer)
-            return params, _args.flops_conv2d(geom), math.prod(shape) + math.prod(geom.out_shape[1:]), packed
-        length = _engine.conv2d_pack_length(x_shape, self.weight.shape, params, self.weight.itemsize)
+        winograd = self.winograd and _engine.winograd_takes(x_shape, self.weight.shape, params, self.weight.itemsize)
+        path = _engine.WINOGRAD_PATH if winograd else _engine.AUTO_PATH
+        length = _engine.conv2d_pack_length(x_shape, self.weight.shape, params, self.weight.itemsize, path)
         if length:
             buffer = np.empty(length, self.weight.dtype)
-            packed = (_engine.conv2d_pack(x_shape, self.weight, params, buffer), buffer)
+            packed = (_engine.conv2d_pack(x_shape, self.weight, params, buffer, path), buffer)
         return params, _args.flops_conv2d(geom), math.prod(shape) + math.prod(geom.out_shape[1:]), packed
 
     @staticmethod
@@ -802,7 +797,7 @@ class FrozenModel:
         self._lock = threading.Lock()
 
     def __repr__(self):
-        winograd = ", winograd=True" if getattr(self, "winograd", False) else ""
+        winograd = ", winograd=True" if self.winograd else ""
         return f"FrozenModel({' -> '.join(step.describe() for step in self.steps)}{winograd})"
 
     def __getstate__(self):

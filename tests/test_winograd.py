@@ -37,12 +37,11 @@ def params_for(H, W, pad):
 def packed(x_shape, w, params, path=None):
     """Weights packed for `path` (Winograd by default); None where the default path packs none (first layers)."""
     path = engine.WINOGRAD_PATH if path is None else path
-    length = engine.conv2d_pack_length(x_shape, w.shape, params, w.itemsize,
-                                       *(() if path == engine.AUTO_PATH else (path,)))
+    length = engine.conv2d_pack_length(x_shape, w.shape, params, w.itemsize, path)
     if length == 0:
         return None
     buffer = np.empty(length, w.dtype)
-    return engine.conv2d_pack(x_shape, w, params, buffer, *(() if path == engine.AUTO_PATH else (path,))), buffer
+    return engine.conv2d_pack(x_shape, w, params, buffer, path), buffer
 
 
 def run(x, w, b, params, threads=1, relu=False, scale=None, shift=None, path=None):
