@@ -436,8 +436,6 @@ def _load_images(path, input_shape, channels_last):
 
 
 def cmd_predict(args):
-    from . import metrics
-
     if args.threads is not None:
         set_num_threads(args.threads)
     model = _load_model(args.model)
@@ -445,12 +443,7 @@ def cmd_predict(args):
     scores = _scores(model, x, args)
     if scores.ndim != 2:
         raise CommandError(f"{args.model} outputs per-image shape {scores.shape[1:]}, not class scores")
-    if args.winograd:
-        from .layers import Softmax
-        probabilities = scores if isinstance(model.layers[-1], Softmax) else metrics.softmax(scores)
-    else:
-        probabilities = model.predict_proba(x, args.batch_size) if hasattr(model, "predict_proba") \
-            else metrics.softmax(scores)
+    probabilities = model._probabilities(scores)
     classes = model.metadata.get("classes") if isinstance(getattr(model, "metadata", None), dict) else None
     k = scores.shape[1]
     names = [str(c) for c in classes] if isinstance(classes, list) and len(classes) == k else \

@@ -298,6 +298,7 @@ class Graph:
     _input = _model.Sequential._input
     predict = _model.Sequential.predict
     predict_proba = _model.Sequential.predict_proba
+    _probabilities = _model.Sequential._probabilities
     parameters = _model.Sequential.parameters
     buffers = _model.Sequential.buffers
     astype = _model.Sequential.astype

@@ -370,9 +370,13 @@ class Sequential:
         """Class probabilities for x: the softmax of each row of predict(x) (rows sum to 1; each row's maximum is
         subtracted first, so large scores do not overflow). A model whose last layer is Softmax already outputs
         probabilities, which are returned as they are."""
+        return self._probabilities(self.predict(x, batch_size))
+
+    def _probabilities(self, out):
+        """predict_proba's answer from outputs already computed (out = predict(x), or a frozen plan's): their
+        softmax rows, or out itself where the last layer is Softmax."""
         from .layers import Softmax
         from .metrics import softmax
-        out = self.predict(x, batch_size)
         if out.ndim != 2:
             raise ValueError(f"predict_proba needs a model that outputs (N, classes) scores, but it gives "
                              f"per-sample shape {out.shape[1:]}")
