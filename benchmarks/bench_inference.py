@@ -30,9 +30,9 @@ IMPLS = [
 
 @pytest.fixture(scope="module")
 def nets():
-    """name -> (engine model, frozen plan, frozen plan with winograd=True); the PyTorch copies and ONNX sessions
-    are made when first asked for."""
-    return {name: (model, model.freeze(), model.freeze(winograd=True))
+    """name -> (engine model, frozen plan, frozen plan with winograd=True on inference.WINOGRAD_NETS, else None);
+    the PyTorch copies and ONNX sessions are made when first asked for."""
+    return {name: (model, model.freeze(), model.freeze(winograd=True) if name in inference.WINOGRAD_NETS else None)
             for name, model in ((n, inference.build(n)) for n in inference.NETS)}
 
 
@@ -56,10 +56,10 @@ def twins(nets):
 @pytest.mark.parametrize("name", list(inference.NETS))
 @pytest.mark.parametrize("impl", IMPLS)
 def test_inference(benchmark, nets, twins, impl, name, batch):
-    model, frozen, winograd = nets[name]
+    model, frozen, _ = nets[name]
     x = np.random.default_rng(batch).standard_normal((batch,) + inference.INPUT_SHAPE, dtype=np.float32)
     calls = inference.calls_for(model, frozen, x, twins("torch", name) if impl == "torch" else None,
-                                twins("ort", name) if impl == "ort" else None, winograd)
+                                twins("ort", name) if impl == "ort" else None)
     _time(benchmark, model, calls[impl], x, name, batch)
 
 
