@@ -295,6 +295,7 @@ class Graph:
 
     # Shared with Sequential: input conversion, batched prediction, dtype, parameters and buffers by layer index.
     dtype = _model.Sequential.dtype
+    winograd = _model.Sequential.winograd
     _input = _model.Sequential._input
     predict = _model.Sequential.predict
     predict_proba = _model.Sequential.predict_proba

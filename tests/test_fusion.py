@@ -254,7 +254,7 @@ def test_conv_relu_kernel_is_the_two_ops_in_a_row(rng):
     x = randn(rng, (2, 4, 9, 9), np.float32)
     w = randn(rng, (6, 4, 3, 3), np.float32)
     b = randn(rng, (6,), np.float32)
-    assert_bitwise_equal(F._conv2d_relu(x, w, b, stride=2, padding=1),
+    assert_bitwise_equal(F._conv2d(x, w, b, stride=2, padding=1, relu=True),
                          F.relu(F.conv2d(x, w, b, stride=2, padding=1)))
 
 

@@ -1,18 +1,26 @@
 """Winograd F(2x2, 3x3) (_kernels/conv_winograd.pxi), the opt-in forward of frozen plans
-(`Sequential.freeze(winograd=True)`): the kernel against the float64 reference (and so against PyTorch, which
+(`Sequential.freeze(winograd=True)`) and of training (`Sequential.winograd`: forward and input gradients): the kernel
+against the float64 reference (and so against PyTorch, which
 tests/test_reference.py checks the reference with) for drawn geometries, paddings, odd sizes and epilogues; its
 error beside the direct kernel's; the same bits on any thread count, for any batch and any slice of the output
 channels; the frozen plans that take it (float32 only); bad input.
 """
+import contextlib
+
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
 import convengine
 from convengine import frozen as frozen_module
+from convengine import functional as F
 from convengine import reference as R
 from convengine._kernels import engine
+from convengine._threads import every_call_threaded
+from convengine.graph import Add, Graph, Input
 from convengine.layers import BatchNorm2d, Conv2d, GlobalAvgPool2d, Linear, MaxPool2d, ReLU
+from convengine.losses import CrossEntropyLoss
+from convengine.optim import SGD
 
 from conftest import assert_bitwise_equal, randn
 from test_frozen import randomise_batch_norms
@@ -274,3 +282,172 @@ def test_freeze_checks_the_winograd_flag():
         model.freeze(winograd="yes")
     assert model.freeze(winograd=True).winograd and not model.freeze().winograd
     assert repr(model.freeze(winograd=True)).endswith(", winograd=True)") and "winograd" not in repr(model.freeze())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: Conv2d.winograd, Sequential.winograd (forward and input gradient by Winograd, opt-in)
+
+@contextlib.contextmanager
+def winograd_calls():
+    """The weight shapes of the convs that ran by Winograd while inside (forward convs, and input gradients as the
+    forward conv of grad_out with the weights transposed), in call order."""
+    calls = []
+    real = F._winograd_weights
+
+    def spy(x_shape, weight, params):
+        packed = real(x_shape, weight, params)
+        if packed is not None:
+            calls.append(weight.shape)
+        return packed
+    F._winograd_weights = spy
+    try:
+        yield calls
+    finally:
+        F._winograd_weights = real
+
+
+@given(data=st.data())
+def test_winograd_input_gradient_matches_the_reference_on_drawn_geometries(data):
+    """grad_x of a 3x3 stride-1 conv by Winograd (the forward conv of grad_out with the weights' channels swapped and
+    taps reversed, padded by 2 - padding): any size, padding 0-2 per axis, 1-40 channels each way (the channel
+    threshold lowered to 1 so that few-channel convs take it too): within 8 float32 epsilons of the float64
+    reference, relative to the largest sum of |products|. The weight gradient is the direct path's, bit for bit."""
+    B, C, K = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 40)), data.draw(st.integers(1, 40))
+    H, W = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12))
+    ph, pw = data.draw(st.integers(0, 2)), data.draw(st.integers(0, 2))
+    assume(H + 2 * ph >= 3 and W + 2 * pw >= 3)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    x, w = randn(rng, (B, C, H, W), np.float32), randn(rng, (K, C, 3, 3), np.float32)
+    dy = randn(rng, (B, K, H + 2 * ph - 2, W + 2 * pw - 2), np.float32)
+    old = engine.set_winograd_min_channels(1)
+    try:
+        with winograd_calls() as calls:
+            gx, gw, gb = F._conv2d_backward(dy, x, w, padding=(ph, pw), winograd=True)
+        direct = F.conv2d_backward(dy, x, w, padding=(ph, pw))
+    finally:
+        engine.set_winograd_min_channels(old)
+    assert calls == [(C, K, 3, 3)]
+    want = R.conv2d_backward(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), padding=(ph, pw))[0]
+    terms = R.conv2d_backward(np.abs(dy).astype(np.float64), x.astype(np.float64), np.abs(w).astype(np.float64),
+                              padding=(ph, pw))[0]
+    assert np.max(np.abs(gx - want)) <= 8 * np.finfo(np.float32).eps * np.max(terms)
+    assert_bitwise_equal(gw, direct[1], "grad_weight")
+    assert_bitwise_equal(gb, direct[2], "grad_bias")
+
+
+@pytest.mark.parametrize("C,K,size", [(64, 64, 16), (32, 128, 8), (128, 64, 8), (40, 96, 13)])
+def test_winograd_input_gradient_error_is_of_the_direct_kernels_order(C, K, size, rng):
+    x, w = randn(rng, (2, C, size, size), np.float32), randn(rng, (K, C, 3, 3), np.float32)
+    dy = randn(rng, (2, K, size, size), np.float32)
+    want = R.conv2d_backward(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), padding=1)[0]
+    direct = F.conv2d_backward(dy, x, w, padding=1)[0]
+    winograd = F._conv2d_backward(dy, x, w, padding=1, winograd=True)[0]
+    assert relative_error(winograd, want) <= 2 * relative_error(direct, want)
+    assert not np.array_equal(winograd, direct)          # really another sum
+
+
+def trained(model, steps=3, batch=4, seed=5):
+    """The model after `steps` SGD steps on fixed data (vgg_like's input), and the losses on the way."""
+    rng = np.random.default_rng(seed)
+    x = randn(rng, (batch, 3, 16, 16), model.dtype)
+    y = rng.integers(0, 10, batch)
+    opt, loss = SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3), CrossEntropyLoss()
+    losses = []
+    for _ in range(steps):
+        losses.append(loss(model.forward(x, training=True), y))
+        opt.zero_grad()
+        model.backward(loss.backward())
+        opt.step()
+    return model, losses
+
+
+def test_training_with_winograd_takes_the_wide_convs_and_follows_the_direct_training():
+    """vgg_like with winograd set: the forward convs of 64, 64 and 96 input channels and the input gradients of 64,
+    96 and 32 output channels run by Winograd (not the first layer's 3 channels, nor the 16 of the fourth conv's
+    output in backward nor of the fifth's input in forward); three SGD steps give the losses and weights of the
+    direct training within float32 rounding, and not its bits."""
+    model = vgg_like()
+    model.winograd = True
+    with winograd_calls() as calls:
+        fast, fast_losses = trained(model, steps=3)
+    assert calls == 3 * [(64, 64, 3, 3), (96, 64, 3, 3), (16, 96, 3, 3),     # forward
+                         (16, 32, 3, 3), (64, 96, 3, 3), (64, 64, 3, 3)]     # input gradients, last conv first
+    slow, slow_losses = trained(vgg_like(), steps=3)
+    np.testing.assert_allclose(fast_losses, slow_losses, rtol=1e-5)
+    for p, q in zip(fast.parameters(), slow.parameters()):
+        np.testing.assert_allclose(p.data, q.data, rtol=1e-4, atol=1e-5, err_msg=p.name)
+    assert any(not np.array_equal(p.data, q.data) for p, q in zip(fast.parameters(), slow.parameters()))
+
+
+def test_training_with_winograd_gives_the_same_bits_on_any_thread_count():
+    """A training step's outputs, input gradient and parameter gradients with every call threaded (no serial
+    threshold): 1, 2 and 3 threads give the same bits."""
+    rng = np.random.default_rng(8)
+    x = randn(rng, (6, 3, 16, 16), np.float32)
+    gy = randn(rng, (6, 10), np.float32)
+    results = []
+    with every_call_threaded():
+        for n in (1, 2, 3):
+            with convengine.num_threads(n):
+                model = vgg_like()
+                model.winograd = True
+                model.need_input_grad = True
+                with winograd_calls() as calls:
+                    out = model.forward(x, training=True)
+                    gx = model.backward(gy)
+                assert len(calls) == 7      # and the first conv's input gradient (64 channels of grad_out)
+                results.append([out, gx] + [p.grad.copy() for p in model.parameters()])
+    for n, other in zip((2, 3), results[1:]):
+        for k, (a, b) in enumerate(zip(other, results[0])):
+            assert_bitwise_equal(a, b, f"{n} threads: result {k}")
+
+
+def test_winograd_leaves_float64_and_other_convs_to_the_direct_kernels():
+    """float64 models and float32 convs Winograd does not take (stride 2, 1x1, 5x5, dilation, groups, few
+    channels) train with the bits of the default kernels when winograd is set."""
+    def nets(dtype):
+        convengine.manual_seed(4)
+        return [vgg_like(dtype), convengine.Sequential([
+            Conv2d(3, 32, 3, stride=2, padding=1, dtype=dtype), ReLU(), Conv2d(32, 32, 1, dtype=dtype),
+            Conv2d(32, 32, 5, padding=2, dtype=dtype), Conv2d(32, 32, 3, padding=2, dilation=2, dtype=dtype),
+            Conv2d(32, 32, 3, padding=1, groups=2, dtype=dtype), Conv2d(32, 16, 1, dtype=dtype),
+            Conv2d(16, 8, 3, padding=1, dtype=dtype), GlobalAvgPool2d(), Linear(8, 10, dtype=dtype)])]
+    for dtype, which in (("float64", 0), ("float32", 1), ("float64", 1)):
+        model, default = nets(dtype)[which], nets(dtype)[which]
+        model.winograd = True
+        with winograd_calls() as calls:
+            model, losses = trained(model, steps=2)
+        assert calls == []
+        default, default_losses = trained(default, steps=2)
+        assert losses == default_losses
+        for p, q in zip(model.parameters(), default.parameters()):
+            assert_bitwise_equal(p.data, q.data, f"{dtype} net {which}: {p.name}")
+
+
+def test_the_winograd_flag_of_layers_and_models(tmp_path, rng):
+    """Conv2d.winograd: False by default, a bool (TypeError otherwise); Sequential.winograd and Graph.winograd set
+    every conv's and tell whether all have it; not saved with the model; predict keeps the default plan's bits."""
+    conv = Conv2d(32, 32, 3)
+    assert conv.winograd is False
+    with pytest.raises(TypeError, match="winograd"):
+        conv.winograd = "yes"
+    model = vgg_like()
+    assert model.winograd is False
+    x = randn(rng, (2, 3, 16, 16), np.float32)
+    want = model.predict(x)
+    model.winograd = True
+    assert model.winograd is True and all(layer.winograd for layer in model if isinstance(layer, Conv2d))
+    assert_bitwise_equal(model.predict(x), want, "predict")
+    model[3].winograd = False
+    assert model.winograd is False
+    with pytest.raises(TypeError, match="winograd"):
+        model.winograd = 1
+    model.winograd = True
+    model.save(tmp_path / "m.npz")
+    assert convengine.load(tmp_path / "m.npz").winograd is False
+    assert convengine.Sequential([ReLU()]).winograd is False
+    inp = Input((32, 8, 8))
+    a = Conv2d(32, 32, 3, padding=1)(inp)
+    graph = Graph(inp, Add()([a, Conv2d(32, 32, 3, padding=1)(inp)]))
+    graph.winograd = True
+    assert graph.winograd and all(layer.winograd for layer in graph.layers if isinstance(layer, Conv2d))

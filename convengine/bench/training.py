@@ -127,9 +127,11 @@ def step_data(batch, seed=0):
     return x, rng.integers(0, inference.NUM_CLASSES, batch)
 
 
-def engine_step(name, batch=STEP_BATCH, seed=0):
-    """A callable running one training step of net `name` on a fixed batch, and the model."""
+def engine_step(name, batch=STEP_BATCH, seed=0, winograd=False):
+    """A callable running one training step of net `name` on a fixed batch, and the model (with winograd, its
+    convs opted in to Winograd F(2x2, 3x3): Sequential.winograd)."""
     model = inference.build(name, seed)
+    model.winograd = winograd
     opt = SGD(model.parameters(), lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     loss = CrossEntropyLoss()
     x, y = step_data(batch, seed)
@@ -161,7 +163,8 @@ def torch_step(model, batch=STEP_BATCH, seed=0):
 def step_rows(threads, repeats=9, batch=STEP_BATCH, nets=STEP_NETS, use_torch=True, matmul_rate=None):
     """Per net at `threads` threads: median ms per step of the engine and of PyTorch, their ratio (engine /
     PyTorch, below 1 is faster), images/s and GFLOP/s of the engine, and its % of the float32 matmul rate
-    (measured here at the same thread count unless given)."""
+    (measured here at the same thread count unless given); for the nets with convs Winograd takes
+    (inference.WINOGRAD_NETS), also the step with Sequential.winograd set (opt-in) and its ratio to PyTorch."""
     rows = []
     with SameThreads(threads):
         if matmul_rate is None:
@@ -169,28 +172,33 @@ def step_rows(threads, repeats=9, batch=STEP_BATCH, nets=STEP_NETS, use_torch=Tr
         for name in nets:
             run, model = engine_step(name, batch)
             calls = {"engine": run}
+            if name in inference.WINOGRAD_NETS:
+                calls["winograd"] = engine_step(name, batch, winograd=True)[0]
             if use_torch and torch_module() is not None:
                 calls["torch"] = torch_step(model, batch)
             times = time_interleaved(calls, {c: repeats for c in calls}, warmup=2, rounds=3)
             engine_ms = median_ms(times["engine"])
             torch_ms = median_ms(times["torch"]) if "torch" in times else None
+            wino_ms = median_ms(times["winograd"]) if "winograd" in times else None
             gflops = step_flops(model, batch) / (engine_ms * 1e6)
             rows.append({"net": name, "threads": threads, "batch": batch, "engine_ms": engine_ms,
-                         "torch_ms": torch_ms, "ratio": ratio(engine_ms, torch_ms),
+                         "torch_ms": torch_ms, "ratio": ratio(engine_ms, torch_ms), "wino_ms": wino_ms,
+                         "wino_ratio": ratio(wino_ms, torch_ms),
                          "images_per_s": batch / engine_ms * 1e3, "gflops": gflops,
                          "matmul_pct": 100 * gflops / matmul_rate, "matmul_gflops": matmul_rate,
                          "memory_mb": model.training_memory_bytes(batch) / 1e6})
     return rows
 
 
-STEP_HEADER = ("net", "thr", "engine_ms", "torch_ms", "eng/torch", "img/s", "GFLOP/s", "%matmul", "MB")
-STEP_WIDTHS = (10, 3, 10, 10, 9, 7, 8, 8, 6)
+STEP_HEADER = ("net", "thr", "engine_ms", "torch_ms", "eng/torch", "img/s", "GFLOP/s", "%matmul", "MB", "wino_ms",
+               "w/torch")
+STEP_WIDTHS = (10, 3, 10, 10, 9, 7, 8, 8, 6, 10, 8)
 
 
 def format_step_row(r):
     cells = (r["net"], str(r["threads"]), num(r["engine_ms"]), num(r["torch_ms"]), num(r["ratio"], "{:.3g}"),
              num(r["images_per_s"], "{:.0f}"), num(r["gflops"], "{:.1f}"), num(r["matmul_pct"], "{:.0f}%"),
-             num(r["memory_mb"], "{:.0f}"))
+             num(r["memory_mb"], "{:.0f}"), num(r.get("wino_ms")), num(r.get("wino_ratio"), "{:.3g}"))
     return "  ".join(c.rjust(w) for c, w in zip(cells, STEP_WIDTHS))
 
 
@@ -226,6 +234,12 @@ def summary(result, ctx):
                      + ", ".join(f"{r['net']} {num(r['ratio'], '{:.3g}')}" for r in rows)
                      + f" (geomean {num(geomean([r['ratio'] for r in rows]), '{:.3g}')}); "
                      + ", ".join(f"{r['net']} {r['matmul_pct']:.0f}%" for r in rows) + " of the matmul rate")
+        wino = [r for r in rows if r.get("wino_ms") is not None]
+        if wino:
+            lines.append("  winograd=True (" + ", ".join(r["net"] for r in wino) + "): step time / default "
+                         + ", ".join(f"{r['net']} {num(ratio(r['wino_ms'], r['engine_ms']), '{:.3g}')}" for r in wino)
+                         + ", / PyTorch "
+                         + ", ".join(f"{r['net']} {num(r['wino_ratio'], '{:.3g}')}" for r in wino))
     return lines
 
 
