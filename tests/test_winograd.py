@@ -337,12 +337,14 @@ def test_winograd_input_gradient_matches_the_reference_on_drawn_geometries(data)
 
 @pytest.mark.parametrize("C,K,size", [(64, 64, 16), (32, 128, 8), (128, 64, 8), (40, 96, 13)])
 def test_winograd_input_gradient_error_is_of_the_direct_kernels_order(C, K, size, rng):
+    """Within 6 float32 epsilons of the largest exact value (measured on these shapes, AVX-512 and baseline
+    builds: 2.3-4.1; the direct kernels' 1.6-10, by path and build)."""
     x, w = randn(rng, (2, C, size, size), np.float32), randn(rng, (K, C, 3, 3), np.float32)
     dy = randn(rng, (2, K, size, size), np.float32)
     want = R.conv2d_backward(dy.astype(np.float64), x.astype(np.float64), w.astype(np.float64), padding=1)[0]
     direct = F.conv2d_backward(dy, x, w, padding=1)[0]
     winograd = F._conv2d_backward(dy, x, w, padding=1, winograd=True)[0]
-    assert relative_error(winograd, want) <= 2 * relative_error(direct, want)
+    assert relative_error(winograd, want) <= 6 * np.finfo(np.float32).eps
     assert not np.array_equal(winograd, direct)          # really another sum
 
 

@@ -48,32 +48,37 @@ cdef inline Py_ssize_t winograd_weights_len(const ConvGeom* p) noexcept nogil:
 cdef void pack_winograd_weights(const float* w, const ConvGeom* p, float* out) noexcept nogil:
     """U = G g G^T of each filter g (computed in float64, rounded once), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2;
     0 0 1]; stored for the micro-kernel as 16 A operands (one per entry s of U), each in MR-row panels of depth C:
-    out[((s * mpanels + k // MR) * C + c) * MR + k % MR], rows past K zero."""
+    out[((s * mpanels + k // MR) * C + c) * MR + k % MR], rows past K zero. Computed MR filters at a time, the
+    MR rows of a panel in the innermost loops (vectorised), each of the 16 operands written front to back (a
+    training step packs its weights every step: 64 -> 128 channels took 0.27 ms filter by filter; Zen 4)."""
     cdef Py_ssize_t mpanels = round_up(p.K, CE_MR) // CE_MR
-    cdef Py_ssize_t k, c, i, j, s
-    cdef double g[3][3]
-    cdef double gg[4][3]
-    cdef double u[4][4]
-    cdef const float* f
-    memset(out, 0, winograd_weights_len(p) * sizeof(float))
-    for k in range(p.K):
+    cdef Py_ssize_t k, kb, kr, c, i, j, s
+    cdef double g[9][CE_MR]
+    cdef double gg[12][CE_MR]
+    cdef double u[16][CE_MR]
+    cdef float* dst
+    for kb in range(mpanels):
         for c in range(p.C):
-            f = w + (k * p.C + c) * 9
-            for i in range(3):
-                for j in range(3):
-                    g[i][j] = f[i * 3 + j]
+            for i in range(9):
+                for kr in range(CE_MR):
+                    k = kb * CE_MR + kr
+                    g[i][kr] = w[(k * p.C + c) * 9 + i] if k < p.K else 0
             for j in range(3):
-                gg[0][j] = g[0][j]
-                gg[1][j] = (g[0][j] + g[1][j] + g[2][j]) * 0.5
-                gg[2][j] = (g[0][j] - g[1][j] + g[2][j]) * 0.5
-                gg[3][j] = g[2][j]
+                for kr in range(CE_MR):
+                    gg[j][kr] = g[j][kr]
+                    gg[3 + j][kr] = (g[j][kr] + g[3 + j][kr] + g[6 + j][kr]) * 0.5
+                    gg[6 + j][kr] = (g[j][kr] - g[3 + j][kr] + g[6 + j][kr]) * 0.5
+                    gg[9 + j][kr] = g[6 + j][kr]
             for i in range(4):
-                u[i][0] = gg[i][0]
-                u[i][1] = (gg[i][0] + gg[i][1] + gg[i][2]) * 0.5
-                u[i][2] = (gg[i][0] - gg[i][1] + gg[i][2]) * 0.5
-                u[i][3] = gg[i][2]
+                for kr in range(CE_MR):
+                    u[4 * i][kr] = gg[3 * i][kr]
+                    u[4 * i + 1][kr] = (gg[3 * i][kr] + gg[3 * i + 1][kr] + gg[3 * i + 2][kr]) * 0.5
+                    u[4 * i + 2][kr] = (gg[3 * i][kr] - gg[3 * i + 1][kr] + gg[3 * i + 2][kr]) * 0.5
+                    u[4 * i + 3][kr] = gg[3 * i + 2][kr]
             for s in range(16):
-                out[((s * mpanels + k // CE_MR) * p.C + c) * CE_MR + k % CE_MR] = <float>u[s // 4][s % 4]
+                dst = out + ((s * mpanels + kb) * p.C + c) * CE_MR
+                for kr in range(CE_MR):
+                    dst[kr] = <float>u[s][kr]
 
 
 cdef inline Py_ssize_t winograd_task_tiles(const ConvGeom* p, Py_ssize_t tiles) noexcept nogil:
