@@ -288,6 +288,9 @@ def test_training_steps_of_the_three_nets():
         assert r["matmul_pct"] == pytest.approx(r["gflops"])
         assert r["images_per_s"] == pytest.approx(4e3 / r["engine_ms"]) and r["torch_ms"] is None
         assert r["memory_mb"] == model.training_memory_bytes(4) / 1e6
+        # the opt-in Winograd step is timed for the nets it takes convs of, and has no ratio without PyTorch
+        assert (r["wino_ms"] is not None and r["wino_ms"] > 0) == (r["net"] in training.inference.WINOGRAD_NETS)
+        assert r["wino_ratio"] is None
     # cifar per image: convs 3->32 (32x32), 32->64 (16x16), 64->128 (8x8), linear 128->10; no input gradient for
     # the first conv
     forward = 2 * (3 * 32 * 9 * 1024 + 32 * 64 * 9 * 256 + 64 * 128 * 9 * 64 + 128 * 10)
@@ -298,6 +301,9 @@ def test_training_steps_of_the_three_nets():
     assert all(not np.array_equal(a, p.data) for a, p in zip(before, model.parameters()))
     summary = training.summary({"engine_s": 1.0, "torch_s": None, "speedup": None, "steps": rows}, None)
     assert summary[1].startswith("training steps at 1 thread(s), engine/PyTorch step time: cifar -")
+    cifar = rows[0]
+    assert summary[2] == (f"  winograd=True (cifar): step time / default cifar "
+                          f"{cifar['wino_ms'] / cifar['engine_ms']:.3g}, / PyTorch cifar -")
 
 
 # ---------------------------------------------------------------------------------------------------------------
