@@ -260,7 +260,7 @@ def test_a_frozen_winograd_model_agrees_with_its_layers_and_keeps_its_bits(net, 
         taken = sum(isinstance(step, frozen_module._Conv) and prepared[3] is not None
                     and prepared[3][0] == engine.WINOGRAD_PATH for step, prepared in zip(frozen.steps, plan.prepared))
     finally:
-        engine.set_winograd_min_channels(old)
+        engine.set_winograd_min_channels(*old)
     event(f"{taken} Winograd conv(s)" if taken < 2 else "2+ Winograd convs")
 
 

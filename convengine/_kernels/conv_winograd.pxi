@@ -283,20 +283,29 @@ AUTO_PATH = PATH_AUTO
 # 32 -> 64 at 16x16 0.73, 64 -> 64 at 32x32 0.62, 64 -> 128 at 8x8 0.68, 128 -> 128 at 16x16 0.55-0.57 (at 8x8
 # 0.60); batch 1, 32 -> 64 at 16x16 0.77. Below it the transforms cost about what the products save.
 cdef Py_ssize_t WINOGRAD_MIN_CHANNELS = 32
+# And output channels: each tile's transform is read once per MR of them, so a few do not pay for it. Batch 64, 1
+# thread, Zen 4, Winograd / direct time: 64 -> 3, 4, 8 at 32x32 0.96, 0.97, 0.92, 64 -> 12 0.80, 64 -> 16 0.78;
+# 128 -> 8 at 16x16 1.20, 128 -> 16 0.84; 32 -> 8 at 32x32 1.02, 32 -> 16 0.86; 64 -> 16 at 8x8 1.06, 128 -> 16
+# 1.01. An input gradient by Winograd (training) has the conv's input channels as its output: 32 -> 3 at 32x32
+# took 1.36x the direct kernel's time.
+cdef Py_ssize_t WINOGRAD_MIN_OUT_CHANNELS = 16
 
 
-def set_winograd_min_channels(Py_ssize_t n):
-    """Test hook: WINOGRAD_MIN_CHANNELS = n (so that drawn models of a few channels reach Winograd); returns the
-    value it replaces."""
-    global WINOGRAD_MIN_CHANNELS
-    cdef Py_ssize_t old = WINOGRAD_MIN_CHANNELS
-    WINOGRAD_MIN_CHANNELS = max(1, n)
-    return old
+def set_winograd_min_channels(Py_ssize_t n_in, Py_ssize_t n_out=1):
+    """Test hook: WINOGRAD_MIN_CHANNELS = n_in, WINOGRAD_MIN_OUT_CHANNELS = n_out (so that drawn models of a few
+    channels reach Winograd); returns the values it replaces, (n_in, n_out)."""
+    global WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_OUT_CHANNELS
+    cdef Py_ssize_t old_in = WINOGRAD_MIN_CHANNELS, old_out = WINOGRAD_MIN_OUT_CHANNELS
+    WINOGRAD_MIN_CHANNELS = max(1, n_in)
+    WINOGRAD_MIN_OUT_CHANNELS = max(1, n_out)
+    return old_in, old_out
 
 
 def winograd_takes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize):
     """Whether a plan that opted in runs this conv by Winograd F(2x2, 3x3): float32 (itemsize 4), a geometry
-    PATH_WINOGRAD computes, WINOGRAD_MIN_CHANNELS input channels or more (params as for conv2d_forward)."""
+    PATH_WINOGRAD computes, WINOGRAD_MIN_CHANNELS input channels or more and WINOGRAD_MIN_OUT_CHANNELS output
+    channels or more (params as for conv2d_forward)."""
     cdef ConvGeom p
     fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
-    return itemsize == 4 and winograd_fits(&p) and p.C >= WINOGRAD_MIN_CHANNELS
+    return (itemsize == 4 and winograd_fits(&p) and p.C >= WINOGRAD_MIN_CHANNELS
+            and p.K >= WINOGRAD_MIN_OUT_CHANNELS)
