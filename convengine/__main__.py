@@ -366,9 +366,9 @@ def cmd_export(args):
 
 def _add_winograd_flag(parser):
     parser.add_argument("--winograd", action="store_true",
-                        help="run the float32 3x3 stride-1 convs of 32+ channels by Winograd F(2x2, 3x3): faster, "
-                             "rounds differently, and a NaN or infinite pixel spreads over its 2x2 output tile "
-                             "(Sequential.freeze(winograd=True))")
+                        help="run the float32 3x3 stride-1 convs of 32+ input and 16+ output channels by "
+                             "Winograd F(2x2, 3x3): faster, rounds differently, and a NaN or infinite pixel spreads "
+                             "over its 2x2 output tile (Sequential.freeze(winograd=True))")
 
 
 def _scores(model, x, args):

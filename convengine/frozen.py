@@ -10,8 +10,8 @@ transformers (each rewrite matches one pattern; running the plan is separate fro
   summed into the bias); anywhere else it stays a per-channel affine step;
 - a ReLU after a conv becomes the conv's epilogue (applied as each output tile is stored, while it is in cache), and
   so does a BatchNorm2d after that ReLU (a per-channel scale and shift after the max);
-- with `freeze(winograd=True)` only: float32 3x3 stride-1 convs of 32+ input channels run by Winograd F(2x2, 3x3)
-  (_kernels/conv_winograd.pxi; FrozenModel says what that trades);
+- with `freeze(winograd=True)` only: float32 3x3 stride-1 convs of 32+ input and 16+ output channels run by
+  Winograd F(2x2, 3x3) (_kernels/conv_winograd.pxi; FrozenModel says what that trades);
 - a ReLU after a Linear is applied in place on its output.
 
 Activations live in buffers planned per input shape and batch size and reused across calls (no fresh multi-MB
@@ -780,12 +780,13 @@ class FrozenModel:
     The weights are taken when the model is frozen: later training, `load`, or edits of the model's parameters do
     not reach a frozen model; freeze again to take them. Calls may come from several threads at once.
 
-    winograd=True (opt-in): float32 3x3 convs of stride 1, dilation 1, one group and 32 or more input channels run by
-    Winograd's F(2x2, 3x3), with 4/9 of the multiplications (1.4-1.8x faster on such convs). Its transforms round
-    differently (as close to the exact result as the direct sum, in tests/test_winograd.py), a non-finite input
-    value spreads to the whole 2x2 output tile whose input holds it (inf - inf), and a non-finite weight makes its
-    output channel non-finite everywhere, as in the direct sum but NaN where that may give an infinity; so it stays
-    off unless asked for. Bits still do not depend on the thread count or the batch size."""
+    winograd=True (opt-in): float32 3x3 convs of stride 1, dilation 1, one group, 32 or more input channels and 16
+    or more output channels run by Winograd's F(2x2, 3x3), with 4/9 of the multiplications (1.4-1.8x faster on such
+    convs). Its transforms round differently (as close to the exact result as the direct sum, in
+    tests/test_winograd.py), a non-finite input value spreads to the whole 2x2 output tile whose input holds it
+    (inf - inf), and a non-finite weight makes its output channel non-finite everywhere, as in the direct sum but
+    NaN where that may give an infinity; so it stays off unless asked for. Bits still do not depend on the thread
+    count or the batch size."""
 
     def __init__(self, model, winograd=False):
         self.dtype = model.dtype

@@ -134,9 +134,9 @@ class Sequential:
     @property
     def winograd(self):
         """Whether every Conv2d layer runs by Winograd F(2x2, 3x3) where it can (Conv2d.winograd; False for a model
-        without one). Setting it sets every Conv2d's: an opt-in for training, whose forward pass and input
-        gradients of float32 3x3 stride-1 convs of 32 or more channels then take 0.55-0.75 of the time and round
-        differently. Not saved with the model; predict() and freeze() keep the direct kernels unless
+        without one). Setting it sets every Conv2d's: an opt-in for training, whose forward pass and input gradients
+        of float32 3x3 stride-1 convs of 32 or more input and 16 or more output channels then take 0.55-0.75 of the
+        time and round differently. Not saved with the model; predict() and freeze() keep the direct kernels unless
         freeze(winograd=True)."""
         convs = [layer for layer in self.layers if isinstance(layer, Conv2d)]
         return bool(convs) and all(conv.winograd for conv in convs)
@@ -324,8 +324,9 @@ class Sequential:
         across calls. `frozen(x)` and `frozen.predict(x, batch_size)` give what predict(x) gives. The weights are
         taken now: later training, `load` or edits of the parameters do not reach the frozen model.
 
-        winograd=True opts in to Winograd F(2x2, 3x3) for the float32 3x3, stride-1 convs of 32+ input channels
-        (faster; rounds differently, and a non-finite input spreads over its 2x2 output tile: see FrozenModel)."""
+        winograd=True opts in to Winograd F(2x2, 3x3) for the float32 3x3, stride-1 convs of 32+ input channels and
+        16+ output channels (faster; rounds differently, and a non-finite input spreads over its 2x2 output tile:
+        see FrozenModel)."""
         from .frozen import FrozenModel
         return FrozenModel(self, winograd=_args.check_bool(winograd, "winograd"))
 

@@ -87,8 +87,8 @@ def vgg_net():
 
 
 NETS = {"cifar": cifar_net, "lenet5": lenet5, "separable": separable_net, "vgg": vgg_net}
-# The nets with 3x3 stride-1 convs of 32+ input channels, where the opt-in Winograd plan differs from the default
-# one (freeze(winograd=True)); its column is timed on these only.
+# The nets with 3x3 stride-1 convs of 32+ input (and 16+ output) channels, where the opt-in Winograd plan differs
+# from the default one (freeze(winograd=True)); its column is timed on these only.
 WINOGRAD_NETS = ("cifar", "vgg")
 
 
