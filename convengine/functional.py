@@ -90,7 +90,7 @@ def _conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, group
                      need_bias_grad=True, winograd=False):
     """conv2d_backward; need_bias_grad=False (a conv without bias) skips grad_bias's pass over grad_out and gives
     None for it; winograd: grad_x by Winograd F(2x2, 3x3) where its conv is one the engine takes that way
-    (_winograd_grad_input; grad_weight is computed as always)."""
+    (_winograd_grad_input), and grad_weight where engine.winograd_grad_weight_takes (many channels and tiles)."""
     geom = _args.conv2d_backward_args(grad_out, x, weight, stride, padding, dilation, groups)
     need_input_grad = _args.check_bool(need_input_grad, "need_input_grad")
     grad_out = _contiguous(grad_out)
@@ -98,7 +98,11 @@ def _conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, group
     n_threads = _threads_for(_args.flops_conv2d(geom), _SERIAL_FLOPS)
     grad_w = _workspace.empty(weight.shape, dtype=x.dtype)
     grad_b = _workspace.empty(weight.shape[0], dtype=x.dtype) if need_bias_grad else None
-    _engine.conv2d_grad_weight(grad_out, _contiguous(x), grad_w, grad_b, params, n_threads)
+    x = _contiguous(x)
+    if winograd and _engine.winograd_grad_weight_takes(x.shape, weight.shape, params, weight.itemsize):
+        _engine.conv2d_grad_weight_winograd(grad_out, x, grad_w, grad_b, params, n_threads)
+    else:
+        _engine.conv2d_grad_weight(grad_out, x, grad_w, grad_b, params, n_threads)
     grad_x = None
     if need_input_grad:
         grad_x = _workspace.empty(x.shape, dtype=x.dtype)

@@ -107,10 +107,11 @@ cdef inline Py_ssize_t winograd_rows_len(const ConvGeom* p, Py_ssize_t TW) noexc
 
 
 cdef void winograd_input(const float* x, const ConvGeom* p, Py_ssize_t TW, Py_ssize_t T, Py_ssize_t t0,
-                         Py_ssize_t nt, Py_ssize_t NR, Py_ssize_t npanels, float* v, float* rows) noexcept nogil:
+                         Py_ssize_t nt, Py_ssize_t NR, Py_ssize_t npanels, Py_ssize_t sstride, float* v,
+                         float* rows) noexcept nogil:
     """V of tiles t0 .. t0 + nt - 1 of the batch x (B x C x H x W; tile t is tile t % T of image t // T, its T tiles
     row-major, TW to a row): entry s of tile t0 + j in channel c at v[s * sstride + (j // NR * C + c) * NR + j % NR]
-    (sstride = winograd_v_stride), columns nt .. npanels * NR - 1 zero. rows: winograd_rows_len values (zeroed:
+    (the forward's sstride: winograd_v_stride), columns nt .. npanels * NR - 1 zero. rows: winograd_rows_len values (zeroed:
     the shifted loads of a tile row's last vector may reach past what is copied).
 
     Per image and channel, the input rows the tiles read are split into even and odd columns at once
@@ -118,7 +119,6 @@ cdef void winograd_input(const float* x, const ConvGeom* p, Py_ssize_t TW, Py_ss
     tile row's tiles are transformed VL at a time in registers (ce_wino_in). Transforming each tile row's four rows in separate passes
     of a few elements took 7.4 of a 32 ms conv (64 -> 64 channels, 32x32, batch 64, AMD Zen 4)."""
     cdef Py_ssize_t ld = winograd_row_len(TW)
-    cdef Py_ssize_t sstride = winograd_v_stride(p, NR, npanels)
     cdef Py_ssize_t c, t, tb, b, ty, ty0, ty1, nrow, txa, txb, j, q, n, run, s, ih0
     cdef float* ev = rows
     cdef float* od
@@ -252,7 +252,7 @@ cdef int conv2d_forward_winograd(const float* x, const float* upack, const Epilo
             nt = min(J, p.B * T - t0)
             npanels = (nt + NR - 1) // NR
             sstride = winograd_v_stride(p, NR, npanels)
-            winograd_input(x, p, TW, T, t0, nt, NR, npanels, vbuf, rows)
+            winograd_input(x, p, TW, T, t0, nt, NR, npanels, sstride, vbuf, rows)
             row_table(brow, vbuf, p.C, NR)
             for jp in range(npanels):
                 ncols = min(NR, nt - jp * NR)

@@ -116,4 +116,58 @@ static inline void ce_wino_merge_f(const float* restrict a, const float* restric
     }
 }
 
+/* The weight gradient's two kernels (conv_winograd_grad_weight.pxi). */
+
+/* A g A^T of n tiles side by side (one tile row of one output channel's gradient g, the adjoint of the forward's
+ * output transform), from its two rows' even columns e + r * ld and odd ones o + r * ld (r = 0, 1): entry 4a + b
+ * of tile q to dst[(4a + b) * ss + q], A = [1 0; 1 1; 1 -1; 0 -1] (A^T above). The rows' half (t0 = g0,
+ * t1 = g0 + g1, t2 = g0 - g1, t3 = -g1), then the columns' the same way. The rows are read up to index
+ * n + VL - 1 (the caller's slack); only n tiles are stored. */
+static inline void ce_wino_gout_f(const float* restrict e, const float* restrict o, ptrdiff_t ld, ptrdiff_t n,
+                                  float* restrict dst, ptrdiff_t ss)
+{
+    for (ptrdiff_t q = 0; q < n; q += CE_WINO_VL) {
+        ce_vf a = *(const ce_vf*)(e + q), b = *(const ce_vf*)(o + q);
+        ce_vf c = *(const ce_vf*)(e + ld + q), d = *(const ce_vf*)(o + ld + q);
+        ce_vf r0[4] = {a, a + c, a - c, -c}, r1[4] = {b, b + d, b - d, -d}, v[16];
+        for (int i = 0; i < 4; i++) {
+            v[4 * i] = r0[i];
+            v[4 * i + 1] = r0[i] + r1[i];
+            v[4 * i + 2] = r0[i] - r1[i];
+            v[4 * i + 3] = -r1[i];
+        }
+        if (q + CE_WINO_VL <= n) {
+            for (int s = 0; s < 16; s++) *(ce_vf*)(dst + s * ss + q) = v[s];
+        } else {
+            for (int s = 0; s < 16; s++) ce_vf_store_first(dst + s * ss + q, v[s], n - q);
+        }
+    }
+}
+
+/* The register block of ce_wino_gw_block: CE_WGW_KB output channels x CE_WGW_CB input channels of vector
+ * accumulators (24 of AVX-512's 32 registers, 12 of AVX2's and SSE's 16), a multiple of CE_GI_NP. */
+#define CE_WGW_KB (CE_MR / 2)
+#define CE_WGW_CB (2 * CE_NV)
+
+/* du[i * ldu + j] += the sum over q < n (a whole number of vectors) of m[i * lm + q] * v[j * lv + q], for
+ * i < CE_WGW_KB and j < CE_WGW_CB: lane by lane over q in order, then each accumulator's lanes (ce_vf_hsum_np). */
+static inline void ce_wino_gw_block(const float* restrict m, ptrdiff_t lm, const float* restrict v, ptrdiff_t lv,
+                                    ptrdiff_t n, float* restrict du, ptrdiff_t ldu)
+{
+    ce_vf acc[CE_WGW_KB * CE_WGW_CB];
+    float sums[CE_WGW_KB * CE_WGW_CB];
+    for (int a = 0; a < CE_WGW_KB * CE_WGW_CB; a++) acc[a] = ce_vf_zero();
+    for (ptrdiff_t q = 0; q < n; q += CE_WINO_VL) {
+        ce_vf mv[CE_WGW_KB];
+        for (int i = 0; i < CE_WGW_KB; i++) mv[i] = *(const ce_vf*)(m + i * lm + q);
+        for (int j = 0; j < CE_WGW_CB; j++) {
+            ce_vf vv = *(const ce_vf*)(v + j * lv + q);
+            for (int i = 0; i < CE_WGW_KB; i++) acc[i * CE_WGW_CB + j] += mv[i] * vv;
+        }
+    }
+    for (int a = 0; a < CE_WGW_KB * CE_WGW_CB; a += CE_GI_NP) ce_vf_hsum_np(acc + a, sums + a);
+    for (int i = 0; i < CE_WGW_KB; i++)
+        for (int j = 0; j < CE_WGW_CB; j++) du[i * ldu + j] += sums[i * CE_WGW_CB + j];
+}
+
 #endif

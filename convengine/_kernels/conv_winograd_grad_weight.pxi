@@ -1,0 +1,233 @@
+# Winograd F(2x2, 3x3) for the weight gradient of a 3x3, stride-1 convolution: opt-in, float32, for training
+# (Conv2d.winograd). The forward's 2x2 output tile is Y = A^T [ sum over c of U[c] * V[c] ] A with U = G g G^T
+# (conv_winograd.pxi), linear in U; so the gradient of filter g (output channel k, input channel c) is
+#
+#     G^T dU G,   dU = sum over the batch's tiles of (A dY A^T) * V[c]   (elementwise, 4x4)
+#
+# with dY the tile's 2x2 output gradient of channel k (zero past the output's edge) and V[c] the forward's input
+# transform: 16 reductions over the tiles of K x C products each, 16 x K x C multiply-adds per tile where the direct
+# sum has 36 (9 taps x 4 pixels). In exact arithmetic it is the gradient of the conv; in float32 it rounds like the
+# forward Winograd does (tests/test_winograd.py), and a non-finite input or output gradient reaches every weight
+# its tile's products touch.
+#
+# The batch's tiles (numbered as the forward's) are cut into chunks of about WINOGRAD_GW_TILES; a chunk's V (C rows)
+# and A dY A^T (K rows) are written tile-contiguous per channel, 16 entries apart, and reduced by ce_wino_gw_block:
+# CE_WGW_KB x CE_WGW_CB channel pairs of vector accumulators over the chunk's tiles, then their lanes, added into
+# the chunk's slice's sums. Slices (a fixed split of the chunks, a function of the shape only) each sum their
+# chunks in order and are added in slice order: the same bits on any thread count.
+
+cdef extern from "winograd.h":
+    void wino_gout_f "ce_wino_gout_f"(const float* e, const float* o, Py_ssize_t ld, Py_ssize_t n, float* dst,
+                                      Py_ssize_t ss) nogil
+    void wino_gw_block "ce_wino_gw_block"(const float* m, Py_ssize_t lm, const float* v, Py_ssize_t lv,
+                                          Py_ssize_t n, float* du, Py_ssize_t ldu) nogil
+    enum:
+        CE_WGW_KB
+        CE_WGW_CB
+
+
+# Tiles per chunk: the accumulators' lanes are summed once per chunk (22 shuffles and adds per 8 on AVX-512, against
+# 32 multiply-adds each at 512 tiles), and a chunk's transforms (16 x (C + K) x 512 floats: 6 MiB at 64 -> 128
+# channels) are read back from the L3 cache, one entry (a quarter to a half of the L2 cache) at a time.
+cdef Py_ssize_t WINOGRAD_GW_TILES = 512
+# The slices' partial sums (16 x K x C floats each) stay under this many bytes in all.
+cdef Py_ssize_t WINOGRAD_GW_PARTIAL_BYTES = 32 << 20
+
+
+cdef void winograd_grad_output(const float* dy, const ConvGeom* p, Py_ssize_t TW, Py_ssize_t T, Py_ssize_t t0,
+                               Py_ssize_t nt, Py_ssize_t J, Py_ssize_t mstride, float* m,
+                               float* rows) noexcept nogil:
+    """A dY A^T of tiles t0 .. t0 + nt - 1 (numbered as winograd_input's) of the output gradient dy (B x K x OH x
+    OW): entry s of tile t0 + j in channel k at m[s * mstride + k * J + j], columns nt .. J - 1 zero. rows: scratch
+    of winograd_rows_len values (zeroed), for each channel's two rows per tile row split into even and odd columns
+    (copy_plane_rows_step on the output plane; zero past its edge)."""
+    cdef ConvGeom q = p[0]
+    cdef Py_ssize_t ld = winograd_row_len(TW)
+    cdef Py_ssize_t k, t, tb, b, ty, ty0, ty1, nrow, txa, txb, j, s
+    cdef float* ev = rows
+    cdef float* od
+    cdef const float* dk
+    q.H = p.OH
+    q.W = p.OW
+    t = t0
+    while t < t0 + nt:
+        b = t // T
+        tb = min(t0 + nt, (b + 1) * T)
+        ty0 = (t - b * T) // TW
+        ty1 = (tb - 1 - b * T) // TW + 1
+        nrow = 2 * (ty1 - ty0)
+        od = rows + nrow * ld
+        for k in range(p.K):
+            dk = dy + (b * p.K + k) * p.OH * p.OW
+            copy_plane_rows_step(dk, &q, 2 * ty0, nrow, 1, ev, ld, ld, 0, 2)
+            copy_plane_rows_step(dk, &q, 2 * ty0, nrow, 1, od, ld, ld, 1, 2)
+            for ty in range(ty0, ty1):
+                txa = t - b * T - ty0 * TW if ty == ty0 else 0
+                txb = tb - b * T - ty * TW if ty == ty1 - 1 else TW
+                j = b * T + ty * TW + txa - t0
+                wino_gout_f(ev + 2 * (ty - ty0) * ld + txa, od + 2 * (ty - ty0) * ld + txa, ld, txb - txa,
+                            m + k * J + j, mstride)
+        t = tb
+    if nt < J:
+        for s in range(16):
+            for k in range(p.K):
+                memset(m + s * mstride + k * J + nt, 0, (J - nt) * sizeof(float))
+
+
+cdef inline void winograd_filter_gradient(const float* du, Py_ssize_t ds, float* dg) noexcept nogil:
+    """dg (3x3) = G^T dU G of the 4x4 dU (entry s at du[s * ds]), in float64, rounded once."""
+    cdef double u[4][4]
+    cdef double t[4][3]
+    cdef Py_ssize_t i, b
+    for i in range(16):
+        u[i // 4][i % 4] = du[i * ds]
+    for i in range(4):
+        t[i][0] = u[i][0] + (u[i][1] + u[i][2]) * 0.5
+        t[i][1] = (u[i][1] - u[i][2]) * 0.5
+        t[i][2] = (u[i][1] + u[i][2]) * 0.5 + u[i][3]
+    for b in range(3):
+        dg[b] = <float>(t[0][b] + (t[1][b] + t[2][b]) * 0.5)
+        dg[3 + b] = <float>((t[1][b] - t[2][b]) * 0.5)
+        dg[6 + b] = <float>((t[1][b] + t[2][b]) * 0.5 + t[3][b])
+
+
+cdef int conv2d_grad_weight_winograd_core(const float* dy, const float* x, float* dw, float* db,
+                                          const ConvGeom* p, int n_threads) noexcept nogil:
+    """dw (K x C x 3 x 3) and db (K,) or NULL of a conv PATH_WINOGRAD computes (winograd_fits), overwritten (see
+    the top of this file). Returns -1 on allocation failure."""
+    cdef fpstate fp, fps
+    cdef Py_ssize_t VL = VLF
+    cdef Py_ssize_t TH = (p.OH + 1) // 2, TW = (p.OW + 1) // 2
+    cdef Py_ssize_t T = TH * TW
+    cdef Py_ssize_t J = round_up(balanced_block(p.B * T, WINOGRAD_GW_TILES), VL)
+    cdef Py_ssize_t nchunks = (p.B * T + J - 1) // J
+    cdef Py_ssize_t Kp = round_up(p.K, CE_WGW_KB), Cp = round_up(p.C, CE_WGW_CB)
+    cdef Py_ssize_t usize = 16 * Kp * Cp
+    cdef Py_ssize_t nslices = min(nchunks, 16)
+    cdef Py_ssize_t per, sl, ch, ch0, ch1, t0, nt, n, s, kb, cb, k, c
+    cdef Py_ssize_t vstride = Cp * J + J, mstride = Kp * J + J
+    cdef float* partial
+    cdef float* vbuf
+    cdef float* mbuf
+    cdef float* rows
+    cdef float* du
+    cdef int failed = 0
+    while nslices > 1 and nslices * usize * <Py_ssize_t>sizeof(float) > WINOGRAD_GW_PARTIAL_BYTES:
+        nslices = nslices // 2
+    per = (nchunks + nslices - 1) // nslices
+    partial = <float*>calloc(nslices * usize, sizeof(float))
+    if partial == NULL:
+        return -1
+    fps = fp_suspend()
+    with parallel(num_threads=n_threads):
+        fp = fp_enter()
+        # rows past C and K stay zero: the register blocks run over whole blocks of channels
+        vbuf = <float*>calloc(16 * vstride, sizeof(float))
+        mbuf = <float*>calloc(16 * mstride, sizeof(float))
+        rows = <float*>calloc(winograd_rows_len(p, TW), sizeof(float))
+        for sl in prange(nslices, schedule='static'):
+            if vbuf == NULL or mbuf == NULL or rows == NULL:
+                flag_failure(&failed)
+                continue
+            du = partial + sl * usize
+            ch0 = sl * per
+            ch1 = min(nchunks, ch0 + per)
+            for ch in range(ch0, ch1):
+                t0 = ch * J
+                nt = min(J, p.B * T - t0)
+                n = round_up(nt, VL)
+                winograd_input(x, p, TW, T, t0, nt, J, 1, vstride, vbuf, rows)
+                winograd_grad_output(dy, p, TW, T, t0, nt, J, mstride, mbuf, rows)
+                for s in range(16):
+                    for cb in range(Cp // CE_WGW_CB):
+                        for kb in range(Kp // CE_WGW_KB):
+                            wino_gw_block(mbuf + s * mstride + kb * CE_WGW_KB * J, J,
+                                          vbuf + s * vstride + cb * CE_WGW_CB * J, J, n,
+                                          du + (s * Kp + kb * CE_WGW_KB) * Cp + cb * CE_WGW_CB, Cp)
+        free(vbuf)
+        free(mbuf)
+        free(rows)
+        fp_leave(fp)
+    if not failed:
+        with parallel(num_threads=n_threads):
+            fp = fp_enter()
+            for k in prange(p.K, schedule='static'):
+                # the slices in order into the first, then each filter's transform
+                for sl in range(1, nslices):
+                    for s in range(16):
+                        for c in range(p.C):
+                            partial[(s * Kp + k) * Cp + c] += partial[sl * usize + (s * Kp + k) * Cp + c]
+                for c in range(p.C):
+                    winograd_filter_gradient(partial + k * Cp + c, Kp * Cp, dw + (k * p.C + c) * 9)
+            fp_leave(fp)
+    fp_resume(fps)
+    free(partial)
+    if not failed and db != NULL:
+        grad_bias(dy, p, db, n_threads)
+    return -failed
+
+
+def conv2d_grad_weight_winograd(const float[:, :, :, ::1] grad_out,   # IN  (B, K, OH, OW)
+                                const float[:, :, :, ::1] x,          # IN  (B, C, H, W)
+                                float[:, :, :, ::1] grad_w,           # OUT (K, C, 3, 3)
+                                float[::1] grad_b,                    # OUT (K,), or None: not computed
+                                tuple params, int n_threads):
+    """conv2d_grad_weight by Winograd F(2x2, 3x3) (opt-in; see winograd_takes for the convs it takes, float32
+    only): the weight gradient of the forward's Winograd sum, the bias gradient as conv2d_grad_weight's."""
+    cdef fpstate fp
+    cdef ConvGeom p
+    cdef int rc
+    cdef float* db = NULL
+    fill_geom(&p, (x.shape[0], x.shape[1], x.shape[2], x.shape[3]), grad_w.shape[0], grad_w.shape[2],
+              grad_w.shape[3], params)
+    if not winograd_fits(&p) or grad_out.shape[0] != p.B or grad_out.shape[1] != p.K \
+            or grad_out.shape[2] != p.OH or grad_out.shape[3] != p.OW or grad_w.shape[1] != p.C:
+        raise ValueError("conv2d_grad_weight_winograd: a 3x3 conv of stride 1, dilation 1 and one group, with "
+                         "matching shapes")
+    if grad_b is not None:
+        if grad_b.shape[0] != p.K:
+            raise ValueError("conv2d_grad_weight_winograd: grad_b must hold one value per output channel")
+        db = &grad_b[0]
+    if p.B == 0:
+        grad_w[...] = 0
+        if grad_b is not None:
+            grad_b[...] = 0
+        return
+    with nogil:
+        fp = fp_enter_call()
+        rc = conv2d_grad_weight_winograd_core(&grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_w[0, 0, 0, 0], db, &p,
+                                              n_threads)
+        fp_leave_call(fp)
+    if rc:
+        raise MemoryError("conv2d_backward: could not allocate Winograd buffers")
+
+
+# Where training that opted in takes the Winograd weight gradient: its transforms (16 x (C + K) values per tile,
+# written and read back) cost what the products save unless the channels are many, and a batch of few tiles leaves
+# threads without a chunk. 2 threads, batch 64, AMD EPYC Zen 4, Winograd / direct time: 64 -> 64 at 16x16 0.82,
+# 64 -> 128 0.81, 128 -> 64 0.70, 96 -> 96 0.73, 64 -> 64 at 32x32 0.72-0.78 (batch 16: 0.73), 32 -> 64 at 32x32
+# 0.89, 64 -> 32 0.83; but 32 -> 64 at 16x16 1.22 (1 thread 1.02), 64 -> 128 at 8x8 (1,024 tiles) 1.09, 128 -> 128
+# at 16x16 at batch 8 (512 tiles: one chunk) 1.34. A function of the shape only: the bits never depend on the
+# thread count.
+cdef Py_ssize_t WINOGRAD_GW_MIN_TILES = 2048
+cdef Py_ssize_t WINOGRAD_GW_MIN_PRODUCT = 4096      # input x output channels
+
+
+def set_winograd_grad_weight_min(Py_ssize_t tiles, Py_ssize_t channel_product):
+    """Test hook: WINOGRAD_GW_MIN_TILES, WINOGRAD_GW_MIN_PRODUCT = tiles, channel_product; returns the values it
+    replaces."""
+    global WINOGRAD_GW_MIN_TILES, WINOGRAD_GW_MIN_PRODUCT
+    old = (WINOGRAD_GW_MIN_TILES, WINOGRAD_GW_MIN_PRODUCT)
+    WINOGRAD_GW_MIN_TILES = tiles
+    WINOGRAD_GW_MIN_PRODUCT = channel_product
+    return old
+
+
+def winograd_grad_weight_takes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize):
+    """Whether training that opted in computes this conv's weight gradient by Winograd F(2x2, 3x3): a conv whose
+    forward it takes (winograd_takes), WINOGRAD_GW_MIN_PRODUCT or more input x output channels and
+    WINOGRAD_GW_MIN_TILES or more 2x2 output tiles in the batch."""
+    cdef ConvGeom p
+    fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
+    return (winograd_takes(x_shape, w_shape, params, itemsize) and p.C * p.K >= WINOGRAD_GW_MIN_PRODUCT
+            and p.B * ((p.OH + 1) // 2) * ((p.OW + 1) // 2) >= WINOGRAD_GW_MIN_TILES)
