@@ -134,10 +134,10 @@ class Sequential:
     @property
     def winograd(self):
         """Whether every Conv2d layer runs by Winograd F(2x2, 3x3) where it can (Conv2d.winograd; False for a model
-        without one). Setting it sets every Conv2d's: an opt-in for training, whose forward pass and input gradients
-        of float32 3x3 stride-1 convs of 32 or more input and 16 or more output channels then take 0.55-0.75 of the
-        time and round differently. Not saved with the model; predict() and freeze() keep the direct kernels unless
-        freeze(winograd=True)."""
+        without one). Setting it sets every Conv2d's: an opt-in for training, whose forward pass and gradients of
+        float32 3x3 stride-1 convs of 32 or more input and 16 or more output channels then take 0.55-0.8 of the time
+        and round differently (see Conv2d.winograd). Not saved with the model; predict() and freeze() keep the
+        direct kernels unless freeze(winograd=True)."""
         convs = [layer for layer in self.layers if isinstance(layer, Conv2d)]
         return bool(convs) and all(conv.winograd for conv in convs)
 

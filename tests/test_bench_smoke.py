@@ -304,6 +304,13 @@ def test_training_steps_of_the_three_nets():
     cifar = rows[0]
     assert summary[2] == (f"  winograd=True (cifar): step time / default cifar "
                           f"{cifar['wino_ms'] / cifar['engine_ms']:.3g}, / PyTorch cifar -")
+    # the VGG-style net's row (EXTRA_STEP_NETS) is reported outside the geometric mean of the three nets
+    timed = [dict(r, torch_ms=2 * r["engine_ms"], ratio=0.5, wino_ratio=None) for r in rows]
+    vgg = dict(timed[0], net="vgg", ratio=0.9, wino_ms=1.0, engine_ms=2.0, wino_ratio=0.45)
+    lines = training.summary({"engine_s": 1.0, "torch_s": None, "speedup": None, "steps": timed + [vgg]}, None)
+    assert "(geomean 0.5)" in lines[1] and lines[2] == "  also vgg 0.9 (outside the geomean)"
+    assert lines[3].endswith("vgg 0.5, / PyTorch cifar -, vgg 0.45")
+    assert training.comparisons({"speedup": None, "steps": timed + [vgg]})[1]["value"] == pytest.approx(2.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
