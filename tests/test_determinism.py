@@ -160,6 +160,7 @@ PATH_CASES = [
     ((9, 16, 8, 8), (40, 16, 3, 3), dict(padding=1)),       # direct, shifted rows: two blocks, one mid-image
     ((2, 64, 8, 8), (96, 64, 3, 3), dict(padding=1)),       # the same in one block: channels split
     ((7, 6, 14, 14), (16, 6, 5, 5), dict()),                # grad_input with dY's channels in the lanes: images
+    ((2, 200, 4, 4), (260, 200, 3, 3), dict(padding=1)),    # pixel grad_weight: one chunk, channel blocks
 ]
 
 

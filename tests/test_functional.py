@@ -200,6 +200,9 @@ PATH_SHAPES = [
     ((3, 16, 6, 7), (20, 16, 1, 1), dict()),
     ((2, 32, 12, 12), (24, 16, 1, 1), dict(groups=2)),
     ((1, 8, 30, 30), (16, 8, 1, 1), dict()),
+    # wide enough that grad_weight's partial sums leave one chunk, whose output channels the pixel path splits
+    # into blocks of M panels (pixel_msplit), the last one partial
+    ((2, 200, 3, 3), (260, 200, 3, 3), dict(padding=1)),
 ]
 
 

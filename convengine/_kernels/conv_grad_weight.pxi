@@ -428,7 +428,11 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
     cdef Py_ssize_t units = p.B * nrb
     cdef Py_ssize_t per_chunk = (units + nchunks - 1) // nchunks
     cdef Py_ssize_t kmax = max(16, KMAX_BYTES // (Cgpad * sizeof(floating)))
-    cdef Py_ssize_t task, g, ch, u, u0, u1, ue, b, oh0, nrows, npix, ro, ow, t, i, k, c, k0, kc
+    cdef Py_ssize_t mpanels = Mpad // CE_MR
+    cdef Py_ssize_t msplit = pixel_msplit(p, nchunks, mpanels)
+    cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
+    cdef Py_ssize_t task, tc, g, ch, u, u0, u1, ue, b, oh0, nrows, npix, ro, ow, t, i, k, c, k0, kc
+    cdef Py_ssize_t ip0, ip1, kbeg, nk, mrows
     cdef bint started
     cdef bint in_place = upt == 1
     cdef const floating* dyunit      # the unit's dY rows, channel g*Kg (its channels P apart)
@@ -456,16 +460,25 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
         pix = <const floating**>malloc(maxpix * sizeof(floating*))
         brow = <const floating**>malloc(maxpix * sizeof(floating*))
         arow = <const floating**>malloc(Mpad * sizeof(floating*))
-        for task in prange(p.G * nchunks, schedule='static'):
+        for task in prange(p.G * nchunks * msplit, schedule='static'):
             if xblk == NULL or ablk == NULL or cbuf == NULL or pix == NULL or brow == NULL or arow == NULL:
                 flag_failure(&failed)
                 continue
-            g = task // nchunks
-            ch = task - g * nchunks
+            # chunk tc = (group, chunk) of the units; this task's output channels: its block of M panels
+            tc = task // msplit
+            g = tc // nchunks
+            ch = tc - g * nchunks
+            ip0 = (task - tc * msplit) * mchunk
+            ip1 = min(mpanels, ip0 + mchunk)
+            if ip0 >= ip1:
+                continue
+            kbeg = ip0 * CE_MR
+            nk = min(Kg, ip1 * CE_MR) - kbeg
+            mrows = (ip1 - ip0) * CE_MR
             started = False
             if dbpart != NULL:
-                for k in range(Kg):
-                    dbpart[task * Kg + k] = 0
+                for k in range(kbeg, kbeg + nk):
+                    dbpart[tc * Kg + k] = 0
             u0 = ch * per_chunk
             ue = min(units, u0 + per_chunk)
             while u0 < ue:
@@ -477,12 +490,12 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
                     nrows = min(R, p.OH - oh0)
                     blk = xblk + (u - u0) * unit_len
                     fill_window_rows_hwc(x, p, b, g, oh0 * p.sh - p.pt, window_rows(p, nrows), ldp, blk)
-                    dyunit = dy + (b * p.K + g * Kg) * P + oh0 * p.OW
-                    for k in range(Kg):
+                    dyunit = dy + (b * p.K + g * Kg + kbeg) * P + oh0 * p.OW
+                    for k in range(nk):
                         if not in_place:
                             memcpy(ablk + k * maxpix + npix, dyunit + k * P, nrows * p.OW * sizeof(floating))
                         if dbpart != NULL:
-                            dbpart[task * Kg + k] += channel_sum(dyunit + k * P, 1, 0, nrows * p.OW)
+                            dbpart[tc * Kg + kbeg + k] += channel_sum(dyunit + k * P, 1, 0, nrows * p.OW)
                     for ro in range(nrows):
                         for ow in range(p.OW):
                             pix[npix] = blk + (ro * p.sh * Wpad + ow * p.sw) * ldp
@@ -499,12 +512,13 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
                         kc = min(kmax, npix - k0)
                         if in_place:
                             # dY's rows of the step's one unit, then the zero row for the panel's padding
-                            row_table(arow, dyunit + k0, Kg, P)
-                            for k in range(Kg, Mpad):
+                            row_table(arow, dyunit + k0, nk, P)
+                            for k in range(nk, mrows):
                                 arow[k] = ablk + k0
                         else:
-                            row_table(arow, ablk + k0, Mpad, maxpix)
-                        macro_kernel(Mpad // CE_MR, Cgpad // NR, kc, arow, 1, brow + k0, NR,
+                            # (rows past nk: zero, or another task's rows, whose sums are never stored)
+                            row_table(arow, ablk + k0, mrows, maxpix)
+                        macro_kernel(ip1 - ip0, Cgpad // NR, kc, arow, 1, brow + k0, NR,
                                      cbuf + t * Mpad * Cgpad, Cgpad, started or k0 > 0, nv)
                         k0 = k0 + kc
                 started = True
@@ -512,15 +526,17 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
             # partial[task][r = c*T + t][k]: per tap a (Kg x Cg) -> (Cg x Kg) transpose, in registers for float32
             # (the strided gather took 2.5% of a strided call)
             if not started:
-                memset(partial + task * Kd * Kg, 0, Kd * Kg * sizeof(floating))
+                for i in range(Kd):
+                    memset(partial + (tc * Kd + i) * Kg + kbeg, 0, nk * sizeof(floating))
             elif floating is float:
                 for t in range(T):
-                    ce_transpose_rows(partial + (task * Kd + t) * Kg, T * Kg, cbuf + t * Mpad * Cgpad, Cgpad, Kg, Cg)
+                    ce_transpose_rows(partial + (tc * Kd + t) * Kg + kbeg, T * Kg, cbuf + t * Mpad * Cgpad, Cgpad,
+                                      nk, Cg)
             else:
                 for c in range(Cg):
                     for t in range(T):
-                        for k in range(Kg):
-                            partial[(task * Kd + c * T + t) * Kg + k] = cbuf[(t * Mpad + k) * Cgpad + c]
+                        for k in range(nk):
+                            partial[(tc * Kd + c * T + t) * Kg + kbeg + k] = cbuf[(t * Mpad + k) * Cgpad + c]
         free(xblk)
         free(ablk)
         free(cbuf)

@@ -115,6 +115,7 @@ CONV_CASES = (
     ConvCase(128, 1, 28, 28, 32, 5, padding=2, quick=False),
     ConvCase(64, 32, 16, 16, 64, 3, padding=1),
     ConvCase(64, 128, 8, 8, 128, 3, padding=1),
+    ConvCase(32, 256, 8, 8, 256, 3, padding=1, quick=False),     # a ResNet-style later stage
     ConvCase(32, 64, 56, 56, 64, 3, padding=1, big=True),
     ConvCase(64, 64, 32, 32, 64, 1, quick=False),
     ConvCase(64, 32, 32, 32, 64, 3, stride=2, padding=1, quick=False),
