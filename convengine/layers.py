@@ -209,9 +209,7 @@ class Conv2d(_Weighted):
     def forward(self, x, training=False):
         return self._forward(x, training)
 
-    # Opt-in (a run-time choice, not saved with the model): where True, forward and the input gradient run by
-    # Winograd F(2x2, 3x3) where the engine takes the conv so (float32 3x3, stride 1, dilation 1, one group, 32 or
-    # more input channels, of the input gradient: output channels); see the winograd property.
+    # Opt-in Winograd F(2x2, 3x3), a run-time choice not saved with the model: see the winograd property.
     _winograd = False
 
     @property

@@ -111,8 +111,9 @@ cdef void winograd_input(const float* x, const ConvGeom* p, Py_ssize_t TW, Py_ss
                          float* rows) noexcept nogil:
     """V of tiles t0 .. t0 + nt - 1 of the batch x (B x C x H x W; tile t is tile t % T of image t // T, its T tiles
     row-major, TW to a row): entry s of tile t0 + j in channel c at v[s * sstride + (j // NR * C + c) * NR + j % NR]
-    (the forward's sstride: winograd_v_stride), columns nt .. npanels * NR - 1 zero. rows: winograd_rows_len values (zeroed:
-    the shifted loads of a tile row's last vector may reach past what is copied).
+    (the forward's sstride: winograd_v_stride; the weight gradient's one panel of NR = all its tiles), columns
+    nt .. npanels * NR - 1 zero. rows: winograd_rows_len values (zeroed: the shifted loads of a tile row's last
+    vector may reach past what is copied).
 
     Per image and channel, the input rows the tiles read are split into even and odd columns at once
     (copy_plane_rows_step: one two-source permute per vector, rows and columns outside the image zero), then each
