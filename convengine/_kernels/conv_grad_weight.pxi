@@ -429,7 +429,7 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
     cdef Py_ssize_t per_chunk = (units + nchunks - 1) // nchunks
     cdef Py_ssize_t kmax = max(16, KMAX_BYTES // (Cgpad * sizeof(floating)))
     cdef Py_ssize_t mpanels = Mpad // CE_MR
-    cdef Py_ssize_t msplit = pixel_msplit(p, nchunks, mpanels)
+    cdef Py_ssize_t msplit = pixel_msplit(p, nchunks, mpanels, n_threads)
     cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
     cdef Py_ssize_t task, tc, g, ch, u, u0, u1, ue, b, oh0, nrows, npix, ro, ow, t, i, k, c, k0, kc
     cdef Py_ssize_t ip0, ip1, kbeg, nk, mrows

@@ -566,17 +566,18 @@ cdef inline Py_ssize_t pixel_chunks(const ConvGeom* p) noexcept nogil:
     return pow2_floor(min(min(16, (1 << 20) // per_chunk), min(units, units * R * p.OW // PIXELS_PER_TASK)))
 
 
-# Tasks grad_weight's pixel path makes at least, where its chunks are fewer, by splitting each chunk's output
-# channels into blocks of M panels (each output element is still one task's sum over the chunk's units, in the
-# same order: the same bits). With 256 channels the partial sums' cap left one chunk, one task: 64x256x8x8 -> 256
-# ran at 88 GFLOP/s on 2 threads where 128 channels ran at 190 (AMD EPYC Zen 4).
-cdef Py_ssize_t PIXEL_MIN_TASKS = 8
-
-
-cdef inline Py_ssize_t pixel_msplit(const ConvGeom* p, Py_ssize_t nchunks, Py_ssize_t mpanels) noexcept nogil:
-    """Blocks of M panels per chunk of grad_weight's pixel path: enough for PIXEL_MIN_TASKS tasks, at most one per
-    panel; a function of the shape only."""
-    return max(1, min(mpanels, PIXEL_MIN_TASKS // (p.G * nchunks)))
+cdef inline Py_ssize_t pixel_msplit(const ConvGeom* p, Py_ssize_t nchunks, Py_ssize_t mpanels,
+                                    int n_threads) noexcept nogil:
+    """Blocks of M panels per chunk of grad_weight's pixel path: where its chunks are fewer than the threads, each
+    chunk's output channels are cut into blocks, one task each, so that every thread has one. Each output element
+    is still one task's sum over the chunk's units in the same order, so the bits do not depend on the split (nor
+    on the thread count). With 256 channels the partial sums' cap left one chunk, one task: 64x256x8x8 -> 256 ran at
+    88 GFLOP/s on 2 threads where 128 channels ran at 190 (AMD EPYC Zen 4); blocks of fewer panels than needed
+    re-read the input's rows for fewer output channels (eight blocks at 2 threads: 144 GFLOP/s at batch 32)."""
+    cdef Py_ssize_t tasks = p.G * nchunks
+    if tasks >= n_threads:
+        return 1
+    return min(mpanels, (n_threads + tasks - 1) // tasks)
 
 
 cdef inline Py_ssize_t pixel_stride(Py_ssize_t Cgpad, floating dummy) noexcept nogil:
