@@ -572,8 +572,9 @@ cdef inline Py_ssize_t pixel_msplit(const ConvGeom* p, Py_ssize_t nchunks, Py_ss
     chunk's output channels are cut into blocks, one task each, so that every thread has one. Each output element
     is still one task's sum over the chunk's units in the same order, so the bits do not depend on the split (nor
     on the thread count). With 256 channels the partial sums' cap left one chunk, one task: 64x256x8x8 -> 256 ran at
-    88 GFLOP/s on 2 threads where 128 channels ran at 190 (AMD EPYC Zen 4); blocks of fewer panels than needed
-    re-read the input's rows for fewer output channels (eight blocks at 2 threads: 144 GFLOP/s at batch 32)."""
+    88 GFLOP/s on 2 threads where 128 channels ran at 190, now 165 (AMD EPYC Zen 4). More blocks than threads only
+    copy the input's rows again: eight, or blocks sized to keep a task's accumulators within 256 KB-1 MB, gave
+    125-144 GFLOP/s at 2 threads on 256 channels against 159-173 with one per thread, and nothing at 1 thread."""
     cdef Py_ssize_t tasks = p.G * nchunks
     if tasks >= n_threads:
         return 1
