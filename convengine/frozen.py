@@ -34,7 +34,7 @@ import numpy as np
 
 from . import _args, _threads
 from ._kernels import WAIT_POLICY as _WAIT_POLICY, engine as _engine
-from .functional import _SERIAL_ELEMENTS, _conv_params, _pool_params, _threads_for
+from .functional import _SERIAL_ELEMENTS, _conv_params, _packed_weights, _pool_params, _threads_for
 from .layers import AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, ReLU
 from .model import model_input
 
@@ -196,14 +196,10 @@ class _Conv(_Step):
         params = _conv_params(geom)
         # the weights packed once for the kernel this shape takes (every call packed them again: 5-45 us per conv,
         # much of a batch-1 call): Winograd's where the plan opted in and the conv can take it
-        packed = None
         x_shape = (1,) + tuple(shape)
         winograd = self.winograd and _engine.winograd_takes(x_shape, self.weight.shape, params, self.weight.itemsize)
         path = _engine.WINOGRAD_PATH if winograd else _engine.AUTO_PATH
-        length = _engine.conv2d_pack_length(x_shape, self.weight.shape, params, self.weight.itemsize, path)
-        if length:
-            buffer = np.empty(length, self.weight.dtype)
-            packed = (_engine.conv2d_pack(x_shape, self.weight, params, buffer, path), buffer)
+        packed = _packed_weights(x_shape, self.weight, params, path)
         return params, _args.flops_conv2d(geom), math.prod(shape) + math.prod(geom.out_shape[1:]), packed
 
     @staticmethod
@@ -265,11 +261,7 @@ class _Conv(_Step):
         sliced = params[:6] + (g1 - g0,) + params[7:]
         x_shape = (1, (g1 - g0) * Cg, H, W)
         weight = self.weight[k0:k1]
-        part = None
-        if packed is not None:
-            buffer = np.empty(_engine.conv2d_pack_length(x_shape, weight.shape, sliced, weight.itemsize, packed[0]),
-                              weight.dtype)
-            part = (_engine.conv2d_pack(x_shape, weight, sliced, buffer, packed[0]), buffer)
+        part = None if packed is None else _packed_weights(x_shape, weight, sliced, packed[0])
         program.conv(src, dst, 1, x_shape, weight, _part(self.bias, k0, k1), sliced, self.relu,
                      _part(self.scale, k0, k1), _part(self.shift, k0, k1), part, forced=True)
         program.place(g0 * Cg * H * W, k0 * OH * OW)

@@ -76,8 +76,16 @@ def _winograd_weights(x_shape, weight, params):
     8x8 planes at batch 64, 2 threads, Zen 4)."""
     if not _engine.winograd_takes(x_shape, weight.shape, params, weight.itemsize):
         return None
-    path = _engine.WINOGRAD_PATH
-    buffer = np.empty(_engine.conv2d_pack_length(x_shape, weight.shape, params, weight.itemsize, path), weight.dtype)
+    return _packed_weights(x_shape, weight, params, _engine.WINOGRAD_PATH)
+
+
+def _packed_weights(x_shape, weight, params, path):
+    """weight (C-contiguous) packed once by engine.conv2d_pack for `path` (AUTO_PATH: the path the shape takes), as
+    conv2d_forward's `packed`; None where that path packs no weights (engine.conv2d_pack_length)."""
+    length = _engine.conv2d_pack_length(x_shape, weight.shape, params, weight.itemsize, path)
+    if not length:
+        return None
+    buffer = np.empty(length, weight.dtype)
     return _engine.conv2d_pack(x_shape, weight, params, buffer, path), buffer
 
 
@@ -106,8 +114,9 @@ def _conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, group
     grad_x = None
     if need_input_grad:
         grad_x = _workspace.empty(x.shape, dtype=x.dtype)
-        if not (winograd and _winograd_grad_input(grad_out, _contiguous(weight), params, grad_x, n_threads)):
-            _engine.conv2d_grad_input(grad_out, _contiguous(weight), grad_x, params, n_threads)
+        weight = _contiguous(weight)
+        if not (winograd and _winograd_grad_input(grad_out, weight, params, grad_x, n_threads)):
+            _engine.conv2d_grad_input(grad_out, weight, grad_x, params, n_threads)
     return grad_x, grad_w, grad_b
 
 

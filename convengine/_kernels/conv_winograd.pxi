@@ -106,6 +106,22 @@ cdef inline Py_ssize_t winograd_rows_len(const ConvGeom* p, Py_ssize_t TW) noexc
     return 2 * (p.OH + 4) * winograd_row_len(TW) + 2 * VLF
 
 
+cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t) tile_run(Py_ssize_t t, Py_ssize_t end, Py_ssize_t T,
+                                                                   Py_ssize_t TW) noexcept nogil:
+    """(b, tb, ty0, ty1): the run of tiles t .. tb - 1 (numbered as winograd_input's) that stays in image b and
+    before `end`, on its tile rows ty0 .. ty1 - 1."""
+    cdef Py_ssize_t b = t // T
+    cdef Py_ssize_t tb = min(end, (b + 1) * T)
+    return b, tb, (t - b * T) // TW, (tb - 1 - b * T) // TW + 1
+
+
+cdef inline (Py_ssize_t, Py_ssize_t) tile_row_span(Py_ssize_t t, Py_ssize_t tb, Py_ssize_t b, Py_ssize_t T,
+                                                   Py_ssize_t TW, Py_ssize_t ty, Py_ssize_t ty0,
+                                                   Py_ssize_t ty1) noexcept nogil:
+    """(txa, txb): the columns of tile row ty that the run tile_run gave (t, tb, b, ty0, ty1) covers."""
+    return (t - b * T - ty0 * TW if ty == ty0 else 0), (tb - b * T - ty * TW if ty == ty1 - 1 else TW)
+
+
 cdef void winograd_input(const float* x, const ConvGeom* p, Py_ssize_t TW, Py_ssize_t T, Py_ssize_t t0,
                          Py_ssize_t nt, Py_ssize_t NR, Py_ssize_t npanels, Py_ssize_t sstride, float* v,
                          float* rows) noexcept nogil:
@@ -128,10 +144,7 @@ cdef void winograd_input(const float* x, const ConvGeom* p, Py_ssize_t TW, Py_ss
     t = t0
     while t < t0 + nt:
         # the run of image b's tiles in this task: tile rows ty0 .. ty1 - 1, input rows ih0 .. ih0 + nrow - 1
-        b = t // T
-        tb = min(t0 + nt, (b + 1) * T)
-        ty0 = (t - b * T) // TW
-        ty1 = (tb - 1 - b * T) // TW + 1
+        b, tb, ty0, ty1 = tile_run(t, t0 + nt, T, TW)
         nrow = 2 * (ty1 - ty0) + 2
         od = rows + nrow * ld
         ih0 = 2 * ty0 - p.pt
@@ -142,8 +155,7 @@ cdef void winograd_input(const float* x, const ConvGeom* p, Py_ssize_t TW, Py_ss
             copy_plane_rows_step(xc, p, ih0, nrow, 1, ev, ld, ld, -p.pl, 2)
             copy_plane_rows_step(xc, p, ih0, nrow, 1, od, ld, ld, 1 - p.pl, 2)
             for ty in range(ty0, ty1):
-                txa = t - b * T - ty0 * TW if ty == ty0 else 0
-                txb = tb - b * T - ty * TW if ty == ty1 - 1 else TW
+                txa, txb = tile_row_span(t, tb, b, T, TW, ty, ty0, ty1)
                 j = b * T + ty * TW + txa - t0
                 n = txb - txa
                 q = 0
@@ -302,11 +314,17 @@ def set_winograd_min_channels(Py_ssize_t n_in, Py_ssize_t n_out=1):
     return old_in, old_out
 
 
+cdef inline bint winograd_takes_geom(const ConvGeom* p, Py_ssize_t itemsize) noexcept nogil:
+    """winograd_takes of a filled geometry."""
+    return (itemsize == 4 and winograd_fits(p) and p.C >= WINOGRAD_MIN_CHANNELS
+            and p.K >= WINOGRAD_MIN_OUT_CHANNELS)
+
+
 def winograd_takes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize):
     """Whether a plan that opted in runs this conv by Winograd F(2x2, 3x3): float32 (itemsize 4), a geometry
     PATH_WINOGRAD computes, WINOGRAD_MIN_CHANNELS input channels or more and WINOGRAD_MIN_OUT_CHANNELS output
     channels or more (params as for conv2d_forward)."""
     cdef ConvGeom p
     fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
-    return (itemsize == 4 and winograd_fits(&p) and p.C >= WINOGRAD_MIN_CHANNELS
-            and p.K >= WINOGRAD_MIN_OUT_CHANNELS)
+    return winograd_takes_geom(&p, itemsize)
+

@@ -51,10 +51,7 @@ cdef void winograd_grad_output(const float* dy, const ConvGeom* p, Py_ssize_t TW
     q.W = p.OW
     t = t0
     while t < t0 + nt:
-        b = t // T
-        tb = min(t0 + nt, (b + 1) * T)
-        ty0 = (t - b * T) // TW
-        ty1 = (tb - 1 - b * T) // TW + 1
+        b, tb, ty0, ty1 = tile_run(t, t0 + nt, T, TW)
         nrow = 2 * (ty1 - ty0)
         od = rows + nrow * ld
         for k in range(p.K):
@@ -62,8 +59,7 @@ cdef void winograd_grad_output(const float* dy, const ConvGeom* p, Py_ssize_t TW
             copy_plane_rows_step(dk, &q, 2 * ty0, nrow, 1, ev, ld, ld, 0, 2)
             copy_plane_rows_step(dk, &q, 2 * ty0, nrow, 1, od, ld, ld, 1, 2)
             for ty in range(ty0, ty1):
-                txa = t - b * T - ty0 * TW if ty == ty0 else 0
-                txb = tb - b * T - ty * TW if ty == ty1 - 1 else TW
+                txa, txb = tile_row_span(t, tb, b, T, TW, ty, ty0, ty1)
                 j = b * T + ty * TW + txa - t0
                 wino_gout_f(ev + 2 * (ty - ty0) * ld + txa, od + 2 * (ty - ty0) * ld + txa, ld, txb - txa,
                             m + k * J + j, mstride)
@@ -229,5 +225,5 @@ def winograd_grad_weight_takes(tuple x_shape, tuple w_shape, tuple params, Py_ss
     WINOGRAD_GW_MIN_TILES or more 2x2 output tiles in the batch."""
     cdef ConvGeom p
     fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
-    return (winograd_takes(x_shape, w_shape, params, itemsize) and p.C * p.K >= WINOGRAD_GW_MIN_PRODUCT
+    return (winograd_takes_geom(&p, itemsize) and p.C * p.K >= WINOGRAD_GW_MIN_PRODUCT
             and p.B * ((p.OH + 1) // 2) * ((p.OW + 1) // 2) >= WINOGRAD_GW_MIN_TILES)
