@@ -427,11 +427,10 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
     cdef Py_ssize_t maxpix = upt * R * p.OW
     cdef Py_ssize_t units = p.B * nrb
     cdef Py_ssize_t per_chunk = (units + nchunks - 1) // nchunks
-    cdef Py_ssize_t kmax = max(16, KMAX_BYTES // (Cgpad * sizeof(floating)))
     cdef Py_ssize_t mpanels = Mpad // CE_MR
     cdef Py_ssize_t msplit = pixel_msplit(p, nchunks, mpanels, n_threads)
     cdef Py_ssize_t mchunk = (mpanels + msplit - 1) // msplit
-    cdef Py_ssize_t task, tc, g, ch, u, u0, u1, ue, b, oh0, nrows, npix, ro, ow, t, i, k, c, k0, kc
+    cdef Py_ssize_t task, tc, g, ch, u, u0, u1, ue, b, oh0, nrows, npix, ro, ow, t, i, k, c
     cdef Py_ssize_t ip0, ip1, kbeg, nk, mrows
     cdef bint started
     cdef bint in_place = upt == 1
@@ -503,24 +502,23 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
                 if u1 < units:
                     # the next step's input rows into L2 while this one computes
                     prefetch_block_rows(x, p, pixel_units_rows(p, g, u1, min(units, u1 + upt), nrb, R))
+                if in_place:
+                    # dY's rows of the step's one unit, then the zero row for the panel's padding
+                    row_table(arow, dyunit, nk, P)
+                    for k in range(nk, mrows):
+                        arow[k] = ablk
+                else:
+                    # (rows past nk: zero, or another task's rows, whose sums are never stored)
+                    row_table(arow, ablk, mrows, maxpix)
+                # the step's pixels are one k block: each C tile is loaded and stored once per tap and step. (Blocks
+                # of 32 KB of B rows, 28 pixels deep at 256+ channels, made that traffic the limit: Zen 4, 1 thread,
+                # batch 64, GFLOP/s 32 KB blocks / whole steps: 256x8x8 -> 256 86-87 / 101-104, 512x4x4 -> 512
+                # 50-52 / 68-71, 128x8x8 -> 128 96-97 / 99-104; 2 threads 160-166 / 206-208, 97-99 / 135-136)
                 for t in range(T):
                     for i in range(npix):
                         brow[i] = pix[i] + tapoff[t]
-                    # B's rows are scattered over the padded block: kmax of them at a time stay in L1
-                    k0 = 0
-                    while k0 < npix:
-                        kc = min(kmax, npix - k0)
-                        if in_place:
-                            # dY's rows of the step's one unit, then the zero row for the panel's padding
-                            row_table(arow, dyunit + k0, nk, P)
-                            for k in range(nk, mrows):
-                                arow[k] = ablk + k0
-                        else:
-                            # (rows past nk: zero, or another task's rows, whose sums are never stored)
-                            row_table(arow, ablk + k0, mrows, maxpix)
-                        macro_kernel(ip1 - ip0, Cgpad // NR, kc, arow, 1, brow + k0, NR,
-                                     cbuf + t * Mpad * Cgpad, Cgpad, started or k0 > 0, nv)
-                        k0 = k0 + kc
+                    macro_kernel(ip1 - ip0, Cgpad // NR, npix, arow, 1, brow, NR, cbuf + t * Mpad * Cgpad, Cgpad,
+                                 started, nv)
                 started = True
                 u0 = u1
             # partial[task][r = c*T + t][k]: per tap a (Kg x Cg) -> (Cg x Kg) transpose, in registers for float32

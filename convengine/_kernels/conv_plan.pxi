@@ -41,9 +41,6 @@ cdef Py_ssize_t PIXEL_MIN_CHANNELS = 8
 # Deepest k block of the row-vector direct kernel (weight_block)
 cdef Py_ssize_t ROWS_KMAX = 1152
 
-# grad_weight's pixel path reduces over at most this many bytes of scattered B rows per block
-cdef Py_ssize_t KMAX_BYTES = 32768
-
 # GEMM column tiles per block of the direct and im2col forward and of col2im's W^T dY: 8 tiles of NR columns keep
 # the packed B block in L2 beside the A panel.
 cdef Py_ssize_t BLOCK_TILES = 8
