@@ -481,6 +481,24 @@ def test_winograd_weight_gradient_gives_the_same_bits_on_any_thread_count(rng):
         assert_bitwise_equal(got[1], want[1], f"{threads} threads: bias")
 
 
+def test_winograd_weight_gradient_of_chunks_that_begin_inside_an_image(rng):
+    """33 images of 7x9 outputs (4 x 5 tiles, the last row and column past the edge) are 660 tiles: two chunks,
+    the second beginning on a later tile row of image 16 (row 2 with 4-lane vectors, 3 with 8 or 16), whose
+    transforms start mid-image. Against the float64 reference (the bound of the drawn cases), and the same bits
+    on 1-3 threads. (The output gradient's transform reading the run from the image's first tile row: this test
+    fails; the drawn cases, a few images in one chunk, do not.)"""
+    x, dy = randn(rng, (33, 8, 7, 9), np.float32), randn(rng, (33, 16, 7, 9), np.float32)
+    gw, gb = weight_gradient(dy, x, (1, 1))
+    w = np.zeros((16, 8, 3, 3))
+    _, want, want_b = R.conv2d_backward(dy.astype(np.float64), x.astype(np.float64), w, padding=(1, 1))
+    _, terms, _ = R.conv2d_backward(np.abs(dy).astype(np.float64), np.abs(x).astype(np.float64), w, padding=(1, 1))
+    assert np.max(np.abs(gw - want)) <= 8 * np.finfo(np.float32).eps * np.max(terms)
+    for threads in (2, 3):
+        got = weight_gradient(dy, x, (1, 1), threads)
+        assert_bitwise_equal(got[0], gw, f"{threads} threads")
+        assert_bitwise_equal(got[1], gb, f"{threads} threads: bias")
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_winograd_weight_gradient_reports_scratch_it_cannot_allocate(threads, rng):
     """Each allocation failing in turn (the slices' sums, per thread V, A dY A^T and the split rows, the bias's)
@@ -514,11 +532,16 @@ def test_winograd_weight_gradient_refuses_other_geometries(rng):
                                            (1, 1, 0, 0, 1, 1, 1, 4, 4), 1)
     with pytest.raises(ValueError, match="grad_b"):
         engine.conv2d_grad_weight_winograd(dy, x, gw, np.empty(3, np.float32), (1, 1, 0, 0, 1, 1, 1, 4, 4), 1)
-    # the thresholds: a wide conv of many tiles only
-    assert engine.winograd_grad_weight_takes((64, 64, 32, 32), (64, 64, 3, 3), (1, 1, 1, 1, 1, 1, 1, 32, 32), 4)
-    assert not engine.winograd_grad_weight_takes((64, 64, 8, 8), (128, 64, 3, 3), (1, 1, 1, 1, 1, 1, 1, 8, 8), 4)
-    assert not engine.winograd_grad_weight_takes((64, 32, 16, 16), (64, 32, 3, 3), (1, 1, 1, 1, 1, 1, 1, 16, 16), 4)
-    assert not engine.winograd_grad_weight_takes((64, 64, 32, 32), (64, 64, 3, 3), (1, 1, 1, 1, 1, 1, 1, 32, 32), 8)
+    # the thresholds: 4,096+ input x output channels (2,048+ on planes of 8+ tiles a row) and 1,024+ tiles
+    def takes(b, c, h, k, itemsize=4):
+        return engine.winograd_grad_weight_takes((b, c, h, h), (k, c, 3, 3), (1, 1, 1, 1, 1, 1, 1, h, h), itemsize)
+    assert takes(64, 64, 32, 64) and takes(64, 64, 8, 128) and takes(64, 64, 8, 64) and takes(64, 32, 16, 64)
+    assert takes(16, 32, 16, 64)                        # 1,024 tiles
+    assert not takes(15, 32, 16, 64)                    # 960 tiles
+    assert not takes(32, 64, 8, 64)                     # 512 tiles: one chunk
+    assert not takes(64, 32, 8, 64) and not takes(64, 64, 8, 32)      # 2,048 channel pairs, tile rows of 4
+    assert not takes(64, 32, 16, 32)                    # 1,024 channel pairs
+    assert not takes(64, 64, 32, 64, itemsize=8)        # float64 keeps the direct kernels
 
 
 def test_the_winograd_flag_of_layers_and_models(tmp_path, rng):

@@ -34,35 +34,41 @@ cdef Py_ssize_t WINOGRAD_GW_TILES = 512
 cdef Py_ssize_t WINOGRAD_GW_PARTIAL_BYTES = 32 << 20
 
 
+cdef inline Py_ssize_t winograd_gout_plane(const ConvGeom* p) noexcept nogil:
+    """Length of one of winograd_grad_output's four planes: an image's tiles, whole vectors, a vector of slack
+    (ce_wino_gout_f reads up to VL - 1 values past the tiles it stores)."""
+    return round_up(((p.OH + 1) // 2) * ((p.OW + 1) // 2), VLF) + VLF
+
+
 cdef void winograd_grad_output(const float* dy, const ConvGeom* p, Py_ssize_t TW, Py_ssize_t T, Py_ssize_t t0,
                                Py_ssize_t nt, Py_ssize_t J, Py_ssize_t mstride, float* m,
                                float* rows) noexcept nogil:
     """A dY A^T of tiles t0 .. t0 + nt - 1 (numbered as winograd_input's) of the output gradient dy (B x K x OH x
     OW): entry s of tile t0 + j in channel k at m[s * mstride + k * J + j], columns nt .. J - 1 zero. rows: scratch
-    of winograd_rows_len values (zeroed), for each channel's two rows per tile row split into even and odd columns
-    (copy_plane_rows_step on the output plane; zero past its edge)."""
+    of 4 * winograd_gout_plane + VL values (zeroed).
+
+    Per image and channel, dY is split into its four 2x2 phases (even or odd rows and columns), each a plane of
+    the image's tiles in their order (plane (a, b) holds dY[2 ty + a, 2 tx + b] of tile ty * TW + tx, zero past
+    the output's edge): a tile's four values then lie at one offset in the four planes, and ce_wino_gout_f
+    transforms a whole run of tiles, all its tile rows, VL at a time. (Split by tile row, an 8x8 plane's runs were
+    4 tiles of a 16-lane vector: the transform took a fifth of the 64 -> 128 channel call, AMD Zen 4.)"""
     cdef ConvGeom q = p[0]
-    cdef Py_ssize_t ld = winograd_row_len(TW)
-    cdef Py_ssize_t k, t, tb, b, ty, ty0, ty1, nrow, txa, txb, j, s
-    cdef float* ev = rows
-    cdef float* od
+    cdef Py_ssize_t PL = winograd_gout_plane(p)
+    cdef Py_ssize_t k, t, tb, b, ty0, ty1, ph, s, off
     cdef const float* dk
     q.H = p.OH
     q.W = p.OW
     t = t0
     while t < t0 + nt:
         b, tb, ty0, ty1 = tile_run(t, t0 + nt, T, TW)
-        nrow = 2 * (ty1 - ty0)
-        od = rows + nrow * ld
+        off = t - b * T - ty0 * TW
         for k in range(p.K):
             dk = dy + (b * p.K + k) * p.OH * p.OW
-            copy_plane_rows_step(dk, &q, 2 * ty0, nrow, 1, ev, ld, ld, 0, 2)
-            copy_plane_rows_step(dk, &q, 2 * ty0, nrow, 1, od, ld, ld, 1, 2)
-            for ty in range(ty0, ty1):
-                txa, txb = tile_row_span(t, tb, b, T, TW, ty, ty0, ty1)
-                j = b * T + ty * TW + txa - t0
-                wino_gout_f(ev + 2 * (ty - ty0) * ld + txa, od + 2 * (ty - ty0) * ld + txa, ld, txb - txa,
-                            m + k * J + j, mstride)
+            # planes (even row, even col), (odd, even), (even, odd), (odd, odd) at rows + (0, 1, 2, 3) * PL: the
+            # even-column planes one PL apart, as ce_wino_gout_f's (e, e + ld) reads them, and the odd ones
+            for ph in range(4):
+                copy_plane_rows_step(dk, &q, 2 * ty0 + ph % 2, ty1 - ty0, 2, rows + ph * PL, TW, TW, ph // 2, 2)
+            wino_gout_f(rows + off, rows + 2 * PL + off, PL, tb - t, m + k * J + t - t0, mstride)
         t = tb
     if nt < J:
         for s in range(16):
@@ -100,7 +106,7 @@ cdef int conv2d_grad_weight_winograd_core(const float* dy, const float* x, float
     cdef Py_ssize_t Kp = round_up(p.K, CE_WGW_KB), Cp = round_up(p.C, CE_WGW_CB)
     cdef Py_ssize_t usize = 16 * Kp * Cp
     cdef Py_ssize_t nslices = min(nchunks, 16)
-    cdef Py_ssize_t per, sl, ch, ch0, ch1, t0, nt, n, s, kb, cb, k, c
+    cdef Py_ssize_t per, sl, ch, ch0, ch1, t0, nt, n, s, kb, cb, k, c, e
     cdef Py_ssize_t vstride = Cp * J + J, mstride = Kp * J + J
     cdef float* partial
     cdef float* vbuf
@@ -117,10 +123,15 @@ cdef int conv2d_grad_weight_winograd_core(const float* dy, const float* x, float
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
-        # rows past C and K stay zero: the register blocks run over whole blocks of channels
-        vbuf = <float*>calloc(16 * vstride, sizeof(float))
-        mbuf = <float*>calloc(16 * mstride, sizeof(float))
-        rows = <float*>calloc(winograd_rows_len(p, TW), sizeof(float))
+        vbuf = <float*>malloc(16 * vstride * sizeof(float))
+        mbuf = <float*>malloc(16 * mstride * sizeof(float))
+        # rows past C and K are zero: the register blocks run over whole blocks of channels (zeroing all of both
+        # buffers, calloc, took 6% of a 64 -> 128 channel call at 8x8)
+        if vbuf != NULL and mbuf != NULL:
+            for e in range(16):
+                memset(vbuf + e * vstride + p.C * J, 0, (Cp - p.C) * J * sizeof(float))
+                memset(mbuf + e * mstride + p.K * J, 0, (Kp - p.K) * J * sizeof(float))
+        rows = <float*>calloc(max(winograd_rows_len(p, TW), 4 * winograd_gout_plane(p) + VL), sizeof(float))
         for sl in prange(nslices, schedule='static'):
             if vbuf == NULL or mbuf == NULL or rows == NULL:
                 flag_failure(&failed)
@@ -199,14 +210,17 @@ def conv2d_grad_weight_winograd(const float[:, :, :, ::1] grad_out,   # IN  (B, 
 
 
 # Where training that opted in takes the Winograd weight gradient: its transforms (16 x (C + K) values per tile,
-# written and read back) cost what the products save unless the channels are many, and a batch of few tiles leaves
-# threads without a chunk. 2 threads, batch 64, AMD EPYC Zen 4, Winograd / direct time: 64 -> 64 at 16x16 0.82,
-# 64 -> 128 0.81, 128 -> 64 0.70, 96 -> 96 0.73, 64 -> 64 at 32x32 0.72-0.78 (batch 16: 0.73), 32 -> 64 at 32x32
-# 0.89, 64 -> 32 0.83; but 32 -> 64 at 16x16 1.22 (1 thread 1.02), 64 -> 128 at 8x8 (1,024 tiles) 1.09, 128 -> 128
-# at 16x16 at batch 8 (512 tiles: one chunk) 1.34. A function of the shape only: the bits never depend on the
-# thread count.
-cdef Py_ssize_t WINOGRAD_GW_MIN_TILES = 2048
-cdef Py_ssize_t WINOGRAD_GW_MIN_PRODUCT = 4096      # input x output channels
+# written and read back) cost what the products save unless the channels are many, a batch of few tiles leaves
+# threads without a chunk, and the input transform of narrow planes runs a tile row (4 tiles at 8x8) per vector.
+# Batch 64 unless said, AMD EPYC Zen 4, Winograd / direct time (fastest of repeated calls), 1 | 2 threads:
+# taken: 32 -> 64 at 16x16 0.83-0.87 | 0.88-0.91 (batch 16: 0.78 | 0.82), 64 -> 64 at 16x16 0.75 | 0.79, 64 -> 128
+# at 8x8 (1,024 tiles) 0.77 | 0.91, 128 -> 128 at 8x8 0.84 | 0.92, 64 -> 64 at 32x32 (batch 8) 0.68 | 0.69;
+# left direct: 64 -> 32 and 32 -> 64 at 8x8 1.02-1.06 | 1.04-1.09, 32 -> 32 at 8x8 1.17 | 1.18, 32 -> 32 at 16x16
+# 1.02 | 0.99, 64 -> 64 at 8x8 at batch 32 (512 tiles: one chunk) 2.2 | 4.4, 128 -> 128 at 4x4 1.10 | 2.26.
+# A function of the shape only: the bits never depend on the thread count.
+cdef Py_ssize_t WINOGRAD_GW_MIN_TILES = 1024
+cdef Py_ssize_t WINOGRAD_GW_MIN_PRODUCT = 4096      # input x output channels; half of it where tile rows hold 8+
+cdef Py_ssize_t WINOGRAD_GW_WIDE_ROW = 8            # tiles per tile row from which half the product will do
 
 
 def set_winograd_grad_weight_min(Py_ssize_t tiles, Py_ssize_t channel_product):
@@ -221,9 +235,13 @@ def set_winograd_grad_weight_min(Py_ssize_t tiles, Py_ssize_t channel_product):
 
 def winograd_grad_weight_takes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize):
     """Whether training that opted in computes this conv's weight gradient by Winograd F(2x2, 3x3): a conv whose
-    forward it takes (winograd_takes), WINOGRAD_GW_MIN_PRODUCT or more input x output channels and
-    WINOGRAD_GW_MIN_TILES or more 2x2 output tiles in the batch."""
+    forward it takes (winograd_takes), WINOGRAD_GW_MIN_PRODUCT or more input x output channels (half as many where
+    its tile rows hold WINOGRAD_GW_WIDE_ROW or more tiles) and WINOGRAD_GW_MIN_TILES or more 2x2 output tiles in
+    the batch."""
     cdef ConvGeom p
+    cdef Py_ssize_t TW
     fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
-    return (winograd_takes_geom(&p, itemsize) and p.C * p.K >= WINOGRAD_GW_MIN_PRODUCT
-            and p.B * ((p.OH + 1) // 2) * ((p.OW + 1) // 2) >= WINOGRAD_GW_MIN_TILES)
+    TW = (p.OW + 1) // 2
+    return (winograd_takes_geom(&p, itemsize)
+            and 2 * p.C * p.K >= WINOGRAD_GW_MIN_PRODUCT * (1 if TW >= WINOGRAD_GW_WIDE_ROW else 2)
+            and p.B * ((p.OH + 1) // 2) * TW >= WINOGRAD_GW_MIN_TILES)
