@@ -231,14 +231,14 @@ cdef inline bint smallc_gw_in_place(const ConvGeom* p) noexcept nogil:
     """Whether dY is read where it lies: its rows whole vectors, its channels whole MR-tiles. (The copy, a stream
     from memory that no arithmetic overlapped, took a quarter of the call: Zen 4, 1 thread, batch 64, 3x32x32 ->
     64 3x3 55 -> 73 GFLOP/s, 2 threads 104 -> 124.)"""
-    return smallc_gw_width(p) == p.OW and p.K % CE_MR == 0
+    return smallc_gw_width(p) == p.OW and p.K % CE_SGW_MR == 0
 
 
 cdef inline Py_ssize_t smallc_gw_floats(const ConvGeom* p) noexcept nogil:
     """Floats of one task's scratch: padded x rows (sw column phases), padded dY rows (K rounded up to MR) unless
     dY is read in place, the accumulators."""
     cdef Py_ssize_t VL = vlen(<float>0)
-    cdef Py_ssize_t Kpad = (p.K + CE_MR - 1) // CE_MR * CE_MR
+    cdef Py_ssize_t Kpad = (p.K + CE_SGW_MR - 1) // CE_SGW_MR * CE_SGW_MR
     return (p.C * p.sw * smallc_gw_xheight(p) * smallc_gw_xwidth(p)
             + (0 if smallc_gw_in_place(p) else Kpad * p.OH * smallc_gw_width(p)) + Kpad * p.C * p.KH * p.KW * VL)
 
@@ -266,7 +266,7 @@ cdef void smallc_gw_rows(const float* dyp, Py_ssize_t dstride, const float* x0, 
     as arguments: an array of them in the caller would be shared by its OpenMP threads). tap_stride: floats
     between taps in vacc."""
     cdef const float* xt[3]
-    cdef vfloat acc[CE_MR][3]
+    cdef vfloat acc[CE_SGW_MR][3]
     cdef vfloat dv
     cdef vfloat xv[3]
     cdef Py_ssize_t VL = CE_VBYTES // sizeof(float)
@@ -281,18 +281,18 @@ cdef void smallc_gw_rows(const float* dyp, Py_ssize_t dstride, const float* x0, 
         ntap = 2
     else:
         ntap = 3
-    for i in range(CE_MR):
+    for i in range(CE_SGW_MR):
         for t in range(ntap):
             acc[i][t] = (<const vfloat*>(vacc + t * tap_stride + i * VL))[0]
     for r in range(nrows):
         for v in range(nvec):
             for t in range(ntap):
                 xv[t] = (<const vfloat*>(xt[t] + r * xstride + v * VL))[0]
-            for i in range(CE_MR):      # one dY vector at a time: 24 accumulators + 3 x + 1 dY registers
+            for i in range(CE_SGW_MR):      # one dY vector at a time: 3 x MR accumulators + 3 x + 1 dY registers
                 dv = ce_vf_load_reg(dyp + i * dstride + (r * nvec + v) * VL)
                 for t in range(ntap):
                     acc[i][t] += dv * xv[t]
-    for i in range(CE_MR):
+    for i in range(CE_SGW_MR):
         for t in range(ntap):
             (<vfloat*>(vacc + t * tap_stride + i * VL))[0] = acc[i][t]
 
@@ -306,7 +306,7 @@ cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* parti
     cdef Py_ssize_t OWp = smallc_gw_width(p), Wx = smallc_gw_xwidth(p)
     cdef Py_ssize_t Hx = smallc_gw_xheight(p)
     cdef Py_ssize_t sw = p.sw
-    cdef Py_ssize_t Kpad = (p.K + CE_MR - 1) // CE_MR * CE_MR
+    cdef Py_ssize_t Kpad = (p.K + CE_SGW_MR - 1) // CE_SGW_MR * CE_SGW_MR
     cdef Py_ssize_t taps = p.KH * p.KW
     cdef Py_ssize_t Kd = p.C * taps
     cdef Py_ssize_t per = (p.B + nchunks - 1) // nchunks
@@ -355,37 +355,37 @@ cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* parti
                     for i in range(p.K):
                         ce_copy_rows(dyp + i * p.OH * OWp, OWp, dy + (b * p.K + i) * p.OH * p.OW, p.OW, p.OH, OWp,
                                      0, p.OW)
-                for kb in range(Kpad // CE_MR):
+                for kb in range(Kpad // CE_SGW_MR):
                     for c in range(p.C):
                         for kh in range(p.KH):
                             kw = 0
                             while kw < p.KW:
-                                dst_acc = vacc + ((kb * Kd + (c * p.KH + kh) * p.KW + kw) * CE_MR) * VL
+                                dst_acc = vacc + ((kb * Kd + (c * p.KH + kh) * p.KW + kw) * CE_SGW_MR) * VL
                                 # tap kw + t: phase (kw + t) % sw of row kh, from column (kw + t) // sw
                                 x0 = xp + ((c * sw + kw % sw) * Hx + kh) * Wx + kw // sw
                                 x1 = xp + ((c * sw + (kw + 1) % sw) * Hx + kh) * Wx + (kw + 1) // sw
                                 x2 = xp + ((c * sw + (kw + 2) % sw) * Hx + kh) * Wx + (kw + 2) // sw
-                                src_dy = dyb + kb * CE_MR * p.OH * OWp
+                                src_dy = dyb + kb * CE_SGW_MR * p.OH * OWp
                                 if p.KW - kw >= 3:
                                     smallc_gw_rows(src_dy, p.OH * OWp, x0, x1, x2, p.sh * Wx, p.OH, OWp // VL,
-                                                   dst_acc, CE_MR * VL, <three_taps*>NULL)
+                                                   dst_acc, CE_SGW_MR * VL, <three_taps*>NULL)
                                 elif p.KW - kw == 2:
                                     smallc_gw_rows(src_dy, p.OH * OWp, x0, x1, x2, p.sh * Wx, p.OH, OWp // VL,
-                                                   dst_acc, CE_MR * VL, <two_taps*>NULL)
+                                                   dst_acc, CE_SGW_MR * VL, <two_taps*>NULL)
                                 else:
                                     smallc_gw_rows(src_dy, p.OH * OWp, x0, x1, x2, p.sh * Wx, p.OH, OWp // VL,
-                                                   dst_acc, CE_MR * VL, <one_tap*>NULL)
+                                                   dst_acc, CE_SGW_MR * VL, <one_tap*>NULL)
                                 kw = kw + 3
             # lanes added in a fixed order into the slice's partial sums [r, k]
             slot = partial + chunk * Kd * p.K
-            for kb in range(Kpad // CE_MR):
+            for kb in range(Kpad // CE_SGW_MR):
                 for r in range(Kd):
-                    for i in range(CE_MR):
-                        if kb * CE_MR + i < p.K:
+                    for i in range(CE_SGW_MR):
+                        if kb * CE_SGW_MR + i < p.K:
                             s = 0
                             for lane in range(VL):
-                                s = s + vacc[((kb * Kd + r) * CE_MR + i) * VL + lane]
-                            slot[r * p.K + kb * CE_MR + i] = s
+                                s = s + vacc[((kb * Kd + r) * CE_SGW_MR + i) * VL + lane]
+                            slot[r * p.K + kb * CE_SGW_MR + i] = s
         free(buf)
         fp_leave(fp)
     fp_resume(fps)

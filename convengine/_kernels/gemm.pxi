@@ -23,6 +23,7 @@ cdef extern from "simd.h":
     vfloat ce_vf_load_reg(const float* p) nogil
     void ce_vf_hsum_np(const vfloat* v, float* out) nogil
     enum: CE_GI_NP
+    enum: CE_SGW_MR
     enum: CE_GI_CB
     enum: CE_GW_T
     vfloat ce_vf_relu(vfloat v) nogil

@@ -35,6 +35,17 @@
    accumulators + 3 weight vectors + 1 dY vector of AVX-512's 32 registers, 3 x 4 + 4 of 16 otherwise. */
 #define CE_GI_CB 3
 /* CE_GW_T: taps per tile of the lane grad_weight (conv_grad_weight.pxi): one accumulator each, + the dY vector. */
+/* CE_SGW_MR: output channels per tile of the first layers' grad_weight (conv_smallc.pxi), 3 taps each: 8 x 3
+   accumulators + 3 input vectors + 1 dY vector of AVX-512's 32 registers; 4 x 3 + 4 of AVX2's 16 (CE_MR = 6 made
+   18 accumulators, which spilled: AMD Zen 4, 1 thread, batch 64/128, ms: 3x30x30 -> 32 3x3 4.5 -> 3.0, 1x28x28
+   -> 32 5x5 7.8 -> 5.9). SSE keeps 6: 4 there was faster on two of four shapes and slower on two. */
+#if defined(__AVX512F__)
+#define CE_SGW_MR 8
+#elif defined(__AVX__)
+#define CE_SGW_MR 4
+#else
+#define CE_SGW_MR 6
+#endif
 
 /* A prefetch into L2 (prefetcht1): rows a block will copy, fetched while the block before computes. */
 #define ce_prefetch_l2(p) __builtin_prefetch((const void*)(p), 0, 2)
