@@ -993,7 +993,7 @@ SCRATCH_CASES = [
     ((4, 32, 14, 14), (32, 32, 3, 3), 2, 1, 1),     # phases as phase convs (7-pixel phase rows)
     ((8, 64, 8, 8), (128, 64, 1, 1), 1, 0, 1),      # pointwise, transposed pointwise
     ((4, 64, 32, 32), (64, 64, 1, 1), 1, 0, 1),     # pointwise grad_weight
-    ((8, 3, 32, 32), (32, 3, 3, 3), 1, 1, 1),       # smallc (dY read in place on AVX-512), col2im
+    ((8, 3, 32, 32), (32, 3, 3, 3), 1, 1, 1),       # smallc (dY read in place on AVX-512 and AVX2), col2im
     ((8, 3, 30, 30), (30, 3, 3, 3), 1, 1, 1),       # smallc, dY copied
     ((2, 1, 28, 28), (32, 1, 5, 5), 1, 2, 1),       # one input channel
     ((8, 6, 14, 14), (16, 6, 5, 5), 1, 0, 1),       # lanes
