@@ -242,12 +242,12 @@ cdef extern from "pointwise.h":
 cdef int conv2d_grad_weight_pointwise(const floating* dy, const floating* x, floating* partial, Py_ssize_t nchunks,
                                       const ConvGeom* p, int n_threads) noexcept nogil:
     """grad_weight of a 1x1 kernel at stride 1 without padding (use_pointwise): dW[k, c] = the sum over images and
-    pixels of dY[k, q] * X[c, q], rows of both read in place by a dot-product micro-kernel (pointwise.h), 4 output
-    x 4 input channels per tile. A task is (group, chunk of images, 4 output channels); each tile's lanes run over
-    the chunk's images in order, in registers, and are reduced once into partial[g, ch] (Cg x Kg), which
-    sum_partials adds in chunk order: the same sums whatever the thread count. With no image in a chunk (fewer
-    images than chunks cannot happen: grad_weight_chunks <= B) the tile is zero. (The pixel path copied the input channels-last and ran
-    these shapes at 35-73 GFLOP/s.)"""
+    pixels of dY[k, q] * X[c, q], rows of both read in place by a dot-product micro-kernel (pointwise.h), CE_PW_TILE
+    output x CE_PW_TILE input channels per tile. A task is (group, chunk of images, CE_PW_TILE output channels);
+    each tile's lanes run over the chunk's images in order, in registers, and are reduced once into partial[g, ch]
+    (Cg x Kg), which sum_partials adds in chunk order: the same sums whatever the thread count. With no image in a
+    chunk (fewer images than chunks cannot happen: grad_weight_chunks <= B) the tile is zero. (The pixel path copied
+    the input channels-last and ran these shapes at 35-73 GFLOP/s.)"""
     cdef fpstate fp, fps
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G, P = p.H * p.W
     cdef Py_ssize_t VL = vlen(<floating>0)

@@ -68,12 +68,12 @@ cdef inline Py_ssize_t units_per_task(const ConvGeom* p, Py_ssize_t R) noexcept 
     return max(1, PIXELS_PER_TASK // (R * p.OW))
 
 
-# Pixels per plane from which 1x1 grad_weight takes the pointwise (dot-product) path: its 4 x 4 tiles read whole
-# planes of both operands in place, which pays on large planes (Zen 4, 1 thread, batch 64, GFLOP/s pointwise /
-# pixels: 64x32x32 -> 64 58-65 / 44-57, 64x28x28 -> 64 72-73 / 61, 32x24x24 -> 64 56-59 / 54-55, 64x20x20 -> 64
-# 59-60 / 59-62). Since the pixel path's channels-last copy is transposed in registers (ce_transpose_rows) it
-# leads below that: 32x16x16 -> 64 77 / 79, 128x16x16 -> 128 55-59 / 72 (at 2 threads 83-112 / 138-143); 8x8
-# planes 58-63 / 69-85.
+# Pixels per plane from which 1x1 grad_weight takes the pointwise (dot-product) path: its tiles (4 x 4 channels on
+# AVX-512) read whole planes of both operands in place, which pays on large planes (Zen 4, 1 thread, batch 64,
+# GFLOP/s pointwise / pixels: 64x32x32 -> 64 58-65 / 44-57, 64x28x28 -> 64 72-73 / 61, 32x24x24 -> 64 56-59 / 54-55,
+# 64x20x20 -> 64 59-60 / 59-62). Since the pixel path's channels-last copy is transposed in registers
+# (ce_transpose_rows) it leads below that: 32x16x16 -> 64 77 / 79, 128x16x16 -> 128 55-59 / 72 (at 2 threads 83-112 /
+# 138-143); 8x8 planes 58-63 / 69-85.
 cdef Py_ssize_t POINTWISE_GRAD_WEIGHT_PIXELS = 400
 
 
@@ -566,12 +566,13 @@ cdef inline Py_ssize_t pixel_chunks(const ConvGeom* p) noexcept nogil:
 cdef inline Py_ssize_t pixel_msplit(const ConvGeom* p, Py_ssize_t nchunks, Py_ssize_t mpanels,
                                     int n_threads) noexcept nogil:
     """Blocks of M panels per chunk of grad_weight's pixel path: where its chunks are fewer than the threads, each
-    chunk's output channels are cut into blocks, one task each, so that every thread has one. Each output element
-    is still one task's sum over the chunk's units in the same order, so the bits do not depend on the split (nor
-    on the thread count). With 256 channels the partial sums' cap left one chunk, one task: 64x256x8x8 -> 256 ran at
-    88 GFLOP/s on 2 threads where 128 channels ran at 190, now 165 (AMD EPYC Zen 4). More blocks than threads only
-    copy the input's rows again: eight, or blocks sized to keep a task's accumulators within 256 KB-1 MB, gave
-    125-144 GFLOP/s at 2 threads on 256 channels against 159-173 with one per thread, and nothing at 1 thread."""
+    chunk's output channels are cut into blocks, one task each, so that every thread has one. Each output element is
+    still one task's sum over the chunk's units in the same order, so the bits do not depend on the split (nor on
+    the thread count). With 256 channels the partial sums' cap left one chunk, one task: 64x256x8x8 -> 256 ran at 88
+    GFLOP/s on 2 threads where 128 channels ran at 190, 165 with the split (203-208 since a step is one k block; AMD
+    EPYC Zen 4). More blocks than threads only copy the input's rows again: eight, or blocks sized to keep a task's
+    accumulators within 256 KB-1 MB, gave 125-144 GFLOP/s at 2 threads on 256 channels against 159-173 with one per
+    thread, and nothing at 1 thread."""
     cdef Py_ssize_t tasks = p.G * nchunks
     if tasks >= n_threads:
         return 1

@@ -2,10 +2,10 @@
  * the GEMM micro-kernel is (simd.h).
  *
  * dW[k, c] = sum over pixels q of dY[k, q] * X[c, q]: both operands run along the pixels, so neither needs the
- * transposing pack that a GEMM over packed panels would (which cost as much as it saved). A tile of 4 rows of dY
- * and 4 rows of X keeps 16 vector accumulators in registers over all the images of a chunk, lane l summing the
- * pixels q = l (mod VL) of each image in increasing q (ce_pw_lanes_add); the lanes are then reduced once
- * (ce_pw_lanes_sum), in a fixed order.
+ * transposing pack that a GEMM over packed panels would (which cost as much as it saved). A tile of CE_PW_TILE rows
+ * of dY and as many of X (4 x 4 on AVX-512, 3 x 3 otherwise) keeps its vector accumulators in registers over all
+ * the images of a chunk, lane l summing the pixels q = l (mod VL) of each image in increasing q (ce_pw_lanes_add);
+ * the lanes are then reduced once (ce_pw_lanes_sum), in a fixed order.
  */
 #ifndef CE_POINTWISE_H
 #define CE_POINTWISE_H
@@ -15,7 +15,7 @@
 
 /* Channels of each operand per tile: a 4 x 4 tile's 16 accumulators and 8 loaded vectors need AVX-512's 32
  * registers; with 16 (AVX2, SSE) they spilled, and a 3 x 3 tile (9 + 6) fits: AMD Zen 4, AVX2 build, 1 thread,
- * 64x64x32x32 -> 64 1x1, 20.1 -> 9.3 ms (the AVX-512 build's 4 x 4: 9.3). Each accumulator sums its own (k, c)
+ * 64x64x32x32 -> 64 1x1, 17.4 -> 9.9 ms (the AVX-512 build's 4 x 4: 7.9). Each accumulator sums its own (k, c)
  * in the same order whatever the tile: the bits do not depend on it. */
 #if defined(__AVX512F__)
 #define CE_PW_TILE 4
@@ -24,7 +24,7 @@
 #endif
 
 #define CE_PW_DOTS(ADD, SUM, T, VT)                                                                           \
-/* acc[(i*4 + j)*VL + l] = sum over images m < nimg and pixels q < n, q % VL == l, in that order, of              \
+/* acc[(i*TILE + j)*VL + l] = sum over images m < nimg and pixels q < n, q % VL == l, in that order, of           \
  * a[i][m*sa + q] * b[j][m*sb + q] (a tail past whole vectors into the first lanes): the accumulators stay in     \
  * registers over all the images */                                                                            \
 static inline void ADD(const T* const* a, const T* const* b, ptrdiff_t sa, ptrdiff_t sb, ptrdiff_t nimg,         \

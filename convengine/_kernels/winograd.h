@@ -118,11 +118,11 @@ static inline void ce_wino_merge_f(const float* restrict a, const float* restric
 
 /* The weight gradient's two kernels (conv_winograd_grad_weight.pxi). */
 
-/* A g A^T of n tiles side by side (one tile row of one output channel's gradient g, the adjoint of the forward's
- * output transform), from its two rows' even columns e + r * ld and odd ones o + r * ld (r = 0, 1): entry 4a + b
- * of tile q to dst[(4a + b) * ss + q], A = [1 0; 1 1; 1 -1; 0 -1] (A^T above). The rows' half (t0 = g0,
- * t1 = g0 + g1, t2 = g0 - g1, t3 = -g1), then the columns' the same way. The rows are read up to index
- * n + VL - 1 (the caller's slack); only n tiles are stored. */
+/* A g A^T of n tiles side by side (a run of one output channel's gradient g, the adjoint of the forward's output
+ * transform): tile q's row r (r = 0, 1) has its even column at e[r * ld + q] and its odd one at o[r * ld + q]
+ * (the caller's phase planes: winograd_grad_output): entry 4a + b of tile q to dst[(4a + b) * ss + q],
+ * A = [1 0; 1 1; 1 -1; 0 -1] (A^T above). The rows' half (t0 = g0, t1 = g0 + g1, t2 = g0 - g1, t3 = -g1), then the
+ * columns' the same way. The rows are read up to index n + VL - 1 (the caller's slack); only n tiles are stored. */
 static inline void ce_wino_gout_f(const float* restrict e, const float* restrict o, ptrdiff_t ld, ptrdiff_t n,
                                   float* restrict dst, ptrdiff_t ss)
 {
