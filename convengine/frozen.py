@@ -212,13 +212,15 @@ class _Conv(_Step):
     def run(self, x, out, prepared):
         params, _, _, packed = prepared
         _engine.conv2d_forward(x, self.weight, self.bias, out, params, self.threads(prepared, x.shape[0]), self.relu,
-                               self.scale, self.shift, packed)
+                               self.scale, self.shift, packed, forced=packed is not None)
         return out
 
     def compile(self, program, prepared, shape, n, src, dst):
         params, _, _, packed = prepared
+        # on the path the weights were packed for, whatever n: a batch's path may depend on its size (the pixel
+        # path's), and the images a program runs at once on the thread count
         program.conv(src, dst, self.threads(prepared, n), (n,) + tuple(shape), self.weight, self.bias, params,
-                     self.relu, self.scale, self.shift, packed)
+                     self.relu, self.scale, self.shift, packed, forced=packed is not None)
         return True
 
     def flops(self, prepared):

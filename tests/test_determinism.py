@@ -62,6 +62,8 @@ CONV_CASES = [
     ((40, 3, 32, 32), (32, 3, 3, 3), dict(stride=2, padding=1)),
     # float32: dY's channels in the lanes, grad_input over images, grad_weight over 2 slices of 24 images
     ((48, 6, 14, 14), (16, 6, 5, 5), dict()),
+    # float32: the pixel path skipping padding taps (1,536 output pixels of 8x8 planes), forward and grad_input
+    ((24, 32, 8, 8), (48, 32, 3, 3), dict(padding=1)),
 ]
 
 

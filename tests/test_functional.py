@@ -245,6 +245,69 @@ def test_every_path_is_exercised():
         assert taken.get(("grad_input", name), 0) >= 3, (name, taken)
 
 
+# The pixel path skips, panel by panel, the taps that read only padding (conv2d_forward_pixels): small planes under
+# 3x3 and 5x5 kernels, stride and dilation, more padding than the kernel reaches, a group
+SKIP_SHAPES = [
+    ((11, 16, 8, 8), (48, 16, 3, 3), dict(padding=1)),
+    ((9, 8, 4, 4), (32, 8, 5, 5), dict(padding=2)),
+    ((7, 24, 6, 5), (32, 24, 3, 3), dict(padding=2, dilation=2)),
+    ((6, 16, 9, 9), (32, 16, 3, 3), dict(stride=2, padding=3)),
+    ((5, 32, 4, 4), (64, 16, 3, 3), dict(padding=1, groups=2)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("x_shape,w_shape,params", SKIP_SHAPES, ids=[f"{x}-{w}-{p}" for x, w, p in SKIP_SHAPES])
+def test_pixel_path_sums_do_not_depend_on_the_batch(rng, x_shape, w_shape, params, dtype):
+    """Each output of the pixel path is the sum over its own inside taps, whichever pixels share its panel: an
+    image alone, in a batch (other images in its task, panels across images) and in a shorter batch gives the same
+    bits, and the reference's values. A non-finite weight times padding is NaN in the reference: there the path
+    computes every tap, and the NaN stay where the reference has them, again in any batch."""
+    x, w, b = randn(rng, x_shape, dtype), randn(rng, w_shape, dtype), randn(rng, w_shape[0], dtype)
+    try:
+        _engine.force_conv_path("pixels")
+        assert conv_paths(x, w, params)["forward"] == "pixels"
+        for case in ("finite", "inf weight"):
+            if case == "inf weight":
+                w[3, 1, 0, w.shape[3] - 1] = np.inf
+            y = F.conv2d(x, w, b, **params)
+            with np.errstate(invalid="ignore"):                 # the reference's 0 * inf
+                want = R.conv2d(x, w, b, **params)
+            assert_close(y, want, f"pixels {case}")
+            if case == "inf weight":
+                assert np.isnan(y).any() and np.isfinite(y).any()
+            for i in (0, 3, len(x) - 1):
+                assert_bitwise_equal(F.conv2d(x[i:i + 1], w, b, **params), y[i:i + 1], f"{case}: image {i} alone")
+            assert_bitwise_equal(F.conv2d(x[2:], w, b, **params), y[2:], f"{case}: images 2 on")
+    finally:
+        _engine.force_conv_path("auto")
+
+
+def test_pixel_path_takes_small_planes_of_large_batches():
+    """The automatic choice (PIXEL_SKIP_MIN_PIXELS, pixels_skip_padding): float32 convs whose padding taps are an
+    eighth or more of the work, on batches of 1,024 output pixels or more, take the pixel path forward and as the
+    transposed conv of grad_input; smaller batches and larger planes keep the row-vector direct kernel (float64
+    has no such kernel, and takes the pixel path on small planes at any batch)."""
+    # (AVX-512 builds only: on AVX2 and SSE the direct kernel keeps them)
+    avx512 = convengine.build_info()["simd"] == "avx512"
+
+    def paths(x_shape, w_shape, dtype=np.float32):
+        return conv_paths(np.zeros(x_shape, dtype), np.zeros(w_shape, dtype), dict(padding=w_shape[2] // 2))
+    for x_shape, w_shape in [((64, 128, 8, 8), (128, 128, 3, 3)), ((16, 64, 8, 8), (64, 64, 3, 3)),
+                             ((64, 256, 4, 4), (256, 256, 3, 3)), ((16, 32, 10, 10), (32, 32, 3, 3)),
+                             ((16, 32, 8, 8), (32, 32, 5, 5))]:
+        got = paths(x_shape, w_shape)
+        if avx512:
+            assert (got["forward"], got["grad_input"]) == ("pixels", "transposed pixels"), (x_shape, w_shape, got)
+        else:
+            assert got["forward"] == "direct", (x_shape, w_shape, got)
+    for x_shape, w_shape, dtype in [((15, 64, 8, 8), (64, 64, 3, 3), np.float32),
+                                    ((1, 128, 8, 8), (128, 128, 3, 3), np.float32),
+                                    ((64, 64, 16, 16), (64, 64, 3, 3), np.float32),
+                                    ((64, 128, 12, 12), (128, 128, 3, 3), np.float32)]:
+        assert paths(x_shape, w_shape, dtype)["forward"] == "direct", (x_shape, w_shape, dtype)
+
+
 # float32 shapes whose grad_input and grad_weight take dY's 16 channels in the vector lanes in the automatic choice
 # (conv_grad_input.pxi, conv_grad_weight.pxi): LeNet-5's second layer, kernels 2 to 5 wide, uneven padding, rows
 # and channels that do not fill the tiles

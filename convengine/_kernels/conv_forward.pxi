@@ -508,16 +508,108 @@ cdef inline Py_ssize_t pixel_weights_len(const ConvGeom* p, floating dummy) noex
     return p.G * p.KH * p.KW * round_up(p.K // p.G, output_panel_nv(p, dummy) * vlen(<floating>0)) * (p.C // p.G)
 
 
-cdef void pack_pixel_weights(const floating* w, const ConvGeom* p, floating* bpack) noexcept nogil:
+cdef int pack_pixel_weights(const floating* w, const ConvGeom* p, floating* bpack) noexcept nogil:
     """bpack[((g*T + t)*npan + jp)*Cg*NR + c*NR + j] = w[g*Kg + jp*NR + j, c, kh, kw], zero past Kg: the pixel
-    path's B operand, tap by tap."""
+    path's B operand, tap by tap. By blocks of a panel's NR weight rows x a few channels: each row's piece (its
+    channels' taps, contiguous) is copied into a tile in cache, then each tap's NR-wide rows are written out from
+    it in order (a pass per tap over w, strided, read every cache line of w T times: 3.4 ms for 512 -> 512 3x3
+    weights, a batch-1 call's arithmetic several times over). Returns -1 where the tile cannot be allocated."""
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G, T = p.KH * p.KW, VL = vlen(<floating>0)
     cdef Py_ssize_t NR = output_panel_nv(p, <floating>0) * VL
     cdef Py_ssize_t Npad = round_up(Kg, NR)
-    cdef Py_ssize_t g, t
+    cdef Py_ssize_t CB = max(1, 64 // T)
+    cdef Py_ssize_t g, t, jp, c, c0, cb, cn, j, j0, jn, k, i
+    cdef floating* dst
+    cdef const floating* rows[8]
+    cdef floating* tile = <floating*>malloc((NR + 1) * CB * T * sizeof(floating))
+    cdef floating* zeros = tile + NR * CB * T
+    if tile == NULL:
+        return -1
+    memset(zeros, 0, CB * T * sizeof(floating))
     for g in range(p.G):
-        for t in range(T):
-            pack_b_strided(w + g * Kg * Cg * T + t, T, Cg * T, Cg, Kg, NR, bpack + (g * T + t) * Npad * Cg)
+        for jp in range(Npad // NR):
+            for cb in range((Cg + CB - 1) // CB):
+                c0 = cb * CB
+                cn = min(CB, Cg - c0)
+                # eight weight rows at a time, as pack_a_strided reads (NR rows at once missed in cache)
+                for j0 in range(0, NR, 8):
+                    jn = min(8, NR - j0)
+                    for j in range(jn):
+                        k = jp * NR + j0 + j
+                        rows[j] = w + ((g * Kg + k) * Cg + c0) * T if k < Kg else zeros
+                    for i in range(cn * T):
+                        for j in range(jn):
+                            tile[i * NR + j0 + j] = rows[j][i]
+                for t in range(T):
+                    dst = bpack + ((g * T + t) * Npad + jp * NR) * Cg + c0 * NR
+                    for c in range(cn):
+                        memcpy(dst + c * NR, tile + (c * T + t) * NR, NR * sizeof(floating))
+    free(tile)
+    return 0
+
+
+cdef void ukernel_taps_f(Py_ssize_t ntap, const Py_ssize_t* taps, const Py_ssize_t* tapoff, Py_ssize_t kc,
+                         const float** arow, Py_ssize_t a_cs, const float** brow, float* c, Py_ssize_t ldc,
+                         tile_width* width) noexcept nogil:
+    """c[MR, nv*VL] = sum over the taps t = taps[0:ntap] of a_t[MR, kc] b_t[kc, nv*VL], held in registers from
+    the first tap to the last: row i of a_t is arow[i] + tapoff[t] at stride a_cs, row p of b_t is brow[t*kc + p].
+
+    ukernel_f over a list of taps (the pixel path's panel: its pixels' rows of input channels at each tap's
+    offset), so that a tile is loaded and stored once, not once per tap."""
+    cdef vfloat acc[CE_MR][CE_NV]
+    cdef vfloat bv[CE_NV]
+    cdef const float* ap[CE_MR]
+    cdef const float** bt
+    cdef Py_ssize_t i, j, p, q, t
+    cdef Py_ssize_t VL = CE_VBYTES // sizeof(float)
+    cdef int nv
+    if tile_width is wide_tile:
+        nv = CE_NV
+    else:
+        nv = CE_NV_ALT
+    for i in range(CE_MR):
+        for j in range(nv):
+            acc[i][j] = ce_vf_zero()
+    for q in range(ntap):
+        t = taps[q]
+        for i in range(CE_MR):
+            ap[i] = arow[i] + tapoff[t]
+        bt = brow + t * kc
+        for p in range(kc):
+            for j in range(nv):
+                bv[j] = (<const vfloat*>(bt[p] + j * VL))[0]
+            for i in range(CE_MR):
+                for j in range(nv):
+                    acc[i][j] += ap[i][p * a_cs] * bv[j]
+    for i in range(CE_MR):
+        for j in range(nv):
+            (<vfloat*>(c + i * ldc + j * VL))[0] = acc[i][j]
+
+
+cdef void tap_classes(Py_ssize_t n, Py_ssize_t s, Py_ssize_t pad, Py_ssize_t d, Py_ssize_t KS, Py_ssize_t N,
+                      Py_ssize_t* lo, Py_ssize_t* hi, Py_ssize_t* order) noexcept nogil:
+    """lo[o], hi[o] = inside_taps of output rows (or columns) o < n, and order = 0..n-1 sorted stably by that
+    range, the rows whose every tap reads inside first: rows of one class are then adjacent."""
+    cdef Py_ssize_t o, j, key
+    for o in range(n):
+        lo[o], hi[o] = inside_taps(o, s, pad, d, KS, N)
+        key = 0 if lo[o] == 0 and hi[o] == KS else 1 + lo[o] * (KS + 1) + KS - hi[o]
+        j = o
+        while j > 0 and (0 if lo[order[j - 1]] == 0 and hi[order[j - 1]] == KS
+                         else 1 + lo[order[j - 1]] * (KS + 1) + KS - hi[order[j - 1]]) > key:
+            order[j] = order[j - 1]
+            j = j - 1
+        order[j] = o
+
+
+cdef inline Py_ssize_t class_end(const Py_ssize_t* order, const Py_ssize_t* lo, const Py_ssize_t* hi, Py_ssize_t i,
+                                 Py_ssize_t n) noexcept nogil:
+    """The end of the run of order[i:] whose rows (columns) share order[i]'s inside taps."""
+    cdef Py_ssize_t a = order[i]
+    i = i + 1
+    while i < n and lo[order[i]] == lo[a] and hi[order[i]] == hi[a]:
+        i = i + 1
+    return i
 
 
 cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilogue* e, floating* y,
@@ -527,10 +619,14 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
 
     A task takes a few units (image, block of output rows), copies the input rows they read into zero-padded
     rows, and points row i of A at pixel i's window origin plus the tap's offset; column c of A is then input
-    channel c, a fixed stride away. Nothing is wasted (im2col copies KH*KW values per pixel; the direct path
-    computes dropped columns), which matters for small images: a 4x4 image has 16 pixels and 8 dropped columns
-    per tap row in the direct path. With few tasks (batch 1) each also takes a block of the output channels'
-    column panels (channel_blocks). prepacked: pack_pixel_weights' result, or NULL to pack here."""
+    channel c, a fixed stride away. Nothing is wasted: im2col copies KH*KW values per pixel; the direct path
+    computes dropped columns and every tap of the pixels at the image's edge, which read only padding (on an 8x8
+    image 92 of 576 pixel-taps with a 3x3 kernel, 44 of 144 on 4x4). Here a task's pixels are listed by the taps
+    that read inside the image (tap_classes: rows, then columns, across its units), so that most 8-pixel panels
+    share them, and a panel skips every tap that none of its pixels reads inside. Per B panel (NR output
+    channels) and pixel panel, ukernel_taps_f sums the panel's taps in order, input channels inner, in registers
+    (float64: tap by tap into the C tile). With few tasks (batch 1) each also takes a block of the output
+    channels' column panels (channel_blocks). prepacked: pack_pixel_weights' result, or NULL to pack here."""
     cdef fpstate fp, fps
     cdef Py_ssize_t Cg = p.C // p.G, Kg = p.K // p.G
     cdef Py_ssize_t T = p.KH * p.KW
@@ -539,6 +635,7 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
     cdef Py_ssize_t NR = nv * VL
     cdef Py_ssize_t npan = (Kg + NR - 1) // NR
     cdef Py_ssize_t Npad = npan * NR
+    cdef Py_ssize_t OHW = p.OH * p.OW
     cdef Py_ssize_t Wpad = window_width(p)
     cdef Py_ssize_t R = pixel_rows(p)
     cdef Py_ssize_t nrb = (p.OH + R - 1) // R
@@ -549,9 +646,13 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
     cdef Py_ssize_t nunits = p.B * nrb
     cdef Py_ssize_t ntasks = (nunits + upt - 1) // upt
     cdef Py_ssize_t maxpix = round_up(upt * R * p.OW, CE_MR)
+    cdef Py_ssize_t maxpan = maxpix // CE_MR
     cdef Py_ssize_t nsplit = channel_blocks(p.G * ntasks, npan, n_threads)
     cdef Py_ssize_t nchunk = (npan + nsplit - 1) // nsplit
-    cdef Py_ssize_t task, g, u, u0, u1, b, oh0, nrows, npix, ro, ow, ip, t, i, k, q, n, j0, j1
+    cdef Py_ssize_t task, g, u, u0, u1, b, oh0, nrows, ip, t, i, k, n, j0, j1, jp, npanels, kh, kw
+    cdef Py_ssize_t r0, r1, c0, c1, ri, ci, oh, ow, ntap, q
+    cdef Py_ssize_t* taps
+    cdef floating* dst
     cdef const floating* bpack
     cdef floating* owned = NULL
     cdef floating* xblk
@@ -560,19 +661,37 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
     cdef const floating** pix
     cdef const floating** arow
     cdef const floating** brow
+    cdef Py_ssize_t* at
+    cdef Py_ssize_t* box
     cdef Py_ssize_t* tapoff
     cdef int failed = 0
-    tapoff = <Py_ssize_t*>malloc(T * sizeof(Py_ssize_t))
+    # per call: each tap's offset, then per output row and column its inside taps and the class order
+    tapoff = <Py_ssize_t*>malloc((T + 3 * (p.OH + p.OW)) * sizeof(Py_ssize_t))
     if prepacked == NULL:
         owned = <floating*>malloc(pixel_weights_len(p, <floating>0) * sizeof(floating))
     if tapoff == NULL or (prepacked == NULL and owned == NULL):
         free(owned)
         free(tapoff)
         return -1
+    cdef Py_ssize_t* rlo = tapoff + T
+    cdef Py_ssize_t* rhi = rlo + p.OH
+    cdef Py_ssize_t* rord = rhi + p.OH
+    cdef Py_ssize_t* clo = rord + p.OH
+    cdef Py_ssize_t* chi = clo + p.OW
+    cdef Py_ssize_t* cord = chi + p.OW
+    # skipped taps would add only zeros (x * 0 with finite weights; a sum never holds -0, so adding +-0 keeps its
+    # bits): each sum is then the same whichever pixels share a panel. A non-finite weight times padding is NaN, as
+    # the direct path and the reference compute it: there every panel takes every tap.
+    cdef bint every_tap = not all_finite(w, p.K * Cg * T)
+    tap_classes(p.OH, p.sh, p.pt, p.dh, p.KH, p.H, rlo, rhi, rord)
+    tap_classes(p.OW, p.sw, p.pl, p.dw, p.KW, p.W, clo, chi, cord)
     for t in range(T):
         tapoff[t] = (t // p.KW) * p.dh * Wpad + (t % p.KW) * p.dw
     if prepacked == NULL:
-        pack_pixel_weights(w, p, owned)
+        if pack_pixel_weights(w, p, owned):
+            free(owned)
+            free(tapoff)
+            return -1
         bpack = owned
     else:
         bpack = prepacked
@@ -584,10 +703,14 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
         pix = <const floating**>malloc(maxpix * sizeof(floating*))
         arow = <const floating**>malloc(CE_MR * sizeof(floating*))
         brow = <const floating**>malloc(T * Cg * sizeof(floating*))
+        # per pixel its offset in y; per panel the box of taps it computes (kh, kw ranges) and whether begun
+        at = <Py_ssize_t*>malloc((maxpix + 5 * maxpan + T) * sizeof(Py_ssize_t))
         for task in prange(p.G * ntasks * nsplit, schedule='static'):
-            if xblk == NULL or cbuf == NULL or pix == NULL or arow == NULL or brow == NULL:
+            if xblk == NULL or cbuf == NULL or pix == NULL or arow == NULL or brow == NULL or at == NULL:
                 flag_failure(&failed)
                 continue
+            box = at + maxpix
+            taps = box + 5 * maxpan
             j0 = (task % nsplit) * nchunk                  # this task's column panels (output channels)
             j1 = min(npan, j0 + nchunk)
             if j0 >= j1:
@@ -595,43 +718,97 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
             g = (task // nsplit) // ntasks
             u0 = ((task // nsplit) - g * ntasks) * upt
             u1 = min(nunits, u0 + upt)
-            for t in range(T):
-                row_table(brow + t * Cg, bpack + ((g * T + t) * Npad + j0 * NR) * Cg, Cg, NR)
-            npix = 0
             for u in range(u0, u1):
                 b = u // nrb
                 oh0 = (u - b * nrb) * R
-                nrows = min(R, p.OH - oh0)
-                blk = xblk + (u - u0) * unit_len
-                fill_window_rows(x, p, b, g, oh0 * p.sh - p.pt, window_rows(p, nrows), ld_c, blk)
-                for ro in range(nrows):
-                    for ow in range(p.OW):
-                        pix[npix] = blk + ro * p.sh * Wpad + ow * p.sw
-                        npix = npix + 1
+                fill_window_rows(x, p, b, g, oh0 * p.sh - p.pt, window_rows(p, min(R, p.OH - oh0)), ld_c,
+                                 xblk + (u - u0) * unit_len)
+            # the units' pixels by class: each run of rows with the same inside taps, each run of columns, across
+            # the units
+            n = 0
+            r0 = 0
+            while r0 < p.OH:
+                r1 = class_end(rord, rlo, rhi, r0, p.OH)
+                c0 = 0
+                while c0 < p.OW:
+                    c1 = class_end(cord, clo, chi, c0, p.OW)
+                    for u in range(u0, u1):
+                        b = u // nrb
+                        oh0 = (u - b * nrb) * R
+                        nrows = min(R, p.OH - oh0)
+                        blk = xblk + (u - u0) * unit_len
+                        for ri in range(r0, r1):
+                            oh = rord[ri]
+                            if oh < oh0 or oh >= oh0 + nrows:
+                                continue
+                            for ci in range(c0, c1):
+                                ow = cord[ci]
+                                pix[n] = blk + (oh - oh0) * p.sh * Wpad + ow * p.sw
+                                at[n] = b * p.K * OHW + oh * p.OW + ow
+                                n = n + 1
+                    c0 = c1
+                r0 = r1
+            npanels = (n + CE_MR - 1) // CE_MR
             # a partial last panel repeats pixel 0 (computed, never stored)
-            for i in range(npix, round_up(npix, CE_MR)):
+            for i in range(n, npanels * CE_MR):
                 pix[i] = pix[0]
-            for ip in range((npix + CE_MR - 1) // CE_MR):
+            # each panel's taps: the box of its pixels' inside taps (kh in [box0, box1), kw in [box2, box3))
+            for ip in range(npanels):
+                box[ip] = 0 if every_tap else p.KH
+                box[maxpan + ip] = p.KH if every_tap else 0
+                box[2 * maxpan + ip] = 0 if every_tap else p.KW
+                box[3 * maxpan + ip] = p.KW if every_tap else 0
+                if every_tap:
+                    continue
+                for i in range(ip * CE_MR, min(n, ip * CE_MR + CE_MR)):
+                    oh = (at[i] % OHW) // p.OW
+                    ow = at[i] % p.OW
+                    box[ip] = min(box[ip], rlo[oh])
+                    box[maxpan + ip] = max(box[maxpan + ip], rhi[oh])
+                    box[2 * maxpan + ip] = min(box[2 * maxpan + ip], clo[ow])
+                    box[3 * maxpan + ip] = max(box[3 * maxpan + ip], chi[ow])
+            for jp in range(j0, j1):
                 for t in range(T):
-                    for i in range(CE_MR):
-                        arow[i] = pix[ip * CE_MR + i] + tapoff[t]
-                    macro_kernel(1, j1 - j0, Cg, arow, ld_c, brow + t * Cg, Cg * NR, cbuf + ip * CE_MR * Npad + j0 * NR,
-                                 Npad, t > 0, nv)
-            # y[b, g*Kg + k, oh0 + ro, ow] = epilogue of cbuf[q, k], unit by unit
-            q = 0
-            for u in range(u0, u1):
-                b = u // nrb
-                oh0 = (u - b * nrb) * R
-                n = min(R, p.OH - oh0) * p.OW
-                for k in range(j0 * NR, min(Kg, j1 * NR)):
-                    store_span(cbuf + q * Npad + k, Npad, y + ((b * p.K + g * Kg + k) * p.OH + oh0) * p.OW, n, e,
-                               g * Kg + k)
-                q = q + n
+                    row_table(brow + t * Cg, bpack + ((g * T + t) * Npad + jp * NR) * Cg, Cg, NR)
+                for ip in range(npanels):
+                    # the taps that some pixel of the panel reads inside, in order
+                    ntap = 0
+                    for t in range(T):
+                        kh = t // p.KW
+                        kw = t - kh * p.KW
+                        if (box[ip] <= kh < box[maxpan + ip] and box[2 * maxpan + ip] <= kw < box[3 * maxpan + ip]):
+                            taps[ntap] = t
+                            ntap = ntap + 1
+                    box[4 * maxpan + ip] = ntap
+                    if ntap == 0:
+                        continue
+                    dst = cbuf + ip * CE_MR * Npad + jp * NR
+                    if floating is float:
+                        for i in range(CE_MR):
+                            arow[i] = pix[ip * CE_MR + i]
+                        if nv == CE_NV:
+                            ukernel_taps_f(ntap, taps, tapoff, Cg, arow, ld_c, brow, dst, Npad, <wide_tile*>NULL)
+                        else:
+                            ukernel_taps_f(ntap, taps, tapoff, Cg, arow, ld_c, brow, dst, Npad, <narrow_tile*>NULL)
+                    else:
+                        for q in range(ntap):
+                            for i in range(CE_MR):
+                                arow[i] = pix[ip * CE_MR + i] + tapoff[taps[q]]
+                            macro_kernel(1, 1, Cg, arow, ld_c, brow + taps[q] * Cg, 0, dst, Npad, q > 0, nv)
+                # a panel whose pixels read only padding sums nothing: zero
+                for ip in range(npanels):
+                    if box[4 * maxpan + ip] == 0:
+                        for i in range(CE_MR):
+                            memset(cbuf + (ip * CE_MR + i) * Npad + jp * NR, 0, NR * sizeof(floating))
+            # y[at[q] + (g*Kg + k)*OH*OW] = epilogue of cbuf[q, k]
+            for k in range(j0 * NR, min(Kg, j1 * NR)):
+                store_gather(cbuf + k, Npad, y + (g * Kg + k) * OHW, at, n, e, g * Kg + k)
         free(xblk)
         free(cbuf)
         free(pix)
         free(arow)
         free(brow)
+        free(at)
         fp_leave(fp)
     fp_resume(fps)
     free(owned)
@@ -644,8 +821,8 @@ cdef int conv2d_forward_core(const floating* x, const floating* w, const Epilogu
                              int prepacked_path=PATH_AUTO, bint forced=False) noexcept nogil:
     """y = epilogue(conv2d(x, w)), all C-contiguous NCHW / KCRS. prepacked: the weights as conv2d_pack packed them
     for path prepacked_path, used where the shape takes that path now (else packed here), or always where forced
-    (a frozen plan's slice of the output channels takes the path of the whole conv, and so its bits). Returns -1
-    on allocation failure."""
+    (a frozen plan's conv takes the path it packed for at any batch, and a slice of its output channels the path
+    of the whole conv, and so their bits). Returns -1 on allocation failure."""
     cdef Py_ssize_t KC = weight_block(p, <floating>0)
     cdef floating* apack = NULL
     cdef int rc
@@ -689,10 +866,13 @@ def conv2d_forward(const floating[:, :, :, ::1] x,        # IN  (B, C, H, W)
                    tuple params, int n_threads,
                    bint relu=False,                       # epilogue: max(., 0) after the bias
                    scale=None, shift=None,                # IN  (K,) each or None: then * scale + shift
-                   packed=None):                          # IN  conv2d_pack's result for these weights, or None
+                   packed=None,                           # IN  conv2d_pack's result for these weights, or None
+                   bint forced=False):                    # take packed's path whatever this batch would choose
     """params = (sh, sw, pad_top, pad_left, dh, dw, groups, OH, OW); shapes already validated. The epilogue (see
     Epilogue) is applied as each output tile is stored. packed (a frozen plan's): the weights packed once by
-    conv2d_pack for this geometry, used where the shape still takes the path they were packed for."""
+    conv2d_pack for this geometry, used where the shape still takes the path they were packed for, or always
+    where forced (a frozen plan runs every batch on the path it packed for: the pixel path's choice depends on
+    the batch, PIXEL_SKIP_MIN_PIXELS, and a plan's batch per thread on the thread count)."""
     cdef fpstate fp, fps
     cdef ConvGeom p
     cdef Epilogue e
@@ -728,7 +908,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x,        # IN  (B, C, H, W)
     with nogil:
         fp = fp_enter_call()
         rc = conv2d_forward_core(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], &e, &out[0, 0, 0, 0], &p, n_threads,
-                                 prepacked, prepacked_path)
+                                 prepacked, prepacked_path, forced and prepacked != NULL)
         fp_leave_call(fp)
     if rc:
         raise MemoryError("conv2d: could not allocate packing buffers")
@@ -766,7 +946,8 @@ def conv2d_pack(tuple x_shape,                            # (B, C, H, W) of the 
     if out.shape[0] != packed_length(&p, path, <floating>0) or out.shape[0] == 0:
         raise ValueError("conv2d_pack: out has the wrong length (see conv2d_pack_length)")
     if path == PATH_PIXELS:
-        pack_pixel_weights(&weight[0, 0, 0, 0], &p, &out[0])
+        if pack_pixel_weights(&weight[0, 0, 0, 0], &p, &out[0]):
+            raise MemoryError()
     elif path == PATH_WINOGRAD:
         if floating is float:
             pack_winograd_weights(&weight[0, 0, 0, 0], &p, &out[0])

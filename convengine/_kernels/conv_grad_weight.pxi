@@ -2,26 +2,6 @@
 # fixed order; and the def entry.
 
 
-cdef bint all_finite(const floating* x, Py_ssize_t n) noexcept nogil:
-    """No inf or NaN in x: no value has an all-ones exponent. Integer tests vectorise; a float sum would be a
-    serial dependency chain (4 ms on a 4M-element input)."""
-    cdef Py_ssize_t i
-    cdef const uint32_t* u
-    cdef const uint64_t* v
-    cdef uint32_t bad32 = 0
-    cdef uint64_t bad64 = 0
-    if floating is float:
-        u = <const uint32_t*>x
-        for i in range(n):
-            bad32 |= (u[i] & 0x7f800000u) == 0x7f800000u
-        return bad32 == 0
-    else:
-        v = <const uint64_t*>x
-        for i in range(n):
-            bad64 |= (v[i] & 0x7ff0000000000000u) == 0x7ff0000000000000u
-        return bad64 == 0
-
-
 cdef void sum_partials(floating* partial, Py_ssize_t nchunks, const ConvGeom* p, floating* dw,
                        int n_threads) noexcept nogil:
     """dw[g*Kg + k, r] = sum over chunks, in chunk order, of partial[g, ch][r, k]. The chunks are added into

@@ -26,6 +26,22 @@
 # ---------------------------------------------------------------------------------------------------------------
 # The thresholds that every choice below reads, in one place, each with what it trades off.
 
+# The pixel path skips, panel by panel, the taps that read only padding (conv2d_forward_pixels); the direct kernels
+# compute them. For float32 it takes a conv from the row-vector direct kernel where those are an eighth or more of
+# the pixel-taps (pixels_skip_padding: 8x8 planes under a 3x3 kernel 16%, 10x10 13%, 12x12 11%, 4x4 31%) and the
+# batch has at least PIXEL_SKIP_MIN_PIXELS output pixels: its weights, packed per tap, cost more to pack and are
+# shared by fewer panels below that. Zen 4, fastest of 5 x 3-40 calls, GFLOP/s direct -> pixels, 3x3: batch 64, 1
+# thread: 128x8x8 -> 128 109 -> 121, 256x8x8 -> 256 110 -> 123, 64x8x8 -> 64 103 -> 114, 32x8x8 -> 32 95 -> 101,
+# 128x10x10 -> 128 98 -> 115, 128x6x6 -> 128 81 -> 121, 256x4x4 -> 256 106 -> 130, 64x4x4 -> 64 88 -> 112, 512x4x4
+# -> 512 102 -> 105, 512x2x2 -> 512 100 -> 104, 5x5 64x8x8 -> 64 107 -> 137; 2 threads: 128x8x8 -> 128 211 -> 237,
+# 256x8x8 -> 256 219 -> 245, 256x4x4 -> 256 202 -> 238; batch 16, 1 thread: 128x8x8 -> 128 109 -> 119, 256x8x8 ->
+# 256 109 -> 120, 512x4x4 -> 512 99 -> 95. Left to the direct kernel: 128x12x12 -> 128 109 / 108, 64x16x16 -> 64
+# 107 / 101 (2 threads 215 / 194), and batch 1 and 4 (128x8x8 -> 128 at batch 1 100 / 85, 512x4x4 -> 512 at batch
+# 4 68 / 46). AVX-512 builds only: the AVX2 build's 6-pixel panels (16 registers) ran no faster than its direct
+# kernel (batch 64, 1 thread, same machine: 128x8x8 -> 128 101 / 95, 256x4x4 -> 256 95 / 79, 64x8x8 -> 64 92 / 95).
+cdef Py_ssize_t PIXEL_SKIP_MIN_PIXELS = 1024
+
+
 # Most elements of per-thread padded input the direct paths may ask for; larger goes the im2col / GEMM way (a huge
 # dilation over a tiny image would ask for gigabytes: im2col's buffers do not grow with it).
 cdef Py_ssize_t MAX_DIRECT_SCRATCH = 1 << 24
@@ -327,6 +343,19 @@ cdef bint use_pixels(const ConvGeom* p, floating dummy) noexcept nogil:
     return Cg * window_rows(p, pixel_rows(p)) <= MAX_DIRECT_SCRATCH // window_width(p)
 
 
+cdef bint pixels_skip_padding(const ConvGeom* p) noexcept nogil:
+    """Whether an eighth or more of the shape's pixel-taps read only padding (inside_taps, row by row and column by
+    column): the pixel path skips those, the direct kernels compute them."""
+    cdef Py_ssize_t o, lo, hi, rows = 0, cols = 0
+    for o in range(p.OH):
+        lo, hi = inside_taps(o, p.sh, p.pt, p.dh, p.KH, p.H)
+        rows = rows + hi - lo
+    for o in range(p.OW):
+        lo, hi = inside_taps(o, p.sw, p.pl, p.dw, p.KW, p.W)
+        cols = cols + hi - lo
+    return 8 * rows * cols <= 7 * p.OH * p.KH * p.OW * p.KW
+
+
 # Whether a shape can take the first-layer path of conv_smallc.pxi (forward only; float64 keeps the GEMM paths).
 cdef inline bint smallc_fits(const ConvGeom* p, floating dummy) noexcept nogil:
     if floating is double:
@@ -430,6 +459,10 @@ cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
     # the input per pixel (im2col copies KH*KW). Zen 4, 1 thread, batch 64 / batch 1, pixels -> direct rows,
     # GFLOP/s: 64x8x8 -> 128 93 -> 99 / 71 -> 88; 128x8x8 -> 128 96 -> 100; 128x4x4 -> 256 95 -> 101 / 36 -> 66;
     # 64x12x12 -> 64 77 -> 97; im2col -> direct rows: 16x8x8 -> 20 32 -> 57, 8x8x8 -> 20 34 -> 58
+    if floating is float:
+        if (CE_VBYTES == 64 and pixels and p.B * p.OH * p.OW >= PIXEL_SKIP_MIN_PIXELS
+                and pixels_skip_padding(p)):
+            return PATH_PIXELS
     if direct or rows:
         return PATH_DIRECT
     if pixels:
@@ -661,8 +694,11 @@ cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T)
         R = pixel_rows(q)
         upt = units_per_task(q, R)
         maxpix = round_up(upt * R * q.OW, CE_MR)
+        # the packed weights; the tap offsets and each output row's and column's inside taps; per thread the
+        # units' padded rows, the C block, the pixels' A rows and offsets in y, each panel's taps
         return ((q.G * taps * Npad * Cg + T * (upt * Cg * window_rows(q, R) * window_width(q) + maxpix * Npad)) * isz
-                + taps * sizeof(Py_ssize_t) + T * (maxpix + CE_MR + taps * Cg) * ptr)
+                + (taps + 3 * (q.OH + q.OW)) * sizeof(Py_ssize_t) + T * (maxpix + CE_MR + taps * Cg) * ptr
+                + T * (maxpix + 5 * (maxpix // CE_MR) + taps) * sizeof(Py_ssize_t))
     if path == PATH_POINTWISE:
         NR = pointwise_nv(q.H * q.W, VL) * VL
         return q.G * Mpad * Kd * isz + T * ((CE_MR * NR + Cg * (BLOCK_TILES * NR + VL)) * isz + (Cg + CE_MR) * ptr

@@ -63,7 +63,7 @@ cdef struct Op:
     PoolGeom pool                   # pools
     int count_include_pad           # avg pool
     int packed_path                 # conv: the path `packed` was packed for
-    int forced                      # conv: a slice: take the whole conv's path (packed_path; smallc if unpacked)
+    int forced                      # conv: take packed_path (a plan's packed conv, any batch) or, unpacked, smallc (a slice)
     Py_ssize_t rows, cols, inner    # linear: M, N, K; relu: rows values; global avg pool: rows planes of cols
     Py_ssize_t col0, ld             # linear: the slice's first column of the whole product, and its row length
     Py_ssize_t channels             # batch norm: (rows images, channels, cols values per plane)
