@@ -14,7 +14,8 @@
 #            the rows of a dot-product kernel, pointwise.h)
 #   direct   stride 1: B rows read straight from zero-padded input rows at each tap's offset (no im2col)
 #   pixels   output pixels as the GEMM's rows, output channels (grad_weight: input channels) as its columns,
-#            tap by tap from zero-padded input rows: nothing wasted, for small and strided images
+#            tap by tap from zero-padded input rows: nothing wasted, for small and strided images; the forward
+#            skips the taps that read only padding (a sixth of an 8x8 plane's under a 3x3 kernel)
 #   im2col   the implicit im2col above, packed per block: any shape, e.g. 1 or 3 input channels
 #
 # Files: conv_common.pxi (geometry, packing, padded rows), this file (the choice of path per shape and
@@ -455,10 +456,12 @@ cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
     if pointwise:
         return PATH_POINTWISE
     # the row-vector direct kernel (float32, output rows or planes of whole vectors) wherever it can go: no
-    # dropped columns, each k block reduced in registers (the pixel path reloads its tile per tap), KW copies of
+    # dropped columns, each k block reduced in registers (the pixel path reloaded its tile per tap), KW copies of
     # the input per pixel (im2col copies KH*KW). Zen 4, 1 thread, batch 64 / batch 1, pixels -> direct rows,
     # GFLOP/s: 64x8x8 -> 128 93 -> 99 / 71 -> 88; 128x8x8 -> 128 96 -> 100; 128x4x4 -> 256 95 -> 101 / 36 -> 66;
-    # 64x12x12 -> 64 77 -> 97; im2col -> direct rows: 16x8x8 -> 20 32 -> 57, 8x8x8 -> 20 34 -> 58
+    # 64x12x12 -> 64 77 -> 97; im2col -> direct rows: 16x8x8 -> 20 32 -> 57, 8x8x8 -> 20 34 -> 58. (Those
+    # pixel-path figures predate its skipping of padding taps: where padding is an eighth of the taps, and the
+    # batch large, the pixel path now goes first; see PIXEL_SKIP_MIN_PIXELS.)
     if floating is float:
         if (CE_VBYTES == 64 and pixels and p.B * p.OH * p.OW >= PIXEL_SKIP_MIN_PIXELS
                 and pixels_skip_padding(p)):
