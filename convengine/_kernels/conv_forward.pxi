@@ -521,10 +521,11 @@ cdef int pack_pixel_weights(const floating* w, const ConvGeom* p, floating* bpac
     cdef Py_ssize_t g, t, jp, c, c0, cb, cn, j, j0, jn, k, i
     cdef floating* dst
     cdef const floating* rows[8]
+    cdef floating* zeros
     cdef floating* tile = <floating*>malloc((NR + 1) * CB * T * sizeof(floating))
-    cdef floating* zeros = tile + NR * CB * T
     if tile == NULL:
         return -1
+    zeros = tile + NR * CB * T
     memset(zeros, 0, CB * T * sizeof(floating))
     for g in range(p.G):
         for jp in range(Npad // NR):
@@ -586,17 +587,22 @@ cdef void ukernel_taps_f(Py_ssize_t ntap, const Py_ssize_t* taps, const Py_ssize
             (<vfloat*>(c + i * ldc + j * VL))[0] = acc[i][j]
 
 
+cdef inline Py_ssize_t class_key(Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t KS) noexcept nogil:
+    """Sort key of a row's (column's) inside taps [lo, hi) of KS: 0 for all of them, then by lo and hi."""
+    return 0 if lo == 0 and hi == KS else 1 + lo * (KS + 1) + KS - hi
+
+
 cdef void tap_classes(Py_ssize_t n, Py_ssize_t s, Py_ssize_t pad, Py_ssize_t d, Py_ssize_t KS, Py_ssize_t N,
                       Py_ssize_t* lo, Py_ssize_t* hi, Py_ssize_t* order) noexcept nogil:
     """lo[o], hi[o] = inside_taps of output rows (or columns) o < n, and order = 0..n-1 sorted stably by that
-    range, the rows whose every tap reads inside first: rows of one class are then adjacent."""
+    range, the rows whose every tap reads inside first: rows of one class are then adjacent. (Insertion: all but
+    a few edge rows share key 0.)"""
     cdef Py_ssize_t o, j, key
     for o in range(n):
         lo[o], hi[o] = inside_taps(o, s, pad, d, KS, N)
-        key = 0 if lo[o] == 0 and hi[o] == KS else 1 + lo[o] * (KS + 1) + KS - hi[o]
+        key = class_key(lo[o], hi[o], KS)
         j = o
-        while j > 0 and (0 if lo[order[j - 1]] == 0 and hi[order[j - 1]] == KS
-                         else 1 + lo[order[j - 1]] * (KS + 1) + KS - hi[order[j - 1]]) > key:
+        while j > 0 and class_key(lo[order[j - 1]], hi[order[j - 1]], KS) > key:
             order[j] = order[j - 1]
             j = j - 1
         order[j] = o
