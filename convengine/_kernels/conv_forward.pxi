@@ -709,14 +709,14 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
         pix = <const floating**>malloc(maxpix * sizeof(floating*))
         arow = <const floating**>malloc(CE_MR * sizeof(floating*))
         brow = <const floating**>malloc(T * Cg * sizeof(floating*))
-        # per pixel its offset in y; per panel the box of taps it computes (kh, kw ranges) and whether begun
-        at = <Py_ssize_t*>malloc((maxpix + 5 * maxpan + T) * sizeof(Py_ssize_t))
+        # per pixel its offset in y; per panel the box of taps it computes (kh, kw ranges); the taps of one panel
+        at = <Py_ssize_t*>malloc((maxpix + 4 * maxpan + T) * sizeof(Py_ssize_t))
         for task in prange(p.G * ntasks * nsplit, schedule='static'):
             if xblk == NULL or cbuf == NULL or pix == NULL or arow == NULL or brow == NULL or at == NULL:
                 flag_failure(&failed)
                 continue
             box = at + maxpix
-            taps = box + 5 * maxpan
+            taps = box + 4 * maxpan
             j0 = (task % nsplit) * nchunk                  # this task's column panels (output channels)
             j1 = min(npan, j0 + nchunk)
             if j0 >= j1:
@@ -785,10 +785,12 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
                         if (box[ip] <= kh < box[maxpan + ip] and box[2 * maxpan + ip] <= kw < box[3 * maxpan + ip]):
                             taps[ntap] = t
                             ntap = ntap + 1
-                    box[4 * maxpan + ip] = ntap
-                    if ntap == 0:
-                        continue
                     dst = cbuf + ip * CE_MR * Npad + jp * NR
+                    if ntap == 0:
+                        # every pixel of the panel reads only padding: its sums are zero
+                        for i in range(CE_MR):
+                            memset(dst + i * Npad, 0, NR * sizeof(floating))
+                        continue
                     if floating is float:
                         for i in range(CE_MR):
                             arow[i] = pix[ip * CE_MR + i]
@@ -801,11 +803,6 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
                             for i in range(CE_MR):
                                 arow[i] = pix[ip * CE_MR + i] + tapoff[taps[q]]
                             macro_kernel(1, 1, Cg, arow, ld_c, brow + taps[q] * Cg, 0, dst, Npad, q > 0, nv)
-                # a panel whose pixels read only padding sums nothing: zero
-                for ip in range(npanels):
-                    if box[4 * maxpan + ip] == 0:
-                        for i in range(CE_MR):
-                            memset(cbuf + (ip * CE_MR + i) * Npad + jp * NR, 0, NR * sizeof(floating))
             # y[at[q] + (g*Kg + k)*OH*OW] = epilogue of cbuf[q, k]
             for k in range(j0 * NR, min(Kg, j1 * NR)):
                 store_gather(cbuf + k, Npad, y + (g * Kg + k) * OHW, at, n, e, g * Kg + k)

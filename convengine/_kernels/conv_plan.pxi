@@ -701,7 +701,7 @@ cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T)
         # units' padded rows, the C block, the pixels' A rows and offsets in y, each panel's taps
         return ((q.G * taps * Npad * Cg + T * (upt * Cg * window_rows(q, R) * window_width(q) + maxpix * Npad)) * isz
                 + (taps + 3 * (q.OH + q.OW)) * sizeof(Py_ssize_t) + T * (maxpix + CE_MR + taps * Cg) * ptr
-                + T * (maxpix + 5 * (maxpix // CE_MR) + taps) * sizeof(Py_ssize_t))
+                + T * (maxpix + 4 * (maxpix // CE_MR) + taps) * sizeof(Py_ssize_t))
     if path == PATH_POINTWISE:
         NR = pointwise_nv(q.H * q.W, VL) * VL
         return q.G * Mpad * Kd * isz + T * ((CE_MR * NR + Cg * (BLOCK_TILES * NR + VL)) * isz + (Cg + CE_MR) * ptr
