@@ -238,7 +238,7 @@ cdef inline Py_ssize_t smallc_gw_floats(const ConvGeom* p) noexcept nogil:
     """Floats of one task's scratch: padded x rows (sw column phases), padded dY rows (K rounded up to MR) unless
     dY is read in place, the accumulators."""
     cdef Py_ssize_t VL = vlen(<float>0)
-    cdef Py_ssize_t Kpad = (p.K + CE_SGW_MR - 1) // CE_SGW_MR * CE_SGW_MR
+    cdef Py_ssize_t Kpad = round_up(p.K, CE_SGW_MR)
     return (p.C * p.sw * smallc_gw_xheight(p) * smallc_gw_xwidth(p)
             + (0 if smallc_gw_in_place(p) else Kpad * p.OH * smallc_gw_width(p)) + Kpad * p.C * p.KH * p.KW * VL)
 
@@ -306,7 +306,7 @@ cdef int conv2d_grad_weight_smallc(const float* dy, const float* x, float* parti
     cdef Py_ssize_t OWp = smallc_gw_width(p), Wx = smallc_gw_xwidth(p)
     cdef Py_ssize_t Hx = smallc_gw_xheight(p)
     cdef Py_ssize_t sw = p.sw
-    cdef Py_ssize_t Kpad = (p.K + CE_SGW_MR - 1) // CE_SGW_MR * CE_SGW_MR
+    cdef Py_ssize_t Kpad = round_up(p.K, CE_SGW_MR)
     cdef Py_ssize_t taps = p.KH * p.KW
     cdef Py_ssize_t Kd = p.C * taps
     cdef Py_ssize_t per = (p.B + nchunks - 1) // nchunks
