@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -161,11 +162,12 @@ def test_release_builds_carry_no_debug_information(setup_module):
 
 
 def test_openmp_spins_briefly_unless_the_user_says_otherwise():
-    """libgomp reads its spin count once, when the engine module loads it: the kernels' short spin
-    (_kernels.SPIN_COUNT) must be in force then, and gone from the environment afterwards; a user's own
+    """libgomp reads its spin count once, when the engine module loads it: the kernels' spin (_kernels.SPIN_COUNT,
+    measured in each process) must be in force then, and gone from the environment afterwards; a user's own
     OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
-    from convengine import _kernels
-    code = "import os, convengine; print('left', os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    code = ("import os, convengine; from convengine import _kernels as k; "
+            "print('left', os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY')); "
+            "print('count', k.SPIN_COUNT)")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["OMP_DISPLAY_ENV"] = "verbose"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__import__("convengine").__file__).parents[1]),
@@ -173,7 +175,8 @@ def test_openmp_spins_briefly_unless_the_user_says_otherwise():
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     if "GOMP_SPINCOUNT" not in run.stderr:
         pytest.skip("not GNU OpenMP (libgomp)")
-    assert f"GOMP_SPINCOUNT = '{_kernels.SPIN_COUNT}'" in run.stderr and "left None None" in run.stdout
+    count = int(run.stdout.split("count ")[1].split()[0])
+    assert f"GOMP_SPINCOUNT = '{count}'" in run.stderr and "left None None" in run.stdout
     env["OMP_WAIT_POLICY"] = "passive"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "GOMP_SPINCOUNT = '0'" in run.stderr and "left None passive" in run.stdout
@@ -181,3 +184,22 @@ def test_openmp_spins_briefly_unless_the_user_says_otherwise():
     env["GOMP_SPINCOUNT"] = "20000"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "GOMP_SPINCOUNT = '20000'" in run.stderr and "left 20000 None" in run.stdout
+
+
+def test_openmp_spin_count_is_a_time_in_pause_instructions():
+    """GOMP_SPINCOUNT counts pause instructions, whose length differs between CPUs (an Intel Xeon's 11.5 ns spun
+    500 of them in 5.8 us): the count is _kernels.SPIN_MICROSECONDS over one pause's measured time, within bounds
+    that keep convengine.frozen's reading of it (below 5000: not a user's wish to keep spinning)."""
+    from convengine import _kernels, frozen
+    k = _kernels
+    assert k.spin_count(10.0) == round(k.SPIN_MICROSECONDS * 100)
+    assert k.spin_count(k.SPIN_MICROSECONDS * 1000 / 1234) == 1234
+    assert k.spin_count(1e-3) == k.SPIN_COUNT_MAX and k.spin_count(1e6) == k.SPIN_COUNT_MIN
+    assert k.spin_count(0.0) == k.spin_count(float("nan")) == k.SPIN_COUNT_FALLBACK
+    assert not frozen._workers_keep_spinning(f"GOMP_SPINCOUNT={k.SPIN_COUNT_MAX}")
+    pause = k._cpu.pause_ns(200, 3)
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
+        assert 0.1 < pause < 1000, pause
+        assert k.SPIN_COUNT_MIN <= k.SPIN_COUNT <= k.SPIN_COUNT_MAX
+    with pytest.raises(ValueError, match="must be >= 1"):
+        k._cpu.pause_ns(0, 3)

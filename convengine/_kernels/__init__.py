@@ -12,19 +12,35 @@ import os
 # calls and, on a small shared machine, starves everything else: one training epoch of the digits net at 2 threads,
 # with other work on the 2 cores, took 0.81 s spinning and 0.19 s passive. Sleeping at once
 # (passive) makes every region pay a wake-up, which under a hypervisor is an idle vCPU's exit (tens of us): a
-# training step is hundreds of regions. So the workers spin briefly (SPIN_COUNT, libgomp's GOMP_SPINCOUNT: a few
-# microseconds) and then sleep. Measured on AMD EPYC Zen 4, 2 vCPUs, 2 threads, medians of 3 runs (epoch of the
-# digits net): alone passive 0.114 s, spin 500 0.083, spin 1000 0.076; beside a busy process passive 0.097, spin 500
-# 0.126, spin 1000 0.152 (spin 10000: 0.069 alone, 0.51 beside it). Batch-64 training steps alone: LeNet-5 5.0 ->
-# 3.9 ms, the depthwise-separable net 21 -> 18. libgomp reads this once, when it loads, which is when the engine
-# module below is imported (_cpu does not link it); a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins (passive
-# for a machine shared with other busy work). The variable is removed again once loaded, so that OpenMP runtimes
-# loaded later (PyTorch ships its own) keep their defaults.
-SPIN_COUNT = 500
+# training step is hundreds of regions. So the workers spin for a while (SPIN_MICROSECONDS) and then sleep.
+# libgomp counts its spin (GOMP_SPINCOUNT) in pause instructions, whose length differs from CPU to CPU, so the count
+# is the spin time over one pause's, measured here (_cpu.pause_ns): a fixed count of 500, chosen on AMD EPYC Zen 4,
+# spun 5.8 us on an Intel Xeon (AVX-512, 2 vCPUs, 11.5 ns per pause), shorter than the gaps between a step's
+# regions, and the workers slept between most of them. Batch-64 training steps at 2 threads there, medians of 15
+# (count: ms): LeNet-5 0: 6.3, 500: 5.4, 1000: 4.7, 2000: 4.0, 5000: 3.9, active 3.6; the depthwise-separable net
+# 0: 23.7, 500: 20.9, 2000: 17.8, 5000: 15.6; epoch of the digits net 0.162 / 0.148 / 0.110 / 0.098 s (0 / 500 /
+# 2000 / 5000); beside a busy process that epoch took 0.108 / 0.125 / 0.156 / 0.186 s. Earlier on Zen 4 (digits
+# epoch): alone passive 0.114 s, count 500 0.083, 1000 0.076; beside a busy process passive 0.097, 500 0.126, 1000
+# 0.152. SPIN_MICROSECONDS is where the gain alone levels off, at a cost beside a busy process that
+# `OMP_WAIT_POLICY=passive` removes. libgomp reads the count once, when it loads, which is when the engine module
+# below is imported (_cpu does not link it); a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins (passive for a
+# machine shared with other busy work). The variable is removed again once loaded, so that OpenMP runtimes loaded
+# later (PyTorch ships its own) keep their defaults.
+SPIN_MICROSECONDS = 25
+# The count where a pause cannot be timed, and the bounds of a measured one: below 5000, which convengine.frozen
+# reads as a user's wish that workers keep spinning.
+SPIN_COUNT_FALLBACK, SPIN_COUNT_MIN, SPIN_COUNT_MAX = 2000, 500, 4000
+
+
+def spin_count(pause_ns):
+    """GOMP_SPINCOUNT for a spin of SPIN_MICROSECONDS where one pause takes pause_ns nanoseconds."""
+    if not pause_ns > 0:
+        return SPIN_COUNT_FALLBACK
+    return int(min(SPIN_COUNT_MAX, max(SPIN_COUNT_MIN, round(SPIN_MICROSECONDS * 1000 / pause_ns))))
+
+
 _USER_POLICY = os.environ.get("OMP_WAIT_POLICY") or (
     "GOMP_SPINCOUNT=" + os.environ["GOMP_SPINCOUNT"] if "GOMP_SPINCOUNT" in os.environ else None)
-if _USER_POLICY is None:
-    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
 _NOT_BUILT = ("convengine's compiled kernels are not built in {where}. In a source checkout, build them with "
               "`pip install -e .` (or `python setup.py build_ext --inplace`), run from the checkout's root; or "
               "install the package with `pip install .` and run from another folder.")
@@ -42,13 +58,12 @@ def _restore_policy():
 
 
 if importlib.util.find_spec(f"{__name__}._cpu") is None:
-    _restore_policy()
     raise _not_built()
-try:
-    from . import _cpu
-except BaseException:
-    _restore_policy()
-    raise
+from . import _cpu  # noqa: E402  (does not load libgomp)
+
+SPIN_COUNT = spin_count(_cpu.pause_ns())
+if _USER_POLICY is None:
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
 WAIT_POLICY = _USER_POLICY or f"GOMP_SPINCOUNT={SPIN_COUNT}"
 
 _ORDER = ("baseline", "avx2", "avx512")
