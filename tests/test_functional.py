@@ -283,29 +283,52 @@ def test_pixel_path_sums_do_not_depend_on_the_batch(rng, x_shape, w_shape, param
         _engine.force_conv_path("auto")
 
 
-def test_pixel_path_takes_small_planes_of_large_batches():
-    """The automatic choice (PIXEL_SKIP_MIN_PIXELS, pixels_skip_padding): float32 convs whose padding taps are an
-    eighth or more of the work, on batches of 1,024 output pixels or more, take the pixel path forward and as the
-    transposed conv of grad_input; smaller batches and larger planes keep the row-vector direct kernel (float64
-    has no such kernel, and takes the pixel path on small planes at any batch)."""
+def _cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def pixels_first():
+    """The engine's set_pixels_first, restored after the test."""
+    before = _engine.set_pixels_first()
+    yield _engine.set_pixels_first
+    _engine.set_pixels_first(before)
+
+
+def test_pixel_path_takes_small_planes_of_large_batches(pixels_first):
+    """The automatic choice (PIXEL_SKIP_MIN_PIXELS, pixels_skip_padding, pixels_first): where the pixel path goes
+    first (AMD), float32 convs whose padding taps are an eighth or more of the work, on batches of 1,024 output
+    pixels or more, take it forward and as the transposed conv of grad_input; smaller batches and larger planes
+    keep the row-vector direct kernel (float64 has no such kernel, and takes the pixel path on small planes at any
+    batch). Elsewhere (Intel) the direct kernel keeps them all."""
     # (AVX-512 builds only: on AVX2 and SSE the direct kernel keeps them)
     avx512 = convengine.build_info()["simd"] == "avx512"
+    vendor = _cpu_vendor()
+    if vendor is not None:
+        assert pixels_first() == (vendor == "AuthenticAMD") == convengine.build_info()["conv_pixels_first"]
 
     def paths(x_shape, w_shape, dtype=np.float32):
         return conv_paths(np.zeros(x_shape, dtype), np.zeros(w_shape, dtype), dict(padding=w_shape[2] // 2))
-    for x_shape, w_shape in [((64, 128, 8, 8), (128, 128, 3, 3)), ((16, 64, 8, 8), (64, 64, 3, 3)),
-                             ((64, 256, 4, 4), (256, 256, 3, 3)), ((16, 32, 10, 10), (32, 32, 3, 3)),
-                             ((16, 32, 8, 8), (32, 32, 5, 5))]:
-        got = paths(x_shape, w_shape)
-        if avx512:
-            assert (got["forward"], got["grad_input"]) == ("pixels", "transposed pixels"), (x_shape, w_shape, got)
-        else:
-            assert got["forward"] == "direct", (x_shape, w_shape, got)
-    for x_shape, w_shape, dtype in [((15, 64, 8, 8), (64, 64, 3, 3), np.float32),
-                                    ((1, 128, 8, 8), (128, 128, 3, 3), np.float32),
-                                    ((64, 64, 16, 16), (64, 64, 3, 3), np.float32),
-                                    ((64, 128, 12, 12), (128, 128, 3, 3), np.float32)]:
-        assert paths(x_shape, w_shape, dtype)["forward"] == "direct", (x_shape, w_shape, dtype)
+    small_planes = [((64, 128, 8, 8), (128, 128, 3, 3)), ((16, 64, 8, 8), (64, 64, 3, 3)),
+                    ((64, 256, 4, 4), (256, 256, 3, 3)), ((16, 32, 10, 10), (32, 32, 3, 3)),
+                    ((16, 32, 8, 8), (32, 32, 5, 5))]
+    for first in (True, False):
+        pixels_first(first)
+        for x_shape, w_shape in small_planes:
+            got = paths(x_shape, w_shape)
+            if avx512 and first:
+                assert (got["forward"], got["grad_input"]) == ("pixels", "transposed pixels"), (x_shape, w_shape, got)
+            else:
+                assert (got["forward"], got["grad_input"]) == ("direct", "transposed direct"), (x_shape, w_shape, got)
+        for x_shape, w_shape, dtype in [((15, 64, 8, 8), (64, 64, 3, 3), np.float32),
+                                        ((1, 128, 8, 8), (128, 128, 3, 3), np.float32),
+                                        ((64, 64, 16, 16), (64, 64, 3, 3), np.float32),
+                                        ((64, 128, 12, 12), (128, 128, 3, 3), np.float32)]:
+            assert paths(x_shape, w_shape, dtype)["forward"] == "direct", (x_shape, w_shape, dtype)
 
 
 # float32 shapes whose grad_input and grad_weight take dY's 16 channels in the vector lanes in the automatic choice

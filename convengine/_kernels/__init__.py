@@ -112,5 +112,7 @@ def build_info():
         "simd": ISA,
         "simd_available": _available(),
         "tile": engine.tile_info(),
+        # float32 convs on small planes of large batches: the pixel path before the direct kernel (AMD only)
+        "conv_pixels_first": engine.set_pixels_first(),
         "num_threads": get_num_threads(),
     }

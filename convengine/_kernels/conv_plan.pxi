@@ -41,6 +41,39 @@
 # 4 68 / 46). AVX-512 builds only: the AVX2 build's 6-pixel panels (16 registers) ran no faster than its direct
 # kernel (batch 64, 1 thread, same machine: 128x8x8 -> 128 101 / 95, 256x4x4 -> 256 95 / 79, 64x8x8 -> 64 92 / 95).
 cdef Py_ssize_t PIXEL_SKIP_MIN_PIXELS = 1024
+# On Intel the row-vector direct kernel stays ahead on those shapes: skipping the padding taps does not pay for the
+# pixel path's tile reloads there. Intel Xeon (AVX-512 + AMX, family 6 model 167, 2 vCPUs), batch 64, median of 3 x
+# 7 calls, GFLOP/s direct / pixels, 1 thread: 128x8x8 -> 128 139 / 120, 256x8x8 -> 256 127 / 116, 64x8x8 -> 64 125
+# / 110, 32x8x8 -> 32 109 / 101, 512x4x4 -> 512 131 / 110, 128x10x10 -> 128 123 / 125, 128x6x6 -> 128 104 / 111,
+# 256x4x4 -> 256 130 / 128, 64x4x4 -> 64 97 / 98, 512x2x2 -> 512 95 / 95, 5x5 64x8x8 -> 64 139 / 142; 2 threads
+# 266 / 229, 259 / 224, 241 / 212, 202 / 186, 249 / 204, 238 / 247, 192 / 190, 243 / 227, 160 / 150, 137 / 137,
+# 265 / 264 (the transposed convs of grad_input follow: 128x8x8 113 / 108, 256x8x8 106 / 98). So the pixel path
+# goes first only on AMD (pixels_first, from the CPU's vendor at load; set_pixels_first for tests). A choice of the
+# machine, never of the thread count: the bits stay the same on any number of threads.
+cdef extern from *:
+    """
+    static int ce_cpu_is_amd(void) {
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        __builtin_cpu_init();
+        return __builtin_cpu_is("amd");
+    #else
+        return 0;
+    #endif
+    }
+    """
+    int ce_cpu_is_amd() nogil
+cdef bint pixels_first = ce_cpu_is_amd() != 0
+
+
+def set_pixels_first(flag=None):
+    """Whether float32 convs on small planes of large batches take the pixel path before the direct kernel
+    (AVX-512 builds; by default on AMD only). With a flag, set it for every later call (tests), None: leave it;
+    returns the setting before."""
+    global pixels_first
+    before = bool(pixels_first)
+    if flag is not None:
+        pixels_first = bool(flag)
+    return before
 
 
 # Most elements of per-thread padded input the direct paths may ask for; larger goes the im2col / GEMM way (a huge
@@ -463,7 +496,7 @@ cdef int forward_path(const ConvGeom* p, floating dummy) noexcept nogil:
     # pixel-path figures predate its skipping of padding taps: where padding is an eighth of the taps, and the
     # batch large, the pixel path now goes first; see PIXEL_SKIP_MIN_PIXELS.)
     if floating is float:
-        if (CE_VBYTES == 64 and pixels and p.B * p.OH * p.OW >= PIXEL_SKIP_MIN_PIXELS
+        if (CE_VBYTES == 64 and pixels_first and pixels and p.B * p.OH * p.OW >= PIXEL_SKIP_MIN_PIXELS
                 and pixels_skip_padding(p)):
             return PATH_PIXELS
     if direct or rows:
