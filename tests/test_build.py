@@ -190,8 +190,7 @@ def test_openmp_spin_count_is_a_time_in_pause_instructions():
     """GOMP_SPINCOUNT counts pause instructions, whose length differs between CPUs (an Intel Xeon's 11.5 ns spun
     500 of them in 5.8 us): the count is _kernels.SPIN_MICROSECONDS over one pause's measured time, within bounds
     that keep convengine.frozen's reading of it (below 5000: not a user's wish to keep spinning)."""
-    from convengine import _kernels, frozen
-    k = _kernels
+    from convengine import _kernels as k, frozen
     assert k.spin_count(10.0) == round(k.SPIN_MICROSECONDS * 100)
     assert k.spin_count(k.SPIN_MICROSECONDS * 1000 / 1234) == 1234
     assert k.spin_count(1e-3) == k.SPIN_COUNT_MAX and k.spin_count(1e6) == k.SPIN_COUNT_MIN

@@ -94,6 +94,7 @@ try:
     engine = importlib.import_module(f"{__name__}._engine_{ISA}")  # loads libgomp, which reads the policy now
 finally:
     _restore_policy()
+engine.set_pixels_first(_cpu.is_amd())   # the pixel path's first choice is AMD's (conv_plan.pxi)
 
 
 def build_info():

@@ -1,4 +1,4 @@
-"""What the CPU and the build offer: ISA support, OpenMP, compiler. Built at the baseline ISA so it loads anywhere."""
+"""What the CPU and the build offer: ISA support, maker, pause length, OpenMP, compiler. Built at the baseline ISA so it loads anywhere."""
 
 cdef extern from *:
     """
@@ -10,7 +10,13 @@ cdef extern from *:
     static int ce_openmp_enabled(void) { return 0; }
     static int ce_openmp_version(void) { return 0; }
     #endif
+    #include <time.h>
     #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    #define CE_PAUSE() __builtin_ia32_pause()
+    static int ce_is_amd(void) {
+        __builtin_cpu_init();
+        return __builtin_cpu_is("amd");
+    }
     static int ce_has_avx2(void) {
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -22,14 +28,10 @@ cdef extern from *:
             && __builtin_cpu_supports("avx512cd") && ce_has_avx2();
     }
     #else
+    #define CE_PAUSE() ((void)0)
+    static int ce_is_amd(void) { return 0; }
     static int ce_has_avx2(void) { return 0; }
     static int ce_has_avx512(void) { return 0; }
-    #endif
-    #include <time.h>
-    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    #define CE_PAUSE() __builtin_ia32_pause()
-    #else
-    #define CE_PAUSE() ((void)0)
     #endif
     /* Nanoseconds one pause instruction (what libgomp's spin-wait runs, GOMP_SPINCOUNT times) takes: the best of
        `rounds` runs of `count`, so that a run the scheduler interrupted does not count. 0 where there is no pause
@@ -56,6 +58,7 @@ cdef extern from *:
     """
     int ce_openmp_enabled()
     int ce_openmp_version()
+    int ce_is_amd()
     int ce_has_avx2()
     int ce_has_avx512()
     double ce_pause_ns(int count, int rounds) nogil
@@ -70,6 +73,11 @@ def cpu_supports():
     if ce_has_avx512():
         levels.append("avx512")
     return levels
+
+
+def is_amd():
+    """Whether the CPU is AMD's: some kernel paths are chosen by the maker, as measured on each."""
+    return bool(ce_is_amd())
 
 
 def pause_ns(count=1000, rounds=5):

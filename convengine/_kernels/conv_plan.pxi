@@ -48,21 +48,10 @@ cdef Py_ssize_t PIXEL_SKIP_MIN_PIXELS = 1024
 # 256x4x4 -> 256 130 / 128, 64x4x4 -> 64 97 / 98, 512x2x2 -> 512 95 / 95, 5x5 64x8x8 -> 64 139 / 142; 2 threads
 # 266 / 229, 259 / 224, 241 / 212, 202 / 186, 249 / 204, 238 / 247, 192 / 190, 243 / 227, 160 / 150, 137 / 137,
 # 265 / 264 (the transposed convs of grad_input follow: 128x8x8 113 / 108, 256x8x8 106 / 98). So the pixel path
-# goes first only on AMD (pixels_first, from the CPU's vendor at load; set_pixels_first for tests). A choice of the
-# machine, never of the thread count: the bits stay the same on any number of threads.
-cdef extern from *:
-    """
-    static int ce_cpu_is_amd(void) {
-    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-        __builtin_cpu_init();
-        return __builtin_cpu_is("amd");
-    #else
-        return 0;
-    #endif
-    }
-    """
-    int ce_cpu_is_amd() nogil
-cdef bint pixels_first = ce_cpu_is_amd() != 0
+# goes first only on AMD (pixels_first: set when the kernels load, by convengine._kernels from _cpu.is_amd();
+# set_pixels_first for tests). A choice of the machine, never of the thread count: the bits stay the same on any
+# number of threads.
+cdef bint pixels_first = False
 
 
 def set_pixels_first(flag=None):
