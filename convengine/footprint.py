@@ -84,8 +84,13 @@ def _input_gradients(model, batch, shapes, pairs):
             continue                    # the gradient passes on (a view, or the same array)
         if i == -1 and not model.need_input_grad:
             break
+        # a max pooling after a ReLU that keeps its output: one pass makes the ReLU's input gradient
+        # (fusion.relu_pool_backward), in the arena where the ReLU's own would be
+        relu_pool = (model.fuse and type(layer) is MaxPool2d and i >= 0 and type(layers[i]) is ReLU
+                     and not (i - 1 in pairs and isinstance(layers[i - 1], BatchNorm2d)))
         n = batch * math.prod(shapes[i + 1])
-        arena = i + 1 > first and isinstance(layer, _ARENA_GRADIENT) and n * itemsize >= _workspace.MIN_BYTES
+        arena = (i if relu_pool else i + 1) > first and isinstance(layer, _ARENA_GRADIENT) \
+            and n * itemsize >= _workspace.MIN_BYTES
         if arena and free[shapes[i + 1]]:
             free[shapes[i + 1]] -= 1
         else:
@@ -93,4 +98,6 @@ def _input_gradients(model, batch, shapes, pairs):
         if holder is not None and type(layer) in _KEEP_NO_GRADIENT:
             free[holder] += 1
         holder = shapes[i + 1] if arena else None
+        if relu_pool:
+            i -= 1                      # the ReLU's backward ran with the pooling's
     return total

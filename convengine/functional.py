@@ -154,6 +154,18 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, return_i
 
 def max_pool2d_backward(grad_out, indices, input_shape):
     """Gradient of max_pool2d: grad_out scattered to the positions in indices, for an input of input_shape."""
+    return _max_pool2d_backward(grad_out, indices, input_shape)
+
+
+def _max_pool2d_relu_backward(grad_out, indices, relu_out):
+    """relu_backward(max_pool2d_backward(grad_out, indices, relu_out.shape), relu_out) in one pass, bit for bit:
+    the pooled input relu_out is a ReLU's output, and nothing is scattered where it is <= 0 (Sequential's
+    fusion of ReLU, MaxPool2d in backward)."""
+    _args.check_array(relu_out, "relu_out", 4, grad_out.dtype)
+    return _max_pool2d_backward(grad_out, indices, relu_out.shape, relu_out)
+
+
+def _max_pool2d_backward(grad_out, indices, input_shape, relu_out=None):
     _args.check_array(grad_out, "grad_out", 4)
     input_shape = _args.check_max_pool_backward(grad_out, indices, input_shape)
     grad_x = _workspace.empty(input_shape, dtype=grad_out.dtype)
@@ -161,7 +173,8 @@ def max_pool2d_backward(grad_out, indices, input_shape):
     hw = input_shape[2] * input_shape[3]
     bad = _engine.max_pool2d_backward(_contiguous(grad_out).reshape(-1),
                                       _contiguous(indices.astype(np.int64, copy=False)).reshape(-1),
-                                      grad_x.reshape(-1), planes, hw, _threads_for(grad_x.size, _SERIAL_ELEMENTS))
+                                      grad_x.reshape(-1), planes, hw, _threads_for(grad_x.size, _SERIAL_ELEMENTS),
+                                      None if relu_out is None else _contiguous(relu_out).reshape(-1))
     if bad:
         raise ValueError(f"indices has {bad} values outside [0, {hw}) for input_shape {input_shape}")
     return grad_x

@@ -6,6 +6,11 @@
                         takes the gradient through the ReLU inside its own sums and mapping (oneDNN's
                         fuse_norm_relu), and the ReLU's backward passes the gradient on untouched.
 
+    ReLU, MaxPool2d     backward in one pass: the pooling's gradient is scattered only where the ReLU's output
+                        (the pooling's input, which the ReLU keeps) is > 0, and the ReLU's pass over it (a read of
+                        two arrays and a write of a third, the size of the pooling's input) is skipped. LeNet-5's
+                        conv, ReLU, pool blocks.
+
     BatchNorm2d, ReLU, MaxPool2d(2)
                         in training, where the planes pair up (even height) and hold >= 16 values: the pair's pass
                         pools each plane from a buffer of its thread, and relu(batch_norm(x)) is never written
@@ -57,6 +62,18 @@ def pools_fused(layers, i, input_shape, training):
     W): in training, with planes of an even height, width >= 2 and >= 16 values (the plane-by-plane batch norm)."""
     return (training and pool_follows(layers, i) and len(input_shape) == 4 and input_shape[2] % 2 == 0
             and input_shape[3] >= 2 and input_shape[2] * input_shape[3] >= 16)
+
+
+def relu_pool_backward(layers, i):
+    """Whether layers[i - 1:i + 1] are a ReLU and a max pooling whose backward runs as one pass: the ReLU keeps
+    its output (as an array of the pooling's input shape), and the pooling was not already computed by a batch
+    norm pair (then that pair takes its gradient)."""
+    if i < 1 or type(layers[i]) is not MaxPool2d or type(layers[i - 1]) is not ReLU:
+        return False
+    pool, relu = layers[i], layers[i - 1]
+    kept = relu._cache
+    return (not pool._after_pair and pool._indices is not None and kept is not None and kept is not _THROUGH
+            and getattr(kept, "shape", None) == tuple(pool._shape))
 
 
 def run_pair_pool(bn, relu, pool, x):

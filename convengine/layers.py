@@ -315,6 +315,12 @@ class MaxPool2d(_Pool):
         indices = self._needs_cache(self._indices)
         return F.max_pool2d_backward(grad, indices, self._shape)
 
+    def _backward_relu(self, grad, relu_out):
+        """backward, then the ReLU before's backward, in one pass (Sequential's fusion): relu_out is that ReLU's
+        output, which this pooling took as input."""
+        indices = self._needs_cache(self._indices)
+        return F._max_pool2d_relu_backward(grad, indices, relu_out)
+
     def _fused(self, indices, input_shape):
         """The batch norm and ReLU before computed this pooling in training (Sequential's fusion): what backward
         needs, and that Sequential.backward may hand the gradient to that pair without scattering it."""

@@ -171,8 +171,8 @@ class Sequential:
     def _input(self, x):
         return model_input(x, self.dtype)
 
-    # Conv2d or BatchNorm2d followed by ReLU run as one pass in forward (see convengine.fusion); False runs every
-    # layer on its own (the same values).
+    # Conv2d or BatchNorm2d followed by ReLU run as one pass in forward, a ReLU followed by MaxPool2d in backward
+    # (see convengine.fusion); False runs every layer on its own (the same values).
     fuse = True
     # Reuse the big arrays of a training step in the next step of the same batch shape (convengine._workspace):
     # the outputs of forward that a later layer reads and replaces by an array of its own, the gradients of
@@ -254,10 +254,15 @@ class Sequential:
             # gradient unscattered: the three backward passes in one
             step = 3 if i >= 2 and getattr(layer, "_after_pair", False) and _fusion.pool_follows(self.layers,
                                                                                                   i - 2) else 1
+            # a max pooling after a ReLU takes the gradient through that ReLU too (convengine.fusion)
+            if step == 1 and self.fuse and _fusion.relu_pool_backward(self.layers, i):
+                step = 2
             try:
                 with _workspace.using(arena if arena is not None and i - step + 1 > first else None):
                     if step == 3:
                         new = self.layers[i - 2]._backward_relu_max_pool(grad, layer)
+                    elif step == 2:
+                        new = layer._backward_relu(grad, self.layers[i - 1]._cache)
                     else:
                         new = layer.backward(grad)
             except (ValueError, TypeError) as e:

@@ -112,11 +112,13 @@ def test_a_fused_model_runs_no_relu_pass_of_its_own(net, monkeypatch):
     monkeypatch.setattr(F, "relu", lambda a: calls.append(a) or np.maximum(a, 0))
     monkeypatch.setattr(F, "relu_backward", lambda g, a: calls.append(a) or np.where(a > 0, g, 0))
     step(model, x, gy)
-    ran_backward = net == "conv_relu"     # the ReLU after a conv still takes its gradient (from the output's sign)
-    assert len(calls) == (2 if ran_backward else 0)
+    # the ReLU after the second conv still takes its gradient (from the output's sign); the first one's goes
+    # through the max pooling after it
+    ran_backward = 1 if net == "conv_relu" else 0
+    assert len(calls) == ran_backward
     model.fuse = False
     step(model, x, gy)
-    assert len(calls) == (2 if ran_backward else 0) + 4
+    assert len(calls) == ran_backward + 4
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
@@ -248,6 +250,49 @@ def test_batch_norm_relu_kernels_are_the_two_ops_in_a_row(rng, shape, dtype):
     assert_bitwise_equal(F._batch_norm2d_relu(x, w, b, mean, var), F.relu(F.batch_norm2d(x, w, b, mean, var)))
     with pytest.raises(ValueError, match="relu_out"):
         F._batch_norm2d_relu_backward(g, x, fy[:2], w, mean, var)
+
+
+@pytest.mark.parametrize("pool", [(2, 2), (3, 2), (2, 1)], ids=["2s2", "3s2", "2s1"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_max_pool_relu_backward_kernel_is_the_two_ops_in_a_row(rng, pool, dtype):
+    """_max_pool2d_relu_backward against max_pool2d_backward then relu_backward, bit for bit: windows that
+    overlap (several gradients summed at one position), the ReLU's zeros (ties, whole windows of them), a NaN
+    (its gradient passes, as through relu_backward); bad indices refused."""
+    x = randn(rng, (3, 4, 9, 8), dtype) + 0.2
+    x[:, 1] -= 3                                   # a channel mostly below 0: windows of zeros only
+    y = F.relu(x)
+    y[0, 0, 2, 3] = np.nan
+    k, s = pool
+    pooled, indices = F.max_pool2d(y, k, s, return_indices=True)
+    g = randn(rng, pooled.shape, dtype)
+    got = F._max_pool2d_relu_backward(g, indices, y)
+    want = F.relu_backward(F.max_pool2d_backward(g, indices, y.shape), y)
+    assert_bitwise_equal(got, want, f"{pool}")
+    assert 0 < np.count_nonzero(got) < np.count_nonzero(F.max_pool2d_backward(g, indices, y.shape))
+    assert not np.isnan(got).any() and got[0, 0, 2, 3] != 0
+    bad = indices.copy()
+    bad[0, 0, 0, 0] = -1
+    with pytest.raises(ValueError, match="outside"):
+        F._max_pool2d_relu_backward(g, bad, y)
+    with pytest.raises(ValueError):
+        F._max_pool2d_relu_backward(g, indices, y[:, :2])
+
+
+def test_relu_pool_backward_pattern():
+    """Sequential runs a ReLU and a max pooling after it as one backward pass only when the ReLU kept its output
+    with the pooling's input shape and no batch norm pair pooled already; fuse=False runs them one by one."""
+    rng = np.random.default_rng(1)
+    x, gy = randn(rng, (2, 3, 8, 8), np.float32), randn(rng, (2, 5), np.float32)
+    model = model_of("conv_relu", np.float32, True)
+    assert not fusion.relu_pool_backward(model.layers, 2)          # nothing kept before a forward
+    model.forward(x, training=True)
+    assert fusion.relu_pool_backward(model.layers, 2)
+    assert not any(fusion.relu_pool_backward(model.layers, i) for i in (0, 1, 3, 4, 5, 6))
+    model.forward(x)                                                # inference keeps nothing
+    assert not fusion.relu_pool_backward(model.layers, 2)
+    bn = model_of("bn_relu", np.float32, True)
+    bn.forward(x, training=True)
+    assert not fusion.relu_pool_backward(bn.layers, 3)             # the batch norm pair took the pooling
 
 
 def test_conv_relu_kernel_is_the_two_ops_in_a_row(rng):

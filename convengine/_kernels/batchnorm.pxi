@@ -397,7 +397,7 @@ cdef Py_ssize_t backward_planes_pooled(const floating* dy, const long long* idx,
     with parallel(num_threads=n_threads):
         fp = fp_enter()
         for q in prange(B * C, schedule='static'):
-            bad[q] = max_pool_plane_backward(dy + q * OHW, idx + q * OHW, OHW, gx + q * P, P)
+            bad[q] = max_pool_plane_backward(dy + q * OHW, idx + q * OHW, OHW, gx + q * P, P, NULL)
             plane_gradient_sums(gx + q * P, x + q * P, mean[q % C], P, True, coef[2 * C + q % C],
                                 coef[3 * C + q % C], &partial[q], &partial[B * C + q])
         fp_leave(fp)

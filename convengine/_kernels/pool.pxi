@@ -375,9 +375,10 @@ cdef int max_pool2d_forward_core(const floating* xbase, floating* ybase, long lo
 
 
 cdef Py_ssize_t max_pool_plane_backward(const floating* dy, const long long* idx, Py_ssize_t OHW, floating* dx,
-                                        Py_ssize_t HW) noexcept nogil:
+                                        Py_ssize_t HW, const floating* relu_out) noexcept nogil:
     """dx (HW) = zeros plus each dy[j] added at idx[j], in order j; returns how many idx were out of range (those
-    are skipped, never written)."""
+    are skipped, never written). Unless relu_out is NULL (the plane of the ReLU output that was pooled), nothing
+    is added where relu_out <= 0: relu_backward's zeros, without its pass."""
     cdef Py_ssize_t j, bad = 0
     cdef long long k
     memset(dx, 0, HW * sizeof(floating))
@@ -385,7 +386,7 @@ cdef Py_ssize_t max_pool_plane_backward(const floating* dy, const long long* idx
         k = idx[j]
         if k < 0 or k >= HW:
             bad += 1
-        else:
+        elif relu_out == NULL or not relu_out[k] <= 0:
             dx[k] += dy[j]
     return bad
 
@@ -393,14 +394,22 @@ cdef Py_ssize_t max_pool_plane_backward(const floating* dy, const long long* idx
 def max_pool2d_backward(const floating[::1] grad_out,   # IN  (planes * OH * OW)
                         const long long[::1] indices,   # IN  same size
                         floating[::1] grad_x,           # OUT (planes * H * W), overwritten
-                        Py_ssize_t planes, Py_ssize_t HW, int n_threads):
+                        Py_ssize_t planes, Py_ssize_t HW, int n_threads,
+                        const floating[::1] relu_out=None):  # IN (planes * H * W) or None
     """Scatter-add grad_out to the argmax positions, plane by plane. Returns the number of out-of-range indices
-    (then the caller raises)."""
+    (then the caller raises). relu_out: the pooled input when it is a ReLU's output; the gradient then also goes
+    through that ReLU (nothing lands where relu_out <= 0), the values of relu_backward after this, bit for bit."""
     cdef fpstate fp, fps
     cdef Py_ssize_t OHW = grad_out.shape[0] // planes if planes > 0 else 0
     cdef Py_ssize_t pl
     cdef Py_ssize_t bad = 0
     cdef Py_ssize_t* bad_per_plane
+    cdef const floating* keep = NULL
+    if relu_out is not None:
+        if relu_out.shape[0] != grad_x.shape[0]:
+            raise ValueError("max_pool2d_backward: relu_out must have the input's size")
+        if relu_out.shape[0] > 0:
+            keep = &relu_out[0]
     if planes == 0 or HW == 0:
         return grad_out.shape[0] if HW == 0 else 0
     bad_per_plane = <Py_ssize_t*>malloc(planes * sizeof(Py_ssize_t))
@@ -412,7 +421,8 @@ def max_pool2d_backward(const floating[::1] grad_out,   # IN  (planes * OH * OW)
         for pl in prange(planes, schedule='static'):
             bad_per_plane[pl] = max_pool_plane_backward(&grad_out[0] + pl * OHW if OHW > 0 else NULL,
                                                         &indices[0] + pl * OHW if OHW > 0 else NULL, OHW,
-                                                        &grad_x[0] + pl * HW, HW)
+                                                        &grad_x[0] + pl * HW, HW,
+                                                        keep + pl * HW if keep != NULL else NULL)
         fp_leave(fp)
     fp_resume(fps)
     for pl in range(planes):
