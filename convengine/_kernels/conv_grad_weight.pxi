@@ -349,7 +349,10 @@ cdef int conv2d_grad_weight_im2col(const floating* dy, const floating* x, floati
 cdef void fill_window_rows_hwc(const floating* x, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t ih0,
                                Py_ssize_t nrows, Py_ssize_t Cgpad, floating* xblk) noexcept nogil:
     """fill_window_rows with channels last: xblk[(ri*Wpad + t)*Cgpad + c] = x[b, g*Cg + c, ih0 + ri, t - pl],
-    zero outside the image and for channels c >= Cg (Cgpad: the pixel stride)."""
+    zero outside the image and for channels c >= Cg (Cgpad: the pixel stride). xblk must start zeroed (calloc) and
+    be written by this alone: the columns outside the image and the channels past Cg of a row are never written,
+    so they stay zero; rows outside the image are zeroed here (another unit may have filled them). (A memset of
+    the whole block took 2.4% of a strided call, whose 33 x 33 windows are mostly image.)"""
     cdef Py_ssize_t Cg = p.C // p.G
     cdef Py_ssize_t Wpad = window_width(p)
     cdef Py_ssize_t lo = min(p.pl, Wpad)
@@ -357,10 +360,10 @@ cdef void fill_window_rows_hwc(const floating* x, const ConvGeom* p, Py_ssize_t 
     cdef Py_ssize_t c, ri, ih, iw
     cdef const floating* src
     cdef floating* dst
-    memset(xblk, 0, nrows * Wpad * Cgpad * sizeof(floating))
     for ri in range(nrows):
         ih = ih0 + ri
         if ih < 0 or ih >= p.H:
+            memset(xblk + ri * Wpad * Cgpad, 0, Wpad * Cgpad * sizeof(floating))
             continue
         if ri + 2 < nrows and ih + 2 < p.H:
             for c in range(Cg):
@@ -433,7 +436,6 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
     cdef floating* blk
     cdef const floating** pix
     cdef const floating** arow
-    cdef const floating** brow
     cdef Py_ssize_t* tapoff
     cdef int failed = 0
     tapoff = <Py_ssize_t*>malloc(T * sizeof(Py_ssize_t))
@@ -444,15 +446,14 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
-        xblk = <floating*>malloc(upt * unit_len * sizeof(floating))
+        xblk = <floating*>calloc(upt * unit_len, sizeof(floating))
         # rows Kg..Mpad of A stay zero from calloc (in place, they all read one zero row)
         ablk = <floating*>calloc((1 if in_place else Mpad) * maxpix, sizeof(floating))
         cbuf = <floating*>malloc(T * Mpad * Cgpad * sizeof(floating))
         pix = <const floating**>malloc(maxpix * sizeof(floating*))
-        brow = <const floating**>malloc(maxpix * sizeof(floating*))
         arow = <const floating**>malloc(Mpad * sizeof(floating*))
         for task in prange(p.G * nchunks * msplit, schedule='static'):
-            if xblk == NULL or ablk == NULL or cbuf == NULL or pix == NULL or brow == NULL or arow == NULL:
+            if xblk == NULL or ablk == NULL or cbuf == NULL or pix == NULL or arow == NULL:
                 flag_failure(&failed)
                 continue
             # chunk tc = (group, chunk) of the units; this task's output channels: its block of M panels
@@ -507,10 +508,8 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
                 # batch 64, GFLOP/s 32 KB blocks / whole steps: 256x8x8 -> 256 86-87 / 101-104, 512x4x4 -> 512
                 # 50-52 / 68-71, 128x8x8 -> 128 96-97 / 99-104; 2 threads 160-166 / 206-208, 97-99 / 135-136)
                 for t in range(T):
-                    for i in range(npix):
-                        brow[i] = pix[i] + tapoff[t]
-                    macro_kernel(ip1 - ip0, Cgpad // NR, npix, arow, 1, brow, NR, cbuf + t * Mpad * Cgpad, Cgpad,
-                                 started, nv)
+                    macro_kernel_at(ip1 - ip0, Cgpad // NR, npix, arow, 1, pix, tapoff[t], NR,
+                                    cbuf + t * Mpad * Cgpad, Cgpad, started, nv)
                 started = True
                 u0 = u1
             # partial[task][r = c*T + t][k]: per tap a (Kg x Cg) -> (Cg x Kg) transpose, in registers for float32
@@ -531,7 +530,6 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
         free(ablk)
         free(cbuf)
         free(pix)
-        free(brow)
         free(arow)
         fp_leave(fp)
     fp_resume(fps)

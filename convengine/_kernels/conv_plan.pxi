@@ -916,7 +916,7 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
         out["grad_weight"] = (p.G * nchunks * (Kd * Kg + Kg) + T * (
             upt * window_rows(p, R) * window_width(p) * pixel_stride(Npad, dummy)
             + (maxpix if upt == 1 else Mpad * maxpix) + taps * Mpad * Npad)) * isz + (
-            taps * sizeof(Py_ssize_t) + T * (2 * maxpix + Mpad) * ptr)
+            taps * sizeof(Py_ssize_t) + T * (maxpix + Mpad) * ptr)
     elif path == PATH_DIRECT:
         nv = pick_nv((Kg + vlen(<floating>0) - 1) // vlen(<floating>0))
         Npad = round_up(Kg, nv * vlen(<floating>0))

@@ -258,33 +258,41 @@ cdef void gemv_row_d(Py_ssize_t kc, const double* a, const double* b, Py_ssize_t
                 c[j + v] = tail[kc * VL + v]
 
 
-cdef void macro_kernel(Py_ssize_t mpanels, Py_ssize_t npanels, Py_ssize_t kc,
-                       const floating** arow, Py_ssize_t a_cs, const floating** brow, Py_ssize_t b_panel,
-                       floating* c, Py_ssize_t ldc, bint accumulate, int nv) noexcept nogil:
+cdef inline void macro_kernel(Py_ssize_t mpanels, Py_ssize_t npanels, Py_ssize_t kc,
+                              const floating** arow, Py_ssize_t a_cs, const floating** brow, Py_ssize_t b_panel,
+                              floating* c, Py_ssize_t ldc, bint accumulate, int nv) noexcept nogil:
     """C block (mpanels*MR x npanels*NR, row stride ldc, NR = nv*VL) (+)= A block x B block.
 
     arow[0 : mpanels*MR] are the rows of A (see ukernel_f); column panel jp of B sits at offset jp*b_panel from
     the row pointers brow[0:kc]. B micro-panel outer, A panels inner: the kc x NR B panel stays in L1 while A
     streams from L2.
     """
+    macro_kernel_at(mpanels, npanels, kc, arow, a_cs, brow, 0, b_panel, c, ldc, accumulate, nv)
+
+
+cdef void macro_kernel_at(Py_ssize_t mpanels, Py_ssize_t npanels, Py_ssize_t kc,
+                          const floating** arow, Py_ssize_t a_cs, const floating** brow, Py_ssize_t boff,
+                          Py_ssize_t b_panel, floating* c, Py_ssize_t ldc, bint accumulate, int nv) noexcept nogil:
+    """macro_kernel with B's rows at brow[p] + boff: one table of pixel origins serves every kernel tap, boff
+    the tap's offset (a table per tap, rebuilt per step, took 1-2% of grad_weight's pixel path)."""
     cdef Py_ssize_t ip, jp
     cdef Py_ssize_t NR = nv * (CE_VBYTES // sizeof(floating))
     for jp in range(npanels):
         for ip in range(mpanels):
             if floating is float:
                 if nv == CE_NV:
-                    ukernel_f(kc, arow + ip * CE_MR, a_cs, brow, jp * b_panel, c + ip * CE_MR * ldc + jp * NR, ldc,
-                              accumulate, <wide_tile*>NULL)
+                    ukernel_f(kc, arow + ip * CE_MR, a_cs, brow, boff + jp * b_panel, c + ip * CE_MR * ldc + jp * NR,
+                              ldc, accumulate, <wide_tile*>NULL)
                 else:
-                    ukernel_f(kc, arow + ip * CE_MR, a_cs, brow, jp * b_panel, c + ip * CE_MR * ldc + jp * NR, ldc,
-                              accumulate, <narrow_tile*>NULL)
+                    ukernel_f(kc, arow + ip * CE_MR, a_cs, brow, boff + jp * b_panel, c + ip * CE_MR * ldc + jp * NR,
+                              ldc, accumulate, <narrow_tile*>NULL)
             else:
                 if nv == CE_NV:
-                    ukernel_d(kc, arow + ip * CE_MR, a_cs, brow, jp * b_panel, c + ip * CE_MR * ldc + jp * NR, ldc,
-                              accumulate, <wide_tile*>NULL)
+                    ukernel_d(kc, arow + ip * CE_MR, a_cs, brow, boff + jp * b_panel, c + ip * CE_MR * ldc + jp * NR,
+                              ldc, accumulate, <wide_tile*>NULL)
                 else:
-                    ukernel_d(kc, arow + ip * CE_MR, a_cs, brow, jp * b_panel, c + ip * CE_MR * ldc + jp * NR, ldc,
-                              accumulate, <narrow_tile*>NULL)
+                    ukernel_d(kc, arow + ip * CE_MR, a_cs, brow, boff + jp * b_panel, c + ip * CE_MR * ldc + jp * NR,
+                              ldc, accumulate, <narrow_tile*>NULL)
 
 
 cdef inline void row_table(const floating** table, const floating* base, Py_ssize_t n,
