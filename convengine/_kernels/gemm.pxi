@@ -274,7 +274,7 @@ cdef void macro_kernel_at(Py_ssize_t mpanels, Py_ssize_t npanels, Py_ssize_t kc,
                           const floating** arow, Py_ssize_t a_cs, const floating** brow, Py_ssize_t boff,
                           Py_ssize_t b_panel, floating* c, Py_ssize_t ldc, bint accumulate, int nv) noexcept nogil:
     """macro_kernel with B's rows at brow[p] + boff: one table of pixel origins serves every kernel tap, boff
-    the tap's offset (a table per tap, rebuilt per step, took 1-2% of grad_weight's pixel path)."""
+    the tap's offset (grad_weight's pixel path rebuilt a table per tap and step before)."""
     cdef Py_ssize_t ip, jp
     cdef Py_ssize_t NR = nv * (CE_VBYTES // sizeof(floating))
     for jp in range(npanels):
