@@ -240,10 +240,10 @@ cdef inline Py_ssize_t window_rows(const ConvGeom* p, Py_ssize_t nrows) noexcept
     return (nrows - 1) * p.sh + (p.KH - 1) * p.dh + 1
 
 
-cdef inline Py_ssize_t pixel_rows(const ConvGeom* p) noexcept nogil:
-    """Output rows per unit of the pixel path: whole images when they are small, else about PIXELS_PER_TASK
-    pixels' worth of rows (balanced over OH)."""
-    return balanced_block(p.OH, max(1, min(p.OH, PIXELS_PER_TASK // p.OW)))
+cdef inline Py_ssize_t pixel_rows(const ConvGeom* p, Py_ssize_t pixels) noexcept nogil:
+    """Output rows per unit of the pixel path: whole images when they are small, else about `pixels` pixels' worth
+    of rows (balanced over OH; PIXELS_PER_TASK forward, GRAD_WEIGHT_PIXELS in grad_weight)."""
+    return balanced_block(p.OH, max(1, min(p.OH, pixels // p.OW)))
 
 
 cdef void fill_window_rows(const floating* x, const ConvGeom* p, Py_ssize_t b, Py_ssize_t g, Py_ssize_t ih0,

@@ -643,12 +643,12 @@ cdef int conv2d_forward_pixels(const floating* x, const floating* w, const Epilo
     cdef Py_ssize_t Npad = npan * NR
     cdef Py_ssize_t OHW = p.OH * p.OW
     cdef Py_ssize_t Wpad = window_width(p)
-    cdef Py_ssize_t R = pixel_rows(p)
+    cdef Py_ssize_t R = pixel_rows(p, PIXELS_PER_TASK)
     cdef Py_ssize_t nrb = (p.OH + R - 1) // R
     cdef Py_ssize_t rows_in = window_rows(p, R)
     cdef Py_ssize_t ld_c = rows_in * Wpad
     cdef Py_ssize_t unit_len = Cg * ld_c
-    cdef Py_ssize_t upt = units_per_task(p, R)
+    cdef Py_ssize_t upt = units_per_task(p, R, PIXELS_PER_TASK)
     cdef Py_ssize_t nunits = p.B * nrb
     cdef Py_ssize_t ntasks = (nunits + upt - 1) // upt
     cdef Py_ssize_t maxpix = round_up(upt * R * p.OW, CE_MR)

@@ -415,10 +415,10 @@ cdef int conv2d_grad_weight_pixels(const floating* dy, const floating* x, floati
     cdef Py_ssize_t Mpad = round_up(Kg, CE_MR)
     cdef Py_ssize_t P = p.OH * p.OW
     cdef Py_ssize_t Wpad = window_width(p)
-    cdef Py_ssize_t R = pixel_rows(p)
+    cdef Py_ssize_t R = pixel_rows(p, GRAD_WEIGHT_PIXELS)
     cdef Py_ssize_t nrb = (p.OH + R - 1) // R
     cdef Py_ssize_t unit_len = window_rows(p, R) * Wpad * ldp
-    cdef Py_ssize_t upt = units_per_task(p, R)
+    cdef Py_ssize_t upt = units_per_task(p, R, GRAD_WEIGHT_PIXELS)
     cdef Py_ssize_t maxpix = upt * R * p.OW
     cdef Py_ssize_t units = p.B * nrb
     cdef Py_ssize_t per_chunk = (units + nchunks - 1) // nchunks

@@ -72,6 +72,12 @@ cdef Py_ssize_t MAX_DIRECT_SCRATCH = 1 << 24
 # Output pixels per task of the pixel path: enough 8-pixel panels that packing and the store are paid for, few
 # enough that a batch of small images still makes several tasks.
 cdef Py_ssize_t PIXELS_PER_TASK = 256
+# Output pixels per step of grad_weight's pixel path (the k depth of each tap's GEMM; its C tiles are loaded and
+# stored once per tap and step). Intel Xeon (AVX-512, 2 MB L2), batch 64, GFLOP/s at 256 / 128 pixels, 2 threads:
+# 64x128x8x8 -> 128 3x3 232 / 254-272, 32x256x8x8 -> 256 227 / 238-249, 32x64x56x56 -> 64 238 / 259-268,
+# 64x32x32x32 -> 64 s2 212 / 222, 64x32x16x16 -> 64 263 / 265-274; 1 thread 125 / 139-153, 124 / 122-129,
+# 120 / 130-153, 104 / 110-120, 131 / 135-143 (64 and 96 were no better, 512 and 1024 worse)
+cdef Py_ssize_t GRAD_WEIGHT_PIXELS = 128
 
 # The pixel path reduces over the input channels of each tap: below 8 the tile's load and store are not paid for
 # (1-4 channel layers go to conv_smallc.pxi or im2col).
@@ -102,9 +108,10 @@ cdef inline bint mostly_used(Py_ssize_t used, Py_ssize_t padded) noexcept nogil:
     return 4 * used >= 3 * padded
 
 
-cdef inline Py_ssize_t units_per_task(const ConvGeom* p, Py_ssize_t R) noexcept nogil:
-    """Units (image, block of R output rows) per task of the pixel paths: about PIXELS_PER_TASK output pixels."""
-    return max(1, PIXELS_PER_TASK // (R * p.OW))
+cdef inline Py_ssize_t units_per_task(const ConvGeom* p, Py_ssize_t R, Py_ssize_t pixels) noexcept nogil:
+    """Units (image, block of R output rows) per task of the pixel paths: about `pixels` output pixels
+    (PIXELS_PER_TASK forward, GRAD_WEIGHT_PIXELS in grad_weight)."""
+    return max(1, pixels // (R * p.OW))
 
 
 # Pixels per plane from which 1x1 grad_weight takes the pointwise (dot-product) path: its tiles (4 x 4 channels on
@@ -363,7 +370,7 @@ cdef bint use_pixels(const ConvGeom* p, floating dummy) noexcept nogil:
     cdef Py_ssize_t NR = output_panel_nv(p, dummy) * vlen(<floating>0)
     if Cg < PIXEL_MIN_CHANNELS or not mostly_used(Kg, round_up(Kg, NR)):
         return False
-    return Cg * window_rows(p, pixel_rows(p)) <= MAX_DIRECT_SCRATCH // window_width(p)
+    return Cg * window_rows(p, pixel_rows(p, PIXELS_PER_TASK)) <= MAX_DIRECT_SCRATCH // window_width(p)
 
 
 cdef bint pixels_skip_padding(const ConvGeom* p) noexcept nogil:
@@ -608,17 +615,18 @@ cdef bint use_pixels_grad_weight(const ConvGeom* p, floating dummy) noexcept nog
     cdef Py_ssize_t Cgpad = round_up(Cg, channel_panel(p, dummy))
     if not mostly_used(Cg, Cgpad) or not mostly_used(Kg, round_up(Kg, CE_MR)):
         return False
-    return window_rows(p, pixel_rows(p)) * pixel_stride(Cgpad, dummy) <= MAX_DIRECT_SCRATCH // window_width(p)
+    return (window_rows(p, pixel_rows(p, GRAD_WEIGHT_PIXELS)) * pixel_stride(Cgpad, dummy)
+            <= MAX_DIRECT_SCRATCH // window_width(p))
 
 
 cdef inline Py_ssize_t pixel_chunks(const ConvGeom* p) noexcept nogil:
-    """Fixed slices of the units that grad_weight's pixel path reduces separately: about PIXELS_PER_TASK pixels
+    """Fixed slices of the units that grad_weight's pixel path reduces separately: about GRAD_WEIGHT_PIXELS pixels
     or more each, at most 16 and a power of two, and at most 2^20 partial-sum elements in all; a function of the
     shape only."""
-    cdef Py_ssize_t R = pixel_rows(p)
+    cdef Py_ssize_t R = pixel_rows(p, GRAD_WEIGHT_PIXELS)
     cdef Py_ssize_t units = p.B * ((p.OH + R - 1) // R)
     cdef Py_ssize_t per_chunk = (p.C // p.G) * p.KH * p.KW * p.K
-    return pow2_floor(min(min(16, (1 << 20) // per_chunk), min(units, units * R * p.OW // PIXELS_PER_TASK)))
+    return pow2_floor(min(min(16, (1 << 20) // per_chunk), min(units, units * R * p.OW // GRAD_WEIGHT_PIXELS)))
 
 
 cdef inline Py_ssize_t pixel_msplit(const ConvGeom* p, Py_ssize_t nchunks, Py_ssize_t mpanels,
@@ -716,8 +724,8 @@ cdef Py_ssize_t forward_scratch(const ConvGeom* q, floating dummy, Py_ssize_t T)
         return smallc_scratch(q, T)
     if path == PATH_PIXELS:
         Npad = round_up(Kg, output_panel_nv(q, dummy) * VL)
-        R = pixel_rows(q)
-        upt = units_per_task(q, R)
+        R = pixel_rows(q, PIXELS_PER_TASK)
+        upt = units_per_task(q, R, PIXELS_PER_TASK)
         maxpix = round_up(upt * R * q.OW, CE_MR)
         # the packed weights; the tap offsets and each output row's and column's inside taps; per thread the
         # units' padded rows, the C block, the pixels' A rows and offsets in y, each panel's taps
@@ -907,8 +915,8 @@ cdef dict scratch_bytes(const ConvGeom* p, floating dummy, Py_ssize_t T):
         NR = channel_panel(p, dummy)
         Npad = round_up(Cg, NR)
         Mpad = round_up(Kg, CE_MR)
-        R = pixel_rows(p)
-        upt = units_per_task(p, R)
+        R = pixel_rows(p, GRAD_WEIGHT_PIXELS)
+        upt = units_per_task(p, R, GRAD_WEIGHT_PIXELS)
         maxpix = upt * R * p.OW
         nchunks = pixel_chunks(p)
         # the chunks' partial sums (weights, then bias); per thread the channels-last input rows, dY's rows
