@@ -86,8 +86,7 @@ def _input_gradients(model, batch, shapes, pairs):
             break
         # a max pooling after a ReLU that keeps its output: one pass makes the ReLU's input gradient
         # (fusion.relu_pool_backward), in the arena where the ReLU's own would be
-        relu_pool = (model.fuse and type(layer) is MaxPool2d and i >= 0 and type(layers[i]) is ReLU
-                     and not (i - 1 in pairs and isinstance(layers[i - 1], BatchNorm2d)))
+        relu_pool = model.fuse and fusion.relu_pool_follows(layers, i + 1, pairs)
         n = batch * math.prod(shapes[i + 1])
         arena = (i if relu_pool else i + 1) > first and isinstance(layer, _ARENA_GRADIENT) \
             and n * itemsize >= _workspace.MIN_BYTES

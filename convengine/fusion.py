@@ -64,10 +64,19 @@ def pools_fused(layers, i, input_shape, training):
             and input_shape[3] >= 2 and input_shape[2] * input_shape[3] >= 16)
 
 
+def relu_pool_follows(layers, i, pairs):
+    """Whether layers[i - 1:i + 1] are a ReLU and a max pooling that relu_pool_backward takes after a training
+    forward (pairs: pairs(layers)): the ReLU is not the second of a batch norm pair, which keeps no output (and
+    pools in its own pass where it can). From the layers alone, for what is known before a forward (footprint)."""
+    return (i >= 1 and type(layers[i]) is MaxPool2d and type(layers[i - 1]) is ReLU
+            and not (i - 2 in pairs and type(layers[i - 2]) is BatchNorm2d))
+
+
 def relu_pool_backward(layers, i):
     """Whether layers[i - 1:i + 1] are a ReLU and a max pooling whose backward runs as one pass: the ReLU keeps
     its output (as an array of the pooling's input shape), and the pooling was not already computed by a batch
-    norm pair (then that pair takes its gradient)."""
+    norm pair (then that pair takes its gradient). From what the layers kept in forward (relu_pool_follows says
+    it from the layers alone)."""
     if i < 1 or type(layers[i]) is not MaxPool2d or type(layers[i - 1]) is not ReLU:
         return False
     pool, relu = layers[i], layers[i - 1]

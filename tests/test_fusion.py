@@ -280,7 +280,8 @@ def test_max_pool_relu_backward_kernel_is_the_two_ops_in_a_row(rng, pool, dtype)
 
 def test_relu_pool_backward_pattern():
     """Sequential runs a ReLU and a max pooling after it as one backward pass only when the ReLU kept its output
-    with the pooling's input shape and no batch norm pair pooled already; fuse=False runs them one by one."""
+    with the pooling's input shape and no batch norm pair pooled already (fuse=False runs them one by one:
+    test_a_fused_model_runs_no_relu_pass_of_its_own); relu_pool_follows says the same from the layers alone."""
     rng = np.random.default_rng(1)
     x, gy = randn(rng, (2, 3, 8, 8), np.float32), randn(rng, (2, 5), np.float32)
     model = model_of("conv_relu", np.float32, True)
@@ -293,6 +294,11 @@ def test_relu_pool_backward_pattern():
     bn = model_of("bn_relu", np.float32, True)
     bn.forward(x, training=True)
     assert not fusion.relu_pool_backward(bn.layers, 3)             # the batch norm pair took the pooling
+    for net, fused in ((model, {2}), (bn, set())):
+        net.forward(x, training=True)
+        assert {i for i in range(len(net.layers)) if fusion.relu_pool_backward(net.layers, i)} == fused
+        assert {i for i in range(len(net.layers))
+                if fusion.relu_pool_follows(net.layers, i, fusion.pairs(net.layers))} == fused
 
 
 def test_conv_relu_kernel_is_the_two_ops_in_a_row(rng):
