@@ -288,11 +288,12 @@ def test_freeze_checks_the_winograd_flag():
 # Training: Conv2d.winograd, Sequential.winograd (forward and input gradient by Winograd, opt-in)
 
 @contextlib.contextmanager
-def winograd_calls(grad_weight_min=(1, 1)):
+def winograd_calls(grad_weight_min=(1, 1), grad_weight=True):
     """The weight shapes of the convs that ran by Winograd while inside, in call order: forward convs, and input
     gradients as the forward conv of grad_out with the weights transposed; ("weight gradient", shape) for weight
     gradients. grad_weight_min: the weight gradient's thresholds meanwhile (set_winograd_grad_weight_min; by
-    default none, so that the tests' small batches reach it)."""
+    default none, so that the tests' small batches reach it); grad_weight: whether the Winograd weight gradient is
+    on meanwhile (set_winograd_grad_weight; by default it is, whatever this CPU's maker)."""
     calls = []
     real, real_gw = F._winograd_weights, engine.conv2d_grad_weight_winograd
 
@@ -307,11 +308,13 @@ def winograd_calls(grad_weight_min=(1, 1)):
         return real_gw(grad_out, x, grad_w, *args)
     F._winograd_weights, engine.conv2d_grad_weight_winograd = spy, spy_gw
     old = engine.set_winograd_grad_weight_min(*grad_weight_min)
+    was_on = engine.set_winograd_grad_weight(grad_weight)
     try:
         yield calls
     finally:
         F._winograd_weights, engine.conv2d_grad_weight_winograd = real, real_gw
         engine.set_winograd_grad_weight_min(*old)
+        engine.set_winograd_grad_weight(was_on)
 
 
 @given(data=st.data())
@@ -535,13 +538,46 @@ def test_winograd_weight_gradient_refuses_other_geometries(rng):
     # the thresholds: 4,096+ input x output channels (2,048+ on planes of 8+ tiles a row) and 1,024+ tiles
     def takes(b, c, h, k, itemsize=4):
         return engine.winograd_grad_weight_takes((b, c, h, h), (k, c, 3, 3), (1, 1, 1, 1, 1, 1, 1, h, h), itemsize)
-    assert takes(64, 64, 32, 64) and takes(64, 64, 8, 128) and takes(64, 64, 8, 64) and takes(64, 32, 16, 64)
-    assert takes(16, 32, 16, 64)                        # 1,024 tiles
-    assert not takes(15, 32, 16, 64)                    # 960 tiles
-    assert not takes(32, 64, 8, 64)                     # 512 tiles: one chunk
-    assert not takes(64, 32, 8, 64) and not takes(64, 64, 8, 32)      # 2,048 channel pairs, tile rows of 4
-    assert not takes(64, 32, 16, 32)                    # 1,024 channel pairs
-    assert not takes(64, 64, 32, 64, itemsize=8)        # float64 keeps the direct kernels
+    was_on = engine.set_winograd_grad_weight(True)
+    try:
+        assert takes(64, 64, 32, 64) and takes(64, 64, 8, 128) and takes(64, 64, 8, 64) and takes(64, 32, 16, 64)
+        assert takes(16, 32, 16, 64)                        # 1,024 tiles
+        assert not takes(15, 32, 16, 64)                    # 960 tiles
+        assert not takes(32, 64, 8, 64)                     # 512 tiles: one chunk
+        assert not takes(64, 32, 8, 64) and not takes(64, 64, 8, 32)      # 2,048 channel pairs, tile rows of 4
+        assert not takes(64, 32, 16, 32)                    # 1,024 channel pairs
+        assert not takes(64, 64, 32, 64, itemsize=8)        # float64 keeps the direct kernels
+        engine.set_winograd_grad_weight(False)
+        assert not takes(64, 64, 32, 64) and not takes(64, 64, 8, 128)
+    finally:
+        engine.set_winograd_grad_weight(was_on)
+
+
+def test_the_winograd_weight_gradient_is_on_by_the_cpus_maker():
+    """Training that opts in takes Winograd's weight gradient on AMD only (on Intel the direct kernels' is faster on
+    every shape measured: conv_winograd_grad_weight.pxi); switched off, the convs' forward and input gradients still
+    run by Winograd and the weight gradients are the direct path's, bit for bit."""
+    from convengine._kernels import _cpu
+    assert engine.set_winograd_grad_weight(None) is _cpu.is_amd()
+    model = vgg_like()
+    model.winograd = True
+    with winograd_calls(grad_weight=False) as calls:
+        fast, _ = trained(model, steps=1)
+    assert calls and all(call[0] != "weight gradient" for call in calls)
+    assert len(calls) == 6      # three forward convs, three input gradients
+    rng = np.random.default_rng(3)
+    x, dy = randn(rng, (16, 32, 16, 16), np.float32), randn(rng, (16, 64, 16, 16), np.float32)
+    w = randn(rng, (64, 32, 3, 3), np.float32)
+    direct = F._conv2d_backward(dy, x, w, 1, 1)
+    with winograd_calls(grad_weight=False) as calls:
+        off = F._conv2d_backward(dy, x, w, 1, 1, winograd=True)
+    assert calls == [(32, 64, 3, 3)]                    # the input gradient only
+    assert_bitwise_equal(off[1], direct[1], "grad_weight")
+    assert_bitwise_equal(off[2], direct[2], "grad_bias")
+    with winograd_calls(grad_weight=True) as calls:
+        on = F._conv2d_backward(dy, x, w, 1, 1, winograd=True)
+    assert calls == [("weight gradient", (64, 32, 3, 3)), (32, 64, 3, 3)]
+    assert not np.array_equal(on[1], direct[1])
 
 
 def test_the_winograd_flag_of_layers_and_models(tmp_path, rng):

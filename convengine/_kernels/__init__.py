@@ -95,6 +95,7 @@ try:
 finally:
     _restore_policy()
 engine.set_pixels_first(_cpu.is_amd())   # the pixel path's first choice is AMD's (conv_plan.pxi)
+engine.set_winograd_grad_weight(_cpu.is_amd())   # where Winograd's weight gradient gains (conv_winograd_grad_weight.pxi)
 
 
 def build_info():

@@ -218,9 +218,28 @@ def conv2d_grad_weight_winograd(const float[:, :, :, ::1] grad_out,   # IN  (B, 
 # left direct: 64 -> 32 and 32 -> 64 at 8x8 1.02-1.06 | 1.04-1.09, 32 -> 32 at 8x8 1.17 | 1.18, 32 -> 32 at 16x16
 # 1.02 | 0.99, 64 -> 64 at 8x8 at batch 32 (512 tiles: one chunk) 2.2 | 4.4, 128 -> 128 at 4x4 1.10 | 2.26.
 # A function of the shape only: the bits never depend on the thread count.
+# On Intel it gains on none of these shapes once the direct kernels' weight gradient caught up (the pixel path),
+# so there it is off (winograd_grad_weight_on, set when the kernels load from _cpu.is_amd()). Intel Xeon (family
+# 6 model 167, AVX-512), batch 64, median ms direct / Winograd, same process, 2 threads: 32 -> 64 at 16x16 2.30 /
+# 9.54, 64 -> 128 at 8x8 2.45 / 2.89, 64 -> 64 at 32x32 18.9 / 41.0, 64 -> 128 at 16x16 9.50 / 11.9, 128 -> 128 at
+# 16x16 18.3 / 20.6 (1 thread: 4.24 / 7.93, 4.35 / 5.32, 31.6 / 40.9, 17.4 / 19.3, 35.3 / 34.5). Training steps
+# with model.winograd, Winograd weight gradient on / off, 2 threads: CIFAR-shaped 26.2 / 21.4 ms (default kernels
+# 22.4), VGG-style 155.4 / 131.5 (153.1).
+cdef bint winograd_grad_weight_on = True
 cdef Py_ssize_t WINOGRAD_GW_MIN_TILES = 1024
 cdef Py_ssize_t WINOGRAD_GW_MIN_PRODUCT = 4096      # input x output channels; half of it where tile rows hold 8+
 cdef Py_ssize_t WINOGRAD_GW_WIDE_ROW = 8            # tiles per tile row from which half the product will do
+
+
+def set_winograd_grad_weight(flag=None):
+    """Whether training that opted in to Winograd may take the weight gradient by Winograd at all (where
+    winograd_grad_weight_takes' thresholds hold; by default on AMD only). With a flag, set it for every later call
+    (tests), None: leave it; returns the setting before."""
+    global winograd_grad_weight_on
+    before = bool(winograd_grad_weight_on)
+    if flag is not None:
+        winograd_grad_weight_on = bool(flag)
+    return before
 
 
 def set_winograd_grad_weight_min(Py_ssize_t tiles, Py_ssize_t channel_product):
@@ -234,14 +253,14 @@ def set_winograd_grad_weight_min(Py_ssize_t tiles, Py_ssize_t channel_product):
 
 
 def winograd_grad_weight_takes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize):
-    """Whether training that opted in computes this conv's weight gradient by Winograd F(2x2, 3x3): a conv whose
-    forward it takes (winograd_takes), WINOGRAD_GW_MIN_PRODUCT or more input x output channels (half as many where
+    """Whether training that opted in computes this conv's weight gradient by Winograd F(2x2, 3x3): where it is on
+    (set_winograd_grad_weight), a conv whose forward it takes (winograd_takes), WINOGRAD_GW_MIN_PRODUCT or more input x output channels (half as many where
     its tile rows hold WINOGRAD_GW_WIDE_ROW or more tiles) and WINOGRAD_GW_MIN_TILES or more 2x2 output tiles in
     the batch."""
     cdef ConvGeom p
     cdef Py_ssize_t TW
     fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
     TW = (p.OW + 1) // 2
-    return (winograd_takes_geom(&p, itemsize)
+    return (winograd_grad_weight_on and winograd_takes_geom(&p, itemsize)
             and 2 * p.C * p.K >= WINOGRAD_GW_MIN_PRODUCT * (1 if TW >= WINOGRAD_GW_WIDE_ROW else 2)
             and p.B * ((p.OH + 1) // 2) * TW >= WINOGRAD_GW_MIN_TILES)
