@@ -116,5 +116,7 @@ def build_info():
         "tile": engine.tile_info(),
         # float32 convs on small planes of large batches: the pixel path before the direct kernel (AMD only)
         "conv_pixels_first": engine.set_pixels_first(),
+        # training with model.winograd: the weight gradient by Winograd too (AMD only)
+        "winograd_grad_weight": engine.set_winograd_grad_weight(),
         "num_threads": get_num_threads(),
     }
