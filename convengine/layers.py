@@ -218,9 +218,9 @@ class Conv2d(_Weighted):
         and, in backward, the input gradient, on float32 3x3 stride-1 convs of 32 or more input and 16 or more output
         channels (0.55-0.8 of the direct kernels' time), and on AMD CPUs the weight gradient where the channels and
         the batch's 2x2 output tiles are many (engine.winograd_grad_weight_takes; 0.7-0.9; on Intel the direct
-        kernels' is the faster on every shape measured). The results differ from the direct
-        sums' by rounding, of the same order (tests/test_winograd.py), and stay bitwise the same whatever the thread
-        count. Sequential.winograd and Graph.winograd set it on every conv of a model."""
+        kernels' is the faster on every shape measured). The results differ from the direct sums' by rounding, of
+        the same order (tests/test_winograd.py), and stay bitwise the same whatever the thread count.
+        Sequential.winograd and Graph.winograd set it on every conv of a model."""
         return self._winograd
 
     @winograd.setter

@@ -254,9 +254,9 @@ def set_winograd_grad_weight_min(Py_ssize_t tiles, Py_ssize_t channel_product):
 
 def winograd_grad_weight_takes(tuple x_shape, tuple w_shape, tuple params, Py_ssize_t itemsize):
     """Whether training that opted in computes this conv's weight gradient by Winograd F(2x2, 3x3): where it is on
-    (set_winograd_grad_weight), a conv whose forward it takes (winograd_takes), WINOGRAD_GW_MIN_PRODUCT or more input x output channels (half as many where
-    its tile rows hold WINOGRAD_GW_WIDE_ROW or more tiles) and WINOGRAD_GW_MIN_TILES or more 2x2 output tiles in
-    the batch."""
+    (set_winograd_grad_weight), a conv whose forward it takes (winograd_takes), WINOGRAD_GW_MIN_PRODUCT or more
+    input x output channels (half as many where its tile rows hold WINOGRAD_GW_WIDE_ROW or more tiles) and
+    WINOGRAD_GW_MIN_TILES or more 2x2 output tiles in the batch."""
     cdef ConvGeom p
     cdef Py_ssize_t TW
     fill_geom(&p, x_shape, w_shape[0], w_shape[2], w_shape[3], params)
