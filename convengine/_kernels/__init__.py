@@ -94,8 +94,10 @@ try:
     engine = importlib.import_module(f"{__name__}._engine_{ISA}")  # loads libgomp, which reads the policy now
 finally:
     _restore_policy()
-engine.set_pixels_first(_cpu.is_amd())   # the pixel path's first choice is AMD's (conv_plan.pxi)
-engine.set_winograd_grad_weight(_cpu.is_amd())   # where Winograd's weight gradient gains (conv_winograd_grad_weight.pxi)
+# choices by the CPU's maker, as measured on each
+_AMD = _cpu.is_amd()
+engine.set_pixels_first(_AMD)            # the pixel path goes first on AMD (conv_plan.pxi)
+engine.set_winograd_grad_weight(_AMD)    # Winograd's weight gradient gains on AMD (conv_winograd_grad_weight.pxi)
 
 
 def build_info():

@@ -54,15 +54,20 @@ cdef Py_ssize_t PIXEL_SKIP_MIN_PIXELS = 1024
 cdef bint pixels_first = False
 
 
+cdef bint switch_setting(bint* setting, flag):
+    """What a maker-chosen switch (pixels_first here, winograd_grad_weight_on) held before; set to flag unless flag
+    is None. The set_* functions' body."""
+    cdef bint before = setting[0]
+    if flag is not None:
+        setting[0] = bool(flag)
+    return before
+
+
 def set_pixels_first(flag=None):
     """Whether float32 convs on small planes of large batches take the pixel path before the direct kernel
     (AVX-512 builds; by default on AMD only). With a flag, set it for every later call (tests), None: leave it;
     returns the setting before."""
-    global pixels_first
-    before = bool(pixels_first)
-    if flag is not None:
-        pixels_first = bool(flag)
-    return before
+    return bool(switch_setting(&pixels_first, flag))
 
 
 # Most elements of per-thread padded input the direct paths may ask for; larger goes the im2col / GEMM way (a huge

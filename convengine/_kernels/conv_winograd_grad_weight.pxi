@@ -235,11 +235,7 @@ def set_winograd_grad_weight(flag=None):
     """Whether training that opted in to Winograd may take the weight gradient by Winograd at all (where
     winograd_grad_weight_takes' thresholds hold; by default on AMD only). With a flag, set it for every later call
     (tests), None: leave it; returns the setting before."""
-    global winograd_grad_weight_on
-    before = bool(winograd_grad_weight_on)
-    if flag is not None:
-        winograd_grad_weight_on = bool(flag)
-    return before
+    return bool(switch_setting(&winograd_grad_weight_on, flag))
 
 
 def set_winograd_grad_weight_min(Py_ssize_t tiles, Py_ssize_t channel_product):
