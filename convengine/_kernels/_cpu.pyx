@@ -1,4 +1,5 @@
-"""What the CPU and the build offer: ISA support, maker, pause length, OpenMP, compiler. Built at the baseline ISA so it loads anywhere."""
+"""What the CPU and the build offer: ISA support, maker, pause length, OpenMP, compiler. Built at the baseline ISA so
+it loads anywhere."""
 
 cdef extern from *:
     """
