@@ -202,3 +202,18 @@ def test_openmp_spin_count_is_a_time_in_pause_instructions():
         assert k.SPIN_COUNT_MIN <= k.SPIN_COUNT <= k.SPIN_COUNT_MAX
     with pytest.raises(ValueError, match="must be >= 1"):
         k._cpu.pause_ns(0, 3)
+
+
+def test_the_cpu_family_is_the_one_the_kernel_reports():
+    """_cpu.family (which picks Winograd's weight gradient on Zen 4 and not on Zen 5) reads CPUID's family as
+    /proc/cpuinfo's "cpu family" gives it, the extended family added (25 = 0x19 on Zen 3 and 4, 26 on Zen 5, 6 on
+    Intel's cores); 0 off x86."""
+    from convengine._kernels import _cpu
+    from test_functional import _cpu_family
+    family = _cpu.family()
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        assert family == 0
+        return
+    assert family >= 5
+    if _cpu_family() is not None:
+        assert family == _cpu_family()

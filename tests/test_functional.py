@@ -283,12 +283,23 @@ def test_pixel_path_sums_do_not_depend_on_the_batch(rng, x_shape, w_shape, param
         _engine.force_conv_path("auto")
 
 
-def _cpu_vendor():
+def _cpuinfo(key):
+    """The first value of `key` in /proc/cpuinfo (as the kernel reports the CPU), None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == key),
+                        None)
     except OSError:
         return None
+
+
+def _cpu_vendor():
+    return _cpuinfo("vendor_id")
+
+
+def _cpu_family():
+    family = _cpuinfo("cpu family")
+    return None if family is None else int(family)
 
 
 @pytest.fixture

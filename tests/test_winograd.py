@@ -24,7 +24,7 @@ from convengine.optim import SGD
 
 from conftest import assert_bitwise_equal, randn
 from test_frozen import randomise_batch_norms
-from test_functional import _cpu_vendor
+from test_functional import _cpu_family, _cpu_vendor
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 # largest |error| over the largest |exact output| (float32): the direct kernel's stays below it too
@@ -554,16 +554,16 @@ def test_winograd_weight_gradient_refuses_other_geometries(rng):
         engine.set_winograd_grad_weight(was_on)
 
 
-def test_the_winograd_weight_gradient_is_on_by_the_cpus_maker():
-    """Training that opts in takes Winograd's weight gradient on AMD only (on Intel the direct kernels' is faster on
-    every shape measured: conv_winograd_grad_weight.pxi); switched off, the convs' forward and input gradients still
-    run by Winograd and the weight gradients are the direct path's, bit for bit."""
+def test_the_winograd_weight_gradient_is_on_by_the_cpus_maker_and_family():
+    """Training that opts in takes Winograd's weight gradient on AMD's Zen 4 only (on Intel and on Zen 5 the direct
+    kernels' is faster on every shape measured: conv_winograd_grad_weight.pxi); switched off, the convs' forward and
+    input gradients still run by Winograd and the weight gradients are the direct path's, bit for bit."""
     from convengine._kernels import _cpu
     on = engine.set_winograd_grad_weight(None)
-    assert on is _cpu.is_amd() is convengine.build_info()["winograd_grad_weight"]
-    vendor = _cpu_vendor()                              # the maker as the kernel reports it, where it does
-    if vendor is not None:
-        assert on is (vendor == "AuthenticAMD")
+    assert on is (_cpu.is_amd() and _cpu.family() == 0x19) is convengine.build_info()["winograd_grad_weight"]
+    vendor, family = _cpu_vendor(), _cpu_family()       # the CPU as the kernel reports it, where it does
+    if vendor is not None and family is not None:
+        assert on is (vendor == "AuthenticAMD" and family == 25)
     model = vgg_like()
     model.winograd = True
     with winograd_calls(grad_weight=False) as calls:

@@ -96,8 +96,9 @@ finally:
     _restore_policy()
 # choices by the CPU's maker, as measured on each
 _AMD = _cpu.is_amd()
+_ZEN4 = _AMD and _cpu.family() == 0x19   # AVX-512 on 256-bit halves (Zen 5, family 0x1A, runs it whole)
 engine.set_pixels_first(_AMD)            # the pixel path goes first on AMD (conv_plan.pxi)
-engine.set_winograd_grad_weight(_AMD)    # Winograd's weight gradient gains on AMD (conv_winograd_grad_weight.pxi)
+engine.set_winograd_grad_weight(_ZEN4)   # Winograd's weight gradient gains on Zen 4 (conv_winograd_grad_weight.pxi)
 
 
 def build_info():
@@ -118,7 +119,7 @@ def build_info():
         "tile": engine.tile_info(),
         # float32 convs on small planes of large batches: the pixel path before the direct kernel (AMD only)
         "conv_pixels_first": engine.set_pixels_first(),
-        # training with model.winograd: the weight gradient by Winograd too (AMD only)
+        # training with model.winograd: the weight gradient by Winograd too (AMD Zen 4 only)
         "winograd_grad_weight": engine.set_winograd_grad_weight(),
         "num_threads": get_num_threads(),
     }

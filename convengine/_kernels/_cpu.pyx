@@ -18,6 +18,15 @@ cdef extern from *:
         __builtin_cpu_init();
         return __builtin_cpu_is("amd");
     }
+    #include <cpuid.h>
+    /* The x86 family as the vendors number it (base family, plus the extended family where the base is 0xF):
+       0x19 for AMD's Zen 3 and Zen 4, 0x1A for Zen 5, 6 for Intel's cores. 0 where CPUID has no leaf 1. */
+    static int ce_cpu_family(void) {
+        unsigned a, b, c, d;
+        if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+        unsigned base = (a >> 8) & 0xF;
+        return (int)(base == 0xF ? base + ((a >> 20) & 0xFF) : base);
+    }
     static int ce_has_avx2(void) {
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -31,6 +40,7 @@ cdef extern from *:
     #else
     #define CE_PAUSE() ((void)0)
     static int ce_is_amd(void) { return 0; }
+    static int ce_cpu_family(void) { return 0; }
     static int ce_has_avx2(void) { return 0; }
     static int ce_has_avx512(void) { return 0; }
     #endif
@@ -60,6 +70,7 @@ cdef extern from *:
     int ce_openmp_enabled()
     int ce_openmp_version()
     int ce_is_amd()
+    int ce_cpu_family()
     int ce_has_avx2()
     int ce_has_avx512()
     double ce_pause_ns(int count, int rounds) nogil
@@ -79,6 +90,12 @@ def cpu_supports():
 def is_amd():
     """Whether the CPU is AMD's: some kernel paths are chosen by the maker, as measured on each."""
     return bool(ce_is_amd())
+
+
+def family():
+    """The CPU's x86 family (with the extended family added: 0x19 AMD Zen 3 and 4, 0x1A Zen 5, 6 Intel's cores), 0
+    off x86. AMD's Zen 4 runs AVX-512 on 256-bit halves and Zen 5 on full 512-bit units, so some choices differ."""
+    return ce_cpu_family()
 
 
 def pause_ns(count=1000, rounds=5):

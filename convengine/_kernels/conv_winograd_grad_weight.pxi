@@ -218,13 +218,21 @@ def conv2d_grad_weight_winograd(const float[:, :, :, ::1] grad_out,   # IN  (B, 
 # left direct: 64 -> 32 and 32 -> 64 at 8x8 1.02-1.06 | 1.04-1.09, 32 -> 32 at 8x8 1.17 | 1.18, 32 -> 32 at 16x16
 # 1.02 | 0.99, 64 -> 64 at 8x8 at batch 32 (512 tiles: one chunk) 2.2 | 4.4, 128 -> 128 at 4x4 1.10 | 2.26.
 # A function of the shape only: the bits never depend on the thread count.
-# On Intel it gains on none of these shapes once the direct kernels' weight gradient caught up (the pixel path),
-# so there it is off (winograd_grad_weight_on, set when the kernels load from _cpu.is_amd()). Intel Xeon (family
-# 6 model 167, AVX-512), batch 64, median ms direct / Winograd, same process, 2 threads: 32 -> 64 at 16x16 2.30 /
-# 9.54, 64 -> 128 at 8x8 2.45 / 2.89, 64 -> 64 at 32x32 18.9 / 41.0, 64 -> 128 at 16x16 9.50 / 11.9, 128 -> 128 at
-# 16x16 18.3 / 20.6 (1 thread: 4.24 / 7.93, 4.35 / 5.32, 31.6 / 40.9, 17.4 / 19.3, 35.3 / 34.5). Training steps
+# On Intel it gains on none of these shapes once the direct kernels' weight gradient caught up (the pixel path), so
+# there it is off (winograd_grad_weight_on, set when the kernels load: on for family 0x19 AMD, Zen 4). Intel Xeon
+# (family 6 model 167, AVX-512), batch 64, median ms direct / Winograd, same process, 2 threads: 32 -> 64 at 16x16
+# 2.30 / 9.54, 64 -> 128 at 8x8 2.45 / 2.89, 64 -> 64 at 32x32 18.9 / 41.0, 64 -> 128 at 16x16 9.50 / 11.9, 128 -> 128
+# at 16x16 18.3 / 20.6 (1 thread: 4.24 / 7.93, 4.35 / 5.32, 31.6 / 40.9, 17.4 / 19.3, 35.3 / 34.5). Training steps
 # with model.winograd, Winograd weight gradient on / off, 2 threads: CIFAR-shaped 26.2 / 21.4 ms (default kernels
 # 22.4), VGG-style 155.4 / 131.5 (153.1).
+# Nor on AMD's Zen 5 (family 0x1A), whose AVX-512 units are whole where Zen 4 ran each instruction as two 256-bit
+# halves: there the direct kernels' weight gradient runs at 70-80% of the FMA peak and Winograd's transforms cost more
+# than the products save on every shape. AMD EPYC Zen 5, batch 64, GFLOP/s (direct-conv count) Winograd / direct,
+# interleaved in one process, 2 threads: 32 -> 64 at 16x16 86 / 305, 64 -> 128 at 8x8 227 / 274, 64 -> 64 at 32x32 160 /
+# 321, 64 -> 128 at 16x16 251 / 298, 128 -> 128 at 16x16 271 / 309 (1 thread: 77 / 166, 164 / 179, 178 / 188, 149 /
+# 169). Training steps with model.winograd, its weight gradient on / off, median ms, 1 thread: CIFAR-shaped 29.9 / 26.4,
+# VGG-style 181 / 173; 2 threads: 23.1 / 21.4, 141 / 122 (a shared host, so slower than benchmarks/RESULTS.md; the
+# ratios are what count).
 cdef bint winograd_grad_weight_on = True
 cdef Py_ssize_t WINOGRAD_GW_MIN_TILES = 1024
 cdef Py_ssize_t WINOGRAD_GW_MIN_PRODUCT = 4096      # input x output channels; half of it where tile rows hold 8+
@@ -233,8 +241,8 @@ cdef Py_ssize_t WINOGRAD_GW_WIDE_ROW = 8            # tiles per tile row from wh
 
 def set_winograd_grad_weight(flag=None):
     """Whether training that opted in to Winograd may take the weight gradient by Winograd at all (where
-    winograd_grad_weight_takes' thresholds hold; by default on AMD only). With a flag, set it for every later call
-    (tests), None: leave it; returns the setting before."""
+    winograd_grad_weight_takes' thresholds hold; by default on AMD Zen 4 only). With a flag, set it for every later
+    call (tests), None: leave it; returns the setting before."""
     return bool(switch_setting(&winograd_grad_weight_on, flag))
 
 
