@@ -49,6 +49,7 @@ def test_report_rows_finite_positive_and_complete(quick_report):
     assert rep["threads"] == 1
     assert all(_positive(v) for v in rep["matmul_by_library"].values())
     assert rep["matmul_gflops"] == max(rep["matmul_by_library"].values())
+    assert _positive(rep["peak_gflops"])
     rows = rep["sections"]["kernels"]["rows"]
     conv = [r for r in rows if r["op"] == "conv2d"]
     pools = [r for r in rows if r["op"] != "conv2d"]
@@ -117,16 +118,24 @@ def test_report_summary_is_geomean_of_rows(quick_report):
         if r.get("pct_matmul") is not None:
             assert r["compute_bound"]
             assert r["pct_matmul"] == pytest.approx(100 * r["engine_rate"] / rep["matmul_gflops"], rel=1e-9)
+            assert r["pct_peak"] == pytest.approx(100 * r["engine_rate"] / rep["peak_gflops"], rel=1e-9)
+        else:
+            assert r.get("pct_peak") is None
     lowest = min(r["pct_matmul"] for r in rows if r.get("pct_matmul") is not None and r["direction"] != "backward")
     assert comparisons["compute_bound_min_pct_matmul"]["value"] == pytest.approx(lowest, rel=1e-12)
+    lowest = min(r["pct_peak"] for r in rows if r.get("pct_peak") is not None and r["direction"] != "backward")
+    assert comparisons["compute_bound_min_pct_peak"]["value"] == pytest.approx(lowest, rel=1e-12)
+    forward = [r["pct_peak"] for r in rows if r.get("pct_peak") is not None and r["direction"] == "forward"]
+    assert summary["conv"]["forward"]["pct_peak_min"] == pytest.approx(min(forward), rel=1e-12)
 
 
 def _printed_rows(text):
-    """The table lines: op shape direction ref_ms engine_ms torch_ms engine_rate torch_rate x_ref x_torch %matmul."""
+    """The table lines: op shape direction ref_ms engine_ms torch_ms engine_rate torch_rate x_ref x_torch %matmul
+    %peak."""
     out = []
     for line in text.splitlines():
         cells = line.split()
-        if len(cells) == 11 and cells[0] in ("conv2d", "max_pool2d", "avg_pool2d") and cells[2] in (
+        if len(cells) == 12 and cells[0] in ("conv2d", "max_pool2d", "avg_pool2d") and cells[2] in (
                 cases.CONV_DIRECTIONS + cases.POOL_DIRECTIONS):
             out.append([cells[0], cells[1], cells[2]] + [None if c == "-" else float(c) for c in cells[3:]])
     return out
@@ -137,7 +146,9 @@ def test_printed_table_matches_report(quick_report):
     rows = quick_report["json"]["sections"]["kernels"]["rows"]
     assert len(printed) == len(rows)
     for p, r in zip(printed, rows):
-        op, shape, direction, ref_ms, eng_ms, torch_ms, eng_rate, _, x_ref, x_torch, _ = p
+        op, shape, direction, ref_ms, eng_ms, torch_ms, eng_rate, _, x_ref, x_torch, _, pct_peak = p
+        if pct_peak is not None:
+            assert pct_peak == pytest.approx(r["pct_peak"], abs=0.5)
         assert (op, shape, direction) == (r["op"], r["shape"], r["direction"])
         if eng_ms is not None:
             assert eng_ms == pytest.approx(r["ms"]["engine"], rel=1e-3)
@@ -147,6 +158,8 @@ def test_printed_table_matches_report(quick_report):
         if x_torch is not None:
             assert x_torch == pytest.approx(torch_ms / eng_ms, rel=1e-2)
     assert re.search(r"float32 matmul .* share of [0-9.]+ GFLOP/s", quick_report["printed"])
+    assert re.search(r"multiply-add peak of this build \(\w+\) at 1 threads: [0-9.]+ GFLOP/s",
+                     quick_report["printed"])
 
 
 def test_summary_states_comparisons_without_pass_marks(quick_report):
@@ -267,6 +280,20 @@ def test_a_new_section_is_one_module(monkeypatch):
     assert re.search(r"extra, speedup vs nothing +2\.5x", printed)
 
 
+def test_the_multiply_add_peak_probe():
+    """engine.fma_peak_gflops runs its chains on every thread asked for and reports a finite rate; timing's
+    fma_peak_gflops takes it at the thread count in force; bad arguments are refused."""
+    from convengine._kernels import engine
+    from convengine.bench.timing import SameThreads, fma_peak_gflops
+    for n in (1, 2, 3):
+        assert _positive(engine.fma_peak_gflops(n, 1000))
+    with SameThreads(2):
+        assert _positive(fma_peak_gflops(repeat=2))
+    for bad in ((0, 1000), (1, 0), (65, 1000)):
+        with pytest.raises(ValueError, match="fma_peak_gflops"):
+            engine.fma_peak_gflops(*bad)
+
+
 def test_training_section_ships_in_the_package():
     """The training comparison lives in the package (the installed CLI has it) and times real epochs."""
     assert Path(training.__file__).resolve().parent == Path(bench_report.__file__).resolve().parent
@@ -280,12 +307,12 @@ def test_training_section_ships_in_the_package():
 def test_training_steps_of_the_three_nets():
     """One timed step per net at batch 4: rows whose rates follow from the times and the step's FLOPs; the step
     really trains (the weights move)."""
-    rows = training.step_rows(1, repeats=1, batch=4, use_torch=False, matmul_rate=100.0)
+    rows = training.step_rows(1, repeats=1, batch=4, use_torch=False, matmul_rate=100.0, peak_rate=50.0)
     assert [r["net"] for r in rows] == list(training.STEP_NETS)
     for r in rows:
         model = training.inference.build(r["net"])
         assert r["gflops"] == pytest.approx(training.step_flops(model, 4) / (r["engine_ms"] * 1e6))
-        assert r["matmul_pct"] == pytest.approx(r["gflops"])
+        assert r["matmul_pct"] == pytest.approx(r["gflops"]) and r["peak_pct"] == pytest.approx(2 * r["gflops"])
         assert r["images_per_s"] == pytest.approx(4e3 / r["engine_ms"]) and r["torch_ms"] is None
         assert r["memory_mb"] == model.training_memory_bytes(4) / 1e6
         # the opt-in Winograd step is timed for the nets it takes convs of, and has no ratio without PyTorch

@@ -9,6 +9,7 @@ from libc.string cimport memset, memcpy
 from libc.stdint cimport uint32_t, uint64_t
 from cython.parallel cimport prange, parallel
 from cython cimport floating
+import time
 
 cdef extern from "simd.h":
     enum: CE_MR
@@ -35,6 +36,8 @@ cdef extern from "simd.h":
     void ce_transpose_rows(float* dst, long ld_dst, const float* src, long ld_src, long nch, long n) nogil
     void ce_copy_rows_s2(float* dst, long ld_dst, const float* src, long ld_src, long nrows, long n, long lo,
                          long hi) nogil
+    float ce_fma_chains(long iters, float start) nogil
+    enum: CE_FMA_CHAINS
 
 # Tags selecting the micro-kernel's width at compile time (see ukernel_f).
 cdef struct wide_tile:
@@ -94,6 +97,29 @@ def tile_info():
     return {"MR": CE_MR, "NR_float32": CE_NV * CE_VBYTES // 4, "NR_float64": CE_NV * CE_VBYTES // 8,
             "NR_narrow_float32": CE_NV_ALT * CE_VBYTES // 4,
             "vector_bytes": CE_VBYTES}
+
+
+def fma_peak_gflops(int n_threads, long iters=1000000):
+    """The build's float32 multiply-add peak on n_threads threads, GFLOP/s (a multiply-add counts 2): each thread
+    of the team runs ce_fma_chains (independent chains of whole-vector multiply-adds in registers, no memory) for
+    iters rounds, timed over the whole team. What the micro-kernels' rates are measured against: a library's
+    matmul can be far below it (numpy's and PyTorch's float32 matmul read 121 and 200 GFLOP/s on two AMD Zen 5
+    cores whose peak here read 410-460). One call; take the best of several, as other work on the machine only
+    lowers it."""
+    cdef int t
+    cdef float[64] sink
+    if n_threads < 1 or iters < 1:
+        raise ValueError(f"fma_peak_gflops: n_threads and iters must be >= 1, got {n_threads} and {iters}")
+    if n_threads > 64:
+        raise ValueError(f"fma_peak_gflops: at most 64 threads, got {n_threads}")
+    start = time.perf_counter()
+    with nogil:
+        for t in prange(n_threads, schedule='static', chunksize=1, num_threads=n_threads):
+            sink[t] = ce_fma_chains(iters, <float>t)
+    seconds = time.perf_counter() - start
+    if not all(sink[t] == sink[t] for t in range(n_threads)):      # kept; NaN would mean the chains went wrong
+        raise FloatingPointError("fma_peak_gflops: the chains did not stay finite")
+    return n_threads * iters * CE_FMA_CHAINS * 2.0 * (CE_VBYTES // 4) / seconds / 1e9
 
 
 cdef void ukernel_f(Py_ssize_t kc, const float** arow, Py_ssize_t a_cs, const float** brow, Py_ssize_t boff,

@@ -316,4 +316,27 @@ static inline void ce_vf_store_first(float* p, ce_vf v, long n) {
 }
 #endif
 
+/* The build's float32 multiply-add peak on one core: CE_FMA_CHAINS independent chains of a = a * b + c over whole
+   vectors, iters rounds of each, from distinct starting values (equal ones let gcc merge the chains into one,
+   latency-bound). Two FMA units of 4-cycle latency need 8 chains in flight; 12 leave room and fit 16 registers.
+   Returns the lanes' sum, so that the work is kept. (The builds without FMA, baseline, run a multiply and an add.) */
+#define CE_FMA_CHAINS 12
+static inline float ce_fma_chains(long iters, float start) {
+    ce_vf a[CE_FMA_CHAINS];
+    ce_vf b = ce_vf_zero() + 0.999f, c = ce_vf_zero() + 1e-3f, s = ce_vf_zero();
+    long it;
+    int i;
+    float total = 0.0f;
+    for (i = 0; i < CE_FMA_CHAINS; i++)
+        a[i] = ce_vf_zero() + (start + (float)i);
+    for (it = 0; it < iters; it++)
+        for (i = 0; i < CE_FMA_CHAINS; i++)
+            a[i] = a[i] * b + c;
+    for (i = 0; i < CE_FMA_CHAINS; i++)
+        s += a[i];
+    for (i = 0; i < (int)(CE_VBYTES / sizeof(float)); i++)
+        total += s[i];
+    return total;
+}
+
 #endif

@@ -3,7 +3,8 @@ PyTorch (when installed).
 
 Per row: the median time of each implementation, the rate (conv2d: GFLOP/s; pools: GB/s of the least memory
 traffic), the engine's speedup over the reference and over PyTorch, and, on compute-bound conv shapes, the
-engine's rate as a percentage of the machine's float32 matmul rate. Each implementation's calls of one shape are
+engine's rate as a percentage of the machine's float32 matmul rate and of the build's multiply-add peak (a library's
+matmul can be well below that peak: timing.fma_peak_gflops). Each implementation's calls of one shape are
 interleaved in rotating order (all directions in the same rounds), and the implementations of a shape run back to
 back, not mixed (see timing.time_interleaved). grad_input is the median over rounds of backward minus
 grad_weight, the two timed back to back; it is left out ("-") when noise makes that non-positive.
@@ -21,8 +22,8 @@ NAME = "kernels"
 TITLE = "conv2d and pooling per shape and direction"
 
 HEADER = ("op", "shape", "direction", "ref_ms", "engine_ms", "torch_ms", "engine_{rate}", "torch_{rate}",
-          "x_ref", "x_torch", "%matmul")
-WIDTHS = (10, 32, 11, 9, 9, 9, 11, 11, 7, 7, 7)
+          "x_ref", "x_torch", "%matmul", "%peak")
+WIDTHS = (10, 32, 11, 9, 9, 9, 11, 11, 7, 7, 7, 5)
 
 
 def wanted(ctx):
@@ -102,6 +103,7 @@ def measure_conv(case, ctx, scratch):
                    "gflops")
         if case.compute_bound and row["engine_rate"] is not None:
             row["pct_matmul"] = 100 * row["engine_rate"] / ctx.matmul_gflops
+            row["pct_peak"] = 100 * row["engine_rate"] / ctx.peak_gflops
         if direction in scratch_bytes:
             row["scratch_bytes"], row["path"] = scratch_bytes[direction]
         rows.append(row)
@@ -161,18 +163,22 @@ def _scratch_probe():
 # ---------------------------------------------------------------------------------------------------------------
 
 def summarise(rows):
-    """Per direction, geometric means of the engine's speedups and the mean and lowest % of the matmul rate."""
+    """Per direction, geometric means of the engine's speedups and the mean and lowest % of the matmul rate and of
+    the multiply-add peak."""
     conv = [r for r in rows if r["op"] == "conv2d"]
     pools = [r for r in rows if r["op"] != "conv2d"]
     s = {"conv": {}, "pool": {}}
     for direction in CONV_DIRECTIONS:
         sel = [r for r in conv if r["direction"] == direction]
         pct = [r["pct_matmul"] for r in sel if r.get("pct_matmul") is not None]
+        peak = [r["pct_peak"] for r in sel if r.get("pct_peak") is not None]
         s["conv"][direction] = {
             "vs_reference": geomean(r["vs_reference"] for r in sel),
             "vs_torch": geomean(r["vs_torch"] for r in sel),
             "pct_matmul_mean": statistics.mean(pct) if pct else None,
             "pct_matmul_min": min(pct) if pct else None,
+            "pct_peak_mean": statistics.mean(peak) if peak else None,
+            "pct_peak_min": min(peak) if peak else None,
         }
     for direction in POOL_DIRECTIONS:
         sel = [r for r in pools if r["direction"] == direction]
@@ -190,17 +196,21 @@ def summarise(rows):
     s["conv_fwd_bwd_vs_reference"] = geomean(fwd_bwd)
     compute_pct = [r["pct_matmul"] for r in conv if r.get("pct_matmul") is not None and r["direction"] != "backward"]
     s["compute_bound_min_pct_matmul"] = min(compute_pct) if compute_pct else None
+    compute_peak = [r["pct_peak"] for r in conv if r.get("pct_peak") is not None and r["direction"] != "backward"]
+    s["compute_bound_min_pct_peak"] = min(compute_peak) if compute_peak else None
     return s
 
 
 def summary(result, ctx):
     s = result["summary"]
-    lines = ["geometric means of the engine's speedup (x_ref, x_torch); % of the matmul rate on compute-bound "
-             "shapes"]
+    lines = ["geometric means of the engine's speedup (x_ref, x_torch); % of the matmul rate and of the multiply-add "
+             "peak on compute-bound shapes"]
     for direction, v in s["conv"].items():
         lines.append(f"  conv2d {direction:<11} x_ref {num(v['vs_reference'], '{:.3g}'):>6}  "
                      f"x_torch {num(v['vs_torch'], '{:.3g}'):>6}  %matmul mean "
-                     f"{num(v['pct_matmul_mean'], '{:.0f}'):>4}  min {num(v['pct_matmul_min'], '{:.0f}'):>4}")
+                     f"{num(v['pct_matmul_mean'], '{:.0f}'):>4}  min {num(v['pct_matmul_min'], '{:.0f}'):>4}  "
+                     f"%peak mean {num(v.get('pct_peak_mean'), '{:.0f}'):>3}  "
+                     f"min {num(v.get('pct_peak_min'), '{:.0f}'):>3}")
     for direction, v in s["pool"].items():
         lines.append(f"  pool   {direction:<11} x_ref {num(v['vs_reference'], '{:.3g}'):>6}  "
                      f"x_torch {num(v['vs_torch'], '{:.3g}'):>6}")
@@ -223,6 +233,8 @@ def comparisons(result):
              value=s["conv_fwd_bwd_vs_reference"], unit="x"),
         dict(key="compute_bound_min_pct_matmul", label="compute-bound conv2d, lowest % of matmul rate",
              value=s["compute_bound_min_pct_matmul"], unit="%"),
+        dict(key="compute_bound_min_pct_peak", label="compute-bound conv2d, lowest % of multiply-add peak",
+             value=s.get("compute_bound_min_pct_peak"), unit="%"),
         dict(key="pool_forward_vs_torch", label="pooling forward, speedup vs PyTorch (geomean)",
              value=s["pool"]["forward"]["vs_torch"], unit="x"),
         dict(key="pool_backward_vs_torch", label="pooling backward, speedup vs PyTorch (geomean)",
@@ -253,7 +265,7 @@ def format_row(r):
     return _line([r["op"], r["shape"], r["direction"], num(ms.get("reference")), num(ms.get("engine")),
                   num(ms.get("torch")), num(rate.get("engine"), "{:.1f}"), num(rate.get("torch"), "{:.1f}"),
                   num(r["vs_reference"], "{:.3g}"), num(r["vs_torch"], "{:.3g}"),
-                  num(r.get("pct_matmul"), "{:.0f}")])
+                  num(r.get("pct_matmul"), "{:.0f}"), num(r.get("pct_peak"), "{:.0f}")])
 
 
 def header(rate):

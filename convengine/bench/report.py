@@ -36,7 +36,7 @@ from . import inference, kernels, scaling, subnormal, training
 from .cases import CONV_DIRECTIONS, IMPLS
 from .kernels import num
 from .machine import load_average, lscpu, machine_info, usable_cores
-from .timing import MATMUL_SIZE, SameThreads, matmul_gflops, torch_module
+from .timing import MATMUL_SIZE, SameThreads, fma_peak_gflops, matmul_gflops, torch_module
 
 SECTIONS = (kernels, scaling, training, inference, subnormal)
 TORCH_MISSING = "PyTorch is not installed (pip install torch): the torch columns and the comparisons with it are empty"
@@ -49,6 +49,7 @@ class Context:
     threads: int
     impls: tuple
     matmul_gflops: float
+    peak_gflops: float
     say: Callable
     tiny: bool
 
@@ -130,10 +131,13 @@ def run(opts, out=None):
         say(f"float32 matmul {MATMUL_SIZE}x{MATMUL_SIZE} at {n_threads} threads: "
             + ", ".join(f"{name} {v:.1f}" for name, v in matmul.items())
             + f" GFLOP/s; %matmul below is the engine's rate as a share of {rate:.1f} GFLOP/s")
+        peak = fma_peak_gflops(repeat=3 if opts.quick else 7)
+        say(f"float32 multiply-add peak of this build ({bi['simd']}) at {n_threads} threads: {peak:.1f} GFLOP/s "
+            f"(vector FMA chains in registers); %peak below is the engine's rate as a share of it")
         say(f"median of {opts.repeat} calls (reference: {opts.reference_repeat}"
             f"{', none on the biggest shapes' if opts.quick else ''}); grad_input = backward - grad_weight; "
             f"x_ref, x_torch: engine speedup (above 1: the engine is faster)")
-        ctx = Context(opts=opts, threads=n_threads, impls=impls, matmul_gflops=rate, say=say,
+        ctx = Context(opts=opts, threads=n_threads, impls=impls, matmul_gflops=rate, peak_gflops=peak, say=say,
                       tiny=opts.shapes == "tiny")
         for section in SECTIONS:
             chosen = not opts.section or section.NAME in opts.section
@@ -145,6 +149,7 @@ def run(opts, out=None):
             sections[section.NAME] = _measure_section(section, ctx)
     report = {"machine": info, "threads": n_threads, "quick": opts.quick, "repeat": opts.repeat,
               "reference_repeat": opts.reference_repeat, "matmul_gflops": rate, "matmul_by_library": matmul,
+              "peak_gflops": peak,
               "matmul_size": MATMUL_SIZE, "impls": list(impls), "torch_note": note, "sections": sections,
               "skipped": skipped, "seconds": time.perf_counter() - started, "load_average_end": load_average()}
     report["comparisons"] = {c["key"]: c for name, result in sections.items() if "error" not in result
@@ -190,7 +195,8 @@ def _print_summary(report, ctx, say):
         for name, why in report["skipped"].items():
             say(f"{_section(name).TITLE}: not run, {why}")
     say("")
-    say("comparisons (engine speedup: above 1x the engine is faster; %: share of the float32 matmul rate)")
+    say("comparisons (engine speedup: above 1x the engine is faster; %: share of the float32 matmul rate or of the "
+        "build's multiply-add peak)")
     for c in report["comparisons"].values():
         v = c["value"]
         shown = "-" if v is None else (f"{v:.0f}%" if c["unit"] == "%" else f"{v:.3g}x")

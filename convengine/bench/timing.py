@@ -1,5 +1,6 @@
-"""Timing helpers: every implementation at one thread count, interleaved calls, and the machine's float32 matmul
-rate (the yardstick that "% of matmul rate" figures are measured against)."""
+"""Timing helpers: every implementation at one thread count, interleaved calls, the machine's float32 matmul rate
+(the yardstick that "% of matmul rate" figures are measured against) and the build's float32 multiply-add peak
+(that of "% of peak" figures)."""
 import math
 import statistics
 import time
@@ -163,3 +164,15 @@ def matmul_gflops(size=MATMUL_SIZE, repeat=5, use_torch=True):
         calls["torch"] = lambda: torch.mm(at, bt)
     times = time_interleaved(calls, {name: repeat for name in calls}, warmup=2)
     return {name: 2 * size ** 3 / (median_ms(t) * 1e6) for name, t in times.items()}
+
+
+def fma_peak_gflops(repeat=7):
+    """The build's float32 multiply-add peak at the engine's thread count in force (see SameThreads), GFLOP/s: the
+    best of `repeat` calls of engine.fma_peak_gflops (chains of vector multiply-adds in registers on every thread
+    of the team), after one untimed. A ceiling no kernel passes, where a library's matmul rate need not be one:
+    on two AMD Zen 5 cores numpy's and PyTorch's float32 matmul read 121 and 200 GFLOP/s and the engine's 3x3
+    convs 290-350, the peak 484."""
+    from .._kernels import engine
+    n = get_num_threads()
+    engine.fma_peak_gflops(n)
+    return max(engine.fma_peak_gflops(n) for _ in range(repeat))

@@ -6,7 +6,8 @@ installed). Full runs only.
   CIFAR-shaped net (3x3 convs 3->32->64->128, each with batch norm and ReLU, two max pools, global average pool,
   linear), LeNet-5 and a depthwise-separable net. Median ms per step, images/s, GFLOP/s of the step's conv and
   linear work (forward, input gradient except the first layer's, weight gradient: see `step_flops`) and its share
-  of the float32 matmul rate at the same thread count, at 1 thread and at the run's count; MB, the engine's
+  of the float32 matmul rate and of the build's multiply-add peak at the same thread count, at 1 thread and at the
+  run's count; MB, the engine's
   training footprint (`Sequential.training_memory_bytes`).
   The VGG-style net (`EXTRA_STEP_NETS`) is timed beside them, outside their geometric means. For the nets with
   convs the opt-in Winograd takes (`inference.WINOGRAD_NETS`), also the step with `model.winograd = True`.
@@ -30,7 +31,8 @@ from ..optim import SGD
 from ..trainer import Trainer
 from . import inference
 from .kernels import num
-from .timing import SameThreads, geomean, matmul_gflops, median_ms, ratio, time_interleaved, torch_module
+from .timing import (SameThreads, fma_peak_gflops, geomean, matmul_gflops, median_ms, ratio, time_interleaved,
+                     torch_module)
 
 NAME = "training"
 TITLE = "training steps of three small CNNs (batch 64) and an epoch of the default digits net"
@@ -165,15 +167,19 @@ def torch_step(model, batch=STEP_BATCH, seed=0):
     return run
 
 
-def step_rows(threads, repeats=9, batch=STEP_BATCH, nets=STEP_NETS, use_torch=True, matmul_rate=None):
+def step_rows(threads, repeats=9, batch=STEP_BATCH, nets=STEP_NETS, use_torch=True, matmul_rate=None,
+              peak_rate=None):
     """Per net at `threads` threads: median ms per step of the engine and of PyTorch, their ratio (engine /
-    PyTorch, below 1 is faster), images/s and GFLOP/s of the engine, and its % of the float32 matmul rate
-    (measured here at the same thread count unless given); for the nets with convs Winograd takes
-    (inference.WINOGRAD_NETS), also the step with Sequential.winograd set (opt-in) and its ratio to PyTorch."""
+    PyTorch, below 1 is faster), images/s and GFLOP/s of the engine, and its % of the float32 matmul rate and of
+    the build's multiply-add peak (each measured here at the same thread count unless given); for the nets with
+    convs Winograd takes (inference.WINOGRAD_NETS), also the step with Sequential.winograd set (opt-in) and its
+    ratio to PyTorch."""
     rows = []
     with SameThreads(threads):
         if matmul_rate is None:
             matmul_rate = max(matmul_gflops(use_torch=use_torch).values())
+        if peak_rate is None:
+            peak_rate = fma_peak_gflops()
         for name in nets:
             run, model = engine_step(name, batch)
             calls = {"engine": run}
@@ -191,18 +197,20 @@ def step_rows(threads, repeats=9, batch=STEP_BATCH, nets=STEP_NETS, use_torch=Tr
                          "wino_ratio": ratio(wino_ms, torch_ms),
                          "images_per_s": batch / engine_ms * 1e3, "gflops": gflops,
                          "matmul_pct": 100 * gflops / matmul_rate, "matmul_gflops": matmul_rate,
+                         "peak_pct": 100 * gflops / peak_rate, "peak_gflops": peak_rate,
                          "memory_mb": model.training_memory_bytes(batch) / 1e6})
     return rows
 
 
-STEP_HEADER = ("net", "thr", "engine_ms", "torch_ms", "eng/torch", "img/s", "GFLOP/s", "%matmul", "MB", "wino_ms",
-               "w/torch")
-STEP_WIDTHS = (10, 3, 10, 10, 9, 7, 8, 8, 6, 10, 8)
+STEP_HEADER = ("net", "thr", "engine_ms", "torch_ms", "eng/torch", "img/s", "GFLOP/s", "%matmul", "%peak", "MB",
+               "wino_ms", "w/torch")
+STEP_WIDTHS = (10, 3, 10, 10, 9, 7, 8, 8, 6, 6, 10, 8)
 
 
 def format_step_row(r):
     cells = (r["net"], str(r["threads"]), num(r["engine_ms"]), num(r["torch_ms"]), num(r["ratio"], "{:.3g}"),
              num(r["images_per_s"], "{:.0f}"), num(r["gflops"], "{:.1f}"), num(r["matmul_pct"], "{:.0f}%"),
+             num(r.get("peak_pct"), "{:.0f}%"),
              num(r["memory_mb"], "{:.0f}"), num(r.get("wino_ms")), num(r.get("wino_ratio"), "{:.3g}"))
     return "  ".join(c.rjust(w) for c, w in zip(cells, STEP_WIDTHS))
 
@@ -221,7 +229,8 @@ def measure(ctx):
     steps = []
     for n in counts:
         rows = step_rows(n, repeats=ctx.opts.repeat or 9, nets=STEP_NETS + EXTRA_STEP_NETS, use_torch=use_torch,
-                         matmul_rate=ctx.matmul_gflops if n == ctx.threads else None)
+                         matmul_rate=ctx.matmul_gflops if n == ctx.threads else None,
+                         peak_rate=ctx.peak_gflops if n == ctx.threads else None)
         for r in rows:
             ctx.say(format_step_row(r))
         steps += rows
@@ -239,7 +248,9 @@ def summary(result, ctx):
         lines.append(f"training steps at {n} thread(s), engine/PyTorch step time: "
                      + ", ".join(f"{r['net']} {num(r['ratio'], '{:.3g}')}" for r in rows)
                      + f" (geomean {num(geomean([r['ratio'] for r in rows]), '{:.3g}')}); "
-                     + ", ".join(f"{r['net']} {r['matmul_pct']:.0f}%" for r in rows) + " of the matmul rate")
+                     + ", ".join(f"{r['net']} {r['matmul_pct']:.0f}%" for r in rows) + " of the matmul rate, "
+                     + ", ".join(f"{r['net']} {r['peak_pct']:.0f}%" for r in rows if r.get("peak_pct") is not None)
+                     + " of the multiply-add peak")
         extra = [r for r in every if r["net"] not in STEP_NETS]
         if extra:
             lines.append("  also " + ", ".join(f"{r['net']} {num(r['ratio'], '{:.3g}')}" for r in extra)
