@@ -633,6 +633,8 @@ cdef int conv2d_grad_weight_lanes(const float* dy, const float* x, float* partia
             for b in range(b0, b1):
                 # x at (pt, pl) in zero planes of Hx x Wx (rows and columns no output pixel reads left out)
                 for c in range(p.C):
+                    if c + 1 < p.C:
+                        prefetch_plane_rows(x + (b * p.C + c + 1) * p.H * p.W, p, 0, p.H)
                     copy_plane_rows(x + (b * p.C + c) * p.H * p.W, p, -p.pt, Hx, xp + c * Hx * Wx, Wx, Wx, p.pl)
                 dy_channels_last(dy + b * K * P, K, p.OH, p.OW, dycl, p.OW * K)
                 for kv in range(K // VL):
