@@ -103,8 +103,8 @@ def fma_peak_gflops(int n_threads, long iters=1000000):
     """The build's float32 multiply-add peak on n_threads threads, GFLOP/s (a multiply-add counts 2): each thread
     of the team runs ce_fma_chains (independent chains of whole-vector multiply-adds in registers, no memory) for
     iters rounds, timed over the whole team. What the micro-kernels' rates are measured against: a library's
-    matmul can be far below it (numpy's and PyTorch's float32 matmul read 121 and 200 GFLOP/s on two AMD Zen 5
-    cores whose peak here read 410-460). One call; take the best of several, as other work on the machine only
+    matmul can be far below it (numpy's and PyTorch's float32 matmul read 121-224 and 187-200 GFLOP/s on two AMD
+    Zen 5 cores whose peak here read 474-490). One call; take the best of several, as other work on the machine only
     lowers it."""
     cdef int t
     cdef float[64] sink

@@ -209,8 +209,8 @@ def summary(result, ctx):
         lines.append(f"  conv2d {direction:<11} x_ref {num(v['vs_reference'], '{:.3g}'):>6}  "
                      f"x_torch {num(v['vs_torch'], '{:.3g}'):>6}  %matmul mean "
                      f"{num(v['pct_matmul_mean'], '{:.0f}'):>4}  min {num(v['pct_matmul_min'], '{:.0f}'):>4}  "
-                     f"%peak mean {num(v.get('pct_peak_mean'), '{:.0f}'):>3}  "
-                     f"min {num(v.get('pct_peak_min'), '{:.0f}'):>3}")
+                     f"%peak mean {num(v['pct_peak_mean'], '{:.0f}'):>3}  "
+                     f"min {num(v['pct_peak_min'], '{:.0f}'):>3}")
     for direction, v in s["pool"].items():
         lines.append(f"  pool   {direction:<11} x_ref {num(v['vs_reference'], '{:.3g}'):>6}  "
                      f"x_torch {num(v['vs_torch'], '{:.3g}'):>6}")
@@ -234,7 +234,7 @@ def comparisons(result):
         dict(key="compute_bound_min_pct_matmul", label="compute-bound conv2d, lowest % of matmul rate",
              value=s["compute_bound_min_pct_matmul"], unit="%"),
         dict(key="compute_bound_min_pct_peak", label="compute-bound conv2d, lowest % of multiply-add peak",
-             value=s.get("compute_bound_min_pct_peak"), unit="%"),
+             value=s["compute_bound_min_pct_peak"], unit="%"),
         dict(key="pool_forward_vs_torch", label="pooling forward, speedup vs PyTorch (geomean)",
              value=s["pool"]["forward"]["vs_torch"], unit="x"),
         dict(key="pool_backward_vs_torch", label="pooling backward, speedup vs PyTorch (geomean)",

@@ -170,8 +170,8 @@ def fma_peak_gflops(repeat=7):
     """The build's float32 multiply-add peak at the engine's thread count in force (see SameThreads), GFLOP/s: the
     best of `repeat` calls of engine.fma_peak_gflops (chains of vector multiply-adds in registers on every thread
     of the team), after one untimed. A ceiling no kernel passes, where a library's matmul rate need not be one:
-    on two AMD Zen 5 cores numpy's and PyTorch's float32 matmul read 121 and 200 GFLOP/s and the engine's 3x3
-    convs 290-350, the peak 484."""
+    on two AMD Zen 5 cores numpy's and PyTorch's float32 matmul read 121-224 and 187-200 GFLOP/s and the engine's
+    3x3 convs 300-410, the peak 474-490."""
     from .._kernels import engine
     n = get_num_threads()
     engine.fma_peak_gflops(n)

@@ -210,7 +210,7 @@ STEP_WIDTHS = (10, 3, 10, 10, 9, 7, 8, 8, 6, 6, 10, 8)
 def format_step_row(r):
     cells = (r["net"], str(r["threads"]), num(r["engine_ms"]), num(r["torch_ms"]), num(r["ratio"], "{:.3g}"),
              num(r["images_per_s"], "{:.0f}"), num(r["gflops"], "{:.1f}"), num(r["matmul_pct"], "{:.0f}%"),
-             num(r.get("peak_pct"), "{:.0f}%"),
+             num(r["peak_pct"], "{:.0f}%"),
              num(r["memory_mb"], "{:.0f}"), num(r.get("wino_ms")), num(r.get("wino_ratio"), "{:.3g}"))
     return "  ".join(c.rjust(w) for c, w in zip(cells, STEP_WIDTHS))
 
@@ -249,7 +249,7 @@ def summary(result, ctx):
                      + ", ".join(f"{r['net']} {num(r['ratio'], '{:.3g}')}" for r in rows)
                      + f" (geomean {num(geomean([r['ratio'] for r in rows]), '{:.3g}')}); "
                      + ", ".join(f"{r['net']} {r['matmul_pct']:.0f}%" for r in rows) + " of the matmul rate, "
-                     + ", ".join(f"{r['net']} {r['peak_pct']:.0f}%" for r in rows if r.get("peak_pct") is not None)
+                     + ", ".join(f"{r['net']} {r['peak_pct']:.0f}%" for r in rows)
                      + " of the multiply-add peak")
         extra = [r for r in every if r["net"] not in STEP_NETS]
         if extra:
