@@ -6,6 +6,7 @@ agree bit for bit, indices included. (Finite differences of every backward, both
 """
 import itertools
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -1113,7 +1114,8 @@ SCRATCH_PATHS = {"forward": {"direct", "im2col", "pixels", "pointwise", "smallc"
 def test_scratch_report_is_what_the_kernels_hold():
     """conv2d_scratch_bytes, computed from the shapes, against the most bytes the kernels' scratch allocations
     held at once during a call (count_allocated_bytes follows every ce_malloc and ce_free), for every path of
-    every direction, both dtypes and 1 to 3 threads: equal, so the report stays true as kernels change."""
+    every direction, both dtypes and 1 to 3 threads: equal, so the report stays true as kernels change. And every
+    one of those allocations starts on a SCRATCH_ALIGN-byte line (misaligned_allocations)."""
     rng = np.random.default_rng(0)
     covered = {direction: set() for direction in SCRATCH_PATHS}
     for dtype, (x_shape, w_shape, stride, pad, groups), n_threads in itertools.product(
@@ -1133,10 +1135,13 @@ def test_scratch_report_is_what_the_kernels_hold():
             _engine.count_allocated_bytes(True)
             try:
                 call()
+                misaligned = _engine.misaligned_allocations()
             finally:
                 held = _engine.count_allocated_bytes(False)
             assert held == report[direction], (direction, paths[direction], dtype.__name__, x_shape, w_shape,
                                                n_threads, held, report[direction])
+            if sys.platform != "win32":     # no posix_memalign there: plain malloc
+                assert misaligned == 0, (direction, paths[direction], dtype.__name__, x_shape, misaligned)
             covered[direction].add(paths[direction].split(" 3x3")[0])
     for direction, want in SCRATCH_PATHS.items():
         if convengine.build_info()["simd"] != "avx512" and direction == "grad_input":

@@ -22,6 +22,8 @@ cdef extern from "runtime.h":
     long alloc_countdown "ce_alloc_countdown"
     void free "ce_free"(void* p) nogil
     long long alloc_restart "ce_alloc_restart"(int on) nogil
+    long long alloc_misaligned "ce_alloc_misaligned"
+    enum: CE_ALIGN
     enum: CE_FLUSH_SUPPORTED
 
 FLUSH_SUPPORTED = bool(CE_FLUSH_SUPPORTED)
@@ -67,6 +69,15 @@ def count_allocated_bytes(bint on):
     most bytes they held at once since the previous call (-1: more allocations were live at once than it can
     follow)."""
     return alloc_restart(on)
+
+
+def misaligned_allocations():
+    """Test hook: how many of the scratch allocations followed since count_allocated_bytes(True) did not start on
+    a SCRATCH_ALIGN-byte boundary (ce_malloc and ce_calloc promise it)."""
+    return alloc_misaligned
+
+
+SCRATCH_ALIGN = CE_ALIGN
 
 
 def fail_allocation_after(long n):
