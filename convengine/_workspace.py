@@ -16,6 +16,11 @@ Within a pass, `release(a)` hands a buffer back as soon as its last reader is do
 shape takes the most recently released one (still in cache): backward's gradients then live in two buffers per
 shape, one being read while the next is written, instead of one per layer, and the weight gradients' temporaries
 in one per shape (the separable benchmark net's step at batch 64: 61 -> 50 MB, against a 32 MB L3 cache).
+
+Arrays of MIN_BYTES and more, from an arena or not, start on a 64-byte cache line (`aligned_empty`): NumPy's big
+arrays start 16 bytes past one, so each 64-byte vector that the kernels load or store along a row of 16 floats
+straddled two lines (Intel Xeon, family 6 model 207, batch 64, 2 threads, the input gradient of a 64x32x32x32 -> 64
+3x3 stride-2 conv: 105 -> 123 GFLOP/s with its arrays aligned, interleaved; other shapes within 2%).
 """
 import contextlib
 import threading
@@ -24,6 +29,7 @@ import numpy as np
 
 MIN_BYTES = 1 << 16       # smaller arrays come from malloc's own free lists cheaply
 MAX_KEYS = 4              # batch shapes kept (a full batch and a last, smaller one; more are dropped)
+ALIGN = 64                # bytes: a cache line, one AVX-512 vector
 
 _local = threading.local()
 
@@ -46,14 +52,21 @@ class Arena:
             if a.shape == shape and a.dtype == dtype:
                 del self._free[k]
                 return a
-        a = np.empty(shape, dtype)
+        a = aligned_empty(shape, dtype)
         self._all.append(a)
         return a
 
     def release(self, a):
-        """Hand back `a` (an array this pass took; anything else is ignored): no one reads it any more."""
-        if self._all is not None and any(a is b for b in self._all) and not any(a is b for b in self._free):
-            self._free.append(a)
+        """Hand back `a` (an array this pass took, a view of one or the memory under one; anything else is
+        ignored): no one reads it any more."""
+        if self._all is None:
+            return
+        owner = _owner(a)
+        for b in self._all:
+            if _owner(b) is owner:
+                if not any(b is f for f in self._free):
+                    self._free.append(b)
+                return
 
     def nbytes(self):
         """Bytes held in all the buffers."""
@@ -76,18 +89,35 @@ def using(arena):
         _local.arena = previous
 
 
+def _owner(a):
+    """The object that owns the memory under array `a` (NumPy collapses chains of views to it)."""
+    return a if a.base is None else a.base
+
+
+def aligned_empty(shape, dtype):
+    """np.empty(shape, dtype) starting on an ALIGN-byte boundary: a view into a byte buffer of its own."""
+    dtype = np.dtype(dtype)
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    raw = np.empty(n + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
 def empty(shape, dtype):
-    """np.empty(shape, dtype), or a buffer of the arena in use for arrays of MIN_BYTES and more."""
+    """np.empty(shape, dtype), or a buffer of the arena in use, for arrays of MIN_BYTES and more 64-byte aligned
+    (aligned_empty)."""
     arena = getattr(_local, "arena", None)
     shape = tuple(int(s) for s in shape) if not isinstance(shape, int) else (int(shape),)
     dtype = np.dtype(dtype)
-    if arena is None or arena._all is None:
-        return np.empty(shape, dtype)
     n = dtype.itemsize
     for s in shape:
         n *= s
     if n < MIN_BYTES:
         return np.empty(shape, dtype)
+    if arena is None or arena._all is None:
+        return aligned_empty(shape, dtype)
     return arena.take(shape, dtype)
 
 

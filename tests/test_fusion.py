@@ -8,6 +8,7 @@ import pytest
 import convengine
 from convengine import fusion
 from convengine import functional as F
+from convengine import _workspace
 from convengine import layers as L
 from convengine._threads import every_call_threaded
 from convengine.losses import CrossEntropyLoss
@@ -408,6 +409,39 @@ def test_backward_hands_gradient_buffers_back_within_a_step():
         assert len(keeper.kept) == 1
         for kept, copy in keeper.kept:
             assert_bitwise_equal(kept, copy)
+
+
+def test_buffers_start_on_a_cache_line():
+    """Every array of MIN_BYTES or more that the ops allocate, a training step's buffers and the arrays a call
+    returns outside a step, starts on an ALIGN-byte line (NumPy's big arrays start 16 bytes past one); an arena
+    takes a buffer back whether it is handed back as itself, as a view of it or as the memory under it, and
+    ignores any other array."""
+    assert _workspace.ALIGN == 64
+    convengine.manual_seed(0)
+    model = Sequential(depthwise_separable_layers())
+    rng = np.random.default_rng(0)
+    x, gy = randn(rng, (16, 3, 16, 16), np.float32), randn(rng, (16, 5), np.float32)
+    for _ in range(2):
+        model.forward(x, training=True)
+        model.backward(gy)
+    held = [a for arena in model._workspaces for arrays in arena._passes.values() for a in arrays]
+    assert len(held) >= 4
+    assert all(a.ctypes.data % 64 == 0 for a in held), sorted({a.ctypes.data % 64 for a in held})
+    y = F.conv2d(randn(rng, (8, 16, 16, 16), np.float32), randn(rng, (16, 16, 3, 3), np.float32), padding=1)
+    assert y.nbytes >= _workspace.MIN_BYTES and y.ctypes.data % 64 == 0
+    for shape, dtype in (((3, 5, 7, 11), np.float64), ((1,), np.float32), ((0, 4), np.float32)):
+        a = _workspace.aligned_empty(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+        assert a.size == 0 or a.ctypes.data % 64 == 0
+    arena = _workspace.Arena()
+    for handed_back in (lambda a: a, lambda a: a.reshape(-1), lambda a: a.base):
+        arena.begin("key")
+        a = arena.take((64, 256), np.float32)
+        arena.release(np.empty((64, 256), np.float32))      # not the arena's: ignored
+        b = arena.take((64, 256), np.float32)
+        assert b is not a
+        arena.release(handed_back(a))
+        assert arena.take((64, 256), np.float32) is a
 
 
 @pytest.mark.parametrize("layers", [
