@@ -231,7 +231,7 @@ def conv2d_grad_weight_winograd(const float[:, :, :, ::1] grad_out,   # IN  (B, 
 # interleaved in one process, 2 threads: 32 -> 64 at 16x16 86 / 305, 64 -> 128 at 8x8 227 / 274, 64 -> 64 at 32x32 160 /
 # 321, 64 -> 128 at 16x16 251 / 298, 128 -> 128 at 16x16 271 / 309 (1 thread: 77 / 166, 164 / 179, 178 / 188, 149 /
 # 169). Training steps with model.winograd, its weight gradient on / off, median ms, 1 thread: CIFAR-shaped 29.9 / 26.4,
-# VGG-style 181 / 173; 2 threads: 23.1 / 21.4, 141 / 122 (a shared host, so slower than benchmarks/RESULTS.md; the
+# VGG-style 181 / 173; 2 threads: 23.1 / 21.4, 141 / 122 (a shared host, so slower than benchmarks/RESULTS-amd-zen5.md; the
 # ratios are what count).
 cdef bint winograd_grad_weight_on = True
 cdef Py_ssize_t WINOGRAD_GW_MIN_TILES = 1024
