@@ -162,6 +162,10 @@ def _scratch_probe():
 # Summary
 # ---------------------------------------------------------------------------------------------------------------
 
+# the shares a compute-bound conv row carries: of the float32 matmul rate and of the multiply-add peak
+PCT_KEYS = ("pct_matmul", "pct_peak")
+
+
 def summarise(rows):
     """Per direction, geometric means of the engine's speedups and the mean and lowest % of the matmul rate and of
     the multiply-add peak."""
@@ -170,16 +174,12 @@ def summarise(rows):
     s = {"conv": {}, "pool": {}}
     for direction in CONV_DIRECTIONS:
         sel = [r for r in conv if r["direction"] == direction]
-        pct = [r["pct_matmul"] for r in sel if r.get("pct_matmul") is not None]
-        peak = [r["pct_peak"] for r in sel if r.get("pct_peak") is not None]
-        s["conv"][direction] = {
-            "vs_reference": geomean(r["vs_reference"] for r in sel),
-            "vs_torch": geomean(r["vs_torch"] for r in sel),
-            "pct_matmul_mean": statistics.mean(pct) if pct else None,
-            "pct_matmul_min": min(pct) if pct else None,
-            "pct_peak_mean": statistics.mean(peak) if peak else None,
-            "pct_peak_min": min(peak) if peak else None,
-        }
+        s["conv"][direction] = {"vs_reference": geomean(r["vs_reference"] for r in sel),
+                                "vs_torch": geomean(r["vs_torch"] for r in sel)}
+        for key in PCT_KEYS:
+            pct = [r[key] for r in sel if r.get(key) is not None]
+            s["conv"][direction][key + "_mean"] = statistics.mean(pct) if pct else None
+            s["conv"][direction][key + "_min"] = min(pct) if pct else None
     for direction in POOL_DIRECTIONS:
         sel = [r for r in pools if r["direction"] == direction]
         s["pool"][direction] = {"vs_reference": geomean(r["vs_reference"] for r in sel),
@@ -194,10 +194,9 @@ def summarise(rows):
         eng = _sum(ms["forward"]["engine"], ms["backward"]["engine"])
         fwd_bwd.append(ratio(ref, eng))
     s["conv_fwd_bwd_vs_reference"] = geomean(fwd_bwd)
-    compute_pct = [r["pct_matmul"] for r in conv if r.get("pct_matmul") is not None and r["direction"] != "backward"]
-    s["compute_bound_min_pct_matmul"] = min(compute_pct) if compute_pct else None
-    compute_peak = [r["pct_peak"] for r in conv if r.get("pct_peak") is not None and r["direction"] != "backward"]
-    s["compute_bound_min_pct_peak"] = min(compute_peak) if compute_peak else None
+    for key in PCT_KEYS:
+        pct = [r[key] for r in conv if r.get(key) is not None and r["direction"] != "backward"]
+        s["compute_bound_min_" + key] = min(pct) if pct else None
     return s
 
 
