@@ -194,7 +194,7 @@ def assert_bits_nan_as_nan(actual, expected, what):
     assert_bitwise_equal(np.where(nan, 0, actual), np.where(nan, 0, expected), what)
 
 
-@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (3, 2, 8, 8), (2, 3, 16, 33), (3, 4, 2, 8)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (3, 2, 8, 8), (2, 3, 16, 33), (3, 4, 2, 8), (2, 3, 4, 40)], ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_batch_norm_relu_max_pool_kernel_is_the_three_ops_in_a_row(rng, shape, dtype):
     """_batch_norm2d_relu_max_pool_training against _batch_norm2d_relu_training then max_pool2d(2): pooled values,
@@ -225,6 +225,32 @@ def test_batch_norm_relu_max_pool_kernel_is_the_three_ops_in_a_row(rng, shape, d
         F._batch_norm2d_relu_max_pool_training(x[:, :, :-1], w, b)
     with pytest.raises(ValueError, match="even height"):
         F._batch_norm2d_relu_max_pool_training(x[:, :, :2, :2], w, b)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 38), (3, 2, 6, 17)], ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_batch_norm_relu_max_pool_backward_takes_any_indices(rng, shape, dtype):
+    """The fused backward maps each 2x2 window's gradient to the pixel its index names (pool.h's
+    ce_pool2x2_expand); indices that are not each in their own window (another window's pixel, one pixel named
+    twice, in vector steps and in the scalar tail) make that plane take the scatter: in every case the bits of
+    max_pool2d_backward's scatter then the pair's backward."""
+    x = randn(rng, shape, dtype) * 2 + 0.3
+    w, b = randn(rng, shape[1], dtype), randn(rng, shape[1], dtype)
+    pooled, idx, mean, var = F._batch_norm2d_relu_max_pool_training(x, w, b)
+    y = F._batch_norm2d_relu_training(x, w, b)[0]
+    go = randn(rng, pooled.shape, dtype)
+    W = shape[3]
+    odd = idx.copy()
+    odd[0, 1, 0, 2] = odd[0, 1, 1, 2]                 # a pixel of the next row's window: named twice
+    odd[1, 0, 1, -1] = 0                              # the plane's first pixel, from the scalar tail
+    odd[1, 1, 0, 0] += 2 * W                          # the pixel below its window
+    for name, ind in [("own windows", idx), ("elsewhere", odd)]:
+        got = F._batch_norm2d_relu_max_pool_backward(go, ind, x, w, b, mean, var)
+        want = F._batch_norm2d_relu_backward(F.max_pool2d_backward(go, ind, x.shape), x, y, w, mean, var, bias=b)
+        for what, a, e in zip(["grad_x", "grad_weight", "grad_bias"], got, want):
+            assert_bitwise_equal(a, e, f"{shape} {name} {what}")
+    assert not np.array_equal(F._batch_norm2d_relu_max_pool_backward(go, odd, x, w, b, mean, var)[0],
+                              F._batch_norm2d_relu_max_pool_backward(go, idx, x, w, b, mean, var)[0])
 
 
 @pytest.mark.parametrize("shape", [(4, 5, 6, 7), (3, 5, 3, 3)], ids=["planes", "positions"])

@@ -378,28 +378,30 @@ cdef void mapping_coefficients(const floating* partial, Py_ssize_t B, Py_ssize_t
         coef[2 * C + c] = k
 
 
-cdef Py_ssize_t backward_planes_pooled(const floating* dy, const long long* idx, Py_ssize_t OHW,
+cdef Py_ssize_t backward_planes_pooled(const floating* dy, const long long* idx, Py_ssize_t OH, Py_ssize_t OW,
                                        const floating* x, const floating* beta, floating* gx, Py_ssize_t B,
-                                       Py_ssize_t C, Py_ssize_t P, const floating* mean, const floating* var,
-                                       const floating* weight, floating eps, floating* grad_weight,
-                                       floating* grad_bias, floating* partial, floating* coef, Py_ssize_t* bad,
-                                       int n_threads) noexcept nogil:
-    """backward_planes with beta, its gradient planes scattered from the pooling's (dy, idx: OHW per plane)
-    straight into gx by max_pool_plane_backward, summed while in cache, and mapped in place in the second pass
-    (each value read before it is written): no array of its own for the pooling's gradient. A buffer per thread
-    scattered again in the second pass was slower (Zen 4, 64x32x32x32, 1 thread: 1.93 ms against 1.71 for the two
-    calls in a row). Returns the number of out-of-range indices (skipped, as max_pool2d_backward does: bad, B*C
-    scratch, counts them per plane), then the caller raises."""
+                                       Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, const floating* mean,
+                                       const floating* var, const floating* weight, floating eps,
+                                       floating* grad_weight, floating* grad_bias, floating* partial, floating* coef,
+                                       Py_ssize_t* bad, int n_threads) noexcept nogil:
+    """backward_planes with beta, its gradient planes those of the 2x2 stride-2 pooling's (dy, idx: OH x OW per
+    plane of H x W), made straight in gx by max_pool_plane_backward_2x2 (a map of the windows), summed while in
+    cache, and mapped in place in the second pass (each value read before it is written): no array of its own for
+    the pooling's gradient. The scatter that made them before (a memset, then an add a window) was 60% of the
+    first pass (Zen 5, perf); a buffer per thread made again in the second pass was slower (Zen 4, and Zen 5 with
+    the map). Returns the number of out-of-range indices (skipped, as max_pool2d_backward does: bad, B*C scratch,
+    counts them per plane), then the caller raises."""
     cdef fpstate fp, fps
-    cdef Py_ssize_t q, c, total = 0
+    cdef Py_ssize_t q, c, total = 0, P = H * W, OHW = OH * OW
     relu_coefficients(var, weight, eps, beta, C, coef)
     fps = fp_suspend()
     with parallel(num_threads=n_threads):
         fp = fp_enter()
         for q in prange(B * C, schedule='static'):
-            bad[q] = max_pool_plane_backward(dy + q * OHW, idx + q * OHW, OHW, gx + q * P, P, NULL)
-            plane_gradient_sums(gx + q * P, x + q * P, mean[q % C], P, True, coef[2 * C + q % C],
-                                coef[3 * C + q % C], &partial[q], &partial[B * C + q])
+            c = q % C
+            bad[q] = max_pool_plane_backward_2x2(dy + q * OHW, idx + q * OHW, OH, OW, W, gx + q * P)
+            plane_gradient_sums(gx + q * P, x + q * P, mean[c], P, True, coef[2 * C + c], coef[3 * C + c],
+                                &partial[q], &partial[B * C + q])
         fp_leave(fp)
     fp_resume(fps)
     for q in range(B * C):
@@ -565,12 +567,11 @@ def batch_norm2d_relu_max_pool2x2_backward(const floating[:, :, :, ::1] grad_out
                                            int n_threads):
     """Gradients of batch_norm2d_relu_max_pool2x2: max_pool2d_backward of grad_out by the indices, then
     batch_norm2d_backward through the ReLU (relu_bias: its sign from x), in one (backward_planes_pooled): each
-    plane's pooling gradient scattered into grad_x (max_pool_plane_backward's zeros and adds) and summed at once,
-    then mapped in place. The bits of the two calls in a row. Returns the number of out-of-range indices (counted
+    plane's pooling gradient made in grad_x (max_pool_plane_backward_2x2) and summed at once, then mapped in place.
+    The bits of the two calls in a row. Returns the number of out-of-range indices (counted
     as the scatter skips them, as max_pool2d_backward does; then grad_x is not mapped: the caller raises)."""
     cdef fpstate fpc
     cdef Py_ssize_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], P = H * W
-    cdef Py_ssize_t OHW = grad_out.shape[2] * grad_out.shape[3]
     cdef Py_ssize_t bad
     cdef Py_ssize_t* bad_per_plane
     cdef floating* partial
@@ -593,9 +594,10 @@ def batch_norm2d_relu_max_pool2x2_backward(const floating[:, :, :, ::1] grad_out
         raise MemoryError("batch_norm2d_relu_max_pool2x2_backward: could not allocate scratch")
     with nogil:
         fpc = fp_enter_call()
-        bad = backward_planes_pooled(&grad_out[0, 0, 0, 0], &indices[0, 0, 0, 0], OHW, &x[0, 0, 0, 0], &bias[0],
-                                     &grad_x[0, 0, 0, 0], B, C, P, &mean[0], &var[0], &weight[0], eps,
-                                     &grad_weight[0], &grad_bias[0], partial, coef, bad_per_plane, n_threads)
+        bad = backward_planes_pooled(&grad_out[0, 0, 0, 0], &indices[0, 0, 0, 0], grad_out.shape[2],
+                                     grad_out.shape[3], &x[0, 0, 0, 0], &bias[0], &grad_x[0, 0, 0, 0], B, C, H, W,
+                                     &mean[0], &var[0], &weight[0], eps, &grad_weight[0], &grad_bias[0], partial,
+                                     coef, bad_per_plane, n_threads)
         fp_leave_call(fpc)
     free(partial)
     free(coef)

@@ -14,6 +14,10 @@ cdef extern from "pool.h":
                                  Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t W) nogil
     void ce_max_pool_2x2_short_d(const double* x, double* y, long long* idx, Py_ssize_t r0, Py_ssize_t r1,
                                  Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t W) nogil
+    Py_ssize_t ce_pool2x2_expand_f(const float* dy, const long long* idx, Py_ssize_t OH, Py_ssize_t OW,
+                                   Py_ssize_t W, float* dst) nogil
+    Py_ssize_t ce_pool2x2_expand_d(const double* dy, const long long* idx, Py_ssize_t OH, Py_ssize_t OW,
+                                   Py_ssize_t W, double* dst) nogil
 
 
 cdef struct PoolGeom:
@@ -389,6 +393,21 @@ cdef Py_ssize_t max_pool_plane_backward(const floating* dy, const long long* idx
         elif relu_out == NULL or not relu_out[k] <= 0:
             dx[k] += dy[j]
     return bad
+
+
+cdef inline Py_ssize_t max_pool_plane_backward_2x2(const floating* dy, const long long* idx, Py_ssize_t OH,
+                                                   Py_ssize_t OW, Py_ssize_t W, floating* dx) noexcept nogil:
+    """max_pool_plane_backward (no ReLU) for 2x2 stride-2 windows without padding over a plane of 2*OH rows of W
+    columns, 2*OW <= W: the same values, by pool.h's map of each window (ce_pool2x2_expand), or by the scatter
+    for a plane whose indices are not each in their own window. Returns the out-of-range count as it does."""
+    cdef Py_ssize_t misses
+    if floating is float:
+        misses = ce_pool2x2_expand_f(dy, idx, OH, OW, W, dx)
+    else:
+        misses = ce_pool2x2_expand_d(dy, idx, OH, OW, W, dx)
+    if misses == 0:
+        return 0
+    return max_pool_plane_backward(dy, idx, OH * OW, dx, 2 * OH * W, NULL)
 
 
 def max_pool2d_backward(const floating[::1] grad_out,   # IN  (planes * OH * OW)
