@@ -174,7 +174,8 @@ def _max_pool2d_backward(grad_out, indices, input_shape, relu_out=None):
     bad = _engine.max_pool2d_backward(_contiguous(grad_out).reshape(-1),
                                       _contiguous(indices.astype(np.int64, copy=False)).reshape(-1),
                                       grad_x.reshape(-1), planes, hw, _threads_for(grad_x.size, _SERIAL_ELEMENTS),
-                                      None if relu_out is None else _contiguous(relu_out).reshape(-1))
+                                      None if relu_out is None else _contiguous(relu_out).reshape(-1),
+                                      grad_out.shape[3], input_shape[3])
     if bad:
         raise ValueError(f"indices has {bad} values outside [0, {hw}) for input_shape {input_shape}")
     return grad_x

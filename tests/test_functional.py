@@ -633,6 +633,31 @@ def test_max_pool2d_backward_other_integer_indices(rng, index_dtype):
                  "grad_x")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(2, 3, 6, 32), (2, 2, 6, 17), (2, 2, 8, 8)], ids=str)
+def test_max_pool2d_backward_maps_2x2_windows_like_the_scatter(rng, shape, dtype):
+    """Where the planes pair up as a 2x2 stride-2 pooling's (pool.h's ce_pool2x2_expand maps each window), the
+    scatter's values, bit for bit (a pixel is one window's or none, so each sum is one term): a 2x2 pooling's
+    indices; 3x3 windows with padding, whose indices leave the 2x2 blocks (the scatter takes the plane); a 2x2
+    pooling's indices moved (another window's pixel, one pixel named twice) past the first row; the same through a
+    ReLU's output (_max_pool2d_relu_backward). Rows of 8 windows a vector step (other widths are scattered)."""
+    x = randn(rng, shape).astype(dtype)
+    y, idx = R.max_pool2d(x, 2, return_indices=True)
+    go = randn(rng, y.shape).astype(dtype)
+    moved = idx.copy()
+    moved[1, 1, 1, 2] = moved[1, 1, 2, 2]
+    moved[0, 1, 2, -1] = 0
+    y3, idx3 = R.max_pool2d(x, 3, 2, 1, return_indices=True)
+    go3 = randn(rng, y3.shape).astype(dtype)
+    relu_out = np.maximum(x, 0)
+    for name, g, ind in [("2x2", go, idx), ("moved", go, moved), ("3x3", go3, idx3)]:
+        assert g.shape[2] * 2 == shape[2]
+        want = R.max_pool2d_backward(g, ind, x.shape)
+        assert_bitwise_equal(F.max_pool2d_backward(g, ind, x.shape), want, f"{shape} {name}")
+        assert_bitwise_equal(F._max_pool2d_relu_backward(g, ind, relu_out), np.where(relu_out > 0, want, 0),
+                             f"{shape} {name} through the ReLU")
+
+
 def test_avg_pool2d_nan_propagates():
     x = np.zeros((1, 1, 4, 4), np.float32)
     x[0, 0, 0, 0] = np.nan

@@ -399,7 +399,7 @@ cdef Py_ssize_t backward_planes_pooled(const floating* dy, const long long* idx,
         fp = fp_enter()
         for q in prange(B * C, schedule='static'):
             c = q % C
-            bad[q] = max_pool_plane_backward_2x2(dy + q * OHW, idx + q * OHW, OH, OW, W, gx + q * P)
+            bad[q] = max_pool_plane_backward_2x2(dy + q * OHW, idx + q * OHW, OH, OW, W, gx + q * P, NULL)
             plane_gradient_sums(gx + q * P, x + q * P, mean[c], P, True, coef[2 * C + c], coef[3 * C + c],
                                 &partial[q], &partial[B * C + q])
         fp_leave(fp)

@@ -182,84 +182,90 @@ static inline void ce_max_pool_2x2_short_d(const double* x, double* y, long long
 /* max_pool2d_backward's scatter for 2x2 stride-2 windows without padding, as a map: output row oh's windows
  * expanded into the input rows 2oh and 2oh + 1 that they cover. Window j (top-left at base + 2j) puts 0 + dy[j]
  * (the scatter's add to a zero, so the same bits, -0 included) at the one of its four pixels that idx[j] names
- * (offset 0, 1, W or W + 1), zeros at the others; columns from 2*OW up to W are zero. Returns how many windows'
- * idx named none of their pixels (out of range or elsewhere in the plane): the caller then scatters that plane
- * instead (max_pool_plane_backward), which also counts the out-of-range ones.
+ * (offset 0, 1, W or W + 1), zeros at the others; columns from 2*OW up to W are zero; unless keep is NULL (the
+ * plane of the ReLU output that was pooled), zero too where keep <= 0. OW is a multiple of 8. Returns how many
+ * windows' idx named none of their pixels (out of range or elsewhere in the plane): the caller then scatters that
+ * plane instead (max_pool_plane_backward), which also counts the out-of-range ones; a miss in the first output
+ * row returns at once (another pooling's indices, 3x3 windows say, miss there).
  * Eight windows a step, in gcc's vector types (lowered to the ISA's vectors): the offsets in int64, four compares,
  * the masked values interleaved into the two rows' 16 columns. The scalar scatter it replaces (a memset of the
  * plane, then a load, two bound checks and a dependent add a window) was 60% of the fused batch norm + ReLU + max
- * pool backward's first pass (Zen 5, perf). */
+ * pool backward's first pass (Zen 5, perf). A scalar loop for the windows past a multiple of 8 made 28x28 planes
+ * 5x slower than the scatter (Zen 5): the caller scatters such planes (CE_POOL_EXPAND 0 where the compiler lacks
+ * __builtin_shufflevector: always). */
 #if defined(__has_builtin)
 #if __has_builtin(__builtin_shufflevector) && __has_builtin(__builtin_convertvector)
-#define CE_POOL_EXPAND_VECTORS 1
+#define CE_POOL_EXPAND 1
 #endif
 #endif
 
+#ifdef CE_POOL_EXPAND
 typedef long long ce_pool_vl8 __attribute__((vector_size(64)));
 
-#ifdef CE_POOL_EXPAND_VECTORS
-#define CE_POOL_EXPAND_STEP(T, VT8, VI8, VI16)                                                                \
-    for (; j + 8 <= OW; j += 8) {                                                                             \
-        ce_pool_vl8 o;                                                                                        \
-        VT8 d, z = {0};                                                                                       \
-        VI8 di;                                                                                               \
-        memcpy(&o, idx + j, sizeof o);                                                                        \
-        memcpy(&d, dy + j, sizeof d);                                                                         \
-        o -= base + 2 * j + pair;                                                                             \
-        d = z + d;                                                                                            \
-        memcpy(&di, &d, sizeof di);                                                                           \
-        VI8 m0 = __builtin_convertvector(o == 0, VI8), m1 = __builtin_convertvector(o == 1, VI8);             \
-        VI8 m2 = __builtin_convertvector(o == (long long)W, VI8);                                 \
-        VI8 m3 = __builtin_convertvector(o == (long long)W + 1, VI8);                             \
-        VI16 t = __builtin_shufflevector(di & m0, di & m1, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15); \
-        VI16 b = __builtin_shufflevector(di & m2, di & m3, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15); \
-        memcpy(top + 2 * j, &t, sizeof t);                                                                    \
-        memcpy(bot + 2 * j, &b, sizeof b);                                                                    \
-        none -= ~(m0 | m1 | m2 | m3);                                                                         \
-    }
-#else
-#define CE_POOL_EXPAND_STEP(T, VT8, VI8, VI16)
-#endif
-
-#define CE_POOL_EXPAND(SUFFIX, T, VT8, VI8, VI16)                                                             \
+#define CE_POOL_EXPAND_FN(SUFFIX, T, VT8, VI8, VT16, VI16)                                                    \
 static inline ptrdiff_t ce_pool2x2_expand_##SUFFIX(const T* dy, const long long* idx, ptrdiff_t OH,           \
-                                                   ptrdiff_t OW, ptrdiff_t W, T* dst)                         \
+                                                   ptrdiff_t OW, ptrdiff_t W, const T* keep, T* dst)          \
 {                                                                                                              \
     const ce_pool_vl8 pair = {0, 2, 4, 6, 8, 10, 12, 14};                                                      \
     VI8 none = {0};                                                                                            \
     ptrdiff_t oh, j, c, misses = 0;                                                                            \
-    long long o;                                                                                               \
-    T v;                                                                                                       \
-    (void)pair;                                                                                                \
     for (oh = 0; oh < OH; oh++, dy += OW, idx += OW) {                                                         \
         T* top = dst + 2 * oh * W;                                                                             \
         T* bot = top + W;                                                                                      \
         long long base = 2 * oh * W;                                                                           \
-        j = 0;                                                                                                 \
-        CE_POOL_EXPAND_STEP(T, VT8, VI8, VI16)                                                                 \
-        for (; j < OW; j++) {                                                                                  \
-            o = idx[j] - (base + 2 * j);                                                                       \
-            v = (T)0 + dy[j];                                                                                  \
-            top[2 * j] = o == 0 ? v : 0;                                                                       \
-            top[2 * j + 1] = o == 1 ? v : 0;                                                                   \
-            bot[2 * j] = o == W ? v : 0;                                                                       \
-            bot[2 * j + 1] = o == W + 1 ? v : 0;                                                               \
-            misses += o != 0 && o != 1 && o != W && o != W + 1;                                                \
+        for (j = 0; j < OW; j += 8) {                                                                          \
+            ce_pool_vl8 o;                                                                                     \
+            VT8 d, z = {0};                                                                                    \
+            VI8 di;                                                                                            \
+            memcpy(&o, idx + j, sizeof o);                                                                     \
+            memcpy(&d, dy + j, sizeof d);                                                                      \
+            o -= base + 2 * j + pair;                                                                          \
+            d = z + d;                                                                                         \
+            memcpy(&di, &d, sizeof di);                                                                        \
+            VI8 m0 = __builtin_convertvector(o == 0, VI8), m1 = __builtin_convertvector(o == 1, VI8);          \
+            VI8 m2 = __builtin_convertvector(o == (long long)W, VI8);                                          \
+            VI8 m3 = __builtin_convertvector(o == (long long)W + 1, VI8);                                      \
+            VI16 t = __builtin_shufflevector(di & m0, di & m1, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15); \
+            VI16 b = __builtin_shufflevector(di & m2, di & m3, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15); \
+            if (keep) {                                                                                        \
+                VT16 kt, kb;                                                                                   \
+                memcpy(&kt, keep + 2 * oh * W + 2 * j, sizeof kt);                                             \
+                memcpy(&kb, keep + (2 * oh + 1) * W + 2 * j, sizeof kb);                                       \
+                t &= ~(kt <= 0);                                                                               \
+                b &= ~(kb <= 0);                                                                               \
+            }                                                                                                  \
+            memcpy(top + 2 * j, &t, sizeof t);                                                                 \
+            memcpy(bot + 2 * j, &b, sizeof b);                                                                 \
+            none -= ~(m0 | m1 | m2 | m3);                                                                      \
         }                                                                                                      \
         for (c = 2 * OW; c < W; c++)                                                                           \
             top[c] = bot[c] = 0;                                                                               \
+        if (oh == 0 || oh == OH - 1) {                                                                         \
+            for (j = 0; j < 8; j++) {                                                                          \
+                misses += none[j];                                                                             \
+                none[j] = 0;                                                                                   \
+            }                                                                                                  \
+            if (misses) return misses;                                                                         \
+        }                                                                                                      \
     }                                                                                                          \
-    for (j = 0; j < 8; j++)                                                                                    \
-        misses += none[j];                                                                                     \
     return misses;                                                                                             \
 }
 
 typedef float ce_pool_vf8 __attribute__((vector_size(32)));
 typedef int ce_pool_vi8 __attribute__((vector_size(32)));
+typedef float ce_pool_vf16 __attribute__((vector_size(64)));
 typedef int ce_pool_vi16 __attribute__((vector_size(64)));
 typedef double ce_pool_vd8 __attribute__((vector_size(64)));
+typedef double ce_pool_vd16 __attribute__((vector_size(128)));
 typedef long long ce_pool_vl16 __attribute__((vector_size(128)));
-CE_POOL_EXPAND(f, float, ce_pool_vf8, ce_pool_vi8, ce_pool_vi16)
-CE_POOL_EXPAND(d, double, ce_pool_vd8, ce_pool_vl8, ce_pool_vl16)
+CE_POOL_EXPAND_FN(f, float, ce_pool_vf8, ce_pool_vi8, ce_pool_vf16, ce_pool_vi16)
+CE_POOL_EXPAND_FN(d, double, ce_pool_vd8, ce_pool_vl8, ce_pool_vd16, ce_pool_vl16)
+#else
+#define CE_POOL_EXPAND 0
+static inline ptrdiff_t ce_pool2x2_expand_f(const float* dy, const long long* idx, ptrdiff_t OH, ptrdiff_t OW,
+                                            ptrdiff_t W, const float* keep, float* dst) { return 1; }
+static inline ptrdiff_t ce_pool2x2_expand_d(const double* dy, const long long* idx, ptrdiff_t OH, ptrdiff_t OW,
+                                            ptrdiff_t W, const double* keep, double* dst) { return 1; }
+#endif
 
 #endif

@@ -10,14 +10,15 @@ from libc.math cimport INFINITY
 
 cdef extern from "pool.h":
     enum: CE_POOL_SHORT
+    enum: CE_POOL_EXPAND
     void ce_max_pool_2x2_short_f(const float* x, float* y, long long* idx, Py_ssize_t r0, Py_ssize_t r1,
                                  Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t W) nogil
     void ce_max_pool_2x2_short_d(const double* x, double* y, long long* idx, Py_ssize_t r0, Py_ssize_t r1,
                                  Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t W) nogil
     Py_ssize_t ce_pool2x2_expand_f(const float* dy, const long long* idx, Py_ssize_t OH, Py_ssize_t OW,
-                                   Py_ssize_t W, float* dst) nogil
+                                   Py_ssize_t W, const float* keep, float* dst) nogil
     Py_ssize_t ce_pool2x2_expand_d(const double* dy, const long long* idx, Py_ssize_t OH, Py_ssize_t OW,
-                                   Py_ssize_t W, double* dst) nogil
+                                   Py_ssize_t W, const double* keep, double* dst) nogil
 
 
 cdef struct PoolGeom:
@@ -396,30 +397,39 @@ cdef Py_ssize_t max_pool_plane_backward(const floating* dy, const long long* idx
 
 
 cdef inline Py_ssize_t max_pool_plane_backward_2x2(const floating* dy, const long long* idx, Py_ssize_t OH,
-                                                   Py_ssize_t OW, Py_ssize_t W, floating* dx) noexcept nogil:
-    """max_pool_plane_backward (no ReLU) for 2x2 stride-2 windows without padding over a plane of 2*OH rows of W
-    columns, 2*OW <= W: the same values, by pool.h's map of each window (ce_pool2x2_expand), or by the scatter
-    for a plane whose indices are not each in their own window. Returns the out-of-range count as it does."""
+                                                   Py_ssize_t OW, Py_ssize_t W, floating* dx,
+                                                   const floating* relu_out) noexcept nogil:
+    """max_pool_plane_backward over a plane of 2*OH rows of W columns, 2*OW <= W, for indices of 2x2 stride-2
+    windows without padding: the same values, by pool.h's map of each window (ce_pool2x2_expand), or by the
+    scatter for a plane whose indices are not each in their own window (another pooling's). Returns the
+    out-of-range count as it does. Planes of OW not a multiple of 8 are scattered (pool.h)."""
     cdef Py_ssize_t misses
+    if not CE_POOL_EXPAND or OW % 8 != 0:
+        return max_pool_plane_backward(dy, idx, OH * OW, dx, 2 * OH * W, relu_out)
     if floating is float:
-        misses = ce_pool2x2_expand_f(dy, idx, OH, OW, W, dx)
+        misses = ce_pool2x2_expand_f(dy, idx, OH, OW, W, relu_out, dx)
     else:
-        misses = ce_pool2x2_expand_d(dy, idx, OH, OW, W, dx)
+        misses = ce_pool2x2_expand_d(dy, idx, OH, OW, W, relu_out, dx)
     if misses == 0:
         return 0
-    return max_pool_plane_backward(dy, idx, OH * OW, dx, 2 * OH * W, NULL)
+    return max_pool_plane_backward(dy, idx, OH * OW, dx, 2 * OH * W, relu_out)
 
 
 def max_pool2d_backward(const floating[::1] grad_out,   # IN  (planes * OH * OW)
                         const long long[::1] indices,   # IN  same size
                         floating[::1] grad_x,           # OUT (planes * H * W), overwritten
                         Py_ssize_t planes, Py_ssize_t HW, int n_threads,
-                        const floating[::1] relu_out=None):  # IN (planes * H * W) or None
+                        const floating[::1] relu_out=None,  # IN (planes * H * W) or None
+                        Py_ssize_t OW=0, Py_ssize_t W=0):
     """Scatter-add grad_out to the argmax positions, plane by plane. Returns the number of out-of-range indices
     (then the caller raises). relu_out: the pooled input when it is a ReLU's output; the gradient then also goes
-    through that ReLU (nothing lands where relu_out <= 0), the values of relu_backward after this, bit for bit."""
+    through that ReLU (nothing lands where relu_out <= 0), the values of relu_backward after this, bit for bit.
+    OW and W (the output's and the input's widths, 0: unknown): where the planes are 2*OH rows of W, 2*OW <= W,
+    the planes are made by max_pool_plane_backward_2x2 (a 2x2 stride-2 pooling's indices: the same values)."""
     cdef fpstate fp, fps
     cdef Py_ssize_t OHW = grad_out.shape[0] // planes if planes > 0 else 0
+    cdef Py_ssize_t OH = OHW // OW if OW > 0 else 0
+    cdef bint windows = OH > 0 and OH * OW == OHW and 2 * OW <= W and 2 * OH * W == HW
     cdef Py_ssize_t pl
     cdef Py_ssize_t bad = 0
     cdef Py_ssize_t* bad_per_plane
@@ -438,10 +448,15 @@ def max_pool2d_backward(const floating[::1] grad_out,   # IN  (planes * OH * OW)
     with nogil, parallel(num_threads=n_threads):
         fp = fp_enter()
         for pl in prange(planes, schedule='static'):
-            bad_per_plane[pl] = max_pool_plane_backward(&grad_out[0] + pl * OHW if OHW > 0 else NULL,
-                                                        &indices[0] + pl * OHW if OHW > 0 else NULL, OHW,
-                                                        &grad_x[0] + pl * HW, HW,
-                                                        keep + pl * HW if keep != NULL else NULL)
+            if windows:
+                bad_per_plane[pl] = max_pool_plane_backward_2x2(&grad_out[0] + pl * OHW, &indices[0] + pl * OHW, OH,
+                                                                OW, W, &grad_x[0] + pl * HW,
+                                                                keep + pl * HW if keep != NULL else NULL)
+            else:
+                bad_per_plane[pl] = max_pool_plane_backward(&grad_out[0] + pl * OHW if OHW > 0 else NULL,
+                                                            &indices[0] + pl * OHW if OHW > 0 else NULL, OHW,
+                                                            &grad_x[0] + pl * HW, HW,
+                                                            keep + pl * HW if keep != NULL else NULL)
         fp_leave(fp)
     fp_resume(fps)
     for pl in range(planes):
