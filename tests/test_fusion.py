@@ -242,7 +242,7 @@ def test_batch_norm_relu_max_pool_backward_takes_any_indices(rng, shape, dtype):
     W = shape[3]
     odd = idx.copy()
     odd[0, 1, 0, 2] = odd[0, 1, 1, 2]                 # a pixel of the next row's window: named twice
-    odd[1, 0, 1, -1] = 0                              # the plane's first pixel, from the scalar tail
+    odd[1, 0, 1, -1] = 0                              # the plane's first pixel, from a row's last window
     odd[1, 1, 0, 0] += 2 * W                          # the pixel below its window
     for name, ind in [("own windows", idx), ("elsewhere", odd)]:
         got = F._batch_norm2d_relu_max_pool_backward(go, ind, x, w, b, mean, var)

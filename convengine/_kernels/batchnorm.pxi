@@ -568,8 +568,8 @@ def batch_norm2d_relu_max_pool2x2_backward(const floating[:, :, :, ::1] grad_out
     """Gradients of batch_norm2d_relu_max_pool2x2: max_pool2d_backward of grad_out by the indices, then
     batch_norm2d_backward through the ReLU (relu_bias: its sign from x), in one (backward_planes_pooled): each
     plane's pooling gradient made in grad_x (max_pool_plane_backward_2x2) and summed at once, then mapped in place.
-    The bits of the two calls in a row. Returns the number of out-of-range indices (counted
-    as the scatter skips them, as max_pool2d_backward does; then grad_x is not mapped: the caller raises)."""
+    The bits of the two calls in a row. Returns the number of out-of-range indices (counted as the scatter skips
+    them, as max_pool2d_backward does; then grad_x is not mapped: the caller raises)."""
     cdef fpstate fpc
     cdef Py_ssize_t B = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3], P = H * W
     cdef Py_ssize_t bad
