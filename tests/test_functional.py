@@ -1008,6 +1008,10 @@ STRIDED_ROWS_CASES = [
     ((4, 8, 20, 20), (16, 8, 3, 3), dict(stride=2, padding=1)),      # 10x10 planes end in a partial vector
     ((2, 3, 32, 32), (16, 3, 3, 3), dict(stride=2, padding=1)),      # an RGB stem: rows_beat_smallc
     ((2, 3, 60, 60), (32, 3, 3, 3), dict(stride=2, padding=1)),      # 30-pixel rows: smallc's tiles pad them
+    # a wider left padding, an odd width whose last output reads the padding on the right, 19-pixel rows (a
+    # vector and 3 columns); padding on the rows only
+    ((2, 8, 13, 35), (8, 8, 3, 3), dict(stride=2, padding=2)),
+    ((2, 8, 14, 36), (8, 8, 3, 3), dict(stride=2, padding=(1, 0))),
 ]
 
 

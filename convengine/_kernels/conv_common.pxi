@@ -189,7 +189,12 @@ cdef void fill_shifted_rows(const float* x, const ConvGeom* p, Py_ssize_t b, Py_
     """xblk[(((c*KW + kw)*A + a)*rows_in + ri)*OW + ow] = x[b, g*Cg + c, (oh0 + ri)*sh + a - pt, ow*sw - pl +
     kw*dw], zero outside the image (A = rows_phases: 1 at stride 1): for each kw (and row phase a) the input rows
     shifted by that tap's column, OW wide, so that tap (c, kh, kw) of output pixels q, q+1, ... of a row block is
-    one run, across rows. ri < nrows_in of rows_in rows are filled."""
+    one run, across rows. ri < nrows_in of rows_in rows are filled.
+    Tried and dropped: the three copies of a 3x3 stride-2 kernel in one pass over each row (taps 0 and 2 read the
+    same even columns one output apart, tap 1 the odd ones: three masked loads, two permutes and an align per 16
+    outputs, not six loads and three permutes), writing three rows at once. AMD EPYC Zen 4, batch 64, 1 thread,
+    processes alternating, ms old / one pass: 64x32x32x32 -> 64 s2 7.09-7.50 / 7.51-7.85, 64x64x32x32 -> 128 s2
+    24.8-25.4 / 25.1-26.1. The copies' time is their rows' first loads (perf), which one pass does not save."""
     cdef Py_ssize_t Cg = p.C // p.G
     cdef Py_ssize_t A = rows_phases(p)
     cdef Py_ssize_t c, kw, a
