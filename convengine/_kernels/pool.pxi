@@ -403,13 +403,12 @@ cdef inline Py_ssize_t max_pool_plane_backward_2x2(const floating* dy, const lon
     windows without padding: the same values, by pool.h's map of each window (ce_pool2x2_expand), or by the
     scatter for a plane whose indices are not each in their own window (another pooling's). Returns the
     out-of-range count as it does. Planes of OW not a multiple of 8 are scattered (pool.h)."""
-    cdef Py_ssize_t misses
-    if not CE_POOL_EXPAND or OW % 8 != 0:
-        return max_pool_plane_backward(dy, idx, OH * OW, dx, 2 * OH * W, relu_out)
-    if floating is float:
-        misses = ce_pool2x2_expand_f(dy, idx, OH, OW, W, relu_out, dx)
-    else:
-        misses = ce_pool2x2_expand_d(dy, idx, OH, OW, W, relu_out, dx)
+    cdef Py_ssize_t misses = 1
+    if CE_POOL_EXPAND and OW % 8 == 0:
+        if floating is float:
+            misses = ce_pool2x2_expand_f(dy, idx, OH, OW, W, relu_out, dx)
+        else:
+            misses = ce_pool2x2_expand_d(dy, idx, OH, OW, W, relu_out, dx)
     if misses == 0:
         return 0
     return max_pool_plane_backward(dy, idx, OH * OW, dx, 2 * OH * W, relu_out)
